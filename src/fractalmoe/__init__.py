@@ -1,0 +1,19 @@
+"""FractalMoE: language models whose FFNs are a Fractal Hyper-Mixture of Experts (FHME)."""
+
+from .config import ModelConfig, RunConfig, TrainConfig
+from .fhme import FHME
+from .fractal import FractalExpert
+from .model import FHMELanguageModel, FHMETransformerBlock
+from .routing import ProductKeyMemory
+
+__all__ = [
+    "FHME",
+    "FHMELanguageModel",
+    "FHMETransformerBlock",
+    "FractalExpert",
+    "ModelConfig",
+    "ProductKeyMemory",
+    "RunConfig",
+    "TrainConfig",
+]
+__version__ = "0.1.0"

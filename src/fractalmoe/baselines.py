@@ -1,0 +1,146 @@
+"""Baseline FFNs with FHME's interface: dense SwiGLU, top-k MoE, PKM memory, PEER.
+
+Legend: T tokens, D width, F hidden width, E MoE experts, K top-k, S = T * K routed slots.
+
+Each module maps (..., D) -> (..., D), exposes ``aux_loss`` (a scalar added to the training loss)
+and reports ``flops_per_token()`` (forward, multiply-add = 2) and ``active_params_per_token()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .experts import mark_expert_table
+from .fhme import FHME
+from .routing import ProductKeyRouter, gate_scores
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU: W2 (silu(W1 x) * W3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def flops_per_token(self) -> float:
+        return 2 * 3 * self.w1.in_features * self.w1.out_features
+
+    def active_params_per_token(self) -> float:
+        return 3 * self.w1.in_features * self.w1.out_features
+
+
+class MoEFFN(nn.Module):
+    """Dropless top-k softmax MoE of SwiGLU experts with the Switch load-balancing loss.
+
+    Routed slots are sorted by expert and packed into an (E, capacity, D) batch for three bmm's;
+    capacity is the largest expert load of this call (one host sync: a size must be known).
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, topk: int,
+                 balance: float) -> None:
+        super().__init__()
+        self.dim, self.hidden, self.num_experts, self.topk = dim, hidden, num_experts, topk
+        self.balance = balance
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        scale = dim**-0.5
+        self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) * scale)
+        self.w3 = nn.Parameter(torch.randn(num_experts, dim, hidden) * scale)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) * hidden**-0.5)
+        self.aux_loss = torch.zeros(())
+        self.usage: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, self.dim)
+        num_t = x_TD.shape[0]
+        probs_TE = F.softmax(self.router(x_TD).float(), dim=-1)
+        gate_TK, expert_TK = probs_TE.topk(self.topk, dim=-1)
+        gate_TK = (gate_TK / gate_TK.sum(-1, keepdim=True)).to(x.dtype)
+        # Switch balance loss: E * sum_e (fraction of slots to e) * (mean router prob of e).
+        load_E = torch.bincount(expert_TK.reshape(-1), minlength=self.num_experts).to(probs_TE.dtype)
+        if self.usage is not None:
+            self.usage += load_E.long()
+        frac_E = load_E / (num_t * self.topk)
+        self.aux_loss = self.balance * self.num_experts * (frac_E * probs_TE.mean(0)).sum()
+        # Pack slots by expert: slot s goes to row `rank within its expert` of expert e.
+        expert_S = expert_TK.reshape(-1)
+        order = torch.argsort(expert_S, stable=True)
+        sorted_e = expert_S[order]
+        starts = torch.cumsum(load_E.long(), 0) - load_E.long()
+        rank = torch.arange(order.numel(), device=x.device) - starts[sorted_e]
+        capacity = int(load_E.max())  # host sync: the packed batch's size
+        token_S = order // self.topk
+        packed = x_TD.new_zeros(self.num_experts, capacity, self.dim)
+        packed[sorted_e, rank] = x_TD[token_S]
+        h = F.silu(torch.bmm(packed, self.w1)) * torch.bmm(packed, self.w3)
+        out_ECD = torch.bmm(h, self.w2)
+        y_S = out_ECD[sorted_e, rank] * gate_TK.reshape(-1)[order].unsqueeze(-1)
+        y_TD = x_TD.new_zeros(num_t, self.dim).index_add_(0, token_S, y_S)
+        return y_TD.view(*lead, self.dim)
+
+    def flops_per_token(self) -> float:
+        return 2 * self.dim * self.num_experts + self.topk * 2 * 3 * self.dim * self.hidden
+
+    def active_params_per_token(self) -> float:
+        return self.dim * self.num_experts + self.topk * 3 * self.dim * self.hidden
+
+    def track_usage(self, on: bool) -> None:
+        self.usage = torch.zeros(self.num_experts, dtype=torch.long) if on else None
+
+
+class PKMFFN(nn.Module):
+    """Product-key memory (Lample et al. 2019): sum_j g_j v_{i_j} over one (N, D) value table.
+
+    Queries use a per-token norm instead of the paper's BatchNorm (which is not causal).
+    """
+
+    def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
+                 gate: str, query_norm: str) -> None:
+        super().__init__()
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm)
+        self.gate = gate
+        self.values = mark_expert_table(nn.Parameter(torch.randn(num_experts, dim) * dim**-0.5))
+        self.aux_loss = torch.zeros(())
+        self.usage: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores, idx = self.router(x)
+        if self.usage is not None:
+            self.usage += torch.bincount(idx.reshape(-1), minlength=self.usage.numel())
+        gates = gate_scores(scores, self.gate).flatten(-2)
+        idx_TM = idx.flatten(-2).reshape(-1, gates.shape[-1])
+        y = F.embedding_bag(idx_TM, self.values, per_sample_weights=gates.reshape(idx_TM.shape),
+                            mode="sum", sparse=True)
+        return y.view(x.shape)
+
+    def flops_per_token(self) -> float:
+        return self.router.flops_per_token() + 2 * self.router.heads * self.router.topk * self.values.shape[1]
+
+    def active_params_per_token(self) -> float:
+        return self.router.params_per_token() + self.router.heads * self.router.topk * self.values.shape[1]
+
+    def track_usage(self, on: bool) -> None:
+        self.usage = torch.zeros(self.values.shape[0], dtype=torch.long) if on else None
+
+
+def build_ffn(cfg: ModelConfig) -> nn.Module:
+    """The FFN named by ``cfg.ffn``; PEER is FHME with one column and no depth router."""
+    if cfg.ffn == "fhme":
+        return FHME.from_config(cfg)
+    if cfg.ffn == "peer":
+        return FHME.from_config(cfg.replace(fractal_depth=1, adaptive_depth=False))
+    if cfg.ffn == "dense":
+        return DenseFFN(cfg.dim, cfg.ffn_hidden)
+    if cfg.ffn == "moe":
+        return MoEFFN(cfg.dim, cfg.ffn_hidden, cfg.moe_experts, cfg.moe_topk, cfg.moe_balance)
+    return PKMFFN(cfg.dim, cfg.num_experts, cfg.expert_heads, cfg.topk, cfg.key_dim, cfg.gate,
+                  cfg.query_norm)

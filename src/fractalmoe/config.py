@@ -1,0 +1,271 @@
+"""Model and training configuration: frozen dataclasses, validated on construction.
+
+Every field is a flat keyword (``ModelConfig(dim=128, ffn="fhme")``) so configs read the same in
+Python, TOML files and ``--set key=value`` overrides. Bad values raise ``ValueError`` naming the
+field and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+FFN_TYPES = ("fhme", "dense", "moe", "pkm", "peer")
+ROUTED_FFNS = ("fhme", "pkm", "peer")
+GATES = ("softmax", "sigmoid")
+QUERY_NORMS = ("layernorm", "rmsnorm", "none")
+EXPERT_ACTS = ("gelu", "relu")
+EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
+EXPERT_DTYPES = ("float32", "bfloat16")
+
+C = TypeVar("C", bound="_Config")
+
+
+class _Config:
+    """Shared (de)serialisation and checks for the frozen config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from a dict, rejecting unknown keys and values of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__} must be a table of key = value pairs")
+        names = cls.field_names()
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} key(s) {unknown}; valid keys: {', '.join(names)}"
+            )
+        types = {f.name: f.type for f in fields(cls)}  # type: ignore[arg-type]
+        checked = {k: _check_type(f"{k}", types[k], v) for k, v in data.items()}
+        return cls(**checked)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def _require(self, ok: bool, name: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
+
+
+def _check_type(name: str, type_name: Any, value: Any) -> Any:
+    """Strict scalar type check; ints are accepted where floats are expected."""
+    expected = {"int": int, "float": float, "bool": bool, "str": str}[str(type_name)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and expected is not bool:
+        raise ValueError(f"{name} must be {expected.__name__}, got a boolean")
+    if not isinstance(value, expected):
+        raise ValueError(f"{name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_scalar(name: str, type_name: Any, text: str) -> Any:
+    """Parse a ``--set`` string into the field's type."""
+    kind = str(type_name)
+    try:
+        if kind == "bool":
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            value = float(text)
+            return value
+    except ValueError:
+        raise ValueError(f"{name} must be {kind}, got {text!r}") from None
+    return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(_Config):
+    """Architecture of an FHME language model (and of its baselines)."""
+
+    vocab_size: int = 256  # byte-level vocabulary
+    dim: int = 128  # residual width D
+    n_layers: int = 4
+    n_heads: int = 4  # attention heads
+    seq_len: int = 128  # context length
+    dropout: float = 0.0
+    ffn: str = "fhme"  # fhme | dense | moe | pkm | peer
+    # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
+    num_experts: int = 16384
+    expert_heads: int = 4  # product-key retrieval heads per routed block
+    topk: int = 8  # experts per head
+    key_dim: int = 64  # query / product-key width (split in two halves)
+    gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
+    query_norm: str = "layernorm"  # per-token: never batch statistics (causality)
+    expert_act: str = "gelu"
+    expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
+    # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
+    fractal_depth: int = 2
+    join_bias: float = -2.0  # highway gate bias: sigmoid(-2) = 0.12 toward the deep path at init
+    drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
+    drop_path_global: float = 0.0  # per-token probability of training a single column
+    adaptive_depth: bool = False  # per-token depth router
+    depth_penalty: float = 0.0  # ponder cost per routed block (nats per block per token)
+    # Dense SwiGLU (dense) and per-expert hidden width (moe).
+    ffn_hidden: int = 512
+    moe_experts: int = 8
+    moe_topk: int = 2
+    moe_balance: float = 0.01  # Switch load-balancing loss weight
+
+    def __post_init__(self) -> None:
+        r = self._require
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "num_experts",
+                     "expert_heads", "topk", "key_dim", "fractal_depth", "ffn_hidden",
+                     "moe_experts", "moe_topk"):
+            r(getattr(self, name) >= 1, name, "must be a positive integer")
+        r(self.ffn in FFN_TYPES, "ffn", f"must be one of {FFN_TYPES}")
+        r(self.gate in GATES, "gate", f"must be one of {GATES}")
+        r(self.query_norm in QUERY_NORMS, "query_norm", f"must be one of {QUERY_NORMS}")
+        r(self.expert_act in EXPERT_ACTS, "expert_act", f"must be one of {EXPERT_ACTS}")
+        r(self.expert_dtype in EXPERT_DTYPES, "expert_dtype", f"must be one of {EXPERT_DTYPES}")
+        r(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads={self.n_heads}")
+        r((self.dim // self.n_heads) % 2 == 0, "n_heads", "dim / n_heads must be even (RoPE)")
+        root = math.isqrt(self.num_experts)
+        r(root * root == self.num_experts, "num_experts",
+          f"must be a perfect square (n_keys**2), e.g. {root * root} or {(root + 1) ** 2}")
+        r(self.key_dim % 2 == 0, "key_dim", "must be even (two product-key halves)")
+        r(self.topk <= root, "topk", f"must be <= n_keys = sqrt(num_experts) = {root}")
+        r(self.fractal_depth <= 8, "fractal_depth", "must be <= 8 (2**C - 1 blocks per layer)")
+        r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
+        for name in ("dropout", "drop_path_local", "drop_path_global"):
+            r(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        for name in ("depth_penalty", "moe_balance"):
+            r(getattr(self, name) >= 0.0, name, "must be >= 0")
+        r(math.isfinite(self.join_bias), "join_bias", "must be finite")
+
+    @property
+    def n_keys(self) -> int:
+        return math.isqrt(self.num_experts)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(_Config):
+    """Optimisation, schedule, evaluation and checkpointing of one training run."""
+
+    batch_size: int = 16  # global batch (sequences per step)
+    max_steps: int = 3000
+    time_budget: float = 0.0  # minutes; 0 = no limit
+    lr: float = 3e-3  # AdamW for dense parameters
+    expert_lr: float = 0.05  # expert tables (row-sparse optimizer)
+    expert_optim: str = "rowwise_adagrad"  # rowwise_adagrad | lazy_adam | dense_adamw
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    grad_clip: float = 1.0  # global norm over dense parameters; 0 = off
+    eval_every: int = 250
+    eval_batches: int = 16
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping
+    seed: int = 1337
+    sample_bytes: int = 300
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        r = self._require
+        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every",
+                     "save_every", "keep_last", "max_bad_steps"):
+            r(getattr(self, name) >= 1, name, "must be a positive integer")
+        for name in ("lr", "expert_lr"):
+            r(0.0 < getattr(self, name) < 10.0, name, "must be in (0, 10)")
+        for name in ("warmup_steps", "sample_bytes", "seed"):
+            r(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("weight_decay", "grad_clip", "time_budget"):
+            r(getattr(self, name) >= 0.0, name, "must be >= 0")
+        r(0.0 <= self.min_lr_frac <= 1.0, "min_lr_frac", "must be in [0, 1]")
+        r(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
+        r(self.expert_optim in EXPERT_OPTIMS, "expert_optim", f"must be one of {EXPERT_OPTIMS}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A model and how to train it: what ``config.json`` and ``--config`` files hold."""
+
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ValueError("config must be a table with [model] and [train] sections")
+        unknown = sorted(set(data) - {"model", "train"})
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; valid: model, train")
+        return cls(ModelConfig.from_dict(data.get("model", {})),
+                   TrainConfig.from_dict(data.get("train", {})))
+
+    def with_overrides(self, assignments: list[str]) -> RunConfig:
+        """Apply ``key=value`` strings; ``key`` may be ``model.dim`` or just ``dim``."""
+        model, train = self.model.to_dict(), self.train.to_dict()
+        mtypes = {f.name: f.type for f in fields(ModelConfig)}
+        ttypes = {f.name: f.type for f in fields(TrainConfig)}
+        for item in assignments:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            section, _, name = key.rpartition(".")
+            if section not in ("", "model", "train"):
+                raise ValueError(f"unknown config section {section!r}; valid: model, train")
+            if name in mtypes and section in ("", "model"):
+                model[name] = parse_scalar(name, mtypes[name], text)
+            elif name in ttypes and section in ("", "train"):
+                train[name] = parse_scalar(name, ttypes[name], text)
+            else:
+                valid = ", ".join(list(mtypes) + list(ttypes))
+                raise ValueError(f"unknown config key {key!r}; valid keys: {valid}")
+        return RunConfig(ModelConfig(**model), TrainConfig(**train))
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    """Read a TOML file with ``[model]`` and ``[train]`` tables."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    return RunConfig.from_dict(data)
+
+
+def default_run_config() -> RunConfig:
+    """The bundled-corpus recipe that ``fractalmoe train`` runs with no arguments."""
+    return RunConfig(ModelConfig(), TrainConfig())
+
+
+def tiny_model_config(**overrides: Any) -> ModelConfig:
+    """A seconds-scale model for tests and smoke runs (D=32, 2 layers, 16x16 keys, depth 2)."""
+    base: dict[str, Any] = dict(dim=32, n_layers=2, n_heads=2, seq_len=32, num_experts=256,
+                                expert_heads=2, topk=4, key_dim=16, fractal_depth=2,
+                                ffn_hidden=64, moe_experts=4)
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,136 @@
+"""Fractal expert: f_1 = B_1, f_c(x) = J_c(f_{c-1}(f_{c-1}(x)), B_c(x)).
+
+Legend: T tokens (flattened batch * time), D width, C fractal depth (columns).
+
+B_c(x) = x + mix_c(norm(x)) is a pre-normalised residual routed block, so f(f(x)) acts like two
+weight-tied layers. Computing f_C costs 2**C - 1 blocks and yields every f_c(x), c < C, on the way:
+stage c turns f_{c-1}(x) into f_c(x) for 2**(c-1) more blocks. That staging is what adaptive depth
+compacts: a token that stops at depth d never enters stage d + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .experts import ExpertBank
+from .routing import ProductKeyMemory
+
+
+def blocks_at_depth(depth: int) -> int:
+    """Routed blocks evaluated to compute f_depth: 2**depth - 1."""
+    return 2**depth - 1
+
+
+def joins_at_depth(depth: int) -> int:
+    """Join evaluations inside f_depth: 2**(depth - 1) - 1."""
+    return 2 ** (depth - 1) - 1
+
+
+class RoutedBlock(nn.Module):
+    """B(x) = x + mix(norm(x)) over the layer's shared expert bank, with its own router."""
+
+    def __init__(self, dim: int, memory: ProductKeyMemory) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.memory = memory
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.memory(self.norm(x))
+
+
+class HighwayJoin(nn.Module):
+    """J(deep, shallow) = g * deep + (1 - g) * shallow with g = sigmoid(w . x + b) per token.
+
+    b < 0 at init starts deep paths as small refinements of the shallow one. In training, local
+    drop-path removes each branch with probability p (never both) and renormalises the weights.
+    """
+
+    def __init__(self, dim: int, bias: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, bias)
+        self.last_gate_mean: Tensor | None = None
+
+    def forward(self, x: Tensor, deep: Tensor, shallow: Tensor,
+                keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        g = torch.sigmoid(self.gate(x))  # (T, 1)
+        self.last_gate_mean = g.detach().mean()
+        if keep is None:
+            return shallow + g * (deep - shallow)
+        w_deep, w_shallow = g * keep[0], (1.0 - g) * keep[1]
+        return (w_deep * deep + w_shallow * shallow) / (w_deep + w_shallow)
+
+
+class FractalExpert(nn.Module):
+    """C routed blocks over one shared expert bank, joined in the fractal recursion."""
+
+    def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int = 8, topk: int = 16,
+                 key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
+                 act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
+                 drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth={depth} must be >= 1")
+        self.depth, self.drop_local, self.drop_global = depth, drop_path_local, drop_path_global
+        self.bank = ExpertBank(num_experts, dim, act, expert_dtype)
+        self.blocks = nn.ModuleList(
+            RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
+                                              query_norm, act, bank=self.bank))
+            for _ in range(depth))
+        self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(depth - 1))
+
+    def _keep_masks(self, c: int, x: Tensor, column: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Drop-path masks for join c: local (random branch drop) and global (one column)."""
+        if not self.training or (self.drop_local == 0.0 and column is None):
+            return None
+        shape = (x.shape[0], 1)
+        keep_deep = (torch.rand(shape, device=x.device) >= self.drop_local).to(x.dtype)
+        keep_shallow = (torch.rand(shape, device=x.device) >= self.drop_local).to(x.dtype)
+        neither = (keep_deep + keep_shallow) == 0
+        coin = (torch.rand(shape, device=x.device) < 0.5).to(x.dtype)
+        keep_deep = torch.where(neither, coin, keep_deep)
+        keep_shallow = torch.where(neither, 1.0 - coin, keep_shallow)
+        if column is not None:  # column k: shallow branch at join k, deep branch above it
+            col = column.unsqueeze(-1)
+            keep_deep = torch.where(col == c, 0.0, torch.where((col > 0) & (col < c), 1.0, keep_deep))
+            keep_shallow = torch.where(col == c, 1.0,
+                                       torch.where((col > 0) & (col < c), 0.0, keep_shallow))
+        return keep_deep, keep_shallow
+
+    def _f(self, c: int, x: Tensor, column: Tensor | None) -> Tensor:
+        """f_c(x) by direct recursion (2**c - 1 blocks)."""
+        if c == 1:
+            return self.blocks[0](x)
+        return self.stage(c, x, self._f(c - 1, x, column), column)
+
+    def stage(self, c: int, x: Tensor, prev: Tensor | None, column: Tensor | None = None) -> Tensor:
+        """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D)."""
+        if c == 1:
+            return self.blocks[0](x)
+        assert prev is not None
+        deep = self._f(c - 1, prev, column)
+        shallow = self.blocks[c - 1](x)
+        return self.joins[c - 2](x, deep, shallow, self._keep_masks(c, x, column))
+
+    def sample_columns(self, num_tokens: int, device: torch.device) -> Tensor | None:
+        """Global drop-path: per token, with prob p, a single column 1..C to train alone."""
+        if not self.training or self.drop_global == 0.0 or self.depth == 1:
+            return None
+        pick = torch.randint(1, self.depth + 1, (num_tokens,), device=device)
+        use = torch.rand(num_tokens, device=device) < self.drop_global
+        return torch.where(use, pick, torch.zeros_like(pick))
+
+    def forward(self, x: Tensor, return_all_depths: bool = False,
+                max_depth: int | None = None) -> Tensor | list[Tensor]:
+        """f_C(x), or [f_1(x), ..., f_C(x)] from the same single pass. x: (..., D)."""
+        lead, dim = x.shape[:-1], x.shape[-1]
+        x_TD = x.reshape(-1, dim)
+        column = self.sample_columns(x_TD.shape[0], x.device)
+        outs: list[Tensor] = []
+        prev: Tensor | None = None
+        for c in range(1, (max_depth or self.depth) + 1):
+            prev = self.stage(c, x_TD, prev, column)
+            outs.append(prev.view(*lead, dim))
+        return outs if return_all_depths else outs[-1]

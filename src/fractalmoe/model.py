@@ -1,0 +1,215 @@
+"""Causal language model whose FFNs are FHME layers (or a baseline), with KV-cache generation.
+
+Legend: B batch, T time, D width, H attention heads, Hd head width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .baselines import build_ffn
+from .config import ModelConfig
+from .fhme import FHME
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin of rotary position angles: (seq_len, head_dim / 2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs of x (B, H, T, Hd) by their position's angle."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of one attention layer: (B, H, seq_len, Hd)."""
+
+    k: Tensor
+    v: Tensor
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                pos: int = 0) -> Tensor:
+        bsz, t, dim = x.shape
+        q, k, v = self.qkv(x).view(bsz, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos[pos:pos + t], sin[pos:pos + t]), apply_rope(k, cos[pos:pos + t], sin[pos:pos + t])
+        mask = None
+        if cache is not None:
+            cache.k[:, :, pos:pos + t], cache.v[:, :, pos:pos + t] = k, v
+            k, v = cache.k[:, :, :pos + t], cache.v[:, :, :pos + t]
+            if t > 1 and pos > 0:  # query i sits at absolute position pos + i
+                mask = torch.ones(t, pos + t, dtype=torch.bool, device=x.device).tril(pos)
+        causal = mask is None and t > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(bsz, t, dim))
+
+
+class FHMETransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)) with an FHME (or baseline) FFN."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim)
+        self.ffn = build_ffn(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                pos: int = 0) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+class FHMELanguageModel(nn.Module):
+    """Byte-level causal LM: embeddings, FHME blocks, tied output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(FHMETransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied input/output embeddings
+        cos, sin = rope_tables(cfg.seq_len, cfg.head_dim)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.embed.weight, std=0.02)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=0.02)
+            nn.init.normal_(block.attn.proj.weight, std=resid_std)
+
+    def check_input(self, idx: Tensor) -> None:
+        """Validate token ids once per call (the model's only host sync outside compaction)."""
+        if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"token ids must be an integer tensor (torch.long), got "
+                             f"{getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"token ids must have shape (batch, time) with time >= 1, got {tuple(idx.shape)}")
+        if idx.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds seq_len={self.cfg.seq_len}; "
+                             f"crop the input or raise seq_len")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]")
+
+    def _logits(self, idx: Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> Tensor:
+        x = self.embed(idx.long())
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.rope_cos, self.rope_sin, None if caches is None else caches[i], pos)
+        return self.head(self.norm(x))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, T, V); with targets, (logits, mean cross-entropy in nats per token)."""
+        self.check_input(idx)
+        logits = self._logits(idx)
+        if targets is None:
+            return logits
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1).long())
+        return logits, loss
+
+    def aux_loss(self) -> Tensor:
+        """Sum of the FFNs' auxiliary losses from the last forward (balance, ponder cost)."""
+        return sum((b.ffn.aux_loss for b in self.blocks), torch.zeros(()))
+
+    def fhme_layers(self) -> list[FHME]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, FHME)]
+
+    def set_depth(self, depth: int | None) -> None:
+        """Force every FHME layer to one depth (anytime evaluation); None restores routing."""
+        for layer in self.fhme_layers():
+            if depth is not None and not 1 <= depth <= layer.depth:
+                raise ValueError(f"depth={depth} must be in 1..{layer.depth}")
+            layer.forced_depth = depth
+
+    def new_caches(self, batch: int) -> list[KVCache]:
+        p = next(self.parameters())
+        shape = (batch, self.cfg.n_heads, self.cfg.seq_len, self.cfg.head_dim)
+        return [KVCache(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Sample continuations with a KV cache; temperature 0 is greedy. idx: (B, T) -> (B, T + n).
+
+        When the cache fills up, it is rebuilt from the last seq_len // 2 tokens.
+        """
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1")
+        self.check_input(idx[:, -self.cfg.seq_len:])
+        caches = self.new_caches(idx.shape[0])
+        ctx = idx[:, -self.cfg.seq_len:]
+        logits = self._logits(ctx, caches, 0)[:, -1]
+        pos = ctx.shape[1]
+        out = [idx]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, generator)
+            out.append(nxt)
+            if i == max_new_tokens - 1:
+                break
+            if pos >= self.cfg.seq_len:
+                keep = torch.cat(out, dim=1)[:, -(self.cfg.seq_len // 2):]
+                logits = self._logits(keep, caches, 0)[:, -1]
+                pos = keep.shape[1]
+            else:
+                logits = self._logits(nxt, caches, pos)[:, -1]
+                pos += 1
+        return torch.cat(out, dim=1)
+
+    # --- accounting -------------------------------------------------------------------------
+    def ffn_flops_per_token(self) -> float:
+        return sum(b.ffn.flops_per_token() for b in self.blocks)
+
+    def flops_per_token(self) -> float:
+        """Forward FLOPs per token: projections, attention over half the context on average,
+        FFNs (at their realised depth) and the output head."""
+        cfg = self.cfg
+        attn = cfg.n_layers * (2 * 4 * cfg.dim * cfg.dim + 2 * 2 * cfg.dim * cfg.seq_len / 2)
+        return attn + self.ffn_flops_per_token() + 2 * cfg.dim * cfg.vocab_size
+
+    def active_params_per_token(self) -> float:
+        cfg = self.cfg
+        dense = cfg.n_layers * 4 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
+        return dense + sum(b.ffn.active_params_per_token() for b in self.blocks)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)

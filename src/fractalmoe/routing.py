@@ -1,0 +1,118 @@
+"""Product-key routing: exact top-k over N = n_keys**2 experts at O(sqrt(N) * d_k + k**2).
+
+Legend: H retrieval heads, K top-k, n sub-keys per half (n_keys), Q query width (key_dim).
+
+A query q = norm(W_q x) per head is split in halves q1, q2, scored against two sub-key tables.
+Any of the top-K full keys (i, j), score s1[i] + s2[j], has i in the top-K of s1 and j in the
+top-K of s2, so the top-K of the K*K candidate sums is the exact top-K over all N keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .experts import ExpertBank
+
+
+def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k of s1[..., i] + s2[..., j] over all (i, j); returns (scores, i * n + j)."""
+    n = s2.shape[-1]
+    v1, i1 = s1.topk(k, dim=-1)  # (..., K), sorted
+    v2, i2 = s2.topk(k, dim=-1)
+    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
+    scores, flat = cand.topk(k, dim=-1)
+    idx = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
+    return scores, idx
+
+
+def make_query_norm(kind: str, width: int) -> nn.Module:
+    """Per-token normalisation of queries (batch statistics would leak future tokens)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(width)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(width)
+    return nn.Identity()
+
+
+class ProductKeyRouter(nn.Module):
+    """Multi-head product-key retrieval: x (..., D) -> scores, indices (..., H, K)."""
+
+    def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
+                 query_norm: str = "layernorm") -> None:
+        super().__init__()
+        n_keys = math.isqrt(num_experts)
+        if n_keys * n_keys != num_experts:
+            raise ValueError(f"num_experts={num_experts} must be a perfect square (n_keys**2)")
+        if key_dim % 2 or topk > n_keys:
+            raise ValueError(f"key_dim={key_dim} must be even and topk={topk} <= {n_keys}")
+        self.heads, self.topk, self.key_dim, self.n_keys = heads, topk, key_dim, n_keys
+        self.query = nn.Linear(dim, heads * key_dim, bias=False)
+        self.norm = make_query_norm(query_norm, key_dim)
+        half = key_dim // 2
+        self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, half) / math.sqrt(half))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        q = self.norm(self.query(x).unflatten(-1, (self.heads, self.key_dim)))  # (..., H, Q)
+        q1, q2 = q.chunk(2, dim=-1)
+        s1 = torch.einsum("...hq,hnq->...hn", q1, self.sub_keys[:, 0])
+        s2 = torch.einsum("...hq,hnq->...hn", q2, self.sub_keys[:, 1])
+        return product_key_topk(s1, s2, self.topk)
+
+    def flops_per_token(self) -> int:
+        """Query projection, sub-key scoring of both halves and the K*K candidate sums."""
+        dim = self.query.in_features
+        return (2 * dim * self.heads * self.key_dim
+                + 2 * self.heads * self.n_keys * self.key_dim
+                + self.heads * self.topk * self.topk)
+
+    def params_per_token(self) -> int:
+        return self.query.weight.numel() + self.sub_keys.numel()
+
+
+def gate_scores(scores: Tensor, kind: str) -> Tensor:
+    """Softmax over the K retrieved scores (competing) or an independent sigmoid."""
+    return F.softmax(scores, dim=-1) if kind == "softmax" else torch.sigmoid(scores)
+
+
+class ProductKeyMemory(nn.Module):
+    """One routed block: sum over heads and top-k of g_j e_j(x). x (..., D) -> (..., D).
+
+    Pass ``bank`` to share one expert bank between several routers (the fractal's blocks).
+    """
+
+    def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16,
+                 key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
+                 act: str = "gelu", bank: ExpertBank | None = None) -> None:
+        super().__init__()
+        if gate not in ("softmax", "sigmoid"):
+            raise ValueError(f"gate={gate!r} must be 'softmax' or 'sigmoid'")
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm)
+        self.gate = gate
+        self.bank = bank if bank is not None else ExpertBank(num_experts, dim, act)
+        self.usage: Tensor | None = None  # (N,) selection counts while tracking is on
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores (sorted, descending) and expert indices, both (..., heads, topk)."""
+        return self.router(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores, idx = self.router(x)
+        if self.usage is not None:
+            self.usage += torch.bincount(idx.reshape(-1), minlength=self.usage.numel())
+        gates = gate_scores(scores, self.gate)
+        return self.bank(x, idx.flatten(-2), gates.flatten(-2))
+
+    def track_usage(self, on: bool) -> None:
+        self.usage = torch.zeros(self.bank.num_experts, dtype=torch.long) if on else None
+
+    def flops_per_token(self) -> int:
+        """Routing plus, per retrieved expert, one dot product and one scaled row add."""
+        slots = self.router.heads * self.router.topk
+        return self.router.flops_per_token() + slots * 4 * self.bank.dim
+
+    def params_per_token(self) -> int:
+        return self.router.params_per_token() + self.router.heads * self.router.topk * 2 * self.bank.dim
