@@ -10,11 +10,13 @@ exist in the gradient, so backward and the row-sparse optimizer cost O(R * D), n
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -32,12 +34,48 @@ def _activate(a: Tensor, act: str) -> Tensor:
     return F.relu(a) if act == "relu" else F.gelu(a)
 
 
-def coalesced_row_grad(idx_flat: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """Sum duplicate rows into one sparse (num_rows, D) gradient holding only touched rows."""
-    uniq, inverse = torch.unique(idx_flat, sorted=True, return_inverse=True)
-    values = rows.new_zeros(uniq.numel(), rows.shape[-1]).index_add_(0, inverse, rows)
-    return torch.sparse_coo_tensor(uniq.unsqueeze(0), values, (num_rows, rows.shape[-1]),
-                                   is_coalesced=True, check_invariants=False)
+_workspace: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
+    """table[idx] into a reused scratch buffer: a fresh (T*M, D) allocation per call costs more
+    in page faults than the gather itself. Callers consume the result before the next gather."""
+    key = (table.dtype, table.device)
+    need = idx_flat.numel() * table.shape[1]
+    buf = _workspace.get(key)
+    if buf is None or buf.numel() < need:
+        buf = _workspace[key] = torch.empty(need, dtype=table.dtype, device=table.device)
+    rows = buf[:need].view(idx_flat.numel(), table.shape[1])
+    torch.index_select(table, 0, idx_flat, out=rows)
+    return rows.to(dtype)
+
+
+def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
+    """a[t, m] = table[idx[t, m]] . x[t]: the sampled dot products of the routed experts."""
+    num_t, num_m = idx_TM.shape
+    rows = _gather_rows(table, idx_TM.reshape(-1), x_TD.dtype).view(num_t, num_m, -1)
+    return torch.bmm(rows, x_TD.unsqueeze(-1)).squeeze(-1)
+
+
+class RowScatter:
+    """Sums per-slot row gradients w[t, m] * z[t] into the R touched rows, as one CSR matmul
+    (rows = unique experts, columns = tokens): no (T*M, D) intermediate is materialised."""
+
+    def __init__(self, idx_TM: Tensor, num_rows: int) -> None:
+        sorted_idx, self.order = torch.sort(idx_TM.reshape(-1))
+        self.rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.col = self.order // idx_TM.shape[1]
+        self.num_rows, self.num_t = num_rows, idx_TM.shape[0]
+
+    def __call__(self, w_TM: Tensor, z_TD: Tensor, dtype: torch.dtype) -> Tensor:
+        """Coalesced sparse (num_rows, D) gradient: row i = sum over slots routed to i."""
+        mat = torch.sparse_csr_tensor(self.crow, self.col, w_TM.reshape(-1)[self.order],
+                                      (self.rows.numel(), self.num_t), check_invariants=False)
+        values = (mat @ z_TD).to(dtype)
+        return torch.sparse_coo_tensor(self.rows.unsqueeze(0), values,
+                                       (self.num_rows, z_TD.shape[-1]), is_coalesced=True,
+                                       check_invariants=False)
 
 
 class _ExpertMix(torch.autograd.Function):
@@ -46,10 +84,7 @@ class _ExpertMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, idx_TM: Tensor, gate_TM: Tensor, down_ND: Tensor,
                 up_ND: Tensor, act: str) -> Tensor:
-        num_t, num_m = idx_TM.shape
-        idx_flat = idx_TM.reshape(-1)
-        u_TMD = down_ND.index_select(0, idx_flat).view(num_t, num_m, -1).to(x_TD.dtype)
-        a_TM = torch.bmm(u_TMD, x_TD.unsqueeze(-1)).squeeze(-1)
+        a_TM = _dots(down_ND, idx_TM, x_TD)
         h_TM = _activate(a_TM, act) * gate_TM
         # embedding_bag sums weighted rows of `up` without materialising the (T, M, D) gather.
         y_TD = F.embedding_bag(idx_TM, up_ND, per_sample_weights=h_TM.to(up_ND.dtype),
@@ -61,24 +96,20 @@ class _ExpertMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy_TD: Tensor):  # type: ignore[override]
         x_TD, idx_TM, gate_TM, a_TM, down_ND, up_ND = ctx.saved_tensors
-        num_t, num_m = idx_TM.shape
-        idx_flat = idx_TM.reshape(-1)
         act_TM, dact_TM = _act_and_grad(a_TM, ctx.act)
-        v_TMD = up_ND.index_select(0, idx_flat).view(num_t, num_m, -1).to(gy_TD.dtype)
-        gh_TM = torch.bmm(v_TMD, gy_TD.unsqueeze(-1)).squeeze(-1)  # dL/dh
+        gh_TM = _dots(up_ND, idx_TM, gy_TD)  # dL/dh = v . dy
         g_gate = gh_TM * act_TM
         ga_TM = gh_TM * gate_TM * dact_TM  # dL/da
         g_x = g_down = g_up = None
-        if ctx.needs_input_grad[0]:
-            u_TMD = down_ND.index_select(0, idx_flat).view(num_t, num_m, -1).to(gy_TD.dtype)
-            g_x = torch.bmm(ga_TM.unsqueeze(1), u_TMD).squeeze(1)
-        if ctx.needs_input_grad[3]:  # d/du_i = sum over slots routed to i of da * x
-            rows = (ga_TM.unsqueeze(-1) * x_TD.unsqueeze(1)).reshape(-1, x_TD.shape[-1])
-            g_down = coalesced_row_grad(idx_flat, rows.to(down_ND.dtype), down_ND.shape[0])
-        if ctx.needs_input_grad[4]:  # d/dv_i = sum over slots routed to i of h * dy
-            h_TM = act_TM * gate_TM
-            rows = (h_TM.unsqueeze(-1) * gy_TD.unsqueeze(1)).reshape(-1, gy_TD.shape[-1])
-            g_up = coalesced_row_grad(idx_flat, rows.to(up_ND.dtype), up_ND.shape[0])
+        if ctx.needs_input_grad[0]:  # dL/dx_t = sum_m da_tm u_{i_tm}
+            g_x = F.embedding_bag(idx_TM, down_ND, per_sample_weights=ga_TM.to(down_ND.dtype),
+                                  mode="sum").to(x_TD.dtype)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            scatter = RowScatter(idx_TM, down_ND.shape[0])
+            if ctx.needs_input_grad[3]:  # dL/du_i = sum over slots routed to i of da * x
+                g_down = scatter(ga_TM, x_TD, down_ND.dtype)
+            if ctx.needs_input_grad[4]:  # dL/dv_i = sum over slots routed to i of h * dy
+                g_up = scatter(act_TM * gate_TM, gy_TD, up_ND.dtype)
         return g_x, None, g_gate, g_down, g_up, None
 
 

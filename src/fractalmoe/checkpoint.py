@@ -1,0 +1,239 @@
+"""Run directories and crash-safe checkpoints (safetensors + JSON; no pickle anywhere).
+
+    RUN/config.json                    model + training config
+    RUN/metrics.jsonl                  one JSON object per log step
+    RUN/checkpoints/step_000500/       model.safetensors  optim.safetensors  state.json
+    RUN/checkpoints/latest             name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory, fsynced, then renamed: it is complete or
+invisible. ``latest`` is replaced the same way, after the directory it names exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import ModelConfig, RunConfig
+
+FORMAT = "fractalmoe-checkpoint-v1"
+CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used, with the reason."""
+
+
+# --- nested state <-> flat tensors + JSON skeleton ------------------------------------------
+def flatten_state(obj: Any, tensors: dict[str, Tensor], prefix: str = "") -> Any:
+    """Move every tensor of a nested dict/list into `tensors`; return a JSON-able skeleton."""
+    if isinstance(obj, Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), flatten_state(v, tensors, f"{prefix}.{k}" if prefix else str(k))]
+                             for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    return obj
+
+
+def _key(k: Any) -> Any:
+    return {"int": k} if isinstance(k, int) else k
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(skeleton, dict) and "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if isinstance(skeleton, dict) and "__dict__" in skeleton:
+        return {(k["int"] if isinstance(k, dict) else k): unflatten_state(v, tensors)
+                for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, dict) and "__list__" in skeleton:
+        items = [unflatten_state(v, tensors) for v in skeleton["__list__"]]
+        return tuple(items) if skeleton.get("tuple") else items
+    return skeleton
+
+
+# --- file helpers ---------------------------------------------------------------------------
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    _fsync_path(tmp)
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def model_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """State dict with tied parameters stored once (the head shares the embedding)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel() > 0:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Copy tensors into the model, naming every missing, unexpected or mis-shaped entry."""
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:4]))
+        if missing:
+            parts.append(f"missing {missing[:4]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}")
+        raise CheckpointError(f"{source} does not match this architecture: " + ", ".join(parts))
+    model.load_state_dict(tensors, strict=False)
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+
+
+# --- run directory --------------------------------------------------------------------------
+def init_run_dir(run_dir: Path, config: RunConfig, extra: dict[str, Any] | None = None) -> None:
+    (run_dir / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", {**config.to_dict(), **(extra or {})})
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a FractalMoE run directory (no config.json)")
+    data = _load_json(run_dir / "config.json")
+    try:
+        return RunConfig.from_dict({k: v for k, v in data.items() if k in ("model", "train")})
+    except ValueError as exc:
+        raise CheckpointError(f"{run_dir}/config.json: {exc}") from None
+
+
+def run_extra(run_dir: str | Path) -> dict[str, Any]:
+    """config.json entries beside model and train (e.g. the base run of an adapter)."""
+    data = _load_json(Path(run_dir) / "config.json")
+    return {k: v for k, v in data.items() if k not in ("model", "train")}
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpt_root = Path(run_dir) / CKPT_DIR
+    latest = ckpt_root / "latest"
+    if latest.is_file():
+        path = ckpt_root / latest.read_text().strip()
+        if path.is_dir():
+            return path
+    # `latest` lost or stale: fall back to the newest complete directory.
+    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dict[str, Any],
+                    state: dict[str, Any], keep_last: int) -> Path:
+    """Write step_XXXXXX atomically, point `latest` at it, prune all but the newest keep_last."""
+    ckpt_root = run_dir / CKPT_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    optim_tensors: dict[str, Tensor] = {}
+    skeleton = flatten_state(optim_state, optim_tensors)
+    save_file(optim_tensors, str(tmp / "optim.safetensors"))
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    full_state = {"format": FORMAT, "step": step, "rng": rng, "optim": skeleton, **state}
+    (tmp / "state.json").write_text(json.dumps(full_state))
+    for f in tmp.iterdir():
+        _fsync_path(f)
+    _fsync_path(tmp)
+    if final.exists():  # a rerun of the same step replaces the old copy
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_path(ckpt_root)
+    latest_tmp = ckpt_root / "latest.tmp"
+    latest_tmp.write_text(name)
+    _fsync_path(latest_tmp)
+    os.replace(latest_tmp, ckpt_root / "latest")
+    _fsync_path(ckpt_root)
+    for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-*"):  # left by a process killed mid-write
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """(model tensors, optimizer state, run state) of one checkpoint directory."""
+    state = _load_json(ckpt / "state.json")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt}/state.json is not a {FORMAT} file")
+    model = _load_safetensors(ckpt / "model.safetensors")
+    optim = unflatten_state(state.pop("optim"), _load_safetensors(ckpt / "optim.safetensors"))
+    return model, optim, state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    raw = base64.b64decode(state["rng"])
+    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def config_mismatch(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """Fields whose values differ between two model configs, as 'name: saved -> wanted'."""
+    a, b = saved.to_dict(), wanted.to_dict()
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, RunConfig, Path]:
+    """Build the run's model from config.json and load its latest checkpoint's weights."""
+    from .model import FHMELanguageModel
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint under {CKPT_DIR}/")
+    model = FHMELanguageModel(config.model)
+    tensors = _load_safetensors(ckpt / "model.safetensors")
+    load_model_tensors(model, tensors, str(ckpt))
+    return model.to(device).eval(), config, ckpt

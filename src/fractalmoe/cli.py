@@ -1,0 +1,200 @@
+"""Command line: ``fractalmoe train | eval | generate | plot | bench | compare``.
+
+User mistakes print one line on stderr and exit with code 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from .config import RunConfig, default_run_config, load_config_file
+from .train import TrainingStopped
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine; use --device cpu")
+    if text != "cpu" and not text.startswith("cuda"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or auto")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fractalmoe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a language model (default: FHME on Tiny Shakespeare)")
+    t.add_argument("--data", help="text file or folder of text files (default: bundled corpus)")
+    t.add_argument("--config", help="TOML file with [model] and [train] tables")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set dim=256 --set train.lr=1e-3")
+    t.add_argument("--out", help="run directory to create (default: runs/<timestamp>)")
+    t.add_argument("--resume", help="run directory to continue from its latest checkpoint")
+    t.add_argument("--max-steps", type=_positive_int, help="training steps")
+    t.add_argument("--time-budget", type=_nonneg_float, help="stop after this many minutes")
+    t.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps")
+    t.add_argument("--seed", type=int, help="random seed (model init and data order)")
+    t.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or auto")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="validation loss and bits per byte of a run")
+    e.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint)")
+    e.add_argument("--data", help="corpus to evaluate on (default: the run's own)")
+    e.add_argument("--depth", type=_positive_int, help="force every FHME layer to this depth")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--device", type=_device, default="cpu")
+
+    g = sub.add_parser("generate", help="sample text from a run")
+    g.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint)")
+    g.add_argument("--prompt", default="\n", help="text to continue")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=300, help="bytes to generate")
+    g.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k best")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", type=_device, default="cpu")
+
+    pl = sub.add_parser("plot", help="PNG plots of a run (loss curves, expert usage, depth map)")
+    pl.add_argument("run", help="run directory")
+    pl.add_argument("--out", help="folder for the PNGs (default: RUN/plots)")
+    pl.add_argument("--depth-map", action="store_true", help="colour a text by per-byte depth")
+    pl.add_argument("--text", default=None, help="text for --depth-map")
+    return p
+
+
+def _load_config(args: argparse.Namespace) -> RunConfig:
+    config = load_config_file(args.config) if args.config else default_run_config()
+    overrides = list(args.set)
+    for flag, key in (("max_steps", "max_steps"), ("time_budget", "time_budget"),
+                      ("save_every", "save_every"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"train.{key}={value}")
+    return config.with_overrides(overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import run
+
+    config = _load_config(args)
+    if args.data is not None:
+        from .data import corpus_files
+
+        corpus_files(args.data)  # fail early, before a run directory is made
+    result = run(config, out=Path(args.out) if args.out else None,
+                 resume=Path(args.resume) if args.resume else None, data_path=args.data,
+                 device=args.device, progress=not args.quiet)
+    if result.val_loss is not None:
+        print(f"step {result.step}: val_loss {result.val_loss:.4f} nats/byte, val_bpb "
+              f"{result.val_bpb:.4f}, {result.elapsed_s / 60:.1f} min, {result.tok_s:.0f} tok/s")
+    print(f"run directory: {result.run_dir}")
+    if result.sample:
+        print("--- sample ---")
+        print(result.sample)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model_from_run, run_extra
+    from .data import ByteDataset
+    from .evaluate import evaluate
+
+    model, config, _ = load_model_from_run(args.ckpt, args.device)
+    data_path = args.data if args.data is not None else run_extra(args.ckpt).get("data")
+    data = ByteDataset.load(data_path, config.train.val_fraction, config.model.seq_len)
+    model.set_depth(args.depth)
+    result = evaluate(model, data, config.train.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(f"val_loss {result.val_loss:.4f} nats/byte, val_bpb {result.val_bpb:.4f} "
+              f"over {result.tokens} bytes")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model_from_run
+    from .data import decode, encode
+
+    model, _, _ = load_model_from_run(args.ckpt, args.device)
+    prompt = encode(args.prompt)
+    if prompt.numel() == 0:
+        raise UserError("--prompt must not be empty")
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = model.generate(prompt.unsqueeze(0).to(args.device), args.max_new_tokens,
+                         args.temperature, args.top_k, generator=gen)
+    sys.stdout.write(args.prompt + decode(out[0, prompt.numel():].cpu()) + "\n")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    for path in plot_run(Path(args.run), Path(args.out) if args.out else None,
+                         depth_text=args.text if args.depth_map else None):
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def console() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

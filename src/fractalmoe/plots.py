@@ -1,0 +1,153 @@
+"""PNG plots of a run: loss curves, expert-usage histograms, per-byte depth maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .checkpoint import CheckpointError, load_model_from_run, run_extra  # noqa: E402
+from .data import ByteDataset, encode  # noqa: E402
+from .evaluate import UsageStats  # noqa: E402
+from .model import FHMELanguageModel  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no metrics.jsonl; is it a FractalMoE run directory?")
+    lines = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:  # a line cut short by a kill: skip it
+            if n != len(path.read_text().splitlines()):
+                raise CheckpointError(f"{path}:{n} is not valid JSON") from None
+    return lines
+
+
+def plot_losses(metrics: list[dict], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(m["step"], m["train_loss"]) for m in metrics if m.get("train_loss") is not None]
+    val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_usage(model: FHMELanguageModel, data: ByteDataset, batch_size: int, out: Path) -> Path | None:
+    """Histogram of selections per expert (log scale), one series per layer and block."""
+    counts = _usage_counts(model, data, batch_size)
+    if not counts:
+        return None
+    stats = [UsageStats.from_counts(c) for _, c in counts]
+    used = sum(s.fraction_used for s in stats) / len(stats)
+    kl = sum(s.kl_uniform for s in stats) / len(stats)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, c in counts:
+        ax.hist(c.numpy(), bins=50, histtype="step", label=label, log=True)
+    ax.set_xlabel("selections per expert over validation windows")
+    ax.set_ylabel("experts")
+    ax.set_title(f"experts used {used:.1%}, KL(usage||uniform) {kl:.3f} nats (mean over blocks)")
+    if len(counts) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "expert_usage.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def _usage_counts(model: FHMELanguageModel, data: ByteDataset, batch_size: int) -> list[tuple[str, torch.Tensor]]:
+    from .fhme import FHME
+
+    model.eval()
+    routed = [(i, b.ffn) for i, b in enumerate(model.blocks) if hasattr(b.ffn, "track_usage")]
+    for _, ffn in routed:
+        ffn.track_usage(True)
+    for x, _ in data.val_batches(batch_size, model.cfg.seq_len, 64 * batch_size):
+        model(x)
+    out = []
+    for i, ffn in routed:
+        counts = ffn.usage_counts() if isinstance(ffn, FHME) else [ffn.usage]
+        out += [(f"layer {i} block {j + 1}", c.clone()) for j, c in enumerate(counts)]
+        ffn.track_usage(False)
+    return out
+
+
+@torch.no_grad()
+def token_depths(model: FHMELanguageModel, text: str) -> torch.Tensor:
+    """Mean chosen depth over FHME layers for each byte of text: (T,)."""
+    ids = encode(text)[: model.cfg.seq_len].unsqueeze(0)
+    model.eval()
+    depths = []
+    hooks = [layer.register_forward_hook(
+        lambda mod, inp, out: depths.append(mod.choose_depth(inp[0].reshape(-1, mod.dim))[0].float()))
+        for layer in model.fhme_layers()]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    if not depths:
+        raise ValueError("this model has no FHME layers: nothing to map")
+    return torch.stack(depths).mean(0)
+
+
+def plot_depth_map(model: FHMELanguageModel, text: str, out: Path) -> Path:
+    """Each byte of text drawn in a cell coloured by its mean depth over layers."""
+    depth = token_depths(model, text)
+    chars = text.encode("utf-8")[: depth.numel()].decode("utf-8", errors="replace")
+    max_depth = max(layer.depth for layer in model.fhme_layers())
+    cols = 64
+    rows = (len(chars) + cols - 1) // cols
+    fig, ax = plt.subplots(figsize=(cols * 0.16, rows * 0.3 + 0.8))
+    cmap = plt.get_cmap("viridis")
+    for i, ch in enumerate(chars[: depth.numel()]):
+        r, c = divmod(i, cols)
+        level = (float(depth[i]) - 1) / max(max_depth - 1, 1)
+        ax.add_patch(plt.Rectangle((c, -r - 1), 1, 1, color=cmap(level)))
+        ax.text(c + 0.5, -r - 0.5, "\u23ce" if ch == "\n" else ch, ha="center", va="center",
+                fontsize=7, color="white" if level < 0.6 else "black", family="monospace")
+    ax.set_xlim(0, cols)
+    ax.set_ylim(-rows, 0)
+    ax.axis("off")
+    ax.set_title(f"per-byte depth (dark = 1, bright = {max_depth}); mean {float(depth.mean()):.2f}")
+    fig.tight_layout()
+    path = out / "depth_map.png"
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = None) -> list[Path]:
+    """Write the run's plots; returns their paths."""
+    metrics = read_metrics(run_dir)
+    out = out or run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [plot_losses(metrics, out)]
+    model, config, _ = load_model_from_run(run_dir)
+    data = ByteDataset.load(run_extra(run_dir).get("data"), config.train.val_fraction,
+                            config.model.seq_len)
+    usage = plot_usage(model, data, config.train.batch_size, out)
+    if usage is not None:
+        paths.append(usage)
+    if depth_text is not None:
+        if not depth_text:
+            raise ValueError("--depth-map needs --text with at least one character")
+        paths.append(plot_depth_map(model, depth_text, out))
+    return paths

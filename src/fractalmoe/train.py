@@ -1,0 +1,237 @@
+"""Training: a pure ``train_step`` and ``run``, which owns the loop, logging and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .checkpoint import (CheckpointError, config_mismatch, init_run_dir, latest_checkpoint,
+                         load_checkpoint_state, load_model_tensors, load_run_config, restore_rng,
+                         run_extra, save_checkpoint)
+from .config import RunConfig, TrainConfig
+from .data import ByteDataset, decode, encode
+from .evaluate import evaluate
+from .model import FHMELanguageModel
+from .optim import ModelOptimizer
+
+METRIC_KEYS = ("step", "train_loss", "val_loss", "val_bpb", "tok_s", "lr", "expert_usage",
+               "usage_kl", "mean_depth", "blocks_per_token")
+
+
+class TrainingStopped(RuntimeError):
+    """Training could not go on (e.g. too many non-finite steps); the message says why."""
+
+
+def lr_scale(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_frac at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tensor,
+               grad_clip: float, loss_hook: Callable[[Tensor], Tensor] | None = None) -> tuple[float, bool]:
+    """One optimisation step. Returns (loss, applied); a non-finite step changes nothing."""
+    opt.zero_grad()
+    _, loss = model(x, y)
+    if loss_hook is not None:
+        loss = loss_hook(loss)
+    (loss + model.aux_loss().to(loss.device)).backward()
+    value = float(loss)
+    if not math.isfinite(value) or not opt.grads_finite():
+        opt.zero_grad()
+        return value, False
+    opt.clip_dense(grad_clip)
+    opt.step()
+    return value, True
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    val_loss: float | None
+    val_bpb: float | None
+    elapsed_s: float
+    tok_s: float
+    sample: str
+    stopped_by: str  # "max_steps" | "time_budget" | "signal" | "stop_at_step"
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the current step and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _metric_line(**values: Any) -> dict[str, Any]:
+    line = {k: None for k in METRIC_KEYS}
+    line.update(values)
+    return line
+
+
+def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
+                data_path: str | None) -> tuple[RunConfig, Path, str | None]:
+    """Resolve the run directory and config of a new or resumed run."""
+    if resume is None:
+        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        if (run_dir / "config.json").exists():
+            raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        init_run_dir(run_dir, config, {"data": data_path})
+        return config, run_dir, data_path
+    saved = load_run_config(resume)
+    diff = config_mismatch(saved.model, config.model)
+    if diff:
+        raise CheckpointError(f"--resume {resume}: the model differs from the checkpoint's "
+                              f"({'; '.join(diff)}); drop those overrides")
+    if data_path is None:
+        data_path = run_extra(resume).get("data")
+    init_run_dir(resume, config, {"data": data_path})  # training fields may change (max_steps)
+    return config, resume, data_path
+
+
+def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
+        data_path: str | None = None, device: str = "cpu", progress: bool = True,
+        loss_hook: Callable[[int, Tensor], Tensor] | None = None,
+        stop_at_step: int | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Train (or resume) a model, evaluating, logging and checkpointing as configured."""
+    config, run_dir, data_path = prepare_run(config, out, resume, data_path)
+    tc, mc = config.train, config.model
+    data = ByteDataset.load(data_path, tc.val_fraction, mc.seq_len)
+    torch.manual_seed(tc.seed)
+    model = FHMELanguageModel(mc).to(device)
+    opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim)
+    step, elapsed_before, bad_total = 0, 0.0, 0
+    ckpt = latest_checkpoint(run_dir) if resume is not None else None
+    if ckpt is not None:
+        tensors, optim_state, state = load_checkpoint_state(ckpt)
+        load_model_tensors(model, tensors, str(ckpt))
+        opt.load_state_dict(optim_state)
+        restore_rng(state)
+        step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
+        log(f"resumed {run_dir} from {ckpt.name}")
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, step, model, opt.state_dict(),
+                        {"elapsed_s": elapsed_before + time.perf_counter() - t0,
+                         "bad_steps": bad_total, "data_position": step}, tc.keep_last)
+
+    metrics = (run_dir / "metrics.jsonl").open("a")
+    tokens_per_step = tc.batch_size * mc.seq_len
+    t0 = time.perf_counter()
+    budget_s = tc.time_budget * 60 if tc.time_budget > 0 else math.inf
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not progress, unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    losses: list[float] = []
+    bad_run, last_val = 0, None
+    stopped_by = "max_steps"
+    t_log = time.perf_counter()
+    steps_since_log = 0
+    model.train()
+    with _SignalFlag() as flag:
+        while step < tc.max_steps:
+            scale = lr_scale(step, tc)
+            opt.set_lr_scale(scale)
+            x, y = data.train_batch(step, tc.batch_size, mc.seq_len, tc.seed)
+            hook = (lambda loss, s=step: loss_hook(s, loss)) if loss_hook else None
+            loss, ok = train_step(model, opt, x.to(device), y.to(device), tc.grad_clip, hook)
+            step += 1
+            steps_since_log += 1
+            if ok:
+                bad_run = 0
+                losses.append(loss)
+            else:
+                bad_run += 1
+                bad_total += 1
+                log(f"step {step}: non-finite loss or gradient ({loss}); step skipped "
+                    f"({bad_run} in a row, {bad_total} in total)")
+                metrics.write(json.dumps(_metric_line(step=step, train_loss=None, skipped=True)) + "\n")
+                metrics.flush()
+                if bad_run >= tc.max_bad_steps:
+                    bar.close()
+                    metrics.close()
+                    raise TrainingStopped(
+                        f"stopped at step {step}: {bad_run} non-finite steps in a row "
+                        f"(max_bad_steps={tc.max_bad_steps}); the last good checkpoint is intact; "
+                        f"lower lr or raise grad_clip, then --resume {run_dir}")
+            bar.update(1)
+            is_eval = step % tc.eval_every == 0 or step == tc.max_steps
+            if step % tc.log_every == 0 or is_eval:
+                now = time.perf_counter()
+                tok_s = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
+                line = _metric_line(step=step, tok_s=tok_s, lr=tc.lr * scale,
+                                    train_loss=sum(losses) / len(losses) if losses else None)
+                if is_eval:
+                    ev = evaluate(model, data, tc.batch_size, tc.eval_batches * tc.batch_size, device)
+                    last_val = ev
+                    line.update({k: v for k, v in ev.summary().items() if k in METRIC_KEYS})
+                    bar.write(f"step {step}: val_loss {ev.val_loss:.4f} nats/byte, "
+                              f"val_bpb {ev.val_bpb:.4f}")
+                metrics.write(json.dumps(line) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{line['train_loss'] or float('nan'):.3f}", tok_s=f"{tok_s:.0f}")
+                losses, steps_since_log, t_log = [], 0, time.perf_counter()
+            if step % tc.save_every == 0:
+                checkpoint()
+            if flag.signum is not None:
+                stopped_by = "signal"
+                break
+            if stop_at_step is not None and step >= stop_at_step:
+                stopped_by = "stop_at_step"
+                break
+            if time.perf_counter() - t0 >= budget_s:
+                stopped_by = "time_budget"
+                break
+        bar.close()
+        checkpoint()
+    metrics.close()
+    elapsed = elapsed_before + time.perf_counter() - t0
+    if stopped_by == "signal":
+        log(f"signal {flag.signum}: saved checkpoint at step {step} in {run_dir}")
+    if stopped_by in ("time_budget",) and (last_val is None or step % tc.eval_every):
+        last_val = evaluate(model, data, tc.batch_size, tc.eval_batches * tc.batch_size, device)
+    sample = ""
+    if stopped_by in ("max_steps", "time_budget") and tc.sample_bytes > 0:
+        sample = generate_sample(model, tc.sample_bytes, device)
+        (run_dir / "sample.txt").write_text(sample)
+    return RunResult(run_dir, step, last_val.val_loss if last_val else None,
+                     last_val.val_bpb if last_val else None, elapsed,
+                     step * tokens_per_step / max(elapsed, 1e-9), sample, stopped_by)
+
+
+def generate_sample(model: FHMELanguageModel, num_bytes: int, device: str = "cpu",
+                    prompt: str = "\n", temperature: float = 0.8, top_k: int = 40) -> str:
+    model.eval()
+    idx = encode(prompt).unsqueeze(0).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = model.generate(idx, num_bytes, temperature=temperature, top_k=top_k, generator=gen)
+    return decode(out[0, idx.shape[1]:].cpu())
