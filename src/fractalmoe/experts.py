@@ -68,11 +68,13 @@ class RowScatter:
         self.col = self.order // idx_TM.shape[1]
         self.num_rows, self.num_t = num_rows, idx_TM.shape[0]
 
-    def __call__(self, w_TM: Tensor, z_TD: Tensor, dtype: torch.dtype) -> Tensor:
+    def __call__(self, w_TM: Tensor, z_TD: Tensor, dtype: torch.dtype, sparse: bool = True) -> Tensor:
         """Coalesced sparse (num_rows, D) gradient: row i = sum over slots routed to i."""
         mat = torch.sparse_csr_tensor(self.crow, self.col, w_TM.reshape(-1)[self.order],
                                       (self.rows.numel(), self.num_t), check_invariants=False)
         values = (mat @ z_TD).to(dtype)
+        if not sparse:  # same rows, dense layout (for gradcheck and dense optimisers)
+            return values.new_zeros(self.num_rows, values.shape[1]).index_copy_(0, self.rows, values)
         return torch.sparse_coo_tensor(self.rows.unsqueeze(0), values,
                                        (self.num_rows, z_TD.shape[-1]), is_coalesced=True,
                                        check_invariants=False)
@@ -83,14 +85,14 @@ class _ExpertMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, idx_TM: Tensor, gate_TM: Tensor, down_ND: Tensor,
-                up_ND: Tensor, act: str) -> Tensor:
+                up_ND: Tensor, act: str, sparse_grad: bool) -> Tensor:
         a_TM = _dots(down_ND, idx_TM, x_TD)
         h_TM = _activate(a_TM, act) * gate_TM
         # embedding_bag sums weighted rows of `up` without materialising the (T, M, D) gather.
         y_TD = F.embedding_bag(idx_TM, up_ND, per_sample_weights=h_TM.to(up_ND.dtype),
                                mode="sum").to(x_TD.dtype)
         ctx.save_for_backward(x_TD, idx_TM, gate_TM, a_TM, down_ND, up_ND)
-        ctx.act = act
+        ctx.act, ctx.sparse_grad = act, sparse_grad
         return y_TD
 
     @staticmethod
@@ -107,18 +109,21 @@ class _ExpertMix(torch.autograd.Function):
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             scatter = RowScatter(idx_TM, down_ND.shape[0])
             if ctx.needs_input_grad[3]:  # dL/du_i = sum over slots routed to i of da * x
-                g_down = scatter(ga_TM, x_TD, down_ND.dtype)
+                g_down = scatter(ga_TM, x_TD, down_ND.dtype, ctx.sparse_grad)
             if ctx.needs_input_grad[4]:  # dL/dv_i = sum over slots routed to i of h * dy
-                g_up = scatter(act_TM * gate_TM, gy_TD, up_ND.dtype)
-        return g_x, None, g_gate, g_down, g_up, None
+                g_up = scatter(act_TM * gate_TM, gy_TD, up_ND.dtype, ctx.sparse_grad)
+        return g_x, None, g_gate, g_down, g_up, None, None
 
 
 def expert_mix(x: Tensor, idx: Tensor, gates: Tensor, down: Tensor, up: Tensor,
-               act: str = "gelu") -> Tensor:
-    """Fused gather + weighted sum over routed experts. x: (..., D); idx, gates: (..., M)."""
+               act: str = "gelu", sparse_grad: bool = True) -> Tensor:
+    """Fused gather + weighted sum over routed experts. x: (..., D); idx, gates: (..., M).
+
+    Table gradients are coalesced sparse tensors of the touched rows (dense if not sparse_grad).
+    """
     lead = x.shape[:-1]
     y = _ExpertMix.apply(x.reshape(-1, x.shape[-1]), idx.reshape(-1, idx.shape[-1]),
-                         gates.reshape(-1, gates.shape[-1]), down, up, act)
+                         gates.reshape(-1, gates.shape[-1]), down, up, act, sparse_grad)
     return y.view(*lead, x.shape[-1])
 
 

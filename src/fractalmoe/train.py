@@ -49,7 +49,7 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
     if loss_hook is not None:
         loss = loss_hook(loss)
     (loss + model.aux_loss().to(loss.device)).backward()
-    value = float(loss)
+    value = float(loss.detach())
     if not math.isfinite(value) or not opt.grads_finite():
         opt.zero_grad()
         return value, False

@@ -1,0 +1,101 @@
+"""Fractal expert and FHME layer: recursion, anytime outputs, gradients, drop-path."""
+
+from __future__ import annotations
+
+import torch
+
+from fractalmoe import FHME, FractalExpert
+from fractalmoe.fractal import blocks_at_depth
+
+
+def reference_f(fe: FractalExpert, c: int, x: torch.Tensor) -> torch.Tensor:
+    """f_1 = B_1; f_c(x) = J_c(f_{c-1}(f_{c-1}(x)), B_c(x)), evaluated literally."""
+    if c == 1:
+        return fe.blocks[0](x)
+    deep = reference_f(fe, c - 1, reference_f(fe, c - 1, x))
+    shallow = fe.blocks[c - 1](x)
+    g = torch.sigmoid(fe.joins[c - 2].gate(x))
+    return g * deep + (1 - g) * shallow
+
+
+def _fractal(depth: int) -> FractalExpert:
+    fe = FractalExpert(16, 256, depth=depth, heads=2, topk=4, key_dim=8).double().eval()
+    for j in fe.joins:  # non-trivial gates, so both branches matter
+        torch.nn.init.normal_(j.gate.weight, std=0.5)
+    return fe
+
+
+def test_all_depths_equal_reference_recursion() -> None:
+    fe = _fractal(4)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outs = fe(x, return_all_depths=True)
+        assert len(outs) == 4
+        for c, out in enumerate(outs, start=1):
+            torch.testing.assert_close(out, reference_f(fe, c, x.reshape(-1, 16)).view_as(x))
+        torch.testing.assert_close(fe(x), outs[-1])
+
+
+def test_single_pass_costs_2c_minus_1_blocks() -> None:
+    fe = _fractal(3)
+    calls = []
+    for b in fe.blocks:
+        b.register_forward_hook(lambda *a: calls.append(1))
+    fe(torch.randn(4, 16, dtype=torch.float64), return_all_depths=True)
+    assert len(calls) == blocks_at_depth(3) == 7
+
+
+def test_depth_one_is_flat_peer() -> None:
+    layer = FHME(16, 256, depth=1, heads=2, topk=4, key_dim=8)
+    x = torch.randn(2, 6, 16)
+    block = layer.fractal.blocks[0]
+    torch.testing.assert_close(layer(x), block.memory(block.norm(x)))
+
+
+def test_join_gate_starts_toward_shallow_path() -> None:
+    fe = FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, join_bias=-2.0)
+    fe(torch.randn(10, 16))
+    assert float(fe.joins[0].last_gate_mean) < 0.2
+
+
+def test_gradients_reach_keys_queries_touched_rows_and_joins() -> None:
+    layer = FHME(16, 1024, depth=2, heads=2, topk=4, key_dim=8)
+    x = torch.randn(2, 5, 16)
+    touched = []
+    for b in layer.fractal.blocks:
+        b.memory.register_forward_hook(lambda m, inp, out: touched.append(m.route(inp[0])[1]))
+    layer(x).square().sum().backward()
+    touched_rows = torch.unique(torch.cat([t.reshape(-1) for t in touched]))
+    for b in layer.fractal.blocks:
+        assert b.memory.router.sub_keys.grad.abs().sum() > 0
+        assert b.memory.router.query.weight.grad.abs().sum() > 0
+    assert layer.fractal.joins[0].gate.bias.grad.abs() > 0
+    for table in (layer.fractal.bank.down, layer.fractal.bank.up):
+        rows = table.grad.coalesce().indices()[0]
+        assert torch.equal(rows, touched_rows)  # the touched rows, and only those
+        assert (table.grad.coalesce().values().abs().sum(-1) > 0).all()
+
+
+def test_drop_path_training_runs_and_masks_columns() -> None:
+    fe = FractalExpert(16, 256, depth=3, heads=2, topk=4, key_dim=8, drop_path_local=0.5,
+                       drop_path_global=1.0).train()
+    x = torch.randn(64, 16)
+    torch.manual_seed(1)
+    column = fe.sample_columns(64, x.device)
+    assert column is not None and set(column.tolist()) <= {1, 2, 3}
+    out = fe(x)
+    assert torch.isfinite(out).all()
+    fe.eval()
+    torch.testing.assert_close(fe(x), fe(x))  # deterministic without drop-path
+
+
+def test_global_drop_path_column_c_is_shallow_branch_alone() -> None:
+    fe = FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, drop_path_global=1.0).train()
+    x = torch.randn(6, 16)
+    column = torch.tensor([2] * 6)
+    with torch.no_grad():
+        out = fe.stage(2, x, fe.blocks[0](x), column)
+        torch.testing.assert_close(out, fe.blocks[1](x))
+        column = torch.tensor([1] * 6)
+        out = fe.stage(2, x, fe.blocks[0](x), column)
+        torch.testing.assert_close(out, fe.blocks[0](fe.blocks[0](x)))
