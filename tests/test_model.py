@@ -172,5 +172,5 @@ def test_one_batch_overfitting_lowers_the_loss() -> None:
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.6 * losses[0]

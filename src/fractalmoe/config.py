@@ -107,9 +107,9 @@ class ModelConfig(_Config):
     ffn: str = "fhme"  # fhme | dense | moe | pkm | peer
     # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
     num_experts: int = 16384
-    expert_heads: int = 4  # product-key retrieval heads per routed block
+    expert_heads: int = 2  # product-key retrieval heads per routed block
     topk: int = 8  # experts per head
-    key_dim: int = 64  # query / product-key width (split in two halves)
+    key_dim: int = 32  # query / product-key width (split in two halves)
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
     query_norm: str = "layernorm"  # per-token: never batch statistics (causality)
     expert_act: str = "gelu"
@@ -167,7 +167,7 @@ class TrainConfig(_Config):
     """Optimisation, schedule, evaluation and checkpointing of one training run."""
 
     batch_size: int = 16  # global batch (sequences per step)
-    max_steps: int = 3000
+    max_steps: int = 1200
     time_budget: float = 0.0  # minutes; 0 = no limit
     lr: float = 3e-3  # AdamW for dense parameters
     expert_lr: float = 0.05  # expert tables (row-sparse optimizer)
@@ -176,10 +176,10 @@ class TrainConfig(_Config):
     warmup_steps: int = 100
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     grad_clip: float = 1.0  # global norm over dense parameters; 0 = off
-    eval_every: int = 250
+    eval_every: int = 200
     eval_batches: int = 16
     log_every: int = 10
-    save_every: int = 500
+    save_every: int = 400
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping
     seed: int = 1337

@@ -1,0 +1,116 @@
+"""The command line end to end on a tiny model, and its one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fractalmoe.cli import main
+from fractalmoe.train import METRIC_KEYS
+
+TINY = ["--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "seq_len=32",
+        "--set", "num_experts=256", "--set", "topk=4", "--set", "key_dim=16",
+        "--set", "batch_size=4", "--set", "eval_every=3", "--set", "eval_batches=2",
+        "--set", "log_every=2", "--set", "sample_bytes=24", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 120)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus: Path, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "fractalmoe", "train", "--data", str(corpus),
+                           "--out", str(out), "--max-steps", "6", *TINY],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def test_train_writes_the_run_directory(run_dir: tuple[Path, str]) -> None:
+    out, stdout = run_dir
+    assert json.loads((out / "config.json").read_text())["model"]["dim"] == 32
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_000006"
+    ckpt = out / "checkpoints" / latest
+    for name in ("model.safetensors", "optim.safetensors", "state.json"):
+        assert (ckpt / name).is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 3, 4, 6]
+    assert all(set(METRIC_KEYS) <= set(m) for m in lines)
+    final = lines[-1]
+    assert final["val_loss"] > 0 and final["val_bpb"] == pytest.approx(final["val_loss"] / 0.6931, rel=1e-3)
+    assert 0 < final["expert_usage"] <= 1 and final["mean_depth"] == 2.0
+    assert "--- sample ---" in stdout and len((out / "sample.txt").read_bytes()) > 0
+
+
+def test_eval_json_prints_one_object(run_dir: tuple[Path, str], capsys) -> None:
+    assert main(["eval", "--ckpt", str(run_dir[0]), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    result = json.loads(out[0])
+    assert {"val_loss", "val_bpb", "tokens"} <= set(result) and result["tokens"] > 0
+
+
+def test_generate_produces_text(run_dir: tuple[Path, str], capsys) -> None:
+    assert main(["generate", "--ckpt", str(run_dir[0]), "--prompt", "To be", "--max-new-tokens",
+                 "20", "--temperature", "0.8", "--top-k", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("To be") and len(text.encode()) >= 20
+
+
+def test_plot_writes_pngs(run_dir: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    assert main(["plot", str(run_dir[0]), "--out", str(tmp_path), "--depth-map", "--text", "To be"]) == 0
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert {"loss.png", "expert_usage.png", "depth_map.png"} <= names
+
+
+def _error(argv: list[str], capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_user_mistakes_get_one_line_and_exit_2(tmp_path: Path, corpus: Path, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    (folder / "image.bin").write_bytes(b"\x00\x01\x02")
+    assert "not found" in _error(["train", "--data", str(tmp_path / "missing.txt")], capsys)
+    assert "empty" in _error(["train", "--data", str(empty), *TINY], capsys)
+    assert "no text files" in _error(["train", "--data", str(folder)], capsys)
+    err = _error(["train", "--data", str(corpus), "--set", "colour=blue"], capsys)
+    assert "colour" in err and "valid keys" in err and "dim" in err
+    assert "dim" in _error(["train", "--data", str(corpus), "--set", "dim=-3"], capsys)
+    assert "num_experts" in _error(["train", "--set", "num_experts=1000"], capsys)
+    assert "lr" in _error(["train", "--set", "lr=abc"], capsys)
+    assert "positive integer" in _error(["train", "--max-steps", "0"], capsys)
+    assert "not a FractalMoE run" in _error(["eval", "--ckpt", str(tmp_path)], capsys)
+    assert "not a FractalMoE run" in _error(["generate", "--ckpt", str(tmp_path)], capsys)
+    assert "metrics.jsonl" in _error(["plot", str(tmp_path)], capsys)
+    _error(["frobnicate"], capsys)
+    _error(["train", "--config", str(tmp_path / "none.toml")], capsys)
+
+
+def test_any_bytes_are_valid_text(tmp_path: Path) -> None:
+    from fractalmoe.data import ByteDataset
+
+    raw = bytes(range(256)) * 20
+    data = ByteDataset.from_bytes(raw, 0.1, 16)
+    x, y = data.train_batch(0, 2, 16, seed=0)
+    assert x.max() <= 255 and torch_equal_shift(x, y)
+
+
+def torch_equal_shift(x, y) -> bool:
+    return bool((x[:, 1:] == y[:, :-1]).all())

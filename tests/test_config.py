@@ -1,0 +1,102 @@
+"""Configs: validation names the field, dict round trip, TOML files, property-based fuzzing."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fractalmoe.cli import main
+from fractalmoe.config import ModelConfig, RunConfig, TrainConfig, load_config_file
+
+
+def test_round_trip() -> None:
+    cfg = ModelConfig(dim=64, ffn="moe", adaptive_depth=True, fractal_depth=3)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    run = RunConfig(cfg, TrainConfig(lr=1e-3))
+    assert RunConfig.from_dict(run.to_dict()) == run
+
+
+@pytest.mark.parametrize("field,value", [("dim", 0), ("num_experts", 1000), ("ffn", "mlp"),
+                                         ("topk", 1000), ("fractal_depth", 0), ("dropout", 1.5),
+                                         ("key_dim", 15), ("gate", "tanh")])
+def test_bad_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
+
+
+def test_wrong_types_and_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="dim must be int"):
+        ModelConfig.from_dict({"dim": "wide"})
+    with pytest.raises(ValueError, match="adaptive_depth must be bool"):
+        ModelConfig.from_dict({"adaptive_depth": 1})
+    with pytest.raises(ValueError, match="valid keys"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_toml_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\ndim = 64\nffn = "dense"\n[train]\nlr = 0.001\n')
+    cfg = load_config_file(path).with_overrides(["model.n_layers=2", "batch_size=8"])
+    assert (cfg.model.dim, cfg.model.ffn, cfg.model.n_layers) == (64, "dense", 2)
+    assert (cfg.train.lr, cfg.train.batch_size) == (0.001, 8)
+
+
+def test_shipped_configs_load() -> None:
+    for path in Path(__file__).parents[1].glob("configs/*.toml"):
+        load_config_file(path)
+
+
+_toml_values = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.booleans(),
+                         st.text(max_size=8))
+_keys = st.sampled_from(ModelConfig.field_names() + ["bogus", ""])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(_keys, _toml_values, max_size=4))
+def test_config_loader_only_raises_value_error(data: dict) -> None:
+    try:
+        RunConfig.from_dict({"model": data})
+    except ValueError:
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(max_size=20), max_size=3))
+def test_set_overrides_only_raise_value_error(items: list[str]) -> None:
+    try:
+        RunConfig(ModelConfig(), TrainConfig()).with_overrides(items)
+    except ValueError:
+        pass
+
+
+class _Started(Exception):
+    """Raised by the stand-in for training: parsing and validation went through."""
+
+
+def _fake_run(*args, **kwargs):
+    raise _Started
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from(["train", "eval", "generate", "--set", "dim=x", "dim=8", "--max-steps",
+                                 "-1", "3", "abc", "--ckpt", "/nonexistent", "--time-budget", "nan",
+                                 "--config", "--device", "tpu", "cpu", "--top-k", "0", "--json"]),
+                min_size=1, max_size=6))
+def test_cli_argument_parsing_never_tracebacks(argv: list[str]) -> None:
+    err = io.StringIO()
+    with mock.patch("fractalmoe.train.run", _fake_run), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except _Started:
+            code = 0
+    assert "Traceback" not in err.getvalue()
+    assert code in (0, 2), err.getvalue()
+    if code == 2:
+        assert len(err.getvalue().strip().splitlines()) == 1
