@@ -45,7 +45,7 @@ def test_rowwise_adagrad_equals_dense_rule() -> None:
     w, acc = w0.clone(), torch.zeros(N, dtype=torch.float64)
     for i, rows in enumerate(_steps()):
         grad = _sparse_grad(rows, i)
-        p.grad = grad
+        p.grad = grad.clone()  # the optimiser consumes its gradient
         opt.step()
         touched = torch.zeros(N, dtype=torch.bool)
         touched[rows] = True

@@ -59,3 +59,19 @@ def test_bad_arguments_raise_value_error() -> None:
         ProductKeyMemory(16, 1000)
     with pytest.raises(ValueError, match="gate"):
         ProductKeyMemory(16, 256, heads=1, topk=4, key_dim=8, gate="tanh")
+
+
+def test_sub_key_topk_gradient_equals_dense_autograd() -> None:
+    from fractalmoe.routing import sub_key_topk
+
+    q = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(3, 20, 8, dtype=torch.float64, requires_grad=True)
+    vals, idx = sub_key_topk(q, keys, 4)
+    g = torch.randn_like(vals)
+    grads = torch.autograd.grad(vals, (q, keys), g)
+    ref_vals, ref_idx = torch.einsum("thq,hnq->thn", q, keys).topk(4, dim=-1)
+    ref = torch.autograd.grad(ref_vals, (q, keys), g)
+    assert torch.equal(idx, ref_idx)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda q, k: sub_key_topk(q, k, 4)[0], (q, keys))

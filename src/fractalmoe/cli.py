@@ -96,11 +96,46 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="folder for the PNGs (default: RUN/plots)")
     pl.add_argument("--depth-map", action="store_true", help="colour a text by per-byte depth")
     pl.add_argument("--text", default=None, help="text for --depth-map")
+    b = sub.add_parser("bench", help="throughput benchmarks (layer, model, adaptive depth)")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bl = bsub.add_parser("layer", help="one routed layer vs number of experts, one process each")
+    bl.add_argument("--experts", type=_int_list, default=[16384, 262144, 1048576])
+    bl.add_argument("--impl", type=_str_list, default=["fractalmoe", "peer-dense"],
+                    help="comma list of fractalmoe, peer-dense, peer-pytorch, pkm-pytorch")
+    bl.add_argument("--dim", type=_positive_int, default=256)
+    bl.add_argument("--heads", type=_positive_int, default=8)
+    bl.add_argument("--topk", type=_positive_int, default=16)
+    bl.add_argument("--key-dim", type=_positive_int, default=256, help="query width (both halves)")
+    bl.add_argument("--tokens", type=_positive_int, default=2048)
+    bl.add_argument("--steps", type=_positive_int, default=5, help="timed steps after 2 warm-up")
+    bl.add_argument("--expert-dtype", choices=["float32", "bfloat16"], default="float32")
+    bl.add_argument("--json", action="store_true", help="one JSON line per configuration")
+    bm = bsub.add_parser("model", help="a whole FHME language model vs number of experts")
+    bm.add_argument("--experts", type=_int_list, default=[16384, 262144, 1048576])
+    bm.add_argument("--config", help="TOML model config (default: the training default)")
+    bm.add_argument("--batch-size", type=_positive_int, default=8)
+    bm.add_argument("--steps", type=_positive_int, default=5)
+    bm.add_argument("--json", action="store_true")
     return p
 
 
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(t) for t in text.split(",") if t]
+
+
+def _str_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _load_config(args: argparse.Namespace) -> RunConfig:
-    config = load_config_file(args.config) if args.config else default_run_config()
+    if args.config:
+        config = load_config_file(args.config)
+    elif getattr(args, "resume", None):
+        from .checkpoint import load_run_config
+
+        config = load_run_config(args.resume)  # resume continues the run's own config
+    else:
+        config = default_run_config()
     overrides = list(args.set)
     for flag, key in (("max_steps", "max_steps"), ("time_budget", "time_budget"),
                       ("save_every", "save_every"), ("seed", "seed")):
@@ -173,7 +208,44 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plot": cmd_plot}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import LAYER_IMPLS, spawn
+
+    if args.bench == "layer":
+        unknown = [i for i in args.impl if i not in LAYER_IMPLS]
+        if unknown:
+            raise UserError(f"unknown --impl {unknown}; choose from {', '.join(LAYER_IMPLS)}")
+        specs = [("layer", dict(impl=impl, num_experts=n, dim=args.dim, heads=args.heads,
+                                topk=args.topk, key_dim=args.key_dim, tokens=args.tokens,
+                                steps=args.steps, expert_dtype=args.expert_dtype))
+                 for n in args.experts for impl in args.impl]
+    else:
+        if args.config:
+            load_config_file(args.config)  # validate before spawning
+        specs = [("model", dict(num_experts=n, config=args.config, batch_size=args.batch_size,
+                                steps=args.steps)) for n in args.experts]
+    rows = []
+    for kind, spec in specs:
+        row = spawn(kind, spec)
+        rows.append(row)
+        print(json.dumps(row) if args.json else _bench_row(row), flush=True)
+    if not args.json and rows and "peak_gflops" in rows[0]:
+        print(f"measured peak {rows[0]['peak_gflops']:.1f} GFLOP/s (fp32 matmul 2048^2), "
+              f"bandwidth {rows[0]['bandwidth_gbps']:.1f} GB/s (copy, read + write)")
+    return 0
+
+
+def _bench_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row.get('impl', 'model')} N={row.get('num_experts')}: failed: {row['error']}"
+    return (f"{row['impl']:>16} N={row['N']:>9,} train {row['train_tok_s']:>9.0f} tok/s  "
+            f"infer {row['infer_tok_s']:>9.0f} tok/s  fwd {row['fwd_ms']:7.1f} ms  "
+            f"bwd {row['bwd_ms']:7.1f} ms  opt {row['opt_ms']:7.1f} ms  "
+            f"RSS {row['peak_rss_gb']:5.2f} GB  roofline {row['roofline_frac']:.2f}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plot": cmd_plot,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,11 @@ exist in the gradient, so backward and the row-sparse optimizer cost O(R * D), n
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -58,21 +56,22 @@ def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
 
 
 class RowScatter:
-    """Sums per-slot row gradients w[t, m] * z[t] into the R touched rows, as one CSR matmul
-    (rows = unique experts, columns = tokens): no (T*M, D) intermediate is materialised."""
+    """Sums per-slot row gradients w[t, m] * z[t] into the R touched rows without materialising
+    a (T*M, D) intermediate: slots are sorted by expert once, then each gradient is one
+    embedding_bag over the tokens (one bag per touched row, the slot weights as per-sample
+    weights)."""
 
     def __init__(self, idx_TM: Tensor, num_rows: int) -> None:
         sorted_idx, self.order = torch.sort(idx_TM.reshape(-1))
         self.rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
-        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        self.col = self.order // idx_TM.shape[1]
-        self.num_rows, self.num_t = num_rows, idx_TM.shape[0]
+        self.offsets = torch.cumsum(counts, 0) - counts  # start of each row's bag
+        self.tokens = self.order // idx_TM.shape[1]
+        self.num_rows = num_rows
 
     def __call__(self, w_TM: Tensor, z_TD: Tensor, dtype: torch.dtype, sparse: bool = True) -> Tensor:
         """Coalesced sparse (num_rows, D) gradient: row i = sum over slots routed to i."""
-        mat = torch.sparse_csr_tensor(self.crow, self.col, w_TM.reshape(-1)[self.order],
-                                      (self.rows.numel(), self.num_t), check_invariants=False)
-        values = (mat @ z_TD).to(dtype)
+        values = F.embedding_bag(self.tokens, z_TD, self.offsets, mode="sum",
+                                 per_sample_weights=w_TM.reshape(-1)[self.order]).to(dtype)
         if not sparse:  # same rows, dense layout (for gradcheck and dense optimisers)
             return values.new_zeros(self.num_rows, values.shape[1]).index_copy_(0, self.rows, values)
         return torch.sparse_coo_tensor(self.rows.unsqueeze(0), values,

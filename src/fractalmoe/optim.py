@@ -24,16 +24,28 @@ from .experts import is_expert_table
 
 
 def _rows(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """(row indices, row values) of a sparse or dense (N, D) gradient."""
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        return grad.indices()[0], grad.values()
-    rows = torch.arange(grad.shape[0], device=grad.device)
-    return rows, grad
+    """(unique row indices, summed row values) of a sparse or dense (N, D) gradient.
+
+    A gradient from a single use of a table already holds sorted unique rows (autograd drops
+    the coalesced flag when it stores it): detect that instead of paying for a sort + copy.
+    """
+    if not grad.is_sparse:
+        return torch.arange(grad.shape[0], device=grad.device), grad
+    if not grad.is_coalesced():
+        idx = grad._indices()[0]
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):  # one host sync
+            grad = grad.coalesce()
+        else:
+            return idx, grad._values()
+    return grad.indices()[0], grad.values()
 
 
 class RowwiseAdagrad(torch.optim.Optimizer):
-    """Adagrad with one second-moment accumulator per table row; touched rows only."""
+    """Adagrad with one second-moment accumulator per table row; touched rows only.
+
+    The gradient's row values are consumed: they are scaled in place into the update, which
+    saves a table-sized allocation per step (call zero_grad afterwards, as usual).
+    """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.05, eps: float = 1e-8,
                  initial_accumulator: float = 0.0) -> None:
@@ -51,10 +63,11 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                                               dtype=torch.float32, device=p.device)
                 rows, g = _rows(p.grad)
                 g = g.float()
-                acc = state["sum"].index_add_(0, rows, g.pow(2).mean(dim=1))
-                scale = group["lr"] / (acc.index_select(0, rows).sqrt_() + group["eps"])
-                update = (g * scale.unsqueeze(1)).to(p.dtype)
-                p.index_add_(0, rows, update, alpha=-1.0)
+                mean_sq = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
+                acc = state["sum"].index_add_(0, rows, mean_sq)
+                scale = acc.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
+                update = g.mul_(scale.mul_(group["lr"]).unsqueeze(1))
+                p.index_add_(0, rows, update.to(p.dtype), alpha=-1.0)
 
 
 class LazyAdam(torch.optim.Optimizer):

@@ -15,7 +15,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .experts import ExpertBank
+from .experts import ExpertBank, RowScatter
+
+
+class _SubKeyTopK(torch.autograd.Function):
+    """Top-k of the sub-key scores q . c_i per head, whose backward touches only the k selected
+    keys of each query: O(T * H * k * Q) instead of the dense O(T * H * n * Q) score gradient."""
+
+    @staticmethod
+    def forward(ctx, q_THQ: Tensor, keys_HNQ: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        scores = torch.einsum("thq,hnq->thn", q_THQ, keys_HNQ)
+        vals, idx = scores.topk(k, dim=-1)
+        ctx.save_for_backward(q_THQ, keys_HNQ, idx)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, g_vals: Tensor, _g_idx: Tensor):  # type: ignore[override]
+        q_THQ, keys_HNQ, idx = ctx.saved_tensors
+        num_t, heads, k = idx.shape
+        n, width = keys_HNQ.shape[1], keys_HNQ.shape[2]
+        rows = (idx + torch.arange(heads, device=idx.device).view(1, heads, 1) * n).view(-1, k)
+        table = keys_HNQ.reshape(heads * n, width)
+        g_flat = g_vals.reshape(-1, k)
+        g_q = F.embedding_bag(rows, table, per_sample_weights=g_flat, mode="sum")
+        g_keys = RowScatter(rows, heads * n)(g_flat, q_THQ.reshape(-1, width), keys_HNQ.dtype,
+                                              sparse=False)
+        return g_q.view_as(q_THQ), g_keys.view_as(keys_HNQ), None
+
+
+def sub_key_topk(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k scores and indices of q (..., H, Q) against keys (H, n, Q): (..., H, k) each."""
+    lead = q.shape[:-2]
+    vals, idx = _SubKeyTopK.apply(q.reshape(-1, *q.shape[-2:]), keys, k)
+    return vals.view(*lead, *vals.shape[1:]), idx.view(*lead, *idx.shape[1:])
+
+
+def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k of the k*k sums of two per-half top-k lists; indices i * n + j."""
+    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
+    scores, flat = cand.topk(k, dim=-1)
+    idx = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
+    return scores, idx
 
 
 def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -23,10 +64,7 @@ def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n = s2.shape[-1]
     v1, i1 = s1.topk(k, dim=-1)  # (..., K), sorted
     v2, i2 = s2.topk(k, dim=-1)
-    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
-    scores, flat = cand.topk(k, dim=-1)
-    idx = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
-    return scores, idx
+    return combine_topk(v1, i1, v2, i2, n, k)
 
 
 def make_query_norm(kind: str, width: int) -> nn.Module:
@@ -58,9 +96,9 @@ class ProductKeyRouter(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         q = self.norm(self.query(x).unflatten(-1, (self.heads, self.key_dim)))  # (..., H, Q)
         q1, q2 = q.chunk(2, dim=-1)
-        s1 = torch.einsum("...hq,hnq->...hn", q1, self.sub_keys[:, 0])
-        s2 = torch.einsum("...hq,hnq->...hn", q2, self.sub_keys[:, 1])
-        return product_key_topk(s1, s2, self.topk)
+        v1, i1 = sub_key_topk(q1, self.sub_keys[:, 0], self.topk)
+        v2, i2 = sub_key_topk(q2, self.sub_keys[:, 1], self.topk)
+        return combine_topk(v1, i1, v2, i2, self.n_keys, self.topk)
 
     def flops_per_token(self) -> int:
         """Query projection, sub-key scoring of both halves and the K*K candidate sums."""

@@ -1,0 +1,189 @@
+"""Reliability: exact resume, crash safety under SIGKILL/SIGTERM, NaN guards, bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fractalmoe.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint_state,
+                                   load_model_tensors)
+from fractalmoe.cli import main
+from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
+from fractalmoe.model import FHMELanguageModel
+from fractalmoe.train import TrainingStopped, run
+
+CORPUS = "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 60
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> str:
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS)
+    return str(path)
+
+
+def _config(**train) -> RunConfig:
+    model = tiny_model_config(n_layers=1, dropout=0.1, drop_path_local=0.2, adaptive_depth=True,
+                              depth_penalty=0.01)
+    base = dict(batch_size=4, max_steps=8, eval_every=100, log_every=1, save_every=100,
+                sample_bytes=0, warmup_steps=2)
+    return RunConfig(model, TrainConfig(**(base | train)))
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [m["train_loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("expert_optim", ["rowwise_adagrad", "lazy_adam"])
+def test_resume_is_bit_exact(tmp_path: Path, corpus: str, expert_optim: str) -> None:
+    cfg = _config(expert_optim=expert_optim)
+    full = run(cfg, out=tmp_path / "full", data_path=corpus, progress=False, log=lambda s: None)
+    run(cfg, out=tmp_path / "split", data_path=corpus, progress=False, stop_at_step=4, log=lambda s: None)
+    resumed = run(cfg, resume=tmp_path / "split", progress=False, log=lambda s: None)
+    assert full.step == resumed.step == 8
+    assert _losses(tmp_path / "full") == _losses(tmp_path / "split")
+    a = load_file(str(latest_checkpoint(tmp_path / "full") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "split") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa = load_file(str(latest_checkpoint(tmp_path / "full") / "optim.safetensors"))
+    ob = load_file(str(latest_checkpoint(tmp_path / "split") / "optim.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+def test_nan_is_skipped_and_reported(tmp_path: Path, corpus: str) -> None:
+    messages: list[str] = []
+    hook = lambda step, loss: loss * float("nan") if step == 3 else loss  # noqa: E731
+    result = run(_config(), out=tmp_path / "r", data_path=corpus, progress=False, loss_hook=hook,
+                 log=messages.append)
+    assert result.step == 8 and any("step 4: non-finite" in m for m in messages)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for m in lines if m.get("skipped")) == 1
+
+
+def test_run_of_nans_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path: Path, corpus: str) -> None:
+    hook = lambda step, loss: loss * float("nan") if step >= 4 else loss  # noqa: E731
+    with pytest.raises(TrainingStopped, match="non-finite steps in a row"):
+        run(_config(save_every=2, max_bad_steps=3), out=tmp_path / "r", data_path=corpus,
+            progress=False, loss_hook=hook, log=lambda s: None)
+    ckpt = latest_checkpoint(tmp_path / "r")
+    assert ckpt is not None and ckpt.name == "step_000004"
+    tensors, _, state = load_checkpoint_state(ckpt)
+    assert state["step"] == 4 and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def _train_cmd(out: Path, corpus: str, steps: int, save_every: int) -> list[str]:
+    return [sys.executable, "-m", "fractalmoe", "train", "--data", corpus, "--out", str(out),
+            "--max-steps", str(steps), "--save-every", str(save_every), "--quiet",
+            "--set", "dim=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "seq_len=32",
+            "--set", "num_experts=256", "--set", "topk=4", "--set", "key_dim=16",
+            "--set", "batch_size=4", "--set", "eval_every=1000", "--set", "sample_bytes=0",
+            "--set", "log_every=1", "--set", "keep_last=2"]
+
+
+def _wait_for_steps(out: Path, proc: subprocess.Popen, steps: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.05)
+
+
+def _kill_and_resume(tmp_path: Path, corpus: str, trial: int) -> None:
+    out = tmp_path / f"kill{trial}"
+    proc = subprocess.Popen(_train_cmd(out, corpus, 10_000, 1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_steps(out, proc, 1)
+    time.sleep(random.Random(trial).uniform(0.0, 1.5))  # anywhere, checkpoint writes included
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None, "no complete checkpoint after SIGKILL"
+    _, _, state = load_checkpoint_state(ckpt)
+    step = state["step"]
+    cmd = _train_cmd(out, corpus, step + 2, 1)
+    cmd[cmd.index("--out"):cmd.index("--out") + 2] = ["--resume", str(out)]
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint_state(latest_checkpoint(out))[2]["step"] == step + 2
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sigkill_always_leaves_a_loadable_checkpoint(tmp_path: Path, corpus: str, trial: int) -> None:
+    _kill_and_resume(tmp_path, corpus, trial)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(3, 23))
+def test_sigkill_always_leaves_a_loadable_checkpoint_many(tmp_path: Path, corpus: str, trial: int) -> None:
+    _kill_and_resume(tmp_path, corpus, trial)
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path: Path, corpus: str) -> None:
+    out = tmp_path / "term"
+    proc = subprocess.Popen(_train_cmd(out, corpus, 10_000, 10_000), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(out, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    logged = len((out / "metrics.jsonl").read_text().splitlines())
+    state = load_checkpoint_state(latest_checkpoint(out))[2]
+    assert state["step"] == logged  # the step it was on, nothing lost
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path, corpus: str) -> Path:
+    out = tmp_path / "done"
+    run(_config(max_steps=2), out=out, data_path=corpus, progress=False, log=lambda s: None)
+    return out
+
+
+def test_truncated_and_corrupt_files_fail_in_one_line(finished_run: Path, capsys) -> None:
+    ckpt = latest_checkpoint(finished_run)
+    model_file = ckpt / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    assert "corrupt or truncated" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
+    model_file.write_bytes(os.urandom(300))
+    assert "corrupt or truncated" in _cli_error(["generate", "--ckpt", str(finished_run)], capsys)
+    model_file.unlink()
+    assert "missing checkpoint file" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
+
+
+def test_config_with_wrong_types_fails_in_one_line(finished_run: Path, capsys) -> None:
+    cfg = json.loads((finished_run / "config.json").read_text())
+    cfg["model"]["dim"] = "wide"
+    (finished_run / "config.json").write_text(json.dumps(cfg))
+    assert "dim must be int" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
+    (finished_run / "config.json").write_text("{not json")
+    assert "not valid JSON" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
+
+
+def test_wrong_architecture_names_the_mismatch(finished_run: Path, capsys) -> None:
+    tensors, _, _ = load_checkpoint_state(latest_checkpoint(finished_run))
+    other = FHMELanguageModel(tiny_model_config(n_layers=1, dim=48))
+    with pytest.raises(CheckpointError, match=r"shape mismatch embed.weight"):
+        load_model_tensors(other, tensors, "ckpt")
+    err = _cli_error(["train", "--resume", str(finished_run), "--set", "dim=48"], capsys)
+    assert "dim: 32 -> 48" in err
+
+
+def test_new_run_refuses_to_overwrite(finished_run: Path, capsys) -> None:
+    assert "already holds a run" in _cli_error(["train", "--out", str(finished_run)], capsys)
