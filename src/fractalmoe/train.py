@@ -200,7 +200,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
                 metrics.flush()
                 bar.set_postfix(loss=f"{line['train_loss'] or float('nan'):.3f}", tok_s=f"{tok_s:.0f}")
                 losses, steps_since_log, t_log = [], 0, time.perf_counter()
-            if step % tc.save_every == 0:
+            if step % tc.save_every == 0 and bad_run == 0:  # never save mid-way through a bad run
                 checkpoint()
             if flag.signum is not None:
                 stopped_by = "signal"
