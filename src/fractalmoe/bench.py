@@ -253,3 +253,48 @@ def _child(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _child(sys.argv[1:])
+
+
+def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu") -> list[dict[str, Any]]:
+    """Validation bpb and measured FHME inference time at each fixed depth and with the router."""
+    from .checkpoint import load_model_from_run, run_extra
+    from .data import ByteDataset
+    from .evaluate import evaluate
+
+    model, config, _ = load_model_from_run(run_dir, device)
+    layers = model.fhme_layers()
+    if not layers:
+        raise ValueError(f"{run_dir} has no FHME layers: nothing to compare across depths")
+    data = ByteDataset.load(data_path if data_path is not None else run_extra(run_dir).get("data"),
+                            config.train.val_fraction, config.model.seq_len)
+    spent = [0.0]
+    starts: dict[int, float] = {}
+
+    def pre(mod: nn.Module, inp: object) -> None:
+        starts[id(mod)] = time.perf_counter()
+
+    def post(mod: nn.Module, inp: object, out: object) -> None:
+        spent[0] += time.perf_counter() - starts[id(mod)]
+
+    hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(pre),
+                                             layer.register_forward_hook(post))]
+    depth = max(layer.depth for layer in layers)
+    modes: list[tuple[str, int | None]] = [(f"depth{d}", d) for d in range(1, depth + 1)]
+    if any(layer.depth_router is not None for layer in layers):
+        modes.append(("adaptive", None))
+    rows = []
+    for mode, forced in modes:
+        model.set_depth(forced)
+        times = []
+        for _ in range(2):  # the faster of two passes: these machines are noisy
+            spent[0] = 0.0
+            result = evaluate(model, data, config.train.batch_size, device=device)
+            times.append(spent[0])
+        rows.append({"mode": mode, "val_bpb": result.val_bpb, "val_loss": result.val_loss,
+                     "blocks_per_token": result.blocks_per_token, "mean_depth": result.mean_depth,
+                     "flops_per_token": result.flops_per_token, "fhme_ms": min(times) * 1e3,
+                     "tokens": result.tokens, "depth_hist": result.depth_hist})
+    for h in hooks:
+        h.remove()
+    model.set_depth(None)
+    return rows

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
     bm.add_argument("--json", action="store_true")
+    ba = bsub.add_parser("adaptive", help="bpb and FHME time at each fixed depth and adaptive")
+    ba.add_argument("--ckpt", required=True, help="run directory of a trained FHME model")
+    ba.add_argument("--data", help="corpus (default: the run's own)")
+    ba.add_argument("--json", action="store_true", help="one JSON line per mode")
+    ba.add_argument("--device", type=_device, default="cpu")
     return p
 
 
@@ -209,8 +214,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import LAYER_IMPLS, spawn
+    from .bench import LAYER_IMPLS, run_adaptive, spawn
 
+    if args.bench == "adaptive":
+        rows = run_adaptive(args.ckpt, args.data, args.device)
+        full = next(r for r in rows if r["mode"] == f"depth{len(rows[0]['depth_hist'][0])}")
+        for row in rows:
+            if args.json:
+                print(json.dumps({k: v for k, v in row.items() if k != "depth_hist"}))
+            else:
+                print(f"{row['mode']:>9}  val_bpb {row['val_bpb']:.4f}  blocks/token "
+                      f"{row['blocks_per_token']:.2f} ({row['blocks_per_token'] / full['blocks_per_token']:.0%})"
+                      f"  FHME {row['fhme_ms']:8.1f} ms ({row['fhme_ms'] / full['fhme_ms']:.0%})")
+        return 0
     if args.bench == "layer":
         unknown = [i for i in args.impl if i not in LAYER_IMPLS]
         if unknown:

@@ -121,6 +121,7 @@ class ModelConfig(_Config):
     drop_path_global: float = 0.0  # per-token probability of training a single column
     adaptive_depth: bool = False  # per-token depth router
     depth_penalty: float = 0.0  # ponder cost per routed block (nats per block per token)
+    depth_explore: float = 0.0  # training: fraction of tokens given a random depth (anytime)
     # Dense SwiGLU (dense) and per-expert hidden width (moe).
     ffn_hidden: int = 512
     moe_experts: int = 8
@@ -147,7 +148,7 @@ class ModelConfig(_Config):
         r(self.topk <= root, "topk", f"must be <= n_keys = sqrt(num_experts) = {root}")
         r(self.fractal_depth <= 8, "fractal_depth", "must be <= 8 (2**C - 1 blocks per layer)")
         r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
-        for name in ("dropout", "drop_path_local", "drop_path_global"):
+        for name in ("dropout", "drop_path_local", "drop_path_global", "depth_explore"):
             r(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         for name in ("depth_penalty", "moe_balance"):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")

@@ -31,10 +31,11 @@ class FHME(nn.Module):
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, adaptive_depth: bool = False,
-                 depth_penalty: float = 0.0, expert_dtype: str = "float32") -> None:
+                 depth_penalty: float = 0.0, depth_explore: float = 0.0,
+                 expert_dtype: str = "float32") -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
-        self.depth_penalty = depth_penalty
+        self.depth_penalty, self.depth_explore = depth_penalty, depth_explore
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
                                      drop_path_global, _DTYPES[expert_dtype])
@@ -45,6 +46,7 @@ class FHME(nn.Module):
             with torch.no_grad():  # start at full depth; the ponder cost pulls tokens shallower
                 self.depth_router.bias.copy_(torch.linspace(0.0, 1.0, depth))
         self.forced_depth: int | None = None  # evaluate every token at this depth
+        self.compact = True  # inference: compact stopped tokens (False: masked reference path)
         self.aux_loss: Tensor = torch.zeros(())
         self.depth_hist: Tensor = torch.zeros(depth)  # fraction of tokens per depth, last call
 
@@ -53,7 +55,7 @@ class FHME(nn.Module):
         return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.expert_heads, cfg.topk,
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
-                   cfg.depth_penalty, cfg.expert_dtype)
+                   cfg.depth_penalty, cfg.depth_explore, cfg.expert_dtype)
 
     def choose_depth(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-token depth in 1..C (hard) and router probabilities (None without a router)."""
@@ -73,15 +75,28 @@ class FHME(nn.Module):
         elif probs is None:
             fixed = self.forced_depth or self.depth
             y_TD = self.fractal(x_TD, max_depth=fixed)  # type: ignore[assignment]
-        else:
+        elif self.compact:
             y_TD = self.forward_compacted(x_TD, depth_T)
+        else:
+            y_TD = self.forward_masked(x_TD, depth_T)
         self.depth_hist = torch.bincount(depth_T - 1, minlength=self.depth).float() / depth_T.numel()
         return (y_TD - x_TD).view(*lead, dim)
 
     def _straight_through(self, x_TD: Tensor, depth_T: Tensor, probs: Tensor) -> Tensor:
+        """Hard depth in the forward pass, router gradient through the soft probabilities.
+
+        A random depth_explore fraction of tokens takes a uniformly random depth instead, so every
+        anytime output keeps being trained on every kind of token (the choice is random, not a
+        function of other tokens, so it stays causal)."""
         outs = self.fractal(x_TD, return_all_depths=True)
+        routed = torch.ones_like(depth_T, dtype=torch.bool)
+        if self.depth_explore > 0:
+            routed = torch.rand(depth_T.shape, device=x_TD.device) >= self.depth_explore
+            random_depth = torch.randint_like(depth_T, 1, self.depth + 1)
+            depth_T.copy_(torch.where(routed, depth_T, random_depth))
         hard = F.one_hot(depth_T - 1, self.depth).to(probs.dtype)
-        weights = (hard + probs - probs.detach()).to(x_TD.dtype)  # (T, C)
+        soft = (probs - probs.detach()) * routed.unsqueeze(-1)
+        weights = (hard + soft).to(x_TD.dtype)  # (T, C)
         costs = torch.tensor([blocks_at_depth(c) for c in range(1, self.depth + 1)],
                              dtype=probs.dtype, device=probs.device)
         self.aux_loss = self.depth_penalty * (probs * costs).sum(-1).mean()

@@ -26,7 +26,7 @@ from .model import FHMELanguageModel
 from .optim import ModelOptimizer
 
 METRIC_KEYS = ("step", "train_loss", "val_loss", "val_bpb", "tok_s", "lr", "expert_usage",
-               "usage_kl", "mean_depth", "blocks_per_token")
+               "usage_kl", "mean_depth", "blocks_per_token", "flops_per_token", "depth_hist")
 
 
 class TrainingStopped(RuntimeError):
@@ -194,6 +194,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
                     ev = evaluate(model, data, tc.batch_size, tc.eval_batches * tc.batch_size, device)
                     last_val = ev
                     line.update({k: v for k, v in ev.summary().items() if k in METRIC_KEYS})
+                    line["depth_hist"] = ev.depth_hist or None  # per FHME layer
                     bar.write(f"step {step}: val_loss {ev.val_loss:.4f} nats/byte, "
                               f"val_bpb {ev.val_bpb:.4f}")
                 metrics.write(json.dumps(line) + "\n")

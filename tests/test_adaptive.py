@@ -1,0 +1,111 @@
+"""Adaptive depth: compaction equals the masked computation, causal depth choice, cost knob."""
+
+from __future__ import annotations
+
+import torch
+
+from fractalmoe import FHME, FHMELanguageModel
+from fractalmoe.config import tiny_model_config
+from fractalmoe.optim import ModelOptimizer
+
+
+def _mixed_router(layer: FHME) -> None:
+    """Random router weights so tokens spread over all depths."""
+    torch.nn.init.normal_(layer.depth_router.weight, std=2.0)
+    torch.nn.init.zeros_(layer.depth_router.bias)
+
+
+def test_compacted_layer_equals_masked_full_computation() -> None:
+    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True).eval()
+    _mixed_router(layer)
+    x = torch.randn(4, 24, 16)
+    depth, _ = layer.choose_depth(x.reshape(-1, 16))
+    assert len(set(depth.tolist())) == 3  # every depth occurs
+    with torch.no_grad():
+        compact = layer(x)
+        layer.compact = False
+        masked = layer(x)
+    torch.testing.assert_close(compact, masked, rtol=1e-5, atol=1e-5)
+
+
+def _adaptive_model() -> FHMELanguageModel:
+    model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True)).eval()
+    for layer in model.fhme_layers():
+        _mixed_router(layer)
+    return model
+
+
+def _set_compact(model: FHMELanguageModel, on: bool) -> None:
+    for layer in model.fhme_layers():
+        layer.compact = on
+
+
+def test_compacted_model_and_generation_equal_masked() -> None:
+    model = _adaptive_model()
+    idx = torch.randint(0, 256, (3, 32))
+    with torch.no_grad():
+        compact = model(idx)
+        _set_compact(model, False)
+        masked = model(idx)
+    torch.testing.assert_close(compact, masked, rtol=1e-4, atol=1e-4)
+    prompt = idx[:, :4]
+    masked_gen = model.generate(prompt, 20, temperature=0.0)
+    _set_compact(model, True)
+    assert torch.equal(model.generate(prompt, 20, temperature=0.0), masked_gen)
+
+
+def test_compaction_runs_deeper_stages_on_fewer_rows() -> None:
+    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True).eval()
+    _mixed_router(layer)
+    rows = []
+    for b in layer.fractal.blocks:
+        b.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    x = torch.randn(64, 16)
+    depth, _ = layer.choose_depth(x)
+    with torch.no_grad():
+        layer(x)
+    deeper2, deeper3 = int((depth >= 2).sum()), int((depth >= 3).sum())
+    # stage 1: B1 on all; stage 2: f1(f1(x)) + B2 on d >= 2; stage 3: 4 more blocks on d >= 3
+    assert rows == [64] + [deeper2] * 2 + [deeper3] * 4
+
+
+def _depths(model: FHMELanguageModel, idx: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    hooks = [layer.register_forward_hook(
+        lambda m, inp, o: out.append(m.choose_depth(inp[0].reshape(-1, m.dim))[0].view(inp[0].shape[:-1])))
+        for layer in model.fhme_layers()]
+    with torch.no_grad():
+        model(idx)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_depth_of_a_token_ignores_future_tokens() -> None:
+    model = _adaptive_model()
+    idx = torch.randint(0, 256, (2, 32))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 256, (2, 22))
+    for a, b in zip(_depths(model, idx), _depths(model, changed)):
+        assert torch.equal(a[:, :10], b[:, :10])
+
+
+def _mean_depth_after_training(penalty: float) -> float:
+    torch.manual_seed(0)
+    model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True,
+                                                depth_penalty=penalty))
+    opt = ModelOptimizer(model, lr=1e-2, expert_lr=0.05, weight_decay=0.0)
+    idx = torch.randint(0, 256, (4, 32))
+    for _ in range(15):
+        opt.zero_grad()
+        _, loss = model(idx, idx)
+        (loss + model.aux_loss()).backward()
+        opt.step()
+    model.eval()
+    model(idx)
+    return sum(float((l.depth_hist * torch.arange(1, 4)).sum()) for l in model.fhme_layers()) / 2
+
+
+def test_raising_the_compute_penalty_lowers_mean_depth() -> None:
+    depths = [_mean_depth_after_training(p) for p in (0.0, 0.05, 0.5)]
+    assert depths[0] >= depths[1] >= depths[2] and depths[0] > depths[2]
