@@ -116,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
     bm.add_argument("--json", action="store_true")
+    c = sub.add_parser("compare", help="train FHME and baselines at equal active FLOPs per token")
+    c.add_argument("--data", help="text file or folder (default: bundled corpus)")
+    c.add_argument("--models", type=_str_list, default=["fhme", "dense", "moe", "pkm", "peer"])
+    c.add_argument("--config", help="TOML base config (model fields matched per FFN)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--max-steps", type=_positive_int, default=300)
+    c.add_argument("--time-budget", type=_nonneg_float, help="minutes per run")
+    c.add_argument("--seeds", type=_int_list, default=[1])
+    c.add_argument("--sweep", help="KEY=V1,V2,...: train the first model once per value instead")
+    c.add_argument("--out", default="runs/compare", help="results folder")
+    c.add_argument("--json", action="store_true", help="one JSON line per model")
     ba = bsub.add_parser("adaptive", help="bpb and FHME time at each fixed depth and adaptive")
     ba.add_argument("--ckpt", required=True, help="run directory of a trained FHME model")
     ba.add_argument("--data", help="corpus (default: the run's own)")
@@ -260,8 +271,43 @@ def _bench_row(row: dict) -> str:
             f"RSS {row['peak_rss_gb']:5.2f} GB  roofline {row['roofline_frac']:.2f}")
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import MODELS, compare
+
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        raise UserError(f"unknown --models {unknown}; choose from {', '.join(MODELS)}")
+    if args.data is not None:
+        from .data import corpus_files
+
+        corpus_files(args.data)
+    base = load_config_file(args.config) if args.config else default_run_config()
+    overrides = list(args.set) + [f"train.max_steps={args.max_steps}"]
+    if args.time_budget is not None:
+        overrides.append(f"train.time_budget={args.time_budget}")
+    base = base.with_overrides(overrides)
+    sweep = None
+    if args.sweep:
+        key, sep, values = args.sweep.partition("=")
+        if not sep or not values:
+            raise UserError("--sweep expects KEY=V1,V2,...")
+        sweep = (key, values.split(","))
+        for v in sweep[1]:
+            base.with_overrides([f"{key}={v}"])  # validate every value up front
+    summary = compare(base, args.models, args.seeds, Path(args.out), args.data, sweep,
+                      echo=(lambda s: None) if args.json else print)
+    if args.json:
+        keys = ("model", "val_bpb", "params", "active_params_per_token", "flops_per_token",
+                "train_tok_s", "peak_rss_gb", "expert_usage")
+        for row in summary:
+            print(json.dumps({k: row[k] for k in keys} | {"val_bpb_spread": row["val_bpb_spread"]}))
+    else:
+        print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plot": cmd_plot,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,3 +151,49 @@ def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = No
             raise ValueError("--depth-map needs --text with at least one character")
         paths.append(plot_depth_map(model, depth_text, out))
     return paths
+
+
+def plot_comparison(rows: list[dict], out: Path) -> list[Path]:
+    """Validation bpb vs training FLOPs and vs wall-clock for every compared run; for a sweep,
+    final bpb vs the swept value."""
+    paths = []
+    fig_f, ax_f = plt.subplots(figsize=(7, 4))
+    fig_t, ax_t = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        cfg = row["config"]
+        metrics = [m for m in read_metrics(Path(row["run_dir"])) if m.get("val_bpb") is not None]
+        tokens_per_step = json.loads((Path(row["run_dir"]) / "config.json").read_text())["train"]["batch_size"] * cfg["seq_len"]
+        label = f"{row['model']} s{row['seed']}"
+        flops = [3 * row["flops_per_token"] * tokens_per_step * m["step"] for m in metrics]
+        ax_f.plot(flops, [m["val_bpb"] for m in metrics], "o-", ms=3, label=label)
+        ax_t.plot([m["elapsed_s"] for m in metrics], [m["val_bpb"] for m in metrics], "o-", ms=3, label=label)
+    for ax, fig, xlabel, name in ((ax_f, fig_f, "training FLOPs (3 x forward)", "bpb_vs_flops.png"),
+                                  (ax_t, fig_t, "wall-clock seconds", "bpb_vs_time.png")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation bits per byte")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+    swept = [r for r in rows if "=" in r["model"]]
+    if swept:
+        key = swept[0]["model"].split(" ")[1].split("=")[0]
+        by_value: dict[float, list[float]] = {}
+        for r in swept:
+            by_value.setdefault(float(r["model"].split("=")[1]), []).append(r["val_bpb"])
+        xs = sorted(by_value)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.errorbar(xs, [sum(by_value[x]) / len(by_value[x]) for x in xs],
+                    yerr=[(max(by_value[x]) - min(by_value[x])) / 2 for x in xs], fmt="o-")
+        if key == "num_experts":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(key)
+        ax.set_ylabel("validation bits per byte")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"bpb_vs_{key}.png", dpi=120)
+        plt.close(fig)
+        paths.append(out / f"bpb_vs_{key}.png")
+    return paths

@@ -189,6 +189,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
                 now = time.perf_counter()
                 tok_s = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
                 line = _metric_line(step=step, tok_s=tok_s, lr=tc.lr * scale,
+                                    elapsed_s=elapsed_before + now - t0,
                                     train_loss=sum(losses) / len(losses) if losses else None)
                 if is_eval:
                     ev = evaluate(model, data, tc.batch_size, tc.eval_batches * tc.batch_size, device)

@@ -1,0 +1,181 @@
+"""Fair comparisons: FHME against dense, MoE, PKM and PEER at equal active FLOPs per token.
+
+Every model shares the attention stack, data order, seed, steps and schedule; each FFN's free
+width knob is chosen so that its forward FLOPs per token match FHME's (the table shows the spread).
+Each run trains in its own process, so peak RSS is per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, RunConfig
+
+MODELS = ("fhme", "dense", "moe", "pkm", "peer")
+
+
+def _analytic_ffn_flops(cfg: ModelConfig) -> float:
+    """Same count as the modules report, without building (large) expert tables."""
+    d, n = cfg.dim, cfg.n_keys
+    if cfg.ffn == "dense":
+        return 6 * d * cfg.ffn_hidden
+    if cfg.ffn == "moe":
+        return 2 * d * cfg.moe_experts + cfg.moe_topk * 6 * d * cfg.ffn_hidden
+    router = (2 * d * cfg.expert_heads * cfg.key_dim + 2 * cfg.expert_heads * n * cfg.key_dim
+              + cfg.expert_heads * cfg.topk**2)
+    if cfg.ffn == "pkm":
+        return router + 2 * cfg.expert_heads * cfg.topk * d
+    block = router + 4 * cfg.expert_heads * cfg.topk * d
+    depth = 1 if cfg.ffn == "peer" else cfg.fractal_depth
+    joins = 2 ** (depth - 1) - 1
+    router_cost = 2 * d * depth if cfg.adaptive_depth and depth > 1 else 0
+    return (2**depth - 1) * block + joins * 2 * d + router_cost
+
+
+def matched_config(base: ModelConfig, ffn: str, target: float) -> ModelConfig:
+    """base with ffn swapped and its width knob set so FFN FLOPs/token are closest to target."""
+    cfg = base.replace(ffn=ffn)
+    if ffn == "fhme":
+        return cfg
+    knob = {"dense": "ffn_hidden", "moe": "ffn_hidden", "pkm": "expert_heads",
+            "peer": "expert_heads"}[ffn]
+    best, best_err = cfg, math.inf
+    for value in range(1, 4097):
+        trial = cfg.replace(**{knob: value})
+        err = abs(_analytic_ffn_flops(trial) - target)
+        if err < best_err:
+            best, best_err = trial, err
+        elif _analytic_ffn_flops(trial) > target:
+            break
+    return best
+
+
+@dataclass
+class CompareSpec:
+    config: dict[str, Any]
+    data: str | None
+    out: str
+    model: str
+    seed: int
+
+
+def _child(spec: CompareSpec) -> dict[str, Any]:
+    """Train one model in this process and evaluate it on the full validation split."""
+    from .bench import peak_rss_gb
+    from .checkpoint import load_model_from_run
+    from .data import ByteDataset
+    from .evaluate import evaluate
+
+    config = RunConfig.from_dict(spec.config)
+    from .train import run
+
+    result = run(config, out=Path(spec.out), data_path=spec.data, progress=False, log=lambda s: None)
+    model, _, _ = load_model_from_run(spec.out)
+    data = ByteDataset.load(spec.data, config.train.val_fraction, config.model.seq_len)
+    ev = evaluate(model, data, config.train.batch_size)
+    dead = [u.dead for layer in ev.usage for u in layer]
+    return {"model": spec.model, "seed": spec.seed, "val_bpb": ev.val_bpb, "val_loss": ev.val_loss,
+            "params": model.num_params(), "active_params_per_token": model.active_params_per_token(),
+            "flops_per_token": model.flops_per_token(), "ffn_flops_per_token": model.ffn_flops_per_token(),
+            "train_tok_s": result.tok_s, "peak_rss_gb": peak_rss_gb(), "elapsed_s": result.elapsed_s,
+            "expert_usage": ev.expert_usage, "usage_kl": ev.usage_kl,
+            "dead_experts": sum(dead) if dead else None, "steps": result.step,
+            "usage_per_block": [[(u.fraction_used, u.kl_uniform) for u in layer] for layer in ev.usage],
+            "config": config.model.to_dict(), "run_dir": spec.out}
+
+
+def _spawn(spec: CompareSpec) -> dict[str, Any]:
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
+    proc = subprocess.run([sys.executable, "-m", "fractalmoe.compare", json.dumps(spec.__dict__)],
+                          capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{spec.model} (seed {spec.seed}) failed: {tail}")
+    return json.loads(lines[-1])
+
+
+def plan(base: RunConfig, models: list[str], sweep: tuple[str, list[str]] | None) -> list[tuple[str, RunConfig]]:
+    """(label, config) of every run: models matched to FHME's FFN FLOPs, or one model swept."""
+    if sweep is not None:
+        key, values = sweep
+        return [(f"{models[0]} {key}={v}", base.with_overrides([f"ffn={models[0]}", f"{key}={v}"]))
+                for v in values]
+    target = _analytic_ffn_flops(base.model.replace(ffn="fhme"))
+    return [(m, RunConfig(matched_config(base.model, m, target), base.train)) for m in models]
+
+
+def compare(base: RunConfig, models: list[str], seeds: list[int], out: Path, data: str | None,
+            sweep: tuple[str, list[str]] | None = None, echo=print) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Train every (model, seed), write results.jsonl, table.md and plots under out."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with (out / "results.jsonl").open("a") as fh:
+        for label, cfg in plan(base, models, sweep):
+            for seed in seeds:
+                run_cfg = RunConfig(cfg.model, cfg.train.replace(seed=seed, sample_bytes=0))
+                run_dir = out / "runs" / f"{label.replace(' ', '_').replace('=', '')}-seed{seed}"
+                spec = CompareSpec(run_cfg.to_dict(), data, str(run_dir), label, seed)
+                row = _spawn(spec)
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                rows.append(row)
+                echo(f"{label:>24} seed {seed}: val_bpb {row['val_bpb']:.4f}  "
+                     f"FLOPs/token {row['flops_per_token'] / 1e6:.2f}M  {row['train_tok_s']:.0f} tok/s")
+    summary = summarize(rows)
+    (out / "table.md").write_text(markdown_table(summary))
+    from .plots import plot_comparison
+
+    plot_comparison(rows, out)
+    return summary
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean over seeds per model, with the val_bpb spread (max - min), ranked by val_bpb."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["model"], []).append(r)
+    out = []
+    for model, rs in groups.items():
+        def mean(key: str) -> float | None:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        bpbs = [r["val_bpb"] for r in rs]
+        out.append({"model": model, "val_bpb": mean("val_bpb"), "val_bpb_spread": max(bpbs) - min(bpbs),
+                    "seeds": len(rs), "params": mean("params"),
+                    "active_params_per_token": mean("active_params_per_token"),
+                    "flops_per_token": mean("flops_per_token"), "train_tok_s": mean("train_tok_s"),
+                    "peak_rss_gb": mean("peak_rss_gb"), "expert_usage": mean("expert_usage"),
+                    "usage_kl": mean("usage_kl"), "dead_experts": mean("dead_experts")})
+    return sorted(out, key=lambda r: r["val_bpb"])
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    flops = [r["flops_per_token"] for r in summary]
+    spread = (max(flops) - min(flops)) / min(flops) if flops else 0.0
+    lines = ["| rank | model | val bpb (± spread) | params | active params/token | FLOPs/token | "
+             "train tok/s | peak RSS GB | experts used | usage KL |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(summary, 1):
+        used = f"{r['expert_usage']:.1%}" if r["expert_usage"] is not None else "n/a"
+        kl = f"{r['usage_kl']:.2f}" if r["usage_kl"] is not None else "n/a"
+        lines.append(f"| {i} | {r['model']} | {r['val_bpb']:.4f} ± {r['val_bpb_spread'] / 2:.4f} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['active_params_per_token'] / 1e3:.0f}K | "
+                     f"{r['flops_per_token'] / 1e6:.3f}M | {r['train_tok_s']:.0f} | "
+                     f"{r['peak_rss_gb']:.2f} | {used} | {kl} |")
+    lines.append("")
+    lines.append(f"FLOPs/token spread across models: {spread:.1%} (forward, whole model; "
+                 f"val bpb ± half the range over {summary[0]['seeds'] if summary else 0} seeds)")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(CompareSpec(**json.loads(sys.argv[1])))))
