@@ -165,52 +165,128 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dict[str, Any],
-                    state: dict[str, Any], keep_last: int) -> Path:
-    """Write step_XXXXXX atomically, point `latest` at it, prune all but the newest keep_last."""
+                    state: dict[str, Any], keep_last: int, rank: int = 0, world: int = 1,
+                    table_rows: dict[str, tuple[int, int, int]] | None = None) -> Path:
+    """Write step_XXXXXX atomically, point `latest` at it, prune all but the newest keep_last.
+
+    With world > 1 every rank writes its own shard files (rank 0 adds the dense tensors) and
+    rank 0 writes index.json, state.json and renames: ``table_rows`` maps each sharded table to
+    (lo, hi, num_rows) of this rank.
+    """
     ckpt_root = run_dir / CKPT_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
     final = ckpt_root / name
-    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
+    tmp = ckpt_root / f".tmp-{name}"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(world)
+    tensors = model_tensors(model)
     optim_tensors: dict[str, Tensor] = {}
     skeleton = flatten_state(optim_state, optim_tensors)
-    save_file(optim_tensors, str(tmp / "optim.safetensors"))
-    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-    full_state = {"format": FORMAT, "step": step, "rng": rng, "optim": skeleton, **state}
-    (tmp / "state.json").write_text(json.dumps(full_state))
-    for f in tmp.iterdir():
-        _fsync_path(f)
-    _fsync_path(tmp)
-    if final.exists():  # a rerun of the same step replaces the old copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_path(ckpt_root)
-    latest_tmp = ckpt_root / "latest.tmp"
-    latest_tmp.write_text(name)
-    _fsync_path(latest_tmp)
-    os.replace(latest_tmp, ckpt_root / "latest")
-    _fsync_path(ckpt_root)
-    for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".tmp-*"):  # left by a process killed mid-write
-        if stale != tmp:
+    if world == 1:
+        files = {"model.safetensors": tensors, "optim.safetensors": optim_tensors}
+    else:
+        tables = table_rows or {}
+        own = {k: v for k, v in tensors.items() if rank == 0 or k in tables}
+        suffix = f"rank{rank:02d}-of-{world:02d}.safetensors"
+        files = {f"model-{suffix}": own, f"optim-{suffix}": optim_tensors}
+    for fname, content in files.items():
+        save_file(content, str(tmp / fname))
+        _fsync_path(tmp / fname)
+    if world > 1:  # every rank says which rows it holds
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, table_rows or {})
+    _barrier(world)
+    if rank == 0:
+        if world > 1:
+            index = {"world": world, "tables": {k: {"num_rows": rows[2], "shards": [g[k][:2] for g in gathered]}
+                                               for k, rows in (table_rows or {}).items()}}
+            (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        full_state = {"format": FORMAT, "step": step, "rng": rng, "optim": skeleton, "world": world,
+                      **state}
+        (tmp / "state.json").write_text(json.dumps(full_state))
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        _fsync_path(tmp)
+        if final.exists():  # a rerun of the same step replaces the old copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(ckpt_root)
+        latest_tmp = ckpt_root / "latest.tmp"
+        latest_tmp.write_text(name)
+        _fsync_path(latest_tmp)
+        os.replace(latest_tmp, ckpt_root / "latest")
+        _fsync_path(ckpt_root)
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in ckpt_root.glob(".tmp-*"):  # left by a process killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
+    _barrier(world)
     return final
 
 
+def _read_sharded(ckpt: Path, prefix: str, world: int, row_sharded) -> dict[str, Tensor]:  # type: ignore[no-untyped-def]
+    """Merge per-rank files: row-sharded tensors concatenated in rank order, the rest from rank 0."""
+    parts = [_load_safetensors(ckpt / f"{prefix}-rank{r:02d}-of-{world:02d}.safetensors")
+             for r in range(world)]
+    merged = dict(parts[0])
+    for key in parts[0]:
+        if row_sharded(key, parts[0][key]):
+            merged[key] = torch.cat([p[key] for p in parts])
+    return merged
+
+
+def read_model_tensors(ckpt: Path) -> dict[str, Tensor]:
+    """Full (unsharded) model tensors of a checkpoint written at any number of ranks."""
+    if not (ckpt / "index.json").is_file():
+        return _load_safetensors(ckpt / "model.safetensors")
+    index = _load_json(ckpt / "index.json")
+    tables = index["tables"]
+    return _read_sharded(ckpt, "model", index["world"], lambda k, t: k in tables)
+
+
+def _sparse_state_tensor(key: str, t: Tensor) -> bool:
+    """Row-sharded entries of the expert-table optimizer state (scalars like `step` are not)."""
+    return key.startswith("sparse.state.") and t.dim() >= 1
+
+
 def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """(model tensors, optimizer state, run state) of one checkpoint directory."""
+    """(full model tensors, full optimizer state, run state) of one checkpoint directory."""
     state = _load_json(ckpt / "state.json")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt}/state.json is not a {FORMAT} file")
-    model = _load_safetensors(ckpt / "model.safetensors")
-    optim = unflatten_state(state.pop("optim"), _load_safetensors(ckpt / "optim.safetensors"))
+    model = read_model_tensors(ckpt)
+    world = state.get("world", 1)
+    if world == 1:
+        optim_tensors = _load_safetensors(ckpt / "optim.safetensors")
+    else:
+        optim_tensors = _read_sharded(ckpt, "optim", world, _sparse_state_tensor)
+    optim = unflatten_state(state.pop("optim"), optim_tensors)
     return model, optim, state
+
+
+def shard_optimizer_state(optim: dict[str, Any], rows_of_param: list[tuple[int, int]]) -> dict[str, Any]:
+    """Slice the full expert-table optimizer state to this rank's rows (param i -> rows_of_param[i])."""
+    sparse = optim.get("sparse")
+    if sparse is None:
+        return optim
+    state = {i: {k: (v[rows_of_param[i][0]:rows_of_param[i][1]].clone() if v.dim() >= 1 else v)
+                 for k, v in st.items()} for i, st in sparse["state"].items()}
+    return {**optim, "sparse": {**sparse, "state": state}}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -234,6 +310,5 @@ def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mo
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint under {CKPT_DIR}/")
     model = FHMELanguageModel(config.model)
-    tensors = _load_safetensors(ckpt / "model.safetensors")
-    load_model_tensors(model, tensors, str(ckpt))
+    load_model_tensors(model, read_model_tensors(ckpt), str(ckpt))
     return model.to(device).eval(), config, ckpt

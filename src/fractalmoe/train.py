@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -13,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from .checkpoint import (CheckpointError, config_mismatch, init_run_dir, latest_checkpoint,
                          load_checkpoint_state, load_model_tensors, load_run_config, restore_rng,
-                         run_extra, save_checkpoint)
+                         run_extra, save_checkpoint, shard_optimizer_state)
 from .config import RunConfig, TrainConfig
 from .data import ByteDataset, decode, encode
+from .distributed import (DistContext, init_from_env, shard_experts, table_shards,
+                          wrap_data_parallel)
 from .evaluate import evaluate
 from .model import FHMELanguageModel
 from .optim import ModelOptimizer
@@ -42,15 +46,26 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 
 
 def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tensor,
-               grad_clip: float, loss_hook: Callable[[Tensor], Tensor] | None = None) -> tuple[float, bool]:
-    """One optimisation step. Returns (loss, applied); a non-finite step changes nothing."""
+               grad_clip: float, loss_hook: Callable[[Tensor], Tensor] | None = None,
+               forward: nn.Module | None = None, ctx: DistContext = DistContext()) -> tuple[float, bool]:
+    """One optimisation step. Returns (loss, applied); a non-finite step changes nothing.
+
+    ``forward`` is the module to call (the DDP wrapper when distributed); with several ranks the
+    loss is averaged and a step is skipped everywhere if any rank saw a non-finite value.
+    """
     opt.zero_grad()
-    _, loss = model(x, y)
+    _, loss = (forward or model)(x, y)
     if loss_hook is not None:
         loss = loss_hook(loss)
     (loss + model.aux_loss().to(loss.device)).backward()
     value = float(loss.detach())
-    if not math.isfinite(value) or not opt.grads_finite():
+    finite = math.isfinite(value) and opt.grads_finite()
+    if ctx.active:
+        flags = torch.tensor([value if finite else 0.0, float(finite)])
+        dist.all_reduce(flags)
+        finite = int(flags[1]) == ctx.world
+        value = float(flags[0]) / ctx.world if finite else value
+    if not finite:
         opt.zero_grad()
         return value, False
     opt.clip_dense(grad_clip)
@@ -100,13 +115,14 @@ def _metric_line(**values: Any) -> dict[str, Any]:
 
 
 def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
-                data_path: str | None) -> tuple[RunConfig, Path, str | None]:
-    """Resolve the run directory and config of a new or resumed run."""
+                data_path: str | None, write: bool = True) -> tuple[RunConfig, Path, str | None]:
+    """Resolve the run directory and config of a new or resumed run (files written if write)."""
     if resume is None:
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        if (run_dir / "config.json").exists():
+        if write and (run_dir / "config.json").exists():
             raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        init_run_dir(run_dir, config, {"data": data_path})
+        if write:
+            init_run_dir(run_dir, config, {"data": data_path})
         return config, run_dir, data_path
     saved = load_run_config(resume)
     diff = config_mismatch(saved.model, config.model)
@@ -115,42 +131,79 @@ def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
                               f"({'; '.join(diff)}); drop those overrides")
     if data_path is None:
         data_path = run_extra(resume).get("data")
-    init_run_dir(resume, config, {"data": data_path})  # training fields may change (max_steps)
+    if write:
+        init_run_dir(resume, config, {"data": data_path})  # training fields may change (max_steps)
     return config, resume, data_path
+
+
+def _any_rank(ctx: DistContext, value: int) -> int:
+    """Max of an int over ranks, so every rank stops (or saves) at the same step."""
+    if not ctx.active:
+        return value
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         data_path: str | None = None, device: str = "cpu", progress: bool = True,
         loss_hook: Callable[[int, Tensor], Tensor] | None = None,
-        stop_at_step: int | None = None, log: Callable[[str], None] = print) -> RunResult:
-    """Train (or resume) a model, evaluating, logging and checkpointing as configured."""
-    config, run_dir, data_path = prepare_run(config, out, resume, data_path)
+        stop_at_step: int | None = None, log: Callable[[str], None] = print,
+        ctx: DistContext | None = None) -> RunResult:
+    """Train (or resume) a model, evaluating, logging and checkpointing as configured.
+
+    Under torchrun (WORLD_SIZE > 1) expert tables are sharded by rows across ranks, dense
+    parameters are data-parallel, the configured batch is the global batch, and only rank 0
+    logs and writes metrics.
+    """
+    ctx = ctx or init_from_env(device)
     tc, mc = config.train, config.model
+    if ctx.active:
+        if tc.batch_size % ctx.world:
+            raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {ctx.world} ranks")
+        names = [str(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))]
+        dist.broadcast_object_list(names)  # one run directory for every rank
+        out = Path(names[0]) if resume is None else out
+    config, run_dir, data_path = prepare_run(config, out, resume, data_path, write=ctx.is_main)
+    if ctx.active:
+        dist.barrier()
+    log = log if ctx.is_main else (lambda s: None)
     data = ByteDataset.load(data_path, tc.val_fraction, mc.seq_len)
     torch.manual_seed(tc.seed)
     model = FHMELanguageModel(mc).to(device)
-    opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim)
     step, elapsed_before, bad_total = 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir) if resume is not None else None
+    optim_state: dict | None = None
     if ckpt is not None:
         tensors, optim_state, state = load_checkpoint_state(ckpt)
         load_model_tensors(model, tensors, str(ckpt))
-        opt.load_state_dict(optim_state)
-        restore_rng(state)
         step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
-        log(f"resumed {run_dir} from {ckpt.name}")
+    if ctx.active:
+        shard_experts(model, ctx)
+    opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim)
+    shards = table_shards(model)
+    if optim_state is not None:
+        rows = {id(p): (b.lo, b.hi) for b in shards.values() for p in (b.down, b.up)}
+        opt.load_state_dict(shard_optimizer_state(optim_state, [rows[id(p)] for p in opt.tables])
+                            if shards else optim_state)
+        restore_rng(state)
+        log(f"resumed {run_dir} from {ckpt.name}")  # type: ignore[union-attr]
+    forward = wrap_data_parallel(model) if ctx.active else model
+    table_rows = {f"{name}.{t}": (b.lo, b.hi, b.num_experts) for name, b in shards.items()
+                  for t in ("down", "up")}
 
     def checkpoint() -> None:
         save_checkpoint(run_dir, step, model, opt.state_dict(),
                         {"elapsed_s": elapsed_before + time.perf_counter() - t0,
-                         "bad_steps": bad_total, "data_position": step}, tc.keep_last)
+                         "bad_steps": bad_total, "data_position": step}, tc.keep_last,
+                        ctx.rank, ctx.world, table_rows)
 
-    metrics = (run_dir / "metrics.jsonl").open("a")
-    tokens_per_step = tc.batch_size * mc.seq_len
+    metrics = (run_dir / "metrics.jsonl").open("a") if ctx.is_main else open(os.devnull, "w")
+    tokens_per_step = tc.batch_size * mc.seq_len  # global
     t0 = time.perf_counter()
     budget_s = tc.time_budget * 60 if tc.time_budget > 0 else math.inf
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not progress, unit="step",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and ctx.is_main),
+               unit="step", dynamic_ncols=True, file=sys.stderr)
     losses: list[float] = []
     bad_run, last_val = 0, None
     stopped_by = "max_steps"
@@ -161,9 +214,10 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         while step < tc.max_steps:
             scale = lr_scale(step, tc)
             opt.set_lr_scale(scale)
-            x, y = data.train_batch(step, tc.batch_size, mc.seq_len, tc.seed)
+            x, y = data.train_batch(step, tc.batch_size, mc.seq_len, tc.seed, ctx.rank, ctx.world)
             hook = (lambda loss, s=step: loss_hook(s, loss)) if loss_hook else None
-            loss, ok = train_step(model, opt, x.to(device), y.to(device), tc.grad_clip, hook)
+            loss, ok = train_step(model, opt, x.to(device), y.to(device), tc.grad_clip, hook,
+                                  forward, ctx)
             step += 1
             steps_since_log += 1
             if ok:
@@ -196,22 +250,19 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
                     last_val = ev
                     line.update({k: v for k, v in ev.summary().items() if k in METRIC_KEYS})
                     line["depth_hist"] = ev.depth_hist or None  # per FHME layer
-                    bar.write(f"step {step}: val_loss {ev.val_loss:.4f} nats/byte, "
-                              f"val_bpb {ev.val_bpb:.4f}")
+                    if ctx.is_main:
+                        bar.write(f"step {step}: val_loss {ev.val_loss:.4f} nats/byte, "
+                                  f"val_bpb {ev.val_bpb:.4f}")
                 metrics.write(json.dumps(line) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{line['train_loss'] or float('nan'):.3f}", tok_s=f"{tok_s:.0f}")
                 losses, steps_since_log, t_log = [], 0, time.perf_counter()
             if step % tc.save_every == 0 and bad_run == 0:  # never save mid-way through a bad run
                 checkpoint()
-            if flag.signum is not None:
-                stopped_by = "signal"
-                break
-            if stop_at_step is not None and step >= stop_at_step:
-                stopped_by = "stop_at_step"
-                break
-            if time.perf_counter() - t0 >= budget_s:
-                stopped_by = "time_budget"
+            reason = 1 if flag.signum is not None else 2 if time.perf_counter() - t0 >= budget_s else 0
+            reason = _any_rank(ctx, reason)
+            if reason or (stop_at_step is not None and step >= stop_at_step):
+                stopped_by = {0: "stop_at_step", 1: "signal", 2: "time_budget"}[reason]
                 break
         bar.close()
         checkpoint()
@@ -219,12 +270,13 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     elapsed = elapsed_before + time.perf_counter() - t0
     if stopped_by == "signal":
         log(f"signal {flag.signum}: saved checkpoint at step {step} in {run_dir}")
-    if stopped_by in ("time_budget",) and (last_val is None or step % tc.eval_every):
+    if stopped_by == "time_budget" and (last_val is None or step % tc.eval_every):
         last_val = evaluate(model, data, tc.batch_size, tc.eval_batches * tc.batch_size, device)
     sample = ""
     if stopped_by in ("max_steps", "time_budget") and tc.sample_bytes > 0:
         sample = generate_sample(model, tc.sample_bytes, device)
-        (run_dir / "sample.txt").write_text(sample)
+        if ctx.is_main:
+            (run_dir / "sample.txt").write_text(sample)
     return RunResult(run_dir, step, last_val.val_loss if last_val else None,
                      last_val.val_bpb if last_val else None, elapsed,
                      step * tokens_per_step / max(elapsed, 1e-9), sample, stopped_by)
