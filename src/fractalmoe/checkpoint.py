@@ -81,11 +81,28 @@ def write_json_atomic(path: Path, data: Any) -> None:
     _fsync_path(path.parent)
 
 
+def _trainable_names(model: nn.Module) -> set[str] | None:
+    """With a frozen base (adapters), the names worth saving: trainable parameters and the
+    persistent buffers of modules that own one. None when everything trains."""
+    if all(p.requires_grad for p in model.parameters()):
+        return None
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if any(p.requires_grad for p in mod.parameters(recurse=False)):
+            names |= {f"{mod_name}.{b}" for b in mod._buffers
+                      if b not in mod._non_persistent_buffers_set}
+    return names
+
+
 def model_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """State dict with tied parameters stored once (the head shares the embedding)."""
+    """State dict with tied parameters stored once (the head shares the embedding); only the
+    trainable part when the rest is frozen."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
+    keep = _trainable_names(model)
     for name, t in model.state_dict().items():
+        if keep is not None and name not in keep:
+            continue
         if t.data_ptr() in seen and t.numel() > 0:
             continue
         seen.add(t.data_ptr())
@@ -309,6 +326,12 @@ def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mo
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint under {CKPT_DIR}/")
-    model = FHMELanguageModel(config.model)
+    extra = run_extra(run_dir)
+    if "base" in extra:  # an adapter run: its base model plus the adapters it trained
+        from .adapters import build_adapted_model
+
+        model = build_adapted_model(extra["base"], extra["adapter"], device)
+    else:
+        model = FHMELanguageModel(config.model)
     load_model_tensors(model, read_model_tensors(ckpt), str(ckpt))
     return model.to(device).eval(), config, ckpt

@@ -116,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
     bm.add_argument("--json", action="store_true")
+    ft = sub.add_parser("finetune", help="train adapters (FHME, LoRA) or all weights on new text")
+    ft.add_argument("--base", required=True, help="run directory of the trained base model")
+    ft.add_argument("--data", required=True, help="text file or folder to adapt to")
+    ft.add_argument("--adapter", choices=["fhme", "lora", "full"], default="fhme",
+                    help="fhme adapters, LoRA (peft) at the same trainable budget, or full fine-tuning")
+    ft.add_argument("--layers", type=_int_list_zero, help="comma list of layer indices (default: all)")
+    ft.add_argument("--experts", type=_positive_int, default=1024, help="experts per FHME adapter")
+    ft.add_argument("--depth", type=_positive_int, default=2, help="fractal depth of FHME adapters")
+    ft.add_argument("--out", help="run directory to create")
+    ft.add_argument("--max-steps", type=_positive_int, default=300)
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training field")
+    ft.add_argument("--quiet", action="store_true")
+    ex = sub.add_parser("export-hf", help="write a transformers AutoModelForCausalLM directory")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("out", help="output directory")
     c = sub.add_parser("compare", help="train FHME and baselines at equal active FLOPs per token")
     c.add_argument("--data", help="text file or folder (default: bundled corpus)")
     c.add_argument("--models", type=_str_list, default=["fhme", "dense", "moe", "pkm", "peer"])
@@ -137,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _int_list(text: str) -> list[int]:
     return [_positive_int(t) for t in text.split(",") if t]
+
+
+def _int_list_zero(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected layer indices >= 0, got {text!r}")
+    return values
 
 
 def _str_list(text: str) -> list[str]:
@@ -271,6 +296,40 @@ def _bench_row(row: dict) -> str:
             f"RSS {row['peak_rss_gb']:5.2f} GB  roofline {row['roofline_frac']:.2f}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .adapters import build_adapted_model, trainable_parameter_count
+    from .checkpoint import load_run_config
+    from .data import corpus_files
+    from .train import run
+
+    corpus_files(args.data)
+    base = str(Path(args.base).resolve())
+    base_cfg = load_run_config(base)
+    spec: dict = {"kind": args.adapter, "layers": args.layers}
+    fhme_spec = {**spec, "kind": "fhme", "fhme": {"num_experts": args.experts, "depth": args.depth}}
+    if args.adapter == "fhme":
+        spec = fhme_spec
+    elif args.adapter == "lora":  # the same trainable-parameter budget as the FHME adapters
+        spec["budget"] = trainable_parameter_count(build_adapted_model(base, fhme_spec))
+    train_overrides = [f"train.{item}" if "." not in item.split("=")[0] else item for item in args.set]
+    config = RunConfig(base_cfg.model, base_cfg.train.replace(
+        max_steps=args.max_steps, eval_every=min(base_cfg.train.eval_every, args.max_steps),
+        warmup_steps=min(base_cfg.train.warmup_steps, args.max_steps // 10))).with_overrides(train_overrides)
+    result = run(config, out=Path(args.out) if args.out else None, data_path=args.data,
+                 progress=not args.quiet, model_factory=lambda: build_adapted_model(base, spec),
+                 extra={"base": base, "adapter": spec})
+    print(f"step {result.step}: val_loss {result.val_loss:.4f} nats/byte, val_bpb {result.val_bpb:.4f}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from .hf_export import export_hf
+
+    print(export_hf(args.run, args.out))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import MODELS, compare
 
@@ -307,7 +366,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plot": cmd_plot,
-            "bench": cmd_bench, "compare": cmd_compare}
+            "bench": cmd_bench, "compare": cmd_compare,
+            "finetune": cmd_finetune, "export-hf": cmd_export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 FFN_TYPES = ("fhme", "dense", "moe", "pkm", "peer")
 ROUTED_FFNS = ("fhme", "pkm", "peer")
 GATES = ("softmax", "sigmoid")
-QUERY_NORMS = ("layernorm", "rmsnorm", "none")
+QUERY_NORMS = ("layernorm", "rmsnorm", "running", "none")
 EXPERT_ACTS = ("gelu", "relu")
 EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
 EXPERT_DTYPES = ("float32", "bfloat16")
@@ -111,7 +111,7 @@ class ModelConfig(_Config):
     topk: int = 8  # experts per head
     key_dim: int = 32  # query / product-key width (split in two halves)
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
-    query_norm: str = "layernorm"  # per-token: never batch statistics (causality)
+    query_norm: str = "layernorm"  # layernorm | rmsnorm | running (past batches' stats) | none
     expert_act: str = "gelu"
     expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.

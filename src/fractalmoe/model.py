@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .baselines import build_ffn
 from .config import ModelConfig
 from .fhme import FHME
+from .routing import RunningQueryNorm
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -92,10 +93,9 @@ class FHMELanguageModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied input/output embeddings
-        cos, sin = rope_tables(cfg.seq_len, cfg.head_dim)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}  # computed, never stored
         self._init_weights()
+        self._running_norms = [m for m in self.modules() if isinstance(m, RunningQueryNorm)]
 
     def _init_weights(self) -> None:
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -119,9 +119,14 @@ class FHMELanguageModel(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]")
 
     def _logits(self, idx: Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> Tensor:
+        for norm in self._running_norms:  # statistics of the previous batch, never this one
+            norm.commit()
         x = self.embed(idx.long())
+        if x.device not in self._rope:
+            self._rope[x.device] = tuple(t.to(x.device) for t in rope_tables(self.cfg.seq_len, self.cfg.head_dim))
+        cos, sin = self._rope[x.device]
         for i, block in enumerate(self.blocks):
-            x = block(x, self.rope_cos, self.rope_sin, None if caches is None else caches[i], pos)
+            x = block(x, cos, sin, None if caches is None else caches[i], pos)
         return self.head(self.norm(x))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:

@@ -67,12 +67,51 @@ def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return combine_topk(v1, i1, v2, i2, n, k)
 
 
-def make_query_norm(kind: str, width: int) -> nn.Module:
-    """Per-token normalisation of queries (batch statistics would leak future tokens)."""
+class RunningQueryNorm(nn.Module):
+    """Standardise each query coordinate (per head) with an EMA of *previous* training batches'
+    mean and variance, then a learned affine map.
+
+    This is what BatchNorm does for PEER's expert usage, without its leak: a batch's statistics
+    are only accumulated while it runs and folded into the EMA by ``commit()`` at the start of
+    the next model forward, so no output of a batch ever depends on that batch's other tokens
+    (a block called twice in one fractal pass sees the same statistics both times).
+    Evaluation uses the frozen EMA.
+    """
+
+    def __init__(self, heads: int, width: int, momentum: float = 0.02, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(heads, width))
+        self.register_buffer("var", torch.ones(heads, width))
+        self.weight = nn.Parameter(torch.ones(heads, width))
+        self.bias = nn.Parameter(torch.zeros(heads, width))
+        self._pending: list[Tensor] = []  # per-call (mean, var) of batches not yet committed
+
+    def commit(self) -> None:
+        """Fold the statistics of the finished forward pass into the EMA."""
+        with torch.no_grad():
+            for mean, var in self._pending:
+                self.mean.lerp_(mean, self.momentum)
+                self.var.lerp_(var, self.momentum)
+        self._pending = []
+
+    def forward(self, q: Tensor) -> Tensor:  # q: (..., H, Q)
+        out = (q - self.mean) * torch.rsqrt(self.var + self.eps) * self.weight + self.bias
+        if self.training:
+            flat = q.detach().reshape(-1, *q.shape[-2:])
+            self._pending.append((flat.mean(0), flat.var(0, unbiased=False)))
+        return out
+
+
+def make_query_norm(kind: str, heads: int, width: int) -> nn.Module:
+    """Queries are normalised per token, or with statistics of past batches (never the current
+    batch: its statistics would leak future tokens into training)."""
     if kind == "layernorm":
         return nn.LayerNorm(width)
     if kind == "rmsnorm":
         return nn.RMSNorm(width)
+    if kind == "running":
+        return RunningQueryNorm(heads, width)
     return nn.Identity()
 
 
@@ -89,7 +128,7 @@ class ProductKeyRouter(nn.Module):
             raise ValueError(f"key_dim={key_dim} must be even and topk={topk} <= {n_keys}")
         self.heads, self.topk, self.key_dim, self.n_keys = heads, topk, key_dim, n_keys
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
-        self.norm = make_query_norm(query_norm, key_dim)
+        self.norm = make_query_norm(query_norm, heads, key_dim)
         half = key_dim // 2
         self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, half) / math.sqrt(half))
 

@@ -115,24 +115,26 @@ def _metric_line(**values: Any) -> dict[str, Any]:
 
 
 def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
-                data_path: str | None, write: bool = True) -> tuple[RunConfig, Path, str | None]:
+                data_path: str | None, write: bool = True,
+                extra: dict[str, Any] | None = None) -> tuple[RunConfig, Path, str | None]:
     """Resolve the run directory and config of a new or resumed run (files written if write)."""
     if resume is None:
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         if write and (run_dir / "config.json").exists():
             raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
         if write:
-            init_run_dir(run_dir, config, {"data": data_path})
+            init_run_dir(run_dir, config, {"data": data_path, **(extra or {})})
         return config, run_dir, data_path
     saved = load_run_config(resume)
     diff = config_mismatch(saved.model, config.model)
     if diff:
         raise CheckpointError(f"--resume {resume}: the model differs from the checkpoint's "
                               f"({'; '.join(diff)}); drop those overrides")
+    saved_extra = run_extra(resume)
     if data_path is None:
-        data_path = run_extra(resume).get("data")
+        data_path = saved_extra.get("data")
     if write:
-        init_run_dir(resume, config, {"data": data_path})  # training fields may change (max_steps)
+        init_run_dir(resume, config, {**saved_extra, "data": data_path})  # training fields may change (max_steps)
     return config, resume, data_path
 
 
@@ -149,12 +151,14 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         data_path: str | None = None, device: str = "cpu", progress: bool = True,
         loss_hook: Callable[[int, Tensor], Tensor] | None = None,
         stop_at_step: int | None = None, log: Callable[[str], None] = print,
-        ctx: DistContext | None = None) -> RunResult:
+        ctx: DistContext | None = None, model_factory: Callable[[], nn.Module] | None = None,
+        extra: dict[str, Any] | None = None) -> RunResult:
     """Train (or resume) a model, evaluating, logging and checkpointing as configured.
 
     Under torchrun (WORLD_SIZE > 1) expert tables are sharded by rows across ranks, dense
     parameters are data-parallel, the configured batch is the global batch, and only rank 0
-    logs and writes metrics.
+    logs and writes metrics. ``model_factory`` builds another model (e.g. a frozen base with
+    adapters); ``extra`` goes into config.json beside the configs.
     """
     ctx = ctx or init_from_env(device)
     tc, mc = config.train, config.model
@@ -164,13 +168,18 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         names = [str(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))]
         dist.broadcast_object_list(names)  # one run directory for every rank
         out = Path(names[0]) if resume is None else out
-    config, run_dir, data_path = prepare_run(config, out, resume, data_path, write=ctx.is_main)
+    config, run_dir, data_path = prepare_run(config, out, resume, data_path, ctx.is_main, extra)
     if ctx.active:
         dist.barrier()
     log = log if ctx.is_main else (lambda s: None)
+    saved = run_extra(run_dir)
+    if model_factory is None and "base" in saved:  # resuming an adapter run
+        from .adapters import build_adapted_model
+
+        model_factory = lambda: build_adapted_model(saved["base"], saved["adapter"], device)  # noqa: E731
     data = ByteDataset.load(data_path, tc.val_fraction, mc.seq_len)
     torch.manual_seed(tc.seed)
-    model = FHMELanguageModel(mc).to(device)
+    model = (model_factory() if model_factory else FHMELanguageModel(mc)).to(device)
     step, elapsed_before, bad_total = 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir) if resume is not None else None
     optim_state: dict | None = None

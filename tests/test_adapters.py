@@ -1,0 +1,129 @@
+"""FHME adapters on FractalMoE and on randomly initialised transformers GPT-2 / Llama models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fractalmoe import FHMELanguageModel
+from fractalmoe.adapters import add_fhme_adapters, decoder_layers
+from fractalmoe.cli import main
+from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
+from fractalmoe.optim import ModelOptimizer
+from fractalmoe.train import run
+
+transformers = pytest.importorskip("transformers")
+
+ADAPTER = dict(num_experts=256, depth=2, heads=2, topk=4, key_dim=16)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _train(model, logits_of, steps: int = 12) -> list[float]:
+    opt = ModelOptimizer(model, lr=1e-2, expert_lr=0.1, weight_decay=0.0)
+    idx = torch.randint(0, 256, (4, 32))
+    losses = []
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = logits_of(model, idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), idx[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_hf_models_start_identical_train_and_generate(build) -> None:
+    model = build()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        before = model(idx).logits
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters = add_fhme_adapters(model, **ADAPTER)
+    assert len(adapters) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, before, rtol=0, atol=0)
+    losses = _train(model, lambda m, x: m(x).logits)
+    assert losses[-1] < losses[0]
+    state = model.state_dict()
+    for k, v in base.items():  # every base weight bit-identical (found under the wrapper's name)
+        key = k if k in state else k.replace("mlp.", "mlp.base.")
+        assert torch.equal(state[key], v), k
+    model.eval()
+    out = model.generate(idx[:, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, 9)
+
+
+def test_fractalmoe_model_adapters_change_only_adapter_weights() -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn="dense"))
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        before = model(idx)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    add_fhme_adapters(model, layers=[1], **ADAPTER)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), before, rtol=0, atol=0)
+    losses = _train(model, lambda m, x: m(x))
+    assert losses[-1] < losses[0]
+    state = model.state_dict()
+    for k, v in base.items():
+        key = k if k in state else k.replace("ffn.", "ffn.base.")
+        assert torch.equal(state[key], v), k
+    assert sum(p.requires_grad for p in model.parameters()) > 0
+    assert len(decoder_layers(model)) == 2
+
+
+def test_finetune_cli_writes_adapter_only_run_and_eval_generate_load_it(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "a.txt"
+    data.write_text("All the world's a stage, and all the men and women merely players.\n" * 40)
+    other = tmp_path / "b.txt"
+    other.write_text("def f(x):\n    return x * 2\n\nclass A:\n    pass\n" * 60)
+    base = tmp_path / "base"
+    cfg = RunConfig(tiny_model_config(), TrainConfig(batch_size=4, max_steps=4, eval_every=4,
+                                                     sample_bytes=0))
+    run(cfg, out=base, data_path=str(data), progress=False, log=lambda s: None)
+    for kind in ("fhme", "lora", "full"):
+        out = tmp_path / kind
+        assert main(["finetune", "--base", str(base), "--data", str(other), "--adapter", kind,
+                     "--out", str(out), "--max-steps", "3", "--experts", "256", "--quiet",
+                     "--set", "batch_size=4"]) == 0
+        extra = json.loads((out / "config.json").read_text())
+        assert extra["base"] == str(base.resolve()) and extra["adapter"]["kind"] == kind
+        assert main(["eval", "--ckpt", str(out), "--json"]) == 0
+        assert main(["generate", "--ckpt", str(out), "--prompt", "def", "--max-new-tokens", "8"]) == 0
+    capsys.readouterr()
+    from safetensors.torch import load_file
+
+    fhme_tensors = load_file(str(next((tmp_path / "fhme" / "checkpoints").glob("step_*")) / "model.safetensors"))
+    assert fhme_tensors and all(".adapter." in k for k in fhme_tensors)
+
+
+def test_export_hf_round_trip_gives_identical_logits(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "a.txt"
+    data.write_text("Friends, Romans, countrymen, lend me your ears.\n" * 40)
+    cfg = RunConfig(tiny_model_config(), TrainConfig(batch_size=4, max_steps=2, eval_every=2,
+                                                     sample_bytes=0))
+    run(cfg, out=tmp_path / "run", data_path=str(data), progress=False, log=lambda s: None)
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    from fractalmoe.checkpoint import load_model_from_run
+
+    ours, _, _ = load_model_from_run(tmp_path / "run")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=0)
