@@ -80,6 +80,7 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
         report = {"largest": mode.largest, "shard_rows": bank.down.shape[0],
                   "grad_rows": int(bank.down.grad.coalesce()._nnz()) if bank.down.grad is not None else 0}
         Path(job["measure"] + f".{rank}").write_text(json.dumps(report))
+        del forward  # a DDP reducer must go before its process group
     dist.destroy_process_group()
 
 
