@@ -122,6 +122,7 @@ class ModelConfig(_Config):
     adaptive_depth: bool = False  # per-token depth router
     depth_penalty: float = 0.0  # ponder cost per routed block (nats per block per token)
     depth_explore: float = 0.0  # training: fraction of tokens given a random depth (anytime)
+    depth_target: float = 0.0  # > 0: steer the penalty so blocks used / 2**C - 1 tracks this
     # Dense SwiGLU (dense) and per-expert hidden width (moe).
     ffn_hidden: int = 512
     moe_experts: int = 8
@@ -150,6 +151,7 @@ class ModelConfig(_Config):
         r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
         for name in ("dropout", "drop_path_local", "drop_path_global", "depth_explore"):
             r(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        r(0.0 <= self.depth_target <= 1.0, "depth_target", "must be in [0, 1] (0 = fixed penalty)")
         for name in ("depth_penalty", "moe_balance"):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")
         r(math.isfinite(self.join_bias), "join_bias", "must be finite")

@@ -32,10 +32,11 @@ class FHME(nn.Module):
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, adaptive_depth: bool = False,
                  depth_penalty: float = 0.0, depth_explore: float = 0.0,
-                 expert_dtype: str = "float32") -> None:
+                 depth_target: float = 0.0, expert_dtype: str = "float32") -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
-        self.depth_penalty, self.depth_explore = depth_penalty, depth_explore
+        self.depth_explore, self.depth_target = depth_explore, depth_target
+        initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
                                      drop_path_global, _DTYPES[expert_dtype])
@@ -45,6 +46,10 @@ class FHME(nn.Module):
             nn.init.zeros_(self.depth_router.weight)
             with torch.no_grad():  # start at full depth; the ponder cost pulls tokens shallower
                 self.depth_router.bias.copy_(torch.linspace(0.0, 1.0, depth))
+        # The ponder cost per block; with a target it is steered multiplicatively toward the
+        # penalty that uses depth_target of the blocks (state from past steps only: causal).
+        self.register_buffer("depth_penalty", torch.tensor(initial_penalty),
+                             persistent=self.depth_router is not None)
         self.forced_depth: int | None = None  # evaluate every token at this depth
         self.compact = True  # inference: compact stopped tokens (False: masked reference path)
         self.aux_loss: Tensor = torch.zeros(())
@@ -55,7 +60,7 @@ class FHME(nn.Module):
         return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.expert_heads, cfg.topk,
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
-                   cfg.depth_penalty, cfg.depth_explore, cfg.expert_dtype)
+                   cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype)
 
     def choose_depth(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-token depth in 1..C (hard) and router probabilities (None without a router)."""
@@ -100,6 +105,10 @@ class FHME(nn.Module):
         costs = torch.tensor([blocks_at_depth(c) for c in range(1, self.depth + 1)],
                              dtype=probs.dtype, device=probs.device)
         self.aux_loss = self.depth_penalty * (probs * costs).sum(-1).mean()
+        if self.depth_target > 0:
+            with torch.no_grad():
+                used = costs[depth_T - 1].mean() / costs[-1]
+                self.depth_penalty.mul_(torch.exp(0.2 * (used - self.depth_target) / self.depth_target))
         return torch.einsum("tc,ctd->td", weights, torch.stack(outs))  # type: ignore[arg-type]
 
     def forward_masked(self, x_TD: Tensor, depth_T: Tensor) -> Tensor:
