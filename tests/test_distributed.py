@@ -26,7 +26,7 @@ CORPUS = "It is a tale told by an idiot, full of sound and fury, signifying noth
 
 def _config(max_steps: int = 20) -> RunConfig:
     model = tiny_model_config(num_experts=NUM_EXPERTS, dim=DIM, n_layers=1)  # dropout, drop-path off
-    return RunConfig(model, TrainConfig(batch_size=4, max_steps=max_steps, eval_every=100,
+    return RunConfig(model, TrainConfig(batch_size=4, max_steps=max_steps, eval_every=100, lr=1e-3,
                                         log_every=1, save_every=100, sample_bytes=0,
                                         warmup_steps=2))
 

@@ -57,3 +57,11 @@ def test_bank_bfloat16_tables_run_and_return_input_dtype() -> None:
     x = torch.randn(4, 8)
     y = bank(x, torch.randint(0, 64, (4, 3)), torch.rand(4, 3))
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_any_row_range_of_a_table_is_built_alone_identically() -> None:
+    from fractalmoe.experts import init_rows
+
+    full = init_rows(7, 0, 150_000, 150_000, 4, torch.float32)
+    for lo, hi in [(0, 10), (65_530, 65_540), (100_000, 150_000), (131_072, 131_073)]:
+        assert torch.equal(init_rows(7, lo, hi, 150_000, 4, torch.float32), full[lo:hi])

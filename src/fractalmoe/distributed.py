@@ -68,8 +68,8 @@ class ShardedExpertBank(nn.Module):
         self.num_experts, self.dim, self.act = bank.num_experts, bank.dim, bank.act
         self.world = ctx.world
         self.lo, self.hi = shard_range(bank.num_experts, ctx.rank, ctx.world)
-        self.down = mark_expert_table(nn.Parameter(bank.down.data[self.lo:self.hi].clone()))
-        self.up = mark_expert_table(nn.Parameter(bank.up.data[self.lo:self.hi].clone()))
+        self.down = mark_expert_table(nn.Parameter(bank.rows(0, self.lo, self.hi)))
+        self.up = mark_expert_table(nn.Parameter(bank.rows(1, self.lo, self.hi)))
         # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
         # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P.
         for p in (self.down, self.up):
@@ -112,6 +112,15 @@ def wrap_data_parallel(model: nn.Module) -> nn.Module:
     ignore = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shard_ids]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     return nn.parallel.DistributedDataParallel(model)
+
+
+def shard_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Full checkpoint tensors with every sharded table cut to this rank's rows."""
+    out = dict(tensors)
+    for name, bank in table_shards(model).items():
+        for t in ("down", "up"):
+            out[f"{name}.{t}"] = tensors[f"{name}.{t}"][bank.lo:bank.hi]
+    return out
 
 
 def table_shards(model: nn.Module) -> dict[str, ShardedExpertBank]:

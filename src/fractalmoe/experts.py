@@ -9,7 +9,9 @@ exist in the gradient, so backward and the row-sparse optimizer cost O(R * D), n
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +145,34 @@ def is_expert_table(p: Tensor) -> bool:
     return bool(getattr(p, "expert_table", False))
 
 
+_ROW_CHUNK = 65536
+_meta_tables = [False]
+
+
+@contextlib.contextmanager
+def meta_expert_tables(enabled: bool = True) -> Iterator[None]:
+    """Build expert banks without allocating their tables (meta tensors): a sharded run then
+    creates only its own rows from each bank's seed, never the whole table."""
+    old, _meta_tables[0] = _meta_tables[0], enabled
+    try:
+        yield
+    finally:
+        _meta_tables[0] = old
+
+
+def init_rows(seed: int, lo: int, hi: int, num_rows: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """Rows [lo, hi) of a N(0, 1/D) (num_rows, D) table drawn in 64K-row chunks, chunk c from its
+    own generator (seed, c): any row range is reproducible alone, identical to the whole table."""
+    out = torch.empty(hi - lo, dim, dtype=dtype)
+    for start in range(lo - lo % _ROW_CHUNK, hi, _ROW_CHUNK):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start // _ROW_CHUNK)
+        rows = min(_ROW_CHUNK, num_rows - start)
+        chunk = torch.randn(rows, dim, generator=gen).div_(math.sqrt(dim))
+        a, b = max(start, lo), min(start + _ROW_CHUNK, hi)
+        out[a - lo:b - lo] = chunk[a - start:b - start]
+    return out
+
+
 class ExpertBank(nn.Module):
     """Two (N, D) tables of singleton experts shared by every routed block of one layer."""
 
@@ -150,12 +180,23 @@ class ExpertBank(nn.Module):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.num_experts, self.dim, self.act = num_experts, dim, act
-        std = 1.0 / math.sqrt(dim)
-        self.down = mark_expert_table(nn.Parameter(torch.empty(num_experts, dim, dtype=dtype)))
-        self.up = mark_expert_table(nn.Parameter(torch.empty(num_experts, dim, dtype=dtype)))
-        with torch.no_grad():  # u . x has unit variance for unit-RMS x; v starts small
-            self.down.normal_(0.0, std)
-            self.up.normal_(0.0, std)
+        # u . x has unit variance for unit-RMS x. One draw of the global RNG seeds the tables.
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        self.down = mark_expert_table(nn.Parameter(self._table(0, dtype)))
+        self.up = mark_expert_table(nn.Parameter(self._table(1, dtype)))
+
+    def _table(self, which: int, dtype: torch.dtype) -> Tensor:
+        if _meta_tables[0]:
+            return torch.empty(self.num_experts, self.dim, dtype=dtype, device="meta")
+        return init_rows(2 * self.seed + which, 0, self.num_experts, self.num_experts, self.dim, dtype)
+
+    def rows(self, which: int, lo: int, hi: int) -> Tensor:
+        """A copy of rows [lo, hi) of table `which` (0 = down, 1 = up), built from the seed if
+        the tables were never allocated."""
+        table = self.down if which == 0 else self.up
+        if table.is_meta:
+            return init_rows(2 * self.seed + which, lo, hi, self.num_experts, self.dim, table.dtype)
+        return table.data[lo:hi].clone()
 
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         return expert_mix(x, idx, gates, self.down, self.up, self.act)

@@ -23,8 +23,9 @@ from .checkpoint import (CheckpointError, config_mismatch, init_run_dir, latest_
                          run_extra, save_checkpoint, shard_optimizer_state)
 from .config import RunConfig, TrainConfig
 from .data import ByteDataset, decode, encode
-from .distributed import (DistContext, init_from_env, shard_experts, table_shards,
-                          wrap_data_parallel)
+from .distributed import (DistContext, init_from_env, shard_experts, shard_tensors,
+                          table_shards, wrap_data_parallel)
+from .experts import meta_expert_tables
 from .evaluate import evaluate
 from .model import FHMELanguageModel
 from .optim import ModelOptimizer
@@ -179,16 +180,18 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         model_factory = lambda: build_adapted_model(saved["base"], saved["adapter"], device)  # noqa: E731
     data = ByteDataset.load(data_path, tc.val_fraction, mc.seq_len)
     torch.manual_seed(tc.seed)
-    model = (model_factory() if model_factory else FHMELanguageModel(mc)).to(device)
+    with meta_expert_tables(ctx.active and model_factory is None):  # shards only, never whole tables
+        model = model_factory() if model_factory else FHMELanguageModel(mc)
+    if ctx.active:
+        shard_experts(model, ctx)
+    model = model.to(device)
     step, elapsed_before, bad_total = 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir) if resume is not None else None
     optim_state: dict | None = None
     if ckpt is not None:
         tensors, optim_state, state = load_checkpoint_state(ckpt)
-        load_model_tensors(model, tensors, str(ckpt))
+        load_model_tensors(model, shard_tensors(tensors, model), str(ckpt))
         step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
-    if ctx.active:
-        shard_experts(model, ctx)
     opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim)
     shards = table_shards(model)
     if optim_state is not None:
