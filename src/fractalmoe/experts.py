@@ -163,11 +163,11 @@ def meta_expert_tables(enabled: bool = True) -> Iterator[None]:
 def init_rows(seed: int, lo: int, hi: int, num_rows: int, dim: int, dtype: torch.dtype) -> Tensor:
     """Rows [lo, hi) of a N(0, 1/D) (num_rows, D) table drawn in 64K-row chunks, chunk c from its
     own generator (seed, c): any row range is reproducible alone, identical to the whole table."""
-    out = torch.empty(hi - lo, dim, dtype=dtype)
+    out = torch.empty(hi - lo, dim, dtype=dtype, device="cpu")
     for start in range(lo - lo % _ROW_CHUNK, hi, _ROW_CHUNK):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + start // _ROW_CHUNK)
         rows = min(_ROW_CHUNK, num_rows - start)
-        chunk = torch.randn(rows, dim, generator=gen).div_(math.sqrt(dim))
+        chunk = torch.randn(rows, dim, generator=gen, device="cpu").div_(math.sqrt(dim))
         a, b = max(start, lo), min(start + _ROW_CHUNK, hi)
         out[a - lo:b - lo] = chunk[a - start:b - start]
     return out
@@ -181,7 +181,7 @@ class ExpertBank(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.act = num_experts, dim, act
         # u . x has unit variance for unit-RMS x. One draw of the global RNG seeds the tables.
-        self.seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
         self.down = mark_expert_table(nn.Parameter(self._table(0, dtype)))
         self.up = mark_expert_table(nn.Parameter(self._table(1, dtype)))
 
