@@ -90,10 +90,10 @@ def test_depth_of_a_token_ignores_future_tokens() -> None:
         assert torch.equal(a[:, :10], b[:, :10])
 
 
-def _mean_depth_after_training(penalty: float) -> float:
+def _mean_depth_after_training(penalty: float, target: float = 0.0) -> float:
     torch.manual_seed(0)
     model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True,
-                                                depth_penalty=penalty))
+                                                depth_penalty=penalty, depth_target=target))
     opt = ModelOptimizer(model, lr=1e-2, expert_lr=0.05, weight_decay=0.0)
     idx = torch.randint(0, 256, (4, 32))
     for _ in range(15):
@@ -109,3 +109,8 @@ def _mean_depth_after_training(penalty: float) -> float:
 def test_raising_the_compute_penalty_lowers_mean_depth() -> None:
     depths = [_mean_depth_after_training(p) for p in (0.0, 0.05, 0.5)]
     assert depths[0] >= depths[1] >= depths[2] and depths[0] > depths[2]
+
+
+def test_lowering_the_target_cost_lowers_mean_depth() -> None:
+    depths = [_mean_depth_after_training(0.0, target) for target in (0.9, 0.2)]
+    assert depths[0] > depths[1]

@@ -104,7 +104,8 @@ class FHME(nn.Module):
         weights = (hard + soft).to(x_TD.dtype)  # (T, C)
         costs = torch.tensor([blocks_at_depth(c) for c in range(1, self.depth + 1)],
                              dtype=probs.dtype, device=probs.device)
-        self.aux_loss = self.depth_penalty * (probs * costs).sum(-1).mean()
+        penalty = self.depth_penalty.clone()  # the controller below updates the buffer in place
+        self.aux_loss = penalty * (probs * costs).sum(-1).mean()
         if self.depth_target > 0:
             with torch.no_grad():
                 used = costs[depth_T - 1].mean() / costs[-1]
