@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -197,6 +198,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run(config, out=Path(args.out) if args.out else None,
                  resume=Path(args.resume) if args.resume else None, data_path=args.data,
                  device=args.device, progress=not args.quiet)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # every rank reports its own memory; the rest is rank 0's to say
+        from .bench import peak_rss_gb
+
+        print(f"rank {rank}/{world}: peak RSS {peak_rss_gb():.2f} GB", flush=True)
+        if rank:
+            return 0
     if result.val_loss is not None:
         print(f"step {result.step}: val_loss {result.val_loss:.4f} nats/byte, val_bpb "
               f"{result.val_bpb:.4f}, {result.elapsed_s / 60:.1f} min, {result.tok_s:.0f} tok/s")
