@@ -65,3 +65,11 @@ def test_any_row_range_of_a_table_is_built_alone_identically() -> None:
     full = init_rows(7, 0, 150_000, 150_000, 4, torch.float32)
     for lo, hi in [(0, 10), (65_530, 65_540), (100_000, 150_000), (131_072, 131_073)]:
         assert torch.equal(init_rows(7, lo, hi, 150_000, 4, torch.float32), full[lo:hi])
+
+
+def test_no_tokens_is_fine() -> None:
+    """A shard may own no slot of a batch (e.g. one token during generation)."""
+    x, idx, gates, down, up = _inputs(t=0)
+    y = expert_mix(x, idx, gates, down, up)
+    y.sum().backward()
+    assert y.shape == (0, 6) and down.grad._nnz() == 0

@@ -53,7 +53,7 @@ def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
 def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
     """a[t, m] = table[idx[t, m]] . x[t]: the sampled dot products of the routed experts."""
     num_t, num_m = idx_TM.shape
-    rows = _gather_rows(table, idx_TM.reshape(-1), x_TD.dtype).view(num_t, num_m, -1)
+    rows = _gather_rows(table, idx_TM.reshape(-1), x_TD.dtype).view(num_t, num_m, table.shape[1])
     return torch.bmm(rows, x_TD.unsqueeze(-1)).squeeze(-1)
 
 
