@@ -1,0 +1,117 @@
+"""Print the README's result tables from the committed JSON under benchmarks/results.
+
+    .venv/bin/python benchmarks/make_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+R = Path(__file__).parent / "results"
+
+
+def _jsonl(name: str) -> list[dict]:
+    path = R / name
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def layer_table() -> str:
+    rows = _jsonl("layer.jsonl") + _jsonl("layer_4m.jsonl")
+    if not rows:
+        return ""
+    base = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
+    out = ["| impl | N | train tok/s | vs peer-dense | vs peer-pytorch | infer tok/s | fwd / bwd / opt ms | peak RSS GB | roofline_frac |",
+           "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            continue
+        dense = base.get(("peer-dense", r["N"]))
+        peer = base.get(("peer-pytorch", r["N"]))
+        rel = lambda other: f"{r['train_tok_s'] / other['train_tok_s']:.1f}x" if other else "n/a"  # noqa: E731
+        out.append(f"| {r['impl']} | {r['N']:,} | {r['train_tok_s']:.0f} | {rel(dense)} | {rel(peer)} | "
+                   f"{r['infer_tok_s']:.0f} | {r['fwd_ms']:.0f} / {r['bwd_ms']:.0f} / {r['opt_ms']:.0f} | "
+                   f"{r['peak_rss_gb']:.2f} | {r['roofline_frac']:.2f} |")
+    hw = rows[0]
+    out.append("")
+    out.append(f"Measured peak {hw['peak_gflops']:.0f} GFLOP/s (fp32 2048² matmul) and "
+               f"{hw['bandwidth_gbps']:.0f} GB/s (copy, read + write) at the start of the first run.")
+    return "\n".join(out)
+
+
+def adaptive_table() -> str:
+    rows = _jsonl("adaptive.jsonl")
+    full = _jsonl("adaptive_full.jsonl")
+    if not rows:
+        return ""
+    deepest = [r for r in rows if r["mode"].startswith("depth")][-1]
+    out = ["| model / mode | val bpb | blocks/token | blocks vs own full depth | FHME ms (val split) | time vs full depth |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| adaptive-trained, {r['mode']} | {r['val_bpb']:.4f} | {r['blocks_per_token']:.2f} | "
+                   f"{r['blocks_per_token'] / deepest['blocks_per_token']:.0%} | {r['fhme_ms']:.0f} | "
+                   f"{r['fhme_ms'] / deepest['fhme_ms']:.0%} |")
+    for r in full:
+        out.append(f"| full-depth-trained, {r['mode']} | {r['val_bpb']:.4f} | {r['blocks_per_token']:.2f} | "
+                   f"| {r['fhme_ms']:.0f} | |")
+    return "\n".join(out)
+
+
+def compare_table() -> str:
+    table = Path("runs/compare/table.md")
+    rows = _jsonl("compare.jsonl")
+    if table.is_file():
+        return table.read_text()
+    if not rows:
+        return ""
+    out = ["| model | val bpb | ± spread/2 | params | active params/token | FLOPs/token | train tok/s | experts used |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        used = f"{r['expert_usage']:.1%}" if r.get("expert_usage") is not None else "n/a"
+        out.append(f"| {r['model']} | {r['val_bpb']:.4f} | {r['val_bpb_spread'] / 2:.4f} | {r['params'] / 1e6:.2f}M | "
+                   f"{r['active_params_per_token'] / 1e3:.0f}K | {r['flops_per_token'] / 1e6:.2f}M | "
+                   f"{r['train_tok_s']:.0f} | {used} |")
+    return "\n".join(out)
+
+
+def sweep_table(name: str) -> str:
+    rows = _jsonl(name)
+    if not rows:
+        return ""
+    out = ["| run | val bpb | params | FLOPs/token | train tok/s | experts used | usage KL |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        used = f"{r['expert_usage']:.1%}" if r.get("expert_usage") is not None else "n/a"
+        out.append(f"| {r['model']} | {r['val_bpb']:.4f} | {r['params'] / 1e6:.2f}M | "
+                   f"{r['flops_per_token'] / 1e6:.2f}M | {r['train_tok_s']:.0f} | {used} | "
+                   f"{r['usage_kl']:.2f} |" if r.get("usage_kl") is not None else
+                   f"| {r['model']} | {r['val_bpb']:.4f} | {r['params'] / 1e6:.2f}M | "
+                   f"{r['flops_per_token'] / 1e6:.2f}M | {r['train_tok_s']:.0f} | {used} | n/a |")
+    return "\n".join(out)
+
+
+def finetune_table() -> str:
+    base = R / "finetune_base_eval.json"
+    if not base.is_file():
+        return ""
+    out = ["| model | val bpb on the new domain | trainable params |", "|---|---:|---:|"]
+    out.append(f"| base (no adaptation) | {json.loads(base.read_text())['val_bpb']:.4f} | 0 |")
+    for kind in ("fhme", "lora", "full"):
+        log = R / f"finetune_{kind}.log"
+        if log.is_file():
+            m = re.search(r"val_bpb ([0-9.]+)\n", log.read_text())
+            params = re.search(r"trainable ([0-9]+)", log.read_text())
+            out.append(f"| {kind} | {m.group(1) if m else 'n/a'} | {params.group(1) if params else 'see log'} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    for title, body in (("layer", layer_table()), ("adaptive", adaptive_table()),
+                        ("compare", compare_table()), ("usage 65K", sweep_table("usage65k.jsonl")),
+                        ("experts sweep", sweep_table("scaling_experts.jsonl")),
+                        ("depth sweep", sweep_table("scaling_depth.jsonl")),
+                        ("finetune", finetune_table())):
+        print(f"## {title}\n\n{body}\n")
