@@ -61,20 +61,12 @@ def adaptive_table() -> str:
 
 
 def compare_table() -> str:
-    table = Path("runs/compare/table.md")
-    rows = _jsonl("compare.jsonl")
-    if table.is_file():
-        return table.read_text()
-    if not rows:
-        return ""
-    out = ["| model | val bpb | ± spread/2 | params | active params/token | FLOPs/token | train tok/s | experts used |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        used = f"{r['expert_usage']:.1%}" if r.get("expert_usage") is not None else "n/a"
-        out.append(f"| {r['model']} | {r['val_bpb']:.4f} | {r['val_bpb_spread'] / 2:.4f} | {r['params'] / 1e6:.2f}M | "
-                   f"{r['active_params_per_token'] / 1e3:.0f}K | {r['flops_per_token'] / 1e6:.2f}M | "
-                   f"{r['train_tok_s']:.0f} | {used} |")
-    return "\n".join(out)
+    table = R / "table.md"
+    return table.read_text() if table.is_file() else ""
+
+
+def _fmt(value, spec: str) -> str:  # type: ignore[no-untyped-def]
+    return "n/a" if value is None else format(value, spec)
 
 
 def sweep_table(name: str) -> str:
@@ -84,12 +76,9 @@ def sweep_table(name: str) -> str:
     out = ["| run | val bpb | params | FLOPs/token | train tok/s | experts used | usage KL |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        used = f"{r['expert_usage']:.1%}" if r.get("expert_usage") is not None else "n/a"
         out.append(f"| {r['model']} | {r['val_bpb']:.4f} | {r['params'] / 1e6:.2f}M | "
-                   f"{r['flops_per_token'] / 1e6:.2f}M | {r['train_tok_s']:.0f} | {used} | "
-                   f"{r['usage_kl']:.2f} |" if r.get("usage_kl") is not None else
-                   f"| {r['model']} | {r['val_bpb']:.4f} | {r['params'] / 1e6:.2f}M | "
-                   f"{r['flops_per_token'] / 1e6:.2f}M | {r['train_tok_s']:.0f} | {used} | n/a |")
+                   f"{r['flops_per_token'] / 1e6:.2f}M | {r['train_tok_s']:.0f} | "
+                   f"{_fmt(r.get('expert_usage'), '.1%')} | {_fmt(r.get('usage_kl'), '.2f')} |")
     return "\n".join(out)
 
 

@@ -365,7 +365,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       echo=(lambda s: None) if args.json else print)
     if args.json:
         keys = ("model", "val_bpb", "params", "active_params_per_token", "flops_per_token",
-                "train_tok_s", "peak_rss_gb", "expert_usage")
+                "train_tok_s", "peak_rss_gb", "expert_usage", "usage_kl", "dead_experts")
         for row in summary:
             print(json.dumps({k: row[k] for k in keys} | {"val_bpb_spread": row["val_bpb_spread"]}))
     else:
