@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .experts import mark_expert_table
+from .experts import mark_expert_table, table_device
 from .fhme import FHME
 from .routing import ProductKeyRouter, gate_scores
 
@@ -108,7 +108,8 @@ class PKMFFN(nn.Module):
         super().__init__()
         self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm)
         self.gate = gate
-        self.values = mark_expert_table(nn.Parameter(torch.randn(num_experts, dim) * dim**-0.5))
+        self.values = mark_expert_table(nn.Parameter(
+            torch.randn(num_experts, dim, device=table_device()) * dim**-0.5))
         self.aux_loss = torch.zeros(())
         self.usage: Tensor | None = None
 

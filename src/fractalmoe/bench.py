@@ -178,9 +178,11 @@ def run_layer(spec: LayerSpec) -> dict[str, Any]:
 
 def _layer_flops(spec: LayerSpec) -> float:
     """Forward FLOPs per token: query projection, sub-key scoring, expert dots and mixes."""
-    n_keys = int(spec.num_experts**0.5)
-    return (2 * spec.dim * spec.heads * spec.key_dim + 2 * spec.heads * n_keys * spec.key_dim
-            + spec.heads * spec.topk**2 + 4 * spec.heads * spec.topk * spec.dim)
+    from .experts import meta_expert_tables
+
+    with meta_expert_tables():
+        return FHME(spec.dim, spec.num_experts, depth=1, heads=spec.heads, topk=spec.topk,
+                    key_dim=spec.key_dim).flops_per_token()
 
 
 @dataclass

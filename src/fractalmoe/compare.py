@@ -21,22 +21,14 @@ from .config import ModelConfig, RunConfig
 MODELS = ("fhme", "dense", "moe", "pkm", "peer")
 
 
-def _analytic_ffn_flops(cfg: ModelConfig) -> float:
-    """Same count as the modules report, without building (large) expert tables."""
-    d, n = cfg.dim, cfg.n_keys
-    if cfg.ffn == "dense":
-        return 6 * d * cfg.ffn_hidden
-    if cfg.ffn == "moe":
-        return 2 * d * cfg.moe_experts + cfg.moe_topk * 6 * d * cfg.ffn_hidden
-    router = (2 * d * cfg.expert_heads * cfg.key_dim + 2 * cfg.expert_heads * n * cfg.key_dim
-              + cfg.expert_heads * cfg.topk**2)
-    if cfg.ffn == "pkm":
-        return router + 2 * cfg.expert_heads * cfg.topk * d
-    block = router + 4 * cfg.expert_heads * cfg.topk * d
-    depth = 1 if cfg.ffn == "peer" else cfg.fractal_depth
-    joins = 2 ** (depth - 1) - 1
-    router_cost = 2 * d * depth if cfg.adaptive_depth and depth > 1 else 0
-    return (2**depth - 1) * block + joins * 2 * d + router_cost
+def ffn_flops(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of the FFN cfg describes, as the module reports them (expert
+    tables are not allocated)."""
+    from .baselines import build_ffn
+    from .experts import meta_expert_tables
+
+    with meta_expert_tables():
+        return float(build_ffn(cfg).flops_per_token())
 
 
 def matched_config(base: ModelConfig, ffn: str, target: float) -> ModelConfig:
@@ -49,10 +41,10 @@ def matched_config(base: ModelConfig, ffn: str, target: float) -> ModelConfig:
     best, best_err = cfg, math.inf
     for value in range(1, 4097):
         trial = cfg.replace(**{knob: value})
-        err = abs(_analytic_ffn_flops(trial) - target)
+        err = abs(ffn_flops(trial) - target)
         if err < best_err:
             best, best_err = trial, err
-        elif _analytic_ffn_flops(trial) > target:
+        elif ffn_flops(trial) > target:
             break
     return best
 
@@ -73,9 +65,9 @@ def _child(spec: CompareSpec) -> dict[str, Any]:
     from .data import ByteDataset
     from .evaluate import evaluate
 
-    config = RunConfig.from_dict(spec.config)
     from .train import run
 
+    config = RunConfig.from_dict(spec.config)
     result = run(config, out=Path(spec.out), data_path=spec.data, progress=False, log=lambda s: None)
     model, _, _ = load_model_from_run(spec.out)
     data = ByteDataset.load(spec.data, config.train.val_fraction, config.model.seq_len)
@@ -108,7 +100,7 @@ def plan(base: RunConfig, models: list[str], sweep: tuple[str, list[str]] | None
         key, values = sweep
         return [(f"{models[0]} {key}={v}", base.with_overrides([f"ffn={models[0]}", f"{key}={v}"]))
                 for v in values]
-    target = _analytic_ffn_flops(base.model.replace(ffn="fhme"))
+    target = ffn_flops(base.model.replace(ffn="fhme"))
     return [(m, RunConfig(matched_config(base.model, m, target), base.train)) for m in models]
 
 

@@ -160,6 +160,11 @@ def meta_expert_tables(enabled: bool = True) -> Iterator[None]:
         _meta_tables[0] = old
 
 
+def table_device() -> str | None:
+    """Where new expert tables go: "meta" inside ``meta_expert_tables()``, else the default."""
+    return "meta" if _meta_tables[0] else None
+
+
 def init_rows(seed: int, lo: int, hi: int, num_rows: int, dim: int, dtype: torch.dtype) -> Tensor:
     """Rows [lo, hi) of a N(0, 1/D) (num_rows, D) table drawn in 64K-row chunks, chunk c from its
     own generator (seed, c): any row range is reproducible alone, identical to the whole table."""
@@ -186,7 +191,7 @@ class ExpertBank(nn.Module):
         self.up = mark_expert_table(nn.Parameter(self._table(1, dtype)))
 
     def _table(self, which: int, dtype: torch.dtype) -> Tensor:
-        if _meta_tables[0]:
+        if table_device() == "meta":
             return torch.empty(self.num_experts, self.dim, dtype=dtype, device="meta")
         return init_rows(2 * self.seed + which, 0, self.num_experts, self.num_experts, self.dim, dtype)
 
