@@ -114,3 +114,17 @@ def test_any_bytes_are_valid_text(tmp_path: Path) -> None:
 
 def torch_equal_shift(x, y) -> bool:
     return bool((x[:, 1:] == y[:, :-1]).all())
+
+
+def test_compare_on_any_corpus_matches_flops_and_writes_results(corpus: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    tiny = [a for a in TINY if a != "--quiet"]
+    assert main(["compare", "--data", str(corpus), "--models", "fhme,dense", "--max-steps", "2",
+                 "--seeds", "1", "--out", str(out), "--json", *tiny]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {r["model"] for r in rows} == {"fhme", "dense"}
+    flops = [r["flops_per_token"] for r in rows]
+    assert max(flops) / min(flops) < 1.10  # matched on active FLOPs per token
+    assert {"val_bpb", "params", "active_params_per_token", "train_tok_s", "peak_rss_gb",
+            "expert_usage"} <= set(rows[0])
+    assert (out / "table.md").is_file() and (out / "bpb_vs_flops.png").is_file()
