@@ -326,9 +326,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = run(config, out=Path(args.out) if args.out else None, data_path=args.data,
                  progress=not args.quiet, model_factory=lambda: build_adapted_model(base, spec),
                  extra={"base": base, "adapter": spec})
+    print(adapter_summary(result.run_dir))
     print(f"step {result.step}: val_loss {result.val_loss:.4f} nats/byte, val_bpb {result.val_bpb:.4f}")
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def adapter_summary(run_dir: Path) -> str:
+    """Trainable parameters and parameters read per token of an adapter (or full) run."""
+    from .adapters import trainable_parameter_count
+    from .checkpoint import load_model_from_run, run_extra
+
+    model, _, _ = load_model_from_run(run_dir)
+    full = run_extra(run_dir)["adapter"]["kind"] == "full"
+    trainable = model.num_params() if full else trainable_parameter_count(model)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    active = model.active_params_per_token() + lora  # every LoRA weight is read by every token
+    return f"trainable {trainable} params, active {active:.0f} params/token"
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
