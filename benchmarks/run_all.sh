@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
 # Every committed result under benchmarks/results, with the command that produced it.
-# Run from the repository root after `make install`; on 2 CPU cores the whole script takes ~1.5 h.
+# Run from the repository root after `make install` and `pip install -e .[bench]`, on an otherwise
+# idle machine (two PyTorch processes on 2 cores slow each other down 10-100x).
 set -euo pipefail
 F=.venv/bin/fractalmoe
 R=benchmarks/results
-mkdir -p $R
+mkdir -p $R runs
+STD=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 
-# Issue: million-expert scaling (one layer, dim 256, 8 heads x top-16, 2048 tokens, fp32)
+# Training product: the default run (make train)
+/usr/bin/time -v $F train --out runs/default 2> $R/default_train/time.txt
+$F eval --ckpt runs/default --json > $R/default_train/eval.json
+
+# Million-expert scaling (one layer, dim 256, 8 heads x top-16, 2048 tokens, fp32)
 $F bench layer --experts 16384,262144,1048576 --impl fractalmoe,peer-dense,peer-pytorch,pkm-pytorch --json > $R/layer.jsonl
 $F bench layer --experts 4194304 --impl fractalmoe --json > $R/layer_4m.jsonl
-$F bench model --experts 16384,262144,1048576 --json > $R/model.jsonl
-$F train --config configs/million.toml --out runs/million --quiet
-cp runs/million/metrics.jsonl $R/million_metrics.jsonl
+/usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 
-# Issue: adaptive depth (C = 3): the adaptive model, the same config at full depth, bench adaptive
-$F train --config configs/adaptive.toml --out runs/adaptive --quiet
-$F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --out runs/adaptive_full --quiet
+# Adaptive depth (C = 3): the adaptive model, the same config at full depth, bench adaptive
+$F train --config configs/adaptive.toml --out runs/adaptive --quiet > $R/adaptive_train.log 2>&1
+$F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --out runs/adaptive_full --quiet > $R/adaptive_full_train.log 2>&1
 $F bench adaptive --ckpt runs/adaptive --json > $R/adaptive.jsonl
-$F eval --ckpt runs/adaptive_full --json > $R/adaptive_full_eval.json
-$F plot runs/adaptive --out $R/adaptive_plots --depth-map --text "$(head -c 300 src/fractalmoe/tinyshakespeare.txt)"
+$F bench adaptive --ckpt runs/adaptive_full --json > $R/adaptive_full.jsonl
+$F plot runs/adaptive --out $R/adaptive_plots --depth-map --text "$(head -c 256 src/fractalmoe/tinyshakespeare.txt)"
 
-# Issue: comparisons at equal active FLOPs (2 seeds) and the scaling study
+# Comparisons at equal active FLOPs (2 seeds), expert usage at 65,536 experts, scaling study
 $F compare --models fhme,dense,moe,pkm,peer --max-steps 300 --seeds 1,2 --out runs/compare --json > $R/compare.jsonl
-cp runs/compare/table.md runs/compare/*.png $R/ 2>/dev/null || true
+cp runs/compare/table.md runs/compare/*.png runs/compare/results.jsonl $R/ && mv $R/results.jsonl $R/compare_results.jsonl
+$F compare --models fhme,peer --set num_experts=65536 --set query_norm=running --max-steps 200 --out runs/usage65k --json > $R/usage65k.jsonl
+cp runs/usage65k/results.jsonl $R/usage65k_results.jsonl
 $F compare --models peer --sweep num_experts=1024,4096,16384,65536,262144 --max-steps 300 --out runs/scaling_experts --json > $R/scaling_experts.jsonl
 $F compare --models fhme --sweep fractal_depth=1,2,3,4 --max-steps 300 --out runs/scaling_depth --json > $R/scaling_depth.jsonl
+
+# Scale-out: 1 vs 2 processes at 262,144 experts
+bash benchmarks/distributed.sh
+
+# Fine-tuning: the default run adapted to Python's email package source
+$F eval --ckpt runs/default --data $STD --json > $R/finetune_base_eval.json
+for k in fhme lora full; do
+  $F finetune --base runs/default --data $STD --adapter $k --out runs/ft_$k --max-steps 150 --quiet > $R/finetune_$k.log 2>&1
+done
+.venv/bin/python benchmarks/make_tables.py
