@@ -15,8 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fractalmoe.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint_state,
-                                   load_model_tensors)
+from fractalmoe.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint_state,
+    load_model_tensors,
+)
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
 from fractalmoe.model import FHMELanguageModel

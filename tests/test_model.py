@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fractalmoe import FHMELanguageModel, ModelConfig
-from fractalmoe.baselines import DenseFFN, MoEFFN, PKMFFN
+from fractalmoe.baselines import PKMFFN, DenseFFN, MoEFFN
 from fractalmoe.config import tiny_model_config
 from fractalmoe.fhme import FHME
 

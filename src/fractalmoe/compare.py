@@ -64,7 +64,6 @@ def _child(spec: CompareSpec) -> dict[str, Any]:
     from .checkpoint import load_model_from_run
     from .data import ByteDataset
     from .evaluate import evaluate
-
     from .train import run
 
     config = RunConfig.from_dict(spec.config)

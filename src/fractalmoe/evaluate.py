@@ -59,7 +59,8 @@ def _usage_sources(model: FHMELanguageModel) -> list:
     return [b.ffn for b in model.blocks if hasattr(b.ffn, "track_usage")]
 
 
-def _layer_counts(ffn) -> list[Tensor]:  # type: ignore[no-untyped-def]
+def usage_counts_of(ffn) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    """(N,) selection counts per block position of a routed FFN while tracking is on."""
     if isinstance(ffn, FHME):
         return ffn.usage_counts()
     return [ffn.usage] if ffn.usage is not None else []
@@ -88,7 +89,7 @@ def evaluate(model: FHMELanguageModel, data: ByteDataset, batch_size: int,
         flops += model.flops_per_token() * n
         for acc, layer in zip(depth_sum, fhme):
             acc += layer.depth_hist.cpu() * n
-    usage = [[UsageStats.from_counts(c.cpu()) for c in _layer_counts(ffn)] for ffn in routed]
+    usage = [[UsageStats.from_counts(c.cpu()) for c in usage_counts_of(ffn)] for ffn in routed]
     for ffn in routed:
         ffn.track_usage(False)
     model.train(was_training)

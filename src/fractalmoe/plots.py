@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from .checkpoint import CheckpointError, load_model_from_run, run_extra  # noqa: E402
 from .data import ByteDataset, encode  # noqa: E402
-from .evaluate import UsageStats  # noqa: E402
+from .evaluate import UsageStats, usage_counts_of  # noqa: E402
 from .model import FHMELanguageModel  # noqa: E402
 
 
@@ -75,8 +75,6 @@ def plot_usage(model: FHMELanguageModel, data: ByteDataset, batch_size: int, out
 
 @torch.no_grad()
 def _usage_counts(model: FHMELanguageModel, data: ByteDataset, batch_size: int) -> list[tuple[str, torch.Tensor]]:
-    from .fhme import FHME
-
     model.eval()
     routed = [(i, b.ffn) for i, b in enumerate(model.blocks) if hasattr(b.ffn, "track_usage")]
     for _, ffn in routed:
@@ -85,8 +83,7 @@ def _usage_counts(model: FHMELanguageModel, data: ByteDataset, batch_size: int) 
         model(x)
     out = []
     for i, ffn in routed:
-        counts = ffn.usage_counts() if isinstance(ffn, FHME) else [ffn.usage]
-        out += [(f"layer {i} block {j + 1}", c.clone()) for j, c in enumerate(counts)]
+        out += [(f"layer {i} block {j + 1}", c.clone()) for j, c in enumerate(usage_counts_of(ffn))]
         ffn.track_usage(False)
     return out
 

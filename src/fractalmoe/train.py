@@ -18,15 +18,31 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, config_mismatch, init_run_dir, latest_checkpoint,
-                         load_checkpoint_state, load_model_tensors, load_run_config, restore_rng,
-                         run_extra, save_checkpoint, shard_optimizer_state)
+from .checkpoint import (
+    CheckpointError,
+    config_mismatch,
+    init_run_dir,
+    latest_checkpoint,
+    load_checkpoint_state,
+    load_model_tensors,
+    load_run_config,
+    restore_rng,
+    run_extra,
+    save_checkpoint,
+    shard_optimizer_state,
+)
 from .config import RunConfig, TrainConfig
 from .data import ByteDataset, decode, encode
-from .distributed import (DistContext, init_from_env, shard_experts, shard_tensors,
-                          table_shards, wrap_data_parallel)
-from .experts import meta_expert_tables
+from .distributed import (
+    DistContext,
+    init_from_env,
+    shard_experts,
+    shard_tensors,
+    table_shards,
+    wrap_data_parallel,
+)
 from .evaluate import evaluate
+from .experts import meta_expert_tables
 from .model import FHMELanguageModel
 from .optim import ModelOptimizer
 
