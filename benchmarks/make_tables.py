@@ -82,6 +82,30 @@ def sweep_table(name: str) -> str:
     return "\n".join(out)
 
 
+def usage_table(name: str) -> str:
+    """Per layer and block position: (fraction of experts used, KL from uniform)."""
+    rows = _jsonl(name)
+    out = ["| model | val bpb | per layer: [(used, KL) per block] |", "|---|---:|---|"]
+    for r in rows:
+        layers = "; ".join("[" + ", ".join(f"({u:.0%}, {kl:.2f})" for u, kl in layer) + "]"
+                           for layer in r["usage_per_block"])
+        out.append(f"| {r['model']} | {r['val_bpb']:.4f} | {layers} |")
+    return "\n".join(out) if rows else ""
+
+
+def rerun_table() -> str:
+    """The committed comparison against a rerun of the same command, per model and seed."""
+    first = {(r["model"], r["seed"]): r["val_bpb"] for r in _jsonl("compare_results.jsonl")}
+    again = {(r["model"], r["seed"]): r["val_bpb"] for r in _jsonl("compare_rerun_results.jsonl")}
+    if not again:
+        return ""
+    out = ["| model | seed | committed val bpb | rerun val bpb | difference |", "|---|---:|---:|---:|---:|"]
+    for key in sorted(first.keys() & again.keys()):
+        out.append(f"| {key[0]} | {key[1]} | {first[key]:.4f} | {again[key]:.4f} | "
+                   f"{again[key] - first[key]:+.4f} |")
+    return "\n".join(out)
+
+
 def finetune_table() -> str:
     base = R / "finetune_base_eval.json"
     if not base.is_file():
@@ -99,7 +123,10 @@ def finetune_table() -> str:
 
 if __name__ == "__main__":
     for title, body in (("layer", layer_table()), ("adaptive", adaptive_table()),
-                        ("compare", compare_table()), ("usage 65K", sweep_table("usage65k.jsonl")),
+                        ("compare", compare_table()), ("rerun", rerun_table()),
+                        ("usage 65K", usage_table("usage65k_results.jsonl")),
+                        ("balance sweep 65K", sweep_table("balance65k.jsonl")),
+                        ("usage 65K balanced", usage_table("usage65k_balanced_results.jsonl")),
                         ("experts sweep", sweep_table("scaling_experts.jsonl")),
                         ("depth sweep", sweep_table("scaling_depth.jsonl")),
                         ("finetune", finetune_table())):

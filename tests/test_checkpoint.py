@@ -36,9 +36,9 @@ def corpus(tmp_path: Path) -> str:
     return str(path)
 
 
-def _config(**train) -> RunConfig:
+def _config(model_extra: dict | None = None, **train) -> RunConfig:
     model = tiny_model_config(n_layers=1, dropout=0.1, drop_path_local=0.2, adaptive_depth=True,
-                              depth_penalty=0.01)
+                              depth_penalty=0.01, **(model_extra or {}))
     base = dict(batch_size=4, max_steps=8, eval_every=100, log_every=1, save_every=100,
                 sample_bytes=0, warmup_steps=2)
     return RunConfig(model, TrainConfig(**(base | train)))
@@ -48,9 +48,15 @@ def _losses(run_dir: Path) -> list[float]:
     return [m["train_loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("expert_optim", ["rowwise_adagrad", "lazy_adam"])
-def test_resume_is_bit_exact(tmp_path: Path, corpus: str, expert_optim: str) -> None:
-    cfg = _config(expert_optim=expert_optim)
+BALANCED = dict(query_norm="whiten", unit_keys=True, balance_rate=0.05)
+
+
+@pytest.mark.parametrize("expert_optim,model_extra", [("rowwise_adagrad", None), ("lazy_adam", None),
+                                                       ("rowwise_adagrad", BALANCED)],
+                         ids=["rowwise_adagrad", "lazy_adam", "balanced-routing"])
+def test_resume_is_bit_exact(tmp_path: Path, corpus: str, expert_optim: str,
+                             model_extra: dict | None) -> None:
+    cfg = _config(model_extra, expert_optim=expert_optim)
     full = run(cfg, out=tmp_path / "full", data_path=corpus, progress=False, log=lambda s: None)
     run(cfg, out=tmp_path / "split", data_path=corpus, progress=False, stop_at_step=4, log=lambda s: None)
     resumed = run(cfg, resume=tmp_path / "split", progress=False, log=lambda s: None)

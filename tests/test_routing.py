@@ -11,10 +11,10 @@ from fractalmoe.routing import product_key_topk
 
 def brute_force_topk(router, x):
     """Score every one of the N = n_keys**2 full keys and take the top-k."""
-    q = router.norm(router.query(x).unflatten(-1, (router.heads, router.key_dim)))
-    q1, q2 = q.chunk(2, dim=-1)
-    s1 = torch.einsum("...hq,hnq->...hn", q1, router.sub_keys[:, 0])
-    s2 = torch.einsum("...hq,hnq->...hn", q2, router.sub_keys[:, 1])
+    q1, q2 = router.queries(x).chunk(2, dim=-1)
+    keys = router.keys()
+    s1 = torch.einsum("...hq,hnq->...hn", q1, keys[:, 0])
+    s2 = torch.einsum("...hq,hnq->...hn", q2, keys[:, 1])
     full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (..., H, N), index i * n + j
     return full.topk(router.topk, dim=-1)
 
@@ -75,3 +75,78 @@ def test_sub_key_topk_gradient_equals_dense_autograd() -> None:
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda q, k: sub_key_topk(q, k, 4)[0], (q, keys))
+
+
+@pytest.mark.parametrize("expert_bias", [False, True])
+def test_balance_biases_choose_among_candidates_and_leave_scores_unbiased(expert_bias: bool) -> None:
+    """Sub-key biases: exact top-k of the biased sums over all N. Expert biases re-rank the
+    K*K candidate pairs of the (biased) per-half top-k lists."""
+    mem = ProductKeyMemory(32, 4096, heads=2, topk=8, key_dim=16, balance_rate=0.1).double()
+    router = mem.router
+    router.key_bias.normal_()
+    if expert_bias:
+        router.expert_bias.normal_()
+    x = torch.randn(4, 9, 32, dtype=torch.float64)
+    with torch.no_grad():
+        scores, idx = mem.route(x)
+        q1, q2 = router.queries(x).chunk(2, dim=-1)
+        keys = router.keys()
+        s1 = torch.einsum("...hq,hnq->...hn", q1, keys[:, 0]) + router.key_bias[:, 0]
+        s2 = torch.einsum("...hq,hnq->...hn", q2, keys[:, 1]) + router.key_bias[:, 1]
+        biased = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2) + router.expert_bias.double()
+        if expert_bias:  # only pairs of the per-half top-k lists are candidates
+            allowed = torch.zeros_like(biased, dtype=torch.bool)
+            i1, i2 = s1.topk(8).indices, s2.topk(8).indices
+            allowed.scatter_(-1, (i1.unsqueeze(-1) * 64 + i2.unsqueeze(-2)).flatten(-2), True)
+            biased = biased.masked_fill(~allowed, float("-inf"))
+        ref_idx = biased.topk(8, dim=-1).indices
+        plain_s1 = torch.einsum("...hq,hnq->...hn", q1, keys[:, 0])
+        plain_s2 = torch.einsum("...hq,hnq->...hn", q2, keys[:, 1])
+        plain = (plain_s1.unsqueeze(-1) + plain_s2.unsqueeze(-2)).flatten(-2)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    torch.testing.assert_close(scores, plain.gather(-1, idx))  # gates see unbiased scores
+
+
+def _sub_key_kl(router, x: torch.Tensor) -> float:
+    """Mean KL(sub-key choice frequencies || uniform) over heads and halves."""
+    q1, q2 = router.queries(x).chunk(2, dim=-1)
+    keys, n = router.keys(), router.n_keys
+    kls = []
+    for h in range(router.heads):
+        for half, q in enumerate((q1, q2)):
+            chosen = (q[:, h] @ keys[h, half].T + router.key_bias[h, half]).topk(router.topk).indices
+            p = torch.bincount(chosen.flatten(), minlength=n).double() / chosen.numel()
+            kls.append(float((p[p > 0] * (p[p > 0] * n).log()).sum()))
+    return sum(kls) / len(kls)
+
+
+def test_balancing_spreads_clustered_queries_over_the_sub_keys() -> None:
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(32, 1024, heads=2, topk=4, key_dim=16, balance_rate=0.05).train()
+    centers = torch.randn(4, 32) * 3
+    x = centers[torch.randint(0, 4, (2048,))] + 0.5 * torch.randn(2048, 32)  # 4 tight clusters
+    with torch.no_grad():
+        before = _sub_key_kl(mem.router, x)
+        for _ in range(100):
+            mem.route(x)
+            mem.router.commit()
+        after = _sub_key_kl(mem.router, x)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_whitening_gives_identity_covariance_from_past_batches_only() -> None:
+    from fractalmoe.routing import RunningQueryWhitening
+
+    torch.manual_seed(0)
+    norm = RunningQueryWhitening(heads=2, width=6).train()
+    mix = torch.eye(6) + 0.5 * torch.randn(2, 6, 6)  # correlated, well-conditioned
+    q = torch.einsum("thj,hij->thi", torch.randn(20000, 2, 6), mix) + 3.0
+    first = norm(q)
+    torch.testing.assert_close(first, q)  # nothing committed yet: identity transform
+    norm.commit()
+    with torch.no_grad():
+        out = norm.eval()(q)
+    centered = out.reshape(-1, 2, 6)
+    cov = torch.einsum("thi,thj->hij", centered, centered) / centered.shape[0]
+    torch.testing.assert_close(centered.mean(0), torch.zeros(2, 6), atol=1e-3, rtol=0)
+    torch.testing.assert_close(cov, torch.eye(6).expand(2, 6, 6), atol=2e-3, rtol=0)

@@ -104,9 +104,11 @@ class PKMFFN(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
-                 gate: str, query_norm: str) -> None:
+                 gate: str, query_norm: str, unit_keys: bool = False,
+                 balance_rate: float = 0.0) -> None:
         super().__init__()
-        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm)
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, unit_keys,
+                                       balance_rate)
         self.gate = gate
         self.values = mark_expert_table(nn.Parameter(
             torch.randn(num_experts, dim, device=table_device()) * dim**-0.5))
@@ -144,4 +146,4 @@ def build_ffn(cfg: ModelConfig) -> nn.Module:
     if cfg.ffn == "moe":
         return MoEFFN(cfg.dim, cfg.ffn_hidden, cfg.moe_experts, cfg.moe_topk, cfg.moe_balance)
     return PKMFFN(cfg.dim, cfg.num_experts, cfg.expert_heads, cfg.topk, cfg.key_dim, cfg.gate,
-                  cfg.query_norm)
+                  cfg.query_norm, cfg.unit_keys, cfg.balance_rate)

@@ -22,7 +22,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 FFN_TYPES = ("fhme", "dense", "moe", "pkm", "peer")
 ROUTED_FFNS = ("fhme", "pkm", "peer")
 GATES = ("softmax", "sigmoid")
-QUERY_NORMS = ("layernorm", "rmsnorm", "running", "none")
+QUERY_NORMS = ("layernorm", "rmsnorm", "running", "whiten", "none")
 EXPERT_ACTS = ("gelu", "relu")
 EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
 EXPERT_DTYPES = ("float32", "bfloat16")
@@ -111,7 +111,9 @@ class ModelConfig(_Config):
     topk: int = 8  # experts per head
     key_dim: int = 32  # query / product-key width (split in two halves)
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
-    query_norm: str = "layernorm"  # layernorm | rmsnorm | running (past batches' stats) | none
+    query_norm: str = "layernorm"  # layernorm | rmsnorm | running | whiten (past batches' stats) | none
+    unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
+    balance_rate: float = 0.0  # > 0: per-step move of the selection-only sub-key balancing bias
     expert_act: str = "gelu"
     expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
@@ -138,6 +140,7 @@ class ModelConfig(_Config):
         r(self.ffn in FFN_TYPES, "ffn", f"must be one of {FFN_TYPES}")
         r(self.gate in GATES, "gate", f"must be one of {GATES}")
         r(self.query_norm in QUERY_NORMS, "query_norm", f"must be one of {QUERY_NORMS}")
+        r(0.0 <= self.balance_rate <= 1.0, "balance_rate", "must be in [0, 1] (try 0.01)")
         r(self.expert_act in EXPERT_ACTS, "expert_act", f"must be one of {EXPERT_ACTS}")
         r(self.expert_dtype in EXPERT_DTYPES, "expert_dtype", f"must be one of {EXPERT_DTYPES}")
         r(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads={self.n_heads}")

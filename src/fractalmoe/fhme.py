@@ -32,14 +32,16 @@ class FHME(nn.Module):
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, adaptive_depth: bool = False,
                  depth_penalty: float = 0.0, depth_explore: float = 0.0,
-                 depth_target: float = 0.0, expert_dtype: str = "float32") -> None:
+                 depth_target: float = 0.0, expert_dtype: str = "float32",
+                 unit_keys: bool = False, balance_rate: float = 0.0) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target = depth_explore, depth_target
         initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
-                                     drop_path_global, _DTYPES[expert_dtype])
+                                     drop_path_global, _DTYPES[expert_dtype], unit_keys,
+                                     balance_rate)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             self.depth_router = nn.Linear(dim, depth)
@@ -60,7 +62,8 @@ class FHME(nn.Module):
         return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.expert_heads, cfg.topk,
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
-                   cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype)
+                   cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
+                   cfg.unit_keys, cfg.balance_rate)
 
     def choose_depth(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-token depth in 1..C (hard) and router probabilities (None without a router)."""

@@ -69,7 +69,8 @@ class FractalExpert(nn.Module):
     def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int = 8, topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
-                 drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32) -> None:
+                 drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
+                 unit_keys: bool = False, balance_rate: float = 0.0) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
@@ -77,7 +78,8 @@ class FractalExpert(nn.Module):
         self.bank = ExpertBank(num_experts, dim, act, expert_dtype)
         self.blocks = nn.ModuleList(
             RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
-                                              query_norm, act, bank=self.bank))
+                                              query_norm, act, bank=self.bank,
+                                              unit_keys=unit_keys, balance_rate=balance_rate))
             for _ in range(depth))
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(depth - 1))
 

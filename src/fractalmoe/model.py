@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .baselines import build_ffn
 from .config import ModelConfig
 from .fhme import FHME
-from .routing import RunningQueryNorm
+from .routing import PastBatchStatistics
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -95,7 +95,7 @@ class FHMELanguageModel(nn.Module):
         self.head.weight = self.embed.weight  # tied input/output embeddings
         self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}  # computed, never stored
         self._init_weights()
-        self._running_norms = [m for m in self.modules() if isinstance(m, RunningQueryNorm)]
+        self._past_stats = [m for m in self.modules() if isinstance(m, PastBatchStatistics)]
 
     def _init_weights(self) -> None:
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -118,9 +118,14 @@ class FHMELanguageModel(nn.Module):
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]")
 
+    def commit_statistics(self, keep: bool = True) -> None:
+        """Fold (or, for a skipped step, drop) the finished batch's statistics into the modules
+        that learn from past batches (running query norms, routing balance)."""
+        for module in self._past_stats:
+            module.commit() if keep else module.discard()
+
     def _logits(self, idx: Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> Tensor:
-        for norm in self._running_norms:  # statistics of the previous batch, never this one
-            norm.commit()
+        self.commit_statistics()  # statistics of the previous batch, never this one
         x = self.embed(idx.long())
         if x.device not in self._rope:
             self._rope[x.device] = tuple(t.to(x.device) for t in rope_tables(self.cfg.seq_len, self.cfg.head_dim))

@@ -5,6 +5,10 @@ Legend: H retrieval heads, K top-k, n sub-keys per half (n_keys), Q query width 
 A query q = norm(W_q x) per head is split in halves q1, q2, scored against two sub-key tables.
 Any of the top-K full keys (i, j), score s1[i] + s2[j], has i in the top-K of s1 and j in the
 top-K of s2, so the top-K of the K*K candidate sums is the exact top-K over all N keys.
+
+Balancing (``balance_rate > 0``) adds a per-sub-key bias b to the scores *for selection only*
+(gates still use q . c): after each training step b_i moves by balance_rate toward the keys that
+were chosen less than 1/n of the time. Selection is then the exact top-K of s1 + b1 + s2 + b2.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ class _SubKeyTopK(torch.autograd.Function):
     keys of each query: O(T * H * k * Q) instead of the dense O(T * H * n * Q) score gradient."""
 
     @staticmethod
-    def forward(ctx, q_THQ: Tensor, keys_HNQ: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, q_THQ: Tensor, keys_HNQ: Tensor, k: int,
+                bias_HN: Tensor | None) -> tuple[Tensor, Tensor]:
         scores = torch.einsum("thq,hnq->thn", q_THQ, keys_HNQ)
-        vals, idx = scores.topk(k, dim=-1)
+        if bias_HN is None:
+            vals, idx = scores.topk(k, dim=-1)
+        else:
+            idx = (scores + bias_HN).topk(k, dim=-1).indices
+            vals = scores.gather(-1, idx)
         ctx.save_for_backward(q_THQ, keys_HNQ, idx)
         ctx.mark_non_differentiable(idx)
         return vals, idx
@@ -41,20 +50,35 @@ class _SubKeyTopK(torch.autograd.Function):
         g_q = F.embedding_bag(rows, table, per_sample_weights=g_flat, mode="sum")
         g_keys = RowScatter(rows, heads * n)(g_flat, q_THQ.reshape(-1, width), keys_HNQ.dtype,
                                               sparse=False)
-        return g_q.view_as(q_THQ), g_keys.view_as(keys_HNQ), None
+        return g_q.view_as(q_THQ), g_keys.view_as(keys_HNQ), None, None
 
 
-def sub_key_topk(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k scores and indices of q (..., H, Q) against keys (H, n, Q): (..., H, k) each."""
+def sub_key_topk(q: Tensor, keys: Tensor, k: int,
+                 bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k (of score + bias) scores and indices of q (..., H, Q) against keys (H, n, Q):
+    (..., H, k) each; the scores returned carry no bias."""
     lead = q.shape[:-2]
-    vals, idx = _SubKeyTopK.apply(q.reshape(-1, *q.shape[-2:]), keys, k)
+    vals, idx = _SubKeyTopK.apply(q.reshape(-1, *q.shape[-2:]), keys, k, bias)
     return vals.view(*lead, *vals.shape[1:]), idx.view(*lead, *idx.shape[1:])
 
 
-def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of the k*k sums of two per-half top-k lists; indices i * n + j."""
+def pair_indices(i1: Tensor, i2: Tensor, n: int) -> Tensor:
+    """Expert index i * n + j of every candidate pair: (..., K*K)."""
+    return (i1.unsqueeze(-1) * n + i2.unsqueeze(-2)).flatten(-2)
+
+
+def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int,
+                 grid_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Exact top-k of the k*k sums of two per-half top-k lists; indices i * n + j.
+
+    ``grid_bias`` (..., K*K) is added to the candidates for choosing only; the scores returned
+    are always v1 + v2 of the chosen pairs."""
     cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
-    scores, flat = cand.topk(k, dim=-1)
+    if grid_bias is None:
+        scores, flat = cand.topk(k, dim=-1)
+    else:
+        flat = (cand.detach() + grid_bias).topk(k, dim=-1).indices
+        scores = cand.gather(-1, flat)
     idx = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
     return scores, idx
 
@@ -67,15 +91,32 @@ def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return combine_topk(v1, i1, v2, i2, n, k)
 
 
-class RunningQueryNorm(nn.Module):
-    """Standardise each query coordinate (per head) with an EMA of *previous* training batches'
-    mean and variance, then a learned affine map.
+class PastBatchStatistics(nn.Module):
+    """A module whose state is updated from statistics of finished training batches.
+
+    Statistics are gathered while a batch runs and folded in by ``commit()`` (the trainer calls
+    it after each optimiser step, the model at the start of the next forward), so no output of a
+    batch depends on that batch's other tokens: the update is causal.
+    """
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Forget the statistics of a batch whose step was skipped."""
+        raise NotImplementedError
+
+
+class RunningQueryNorm(PastBatchStatistics):
+    """Standardise each query coordinate (per head) with statistics of *previous* training
+    batches, then a learned affine map.
 
     This is what BatchNorm does for PEER's expert usage, without its leak: a batch's statistics
-    are only accumulated while it runs and folded into the EMA by ``commit()`` at the start of
-    the next model forward, so no output of a batch ever depends on that batch's other tokens
-    (a block called twice in one fractal pass sees the same statistics both times).
-    Evaluation uses the frozen EMA.
+    are only accumulated while it runs and folded into the running estimate by ``commit()`` at the
+    start of the next model forward, so no output of a batch ever depends on that batch's other
+    tokens (a block called twice in one fractal pass sees the same statistics both times).
+    The estimate is a cumulative mean for the first 1/momentum batches, an EMA after (so the first
+    steps are not normalised by the initial guess). Evaluation uses the frozen estimate.
     """
 
     def __init__(self, heads: int, width: int, momentum: float = 0.02, eps: float = 1e-5) -> None:
@@ -83,24 +124,95 @@ class RunningQueryNorm(nn.Module):
         self.momentum, self.eps = momentum, eps
         self.register_buffer("mean", torch.zeros(heads, width))
         self.register_buffer("var", torch.ones(heads, width))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         self.weight = nn.Parameter(torch.ones(heads, width))
         self.bias = nn.Parameter(torch.zeros(heads, width))
-        self._pending: list[Tensor] = []  # per-call (mean, var) of batches not yet committed
+        self._pending: list[tuple[Tensor, Tensor]] = []  # per-call stats not yet committed
+
+    def _moments(self, centered: Tensor) -> Tensor:
+        """Second moment of centred queries (T, H, Q) that this norm keeps."""
+        return centered.square().mean(0)
+
+    def _second(self) -> Tensor:
+        return self.var
+
+    def _refresh(self) -> None:
+        """Recompute derived transforms after the statistics changed."""
+
+    def _standardise(self, centered: Tensor) -> Tensor:
+        return centered * torch.rsqrt(self.var + self.eps)
 
     def commit(self) -> None:
-        """Fold the statistics of the finished forward pass into the EMA."""
+        """Fold the statistics of the finished forward pass into the running estimate."""
+        if not self._pending:
+            return
         with torch.no_grad():
-            for mean, var in self._pending:
-                self.mean.lerp_(mean, self.momentum)
-                self.var.lerp_(var, self.momentum)
+            for mean, second in self._pending:
+                rate = max(self.momentum, 1.0 / (int(self.batches) + 1))
+                self.mean.lerp_(mean, rate)
+                self._second().lerp_(second, rate)
+                self.batches += 1
+            self._refresh()
+        self._pending = []
+
+    def discard(self) -> None:
         self._pending = []
 
     def forward(self, q: Tensor) -> Tensor:  # q: (..., H, Q)
-        out = (q - self.mean) * torch.rsqrt(self.var + self.eps) * self.weight + self.bias
+        out = self._standardise(q - self.mean) * self.weight
+        if self.bias is not None:
+            out = out + self.bias
         if self.training:
             flat = q.detach().reshape(-1, *q.shape[-2:])
-            self._pending.append((flat.mean(0), flat.var(0, unbiased=False)))
+            mean = flat.mean(0)
+            self._pending.append((mean, self._moments(flat - mean)))
         return out
+
+
+class RunningQueryWhitening(RunningQueryNorm):
+    """Like RunningQueryNorm, but decorrelates the query coordinates of each head with the
+    inverse square root of their running covariance (ZCA).
+
+    Product keys choose evenly only if the two query halves are spread in every direction and
+    independent of each other; per-coordinate scaling fixes neither a low-rank query nor
+    correlated halves. Whitened queries have identity covariance, so both hold to second order.
+    There is no learned bias: a shared offset would pull every query toward the same keys.
+    """
+
+    def __init__(self, heads: int, width: int, momentum: float = 0.02, eps: float = 1e-5) -> None:
+        super().__init__(heads, width, momentum, eps)
+        del self.var, self.bias
+        self.bias = None
+        eye = torch.eye(width).expand(heads, width, width).clone()
+        self.register_buffer("cov", eye)
+        self.register_buffer("whitener", eye.clone())
+
+    def _moments(self, centered: Tensor) -> Tensor:
+        return torch.einsum("thi,thj->hij", centered, centered) / centered.shape[0]
+
+    def _second(self) -> Tensor:
+        return self.cov
+
+    def _refresh(self) -> None:
+        evals, evecs = torch.linalg.eigh(self.cov.double())
+        inv_sqrt = evals.clamp_min(0).add(self.eps).rsqrt()
+        self.whitener.copy_((evecs * inv_sqrt.unsqueeze(-2)) @ evecs.transpose(-1, -2))
+
+    def _standardise(self, centered: Tensor) -> Tensor:
+        return torch.einsum("...hj,hij->...hi", centered, self.whitener)
+
+
+def _counts(idx: Tensor, heads: int, size: int) -> Tensor:
+    """How often each of ``size`` indices appears per head in idx (..., H, K): (H, size)."""
+    per_head = idx.reshape(-1, heads, idx.shape[-1]).transpose(0, 1).reshape(heads, -1)
+    out = torch.zeros(heads, size, device=idx.device)
+    return out.scatter_add_(1, per_head, torch.ones_like(per_head, dtype=out.dtype))
+
+
+def _bias_at(bias_HN: Tensor, idx: Tensor) -> Tensor:
+    """bias[h, idx[..., h, j]] for idx (..., H, K)."""
+    flat = idx.reshape(-1, *idx.shape[-2:])  # (T, H, K)
+    return bias_HN.unsqueeze(0).expand(flat.shape[0], -1, -1).gather(-1, flat).view_as(idx)
 
 
 def make_query_norm(kind: str, heads: int, width: int) -> nn.Module:
@@ -112,14 +224,17 @@ def make_query_norm(kind: str, heads: int, width: int) -> nn.Module:
         return nn.RMSNorm(width)
     if kind == "running":
         return RunningQueryNorm(heads, width)
+    if kind == "whiten":
+        return RunningQueryWhitening(heads, width)
     return nn.Identity()
 
 
-class ProductKeyRouter(nn.Module):
+class ProductKeyRouter(PastBatchStatistics):
     """Multi-head product-key retrieval: x (..., D) -> scores, indices (..., H, K)."""
 
     def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
-                 query_norm: str = "layernorm") -> None:
+                 query_norm: str = "layernorm", unit_keys: bool = False,
+                 balance_rate: float = 0.0) -> None:
         super().__init__()
         n_keys = math.isqrt(num_experts)
         if n_keys * n_keys != num_experts:
@@ -127,22 +242,71 @@ class ProductKeyRouter(nn.Module):
         if key_dim % 2 or topk > n_keys:
             raise ValueError(f"key_dim={key_dim} must be even and topk={topk} <= {n_keys}")
         self.heads, self.topk, self.key_dim, self.n_keys = heads, topk, key_dim, n_keys
+        self.unit_keys, self.balance_rate = unit_keys, balance_rate
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
         self.norm = make_query_norm(query_norm, heads, key_dim)
         half = key_dim // 2
         self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, half) / math.sqrt(half))
+        # Selection-only bias per sub-key and the sub-key choices counted since the last commit.
+        # Selection-only biases per sub-key and per expert (persistent only when balancing), and
+        # the choices counted since the last commit.
+        balanced = balance_rate > 0
+        self.register_buffer("key_bias", torch.zeros(heads, 2, n_keys), persistent=balanced)
+        self.register_buffer("expert_bias", torch.zeros(heads, num_experts if balanced else 0),
+                             persistent=balanced)
+        self._load: tuple[Tensor, Tensor] | None = None
+
+    def queries(self, x: Tensor) -> Tensor:
+        """Normalised queries (..., H, Q)."""
+        return self.norm(self.query(x).unflatten(-1, (self.heads, self.key_dim)))
+
+    def keys(self) -> Tensor:
+        """Sub-keys (H, 2, n, Q/2) as scored: unit length when ``unit_keys``."""
+        return F.normalize(self.sub_keys, dim=-1) if self.unit_keys else self.sub_keys
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        q = self.norm(self.query(x).unflatten(-1, (self.heads, self.key_dim)))  # (..., H, Q)
-        q1, q2 = q.chunk(2, dim=-1)
-        v1, i1 = sub_key_topk(q1, self.sub_keys[:, 0], self.topk)
-        v2, i2 = sub_key_topk(q2, self.sub_keys[:, 1], self.topk)
-        return combine_topk(v1, i1, v2, i2, self.n_keys, self.topk)
+        q1, q2 = self.queries(x).chunk(2, dim=-1)
+        keys = self.keys()
+        if self.balance_rate == 0:
+            v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk)
+            v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk)
+            return combine_topk(v1, i1, v2, i2, self.n_keys, self.topk)
+        kb, n = self.key_bias, self.n_keys
+        v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk, kb[:, 0].unsqueeze(0))
+        v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk, kb[:, 1].unsqueeze(0))
+        pairs = pair_indices(i1, i2, n)
+        grid = (_bias_at(kb[:, 0], i1).unsqueeze(-1) + _bias_at(kb[:, 1], i2).unsqueeze(-2)).flatten(-2)
+        scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid + _bias_at(self.expert_bias, pairs))
+        if self.training:
+            self._count(torch.cat([i1, i2 + n], dim=-1), idx)
+        return scores, idx
+
+    def _count(self, sub_idx: Tensor, idx: Tensor) -> None:
+        """Add this call's sub-key (H, 2n) and expert (H, N) choices to the loads since the
+        last commit."""
+        loads = tuple(_counts(i, self.heads, size) for i, size in
+                      ((sub_idx, 2 * self.n_keys), (idx, self.expert_bias.shape[1])))
+        self._load = loads if self._load is None else (self._load[0] + loads[0], self._load[1] + loads[1])
+
+    def commit(self) -> None:
+        """b += rate * sign(mean load - load) for every sub-key and expert: those chosen less
+        than average become easier to pick, those chosen more harder."""
+        if self._load is not None:
+            with torch.no_grad():
+                for bias, load in ((self.key_bias.view(self.heads, -1), self._load[0]),
+                                   (self.expert_bias, self._load[1])):
+                    bias.add_(self.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load))
+        self._load = None
+
+    def discard(self) -> None:
+        self._load = None
 
     def flops_per_token(self) -> int:
-        """Query projection, sub-key scoring of both halves and the K*K candidate sums."""
+        """Query projection (and whitening), sub-key scoring of both halves and the K*K
+        candidate sums."""
         dim = self.query.in_features
-        return (2 * dim * self.heads * self.key_dim
+        whiten = 2 * self.heads * self.key_dim**2 if isinstance(self.norm, RunningQueryWhitening) else 0
+        return (2 * dim * self.heads * self.key_dim + whiten
                 + 2 * self.heads * self.n_keys * self.key_dim
                 + self.heads * self.topk * self.topk)
 
@@ -163,11 +327,13 @@ class ProductKeyMemory(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
-                 act: str = "gelu", bank: ExpertBank | None = None) -> None:
+                 act: str = "gelu", bank: ExpertBank | None = None, unit_keys: bool = False,
+                 balance_rate: float = 0.0) -> None:
         super().__init__()
         if gate not in ("softmax", "sigmoid"):
             raise ValueError(f"gate={gate!r} must be 'softmax' or 'sigmoid'")
-        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm)
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, unit_keys,
+                                       balance_rate)
         self.gate = gate
         self.bank = bank if bank is not None else ExpertBank(num_experts, dim, act)
         self.usage: Tensor | None = None  # (N,) selection counts while tracking is on

@@ -84,9 +84,11 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
         value = float(flags[0]) / ctx.world if finite else value
     if not finite:
         opt.zero_grad()
+        model.commit_statistics(keep=False)
         return value, False
     opt.clip_dense(grad_clip)
     opt.step()
+    model.commit_statistics()
     return value, True
 
 
