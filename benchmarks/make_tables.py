@@ -24,7 +24,8 @@ def layer_table() -> str:
     if not rows:
         return ""
     base = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
-    out = ["| impl | N | train tok/s | vs peer-dense | vs peer-pytorch | infer tok/s | fwd / bwd / opt ms | peak RSS GB | roofline_frac |",
+    out = ["| impl | N | train tok/s | vs peer-dense | vs peer-pytorch | infer tok/s | fwd / bwd / opt ms | "
+           "peak RSS GB | roofline_frac |",
            "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -48,7 +49,8 @@ def adaptive_table() -> str:
     if not rows:
         return ""
     deepest = [r for r in rows if r["mode"].startswith("depth")][-1]
-    out = ["| model / mode | val bpb | blocks/token | blocks vs own full depth | FHME ms (val split) | time vs full depth |",
+    out = ["| model / mode | val bpb | blocks/token | blocks vs own full depth | FHME ms (val split) | "
+           "time vs full depth |",
            "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| adaptive-trained, {r['mode']} | {r['val_bpb']:.4f} | {r['blocks_per_token']:.2f} | "

@@ -103,7 +103,7 @@ def _mean_depth_after_training(penalty: float, target: float = 0.0) -> float:
         opt.step()
     model.eval()
     model(idx)
-    return sum(float((l.depth_hist * torch.arange(1, 4)).sum()) for l in model.fhme_layers()) / 2
+    return sum(float((layer.depth_hist * torch.arange(1, 4)).sum()) for layer in model.fhme_layers()) / 2
 
 
 def test_raising_the_compute_penalty_lowers_mean_depth() -> None:

@@ -159,7 +159,8 @@ def plot_comparison(rows: list[dict], out: Path) -> list[Path]:
     for row in rows:
         cfg = row["config"]
         metrics = [m for m in read_metrics(Path(row["run_dir"])) if m.get("val_bpb") is not None]
-        tokens_per_step = json.loads((Path(row["run_dir"]) / "config.json").read_text())["train"]["batch_size"] * cfg["seq_len"]
+        train_cfg = json.loads((Path(row["run_dir"]) / "config.json").read_text())["train"]
+        tokens_per_step = train_cfg["batch_size"] * cfg["seq_len"]
         label = f"{row['model']} s{row['seed']}"
         flops = [3 * row["flops_per_token"] * tokens_per_step * m["step"] for m in metrics]
         ax_f.plot(flops, [m["val_bpb"] for m in metrics], "o-", ms=3, label=label)
