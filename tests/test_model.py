@@ -23,7 +23,9 @@ def _variants():
         yield ffn, {}
     yield "fhme-adaptive", dict(ffn="fhme", adaptive_depth=True, fractal_depth=3, depth_penalty=0.01)
     yield "fhme-running-norm", dict(ffn="fhme", query_norm="running")
-    yield "fhme-balanced", dict(ffn="fhme", query_norm="whiten", unit_keys=True, balance_rate=0.1)
+    yield "fhme-balanced", dict(ffn="fhme", query_norm="whiten", unit_keys=True, balance_rate=0.1,
+                                balance_loss=0.01)
+    yield "pkm-balanced", dict(ffn="pkm", balance_rate=0.1, balance_loss=0.01)
 
 
 @pytest.mark.parametrize("name,extra", list(_variants()), ids=[v[0] for v in _variants()])

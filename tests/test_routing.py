@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fractalmoe import ProductKeyMemory
-from fractalmoe.routing import product_key_topk
+from fractalmoe.routing import Balancing, product_key_topk
 
 
 def brute_force_topk(router, x):
@@ -81,7 +81,7 @@ def test_sub_key_topk_gradient_equals_dense_autograd() -> None:
 def test_balance_biases_choose_among_candidates_and_leave_scores_unbiased(expert_bias: bool) -> None:
     """Sub-key biases: exact top-k of the biased sums over all N. Expert biases re-rank the
     K*K candidate pairs of the (biased) per-half top-k lists."""
-    mem = ProductKeyMemory(32, 4096, heads=2, topk=8, key_dim=16, balance_rate=0.1).double()
+    mem = ProductKeyMemory(32, 4096, heads=2, topk=8, key_dim=16, balancing=Balancing(rate=0.1)).double()
     router = mem.router
     router.key_bias.normal_()
     if expert_bias:
@@ -122,7 +122,7 @@ def _sub_key_kl(router, x: torch.Tensor) -> float:
 
 def test_balancing_spreads_clustered_queries_over_the_sub_keys() -> None:
     torch.manual_seed(0)
-    mem = ProductKeyMemory(32, 1024, heads=2, topk=4, key_dim=16, balance_rate=0.05).train()
+    mem = ProductKeyMemory(32, 1024, heads=2, topk=4, key_dim=16, balancing=Balancing(rate=0.05)).train()
     centers = torch.randn(4, 32) * 3
     x = centers[torch.randint(0, 4, (2048,))] + 0.5 * torch.randn(2048, 32)  # 4 tight clusters
     with torch.no_grad():
@@ -150,3 +150,42 @@ def test_whitening_gives_identity_covariance_from_past_batches_only() -> None:
     cov = torch.einsum("thi,thj->hij", centered, centered) / centered.shape[0]
     torch.testing.assert_close(centered.mean(0), torch.zeros(2, 6), atol=1e-3, rtol=0)
     torch.testing.assert_close(cov, torch.eye(6).expand(2, 6, 6), atol=2e-3, rtol=0)
+
+
+def _expert_kl(idx: torch.Tensor, n: int) -> float:
+    p = torch.bincount(idx.flatten(), minlength=n).double() / idx.numel()
+    return float((p[p > 0] * (p[p > 0] * n).log()).sum())
+
+
+def test_balance_loss_is_the_switch_loss_over_candidates_and_teaches_spreading() -> None:
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(32, 1024, heads=2, topk=4, key_dim=16, balancing=Balancing(loss=1.0)).train()
+    router = mem.router
+    with torch.no_grad():  # rich-get-richer start: a few long sub-keys win most queries
+        router.sub_keys.mul_(torch.exp(1.5 * torch.randn(2, 2, 32, 1)))
+    x = torch.randn(2048, 32)
+    _, idx = mem.route(x)
+    loss = router.pop_aux_loss()
+    assert router.pop_aux_loss() is None  # popped once
+    with torch.no_grad():  # reference: N * sum_e f_e * P_e, P_e summed over each token's candidates
+        q1, q2 = router.queries(x).chunk(2, dim=-1)
+        s1 = torch.einsum("thq,hnq->thn", q1, router.keys()[:, 0])
+        s2 = torch.einsum("thq,hnq->thn", q2, router.keys()[:, 1])
+        ref = 0.0
+        for h in range(2):
+            v1, i1 = s1[:, h].topk(4)
+            v2, i2 = s2[:, h].topk(4)
+            probs = torch.softmax((v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2), -1)
+            pairs = (i1.unsqueeze(-1) * 32 + i2.unsqueeze(-2)).flatten(-2)
+            f = torch.bincount(idx[:, h].flatten(), minlength=1024).double() / idx[:, h].numel()
+            big_p = torch.zeros(1024, dtype=torch.float64).index_add_(0, pairs.flatten(), probs.flatten().double())
+            ref += 1024 * float((f * big_p / 2048).sum()) / 2
+    assert abs(float(loss.detach()) - ref) < 1e-4 * ref
+    opt = torch.optim.Adam(router.parameters(), lr=0.02)
+    before = _expert_kl(idx, 1024)
+    for _ in range(100):
+        _, idx = mem.route(x)
+        opt.zero_grad()
+        router.pop_aux_loss().backward()
+        opt.step()
+    assert _expert_kl(idx, 1024) < 0.7 * before

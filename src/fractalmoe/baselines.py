@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .experts import mark_expert_table, table_device
-from .fhme import FHME
-from .routing import ProductKeyRouter, gate_scores
+from .fhme import FHME, balancing_of
+from .routing import Balancing, ProductKeyRouter, gate_scores
 
 
 class DenseFFN(nn.Module):
@@ -104,11 +104,9 @@ class PKMFFN(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
-                 gate: str, query_norm: str, unit_keys: bool = False,
-                 balance_rate: float = 0.0) -> None:
+                 gate: str, query_norm: str, balancing: Balancing = Balancing()) -> None:
         super().__init__()
-        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, unit_keys,
-                                       balance_rate)
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, balancing)
         self.gate = gate
         self.values = mark_expert_table(nn.Parameter(
             torch.randn(num_experts, dim, device=table_device()) * dim**-0.5))
@@ -123,6 +121,8 @@ class PKMFFN(nn.Module):
         idx_TM = idx.flatten(-2).reshape(-1, gates.shape[-1])
         y = F.embedding_bag(idx_TM, self.values, per_sample_weights=gates.reshape(idx_TM.shape),
                             mode="sum", sparse=True)
+        aux = self.router.pop_aux_loss()
+        self.aux_loss = torch.zeros((), device=x.device) if aux is None else aux
         return y.view(x.shape)
 
     def flops_per_token(self) -> float:
@@ -146,4 +146,4 @@ def build_ffn(cfg: ModelConfig) -> nn.Module:
     if cfg.ffn == "moe":
         return MoEFFN(cfg.dim, cfg.ffn_hidden, cfg.moe_experts, cfg.moe_topk, cfg.moe_balance)
     return PKMFFN(cfg.dim, cfg.num_experts, cfg.expert_heads, cfg.topk, cfg.key_dim, cfg.gate,
-                  cfg.query_norm, cfg.unit_keys, cfg.balance_rate)
+                  cfg.query_norm, balancing_of(cfg))

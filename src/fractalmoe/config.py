@@ -113,7 +113,8 @@ class ModelConfig(_Config):
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
     query_norm: str = "layernorm"  # layernorm | rmsnorm | running | whiten (past batches' stats) | none
     unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
-    balance_rate: float = 0.0  # > 0: per-step move of the selection-only sub-key balancing bias
+    balance_rate: float = 0.0  # > 0: per-step move of selection-only sub-key / expert biases
+    balance_loss: float = 0.0  # > 0: weight of the Switch-style balance loss on routed choices
     expert_act: str = "gelu"
     expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
@@ -141,6 +142,7 @@ class ModelConfig(_Config):
         r(self.gate in GATES, "gate", f"must be one of {GATES}")
         r(self.query_norm in QUERY_NORMS, "query_norm", f"must be one of {QUERY_NORMS}")
         r(0.0 <= self.balance_rate <= 1.0, "balance_rate", "must be in [0, 1] (try 0.01)")
+        r(self.balance_loss >= 0.0, "balance_loss", "must be >= 0 (try 0.01)")
         r(self.expert_act in EXPERT_ACTS, "expert_act", f"must be one of {EXPERT_ACTS}")
         r(self.expert_dtype in EXPERT_DTYPES, "expert_dtype", f"must be one of {EXPERT_DTYPES}")
         r(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads={self.n_heads}")

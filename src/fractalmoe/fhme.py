@@ -20,8 +20,13 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .fractal import FractalExpert, blocks_at_depth, joins_at_depth
+from .routing import Balancing
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def balancing_of(cfg: ModelConfig) -> Balancing:
+    return Balancing(cfg.unit_keys, cfg.balance_rate, cfg.balance_loss)
 
 
 class FHME(nn.Module):
@@ -33,15 +38,14 @@ class FHME(nn.Module):
                  drop_path_global: float = 0.0, adaptive_depth: bool = False,
                  depth_penalty: float = 0.0, depth_explore: float = 0.0,
                  depth_target: float = 0.0, expert_dtype: str = "float32",
-                 unit_keys: bool = False, balance_rate: float = 0.0) -> None:
+                 balancing: Balancing = Balancing()) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target = depth_explore, depth_target
         initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
-                                     drop_path_global, _DTYPES[expert_dtype], unit_keys,
-                                     balance_rate)
+                                     drop_path_global, _DTYPES[expert_dtype], balancing)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             self.depth_router = nn.Linear(dim, depth)
@@ -63,7 +67,7 @@ class FHME(nn.Module):
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
-                   cfg.unit_keys, cfg.balance_rate)
+                   balancing_of(cfg))
 
     def choose_depth(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-token depth in 1..C (hard) and router probabilities (None without a router)."""
@@ -88,6 +92,9 @@ class FHME(nn.Module):
         else:
             y_TD = self.forward_masked(x_TD, depth_T)
         self.depth_hist = torch.bincount(depth_T - 1, minlength=self.depth).float() / depth_T.numel()
+        balance = [a for b in self.fractal.blocks if (a := b.memory.router.pop_aux_loss()) is not None]
+        if balance:  # routing balance: one loss weight per layer, however many blocks it has
+            self.aux_loss = self.aux_loss + torch.stack(balance).mean()
         return (y_TD - x_TD).view(*lead, dim)
 
     def _straight_through(self, x_TD: Tensor, depth_T: Tensor, probs: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .experts import ExpertBank
-from .routing import ProductKeyMemory
+from .routing import Balancing, ProductKeyMemory
 
 
 def blocks_at_depth(depth: int) -> int:
@@ -70,7 +70,7 @@ class FractalExpert(nn.Module):
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
-                 unit_keys: bool = False, balance_rate: float = 0.0) -> None:
+                 balancing: Balancing = Balancing()) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
@@ -79,7 +79,7 @@ class FractalExpert(nn.Module):
         self.blocks = nn.ModuleList(
             RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
                                               query_norm, act, bank=self.bank,
-                                              unit_keys=unit_keys, balance_rate=balance_rate))
+                                              balancing=balancing))
             for _ in range(depth))
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(depth - 1))
 

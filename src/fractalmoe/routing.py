@@ -6,14 +6,16 @@ A query q = norm(W_q x) per head is split in halves q1, q2, scored against two s
 Any of the top-K full keys (i, j), score s1[i] + s2[j], has i in the top-K of s1 and j in the
 top-K of s2, so the top-K of the K*K candidate sums is the exact top-K over all N keys.
 
-Balancing (``balance_rate > 0``) adds a per-sub-key bias b to the scores *for selection only*
-(gates still use q . c): after each training step b_i moves by balance_rate toward the keys that
-were chosen less than 1/n of the time. Selection is then the exact top-K of s1 + b1 + s2 + b2.
+Balancing (opt-in, see ``Balancing``): selection-only biases (gates still use q . c) per sub-key
+and per expert move after each training step toward the ones chosen less than average; with
+sub-key biases alone, selection is the exact top-K of s1 + b1 + s2 + b2, and expert biases then
+re-rank the K*K candidates. A Switch-style loss instead teaches queries and keys to spread.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +204,22 @@ class RunningQueryWhitening(RunningQueryNorm):
         return torch.einsum("...hj,hij->...hi", centered, self.whitener)
 
 
+@dataclass(frozen=True)
+class Balancing:
+    """Opt-in ways to spread a router's choices over all N experts (all off by default).
+
+    unit_keys: score against unit-length sub-keys, so no key wins by its norm alone.
+    rate: per-step move of the selection-only biases (sub-keys and experts) toward even loads.
+    loss: weight of the Switch-style loss N * sum_e f_e * P_e over each token's K*K candidates
+        (f_e: share of this batch's choices, P_e: mean candidate softmax), which teaches the
+        queries and keys themselves to spread.
+    """
+
+    unit_keys: bool = False
+    rate: float = 0.0
+    loss: float = 0.0
+
+
 def _counts(idx: Tensor, heads: int, size: int) -> Tensor:
     """How often each of ``size`` indices appears per head in idx (..., H, K): (H, size)."""
     per_head = idx.reshape(-1, heads, idx.shape[-1]).transpose(0, 1).reshape(heads, -1)
@@ -233,8 +251,7 @@ class ProductKeyRouter(PastBatchStatistics):
     """Multi-head product-key retrieval: x (..., D) -> scores, indices (..., H, K)."""
 
     def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
-                 query_norm: str = "layernorm", unit_keys: bool = False,
-                 balance_rate: float = 0.0) -> None:
+                 query_norm: str = "layernorm", balancing: Balancing = Balancing()) -> None:
         super().__init__()
         n_keys = math.isqrt(num_experts)
         if n_keys * n_keys != num_experts:
@@ -242,7 +259,7 @@ class ProductKeyRouter(PastBatchStatistics):
         if key_dim % 2 or topk > n_keys:
             raise ValueError(f"key_dim={key_dim} must be even and topk={topk} <= {n_keys}")
         self.heads, self.topk, self.key_dim, self.n_keys = heads, topk, key_dim, n_keys
-        self.unit_keys, self.balance_rate = unit_keys, balance_rate
+        self.balancing = balancing
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
         self.norm = make_query_norm(query_norm, heads, key_dim)
         half = key_dim // 2
@@ -250,11 +267,12 @@ class ProductKeyRouter(PastBatchStatistics):
         # Selection-only bias per sub-key and the sub-key choices counted since the last commit.
         # Selection-only biases per sub-key and per expert (persistent only when balancing), and
         # the choices counted since the last commit.
-        balanced = balance_rate > 0
+        balanced = balancing.rate > 0
         self.register_buffer("key_bias", torch.zeros(heads, 2, n_keys), persistent=balanced)
         self.register_buffer("expert_bias", torch.zeros(heads, num_experts if balanced else 0),
                              persistent=balanced)
         self._load: tuple[Tensor, Tensor] | None = None
+        self._aux: list[Tensor] | None = None  # balance losses of the calls since the last pop
 
     def queries(self, x: Tensor) -> Tensor:
         """Normalised queries (..., H, Q)."""
@@ -262,24 +280,40 @@ class ProductKeyRouter(PastBatchStatistics):
 
     def keys(self) -> Tensor:
         """Sub-keys (H, 2, n, Q/2) as scored: unit length when ``unit_keys``."""
-        return F.normalize(self.sub_keys, dim=-1) if self.unit_keys else self.sub_keys
+        return F.normalize(self.sub_keys, dim=-1) if self.balancing.unit_keys else self.sub_keys
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         q1, q2 = self.queries(x).chunk(2, dim=-1)
-        keys = self.keys()
-        if self.balance_rate == 0:
-            v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk)
-            v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk)
-            return combine_topk(v1, i1, v2, i2, self.n_keys, self.topk)
-        kb, n = self.key_bias, self.n_keys
-        v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk, kb[:, 0].unsqueeze(0))
-        v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk, kb[:, 1].unsqueeze(0))
-        pairs = pair_indices(i1, i2, n)
-        grid = (_bias_at(kb[:, 0], i1).unsqueeze(-1) + _bias_at(kb[:, 1], i2).unsqueeze(-2)).flatten(-2)
-        scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid + _bias_at(self.expert_bias, pairs))
-        if self.training:
+        keys, n, biased = self.keys(), self.n_keys, self.balancing.rate > 0
+        kb = self.key_bias.unsqueeze(0) if biased else None
+        v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk, None if kb is None else kb[:, :, 0])
+        v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk, None if kb is None else kb[:, :, 1])
+        grid = None
+        if biased:
+            grid = (_bias_at(self.key_bias[:, 0], i1).unsqueeze(-1)
+                    + _bias_at(self.key_bias[:, 1], i2).unsqueeze(-2)).flatten(-2)
+            grid = grid + _bias_at(self.expert_bias, pair_indices(i1, i2, n))
+        scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid)
+        if self.training and biased:
             self._count(torch.cat([i1, i2 + n], dim=-1), idx)
+        if self.training and self.balancing.loss > 0:
+            aux = self._balance_loss(v1, i1, v2, i2, idx)
+            self._aux = [aux] if self._aux is None else self._aux + [aux]
         return scores, idx
+
+    def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, idx: Tensor) -> Tensor:
+        """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c]."""
+        num_experts = self.n_keys**2
+        share = _counts(idx, self.heads, num_experts) / (idx.numel() // self.heads)  # f (H, N)
+        probs = F.softmax((v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2).float(), dim=-1)
+        f_at = _bias_at(share, pair_indices(i1, i2, self.n_keys))
+        return self.balancing.loss * num_experts * (probs * f_at).sum(-1).mean()
+
+    def pop_aux_loss(self) -> Tensor | None:
+        """Mean balance loss of the calls since the last pop (None if there was none): a block
+        called several times in one pass weighs as much as one called once."""
+        calls, self._aux = self._aux, None
+        return None if calls is None else torch.stack(calls).mean()
 
     def _count(self, sub_idx: Tensor, idx: Tensor) -> None:
         """Add this call's sub-key (H, 2n) and expert (H, N) choices to the loads since the
@@ -295,7 +329,7 @@ class ProductKeyRouter(PastBatchStatistics):
             with torch.no_grad():
                 for bias, load in ((self.key_bias.view(self.heads, -1), self._load[0]),
                                    (self.expert_bias, self._load[1])):
-                    bias.add_(self.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load))
+                    bias.add_(self.balancing.rate * torch.sign(load.mean(-1, keepdim=True) - load))
         self._load = None
 
     def discard(self) -> None:
@@ -327,13 +361,12 @@ class ProductKeyMemory(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
-                 act: str = "gelu", bank: ExpertBank | None = None, unit_keys: bool = False,
-                 balance_rate: float = 0.0) -> None:
+                 act: str = "gelu", bank: ExpertBank | None = None,
+                 balancing: Balancing = Balancing()) -> None:
         super().__init__()
         if gate not in ("softmax", "sigmoid"):
             raise ValueError(f"gate={gate!r} must be 'softmax' or 'sigmoid'")
-        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, unit_keys,
-                                       balance_rate)
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, balancing)
         self.gate = gate
         self.bank = bank if bank is not None else ExpertBank(num_experts, dim, act)
         self.usage: Tensor | None = None  # (N,) selection counts while tracking is on
