@@ -62,8 +62,8 @@ def adaptive_table() -> str:
     return "\n".join(out)
 
 
-def compare_table() -> str:
-    table = R / "table.md"
+def compare_table(name: str = "table.md") -> str:
+    table = R / name
     return table.read_text() if table.is_file() else ""
 
 
@@ -72,7 +72,8 @@ def _fmt(value, spec: str) -> str:  # type: ignore[no-untyped-def]
 
 
 def sweep_table(name: str) -> str:
-    rows = _jsonl(name)
+    """One row per swept value ("model key=value" labels), in the order of the values."""
+    rows = sorted(_jsonl(name), key=lambda r: float(r["model"].rsplit("=", 1)[-1]))
     if not rows:
         return ""
     out = ["| run | val bpb | params | FLOPs/token | train tok/s | experts used | usage KL |",
@@ -92,6 +93,20 @@ def usage_table(name: str) -> str:
         layers = "; ".join("[" + ", ".join(f"({u:.0%}, {kl:.2f})" for u, kl in layer) + "]"
                            for layer in r["usage_per_block"])
         out.append(f"| {r['model']} | {r['val_bpb']:.4f} | {layers} |")
+    return "\n".join(out) if rows else ""
+
+
+def balance_table(name: str) -> str:
+    """Routing-balance settings at one size: quality, usage (mean and worst block) and speed."""
+    rows = _jsonl(name)
+    out = ["| model | query norm | unit keys | balance_rate | balance_loss | val bpb | experts used (worst block) "
+           "| usage KL (worst block) | train tok/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c, blocks = r["config"], [b for layer in r["usage_per_block"] for b in layer]
+        out.append(f"| {r['model']} | {c['query_norm']} | {'yes' if c['unit_keys'] else 'no'} | "
+                   f"{c['balance_rate']:g} | {c['balance_loss']:g} | {r['val_bpb']:.4f} | "
+                   f"{r['expert_usage']:.1%} ({min(u for u, _ in blocks):.1%}) | "
+                   f"{r['usage_kl']:.2f} ({max(kl for _, kl in blocks):.2f}) | {r['train_tok_s']:.0f} |")
     return "\n".join(out) if rows else ""
 
 
@@ -127,9 +142,11 @@ if __name__ == "__main__":
     for title, body in (("layer", layer_table()), ("adaptive", adaptive_table()),
                         ("compare", compare_table()), ("rerun", rerun_table()),
                         ("usage 65K", usage_table("usage65k_results.jsonl")),
-                        ("balance sweep 65K", sweep_table("balance65k.jsonl")),
+                        ("balance 65K", balance_table("balance65k_results.jsonl")),
                         ("usage 65K balanced", usage_table("usage65k_balanced_results.jsonl")),
+                        ("balanced vs plain, 16K", compare_table("compare_balanced_table.md")),
                         ("experts sweep", sweep_table("scaling_experts.jsonl")),
+                        ("experts sweep, balance loss", sweep_table("scaling_experts_balanced.jsonl")),
                         ("depth sweep", sweep_table("scaling_depth.jsonl")),
                         ("finetune", finetune_table())):
         print(f"## {title}\n\n{body}\n")

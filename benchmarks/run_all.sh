@@ -29,8 +29,26 @@ $F compare --models fhme,dense,moe,pkm,peer --max-steps 300 --seeds 1,2 --out ru
 cp runs/compare/table.md runs/compare/*.png runs/compare/results.jsonl $R/ && mv $R/results.jsonl $R/compare_results.jsonl
 $F compare --models fhme,peer --set num_experts=65536 --set query_norm=running --max-steps 200 --out runs/usage65k --json > $R/usage65k.jsonl
 cp runs/usage65k/results.jsonl $R/usage65k_results.jsonl
-$F compare --models peer --sweep num_experts=1024,4096,16384,65536,262144 --max-steps 300 --out runs/scaling_experts --json > $R/scaling_experts.jsonl
+# Routing balance at 65,536 experts (FLOP-matched PEER and FHME, 200 steps): one run per setting
+for args in "peer" "fhme" "peer --set query_norm=whiten" "peer --set query_norm=whiten --set unit_keys=true" \
+            "peer --set balance_rate=0.003" "peer --set balance_rate=0.01" "peer --set balance_loss=0.01" \
+            "peer --set balance_loss=0.03" "peer --set balance_loss=0.1"; do
+  name=$(echo "$args" | tr -c 'a-z0-9.' '_')
+  $F compare --models $args --set num_experts=65536 --max-steps 200 --out runs/balance65k/$name --json
+done
+cat runs/balance65k/*/results.jsonl > $R/balance65k_results.jsonl
+$F compare --models fhme,peer --set num_experts=65536 --set balance_loss=0.01 --max-steps 200 --out runs/usage65k_balanced --json > $R/usage65k_balanced.jsonl
+cp runs/usage65k_balanced/results.jsonl $R/usage65k_balanced_results.jsonl
+# The comparison rerun (reproducibility) and routed models with the balance loss at the default size
+$F compare --models fhme,dense,moe,pkm,peer --max-steps 300 --seeds 1,2 --out runs/compare_rerun --json > $R/compare_rerun.jsonl
+cp runs/compare_rerun/results.jsonl $R/compare_rerun_results.jsonl
+$F compare --models fhme,peer --set balance_loss=0.01 --max-steps 300 --seeds 1,2 --out runs/compare_balanced --json > $R/compare_balanced.jsonl
+cp runs/compare_balanced/table.md $R/compare_balanced_table.md
+# Scaling study: experts (PEER, default shape) and fractal depth (FHME)
+$F compare --models peer --sweep num_experts=1024,4096,16384,65536,262144 --max-steps 150 --out runs/scaling_experts --json > $R/scaling_experts.jsonl
+$F compare --models peer --set balance_loss=0.01 --sweep num_experts=1024,4096,16384,65536,262144 --max-steps 150 --out runs/scaling_experts_balanced --json > $R/scaling_experts_balanced.jsonl
 $F compare --models fhme --sweep fractal_depth=1,2,3,4 --max-steps 300 --out runs/scaling_depth --json > $R/scaling_depth.jsonl
+cp runs/scaling_depth/results.jsonl $R/scaling_depth_results.jsonl
 
 # Scale-out: 1 vs 2 processes at 262,144 experts
 bash benchmarks/distributed.sh

@@ -4,10 +4,11 @@ from .config import ModelConfig, RunConfig, TrainConfig
 from .fhme import FHME
 from .fractal import FractalExpert
 from .model import FHMELanguageModel, FHMETransformerBlock
-from .routing import ProductKeyMemory
+from .routing import Balancing, ProductKeyMemory
 
 __all__ = [
     "FHME",
+    "Balancing",
     "FHMELanguageModel",
     "FHMETransformerBlock",
     "FractalExpert",

@@ -227,10 +227,10 @@ def _counts(idx: Tensor, heads: int, size: int) -> Tensor:
     return out.scatter_add_(1, per_head, torch.ones_like(per_head, dtype=out.dtype))
 
 
-def _bias_at(bias_HN: Tensor, idx: Tensor) -> Tensor:
-    """bias[h, idx[..., h, j]] for idx (..., H, K)."""
+def _per_head_at(table_HN: Tensor, idx: Tensor) -> Tensor:
+    """table[h, idx[..., h, j]] for idx (..., H, K)."""
     flat = idx.reshape(-1, *idx.shape[-2:])  # (T, H, K)
-    return bias_HN.unsqueeze(0).expand(flat.shape[0], -1, -1).gather(-1, flat).view_as(idx)
+    return table_HN.unsqueeze(0).expand(flat.shape[0], -1, -1).gather(-1, flat).view_as(idx)
 
 
 def make_query_norm(kind: str, heads: int, width: int) -> nn.Module:
@@ -290,13 +290,13 @@ class ProductKeyRouter(PastBatchStatistics):
         v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk, None if kb is None else kb[:, :, 1])
         grid = None
         if biased:
-            grid = (_bias_at(self.key_bias[:, 0], i1).unsqueeze(-1)
-                    + _bias_at(self.key_bias[:, 1], i2).unsqueeze(-2)).flatten(-2)
-            grid = grid + _bias_at(self.expert_bias, pair_indices(i1, i2, n))
+            grid = (_per_head_at(self.key_bias[:, 0], i1).unsqueeze(-1)
+                    + _per_head_at(self.key_bias[:, 1], i2).unsqueeze(-2)).flatten(-2)
+            grid = grid + _per_head_at(self.expert_bias, pair_indices(i1, i2, n))
         scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid)
         if self.training and biased:
             self._count(torch.cat([i1, i2 + n], dim=-1), idx)
-        if self.training and self.balancing.loss > 0:
+        if self.training and self.balancing.loss > 0 and torch.is_grad_enabled():
             aux = self._balance_loss(v1, i1, v2, i2, idx)
             self._aux = [aux] if self._aux is None else self._aux + [aux]
         return scores, idx
@@ -306,7 +306,7 @@ class ProductKeyRouter(PastBatchStatistics):
         num_experts = self.n_keys**2
         share = _counts(idx, self.heads, num_experts) / (idx.numel() // self.heads)  # f (H, N)
         probs = F.softmax((v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2).float(), dim=-1)
-        f_at = _bias_at(share, pair_indices(i1, i2, self.n_keys))
+        f_at = _per_head_at(share, pair_indices(i1, i2, self.n_keys))
         return self.balancing.loss * num_experts * (probs * f_at).sum(-1).mean()
 
     def pop_aux_loss(self) -> Tensor | None:
