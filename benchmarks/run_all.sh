@@ -32,7 +32,7 @@ cp runs/usage65k/results.jsonl $R/usage65k_results.jsonl
 # Routing balance at 65,536 experts (FLOP-matched PEER and FHME, 200 steps): one run per setting
 for args in "peer" "fhme" "peer --set query_norm=whiten" "peer --set query_norm=whiten --set unit_keys=true" \
             "peer --set balance_rate=0.003" "peer --set balance_rate=0.01" "peer --set balance_loss=0.01" \
-            "peer --set balance_loss=0.03" "peer --set balance_loss=0.1"; do
+            "peer --set balance_loss=0.03" "peer --set balance_loss=0.1" "fhme --set balance_loss=0.03"; do
   name=$(echo "$args" | tr -c 'a-z0-9.' '_')
   $F compare --models $args --set num_experts=65536 --max-steps 200 --out runs/balance65k/$name --json
 done
