@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

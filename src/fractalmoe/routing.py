@@ -114,9 +114,10 @@ class RunningQueryNorm(PastBatchStatistics):
     batches, then a learned affine map.
 
     This is what BatchNorm does for PEER's expert usage, without its leak: a batch's statistics
-    are only accumulated while it runs and folded into the running estimate by ``commit()`` at the
-    start of the next model forward, so no output of a batch ever depends on that batch's other
-    tokens (a block called twice in one fractal pass sees the same statistics both times).
+    are only accumulated while it runs and folded into the running estimate by ``commit()`` (after
+    the optimiser step, or at the start of the next model forward), so no output of a batch ever
+    depends on that batch's other tokens (a block called twice in one fractal pass sees the same
+    statistics both times).
     The estimate is a cumulative mean for the first 1/momentum batches, an EMA after (so the first
     steps are not normalised by the initial guess). Evaluation uses the frozen estimate.
     """
@@ -264,7 +265,6 @@ class ProductKeyRouter(PastBatchStatistics):
         self.norm = make_query_norm(query_norm, heads, key_dim)
         half = key_dim // 2
         self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, half) / math.sqrt(half))
-        # Selection-only bias per sub-key and the sub-key choices counted since the last commit.
         # Selection-only biases per sub-key and per expert (persistent only when balancing), and
         # the choices counted since the last commit.
         balanced = balancing.rate > 0
@@ -285,29 +285,30 @@ class ProductKeyRouter(PastBatchStatistics):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         q1, q2 = self.queries(x).chunk(2, dim=-1)
         keys, n, biased = self.keys(), self.n_keys, self.balancing.rate > 0
-        kb = self.key_bias.unsqueeze(0) if biased else None
-        v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk, None if kb is None else kb[:, :, 0])
-        v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk, None if kb is None else kb[:, :, 1])
+        b1, b2 = (self.key_bias[:, 0], self.key_bias[:, 1]) if biased else (None, None)
+        v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk, b1)
+        v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk, b2)
         grid = None
-        if biased:
-            grid = (_per_head_at(self.key_bias[:, 0], i1).unsqueeze(-1)
-                    + _per_head_at(self.key_bias[:, 1], i2).unsqueeze(-2)).flatten(-2)
+        if b1 is not None and b2 is not None:
+            grid = (_per_head_at(b1, i1).unsqueeze(-1) + _per_head_at(b2, i2).unsqueeze(-2)).flatten(-2)
             grid = grid + _per_head_at(self.expert_bias, pair_indices(i1, i2, n))
         scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid)
-        if self.training and biased:
-            self._count(torch.cat([i1, i2 + n], dim=-1), idx)
-        if self.training and self.balancing.loss > 0 and torch.is_grad_enabled():
-            aux = self._balance_loss(v1, i1, v2, i2, idx)
-            self._aux = [aux] if self._aux is None else self._aux + [aux]
+        with_loss = self.balancing.loss > 0 and torch.is_grad_enabled()
+        if self.training and (biased or with_loss):
+            chosen = _counts(idx, self.heads, n * n)  # (H, N) choices of this call
+            if biased:
+                self._count(torch.cat([i1, i2 + n], dim=-1), chosen)
+            if with_loss:
+                aux = self._balance_loss(v1, i1, v2, i2, chosen / (idx.numel() // self.heads))
+                self._aux = [aux] if self._aux is None else self._aux + [aux]
         return scores, idx
 
-    def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, idx: Tensor) -> Tensor:
-        """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c]."""
-        num_experts = self.n_keys**2
-        share = _counts(idx, self.heads, num_experts) / (idx.numel() // self.heads)  # f (H, N)
+    def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, share: Tensor) -> Tensor:
+        """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c],
+        f = ``share`` (H, N) of this call's choices."""
         probs = F.softmax((v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2).float(), dim=-1)
         f_at = _per_head_at(share, pair_indices(i1, i2, self.n_keys))
-        return self.balancing.loss * num_experts * (probs * f_at).sum(-1).mean()
+        return self.balancing.loss * share.shape[1] * (probs * f_at).sum(-1).mean()
 
     def pop_aux_loss(self) -> Tensor | None:
         """Mean balance loss of the calls since the last pop (None if there was none): a block
@@ -315,11 +316,10 @@ class ProductKeyRouter(PastBatchStatistics):
         calls, self._aux = self._aux, None
         return None if calls is None else torch.stack(calls).mean()
 
-    def _count(self, sub_idx: Tensor, idx: Tensor) -> None:
+    def _count(self, sub_idx: Tensor, chosen: Tensor) -> None:
         """Add this call's sub-key (H, 2n) and expert (H, N) choices to the loads since the
         last commit."""
-        loads = tuple(_counts(i, self.heads, size) for i, size in
-                      ((sub_idx, 2 * self.n_keys), (idx, self.expert_bias.shape[1])))
+        loads = (_counts(sub_idx, self.heads, 2 * self.n_keys), chosen)
         self._load = loads if self._load is None else (self._load[0] + loads[0], self._load[1] + loads[1])
 
     def commit(self) -> None:
