@@ -1,4 +1,4 @@
-"""Command line: ``fractalmoe train | eval | generate | plot | bench | compare``.
+"""Command line: ``fractalmoe train | eval | generate | plot | bench | compare | corpus``.
 
 User mistakes print one line on stderr and exit with code 2; no tracebacks.
 """
@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--data", help="corpus (default: the run's own)")
     ba.add_argument("--json", action="store_true", help="one JSON line per mode")
     ba.add_argument("--device", type=_device, default="cpu")
+    co = sub.add_parser("corpus", help="build a reproducible corpus that needs no download")
+    co.add_argument("name", choices=["stdlib"], help="stdlib: this interpreter's standard-library sources")
+    dest = co.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", help="folder to create with train.txt, val.txt and manifest.json")
+    dest.add_argument("--write-manifest", metavar="PATH",
+                      help="maintainers: regenerate the manifest from this interpreter into PATH")
+    co.add_argument("--manifest", help="manifest to build from (default: the one shipped with fractalmoe)")
     return p
 
 
@@ -387,9 +394,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from .corpus import build_stdlib, write_manifest
+
+    if args.write_manifest:
+        if args.manifest:
+            raise UserError("--manifest is for --out; --write-manifest makes a new one")
+        sizes = write_manifest(args.write_manifest)
+        what = f"wrote {args.write_manifest}"
+    else:
+        sizes = build_stdlib(args.out, args.manifest)
+        what = f"wrote {args.out}/train.txt, val.txt, manifest.json"
+    print(f"{what}: train {sizes['train_bytes']:,} bytes in {sizes['train_files']} files, "
+          f"val {sizes['val_bytes']:,} bytes in {sizes['val_files']} files")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "plot": cmd_plot,
             "bench": cmd_bench, "compare": cmd_compare,
-            "finetune": cmd_finetune, "export-hf": cmd_export_hf}
+            "finetune": cmd_finetune, "export-hf": cmd_export_hf, "corpus": cmd_corpus}
 
 
 def main(argv: list[str] | None = None) -> int:
