@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fractalmoe.experts import ExpertBank, expert_mix, expert_mix_reference
+from fractalmoe.experts import ExpertBank, expert_mix, expert_mix_reference, value_mix
 
 
 def _inputs(n=40, d=6, t=9, m=5, dtype=torch.float64):
@@ -73,3 +73,27 @@ def test_no_tokens_is_fine() -> None:
     y = expert_mix(x, idx, gates, down, up)
     y.sum().backward()
     assert y.shape == (0, 6) and down.grad._nnz() == 0
+
+
+def test_value_mix_matches_embedding_reference_and_gradcheck() -> None:
+    _, idx, gates, _, values = _inputs()
+    y = value_mix(idx, gates, values)
+    gy = torch.randn_like(y)
+    g_gates, g_values = torch.autograd.grad(y, (gates, values), gy)
+    y_ref = torch.einsum("tm,tmd->td", gates, values[idx])
+    r_gates, r_values = torch.autograd.grad(y_ref, (gates, values), gy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(g_gates, r_gates)
+    assert g_values.is_sparse and g_values._nnz() == torch.unique(idx).numel()
+    torch.testing.assert_close(g_values.to_dense(), r_values)
+    fn = lambda g, v: value_mix(idx, g, v, sparse_grad=False)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (gates, values))
+
+
+@pytest.mark.parametrize("kind,tables", [("neuron", ("down", "up")), ("value", ("values",)),
+                                         ("gated", ("values",))])
+def test_bank_kinds_hold_their_tables(kind: str, tables: tuple[str, ...]) -> None:
+    bank = ExpertBank(64, 8, kind=kind)
+    assert tuple(bank.tables()) == tables
+    assert [n for n, _ in bank.named_parameters()] == list(tables)
+    torch.testing.assert_close(bank.rows(tables[-1], 3, 9), getattr(bank, tables[-1])[3:9])

@@ -11,9 +11,9 @@ from fractalmoe.fractal import blocks_at_depth
 def reference_f(fe: FractalExpert, c: int, x: torch.Tensor) -> torch.Tensor:
     """f_1 = B_1; f_c(x) = J_c(f_{c-1}(f_{c-1}(x)), B_c(x)), evaluated literally."""
     if c == 1:
-        return fe.blocks[0](x)
+        return fe.blocks[0](x, fe.bank)
     deep = reference_f(fe, c - 1, reference_f(fe, c - 1, x))
-    shallow = fe.blocks[c - 1](x)
+    shallow = fe.blocks[c - 1](x, fe.bank)
     g = torch.sigmoid(fe.joins[c - 2].gate(x))
     return g * deep + (1 - g) * shallow
 
@@ -49,7 +49,7 @@ def test_depth_one_is_flat_peer() -> None:
     layer = FHME(16, 256, depth=1, heads=2, topk=4, key_dim=8)
     x = torch.randn(2, 6, 16)
     block = layer.fractal.blocks[0]
-    torch.testing.assert_close(layer(x), block.memory(block.norm(x)))
+    torch.testing.assert_close(layer(x), block.memory(block.norm(x), layer.fractal.bank))
 
 
 def test_join_gate_starts_toward_shallow_path() -> None:
@@ -94,8 +94,9 @@ def test_global_drop_path_column_c_is_shallow_branch_alone() -> None:
     x = torch.randn(6, 16)
     column = torch.tensor([2] * 6)
     with torch.no_grad():
-        out = fe.stage(2, x, fe.blocks[0](x), column)
-        torch.testing.assert_close(out, fe.blocks[1](x))
+        b1, b2 = (lambda v: fe.blocks[0](v, fe.bank)), (lambda v: fe.blocks[1](v, fe.bank))
+        out = fe.stage(2, x, b1(x), column)
+        torch.testing.assert_close(out, b2(x))
         column = torch.tensor([1] * 6)
-        out = fe.stage(2, x, fe.blocks[0](x), column)
-        torch.testing.assert_close(out, fe.blocks[0](fe.blocks[0](x)))
+        out = fe.stage(2, x, b1(x), column)
+        torch.testing.assert_close(out, b1(b1(x)))

@@ -11,11 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fractalmoe import FHMELanguageModel, ModelConfig
-from fractalmoe.baselines import PKMFFN, DenseFFN, MoEFFN
+from fractalmoe.baselines import DenseFFN, MoEFFN
 from fractalmoe.config import tiny_model_config
 from fractalmoe.fhme import FHME
 
-FFNS = ["fhme", "dense", "moe", "pkm", "peer"]
+FFNS = ["fhme", "dense", "moe", "pkm", "peer", "memplus"]
 
 
 def _variants():
@@ -26,6 +26,8 @@ def _variants():
     yield "fhme-balanced", dict(ffn="fhme", query_norm="whiten", unit_keys=True, balance_rate=0.1,
                                 balance_loss=0.01)
     yield "pkm-balanced", dict(ffn="pkm", balance_rate=0.1, balance_loss=0.01)
+    yield "fhme-value", dict(ffn="fhme", block="value")
+    yield "fhme-gated", dict(ffn="fhme", block="gated")
 
 
 @pytest.mark.parametrize("name,extra", list(_variants()), ids=[v[0] for v in _variants()])
@@ -75,8 +77,10 @@ def test_flops_and_params_match_hand_counts() -> None:
     moe = MoEFFN(d, 64, 4, 2, 0.01)
     assert moe.flops_per_token() == 2 * d * 4 + 2 * 6 * d * 64
     assert moe.active_params_per_token() == d * 4 + 2 * 3 * d * 64
-    pkm = PKMFFN(d, 256, h, k, q, "softmax", "layernorm")
+    pkm = FHME(d, 256, depth=1, heads=h, topk=k, key_dim=q, block="value")
     assert pkm.flops_per_token() == _router_flops(d, h, q, n, k) + 2 * h * k * d
+    gated = FHME(d, 256, depth=1, heads=h, topk=k, key_dim=q, block="gated")
+    assert gated.flops_per_token() == _router_flops(d, h, q, n, k) + 2 * h * k * d + 2 * d * d + d
     peer = FHME(d, 256, depth=1, heads=h, topk=k, key_dim=q)
     assert peer.flops_per_token() == block
     fhme = FHME(d, 256, depth=3, heads=h, topk=k, key_dim=q)
@@ -133,7 +137,7 @@ def test_no_python_loop_over_tokens_or_experts(ffn: str) -> None:
     assert _ops(small, short) == _ops(small, long) == _ops(large, long)
 
 
-@pytest.mark.parametrize("ffn,syncs", [("fhme", 2), ("dense", 2), ("peer", 2), ("pkm", 2), ("moe", 4)])
+@pytest.mark.parametrize("ffn,syncs", [("fhme", 2), ("dense", 2), ("peer", 2), ("pkm", 2), ("memplus", 2), ("moe", 4)])
 def test_host_syncs_only_for_input_validation_and_sizes(ffn: str, syncs: int) -> None:
     """2 for validating token ids at entry; MoE adds one per layer for its packed batch size."""
     ops = _ops(FHMELanguageModel(tiny_model_config(ffn=ffn)).eval(), torch.randint(0, 256, (2, 16)))
@@ -179,3 +183,11 @@ def test_one_batch_overfitting_lowers_the_loss() -> None:
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_memplus_shares_one_bank_stored_once() -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn="memplus"))
+    banks = {id(b.ffn.fractal.bank) for b in model.blocks}
+    assert banks == {id(model.shared_bank)}
+    names = [n for n in model.state_dict() if n.endswith("values")]
+    assert names == ["shared_bank.values"]

@@ -1,4 +1,5 @@
-"""Baseline FFNs with FHME's interface: dense SwiGLU, top-k MoE, PKM memory, PEER.
+"""Baseline FFNs with FHME's interface: dense SwiGLU and top-k MoE; PEER, PKM and Memory+ are
+FHME layers of one column (``routed_config``).
 
 Legend: T tokens, D width, F hidden width, E MoE experts, K top-k, S = T * K routed slots.
 
@@ -13,9 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .experts import mark_expert_table, table_device
-from .fhme import FHME, balancing_of
-from .routing import Balancing, ProductKeyRouter, gate_scores
+from .experts import ExpertBank
+from .fhme import FHME
 
 
 class DenseFFN(nn.Module):
@@ -97,53 +97,23 @@ class MoEFFN(nn.Module):
         self.usage = torch.zeros(self.num_experts, dtype=torch.long) if on else None
 
 
-class PKMFFN(nn.Module):
-    """Product-key memory (Lample et al. 2019): sum_j g_j v_{i_j} over one (N, D) value table.
-
-    Queries use a per-token norm instead of the paper's BatchNorm (which is not causal).
-    """
-
-    def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
-                 gate: str, query_norm: str, balancing: Balancing = Balancing()) -> None:
-        super().__init__()
-        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, balancing)
-        self.gate = gate
-        self.values = mark_expert_table(nn.Parameter(
-            torch.randn(num_experts, dim, device=table_device()) * dim**-0.5))
-        self.aux_loss = torch.zeros(())
-        self.usage: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        scores, idx = self.router(x)
-        if self.usage is not None:
-            self.usage += torch.bincount(idx.reshape(-1), minlength=self.usage.numel())
-        gates = gate_scores(scores, self.gate).flatten(-2)
-        idx_TM = idx.flatten(-2).reshape(-1, gates.shape[-1])
-        y = F.embedding_bag(idx_TM, self.values, per_sample_weights=gates.reshape(idx_TM.shape),
-                            mode="sum", sparse=True)
-        aux = self.router.pop_aux_loss()
-        self.aux_loss = torch.zeros((), device=x.device) if aux is None else aux
-        return y.view(x.shape)
-
-    def flops_per_token(self) -> float:
-        return self.router.flops_per_token() + 2 * self.router.heads * self.router.topk * self.values.shape[1]
-
-    def active_params_per_token(self) -> float:
-        return self.router.params_per_token() + self.router.heads * self.router.topk * self.values.shape[1]
-
-    def track_usage(self, on: bool) -> None:
-        self.usage = torch.zeros(self.values.shape[0], dtype=torch.long) if on else None
-
-
-def build_ffn(cfg: ModelConfig) -> nn.Module:
-    """The FFN named by ``cfg.ffn``; PEER is FHME with one column and no depth router."""
-    if cfg.ffn == "fhme":
-        return FHME.from_config(cfg)
+def routed_config(cfg: ModelConfig) -> ModelConfig:
+    """The FHME settings a routed baseline stands for: PEER, PKM and Memory+ are one column of
+    neuron, value and gated blocks (Memory+ with one bank for every layer)."""
+    one = dict(fractal_depth=1, adaptive_depth=False)
     if cfg.ffn == "peer":
-        return FHME.from_config(cfg.replace(fractal_depth=1, adaptive_depth=False))
+        return cfg.replace(block="neuron", **one)
+    if cfg.ffn == "pkm":
+        return cfg.replace(block="value", **one)
+    if cfg.ffn == "memplus":
+        return cfg.replace(block="gated", share_bank=True, **one)
+    return cfg
+
+
+def build_ffn(cfg: ModelConfig, bank: ExpertBank | None = None) -> nn.Module:
+    """The FFN named by ``cfg.ffn``; routed ones read ``bank`` when the model shares one."""
     if cfg.ffn == "dense":
         return DenseFFN(cfg.dim, cfg.ffn_hidden)
     if cfg.ffn == "moe":
         return MoEFFN(cfg.dim, cfg.ffn_hidden, cfg.moe_experts, cfg.moe_topk, cfg.moe_balance)
-    return PKMFFN(cfg.dim, cfg.num_experts, cfg.expert_heads, cfg.topk, cfg.key_dim, cfg.gate,
-                  cfg.query_norm, balancing_of(cfg))
+    return FHME.from_config(routed_config(cfg), bank)

@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import ModelConfig, RunConfig
 
-MODELS = ("fhme", "dense", "moe", "pkm", "peer")
+MODELS = ("fhme", "dense", "moe", "pkm", "peer", "memplus")
 
 
 def ffn_flops(cfg: ModelConfig) -> float:
@@ -37,7 +37,7 @@ def matched_config(base: ModelConfig, ffn: str, target: float) -> ModelConfig:
     if ffn == "fhme":
         return cfg
     knob = {"dense": "ffn_hidden", "moe": "ffn_hidden", "pkm": "expert_heads",
-            "peer": "expert_heads"}[ffn]
+            "peer": "expert_heads", "memplus": "expert_heads"}[ffn]
     best, best_err = cfg, math.inf
     for value in range(1, 4097):
         trial = cfg.replace(**{knob: value})

@@ -19,8 +19,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-FFN_TYPES = ("fhme", "dense", "moe", "pkm", "peer")
-ROUTED_FFNS = ("fhme", "pkm", "peer")
+FFN_TYPES = ("fhme", "dense", "moe", "pkm", "peer", "memplus")
+ROUTED_FFNS = ("fhme", "pkm", "peer", "memplus")
+BLOCK_KINDS = ("neuron", "value", "gated")
 GATES = ("softmax", "sigmoid")
 QUERY_NORMS = ("layernorm", "rmsnorm", "running", "whiten", "none")
 EXPERT_ACTS = ("gelu", "relu")
@@ -104,7 +105,7 @@ class ModelConfig(_Config):
     n_heads: int = 4  # attention heads
     seq_len: int = 128  # context length
     dropout: float = 0.0
-    ffn: str = "fhme"  # fhme | dense | moe | pkm | peer
+    ffn: str = "fhme"  # fhme | dense | moe | pkm | peer | memplus
     # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
     num_experts: int = 16384
     expert_heads: int = 2  # product-key retrieval heads per routed block
@@ -115,6 +116,8 @@ class ModelConfig(_Config):
     unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
     balance_rate: float = 0.0  # > 0: per-step move of selection-only sub-key / expert biases
     balance_loss: float = 0.0  # > 0: weight of the Switch-style balance loss on routed choices
+    block: str = "neuron"  # fhme's routed blocks: neuron (PEER) | value (PKM) | gated (Memory+)
+    share_bank: bool = False  # one expert bank for every layer (stored once)
     expert_act: str = "gelu"
     expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
@@ -140,6 +143,7 @@ class ModelConfig(_Config):
             r(getattr(self, name) >= 1, name, "must be a positive integer")
         r(self.ffn in FFN_TYPES, "ffn", f"must be one of {FFN_TYPES}")
         r(self.gate in GATES, "gate", f"must be one of {GATES}")
+        r(self.block in BLOCK_KINDS, "block", f"must be one of {BLOCK_KINDS}")
         r(self.query_norm in QUERY_NORMS, "query_norm", f"must be one of {QUERY_NORMS}")
         r(0.0 <= self.balance_rate <= 1.0, "balance_rate", "must be in [0, 1] (try 0.01)")
         r(self.balance_loss >= 0.0, "balance_loss", "must be >= 0 (try 0.01)")

@@ -1,10 +1,17 @@
-"""Bank of N singleton experts e_i(x) = act(u_i . x) v_i and the fused gather-mix over them.
+"""Banks of N experts stored as (N, D) tables, and the fused gather-mixes over them.
 
 Legend: T tokens, M routed slots per token (heads * topk), D width, N experts, R unique rows.
 
-The two tables ``down`` (u_i) and ``up`` (v_i) are plain (N, D) parameters. The mix is one autograd
-function whose backward returns *coalesced sparse* row gradients: only the R rows a step touched
-exist in the gradient, so backward and the row-sparse optimizer cost O(R * D), never O(N * D).
+Two kinds of bank (``BLOCK_KINDS`` adds the gated variant, whose gate lives in the routed block):
+
+* ``neuron`` (PEER): e_i(x) = act(u_i . x) v_i, tables ``down`` (u_i) and ``up`` (v_i);
+  a routed slot costs 4 D FLOPs and reads 2 D parameters.
+* ``value`` (PKM): e_i = v_i, one table ``values``; the gate (from the key score) is the only
+  activation, so a slot costs 2 D FLOPs and reads D parameters: twice the rows per FLOP.
+
+Each mix is one autograd function whose backward returns *coalesced sparse* row gradients: only the
+R rows a step touched exist in the gradient, so backward and the row-sparse optimizer cost O(R * D),
+never O(N * D).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config import BLOCK_KINDS
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -116,6 +125,36 @@ class _ExpertMix(torch.autograd.Function):
         return g_x, None, g_gate, g_down, g_up, None, None
 
 
+class _ValueMix(torch.autograd.Function):
+    """y_t = sum_m g_tm * v_{i_tm}, with a sparse value gradient."""
+
+    @staticmethod
+    def forward(ctx, idx_TM: Tensor, gate_TM: Tensor, values_ND: Tensor, sparse_grad: bool) -> Tensor:
+        y_TD = F.embedding_bag(idx_TM, values_ND, per_sample_weights=gate_TM.to(values_ND.dtype),
+                               mode="sum").to(gate_TM.dtype)
+        ctx.save_for_backward(idx_TM, gate_TM, values_ND)
+        ctx.sparse_grad = sparse_grad
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, gy_TD: Tensor):  # type: ignore[override]
+        idx_TM, gate_TM, values_ND = ctx.saved_tensors
+        g_gate = _dots(values_ND, idx_TM, gy_TD) if ctx.needs_input_grad[1] else None  # v . dy
+        g_values = None
+        if ctx.needs_input_grad[2]:  # dL/dv_i = sum over slots routed to i of g * dy
+            g_values = RowScatter(idx_TM, values_ND.shape[0])(gate_TM, gy_TD, values_ND.dtype,
+                                                               ctx.sparse_grad)
+        return None, g_gate, g_values, None
+
+
+def value_mix(idx: Tensor, gates: Tensor, values: Tensor, sparse_grad: bool = True) -> Tensor:
+    """Gated sum of routed value rows (PKM). idx, gates: (..., M) -> (..., D)."""
+    lead = idx.shape[:-1]
+    y = _ValueMix.apply(idx.reshape(-1, idx.shape[-1]), gates.reshape(-1, gates.shape[-1]),
+                        values, sparse_grad)
+    return y.view(*lead, values.shape[1])
+
+
 def expert_mix(x: Tensor, idx: Tensor, gates: Tensor, down: Tensor, up: Tensor,
                act: str = "gelu", sparse_grad: bool = True) -> Tensor:
     """Fused gather + weighted sum over routed experts. x: (..., D); idx, gates: (..., M).
@@ -145,6 +184,7 @@ def is_expert_table(p: Tensor) -> bool:
     return bool(getattr(p, "expert_table", False))
 
 
+TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _ROW_CHUNK = 65536
 _meta_tables = [False]
 
@@ -179,32 +219,52 @@ def init_rows(seed: int, lo: int, hi: int, num_rows: int, dim: int, dtype: torch
 
 
 class ExpertBank(nn.Module):
-    """Two (N, D) tables of singleton experts shared by every routed block of one layer."""
+    """The (N, D) tables of one layer's experts, shared by every routed block that reads them.
+
+    ``kind`` "neuron" keeps ``down`` and ``up``; "value" and "gated" keep ``values`` (the gated
+    kind's SiLU gate is a dense projection of the routed block, not of the bank).
+    """
 
     def __init__(self, num_experts: int, dim: int, act: str = "gelu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, kind: str = "neuron") -> None:
         super().__init__()
-        self.num_experts, self.dim, self.act = num_experts, dim, act
+        if kind not in BLOCK_KINDS:
+            raise ValueError(f"block kind {kind!r} must be one of {BLOCK_KINDS}")
+        self.num_experts, self.dim, self.act, self.kind = num_experts, dim, act, kind
         # u . x has unit variance for unit-RMS x. One draw of the global RNG seeds the tables.
         self.seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
-        self.down = mark_expert_table(nn.Parameter(self._table(0, dtype)))
-        self.up = mark_expert_table(nn.Parameter(self._table(1, dtype)))
+        names = ("down", "up") if kind == "neuron" else ("values",)
+        for name in names:
+            setattr(self, name, mark_expert_table(nn.Parameter(self._table(self._stream(name), dtype))))
+        self.table_names: tuple[str, ...] = names
+
+    @staticmethod
+    def _stream(name: str) -> int:
+        """Which random stream of the bank's seed a table is drawn from."""
+        return 0 if name == "down" else 1
 
     def _table(self, which: int, dtype: torch.dtype) -> Tensor:
         if table_device() == "meta":
             return torch.empty(self.num_experts, self.dim, dtype=dtype, device="meta")
         return init_rows(2 * self.seed + which, 0, self.num_experts, self.num_experts, self.dim, dtype)
 
-    def rows(self, which: int, lo: int, hi: int) -> Tensor:
-        """A copy of rows [lo, hi) of table `which` (0 = down, 1 = up), built from the seed if
-        the tables were never allocated."""
-        table = self.down if which == 0 else self.up
+    def tables(self) -> dict[str, nn.Parameter]:
+        """Name -> (N, D) table, in a fixed order."""
+        return {name: getattr(self, name) for name in self.table_names}
+
+    def rows(self, name: str, lo: int, hi: int) -> Tensor:
+        """A copy of rows [lo, hi) of table ``name``, built from the seed if the tables were never
+        allocated."""
+        table = getattr(self, name)
         if table.is_meta:
-            return init_rows(2 * self.seed + which, lo, hi, self.num_experts, self.dim, table.dtype)
+            return init_rows(2 * self.seed + self._stream(name), lo, hi, self.num_experts, self.dim,
+                             table.dtype)
         return table.data[lo:hi].clone()
 
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
-        return expert_mix(x, idx, gates, self.down, self.up, self.act)
+        if self.kind == "neuron":
+            return expert_mix(x, idx, gates, self.down, self.up, self.act)
+        return value_mix(idx, gates.to(x.dtype), self.values)
 
     def bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in (self.down, self.up))
+        return sum(p.numel() * p.element_size() for p in self.tables().values())

@@ -19,11 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .experts import TABLE_DTYPES, ExpertBank
 from .fractal import FractalExpert, blocks_at_depth, joins_at_depth
 from .routing import Balancing
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def balancing_of(cfg: ModelConfig) -> Balancing:
     return Balancing(cfg.unit_keys, cfg.balance_rate, cfg.balance_loss)
@@ -38,14 +36,15 @@ class FHME(nn.Module):
                  drop_path_global: float = 0.0, adaptive_depth: bool = False,
                  depth_penalty: float = 0.0, depth_explore: float = 0.0,
                  depth_target: float = 0.0, expert_dtype: str = "float32",
-                 balancing: Balancing = Balancing()) -> None:
+                 balancing: Balancing = Balancing(), block: str = "neuron",
+                 bank: ExpertBank | None = None) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target = depth_explore, depth_target
         initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
-                                     drop_path_global, _DTYPES[expert_dtype], balancing)
+                                     drop_path_global, TABLE_DTYPES[expert_dtype], balancing, block, bank)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             self.depth_router = nn.Linear(dim, depth)
@@ -62,12 +61,12 @@ class FHME(nn.Module):
         self.depth_hist: Tensor = torch.zeros(depth)  # fraction of tokens per depth, last call
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> FHME:
+    def from_config(cls, cfg: ModelConfig, bank: ExpertBank | None = None) -> FHME:
         return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.expert_heads, cfg.topk,
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
-                   balancing_of(cfg))
+                   balancing_of(cfg), cfg.block, bank)
 
     def choose_depth(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-token depth in 1..C (hard) and router probabilities (None without a router)."""
@@ -163,10 +162,10 @@ class FHME(nn.Module):
     def params_at_depth(self, depth: int) -> int:
         """Parameters a token at ``depth`` reads: routers of blocks 1..d, its expert rows, joins."""
         mem = self.fractal.blocks[0].memory
-        routers = depth * mem.router.params_per_token()
-        rows = blocks_at_depth(depth) * mem.router.heads * mem.router.topk * 2 * self.dim
+        routers = mem.router.params_per_token()
+        rows = mem.params_per_token() - routers  # expert rows (and gate) read per block call
         router = self.depth_router.weight.numel() if self.depth_router is not None else 0
-        return routers + rows + (depth - 1) * (self.dim + 1) + router
+        return depth * routers + blocks_at_depth(depth) * rows + (depth - 1) * (self.dim + 1) + router
 
     def _expected(self, per_depth) -> float:  # type: ignore[no-untyped-def]
         hist = self.depth_hist.tolist()

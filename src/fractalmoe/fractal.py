@@ -35,8 +35,8 @@ class RoutedBlock(nn.Module):
         self.norm = nn.RMSNorm(dim)
         self.memory = memory
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.memory(self.norm(x))
+    def forward(self, x: Tensor, bank: nn.Module) -> Tensor:
+        return x + self.memory(self.norm(x), bank)
 
 
 class HighwayJoin(nn.Module):
@@ -70,15 +70,19 @@ class FractalExpert(nn.Module):
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
-                 balancing: Balancing = Balancing()) -> None:
+                 balancing: Balancing = Balancing(), kind: str = "neuron",
+                 bank: ExpertBank | None = None) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
         self.depth, self.drop_local, self.drop_global = depth, drop_path_local, drop_path_global
-        self.bank = ExpertBank(num_experts, dim, act, expert_dtype)
+        if bank is None:
+            self.bank = ExpertBank(num_experts, dim, act, expert_dtype, kind)
+        else:  # shared with other layers and owned (stored once) by the model: not a submodule
+            object.__setattr__(self, "bank", bank)
         self.blocks = nn.ModuleList(
             RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
-                                              query_norm, act, bank=self.bank,
+                                              query_norm, act, kind, own_bank=False,
                                               balancing=balancing))
             for _ in range(depth))
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(depth - 1))
@@ -104,16 +108,16 @@ class FractalExpert(nn.Module):
     def _f(self, c: int, x: Tensor, column: Tensor | None) -> Tensor:
         """f_c(x) by direct recursion (2**c - 1 blocks)."""
         if c == 1:
-            return self.blocks[0](x)
+            return self.blocks[0](x, self.bank)
         return self.stage(c, x, self._f(c - 1, x, column), column)
 
     def stage(self, c: int, x: Tensor, prev: Tensor | None, column: Tensor | None = None) -> Tensor:
         """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D)."""
         if c == 1:
-            return self.blocks[0](x)
+            return self.blocks[0](x, self.bank)
         assert prev is not None
         deep = self._f(c - 1, prev, column)
-        shallow = self.blocks[c - 1](x)
+        shallow = self.blocks[c - 1](x, self.bank)
         return self.joins[c - 2](x, deep, shallow, self._keep_masks(c, x, column))
 
     def sample_columns(self, num_tokens: int, device: torch.device) -> Tensor | None:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .baselines import build_ffn
-from .config import ModelConfig
+from .baselines import build_ffn, routed_config
+from .config import ROUTED_FFNS, ModelConfig
+from .experts import TABLE_DTYPES, ExpertBank
 from .fhme import FHME
 from .routing import PastBatchStatistics
 
@@ -68,12 +69,12 @@ class CausalSelfAttention(nn.Module):
 class FHMETransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)) with an FHME (or baseline) FFN."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, bank: ExpertBank | None = None) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim)
         self.attn = CausalSelfAttention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim)
-        self.ffn = build_ffn(cfg)
+        self.ffn = build_ffn(cfg, bank)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
@@ -89,7 +90,11 @@ class FHMELanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(FHMETransformerBlock(cfg) for _ in range(cfg.n_layers))
+        routed = routed_config(cfg)
+        # One expert bank read by every layer (Memory+), stored here once.
+        self.shared_bank = (ExpertBank(cfg.num_experts, cfg.dim, cfg.expert_act, TABLE_DTYPES[cfg.expert_dtype],
+                                       routed.block) if routed.share_bank and cfg.ffn in ROUTED_FFNS else None)
+        self.blocks = nn.ModuleList(FHMETransformerBlock(cfg, self.shared_bank) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied input/output embeddings

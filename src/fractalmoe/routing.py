@@ -356,39 +356,54 @@ def gate_scores(scores: Tensor, kind: str) -> Tensor:
 class ProductKeyMemory(nn.Module):
     """One routed block: sum over heads and top-k of g_j e_j(x). x (..., D) -> (..., D).
 
-    Pass ``bank`` to share one expert bank between several routers (the fractal's blocks).
+    Without ``bank`` it builds and owns one of ``num_experts`` experts of ``kind``; the fractal's
+    blocks share their layer's bank instead, which the owner passes to ``forward`` (so each table
+    is one parameter in one place). The "gated" kind multiplies the value read by SiLU(W x)
+    (Memory+), W being this block's own.
     """
 
     def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
-                 act: str = "gelu", bank: ExpertBank | None = None,
+                 act: str = "gelu", kind: str = "neuron", own_bank: bool = True,
                  balancing: Balancing = Balancing()) -> None:
         super().__init__()
         if gate not in ("softmax", "sigmoid"):
             raise ValueError(f"gate={gate!r} must be 'softmax' or 'sigmoid'")
         self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, balancing)
-        self.gate = gate
-        self.bank = bank if bank is not None else ExpertBank(num_experts, dim, act)
+        self.gate, self.kind, self.dim = gate, kind, dim
+        self.bank = ExpertBank(num_experts, dim, act, kind=kind) if own_bank else None
+        self.silu_gate = nn.Linear(dim, dim, bias=False) if kind == "gated" else None
         self.usage: Tensor | None = None  # (N,) selection counts while tracking is on
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scores (sorted, descending) and expert indices, both (..., heads, topk)."""
         return self.router(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bank: nn.Module | None = None) -> Tensor:
+        bank = bank if bank is not None else self.bank
         scores, idx = self.router(x)
         if self.usage is not None:
             self.usage += torch.bincount(idx.reshape(-1), minlength=self.usage.numel())
         gates = gate_scores(scores, self.gate)
-        return self.bank(x, idx.flatten(-2), gates.flatten(-2))
+        y = bank(x, idx.flatten(-2), gates.flatten(-2))
+        return y * F.silu(self.silu_gate(x)) if self.silu_gate is not None else y
 
     def track_usage(self, on: bool) -> None:
-        self.usage = torch.zeros(self.bank.num_experts, dtype=torch.long) if on else None
+        self.usage = torch.zeros(self.router.n_keys**2, dtype=torch.long) if on else None
+
+    def _per_slot(self) -> tuple[int, int]:
+        """Forward FLOPs and parameters of one routed slot."""
+        if self.kind == "neuron":
+            return 4 * self.dim, 2 * self.dim
+        return 2 * self.dim, self.dim
 
     def flops_per_token(self) -> int:
-        """Routing plus, per retrieved expert, one dot product and one scaled row add."""
+        """Routing, the routed slots and (gated) the SiLU gate's projection and product."""
         slots = self.router.heads * self.router.topk
-        return self.router.flops_per_token() + slots * 4 * self.bank.dim
+        gated = 2 * self.dim * self.dim + self.dim if self.silu_gate is not None else 0
+        return self.router.flops_per_token() + slots * self._per_slot()[0] + gated
 
     def params_per_token(self) -> int:
-        return self.router.params_per_token() + self.router.heads * self.router.topk * 2 * self.bank.dim
+        gated = self.dim * self.dim if self.silu_gate is not None else 0
+        return (self.router.params_per_token() + self.router.heads * self.router.topk * self._per_slot()[1]
+                + gated)
