@@ -99,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--text", default=None, help="text for --depth-map")
     b = sub.add_parser("bench", help="throughput benchmarks (layer, model, adaptive depth)")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    bl = bsub.add_parser("layer", help="one routed layer vs number of experts, one process each")
+    bl = bsub.add_parser("layer", help="one routed layer per implementation vs number of experts "
+                         "(alternated fresh-process repeats, medians, roofline, headline ratios)")
     bl.add_argument("--experts", type=_int_list, default=[16384, 262144, 1048576])
-    bl.add_argument("--impl", type=_str_list, default=["fractalmoe", "peer-dense"],
-                    help="comma list of fractalmoe, peer-dense, peer-pytorch, pkm-pytorch")
+    bl.add_argument("--impl", type=_str_list, default=None,
+                    help="comma list of fractalmoe, fractalmoe-lazy-adam, peer-pytorch-sparse, "
+                         "peer-pytorch, peer-dense, pkm-pytorch (default: all that are installed)")
     bl.add_argument("--dim", type=_positive_int, default=256)
     bl.add_argument("--heads", type=_positive_int, default=8)
     bl.add_argument("--topk", type=_positive_int, default=16)
@@ -110,10 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--tokens", type=_positive_int, default=2048)
     bl.add_argument("--steps", type=_positive_int, default=5, help="timed steps after 2 warm-up")
     bl.add_argument("--expert-dtype", choices=["float32", "bfloat16"], default="float32")
-    bl.add_argument("--json", action="store_true", help="one JSON line per configuration")
+    bl.add_argument("--repeats", type=_positive_int, default=3,
+                    help="fresh processes per configuration, alternated round-robin (>= 3; medians)")
+    bl.add_argument("--force", action="store_true",
+                    help="run even while another PyTorch process runs or the load average is > 0.5")
+    bl.add_argument("--wait-idle", type=_nonneg_float, default=0.0, metavar="SECONDS",
+                    help="wait up to this long for the machine to become idle before refusing")
+    bl.add_argument("--gather-table-mb", type=_positive_int, default=1024,
+                    help="table size of the random-row gather that measures bandwidth")
+    bl.add_argument("--json", action="store_true",
+                    help="one JSON line per configuration on stdout (the rest on stderr)")
     bm = bsub.add_parser("model", help="a whole FHME language model vs number of experts")
     bm.add_argument("--experts", type=_int_list, default=[16384, 262144, 1048576])
     bm.add_argument("--config", help="TOML model config (default: the training default)")
+    bm.add_argument("--force", action="store_true",
+                    help="run even while another PyTorch process runs or the load average is > 0.5")
+    bm.add_argument("--wait-idle", type=_nonneg_float, default=0.0, metavar="SECONDS",
+                    help="wait up to this long for the machine to become idle before refusing")
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
     bm.add_argument("--json", action="store_true")
@@ -265,7 +280,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import LAYER_IMPLS, run_adaptive, spawn
+    from .bench import run_adaptive, spawn
 
     if args.bench == "adaptive":
         rows = run_adaptive(args.ckpt, args.data, args.device)
@@ -279,26 +294,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f"  FHME {row['fhme_ms']:8.1f} ms ({row['fhme_ms'] / full['fhme_ms']:.0%})")
         return 0
     if args.bench == "layer":
-        unknown = [i for i in args.impl if i not in LAYER_IMPLS]
-        if unknown:
-            raise UserError(f"unknown --impl {unknown}; choose from {', '.join(LAYER_IMPLS)}")
-        specs = [("layer", dict(impl=impl, num_experts=n, dim=args.dim, heads=args.heads,
-                                topk=args.topk, key_dim=args.key_dim, tokens=args.tokens,
-                                steps=args.steps, expert_dtype=args.expert_dtype))
-                 for n in args.experts for impl in args.impl]
-    else:
-        if args.config:
-            load_config_file(args.config)  # validate before spawning
-        specs = [("model", dict(num_experts=n, config=args.config, batch_size=args.batch_size,
-                                steps=args.steps)) for n in args.experts]
+        from .bench_layer import layer_command
+
+        return layer_command(args.impl, args.experts, args.dim, args.heads, args.topk, args.key_dim,
+                             args.tokens, args.steps, args.expert_dtype, args.repeats, args.json,
+                             args.gather_table_mb, force=args.force, wait_idle_s=args.wait_idle)
+    if args.config:
+        load_config_file(args.config)  # validate before spawning
+    if not args.force:
+        from .bench_layer import wait_until_idle
+
+        reason = wait_until_idle(args.wait_idle)
+        if reason is not None:
+            raise UserError(reason)
+    specs = [("model", dict(num_experts=n, config=args.config, batch_size=args.batch_size,
+                            steps=args.steps)) for n in args.experts]
     rows = []
     for kind, spec in specs:
         row = spawn(kind, spec)
         rows.append(row)
         print(json.dumps(row) if args.json else _bench_row(row), flush=True)
     if not args.json and rows and "peak_gflops" in rows[0]:
-        print(f"measured peak {rows[0]['peak_gflops']:.1f} GFLOP/s (fp32 matmul 2048^2), "
-              f"bandwidth {rows[0]['bandwidth_gbps']:.1f} GB/s (copy, read + write)")
+        print(f"measured peak {rows[0]['peak_gflops']:.1f} GFLOP/s (fp32 matmul 2048^2)")
     return 0
 
 

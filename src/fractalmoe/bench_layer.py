@@ -1,0 +1,469 @@
+"""``fractalmoe bench layer``: one routed layer's training step, implementation by implementation.
+
+Every implementation runs the same shapes (default: width 256, 8 heads x top-16, 2048 tokens) and
+is paired with an update rule, so that a design and an optimizer rule can be told apart:
+
+  ====================  ================  ======================================================
+  impl                  expert rule       what it is
+  ====================  ================  ======================================================
+  fractalmoe            row-wise Adagrad  FHME at depth 1: fused gather-mix, sparse row gradients
+  fractalmoe-lazy-adam  lazy Adam         the same layer, SparseAdam semantics on touched rows
+  peer-pytorch-sparse   lazy Adam         PEER-pytorch, expert embeddings with ``sparse=True``,
+                                          torch.optim.SparseAdam for them, AdamW for the rest
+  peer-pytorch          dense AdamW       PEER-pytorch as published (dense gradients)
+  peer-dense            dense AdamW       our router with nn.Embedding tables (dense gradients)
+  pkm-pytorch           dense AdamW       PKM from product-key-memory (one value table)
+  ====================  ================  ======================================================
+
+Hygiene: the run refuses to start while another process has PyTorch loaded or the 1-minute load
+average is above 0.5 (``--force`` skips the check). Every repeat of every configuration is a fresh
+process (2 warm-up steps, then the timed steps), configurations alternate round-robin
+(A B A B ... for ``repeats`` rounds) and the reported numbers are medians over the repeats. Peak
+and bandwidth (see :mod:`fractalmoe.roofline`) are measured once at the start and shared by all
+configurations, so roofline fractions and ratios of one run are comparable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bench import peak_rss_gb, spawn
+from .experts import expert_mix_reference
+from .roofline import RULE_NAMES, Hardware, Shape, best_time, floor_seconds, step_bytes, step_flops
+
+
+@dataclass(frozen=True)
+class ImplInfo:
+    rule: str  # update rule of the expert tables (roofline.RULES)
+    tables: int  # expert tables per layer: 2 (down, up) or 1 (PKM values)
+    package: str | None  # module an optional dependency provides
+
+
+IMPLS = {
+    "fractalmoe": ImplInfo("rowwise_adagrad", 2, None),
+    "fractalmoe-lazy-adam": ImplInfo("lazy_adam", 2, None),
+    "peer-pytorch-sparse": ImplInfo("lazy_adam", 2, "PEER_pytorch"),
+    "peer-pytorch": ImplInfo("dense_adamw", 2, "PEER_pytorch"),
+    "peer-dense": ImplInfo("dense_adamw", 2, None),
+    "pkm-pytorch": ImplInfo("dense_adamw", 1, "product_key_memory"),
+}
+LAYER_IMPLS = tuple(IMPLS)
+MAX_LOAD = 0.5
+
+
+def impl_available(impl: str) -> bool:
+    package = IMPLS[impl].package
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+# --- the implementations ---------------------------------------------------------------------
+
+
+class DensePEER(nn.Module):
+    """Reference dense design: nn.Embedding expert tables (dense gradients), our router."""
+
+    def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int) -> None:
+        from .routing import ProductKeyRouter
+
+        super().__init__()
+        self.norm = nn.RMSNorm(dim)
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim)
+        self.down = nn.Embedding(num_experts, dim)
+        self.up = nn.Embedding(num_experts, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from .routing import gate_scores
+
+        h = self.norm(x)
+        scores, idx = self.router(h)
+        gates = gate_scores(scores, "softmax").flatten(-2)
+        return x + expert_mix_reference(h, idx.flatten(-2), gates, self.down.weight, self.up.weight)
+
+
+@dataclass
+class LayerSpec:
+    impl: str
+    num_experts: int
+    dim: int = 256
+    heads: int = 8
+    topk: int = 16
+    key_dim: int = 256  # both halves: 128 per sub-key, PEER-pytorch's default dim_key
+    tokens: int = 2048
+    steps: int = 5
+    expert_dtype: str = "float32"  # fractalmoe impls only; the others keep fp32 tables
+    warmup: int = 2
+
+    def shape(self) -> Shape:
+        dtype = self.expert_dtype if self.impl.startswith("fractalmoe") else "float32"
+        return Shape(self.num_experts, self.dim, self.heads, self.topk, self.key_dim, self.tokens, dtype)
+
+
+@dataclass
+class Built:
+    layer: nn.Module
+    step: Callable[[], None]
+    zero_grad: Callable[[], None]
+    tables: list[Tensor]  # the expert tables (touched rows are counted on the first)
+
+
+def _adamw(params: list[Tensor]) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+
+def build_impl(spec: LayerSpec) -> Built:
+    """The layer, its optimizer step and zero_grad, for one implementation."""
+    n, d, h, k, q = spec.num_experts, spec.dim, spec.heads, spec.topk, spec.key_dim
+    if spec.impl not in IMPLS:
+        raise ValueError(f"unknown impl {spec.impl!r}; choose from {', '.join(LAYER_IMPLS)}")
+    if spec.impl.startswith("fractalmoe"):
+        from .fhme import FHME
+        from .optim import ModelOptimizer
+
+        layer: nn.Module = FHME(d, n, depth=1, heads=h, topk=k, key_dim=q, expert_dtype=spec.expert_dtype)
+        lazy = spec.impl == "fractalmoe-lazy-adam"
+        opt = ModelOptimizer(layer, lr=1e-3, expert_lr=1e-3 if lazy else 0.05, weight_decay=0.0,
+                             expert_optim="lazy_adam" if lazy else "rowwise_adagrad")
+        return Built(layer, opt.step, opt.zero_grad, opt.tables)
+    if spec.impl.startswith("peer-pytorch"):
+        from PEER_pytorch import PEER
+
+        layer = PEER(d, heads=h, num_experts=n, num_experts_per_head=k, dim_key=q // 2,
+                     pre_rmsnorm=True, non_competing_scores=False)
+        embeds = [layer.weight_down_embed, layer.weight_up_embed]
+        tables = [e.weight for e in embeds]
+        if spec.impl == "peer-pytorch-sparse":
+            for e in embeds:  # nn.Embedding.forward passes self.sparse to F.embedding
+                e.sparse = True
+            rest = [p for p in layer.parameters() if all(p is not t for t in tables)]
+            adamw, sparse_adam = _adamw(rest), torch.optim.SparseAdam(tables, lr=1e-3)
+
+            def step() -> None:
+                adamw.step()
+                sparse_adam.step()
+
+            def zero_grad() -> None:
+                adamw.zero_grad(set_to_none=True)
+                sparse_adam.zero_grad(set_to_none=True)
+
+            return Built(layer, step, zero_grad, tables)
+    elif spec.impl == "peer-dense":
+        layer = DensePEER(d, n, h, k, q)
+        tables = [layer.down.weight, layer.up.weight]
+    else:
+        from product_key_memory import PKM
+
+        layer = PKM(d, heads=h, num_keys=math.isqrt(n), topk=k, dim_head=q // 2)
+        tables = [layer.values.weight]
+    opt = _adamw(list(layer.parameters()))
+    return Built(layer, opt.step, lambda: opt.zero_grad(set_to_none=True), tables)
+
+
+def touched_rows(grad: Tensor | None) -> int:
+    """Rows of a table that a step's gradient touches (sparse: its unique rows; dense: nonzero)."""
+    if grad is None:
+        return 0
+    if grad.is_sparse:
+        return int(grad.coalesce()._nnz())
+    return int(grad.ne(0).any(dim=1).sum())
+
+
+def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
+    """Time forward, backward and optimizer of one layer (meant for a fresh process)."""
+    torch.manual_seed(0)
+    built = build_impl(spec)
+    x = torch.randn(1, spec.tokens, spec.dim)
+    phases: list[tuple[float, float, float]] = []
+    touched = 0
+    total = spec.warmup + spec.steps
+    for i in range(total):
+        t0 = time.perf_counter()
+        y = built.layer(x)
+        loss = y.float().square().mean()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        built.step()
+        t3 = time.perf_counter()
+        if i == total - 1:
+            touched = touched_rows(built.tables[0].grad)
+        built.zero_grad()
+        if i >= spec.warmup:
+            phases.append((t1 - t0, t2 - t1, t3 - t2))
+    fwd, bwd, opt = (sum(p[j] for p in phases) / len(phases) for j in range(3))
+    built.layer.eval()
+    with torch.no_grad():
+        infer = best_time(lambda: built.layer(x), 3)
+    info, shape = IMPLS[spec.impl], spec.shape()
+    flops = step_flops(shape, info.tables)
+    nbytes = step_bytes(shape, info.rule, touched, info.tables)
+    step = fwd + bwd + opt
+    floor = floor_seconds(flops, nbytes.total, hw)
+    return {"impl": spec.impl, "rule": info.rule, "N": spec.num_experts, "tokens": spec.tokens,
+            "dim": spec.dim, "heads": spec.heads, "topk": spec.topk, "key_dim": spec.key_dim,
+            "expert_dtype": shape.expert_dtype,
+            "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt * 1e3, "step_ms": step * 1e3,
+            "infer_ms": infer * 1e3, "train_tok_s": spec.tokens / step, "infer_tok_s": spec.tokens / infer,
+            "peak_rss_gb": peak_rss_gb(), "touched_rows": touched,
+            "table_gb": info.tables * shape.num_experts * shape.dim * shape.elem / 1e9,
+            "flops": flops, "bytes": nbytes.total, "floor_ms": floor * 1e3, "roofline_frac": floor / step,
+            "peak_gflops": hw.gflops, "bandwidth_gbps": hw.gbps}
+
+
+def child_main(payload: dict[str, Any]) -> dict[str, Any]:
+    """Entry of ``python -m fractalmoe.bench layer JSON``: a LayerSpec plus ``hw``."""
+    hw = Hardware(**payload.pop("hw"))
+    return run_layer(LayerSpec(**payload), hw)
+
+
+def spawn_layer(spec: LayerSpec, hw: Hardware, timeout: float = 1800) -> dict[str, Any]:
+    """One repeat of one configuration in a fresh interpreter."""
+    try:
+        row = spawn("layer", {**asdict(spec), "hw": asdict(hw)}, timeout)
+    except subprocess.TimeoutExpired:
+        row = {"error": f"timed out after {timeout:.0f} s"}
+    if "error" in row:
+        return {"impl": spec.impl, "N": spec.num_experts, "error": row["error"]}
+    return row
+
+
+# --- hygiene -----------------------------------------------------------------------------------
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def torch_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of other live processes with libtorch mapped (readable ones only);
+    this process and its ancestors are not "other". Empty where /proc does not exist."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    skip: set[int] = {os.getpid()}
+    pid: int | None = os.getpid()
+    while pid is not None and pid > 1:  # our ancestors wait for us: they are not competition
+        skip.add(pid)
+        pid = _parent(pid)
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state in ("Z", "X") or b"libtorch" not in (entry / "maps").read_bytes():
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        found.append((int(entry.name), cmd))
+    return sorted(found)
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return 0.0
+
+
+def busy_reason(max_load: float = MAX_LOAD) -> str | None:
+    """Why the machine is not fit for a benchmark now (one line), or None."""
+    procs = torch_processes()
+    if procs:
+        pid, cmd = procs[0]
+        more = f" and {len(procs) - 1} more" if len(procs) > 1 else ""
+        cmd = cmd if len(cmd) <= 60 else cmd[:57] + "..."
+        return (f"another PyTorch process is running (pid {pid}: {cmd}){more}; timings would be "
+                "skewed: wait for it to finish or pass --force")
+    load = load_average()
+    if load > max_load:
+        return (f"the 1-minute load average is {load:.2f} (> {max_load}): the machine is busy; "
+                "wait or pass --force")
+    return None
+
+
+def wait_until_idle(max_wait_s: float = 0.0, poll_s: float = 5.0) -> str | None:
+    """``busy_reason()``, polled for up to ``max_wait_s`` seconds until the machine is idle (a
+    script's previous step leaves the load average high for a minute or two)."""
+    deadline = time.monotonic() + max_wait_s
+    reason = busy_reason()
+    while reason is not None and time.monotonic() + poll_s <= deadline:
+        time.sleep(poll_s)
+        reason = busy_reason()
+    return reason
+
+
+# --- repeats, medians, ratios ------------------------------------------------------------------
+
+
+def schedule(configs: int, repeats: int) -> list[tuple[int, int]]:
+    """(repeat, config) in run order: round-robin, every configuration once per round."""
+    return [(r, c) for r in range(repeats) for c in range(configs)]
+
+
+_MEDIANS = ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "infer_ms", "peak_rss_gb", "touched_rows",
+            "bytes", "floor_ms")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repeats of one configuration; throughputs and roofline_frac from the
+    median step time. A failed repeat makes the configuration an error row."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {"impl": failed[0]["impl"], "N": failed[0]["N"], "error": failed[0]["error"],
+                "repeats": len(runs)}
+    row = {k: v for k, v in runs[0].items() if k not in _MEDIANS}
+    for key in _MEDIANS:
+        row[key] = statistics.median(r[key] for r in runs)
+    row["train_tok_s"] = row["tokens"] / (row["step_ms"] / 1e3)
+    row["infer_tok_s"] = row["tokens"] / (row["infer_ms"] / 1e3)
+    row["roofline_frac"] = row["floor_ms"] / row["step_ms"]
+    row["repeats"] = len(runs)
+    row["step_ms_runs"] = [r["step_ms"] for r in runs]
+    return row
+
+
+def run_layer_bench(specs: list[LayerSpec], repeats: int, hw: Hardware,
+                    runner: Callable[[LayerSpec, Hardware], dict[str, Any]] | None = None,
+                    progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Run every spec ``repeats`` times, alternating; one median row per spec, in spec order.
+    ``runner`` runs one repeat (default: a fresh process each). A configuration that fails is
+    not repeated."""
+    runner = runner or spawn_layer
+    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
+    order = schedule(len(specs), repeats)
+    for n, (rep, c) in enumerate(order, start=1):
+        spec = specs[c]
+        if any("error" in r for r in runs[c]):
+            continue
+        row = runner(spec, hw)
+        runs[c].append(row)
+        if progress is not None:
+            what = f"failed: {row['error']}" if "error" in row else f"{row['step_ms']:.1f} ms/step"
+            progress(f"[{n}/{len(order)}] {spec.impl} N={spec.num_experts:,} repeat {rep + 1}/{repeats}: {what}")
+    return [summarize(r) for r in runs]
+
+
+def _ratio(label: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Train-throughput ratio a / b (= b's step time / a's), and its range over the rounds."""
+    rounds = [tb / ta for ta, tb in zip(a["step_ms_runs"], b["step_ms_runs"])]
+    return {"label": label, "ratio": b["step_ms"] / a["step_ms"],
+            "round_min": min(rounds), "round_max": max(rounds)}
+
+
+def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Same-run ratios of train tok/s: our layer vs PEER-pytorch under the same rule and under
+    different rules, and our layer at the largest N vs the smallest."""
+    ok = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
+    sizes = sorted({n for _, n in ok})
+    out = []
+    for a, b in (("fractalmoe-lazy-adam", "peer-pytorch-sparse"), ("fractalmoe", "peer-pytorch-sparse"),
+                 ("fractalmoe", "peer-pytorch")):
+        ra, rb = RULE_NAMES[IMPLS[a].rule], RULE_NAMES[IMPLS[b].rule]
+        kind = f"same rule ({ra})" if ra == rb else f"different rules ({ra} vs {rb})"
+        for n in sizes:
+            if (a, n) in ok and (b, n) in ok:
+                out.append(_ratio(f"{kind}: {a} vs {b}, N={n:,}", ok[(a, n)], ok[(b, n)]))
+    if len(sizes) >= 2:
+        lo, hi = sizes[0], sizes[-1]
+        for impl in ("fractalmoe", "fractalmoe-lazy-adam"):
+            if (impl, lo) in ok and (impl, hi) in ok:
+                out.append(_ratio(f"{impl} ({RULE_NAMES[IMPLS[impl].rule]}): N={hi:,} vs N={lo:,}",
+                                  ok[(impl, hi)], ok[(impl, lo)]))
+    return out
+
+
+# --- command line ------------------------------------------------------------------------------
+
+_HEADER = (f"{'impl':>20} {'N':>10} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'train tok/s':>11} "
+           f"{'infer tok/s':>11} {'peak RSS GB':>11} {'roofline_frac':>13}  step ms over repeats")
+
+
+def format_row(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['impl']:>20} {row['N']:>10,} failed: {row['error']}"
+    runs = row["step_ms_runs"]
+    return (f"{row['impl']:>20} {row['N']:>10,} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} "
+            f"{row['opt_ms']:8.1f} {row['train_tok_s']:11.0f} {row['infer_tok_s']:11.0f} "
+            f"{row['peak_rss_gb']:11.2f} {row['roofline_frac']:13.3f}  "
+            f"{min(runs):.1f}-{max(runs):.1f} (n={row['repeats']})")
+
+
+def format_ratio(r: dict[str, Any]) -> str:
+    return (f"  {r['label']}: {r['ratio']:.2f}x train tok/s "
+            f"(per round {r['round_min']:.2f}-{r['round_max']:.2f}x)")
+
+
+def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repeats: int) -> None:
+    """User mistakes, reported before anything is measured (ValueError, one line)."""
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        raise ValueError(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(LAYER_IMPLS)}")
+    missing = [i for i in impls if not impl_available(i)]
+    if missing:
+        raise ValueError(f"--impl {', '.join(missing)} needs a package that is not installed: "
+                         "pip install 'fractalmoe[bench]'")
+    if repeats < 3:
+        raise ValueError(f"--repeats {repeats}: medians need at least 3 repeats")
+    if key_dim % 2:
+        raise ValueError(f"--key-dim {key_dim} must be even (two sub-key halves)")
+    for n in experts:
+        root = math.isqrt(n)
+        if root * root != n or topk > root:
+            raise ValueError(f"--experts {n} must be a perfect square n_keys**2 with --topk {topk} <= n_keys")
+
+
+def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: int, topk: int,
+                  key_dim: int, tokens: int, steps: int, expert_dtype: str, repeats: int,
+                  as_json: bool, gather_table_mb: int = 1024, force: bool = False,
+                  wait_idle_s: float = 0.0) -> int:
+    """The whole ``bench layer`` run: hygiene check, hardware, alternated repeats, the table of
+    medians, headline ratios. User mistakes and a busy machine raise ValueError (one line)."""
+    if impls is None:  # every implementation whose package is installed
+        impls = [i for i in LAYER_IMPLS if impl_available(i)]
+        skipped = [i for i in LAYER_IMPLS if i not in impls]
+        if skipped:
+            print(f"skipping {', '.join(skipped)} (pip install 'fractalmoe[bench]')", file=sys.stderr)
+    validate(impls, experts, topk, key_dim, repeats)
+    reason = None if force else wait_until_idle(wait_idle_s)
+    if reason is not None:
+        raise ValueError(reason)
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
+    hw = Hardware.measure(dim, expert_dtype, gather_table_mb)
+    say(hw.describe(dim, expert_dtype))
+    specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, expert_dtype)
+             for n in experts for impl in impls]
+    rows = run_layer_bench(specs, repeats, hw, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    if as_json:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+    else:
+        say(f"medians of {repeats} alternated repeats, {tokens} tokens, width {dim}, "
+            f"{heads} heads x top-{topk}, {steps} timed steps each")
+        say(_HEADER)
+        for row in rows:
+            say(format_row(row))
+    ratios = headline_ratios(rows)
+    if ratios:
+        say("headline ratios (same run, medians; > 1 means the first is faster):")
+        for r in ratios:
+            say(format_ratio(r))
+    return 0 if any("error" not in r for r in rows) else 1

@@ -1,0 +1,168 @@
+"""The physical limit of one training step of a product-key expert layer.
+
+floor = FLOPs / peak + bytes / bandwidth (a sum: no overlap assumed); roofline_frac = floor /
+measured step time.
+
+* peak: measured fp32 matmul GFLOP/s (2048 x 2048).
+* bandwidth: a measured random-row gather of rows as wide as the expert tables' rows
+  (``index_select`` of random rows from a table far larger than any cache; the rows' bytes read +
+  written per second). That is the access pattern of expert rows, not a streaming copy.
+* FLOPs: query projection, sub-key scoring, the K x K candidate sums, expert dots and mixes
+  (multiply-add = 2); backward = 2x forward.
+* bytes: the minimum an update rule must move, whatever a design happens to move (legend: S
+  routed slots = tokens x heads x topk, R touched rows, N rows, D width, e bytes per table
+  element; optimizer state is fp32), per expert table:
+
+  ==================  ======  ==========  ============================================
+  rule                gather  grad rows   update (grad read, rows and state r/w)
+  ==================  ======  ==========  ============================================
+  rowwise_adagrad     S De    R De        R De + 2 R De + 2 R 4           (4 B/row)
+  lazy_adam           S De    R De        R De + 2 R De + 2 R (2 D 4)     (2x row)
+  dense_adamw         S De    R De        R De + 2 N De + 2 N (2 D 4)     (every row)
+  ==================  ======  ==========  ============================================
+
+  plus AdamW over the dense parameters every design has (query projection and sub-keys:
+  gradient written and read, weights and two moments read and written: 8 x 4 B each).
+  Activations (a few MB) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+RULES = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
+RULE_NAMES = {"rowwise_adagrad": "row-wise Adagrad", "lazy_adam": "lazy Adam",
+              "dense_adamw": "dense AdamW"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one untimed call, in seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 GFLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out), repeats) / 1e9
+
+
+def gather_gbps(dim: int = 256, dtype: str = "float32", table_mb: int = 1024,
+                gather_mb: int = 64, repeats: int = 5, seed: int = 0) -> float:
+    """Measured GB/s (bytes read + written) of ``index_select`` of random (dim,) rows.
+
+    The table is filled (not left as untouched zero pages) and much larger than the caches; the
+    gathered rows total ``gather_mb``.
+    """
+    elem = torch.empty((), dtype=_DTYPES[dtype]).element_size()
+    row = dim * elem
+    rows = max(1, table_mb * 2**20 // row)
+    count = max(1, min(rows, gather_mb * 2**20 // row))
+    table = torch.full((rows, dim), 1.0, dtype=_DTYPES[dtype])
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, rows, (count,), generator=gen)
+    out = torch.empty(count, dim, dtype=table.dtype)
+    seconds = best_time(lambda: torch.index_select(table, 0, idx, out=out), repeats)
+    return 2 * count * row / seconds / 1e9
+
+
+@dataclass
+class Hardware:
+    gflops: float  # fp32 matmul
+    gbps: float  # random-row gather, bytes read + written per second
+
+    @classmethod
+    def measure(cls, dim: int = 256, dtype: str = "float32", table_mb: int = 1024) -> Hardware:
+        return cls(matmul_gflops(), gather_gbps(dim, dtype, table_mb))
+
+    def describe(self, dim: int = 256, dtype: str = "float32") -> str:
+        row = dim * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        return (f"measured peak {self.gflops:.1f} GFLOP/s (fp32 2048^2 matmul), bandwidth "
+                f"{self.gbps:.1f} GB/s (random-row gather of {row}-byte rows, read + written)")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One routed layer: N experts of width D, H heads x top-K, Q query width (both halves)."""
+
+    num_experts: int
+    dim: int = 256
+    heads: int = 8
+    topk: int = 16
+    key_dim: int = 256
+    tokens: int = 2048
+    expert_dtype: str = "float32"
+
+    @property
+    def n_keys(self) -> int:
+        return math.isqrt(self.num_experts)
+
+    @property
+    def slots(self) -> int:
+        return self.tokens * self.heads * self.topk
+
+    @property
+    def elem(self) -> int:
+        return 2 if self.expert_dtype == "bfloat16" else 4
+
+    @property
+    def dense_params(self) -> int:
+        """Query projection (D x H Q) and sub-keys (H x 2 x n x Q/2); norms are negligible."""
+        return self.dim * self.heads * self.key_dim + self.heads * self.n_keys * self.key_dim
+
+
+def flops_per_token(shape: Shape, tables: int = 2) -> int:
+    """Forward FLOPs per token. ``tables`` = 2: PEER experts (down dot + up mix per slot);
+    1: PKM values (mix only)."""
+    h, k, d, q = shape.heads, shape.topk, shape.dim, shape.key_dim
+    routing = 2 * d * h * q + 2 * h * shape.n_keys * q + h * k * k
+    return routing + h * k * tables * 2 * d
+
+
+def step_flops(shape: Shape, tables: int = 2) -> int:
+    """Forward + backward (2x forward) FLOPs of one step over ``shape.tokens`` tokens."""
+    return 3 * flops_per_token(shape, tables) * shape.tokens
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    gather: float  # expert rows read by the forward
+    grad: float  # gradient rows written
+    update: float  # gradient read, rows and optimizer state read and written
+    dense: float  # AdamW over the dense parameters
+
+    @property
+    def total(self) -> float:
+        return self.gather + self.grad + self.update + self.dense
+
+
+def step_bytes(shape: Shape, rule: str, touched_rows: float, tables: int = 2) -> StepBytes:
+    """Minimal bytes of one training step under ``rule`` (see the module docstring)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown update rule {rule!r}; choose from {', '.join(RULES)}")
+    row = shape.dim * shape.elem
+    r, n = touched_rows, shape.num_experts
+    if rule == "rowwise_adagrad":
+        update = r * row + 2 * r * row + 2 * r * 4
+    elif rule == "lazy_adam":
+        update = r * row + 2 * r * row + 2 * r * 2 * shape.dim * 4
+    else:
+        update = r * row + 2 * n * row + 2 * n * 2 * shape.dim * 4
+    return StepBytes(gather=tables * shape.slots * row, grad=tables * r * row,
+                     update=tables * update, dense=8 * 4 * shape.dense_params)
+
+
+def floor_seconds(flops: float, nbytes: float, hw: Hardware) -> float:
+    return flops / (hw.gflops * 1e9) + nbytes / (hw.gbps * 1e9)

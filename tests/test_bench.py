@@ -1,0 +1,272 @@
+"""``bench layer``: hygiene refusal, alternation and medians, roofline counts, every impl at a
+tiny size."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fractalmoe import bench_layer
+from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, busy_reason,
+                                    headline_ratios, impl_available, run_layer, run_layer_bench,
+                                    schedule, spawn_layer, summarize, torch_processes, validate)
+from fractalmoe.roofline import Hardware, Shape, flops_per_token, gather_gbps, step_bytes, step_flops
+
+HW = Hardware(gflops=100.0, gbps=10.0)
+TINY = dict(num_experts=64, dim=16, heads=2, topk=4, key_dim=8, tokens=16, steps=1, warmup=1)
+
+
+def _needs(impl: str) -> None:
+    if not impl_available(impl):
+        pytest.skip(f"{impl} needs {IMPLS[impl].package} (pip install 'fractalmoe[bench]')")
+
+
+# --- hygiene -----------------------------------------------------------------------------------
+
+
+def test_refuses_while_another_torch_process_runs(monkeypatch) -> None:
+    monkeypatch.setattr(bench_layer, "torch_processes", lambda: [(4242, "python train.py"), (7, "x")])
+    monkeypatch.setattr(bench_layer, "load_average", lambda: 0.0)
+    reason = busy_reason()
+    assert reason is not None and "pid 4242" in reason and "1 more" in reason and "--force" in reason
+    assert "\n" not in reason
+
+
+def test_refuses_above_the_load_limit_only(monkeypatch) -> None:
+    monkeypatch.setattr(bench_layer, "torch_processes", lambda: [])
+    monkeypatch.setattr(bench_layer, "load_average", lambda: 0.51)
+    reason = busy_reason()
+    assert reason is not None and "0.51" in reason and "--force" in reason
+    monkeypatch.setattr(bench_layer, "load_average", lambda: 0.5)
+    assert busy_reason() is None
+
+
+def test_waiting_for_the_machine_to_become_idle(monkeypatch) -> None:
+    states = iter(["busy", "busy", None])
+    monkeypatch.setattr(bench_layer, "busy_reason", lambda: next(states))
+    assert bench_layer.wait_until_idle(0.0, poll_s=0.001) == "busy"  # no wait: refuse at once
+    assert bench_layer.wait_until_idle(5.0, poll_s=0.001) is None
+
+
+def test_process_scan_finds_a_torch_process_but_not_itself() -> None:
+    code = "import sys, torch; print('ready', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        pids = [pid for pid, _ in torch_processes()]
+        assert proc.pid in pids
+        assert os.getpid() not in pids
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_refusal_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
+    from fractalmoe.cli import main
+
+    monkeypatch.setattr(bench_layer, "busy_reason", lambda: "the 1-minute load average is 3.00 (> 0.5)")
+    measured = []
+    monkeypatch.setattr(Hardware, "measure", classmethod(lambda cls, *a, **k: measured.append(1)))
+    assert main(["bench", "layer", "--experts", "256", "--impl", "fractalmoe"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the 1-minute load average") and not measured
+    assert main(["bench", "model", "--experts", "64"]) == 2
+
+
+def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) -> None:
+    from fractalmoe.cli import main
+
+    monkeypatch.setattr(bench_layer, "busy_reason", lambda: pytest.fail("checked the machine first"))
+    for argv, words in ((["--impl", "nope"], "unknown --impl nope"), (["--experts", "60"], "perfect square"),
+                        (["--repeats", "2"], "at least 3 repeats")):
+        assert main(["bench", "layer", *argv]) == 2
+        assert words in capsys.readouterr().err
+
+
+# --- alternation, medians, ratios ------------------------------------------------------------
+
+
+def test_schedule_alternates_round_robin() -> None:
+    assert schedule(2, 3) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def _fake_row(spec: LayerSpec, step_ms: float) -> dict:
+    return {"impl": spec.impl, "rule": IMPLS[spec.impl].rule, "N": spec.num_experts, "tokens": spec.tokens,
+            "fwd_ms": step_ms / 2, "bwd_ms": step_ms / 4, "opt_ms": step_ms / 4, "step_ms": step_ms,
+            "infer_ms": step_ms / 3, "peak_rss_gb": 1.0, "touched_rows": 10, "bytes": 1e6, "floor_ms": 1.0,
+            "flops": 1e6}
+
+
+def test_runs_alternate_and_report_medians() -> None:
+    specs = [LayerSpec("fractalmoe", 64), LayerSpec("peer-dense", 64)]
+    times = {"fractalmoe": iter([10.0, 30.0, 20.0]), "peer-dense": iter([50.0, 40.0, 45.0])}
+    order = []
+
+    def runner(spec: LayerSpec, hw: Hardware) -> dict:
+        order.append(spec.impl)
+        return _fake_row(spec, next(times[spec.impl]))
+
+    rows = run_layer_bench(specs, 3, HW, runner)
+    assert order == ["fractalmoe", "peer-dense"] * 3
+    ours, dense = rows
+    assert ours["step_ms"] == 20.0 and ours["step_ms_runs"] == [10.0, 30.0, 20.0] and ours["repeats"] == 3
+    assert ours["train_tok_s"] == pytest.approx(ours["tokens"] / 0.020)
+    assert ours["roofline_frac"] == pytest.approx(1.0 / 20.0)
+    assert dense["step_ms"] == 45.0 and dense["fwd_ms"] == 22.5
+
+
+def test_a_failed_configuration_is_not_repeated() -> None:
+    specs = [LayerSpec("fractalmoe", 64), LayerSpec("peer-dense", 64)]
+    calls = []
+
+    def runner(spec: LayerSpec, hw: Hardware) -> dict:
+        calls.append(spec.impl)
+        if spec.impl == "peer-dense":
+            return {"impl": spec.impl, "N": 64, "error": "out of memory"}
+        return _fake_row(spec, 10.0)
+
+    rows = run_layer_bench(specs, 3, HW, runner)
+    assert calls.count("peer-dense") == 1 and calls.count("fractalmoe") == 3
+    assert rows[1]["error"] == "out of memory" and headline_ratios(rows) == []
+
+
+def test_headline_ratios_are_labelled_by_rule() -> None:
+    def row(impl: str, n: int, ms: list[float]) -> dict:
+        return summarize([_fake_row(LayerSpec(impl, n), t) for t in ms])
+
+    rows = [row("fractalmoe", 16, [10, 10, 12]), row("fractalmoe-lazy-adam", 16, [20, 20, 20]),
+            row("peer-pytorch-sparse", 16, [40, 50, 40]), row("peer-pytorch", 16, [100, 100, 100]),
+            row("fractalmoe", 64, [20, 20, 20])]
+    got = {r["label"]: r for r in headline_ratios(rows)}
+    same = got["same rule (lazy Adam): fractalmoe-lazy-adam vs peer-pytorch-sparse, N=16"]
+    assert same["ratio"] == 2.0 and same["round_min"] == 2.0 and same["round_max"] == 2.5
+    assert got["different rules (row-wise Adagrad vs lazy Adam): fractalmoe vs peer-pytorch-sparse, N=16"][
+        "ratio"] == 4.0
+    assert got["different rules (row-wise Adagrad vs dense AdamW): fractalmoe vs peer-pytorch, N=16"][
+        "ratio"] == 10.0
+    assert got["fractalmoe (row-wise Adagrad): N=64 vs N=16"]["ratio"] == 0.5
+    assert len(got) == 4
+
+
+# --- roofline ----------------------------------------------------------------------------------
+
+
+def test_step_bytes_match_a_hand_count() -> None:
+    # N=64 rows of D=4 fp32 (16 B), S = 5 tokens x 2 heads x top-3 = 30 slots, R = 10 touched rows.
+    # Per table: gather 30*16 = 480, gradient rows 10*16 = 160. Dense parameters: query 4*2*4 = 32
+    # plus sub-keys 2 heads * 8 keys * 4 = 64 -> 96 params, AdamW 8 x 4 B each = 3072.
+    shape = Shape(num_experts=64, dim=4, heads=2, topk=3, key_dim=4, tokens=5)
+    # row-wise Adagrad update: grad read 160, rows r/w 320, 4-byte state r/w 80 = 560
+    assert step_bytes(shape, "rowwise_adagrad", 10).total == 2 * (480 + 160 + 560) + 3072 == 5472
+    # lazy Adam update: 160 + 320 + moments (2 x 16 B per row) read + written 2*10*32 = 640 -> 1120
+    assert step_bytes(shape, "lazy_adam", 10).total == 2 * (480 + 160 + 1120) + 3072 == 6592
+    # dense AdamW update: grad rows read 160, all 64 rows r/w 2048, both moments of all rows 4096
+    assert step_bytes(shape, "dense_adamw", 10).total == 2 * (480 + 160 + 6304) + 3072 == 16960
+    assert step_bytes(shape, "dense_adamw", 10, tables=1).total == 480 + 160 + 6304 + 3072
+    # bf16 rows (8 B), fp32 optimizer state: 2 * (240 + 80 + (80 + 160 + 80)) + 3072
+    bf16 = Shape(num_experts=64, dim=4, heads=2, topk=3, key_dim=4, tokens=5, expert_dtype="bfloat16")
+    assert step_bytes(bf16, "rowwise_adagrad", 10).total == 4352
+    with pytest.raises(ValueError, match="unknown update rule"):
+        step_bytes(shape, "sgd", 10)
+
+
+def test_flops_match_a_hand_count_and_the_layer_own_count() -> None:
+    from fractalmoe.experts import meta_expert_tables
+    from fractalmoe.fhme import FHME
+
+    shape = Shape(num_experts=1024, dim=32, heads=4, topk=8, key_dim=16, tokens=7)
+    # query 2*32*4*16 + sub-keys 2*4*32*16 + candidates 4*8*8 + slots 4*8 * (dot + mix) 4*32
+    hand = 4096 + 4096 + 256 + 32 * 128
+    assert flops_per_token(shape) == hand and step_flops(shape) == 3 * 7 * hand
+    assert flops_per_token(shape, tables=1) == hand - 32 * 64
+    with meta_expert_tables():
+        layer = FHME(32, 1024, depth=1, heads=4, topk=8, key_dim=16)
+    assert flops_per_token(shape) == layer.flops_per_token()
+
+
+def test_gather_bandwidth_is_measured() -> None:
+    gbps = gather_gbps(dim=16, table_mb=4, gather_mb=1, repeats=1)
+    assert math.isfinite(gbps) and gbps > 0
+
+
+# --- the implementations -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
+def test_every_impl_runs_a_step(impl: str) -> None:
+    _needs(impl)
+    row = run_layer(LayerSpec(impl, **TINY), HW)
+    assert row["impl"] == impl and row["rule"] == IMPLS[impl].rule
+    assert 0 < row["touched_rows"] <= 64
+    for key in ("fwd_ms", "bwd_ms", "opt_ms", "train_tok_s", "peak_rss_gb", "roofline_frac", "floor_ms"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    shape = LayerSpec(impl, **TINY).shape()
+    assert row["bytes"] == step_bytes(shape, IMPLS[impl].rule, row["touched_rows"], IMPLS[impl].tables).total
+
+
+@pytest.mark.parametrize("impl", ["fractalmoe", "fractalmoe-lazy-adam", "peer-pytorch-sparse"])
+def test_sparse_rules_update_only_touched_rows(impl: str) -> None:
+    _needs(impl)
+    built = build_impl(LayerSpec(impl, **TINY))
+    before = [t.detach().clone() for t in built.tables]
+    built.layer(torch.randn(1, 16, 16)).square().mean().backward()
+    grads = [t.grad for t in built.tables]
+    assert all(g is not None and g.is_sparse for g in grads)
+    built.step()
+    for t, b, g in zip(built.tables, before, grads):
+        rows = g.coalesce().indices()[0]
+        changed = (t.detach() != b).any(dim=1)
+        assert changed[rows].any() and not changed[~torch.isin(torch.arange(64), rows)].any()
+
+
+def test_peer_pytorch_sparse_matches_dense_forward() -> None:
+    _needs("peer-pytorch-sparse")
+    x = torch.randn(1, 16, 16)
+    torch.manual_seed(0)
+    sparse = build_impl(LayerSpec("peer-pytorch-sparse", **TINY))
+    torch.manual_seed(0)
+    dense = build_impl(LayerSpec("peer-pytorch", **TINY))
+    torch.testing.assert_close(sparse.layer(x), dense.layer(x))
+
+
+def test_validate_rejects_mistakes() -> None:
+    validate(["fractalmoe"], [64, 256], topk=4, key_dim=8, repeats=3)
+    with pytest.raises(ValueError, match="perfect square"):
+        validate(["fractalmoe"], [63], topk=4, key_dim=8, repeats=3)
+    with pytest.raises(ValueError, match="topk"):
+        validate(["fractalmoe"], [9], topk=4, key_dim=8, repeats=3)
+    with pytest.raises(ValueError, match="even"):
+        validate(["fractalmoe"], [64], topk=4, key_dim=7, repeats=3)
+
+
+def test_one_repeat_runs_in_a_fresh_process() -> None:
+    row = spawn_layer(LayerSpec("fractalmoe", **TINY), HW)
+    assert "error" not in row, row.get("error")
+    assert row["peak_gflops"] == HW.gflops and row["bandwidth_gbps"] == HW.gbps and row["step_ms"] > 0
+
+
+def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
+    from fractalmoe.cli import main
+
+    monkeypatch.setattr(Hardware, "measure", classmethod(lambda cls, *a, **k: HW))
+    monkeypatch.setattr(bench_layer, "spawn_layer", run_layer)  # in-process repeats: fast
+    argv = ["bench", "layer", "--experts", "16,64", "--impl", "fractalmoe,peer-dense", "--dim", "16",
+            "--heads", "2", "--topk", "4", "--key-dim", "8", "--tokens", "16", "--steps", "1", "--force"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("measured peak 100.0 GFLOP/s") and "random-row gather of 64-byte rows" in out
+    assert "roofline_frac" in out and "fractalmoe (row-wise Adagrad): N=64 vs N=16" in out
+    assert main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [(r["impl"], r["N"]) for r in rows] == [("fractalmoe", 16), ("peer-dense", 16),
+                                                   ("fractalmoe", 64), ("peer-dense", 64)]
+    assert all(r["repeats"] == 3 and len(r["step_ms_runs"]) == 3 for r in rows)
+    assert "headline ratios" in captured.err
