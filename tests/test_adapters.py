@@ -127,3 +127,56 @@ def test_export_hf_round_trip_gives_identical_logits(tmp_path: Path, capsys) -> 
     idx = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=0)
+    assert hf.model.head.weight is hf.model.embed.weight  # stored once, tied back on load
+
+
+def _unique_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's distinct tensor storages (each counted once, however many names)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in model.state_dict().values()}
+    return sum(storages.values())
+
+
+def test_export_hf_writes_each_tensor_once(tmp_path: Path) -> None:
+    data = tmp_path / "a.txt"
+    data.write_text("Friends, Romans, countrymen, lend me your ears.\n" * 40)
+    model_cfg = tiny_model_config(fractal_depth=2, num_experts=4096, dim=64, n_heads=2)
+    cfg = RunConfig(model_cfg, TrainConfig(batch_size=4, max_steps=1, eval_every=1, sample_bytes=0))
+    run(cfg, out=tmp_path / "run", data_path=str(data), progress=False, log=lambda s: None)
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    from fractalmoe.checkpoint import load_model_from_run
+
+    ours, _, _ = load_model_from_run(tmp_path / "run")
+    size = (tmp_path / "hf" / "model.safetensors").stat().st_size
+    assert size <= 1.1 * _unique_bytes(ours), (size, _unique_bytes(ours))
+    aliases = json.loads((tmp_path / "hf" / "config.json").read_text())["fractalmoe_aliases"]
+    assert aliases.get("head.weight") == "embed.weight"
+
+
+def test_export_hf_deduplicates_aliased_expert_tables(tmp_path: Path) -> None:
+    """A layer whose blocks also register the shared bank (C + 1 names per table) still exports
+    each table once and loads back with identical logits."""
+    from safetensors import safe_open
+
+    from fractalmoe.hf_export import export_model
+
+    cfg = tiny_model_config(fractal_depth=2, num_experts=4096, dim=64, n_heads=2)
+    model = FHMELanguageModel(cfg).eval()
+    for block in model.blocks:
+        for routed in block.ffn.fractal.blocks:
+            routed.memory.bank = block.ffn.fractal.bank  # a second (registered) name per block
+    names = [k for k in model.state_dict() if k.endswith("bank.down")]
+    assert len(names) == 3 * cfg.n_layers  # the fractal's and each block's
+    export_model(model, cfg, tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    assert path.stat().st_size <= 1.1 * _unique_bytes(model)
+    with safe_open(str(path), "pt") as f:
+        stored = set(f.keys())
+        aliases = json.loads(f.metadata()["fractalmoe_aliases"])
+    assert sum(k.endswith("bank.down") for k in stored) == cfg.n_layers
+    assert all(f"model.{a}" not in stored and f"model.{s}" in stored for a, s in aliases.items())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert hf.model.head.weight is hf.model.embed.weight
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=0)

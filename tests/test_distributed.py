@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,22 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fractalmoe.checkpoint import load_model_from_run
+import fractalmoe.checkpoint as checkpoint
+from fractalmoe.checkpoint import (
+    latest_checkpoint,
+    load_model_from_run,
+    read_model_tensors,
+    read_optim_state,
+    read_run_state,
+)
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
-from fractalmoe.distributed import DistContext, ShardedExpertBank, wrap_data_parallel
+from fractalmoe.distributed import (
+    DistContext,
+    ShardedExpertBank,
+    backend_for,
+    shard_range,
+    wrap_data_parallel,
+)
 from fractalmoe.optim import ModelOptimizer
 from fractalmoe.train import run, train_step
 
@@ -24,8 +39,9 @@ NUM_EXPERTS, DIM = 4096, 32
 CORPUS = "It is a tale told by an idiot, full of sound and fury, signifying nothing.\n" * 80
 
 
-def _config(max_steps: int = 20) -> RunConfig:
-    model = tiny_model_config(num_experts=NUM_EXPERTS, dim=DIM, n_layers=1)  # dropout, drop-path off
+def _config(max_steps: int = 20, **model_extra) -> RunConfig:
+    model = tiny_model_config(**{"num_experts": NUM_EXPERTS, "dim": DIM, "n_layers": 1,  # no dropout
+                                 **model_extra})
     return RunConfig(model, TrainConfig(batch_size=4, max_steps=max_steps, eval_every=100, lr=1e-3,
                                         log_every=1, save_every=100, sample_bytes=0,
                                         warmup_steps=2))
@@ -52,21 +68,78 @@ class _Largest(TorchDispatchMode):
         return out
 
 
+class _SpySlice:
+    def __init__(self, inner, name: str, reads: Counter) -> None:
+        self.inner, self.name, self.reads = inner, name, reads
+
+    def get_shape(self):
+        return self.inner.get_shape()
+
+    def get_dtype(self):
+        return self.inner.get_dtype()
+
+    def __getitem__(self, index):
+        out = self.inner[index]
+        self.reads[self.name] += out.numel()
+        return out
+
+
+class _SpyFile:
+    """safe_open that counts the elements read per tensor name (whole tensors and slices)."""
+
+    def __init__(self, path: str, framework: str, reads: Counter) -> None:
+        self.inner, self.reads = _real_safe_open(path, framework), reads
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def keys(self):
+        return self.inner.keys()
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def get_slice(self, name: str) -> _SpySlice:
+        return _SpySlice(self.inner.get_slice(name), name, self.reads)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        out = self.inner.get_tensor(name)
+        self.reads[name] += out.numel()
+        return out
+
+
+_real_safe_open = checkpoint.safe_open
+
+
+def _spying(reads: Counter):
+    return lambda path, framework: _SpyFile(path, framework, reads)
+
+
 def _worker(rank: int, world: int, port: int, job: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend_for("cpu"), rank=rank, world_size=world)
     torch.set_num_threads(1)
     ctx = DistContext(rank, world)
     resume = Path(job["resume"]) if job.get("resume") else None
     run_dir = resume or Path(job["out"])
-    run(_config(job["max_steps"]), out=None if resume else run_dir, resume=resume,
+    reads: Counter = Counter()
+    checkpoint.safe_open = _spying(reads)  # what the resume reads, per tensor
+    run(_config(job["max_steps"], **job.get("model", {})), out=None if resume else run_dir, resume=resume,
         data_path=job["data"], progress=False, ctx=ctx)
+    if job.get("reads"):
+        Path(job["reads"] + f".{rank}").write_text(json.dumps(reads))
     if job.get("logits"):
+        reads.clear()
         model, _, _ = _sharded_model_from(run_dir, ctx)
         with torch.no_grad():
             logits = model(torch.arange(32).view(1, 32) * 7 % 256)
         if rank == 0:
             save_file({"logits": logits}, job["logits"])
+        Path(job["logits"] + f".reads.{rank}").write_text(json.dumps(reads))
     if job.get("measure"):  # every op of two training steps: forward, backward, optimizer
         model, cfg, _ = _sharded_model_from(run_dir, ctx)
         model.train()
@@ -85,11 +158,7 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
 
 
 def _sharded_model_from(run_dir: Path, ctx: DistContext):
-    from fractalmoe.distributed import shard_experts
-
-    model, cfg, ckpt = load_model_from_run(run_dir)
-    shard_experts(model, ctx)
-    return model, cfg, ckpt
+    return load_model_from_run(run_dir, ctx=ctx)  # each rank builds and reads its own rows only
 
 
 def _launch(job: dict) -> None:
@@ -113,8 +182,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
              "logits": str(root / "logits.safetensors"), "measure": str(root / "measure")})
     half = root / "half"
     run(_config(), out=half, data_path=str(data), progress=False, stop_at_step=10, log=lambda s: None)
-    _launch({"resume": str(half), "data": str(data), "max_steps": 20})
-    return {"root": root, "single": single, "double": double, "half": half}
+    _launch({"resume": str(half), "data": str(data), "max_steps": 20, "reads": str(root / "reads_p1")})
+    # the 2-rank checkpoint resumed on 2 ranks and on 1 process: the same 2 further steps
+    shutil.copytree(double, root / "double_p2")
+    shutil.copytree(double, root / "double_p1")
+    _launch({"resume": str(root / "double_p2"), "data": str(data), "max_steps": 22,
+             "reads": str(root / "reads_p2")})
+    run(_config(22), resume=root / "double_p1", progress=False, log=lambda s: None)
+    return {"root": root, "single": single, "double": double, "half": half,
+            "double_p2": root / "double_p2", "double_p1": root / "double_p1"}
 
 
 def test_two_ranks_match_one_rank_losses(runs: dict[str, Path]) -> None:
@@ -147,3 +223,75 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(runs: dict[str, Path]) -> None
     assert len(resumed) == 20
     for a, b in zip(one, resumed):
         assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+
+
+def _table_names(ckpt: Path) -> list[str]:
+    return [k for k in read_model_tensors(ckpt) if k.endswith((".down", ".up", ".values"))]
+
+
+@pytest.mark.parametrize("source", ["half", "double"], ids=["one-file", "two-shards"])
+def test_two_rank_resume_reads_only_owned_rows(runs: dict[str, Path], source: str) -> None:
+    """Model tables and their row-wise optimizer state: each rank reads exactly its rows, from
+    the one file of a 1-process checkpoint or from the shards of a 2-rank one."""
+    prefix = "reads_p1" if source == "half" else "reads_p2"
+    tables = _table_names(latest_checkpoint(runs["single"]))
+    assert tables
+    for rank in range(2):
+        reads = json.loads((runs["root"] / f"{prefix}.{rank}").read_text())
+        lo, hi = shard_range(NUM_EXPERTS, rank, 2)
+        for name in tables:
+            assert reads[name] == (hi - lo) * DIM, (name, reads[name])
+        state = [k for k in reads if k.startswith("sparse.state.") and k.endswith(".sum")]
+        assert len(state) == len(tables)
+        assert all(reads[k] == hi - lo for k in state), {k: reads[k] for k in state}
+
+
+def test_sharded_eval_reads_only_owned_rows(runs: dict[str, Path]) -> None:
+    tables = _table_names(latest_checkpoint(runs["double"]))
+    for rank in range(2):
+        reads = json.loads((runs["root"] / f"logits.safetensors.reads.{rank}").read_text())
+        lo, hi = shard_range(NUM_EXPERTS, rank, 2)
+        assert all(reads[name] == (hi - lo) * DIM for name in tables)
+        assert not any(k.startswith("sparse.") for k in reads)  # eval reads no optimizer state
+
+
+def test_two_rank_checkpoint_resumes_on_two_ranks_and_on_one(runs: dict[str, Path]) -> None:
+    two, one = _losses(runs["double_p2"]), _losses(runs["double_p1"])
+    assert len(two) == len(one) == 22
+    for a, b in zip(two[20:], one[20:]):
+        assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+
+
+def test_row_ranges_read_from_one_file_and_from_shards(runs: dict[str, Path]) -> None:
+    """Any row range of a table and of its optimizer state, whatever P wrote the checkpoint."""
+    for run_name in ("single", "double"):
+        ckpt = latest_checkpoint(runs[run_name])
+        assert (ckpt / "index.json").is_file() == (run_name == "double")
+        full = read_model_tensors(ckpt)
+        name = _table_names(ckpt)[0]
+        for lo, hi in [(0, NUM_EXPERTS), (100, 2100), (2047, 2049), (NUM_EXPERTS - 5, NUM_EXPERTS), (7, 7)]:
+            part = read_model_tensors(ckpt, {name: (lo, hi, NUM_EXPERTS)})
+            assert torch.equal(part[name], full[name][lo:hi]), (run_name, lo, hi)
+        state = read_run_state(ckpt)
+        optim = read_optim_state(ckpt, state)
+        sliced = read_optim_state(ckpt, state, [(1000, 3000)] * len(optim["sparse"]["state"]))
+        for i, st in optim["sparse"]["state"].items():
+            assert st["sum"].shape == (NUM_EXPERTS,)
+            assert torch.equal(sliced["sparse"]["state"][i]["sum"], st["sum"][1000:3000])
+
+
+def test_a_value_bank_shared_by_layers_shards_too(tmp_path: Path) -> None:
+    """Memory+ (one gated value bank for every layer): 2 ranks match 1 process, and the shared
+    bank stays one table (one shard per rank, one entry in the index)."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(CORPUS)
+    model = {"ffn": "memplus", "n_layers": 2}
+    run(_config(6, **model), out=tmp_path / "one", data_path=str(data), progress=False, log=lambda s: None)
+    _launch({"out": str(tmp_path / "two"), "data": str(data), "max_steps": 6, "model": model})
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+    index = json.loads((latest_checkpoint(tmp_path / "two") / "index.json").read_text())
+    tables = sorted(index["tables"])
+    assert tables == ["shared_bank.values"], tables

@@ -7,20 +7,27 @@
 
 A checkpoint is written into a temporary directory, fsynced, then renamed: it is complete or
 invisible. ``latest`` is replaced the same way, after the directory it names exists.
+
+Sharded runs (P ranks) write ``model-rankRR-of-PP.safetensors`` and ``optim-rankRR-of-PP...`` plus
+``index.json`` (which rows of which expert table each shard holds). Readers open files lazily
+(``safe_open``) and read expert tables and their row-wise optimizer state by row ranges, so a
+rank reads only the rows it owns, from one file or from several, whatever P wrote them.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig, RunConfig
@@ -94,29 +101,35 @@ def _trainable_names(model: nn.Module) -> set[str] | None:
     return names
 
 
-def model_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """State dict with tied parameters stored once (the head shares the embedding); only the
-    trainable part when the rest is frozen."""
+def _model_entries(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
+    """State-dict entries worth saving, tied ones once (the head shares the embedding); only the
+    trainable part when the rest is frozen. The model's own tensors, not copies."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
     keep = _trainable_names(model)
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict(keep_vars=keep_vars).items():
         if keep is not None and name not in keep:
             continue
         if t.data_ptr() in seen and t.numel() > 0:
             continue
         seen.add(t.data_ptr())
-        out[name] = t.detach().cpu().contiguous()
+        out[name] = t
     return out
 
 
-def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
-    """Copy tensors into the model, naming every missing, unexpected or mis-shaped entry."""
-    expected = model_tensors(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+def model_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """State dict with tied parameters stored once (the head shares the embedding); only the
+    trainable part when the rest is frozen. CPU, contiguous."""
+    return {k: v.detach().cpu().contiguous() for k, v in _model_entries(model).items()}
+
+
+def _check_names_and_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                            source: str) -> None:
+    """Raise a CheckpointError naming every missing, unexpected or mis-shaped entry."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: checkpoint {found[k]} vs model {v}"
+              for k, v in expected.items() if k in found and tuple(found[k]) != tuple(v)]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
@@ -126,16 +139,140 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str
         if unexpected:
             parts.append(f"unexpected {unexpected[:4]}")
         raise CheckpointError(f"{source} does not match this architecture: " + ", ".join(parts))
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Copy tensors into the model, naming every missing, unexpected or mis-shaped entry."""
+    expected = {k: tuple(v.shape) for k, v in _model_entries(model).items()}
+    _check_names_and_shapes(expected, {k: tuple(v.shape) for k, v in tensors.items()}, source)
     model.load_state_dict(tensors, strict=False)
 
 
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"missing checkpoint file {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
+# --- lazy, row-ranged reads -----------------------------------------------------------------
+RowRanges = dict[str, tuple[int, int, int]]  # table name -> (lo, hi, num_rows) held by a rank
+_CHUNK_BYTES = 32 << 20  # rows copied into a table per read: bounds the transient copy
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]})")
+
+
+class TensorFiles:
+    """The tensors of one checkpoint part ("model" or "optim"), read lazily and by rows.
+
+    One file, or one per rank (``PREFIX-rankRR-of-PP.safetensors``): ``row_sharded(name, ndim)``
+    says which tensors are split by rows across the rank files (their rank order is the row
+    order); every other tensor is read from the first file holding it (rank 0).
+    """
+
+    def __init__(self, paths: list[Path], row_sharded: Callable[[str, int], bool]) -> None:
+        self._stack = contextlib.ExitStack()
+        self._paths = paths
+        self._files: list[Any] = []
+        self._parts: dict[str, list[tuple[int, int, int]]] = {}  # name -> (file, first row, rows)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for i, path in enumerate(paths):
+            if not path.is_file():
+                self.close()
+                raise CheckpointError(f"missing checkpoint file {path}")
+            try:
+                f = self._stack.enter_context(safe_open(str(path), "pt"))
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                self.close()
+                raise _unreadable(path, exc) from None
+            self._files.append(f)
+            for name, shape in shapes.items():
+                if len(paths) > 1 and len(shape) >= 1 and row_sharded(name, len(shape)):
+                    parts = self._parts.setdefault(name, [])
+                    start = sum(p[2] for p in parts)
+                    parts.append((i, start, shape[0]))
+                    self.shapes[name] = (start + shape[0], *shape[1:])
+                elif name not in self._parts:
+                    self._parts[name] = [(i, 0, shape[0] if shape else 0)]
+                    self.shapes[name] = shape
+
+    def __enter__(self) -> TensorFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def read(self, name: str, lo: int | None = None, hi: int | None = None) -> Tensor:
+        """The whole tensor, or rows [lo, hi) of it, reading only those rows' bytes."""
+        parts, shape = self._parts[name], self.shapes[name]
+        if lo is None or hi is None or not shape:
+            if len(parts) == 1:
+                return self._get(parts[0][0], name, None, None)
+            lo, hi = 0, shape[0]
+        pieces = [self._get(i, name, max(lo, start) - start, min(hi, start + rows) - start)
+                  for i, start, rows in parts if max(lo, start) < min(hi, start + rows)]
+        if not pieces:  # an empty range
+            return self._get(parts[0][0], name, 0, 0)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _get(self, i: int, name: str, lo: int | None, hi: int | None) -> Tensor:
+        try:
+            if lo is None or hi is None:
+                return self._files[i].get_tensor(name)
+            return self._files[i].get_slice(name)[lo:hi]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise _unreadable(self._paths[i], exc) from None
+
+
+def _part_paths(ckpt: Path, prefix: str, world: int) -> list[Path]:
+    if world == 1:
+        return [ckpt / f"{prefix}.safetensors"]
+    return [ckpt / f"{prefix}-rank{r:02d}-of-{world:02d}.safetensors" for r in range(world)]
+
+
+def open_model_files(ckpt: Path) -> TensorFiles:
+    """The model tensors of a checkpoint written at any number of ranks."""
+    if not (ckpt / "index.json").is_file():
+        return TensorFiles(_part_paths(ckpt, "model", 1), lambda k, n: False)
+    index = _load_json(ckpt / "index.json")
+    tables = index["tables"]
+    return TensorFiles(_part_paths(ckpt, "model", index["world"]), lambda k, n: k in tables)
+
+
+def _sparse_state_tensor(key: str, ndim: int) -> bool:
+    """Row-sharded entries of the expert-table optimizer state (scalars like `step` are not)."""
+    return key.startswith("sparse.state.") and ndim >= 1
+
+
+def read_model_tensors(ckpt: Path, rows: RowRanges | None = None) -> dict[str, Tensor]:
+    """Model tensors of a checkpoint written at any number of ranks: whole, or for the tables in
+    ``rows`` only the rows [lo, hi) a rank holds."""
+    rows = rows or {}
+    with open_model_files(ckpt) as files:
+        return {k: files.read(k, *rows[k][:2]) if k in rows else files.read(k) for k in files.shapes}
+
+
+def load_model_checkpoint(model: nn.Module, ckpt: Path, rows: RowRanges | None = None) -> None:
+    """Load a checkpoint's weights into the model, reading for each table in ``rows`` only the
+    rows [lo, hi) that this rank's shard holds. Tables are copied a few MB of rows at a time, so
+    nothing table-sized is materialised beside the model's own tensors."""
+    rows = rows or {}
+    entries = _model_entries(model, keep_vars=True)
+    expected = {k: ((rows[k][2], *v.shape[1:]) if k in rows else tuple(v.shape))
+                for k, v in entries.items()}
+    with open_model_files(ckpt) as files:
+        _check_names_and_shapes(expected, files.shapes, str(ckpt))
+        rest: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, dst in entries.items():
+                if not (isinstance(dst, nn.Parameter) and getattr(dst, "expert_table", False)):
+                    rest[name] = files.read(name)
+                    continue
+                lo, hi = rows[name][:2] if name in rows else (0, dst.shape[0])
+                step = max(1, _CHUNK_BYTES // max(1, dst[:1].numel() * dst.element_size()))
+                for a in range(lo, hi, step):
+                    b = min(hi, a + step)
+                    dst[a - lo:b - lo].copy_(files.read(name, a, b))
+        model.load_state_dict(rest, strict=False)
 
 
 def _load_json(path: Path) -> Any:
@@ -232,9 +369,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dic
             index = {"world": world, "tables": {k: {"num_rows": rows[2], "shards": [g[k][:2] for g in gathered]}
                                                for k, rows in (table_rows or {}).items()}}
             (tmp / "index.json").write_text(json.dumps(index, indent=1))
-        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-        full_state = {"format": FORMAT, "step": step, "rng": rng, "optim": skeleton, "world": world,
-                      **state}
+        full_state = {"format": FORMAT, "step": step, "rng": _b64(torch.get_rng_state()),
+                      "optim": skeleton, "world": world, **state}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout, drop-path on GPU
+            full_state["cuda_rng"] = _b64(torch.cuda.get_rng_state())
         (tmp / "state.json").write_text(json.dumps(full_state))
         for f in tmp.iterdir():
             _fsync_path(f)
@@ -256,59 +394,53 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dic
     return final
 
 
-def _read_sharded(ckpt: Path, prefix: str, world: int, row_sharded) -> dict[str, Tensor]:  # type: ignore[no-untyped-def]
-    """Merge per-rank files: row-sharded tensors concatenated in rank order, the rest from rank 0."""
-    parts = [_load_safetensors(ckpt / f"{prefix}-rank{r:02d}-of-{world:02d}.safetensors")
-             for r in range(world)]
-    merged = dict(parts[0])
-    for key in parts[0]:
-        if row_sharded(key, parts[0][key]):
-            merged[key] = torch.cat([p[key] for p in parts])
-    return merged
-
-
-def read_model_tensors(ckpt: Path) -> dict[str, Tensor]:
-    """Full (unsharded) model tensors of a checkpoint written at any number of ranks."""
-    if not (ckpt / "index.json").is_file():
-        return _load_safetensors(ckpt / "model.safetensors")
-    index = _load_json(ckpt / "index.json")
-    tables = index["tables"]
-    return _read_sharded(ckpt, "model", index["world"], lambda k, t: k in tables)
-
-
-def _sparse_state_tensor(key: str, t: Tensor) -> bool:
-    """Row-sharded entries of the expert-table optimizer state (scalars like `step` are not)."""
-    return key.startswith("sparse.state.") and t.dim() >= 1
-
-
-def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """(full model tensors, full optimizer state, run state) of one checkpoint directory."""
+def read_run_state(ckpt: Path) -> dict[str, Any]:
+    """state.json of a checkpoint (step, RNG, data position, optimizer skeleton, world)."""
     state = _load_json(ckpt / "state.json")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt}/state.json is not a {FORMAT} file")
-    model = read_model_tensors(ckpt)
-    world = state.get("world", 1)
-    if world == 1:
-        optim_tensors = _load_safetensors(ckpt / "optim.safetensors")
-    else:
-        optim_tensors = _read_sharded(ckpt, "optim", world, _sparse_state_tensor)
-    optim = unflatten_state(state.pop("optim"), optim_tensors)
+    return state
+
+
+def read_optim_state(ckpt: Path, state: dict[str, Any],
+                     rows_of_param: list[tuple[int, int] | None] | None = None) -> dict[str, Any]:
+    """The optimizer state of a checkpoint; with ``rows_of_param`` (expert table i -> the rows
+    [lo, hi) this rank holds, or None for all) only those rows of the row-wise table state."""
+    paths = _part_paths(ckpt, "optim", state.get("world", 1))
+    tensors: dict[str, Tensor] = {}
+    with TensorFiles(paths, _sparse_state_tensor) as files:
+        for key, shape in files.shapes.items():
+            param = int(key.split(".")[2]) if key.startswith("sparse.state.") else None
+            span = rows_of_param[param] if rows_of_param is not None and param is not None else None
+            tensors[key] = files.read(key, *span) if span is not None and shape else files.read(key)
+    return unflatten_state(state["optim"], tensors)
+
+
+def load_checkpoint_state(ckpt: Path, rows: RowRanges | None = None,
+                          rows_of_param: list[tuple[int, int] | None] | None = None,
+                          ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """(model tensors, optimizer state, run state) of one checkpoint directory: whole, or only
+    the table rows named by ``rows`` (model) and ``rows_of_param`` (optimizer)."""
+    state = read_run_state(ckpt)
+    model = read_model_tensors(ckpt, rows)
+    optim = read_optim_state(ckpt, state, rows_of_param)
+    state.pop("optim")
     return model, optim, state
 
 
-def shard_optimizer_state(optim: dict[str, Any], rows_of_param: list[tuple[int, int]]) -> dict[str, Any]:
-    """Slice the full expert-table optimizer state to this rank's rows (param i -> rows_of_param[i])."""
-    sparse = optim.get("sparse")
-    if sparse is None:
-        return optim
-    state = {i: {k: (v[rows_of_param[i][0]:rows_of_param[i][1]].clone() if v.dim() >= 1 else v)
-                 for k, v in st.items()} for i, st in sparse["state"].items()}
-    return {**optim, "sparse": {**sparse, "state": state}}
+def _b64(rng_state: Tensor) -> str:
+    return base64.b64encode(rng_state.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    raw = base64.b64decode(state["rng"])
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    """CPU generator, and the current CUDA device's when the checkpoint has one and CUDA is used."""
+    torch.set_rng_state(_unb64(state["rng"]))
+    if "cuda_rng" in state and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(_unb64(state["cuda_rng"]))
 
 
 def config_mismatch(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
@@ -317,8 +449,16 @@ def config_mismatch(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
 
 
-def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, RunConfig, Path]:
-    """Build the run's model from config.json and load its latest checkpoint's weights."""
+def load_model_from_run(run_dir: str | Path, device: str = "cpu",
+                        ctx: Any = None) -> tuple[nn.Module, RunConfig, Path]:
+    """Build the run's model from config.json and load its latest checkpoint's weights.
+
+    With an active ``ctx`` (a ``DistContext`` of P ranks) the expert tables are row-sharded
+    across ranks (``shard_experts``) and each rank builds and reads only its own rows; "cuda"
+    then means this rank's cuda:LOCAL_RANK.
+    """
+    from .distributed import shard_experts, table_rows
+    from .experts import meta_expert_tables
     from .model import FHMELanguageModel
 
     run_dir = Path(run_dir)
@@ -327,11 +467,17 @@ def load_model_from_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Mo
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint under {CKPT_DIR}/")
     extra = run_extra(run_dir)
+    sharded = ctx is not None and ctx.active
+    device = ctx.device_for(device) if sharded else device
     if "base" in extra:  # an adapter run: its base model plus the adapters it trained
         from .adapters import build_adapted_model
 
         model = build_adapted_model(extra["base"], extra["adapter"], device)
     else:
-        model = FHMELanguageModel(config.model)
-    load_model_tensors(model, read_model_tensors(ckpt), str(ckpt))
-    return model.to(device).eval(), config, ckpt
+        with meta_expert_tables(sharded):  # the shards are built below, never whole tables
+            model = FHMELanguageModel(config.model)
+    if sharded:
+        shard_experts(model, ctx)
+    model = model.to(device)
+    load_model_checkpoint(model, ckpt, table_rows(model))
+    return model.eval(), config, ckpt

@@ -9,7 +9,12 @@ optimizer (one second moment per expert row) would need another all-reduce of pe
 keep the single-process rule. With row shards a rank owns whole experts: dot, activation, mix,
 gradient and optimizer state of its rows stay local and exactly match one process. Tokens travel
 instead: x, indices and gates are all-gathered (autograd-aware collectives), each rank computes
-the slots that hit its own rows, and the partial outputs return through reduce_scatter.
+the slots that hit its own rows, and the partial outputs return through reduce_scatter. Value
+banks (e_i = v_i) shard the same way; they need no x.
+
+Devices. On CUDA each rank runs on ``cuda:LOCAL_RANK`` and the process group is
+"cpu:gloo,cuda:nccl": the expert collectives move CUDA tensors through NCCL, while the trainer's
+small flags (finite step, stop signal) and object collectives stay CPU tensors through gloo.
 
 Model code stays free of collectives: ``shard_experts`` swaps a ``ShardedExpertBank`` into an
 already built model.
@@ -17,6 +22,7 @@ already built model.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -25,14 +31,14 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
-from .experts import ExpertBank, expert_mix, mark_expert_table
-from .fhme import FHME
+from .experts import ExpertBank, expert_mix, mark_expert_table, value_mix
 
 
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0  # index of this rank's GPU on its node
 
     @property
     def is_main(self) -> bool:
@@ -42,15 +48,30 @@ class DistContext:
     def active(self) -> bool:
         return self.world > 1
 
+    def device_for(self, requested: str) -> str:
+        """The device this rank runs on: with several ranks any CUDA request is cuda:LOCAL_RANK."""
+        if self.active and requested.startswith("cuda"):
+            return f"cuda:{self.local_rank}"
+        return requested
+
+
+def backend_for(device: str) -> str:
+    """gloo on CPU; with CUDA one group that serves both: NCCL for CUDA tensors, gloo for CPU ones."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
 
 def init_from_env(device: str = "cpu") -> DistContext:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); P = 1 otherwise."""
+    """Join the process group torchrun describes; P = 1 otherwise. With CUDA the rank's current
+    device becomes cuda:LOCAL_RANK before the group exists (NCCL binds to it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size())
+        dist.init_process_group(backend_for(device))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shard_range(num_rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -61,68 +82,99 @@ def shard_range(num_rows: int, rank: int, world: int) -> tuple[int, int]:
 
 
 class ShardedExpertBank(nn.Module):
-    """Rows [lo, hi) of an expert bank on this rank; same interface as ``ExpertBank``."""
+    """Rows [lo, hi) of an expert bank on this rank; same interface as ``ExpertBank``. A forward
+    is a collective: every rank calls it, with the same number of tokens."""
 
     def __init__(self, bank: ExpertBank, ctx: DistContext) -> None:
         super().__init__()
         self.num_experts, self.dim, self.act = bank.num_experts, bank.dim, bank.act
+        self.kind = bank.kind
+        self.table_names: tuple[str, ...] = tuple(bank.table_names)
         self.world = ctx.world
         self.lo, self.hi = shard_range(bank.num_experts, ctx.rank, ctx.world)
-        self.down = mark_expert_table(nn.Parameter(bank.rows(0, self.lo, self.hi)))
-        self.up = mark_expert_table(nn.Parameter(bank.rows(1, self.lo, self.hi)))
-        # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
-        # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P.
-        for p in (self.down, self.up):
+        for name in self.table_names:  # only this rank's rows are ever built (from the bank's seed)
+            p = mark_expert_table(nn.Parameter(bank.rows(name, self.lo, self.hi)))
+            # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
+            # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P.
             p.register_hook(lambda g: g / self.world)
+            setattr(self, name, p)
+
+    def tables(self) -> dict[str, nn.Parameter]:
+        """Name -> (hi - lo, D) shard, in the bank's order."""
+        return {name: getattr(self, name) for name in self.table_names}
 
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         dim, num_m = x.shape[-1], idx.shape[-1]
         x_TD, idx_TM, gate_TM = x.reshape(-1, dim), idx.reshape(-1, num_m), gates.reshape(-1, num_m)
-        x_all = torch.cat(dist_nn.all_gather(x_TD))  # (P*T, D)
-        gate_all = torch.cat(dist_nn.all_gather(gate_TM))
+        neuron = self.kind == "neuron"
+        gate_all = torch.cat(dist_nn.all_gather(gate_TM.contiguous()))  # (P*T, M)
         idx_parts = [torch.empty_like(idx_TM) for _ in range(self.world)]
         dist.all_gather(idx_parts, idx_TM.contiguous())  # indices carry no gradient
         idx_all = torch.cat(idx_parts).reshape(-1)
         owned = ((idx_all >= self.lo) & (idx_all < self.hi)).nonzero().squeeze(1)  # host sync: S
         token = owned // num_m
-        y_S = expert_mix(x_all.index_select(0, token), (idx_all[owned] - self.lo).unsqueeze(1),
-                         gate_all.reshape(-1)[owned].unsqueeze(1), self.down, self.up, self.act)
-        y_all = x_all.new_zeros(x_all.shape).index_add(0, token, y_S)
+        idx_S1 = (idx_all.index_select(0, owned) - self.lo).unsqueeze(1)
+        gate_S1 = gate_all.reshape(-1).index_select(0, owned).unsqueeze(1)
+        if neuron:  # e_i(x) = act(u_i . x) v_i needs every rank's tokens
+            x_all = torch.cat(dist_nn.all_gather(x_TD.contiguous()))  # (P*T, D)
+            y_S = expert_mix(x_all.index_select(0, token), idx_S1, gate_S1, self.down, self.up, self.act)
+        else:  # e_i = v_i
+            y_S = value_mix(idx_S1, gate_S1.to(x.dtype), self.values)
+        y_all = x_TD.new_zeros(gate_all.shape[0], dim).index_add(0, token, y_S.to(x.dtype))
         out = dist_nn.reduce_scatter(torch.empty_like(x_TD), list(y_all.chunk(self.world)))
         return out.view(x.shape)
 
     def bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in (self.down, self.up))
+        return sum(p.numel() * p.element_size() for p in self.tables().values())
 
 
 def shard_experts(model: nn.Module, ctx: DistContext) -> None:
-    """Replace every FHME layer's expert bank by this rank's row shard."""
-    for module in model.modules():
-        if isinstance(module, FHME):
-            sharded = ShardedExpertBank(module.fractal.bank, ctx)
-            module.fractal.bank = sharded  # type: ignore[assignment]
-            for block in module.fractal.blocks:
-                block.memory.bank = sharded  # type: ignore[assignment]
+    """Replace every expert bank of the model by this rank's row shard, under every name and
+    reference that points at it (a bank shared by several layers stays shared).
+
+    Every rank must then call each bank with the same number of tokens (the collectives run in
+    lockstep), so adaptive-depth layers evaluate with their masked path instead of compaction,
+    whose token counts differ between ranks.
+    """
+    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    sharded = {id(bank): ShardedExpertBank(bank, ctx) for bank in banks}
+    for module in list(model.modules()):
+        if hasattr(module, "compact") and hasattr(module, "forward_masked"):
+            module.compact = False
+        for name, child in list(module._modules.items()):
+            if id(child) in sharded:
+                module._modules[name] = sharded[id(child)]
+        for name, value in list(vars(module).items()):  # references kept outside _modules
+            if isinstance(value, ExpertBank) and id(value) in sharded:
+                object.__setattr__(module, name, sharded[id(value)])
 
 
-def wrap_data_parallel(model: nn.Module) -> nn.Module:
-    """DDP over the dense parameters; the sharded tables (under every alias) stay each rank's own."""
+def wrap_data_parallel(model: nn.Module, device: str = "cpu") -> nn.Module:
+    """DDP over the dense parameters; the sharded tables stay each rank's own.
+
+    Buffers are not broadcast from rank 0 at each forward: they hold statistics that the model
+    folds in after each step, all-reduced over ranks there.
+    """
     shard_ids = {id(p) for m in model.modules() if isinstance(m, ShardedExpertBank)
-                 for p in (m.down, m.up)}
+                 for p in m.tables().values()}
     ignore = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in shard_ids]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    return nn.parallel.DistributedDataParallel(model)
-
-
-def shard_tensors(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Full checkpoint tensors with every sharded table cut to this rank's rows."""
-    out = dict(tensors)
-    for name, bank in table_shards(model).items():
-        for t in ("down", "up"):
-            out[f"{name}.{t}"] = tensors[f"{name}.{t}"][bank.lo:bank.hi]
-    return out
+    kwargs: dict[str, object] = {"broadcast_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters:
+        kwargs = {"forward_sync_buffers": False}  # the newer name; buffers still agree at init
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        kwargs.update(device_ids=[index], output_device=index)
+    return nn.parallel.DistributedDataParallel(model, **kwargs)
 
 
 def table_shards(model: nn.Module) -> dict[str, ShardedExpertBank]:
     """State-dict name prefix -> sharded bank, for every sharded table in the model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ShardedExpertBank)}
+
+
+def table_rows(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """State-dict name of every sharded table -> (lo, hi, num_rows) held by this rank."""
+    return {f"{name}.{t}": (bank.lo, bank.hi, bank.num_experts)
+            for name, bank in table_shards(model).items() for t in bank.table_names}

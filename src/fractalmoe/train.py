@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,13 @@ from .checkpoint import (
     config_mismatch,
     init_run_dir,
     latest_checkpoint,
-    load_checkpoint_state,
-    load_model_tensors,
+    load_model_checkpoint,
     load_run_config,
+    read_optim_state,
+    read_run_state,
     restore_rng,
     run_extra,
     save_checkpoint,
-    shard_optimizer_state,
 )
 from .config import RunConfig, TrainConfig
 from .data import ByteDataset, decode, encode
@@ -37,7 +38,7 @@ from .distributed import (
     DistContext,
     init_from_env,
     shard_experts,
-    shard_tensors,
+    table_rows,
     table_shards,
     wrap_data_parallel,
 )
@@ -52,6 +53,38 @@ METRIC_KEYS = ("step", "train_loss", "val_loss", "val_bpb", "tok_s", "lr", "expe
 
 class TrainingStopped(RuntimeError):
     """Training could not go on (e.g. too many non-finite steps); the message says why."""
+
+
+SYNC_DEBUG_ENV = "FRACTALMOE_SYNC_DEBUG"  # "warn" or "error": CUDA sync debug mode of the step
+
+
+@contextlib.contextmanager
+def cuda_sync_debug(mode: str | int, device: str) -> Iterator[None]:
+    """Run a block under ``torch.cuda.set_sync_debug_mode(mode)`` on a CUDA device (no-op on
+    CPU or with mode "" / "default" / 0): every host sync inside warns or raises."""
+    if not device.startswith("cuda") or mode in ("", "0", 0, "default"):
+        yield
+        return
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(int(mode) if str(mode).isdigit() else mode)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+@contextlib.contextmanager
+def allowed_sync() -> Iterator[None]:
+    """The step's one deliberate read-back (loss and finiteness), exempt from sync debugging."""
+    if not torch.cuda.is_available() or torch.cuda.get_sync_debug_mode() == 0:
+        yield
+        return
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
 
 
 def lr_scale(step: int, cfg: TrainConfig) -> float:
@@ -161,7 +194,7 @@ def _any_rank(ctx: DistContext, value: int) -> int:
     """Max of an int over ranks, so every rank stops (or saves) at the same step."""
     if not ctx.active:
         return value
-    t = torch.tensor([value])
+    t = torch.tensor([value], device="cpu")  # gloo side of the group
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -176,10 +209,14 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
 
     Under torchrun (WORLD_SIZE > 1) expert tables are sharded by rows across ranks, dense
     parameters are data-parallel, the configured batch is the global batch, and only rank 0
-    logs and writes metrics. ``model_factory`` builds another model (e.g. a frozen base with
-    adapters); ``extra`` goes into config.json beside the configs.
+    logs and writes metrics; with ``device="cuda"`` rank r runs on cuda:LOCAL_RANK, and a resume
+    reads only the table rows each rank holds. ``model_factory`` builds another model (e.g. a
+    frozen base with adapters); ``extra`` goes into config.json beside the configs. The
+    environment variable FRACTALMOE_SYNC_DEBUG=warn|error runs each training step (not
+    evaluation or checkpoints) under CUDA's sync debug mode.
     """
     ctx = ctx or init_from_env(device)
+    device = ctx.device_for(device)
     tc, mc = config.train, config.model
     if ctx.active:
         if tc.batch_size % ctx.world:
@@ -205,28 +242,25 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     model = model.to(device)
     step, elapsed_before, bad_total = 0, 0.0, 0
     ckpt = latest_checkpoint(run_dir) if resume is not None else None
-    optim_state: dict | None = None
-    if ckpt is not None:
-        tensors, optim_state, state = load_checkpoint_state(ckpt)
-        load_model_tensors(model, shard_tensors(tensors, model), str(ckpt))
+    rows = table_rows(model)  # this rank's rows of every sharded table (empty at P = 1)
+    if ckpt is not None:  # only the rows this rank holds are read
+        load_model_checkpoint(model, ckpt, rows)
+        state = read_run_state(ckpt)
         step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
     opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim)
-    shards = table_shards(model)
-    if optim_state is not None:
-        rows = {id(p): (b.lo, b.hi) for b in shards.values() for p in (b.down, b.up)}
-        opt.load_state_dict(shard_optimizer_state(optim_state, [rows[id(p)] for p in opt.tables])
-                            if shards else optim_state)
+    if ckpt is not None:
+        owned = {id(p): (b.lo, b.hi) for b in table_shards(model).values() for p in b.tables().values()}
+        opt.load_state_dict(read_optim_state(ckpt, state, [owned.get(id(p)) for p in opt.tables]))
         restore_rng(state)
-        log(f"resumed {run_dir} from {ckpt.name}")  # type: ignore[union-attr]
-    forward = wrap_data_parallel(model) if ctx.active else model
-    table_rows = {f"{name}.{t}": (b.lo, b.hi, b.num_experts) for name, b in shards.items()
-                  for t in ("down", "up")}
+        log(f"resumed {run_dir} from {ckpt.name}")
+    forward = wrap_data_parallel(model, device) if ctx.active else model
+    sync_debug = os.environ.get(SYNC_DEBUG_ENV, "")
 
     def checkpoint() -> None:
         save_checkpoint(run_dir, step, model, opt.state_dict(),
                         {"elapsed_s": elapsed_before + time.perf_counter() - t0,
                          "bad_steps": bad_total, "data_position": step}, tc.keep_last,
-                        ctx.rank, ctx.world, table_rows)
+                        ctx.rank, ctx.world, rows)
 
     metrics = (run_dir / "metrics.jsonl").open("a") if ctx.is_main else open(os.devnull, "w")
     tokens_per_step = tc.batch_size * mc.seq_len  # global
@@ -245,9 +279,10 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
             scale = lr_scale(step, tc)
             opt.set_lr_scale(scale)
             x, y = data.train_batch(step, tc.batch_size, mc.seq_len, tc.seed, ctx.rank, ctx.world)
+            x, y = x.to(device), y.to(device)  # a blocking copy: outside the sync-debugged step
             hook = (lambda loss, s=step: loss_hook(s, loss)) if loss_hook else None
-            loss, ok = train_step(model, opt, x.to(device), y.to(device), tc.grad_clip, hook,
-                                  forward, ctx)
+            with cuda_sync_debug(sync_debug, device):
+                loss, ok = train_step(model, opt, x, y, tc.grad_clip, hook, forward, ctx)
             step += 1
             steps_since_log += 1
             if ok:

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Every CUDA path in one pass, under 10 minutes on one GPU (more GPUs add a torchrun check).
+#
+#   benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter (needs CUDA PyTorch)
+#
+#  1 env        nvidia-smi -L, torch / CUDA versions
+#  2 pytest     the CUDA-marked tests (pytest -m cuda)
+#  3 train      fractalmoe train --device cuda, 50 steps, evaluation every 25, adaptive depth off,
+#               every training step under torch.cuda.set_sync_debug_mode("warn"): the log lists
+#               each host-sync site once (FRACTALMOE_SYNC_DEBUG=warn)
+#  4 sync       5 more steps with FRACTALMOE_SYNC_DEBUG=error: passes only if a step has no host
+#               sync beyond the trainer's one deliberate read-back (loss + finiteness)
+#  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint
+#  6 bench      fractalmoe bench layer at 1,048,576 experts, every installed impl (--device cuda
+#               when the command has that option)
+#  7 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
+#               the 1-GPU run on 2 ranks (each reads its own rows), then eval of the 2-rank run
+#
+# Logs: benchmarks/results/gpu_check/<step>.log and summary.txt (one PASS/FAIL line per step).
+# Timings from this script are smoke numbers (a busy machine, --force), not results.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=benchmarks/results/gpu_check
+RUNS=${GPU_CHECK_RUNS:-runs/gpu_check}
+mkdir -p "$OUT"
+rm -rf "$RUNS"
+mkdir -p "$RUNS"
+: > "$OUT/summary.txt"
+FAILED=0
+T0=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, record PASS/FAIL
+    local name=$1 limit=$2
+    shift 2
+    local t=$(date +%s)
+    echo "== $name: $*" | tee "$OUT/$name.log"
+    timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+    local rc=$?
+    local verdict=PASS
+    [ $rc -eq 0 ] || { verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${limit}s"))"; FAILED=1; }
+    echo "$name: $verdict in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt"
+}
+
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: $PY has no CUDA PyTorch or sees no GPU; set PYTHON=..." | tee "$OUT/summary.txt"
+    exit 2
+fi
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+F="$PY -m fractalmoe"
+SMALL="--set adaptive_depth=false --set sample_bytes=64 --set eval_batches=4"
+
+step env 60 bash -c "nvidia-smi -L; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
+
+step pytest 240 $PY -m pytest -m cuda -q -p no:cacheprovider tests/
+
+step train 180 env FRACTALMOE_SYNC_DEBUG=warn PYTHONWARNINGS=default \
+    $F train --device cuda --out "$RUNS/one" --max-steps 50 --save-every 25 --quiet \
+    --set eval_every=25 $SMALL
+grep -i "synchroniz" "$OUT/train.log" | sort | uniq -c | sort -rn > "$OUT/sync_sites.txt" || true
+echo "host-sync warnings in training steps: $(wc -l < "$OUT/sync_sites.txt") distinct lines (sync_sites.txt)" \
+    | tee -a "$OUT/summary.txt"
+
+step sync_error 120 env FRACTALMOE_SYNC_DEBUG=error \
+    $F train --device cuda --resume "$RUNS/one" --max-steps 55 --quiet --set eval_every=1000 $SMALL
+
+step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json
+step eval_cpu 60 $F eval --ckpt "$RUNS/one" --device cpu --json
+step generate 60 $F generate --ckpt "$RUNS/one" --device cuda --max-new-tokens 200 --prompt "ROMEO:"
+
+BENCH_DEV=""
+if $F bench layer --help 2>/dev/null | grep -q -- "--device"; then BENCH_DEV="--device cuda"; fi
+step bench_layer 240 $F bench layer --experts 1048576 --steps 3 --repeats 3 --force --json $BENCH_DEV
+
+if [ "$NGPU" -ge 2 ]; then
+    TR="$PY -m torch.distributed.run --standalone --nproc_per_node=2 -m fractalmoe"
+    step torchrun_train 180 $TR train --device cuda --out "$RUNS/two" --max-steps 20 --quiet \
+        --set eval_every=10 --set batch_size=16 $SMALL
+    cp -r "$RUNS/one" "$RUNS/one_on_two"
+    step torchrun_resume_p1_ckpt 180 $TR train --device cuda --resume "$RUNS/one_on_two" \
+        --max-steps 60 --quiet --set eval_every=1000 $SMALL
+    step eval_two_rank_ckpt 60 $F eval --ckpt "$RUNS/two" --device cuda --json
+else
+    echo "torchrun: SKIPPED ($NGPU GPU)" | tee -a "$OUT/summary.txt"
+fi
+
+echo "total: $(( $(date +%s) - T0 ))s, $([ $FAILED -eq 0 ] && echo 'all passed' || echo 'FAILURES above')" \
+    | tee -a "$OUT/summary.txt"
+exit $FAILED

@@ -1,0 +1,122 @@
+"""CUDA paths: every FFN type trains, evaluates and generates on the GPU, and nothing it creates
+(parameters, buffers, gradients, optimizer state, outputs) lands anywhere else.
+
+Skipped without CUDA; ``benchmarks/gpu_check.sh`` runs them (``pytest -m cuda``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fractalmoe.checkpoint import latest_checkpoint, load_model_from_run
+from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
+from fractalmoe.data import ByteDataset
+from fractalmoe.evaluate import evaluate
+from fractalmoe.model import FHMELanguageModel
+from fractalmoe.optim import ModelOptimizer
+from fractalmoe.train import cuda_sync_debug, run, train_step
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+FFNS = ["fhme", "dense", "moe", "pkm", "peer", "memplus"]
+CORPUS = "Once more unto the breach, dear friends, once more; or close the wall up.\n" * 60
+
+
+def _config(ffn: str, **extra) -> object:
+    return tiny_model_config(ffn=ffn, **extra)
+
+
+def _off_device(model: torch.nn.Module, opt: ModelOptimizer | None = None) -> list[str]:
+    """Names of every parameter, gradient, buffer or optimizer state tensor not on CUDA."""
+    bad = [f"param {n}" for n, p in model.named_parameters() if not p.is_cuda]
+    bad += [f"grad {n}" for n, p in model.named_parameters() if p.grad is not None and not p.grad.is_cuda]
+    bad += [f"buffer {n}" for n, b in model.named_buffers() if not b.is_cuda]
+    for o in (opt.optimizers if opt is not None else []):
+        for p, st in o.state.items():
+            bad += [f"state {k} {tuple(p.shape)}" for k, v in st.items()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0 and not v.is_cuda]
+    return bad
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> str:
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS)
+    return str(path)
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+@pytest.mark.parametrize("expert_optim", ["rowwise_adagrad", "lazy_adam"])
+def test_train_steps_stay_on_cuda(ffn: str, expert_optim: str) -> None:
+    model = FHMELanguageModel(_config(ffn)).cuda().train()
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, expert_optim)
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    losses = []
+    for _ in range(3):
+        loss, ok = train_step(model, opt, x, x.roll(-1, 1), 1.0)
+        assert ok
+        losses.append(loss)
+    assert losses[-1] < losses[0]
+    assert not _off_device(model, opt)
+    assert model(x).is_cuda
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_eval_and_generate_on_cuda(ffn: str, corpus: str) -> None:
+    cfg = _config(ffn)
+    model = FHMELanguageModel(cfg).cuda()
+    data = ByteDataset.load(corpus, 0.2, cfg.seq_len)
+    result = evaluate(model, data, 4, 8, device="cuda")
+    assert result.val_loss > 0 and result.tokens > 0
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(0, 256, (2, 5), device="cuda")
+    out = model.generate(prompt, 2 * cfg.seq_len, temperature=0.8, top_k=20, generator=gen)
+    assert out.is_cuda and out.shape == (2, 5 + 2 * cfg.seq_len)
+    greedy = model.generate(prompt, 4, temperature=0.0)
+    assert torch.equal(greedy, model.generate(prompt, 4, temperature=0.0))
+    assert not _off_device(model)
+
+
+def test_adaptive_depth_compaction_on_cuda() -> None:
+    model = FHMELanguageModel(_config("fhme", fractal_depth=3, adaptive_depth=True)).cuda().eval()
+    x = torch.randint(0, 256, (2, 32), device="cuda")
+    layers = model.fhme_layers()
+    with torch.no_grad():
+        compact = model(x)
+        for layer in layers:
+            layer.compact = False
+        masked = model(x)
+    torch.testing.assert_close(compact, masked, rtol=1e-4, atol=1e-5)
+
+
+def test_run_checkpoints_on_cuda_and_loads_on_cpu(tmp_path: Path, corpus: str) -> None:
+    cfg = RunConfig(_config("fhme"), TrainConfig(batch_size=4, max_steps=4, eval_every=2,
+                                                 save_every=2, sample_bytes=16, warmup_steps=1))
+    result = run(cfg, out=tmp_path / "r", data_path=corpus, device="cuda", progress=False,
+                 log=lambda s: None)
+    assert result.step == 4 and result.val_loss is not None and len(result.sample) == 16
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("val_loss") is not None for m in lines)
+    resumed = run(RunConfig(cfg.model, cfg.train.replace(max_steps=6)), resume=tmp_path / "r",
+                  device="cuda", progress=False, log=lambda s: None)
+    assert resumed.step == 6
+    cpu_model, _, _ = load_model_from_run(tmp_path / "r", "cpu")
+    gpu_model, _, _ = load_model_from_run(tmp_path / "r", "cuda")
+    assert latest_checkpoint(tmp_path / "r").name == "step_000006"
+    x = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sync_debug_context_restores_the_mode() -> None:
+    before = torch.cuda.get_sync_debug_mode()
+    with cuda_sync_debug("warn", "cuda"):
+        assert torch.cuda.get_sync_debug_mode() == 1
+    assert torch.cuda.get_sync_debug_mode() == before
+    with cuda_sync_debug("error", "cpu"):  # CPU runs are never affected
+        assert torch.cuda.get_sync_debug_mode() == before
