@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fractalmoe.experts import ExpertBank, expert_mix, expert_mix_reference, value_mix
+from fractalmoe.experts import (
+    ExpertBank,
+    RowScatter,
+    expert_mix,
+    expert_mix_reference,
+    set_sparse_grad,
+    value_mix,
+)
 
 
 def _inputs(n=40, d=6, t=9, m=5, dtype=torch.float64):
@@ -38,18 +45,53 @@ def test_matches_reference_forward_and_backward(act: str) -> None:
         torch.testing.assert_close(g.to_dense() if g.is_sparse else g, r)
 
 
-def test_table_gradients_are_sparse_and_only_touched_rows() -> None:
-    x, idx, gates, down, up = _inputs(n=1000)
+@pytest.mark.parametrize("n", [1000, 20])  # more rows than slots, and fewer
+def test_table_gradients_have_a_fixed_size_and_hold_exactly_the_touched_rows(n: int) -> None:
+    """Sorted touched rows, then padding rows that repeat the last one with a zero value: the size,
+    min(T*M, N), is known without reading the indices, and merging duplicates leaves the touched
+    rows."""
+    x, idx, gates, down, up = _inputs(n=n)
     expert_mix(x, idx, gates, down, up).sum().backward()
     touched = torch.unique(idx)
+    r = touched.numel()
     for table in (down, up):
-        assert table.grad.is_sparse
-        assert table.grad._nnz() == touched.numel()  # one row per touched expert, no duplicates
-        assert torch.equal(table.grad.coalesce().indices()[0], touched)
-        dense = table.grad.to_dense()
-        untouched = torch.ones(1000, dtype=torch.bool)
+        grad = table.grad
+        assert grad.is_sparse and grad._nnz() == min(idx.numel(), n)
+        rows, values = grad._indices()[0], grad._values()
+        assert torch.equal(rows[:r], touched) and (rows[r:] == touched[-1]).all()
+        assert (values[r:] == 0).all() and (values[:r].abs().sum(1) > 0).all()
+        assert torch.equal(grad.coalesce().indices()[0], touched)
+        untouched = torch.ones(n, dtype=torch.bool)
         untouched[touched] = False
-        assert (dense[untouched] == 0).all()
+        assert (grad.to_dense()[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_row_scatter_equals_a_plain_index_add(sparse: bool) -> None:
+    idx = torch.randint(0, 30, (7, 5))
+    w, z = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    ref = torch.zeros(30, 4, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (w.unsqueeze(-1) * z.unsqueeze(1)).reshape(-1, 4))
+    out = RowScatter(idx, 30)(w, z, torch.float64, sparse=sparse)
+    assert out.is_sparse == sparse
+    torch.testing.assert_close(out.to_dense() if sparse else out, ref)
+
+
+def test_tables_choose_their_gradient_layout() -> None:
+    """A dense optimiser marks its tables; the mixes then give dense gradients, equal to the
+    sparse ones."""
+    x, idx, gates, down, up = _inputs()
+    grads = {}
+    for sparse in (True, False):
+        for table in (down, up):
+            set_sparse_grad(table, sparse)
+            table.grad = None
+        expert_mix(x, idx, gates, down, up).square().sum().backward()
+        value_mix(idx, gates, up).sum().backward()
+        assert down.grad.is_sparse == up.grad.is_sparse == sparse
+        grads[sparse] = (down.grad.to_dense(), up.grad.to_dense())
+    for s, d in zip(grads[True], grads[False]):
+        torch.testing.assert_close(s, d)
 
 
 def test_bank_bfloat16_tables_run_and_return_input_dtype() -> None:
@@ -84,7 +126,7 @@ def test_value_mix_matches_embedding_reference_and_gradcheck() -> None:
     r_gates, r_values = torch.autograd.grad(y_ref, (gates, values), gy)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(g_gates, r_gates)
-    assert g_values.is_sparse and g_values._nnz() == torch.unique(idx).numel()
+    assert g_values.is_sparse and torch.equal(g_values.coalesce().indices()[0], torch.unique(idx))
     torch.testing.assert_close(g_values.to_dense(), r_values)
     fn = lambda g, v: value_mix(idx, g, v, sparse_grad=False)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (gates, values))

@@ -1,26 +1,39 @@
-"""Row-sparse optimisers equal dense implementations of the same rule on touched rows and
-leave every other row, and its state, untouched."""
+"""Row-sparse optimisers equal dense implementations of the same rule on touched rows and leave
+every other row, and its state, untouched; duplicate rows (a table used twice in one step) and
+padding rows (zero values repeating a touched row) change nothing."""
 
 from __future__ import annotations
 
+import copy
 import math
 
+import pytest
 import torch
 
-from fractalmoe.optim import LazyAdam, RowwiseAdagrad
+from fractalmoe.experts import ExpertBank, value_mix, wants_sparse_grad
+from fractalmoe.optim import LazyAdam, ModelOptimizer, RowwiseAdagrad, merge_rows
 
 N, D = 50, 6
 
 
-def _sparse_grad(rows: list[int], seed: int) -> torch.Tensor:
+def _sparse_grad(rows: list[int], seed: int, pad: int = 3) -> torch.Tensor:
+    """Values for ``rows`` (duplicates allowed), then ``pad`` zero entries on touched rows."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.tensor(rows)
+    padding = [rows[i % len(rows)] for i in range(pad)]
     values = torch.randn(len(rows), D, generator=g, dtype=torch.float64)
-    return torch.sparse_coo_tensor(idx.unsqueeze(0), values, (N, D))  # duplicates allowed
+    values = torch.cat([values, values.new_zeros(pad, D)])
+    return torch.sparse_coo_tensor(torch.tensor(rows + padding).unsqueeze(0), values, (N, D),
+                                   check_invariants=True)
 
 
 def _steps():
     return [[1, 4, 4, 9], [4, 7, 30], [0, 1, 49, 49, 49], [9]]
+
+
+def _touched(rows: list[int] | torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[rows] = True
+    return mask
 
 
 def dense_rowwise_adagrad(w, acc, grad, touched, lr, eps):
@@ -38,6 +51,16 @@ def dense_lazy_adam(w, m, v, grad, touched, t, lr, b1, b2, eps):
     return torch.where(t_mask, w - step, w), m, v
 
 
+def test_merge_rows_sums_duplicates_into_exactly_the_touched_rows() -> None:
+    grad = _sparse_grad([7, 3, 7, 0, 3, 3], seed=0, pad=4)
+    rows, values, real = merge_rows(grad)
+    assert rows.shape == real.shape == (min(10, N),) and values.shape == (10, D)  # fixed size
+    ref = grad.coalesce()
+    assert torch.equal(rows[real], ref.indices()[0]) and real.sum() == 3 and real[:3].all()
+    torch.testing.assert_close(values[real].double(), ref.values())
+    assert (values[~real] == 0).all() and (rows[~real] == 7).all()  # padding: last row, zero
+
+
 def test_rowwise_adagrad_equals_dense_rule() -> None:
     w0 = torch.randn(N, D, dtype=torch.float64)
     p = torch.nn.Parameter(w0.clone())
@@ -45,14 +68,12 @@ def test_rowwise_adagrad_equals_dense_rule() -> None:
     w, acc = w0.clone(), torch.zeros(N, dtype=torch.float64)
     for i, rows in enumerate(_steps()):
         grad = _sparse_grad(rows, i)
-        p.grad = grad.clone()  # the optimiser consumes its gradient
+        p.grad = grad
         opt.step()
-        touched = torch.zeros(N, dtype=torch.bool)
-        touched[rows] = True
-        w, acc = dense_rowwise_adagrad(w, acc, grad.to_dense(), touched, 0.1, 1e-8)
+        w, acc = dense_rowwise_adagrad(w, acc, grad.to_dense(), _touched(rows), 0.1, 1e-8)
         torch.testing.assert_close(p.data, w)
         torch.testing.assert_close(opt.state[p]["sum"].double(), acc, rtol=1e-6, atol=1e-7)
-    never = [r for r in range(N) if r not in {x for s in _steps() for x in s}]
+    never = ~_touched([x for s in _steps() for x in s])
     assert torch.equal(p.data[never], w0[never]) and (opt.state[p]["sum"][never] == 0).all()
 
 
@@ -68,11 +89,92 @@ def test_lazy_adam_equals_dense_rule_and_torch_sparse_adam() -> None:
         p.grad, ref_p.grad = grad, grad.clone()
         opt.step()
         torch_opt.step()
-        touched = torch.zeros(N, dtype=torch.bool)
-        touched[rows] = True
-        w, m, v = dense_lazy_adam(w, m, v, grad.coalesce().to_dense(), touched, i, 0.01, 0.9, 0.999, 1e-8)
+        w, m, v = dense_lazy_adam(w, m, v, grad.to_dense(), _touched(rows), i, 0.01, 0.9, 0.999, 1e-8)
         torch.testing.assert_close(p.data, w)
         torch.testing.assert_close(p.data, ref_p.data)
-    never = [r for r in range(N) if r not in {x for s in _steps() for x in s}]
+        torch.testing.assert_close(opt.state[p]["exp_avg"].double(), m)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), v)
+    never = ~_touched([x for s in _steps() for x in s])
     assert torch.equal(p.data[never], w0[never])
     assert (opt.state[p]["exp_avg"][never] == 0).all()
+    assert opt.state[p]["step"].device == p.device and float(opt.state[p]["step"]) == len(_steps())
+
+
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+def test_a_table_used_twice_in_a_step_equals_the_dense_rule(rule: str) -> None:
+    """Two mixes over one table (a block called twice) add two padded gradients: the rows both
+    touch, and the padding of each, must count once."""
+    torch.manual_seed(0)
+    w0 = torch.randn(N, D, dtype=torch.float64)
+    p, ref_p = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt = RowwiseAdagrad([p], lr=0.1) if rule == "rowwise_adagrad" else LazyAdam([p], lr=0.01)
+    torch_opt = torch.optim.SparseAdam([ref_p], lr=0.01)
+    w, acc = w0.clone(), torch.zeros(N, dtype=torch.float64)
+    m, v = torch.zeros(N, D, dtype=torch.float64), torch.zeros(N, D, dtype=torch.float64)
+    for t in range(1, 4):
+        idx_a, idx_b = torch.randint(0, N // 2, (3, 4)), torch.randint(N // 4, N, (2, 4))
+        ga, gb = torch.rand(3, 4, dtype=torch.float64), torch.rand(2, 4, dtype=torch.float64)
+        y = value_mix(idx_a, ga, p).sum() + value_mix(idx_b, gb, p).square().sum()
+        y.backward()
+        assert p.grad._nnz() > torch.cat([idx_a, idx_b]).unique().numel()  # duplicates, padding
+        dense, touched = p.grad.to_dense(), _touched(torch.cat([idx_a.flatten(), idx_b.flatten()]))
+        if rule == "rowwise_adagrad":
+            w, acc = dense_rowwise_adagrad(w, acc, dense, touched, 0.1, 1e-8)
+        else:
+            w, m, v = dense_lazy_adam(w, m, v, dense, touched, t, 0.01, 0.9, 0.999, 1e-8)
+            ref_p.grad = p.grad.clone()
+            torch_opt.step()
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(p.data, w)
+        if rule == "lazy_adam":
+            torch.testing.assert_close(p.data, ref_p.data)
+
+
+def test_lazy_adam_resumes_from_its_state_dict() -> None:
+    w0 = torch.randn(N, D)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt_a, opt_b = LazyAdam([a], lr=0.01), LazyAdam([b], lr=0.01)
+    for i, rows in enumerate(_steps()):
+        a.grad = _sparse_grad(rows, i).float()
+        opt_a.step()
+        if i == 1:
+            b.data.copy_(a.data)
+            opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as if read from a file
+        elif i > 1:
+            b.grad = a.grad
+            opt_b.step()
+    torch.testing.assert_close(a.data, b.data, rtol=0, atol=0)
+
+
+def test_dense_adamw_is_torch_adamw_over_dense_table_gradients() -> None:
+    bank = ExpertBank(N, D, kind="value")
+    w0 = bank.values.detach().clone()
+    ref = w0.clone().requires_grad_(True)
+    model = torch.nn.ModuleDict(dict(bank=bank, proj=torch.nn.Linear(D, D)))
+    opt = ModelOptimizer(model, lr=1e-3, expert_lr=0.01, weight_decay=0.1, expert_optim="dense_adamw")
+    torch_opt = torch.optim.AdamW([ref], lr=0.01, weight_decay=0.0)  # tables never decay
+    assert not wants_sparse_grad(bank.values)
+    for _ in range(3):
+        idx, gates, x = torch.randint(0, N, (4, 3)), torch.rand(4, 3), torch.randn(4, D)
+        bank(x, idx, gates).square().sum().backward()
+        assert not bank.values.grad.is_sparse
+        ref.grad = bank.values.grad.clone()
+        opt.step()
+        torch_opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(bank.values.data, ref.data)
+    assert (bank.values.data != w0).any()
+
+
+def test_finite_flag_is_a_device_tensor_and_sees_sparse_rows() -> None:
+    bank = ExpertBank(N, D, kind="value")
+    proj = torch.nn.Linear(D, 3)
+    opt = ModelOptimizer(torch.nn.ModuleDict(dict(bank=bank, proj=proj)), 1e-3, 0.05, 0.0)
+    flag = opt.finite_flag()
+    assert flag.dtype == torch.bool and flag.shape == () and bool(flag)  # no gradient yet
+    x = torch.randn(4, D)
+    bank(x, torch.randint(0, N, (4, 3)), proj(x)).sum().backward()
+    assert bool(opt.finite_flag()) and opt.grads_finite()
+    bank.values.grad._values()[1, 2] = float("nan")
+    assert not bool(opt.finite_flag()) and not opt.grads_finite()

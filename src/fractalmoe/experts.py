@@ -9,9 +9,11 @@ Two kinds of bank (``BLOCK_KINDS`` adds the gated variant, whose gate lives in t
 * ``value`` (PKM): e_i = v_i, one table ``values``; the gate (from the key score) is the only
   activation, so a slot costs 2 D FLOPs and reads D parameters: twice the rows per FLOP.
 
-Each mix is one autograd function whose backward returns *coalesced sparse* row gradients: only the
-R rows a step touched exist in the gradient, so backward and the row-sparse optimizer cost O(R * D),
-never O(N * D).
+Each mix is one autograd function whose backward returns row-sparse table gradients of a *fixed*
+size, known without reading any index on the host (no sync): the slots sorted by row and summed per
+row, padded to min(T * M, N) rows. A padding row repeats the last (largest) touched row with a zero
+value, so summing duplicate rows (the optimizers do, without a sync) gives exactly the R touched
+rows. Backward and the row-sparse optimizer cost O(min(T * M, N) * D), never O(N * D).
 """
 
 from __future__ import annotations
@@ -46,15 +48,20 @@ def _activate(a: Tensor, act: str) -> Tensor:
 _workspace: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
-def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
-    """table[idx] into a reused scratch buffer: a fresh (T*M, D) allocation per call costs more
-    in page faults than the gather itself. Callers consume the result before the next gather."""
-    key = (table.dtype, table.device)
-    need = idx_flat.numel() * table.shape[1]
+def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused buffer, valid until the next call for the same dtype and device: a fresh (T*M, D)
+    allocation per call costs more in page faults than the work that fills it. Callers (the
+    gathers here, the optimisers' row merge) consume it before the next call."""
+    key, need = (dtype, device), shape[0] * shape[1]
     buf = _workspace.get(key)
     if buf is None or buf.numel() < need:
-        buf = _workspace[key] = torch.empty(need, dtype=table.dtype, device=table.device)
-    rows = buf[:need].view(idx_flat.numel(), table.shape[1])
+        buf = _workspace[key] = torch.empty(need, dtype=dtype, device=device)
+    return buf[:need].view(shape)
+
+
+def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
+    """table[idx] into the scratch buffer."""
+    rows = scratch((idx_flat.numel(), table.shape[1]), table.dtype, table.device)
     torch.index_select(table, 0, idx_flat, out=rows)
     return rows.to(dtype)
 
@@ -66,28 +73,52 @@ def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
     return torch.bmm(rows, x_TD.unsqueeze(-1)).squeeze(-1)
 
 
+def sorted_runs(sorted_idx: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs of equal values in sorted row indices < num_rows, found without a host sync: (the run
+    of each entry, the row and the start of each of min(len, num_rows) runs). Runs past the last
+    real one repeat its row and start at len(sorted_idx) (an empty bag)."""
+    n = sorted_idx.numel()
+    new_run = torch.ones_like(sorted_idx, dtype=torch.bool)
+    new_run[1:] = sorted_idx[1:] != sorted_idx[:-1]
+    run = new_run.cumsum(0) - 1
+    starts = torch.full((min(n, num_rows),), n, dtype=run.dtype, device=run.device)
+    starts.scatter_reduce_(0, run, torch.arange(n, device=run.device), "amin")
+    return run, sorted_idx.index_select(0, starts.clamp(max=n - 1)), starts
+
+
 class RowScatter:
-    """Sums per-slot row gradients w[t, m] * z[t] into the R touched rows without materialising
-    a (T*M, D) intermediate: slots are sorted by expert once, then each gradient is one
-    embedding_bag over the tokens (one bag per touched row, the slot weights as per-sample
-    weights)."""
+    """Sums per-slot row gradients w[t, m] * z[t] per row without materialising a (T*M, D)
+    intermediate or a host sync: slots are sorted by row once, then each gradient is one
+    embedding_bag over the tokens (a bag per output row, the slot weights as per-sample weights).
+
+    Sparse: one bag per run of equal rows, padded to min(T*M, N) bags (see the module docstring).
+    Dense: one bag per table row (empty for untouched rows)."""
 
     def __init__(self, idx_TM: Tensor, num_rows: int) -> None:
-        sorted_idx, self.order = torch.sort(idx_TM.reshape(-1))
-        self.rows, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
-        self.offsets = torch.cumsum(counts, 0) - counts  # start of each row's bag
+        self.sorted_idx, self.order = torch.sort(idx_TM.reshape(-1))
         self.tokens = self.order // idx_TM.shape[1]
         self.num_rows = num_rows
+        self._bags: dict[bool, tuple[Tensor, Tensor]] = {}
+
+    def bags(self, sparse: bool) -> tuple[Tensor, Tensor]:
+        """(row of each bag, offsets of the bags into the sorted slots)."""
+        if sparse not in self._bags:
+            if sparse:
+                self._bags[sparse] = sorted_runs(self.sorted_idx, self.num_rows)[1:]
+            else:
+                rows = torch.arange(self.num_rows, device=self.sorted_idx.device)
+                self._bags[sparse] = rows, torch.searchsorted(self.sorted_idx, rows)
+        return self._bags[sparse]
 
     def __call__(self, w_TM: Tensor, z_TD: Tensor, dtype: torch.dtype, sparse: bool = True) -> Tensor:
-        """Coalesced sparse (num_rows, D) gradient: row i = sum over slots routed to i."""
-        values = F.embedding_bag(self.tokens, z_TD, self.offsets, mode="sum",
-                                 per_sample_weights=w_TM.reshape(-1)[self.order]).to(dtype)
-        if not sparse:  # same rows, dense layout (for gradcheck and dense optimisers)
-            return values.new_zeros(self.num_rows, values.shape[1]).index_copy_(0, self.rows, values)
-        return torch.sparse_coo_tensor(self.rows.unsqueeze(0), values,
-                                       (self.num_rows, z_TD.shape[-1]), is_coalesced=True,
-                                       check_invariants=False)
+        """(num_rows, D) gradient, row i = sum over slots routed to i; sparse (uncoalesced) or dense."""
+        rows, offsets = self.bags(sparse)
+        values = F.embedding_bag(self.tokens, z_TD, offsets, mode="sum",
+                                 per_sample_weights=w_TM.reshape(-1).index_select(0, self.order)).to(dtype)
+        if not sparse:
+            return values
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, (self.num_rows, z_TD.shape[-1]),
+                                       is_coalesced=False, check_invariants=False)
 
 
 class _ExpertMix(torch.autograd.Function):
@@ -147,21 +178,27 @@ class _ValueMix(torch.autograd.Function):
         return None, g_gate, g_values, None
 
 
-def value_mix(idx: Tensor, gates: Tensor, values: Tensor, sparse_grad: bool = True) -> Tensor:
-    """Gated sum of routed value rows (PKM). idx, gates: (..., M) -> (..., D)."""
+def value_mix(idx: Tensor, gates: Tensor, values: Tensor, sparse_grad: bool | None = None) -> Tensor:
+    """Gated sum of routed value rows (PKM). idx, gates: (..., M) -> (..., D).
+
+    The value gradient is row-sparse unless ``sparse_grad`` is False (default: the table's own
+    choice, ``wants_sparse_grad``)."""
     lead = idx.shape[:-1]
+    sparse_grad = wants_sparse_grad(values) if sparse_grad is None else sparse_grad
     y = _ValueMix.apply(idx.reshape(-1, idx.shape[-1]), gates.reshape(-1, gates.shape[-1]),
                         values, sparse_grad)
     return y.view(*lead, values.shape[1])
 
 
 def expert_mix(x: Tensor, idx: Tensor, gates: Tensor, down: Tensor, up: Tensor,
-               act: str = "gelu", sparse_grad: bool = True) -> Tensor:
+               act: str = "gelu", sparse_grad: bool | None = None) -> Tensor:
     """Fused gather + weighted sum over routed experts. x: (..., D); idx, gates: (..., M).
 
-    Table gradients are coalesced sparse tensors of the touched rows (dense if not sparse_grad).
+    Table gradients are row-sparse (see the module docstring) unless ``sparse_grad`` is False
+    (default: the tables' own choice, ``wants_sparse_grad``).
     """
     lead = x.shape[:-1]
+    sparse_grad = wants_sparse_grad(down) if sparse_grad is None else sparse_grad
     y = _ExpertMix.apply(x.reshape(-1, x.shape[-1]), idx.reshape(-1, idx.shape[-1]),
                          gates.reshape(-1, gates.shape[-1]), down, up, act, sparse_grad)
     return y.view(*lead, x.shape[-1])
@@ -182,6 +219,17 @@ def mark_expert_table(p: nn.Parameter) -> nn.Parameter:
 
 def is_expert_table(p: Tensor) -> bool:
     return bool(getattr(p, "expert_table", False))
+
+
+def set_sparse_grad(p: Tensor, sparse: bool) -> None:
+    """Choose the layout of a table's gradients: row-sparse (the default, for the row-sparse
+    optimisers) or dense (for a dense optimiser). A parameter attribute, so every mix over the table
+    agrees with its optimiser and no forward keeps any state of its own."""
+    p.sparse_grad = sparse  # type: ignore[attr-defined]
+
+
+def wants_sparse_grad(p: Tensor) -> bool:
+    return bool(getattr(p, "sparse_grad", True))
 
 
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

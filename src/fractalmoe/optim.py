@@ -1,15 +1,24 @@
 """Optimisers: AdamW for dense parameters, a row-sparse rule for expert tables.
 
-Legend: N table rows, D width, R rows touched this step.
+Legend: N table rows, D width, R rows touched this step, S gradient entries (rows may repeat).
 
-Expert tables receive coalesced sparse gradients (R touched rows). Two row-sparse rules read and
-write only those R rows and their state:
+Expert tables receive row-sparse gradients of a fixed size whose entries may repeat a row (the
+mixes' padding, or a table used twice in one step). Each row-sparse rule first sums the entries of
+each row without a host sync (``merge_rows``: one sort of the S indices, segment sums into a
+min(S, N)-row buffer whose rows past the R touched ones are marked as padding), then reads and
+writes only those rows and their state:
 
 * ``rowwise_adagrad`` (default): one accumulator per row, s_i += mean_d(g_id**2),
   w_i -= lr * g_i / (sqrt(s_i) + eps). State: 4 bytes per row, which is what lets a
-  million-expert layer fit in a few GB.
-* ``lazy_adam``: torch.optim.SparseAdam semantics (Adam moments updated only on touched rows,
-  bias correction by the global step). State: 2x the table.
+  million-expert layer fit in a few GB. Its updates are additive, so a zero padding row is harmless.
+* ``lazy_adam``: torch.optim.SparseAdam semantics (Adam moments updated only on the R touched rows,
+  padding masked; bias correction by the global step, kept on the table's device). State: 2x the
+  table.
+* ``dense_adamw``: torch.optim.AdamW over whole tables, which then get dense gradients
+  (``set_sparse_grad``): the dense design, O(N * D) per step, for comparisons.
+
+Nothing here reads a tensor on the host, so backward plus optimizer step cost no host sync; the
+trainer reads ``ModelOptimizer.finite_flag()`` together with the loss, once per step.
 """
 
 from __future__ import annotations
@@ -20,31 +29,33 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .experts import is_expert_table
+from .config import EXPERT_OPTIMS
+from .experts import is_expert_table, scratch, set_sparse_grad, sorted_runs
 
 
-def _rows(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """(unique row indices, summed row values) of a sparse or dense (N, D) gradient.
+def merge_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(rows, float32 row gradients, which rows are real; None: all) of an (N, D) gradient.
 
-    A gradient from a single use of a table already holds sorted unique rows (autograd drops
-    the coalesced flag when it stores it): detect that instead of paying for a sort + copy.
+    Sparse: the entries of each row summed, in ascending row order, into min(S, N) rows of the
+    scratch buffer (valid until the next ``scratch`` call); the rows past the R touched ones repeat
+    the last touched row with a zero gradient and are not real. No host sync: sizes depend only on
+    S and N. Dense: every row, all real.
     """
     if not grad.is_sparse:
-        return torch.arange(grad.shape[0], device=grad.device), grad
-    if not grad.is_coalesced():
-        idx = grad._indices()[0]
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):  # one host sync
-            grad = grad.coalesce()
-        else:
-            return idx, grad._values()
-    return grad.indices()[0], grad.values()
+        return torch.arange(grad.shape[0], device=grad.device), grad.float(), None
+    idx, values = grad._indices()[0], grad._values()
+    sorted_idx, order = torch.sort(idx)
+    run, rows, starts = sorted_runs(sorted_idx, grad.shape[0])
+    run_of_entry = torch.empty_like(run).scatter_(0, order, run)
+    summed = scratch((starts.numel(), values.shape[1]), torch.float32, values.device).zero_()
+    return rows, summed.index_add_(0, run_of_entry, values.float()), starts < idx.numel()
 
 
 class RowwiseAdagrad(torch.optim.Optimizer):
     """Adagrad with one second-moment accumulator per table row; touched rows only.
 
-    The gradient's row values are consumed: they are scaled in place into the update, which
-    saves a table-sized allocation per step (call zero_grad afterwards, as usual).
+    A dense float32 gradient is consumed: it is scaled in place into the update (call zero_grad
+    afterwards, as usual).
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.05, eps: float = 1e-8,
@@ -61,8 +72,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 if not state:
                     state["sum"] = torch.full((p.shape[0],), group["initial_accumulator"],
                                               dtype=torch.float32, device=p.device)
-                rows, g = _rows(p.grad)
-                g = g.float()
+                rows, g, _ = merge_rows(p.grad)  # padding rows are zero: they add nothing
                 mean_sq = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
                 acc = state["sum"].index_add_(0, rows, mean_sq)
                 scale = acc.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
@@ -71,7 +81,10 @@ class RowwiseAdagrad(torch.optim.Optimizer):
 
 
 class LazyAdam(torch.optim.Optimizer):
-    """Adam whose moments and weights change only on touched rows (SparseAdam semantics)."""
+    """Adam whose moments and weights change only on touched rows (SparseAdam semantics).
+
+    Moments move by masked deltas added per row, so a padding row never decays a moment; the step
+    count and bias correction stay tensors on the table's device (no host read)."""
 
     def __init__(self, params: Iterable[Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -86,20 +99,33 @@ class LazyAdam(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                step = float(state["step"])
-                rows, g = _rows(p.grad)
-                g = g.float()
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1.0 - beta1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                step_size = group["lr"] * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-                update = m / v.sqrt_().add_(group["eps"])
-                p.index_add_(0, rows, (update * step_size).to(p.dtype), alpha=-1.0)
+                if state["step"].device != p.device:  # a loaded state dict keeps it on the CPU
+                    state["step"] = state["step"].to(p.device)
+                step = state["step"].add_(1)
+                rows, g, real = merge_rows(p.grad)
+                # Two row buffers: v holds the delta of exp_avg_sq, then its new rows; g (scratch)
+                # becomes the delta of exp_avg; m the old, then new exp_avg rows, then the update.
+                v = state["exp_avg_sq"].index_select(0, rows)
+                v.neg_().addcmul_(g, g).mul_(1.0 - beta2)
+                m = state["exp_avg"].index_select(0, rows)
+                g.sub_(m).mul_(1.0 - beta1)
+                if real is not None:
+                    v.masked_fill_(~real.unsqueeze(1), 0.0)
+                    g.masked_fill_(~real.unsqueeze(1), 0.0)
+                state["exp_avg_sq"].index_add_(0, rows, v)
+                state["exp_avg"].index_add_(0, rows, g)
+                torch.index_select(state["exp_avg_sq"], 0, rows, out=v)
+                # 1 - beta**t as -expm1(t log beta): exact in float32 even for beta near 1
+                bias1 = torch.expm1(step * math.log(beta1)).neg_()
+                bias2 = torch.expm1(step * math.log(beta2)).neg_()
+                step_size = bias2.sqrt_().mul_(group["lr"]).div_(bias1)
+                update = m.add_(g).div_(v.sqrt_().add_(group["eps"])).mul_(step_size)
+                if real is not None:
+                    update.masked_fill_(~real.unsqueeze(1), 0.0)
+                p.index_add_(0, rows, update.to(p.dtype), alpha=-1.0)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -119,24 +145,35 @@ def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list
     return tables, decay, no_decay
 
 
+def table_optimizer(tables: list[Tensor], rule: str, lr: float) -> torch.optim.Optimizer:
+    """The optimiser of the expert tables for one of ``config.EXPERT_OPTIMS``; it sets the
+    gradient layout the tables' mixes produce (dense for dense_adamw, else row-sparse)."""
+    if rule not in EXPERT_OPTIMS:
+        raise ValueError(f"expert_optim={rule!r}: use one of {EXPERT_OPTIMS}")
+    for p in tables:
+        set_sparse_grad(p, rule != "dense_adamw")
+    if rule == "rowwise_adagrad":
+        return RowwiseAdagrad(tables, lr=lr)
+    if rule == "lazy_adam":
+        return LazyAdam(tables, lr=lr)
+    # no weight decay, like the row-sparse rules; betas as lazy_adam
+    return torch.optim.AdamW(tables, lr=lr, weight_decay=0.0, fused=True)
+
+
 class ModelOptimizer:
-    """AdamW over dense parameters plus a row-sparse optimiser over expert tables."""
+    """AdamW over dense parameters plus the expert tables' optimiser (``table_optimizer``)."""
 
     def __init__(self, model: nn.Module, lr: float, expert_lr: float, weight_decay: float,
                  expert_optim: str = "rowwise_adagrad") -> None:
         tables, decay, no_decay = split_parameters(model)
         groups = [dict(params=decay, weight_decay=weight_decay),
                   dict(params=no_decay, weight_decay=0.0)]
+        # fused: the step counts stay on the device (foreach reads each one on the host).
         self.dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
-                                       betas=(0.9, 0.95), foreach=True)
+                                       betas=(0.9, 0.95), fused=True)
         self.sparse: torch.optim.Optimizer | None = None
         if tables:
-            if expert_optim == "lazy_adam":
-                self.sparse = LazyAdam(tables, lr=expert_lr)
-            elif expert_optim == "rowwise_adagrad":
-                self.sparse = RowwiseAdagrad(tables, lr=expert_lr)
-            else:
-                raise ValueError(f"expert_optim={expert_optim!r}: use rowwise_adagrad or lazy_adam")
+            self.sparse = table_optimizer(tables, expert_optim, expert_lr)
         self.base_lrs = (lr, expert_lr)
         self.dense_params = decay + no_decay
         self.tables = tables
@@ -158,14 +195,19 @@ class ModelOptimizer:
         for opt in self.optimizers:
             opt.step()
 
+    def finite_flag(self) -> Tensor:
+        """0-d bool tensor, on the parameters' device: is every gradient (dense, and the rows of
+        sparse ones) finite? No host sync: the trainer reads it together with the loss."""
+        params = self.dense_params + self.tables
+        flags = [torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all()
+                 for p in params if p.grad is not None]
+        if not flags:
+            return torch.ones((), dtype=torch.bool, device=params[0].device if params else None)
+        return torch.stack(flags).all()
+
     def grads_finite(self) -> bool:
-        """True if every gradient (dense and touched expert rows) is finite. One host sync."""
-        flags = []
-        for p in self.dense_params + self.tables:
-            if p.grad is not None:
-                g = p.grad._values() if p.grad.is_sparse else p.grad
-                flags.append(torch.isfinite(g).all())
-        return bool(torch.stack(flags).all()) if flags else True
+        """``finite_flag()`` read on the host (one sync)."""
+        return bool(self.finite_flag())
 
     def clip_dense(self, max_norm: float) -> Tensor:
         """Clip the global gradient norm of dense parameters; expert rows are per-row scaled
