@@ -1,6 +1,6 @@
 """Scale-out on torch.distributed: data parallelism for dense parameters, expert tables sharded.
 
-Legend: P ranks, T tokens per rank, M routed slots per token, D width, S slots owned by a rank.
+Legend: P ranks, T tokens per rank, M routed slots per token, D width.
 
 Why rows (experts) and not columns. An expert is e_i(x) = act(u_i . x) v_i: the activation needs
 the *whole* dot product u_i . x. With column shards every rank would hold a slice of u_i, so each
@@ -11,6 +11,13 @@ gradient and optimizer state of its rows stay local and exactly match one proces
 instead: x, indices and gates are all-gathered (autograd-aware collectives), each rank computes
 the slots that hit its own rows, and the partial outputs return through reduce_scatter. Value
 banks (e_i = v_i) shard the same way; they need no x.
+
+No host sync: the number of slots a rank owns depends on the routing, so instead of selecting
+them (``nonzero``) each rank mixes all P*T*M gathered slots, the ones it does not own with a zero
+gate and pointed at a row of a slot it does own. Their zero gradients merge into that touched row,
+so the row-sparse optimizers see exactly the owned rows (only a rank that owns no slot of a whole
+step would count one row as touched with a zero gradient: lazy Adam decays its moments). The
+price is P times the mix work of the owned slots alone.
 
 Devices. On CUDA each rank runs on ``cuda:LOCAL_RANK`` and the process group is
 "cpu:gloo,cuda:nccl": the expert collectives move CUDA tensors through NCCL, while the trainer's
@@ -110,18 +117,18 @@ class ShardedExpertBank(nn.Module):
         gate_all = torch.cat(dist_nn.all_gather(gate_TM.contiguous()))  # (P*T, M)
         idx_parts = [torch.empty_like(idx_TM) for _ in range(self.world)]
         dist.all_gather(idx_parts, idx_TM.contiguous())  # indices carry no gradient
-        idx_all = torch.cat(idx_parts).reshape(-1)
-        owned = ((idx_all >= self.lo) & (idx_all < self.hi)).nonzero().squeeze(1)  # host sync: S
-        token = owned // num_m
-        idx_S1 = (idx_all.index_select(0, owned) - self.lo).unsqueeze(1)
-        gate_S1 = gate_all.reshape(-1).index_select(0, owned).unsqueeze(1)
+        local = torch.cat(idx_parts) - self.lo  # (P*T, M)
+        owned = (local >= 0) & (local < self.hi - self.lo)
+        first = owned.view(-1).to(torch.uint8).argmax().view(1)  # first owned slot, if any
+        anchor = local.view(-1).index_select(0, first).clamp(0, self.hi - self.lo - 1)
+        local = torch.where(owned, local, anchor)  # other ranks' slots: a row this rank touches
+        gate_all = torch.where(owned, gate_all, 0.0)
         if neuron:  # e_i(x) = act(u_i . x) v_i needs every rank's tokens
             x_all = torch.cat(dist_nn.all_gather(x_TD.contiguous()))  # (P*T, D)
-            y_S = expert_mix(x_all.index_select(0, token), idx_S1, gate_S1, self.down, self.up, self.act)
+            y_all = expert_mix(x_all, local, gate_all, self.down, self.up, self.act)
         else:  # e_i = v_i
-            y_S = value_mix(idx_S1, gate_S1.to(x.dtype), self.values)
-        y_all = x_TD.new_zeros(gate_all.shape[0], dim).index_add(0, token, y_S.to(x.dtype))
-        out = dist_nn.reduce_scatter(torch.empty_like(x_TD), list(y_all.chunk(self.world)))
+            y_all = value_mix(local, gate_all.to(x.dtype), self.values)
+        out = dist_nn.reduce_scatter(torch.empty_like(x_TD), list(y_all.to(x.dtype).chunk(self.world)))
         return out.view(x.shape)
 
     def bytes(self) -> int:
