@@ -7,6 +7,7 @@ import torch
 from fractalmoe import FHME, FHMELanguageModel
 from fractalmoe.config import tiny_model_config
 from fractalmoe.optim import ModelOptimizer
+from fractalmoe.stats import DEPTH_COUNTS, collect, fold_statistics
 
 
 def _mixed_router(layer: FHME) -> None:
@@ -98,12 +99,16 @@ def _mean_depth_after_training(penalty: float, target: float = 0.0) -> float:
     idx = torch.randint(0, 256, (4, 32))
     for _ in range(15):
         opt.zero_grad()
-        _, loss = model(idx, idx)
-        (loss + model.aux_loss()).backward()
+        with collect(model) as stats:
+            _, loss = model(idx, idx)
+            (loss + stats.aux_loss()).backward()
         opt.step()
+        fold_statistics(model, stats)
     model.eval()
-    model(idx)
-    return sum(float((layer.depth_hist * torch.arange(1, 4)).sum()) for layer in model.fhme_layers()) / 2
+    with collect(model) as stats:
+        model(idx)
+    hists = [stats.total(layer, DEPTH_COUNTS) / idx.numel() for layer in model.fhme_layers()]
+    return sum(float((hist * torch.arange(1, 4)).sum()) for hist in hists) / 2
 
 
 def test_raising_the_compute_penalty_lowers_mean_depth() -> None:

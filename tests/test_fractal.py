@@ -6,6 +6,7 @@ import torch
 
 from fractalmoe import FHME, FractalExpert
 from fractalmoe.fractal import blocks_at_depth
+from fractalmoe.stats import collect
 
 
 def reference_f(fe: FractalExpert, c: int, x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,12 @@ def test_depth_one_is_flat_peer() -> None:
 
 
 def test_join_gate_starts_toward_shallow_path() -> None:
-    fe = FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, join_bias=-2.0)
-    fe(torch.randn(10, 16))
-    assert float(fe.joins[0].last_gate_mean) < 0.2
+    layer = FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, join_bias=-2.0)
+    with collect(layer) as stats:
+        layer(torch.randn(10, 16))
+    metrics = layer.mixing_metrics(stats)
+    assert metrics["join_gate_means"][0] < 0.2
+    assert metrics["depth_hist"] == [0.0, 1.0] and metrics["blocks_per_token"] == 3
 
 
 def test_gradients_reach_keys_queries_touched_rows_and_joins() -> None:

@@ -7,6 +7,7 @@ import torch
 
 from fractalmoe import ProductKeyMemory
 from fractalmoe.routing import Balancing, product_key_topk
+from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
 
 
 def brute_force_topk(router, x):
@@ -128,10 +129,30 @@ def test_balancing_spreads_clustered_queries_over_the_sub_keys() -> None:
     with torch.no_grad():
         before = _sub_key_kl(mem.router, x)
         for _ in range(100):
-            mem.route(x)
-            mem.router.commit()
+            with collect(mem) as stats:
+                mem.route(x)
+            fold_statistics(mem, stats)
         after = _sub_key_kl(mem.router, x)
     assert after < 0.5 * before, (before, after)
+
+
+def test_expert_bias_fold_is_the_dense_rule_up_to_a_constant_per_head() -> None:
+    """b_e -= rate * load_e / mean load, written at the chosen rows only, differs from the
+    dense rule rate * (1 - load / mean) by a constant per head: the same top-k everywhere."""
+    rate, n, heads = 0.1, 16, 2
+    mem = ProductKeyMemory(32, n * n, heads=heads, topk=4, key_dim=16, balancing=Balancing(rate=rate)).train()
+    x = torch.randn(3, 50, 32)
+    with torch.no_grad(), collect(mem) as stats:
+        _, idx = mem.route(x)
+    before = mem.router.expert_bias.clone()
+    fold_statistics(mem, stats)
+    load = torch.stack([torch.bincount(idx[..., h, :].flatten(), minlength=n * n) for h in range(heads)]).float()
+    dense = before + rate * (1 - load / load.mean(-1, keepdim=True))
+    shift = mem.router.expert_bias - dense
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift))
+    assert torch.equal(mem.router.expert_bias[load == 0], before[load == 0])  # untouched rows
+    with pytest.raises(RuntimeError, match="folded already"):
+        fold_statistics(mem, stats)
 
 
 def test_whitening_gives_identity_covariance_from_past_batches_only() -> None:
@@ -141,9 +162,10 @@ def test_whitening_gives_identity_covariance_from_past_batches_only() -> None:
     norm = RunningQueryWhitening(heads=2, width=6).train()
     mix = torch.eye(6) + 0.5 * torch.randn(2, 6, 6)  # correlated, well-conditioned
     q = torch.einsum("thj,hij->thi", torch.randn(20000, 2, 6), mix) + 3.0
-    first = norm(q)
-    torch.testing.assert_close(first, q)  # nothing committed yet: identity transform
-    norm.commit()
+    with collect(norm) as stats:
+        first = norm(q)
+    torch.testing.assert_close(first, q)  # nothing folded yet: identity transform
+    fold_statistics(norm, stats)
     with torch.no_grad():
         out = norm.eval()(q)
     centered = out.reshape(-1, 2, 6)
@@ -164,9 +186,10 @@ def test_balance_loss_is_the_switch_loss_over_candidates_and_teaches_spreading()
     with torch.no_grad():  # rich-get-richer start: a few long sub-keys win most queries
         router.sub_keys.mul_(torch.exp(1.5 * torch.randn(2, 2, 32, 1)))
     x = torch.randn(2048, 32)
-    _, idx = mem.route(x)
-    loss = router.pop_aux_loss()
-    assert router.pop_aux_loss() is None  # popped once
+    with collect(mem) as stats:
+        _, idx = mem.route(x)
+    assert len(stats.values(router, BALANCE_LOSS)) == 1  # one call, one loss
+    loss = stats.aux_loss()
     with torch.no_grad():  # reference: N * sum_e f_e * P_e, P_e summed over each token's candidates
         q1, q2 = router.queries(x).chunk(2, dim=-1)
         s1 = torch.einsum("thq,hnq->thn", q1, router.keys()[:, 0])
@@ -184,8 +207,9 @@ def test_balance_loss_is_the_switch_loss_over_candidates_and_teaches_spreading()
     opt = torch.optim.Adam(router.parameters(), lr=0.02)
     before = _expert_kl(idx, 1024)
     for _ in range(100):
-        _, idx = mem.route(x)
+        with collect(mem) as stats:
+            _, idx = mem.route(x)
         opt.zero_grad()
-        router.pop_aux_loss().backward()
+        stats.aux_loss().backward()
         opt.step()
     assert _expert_kl(idx, 1024) < 0.7 * before

@@ -25,7 +25,8 @@ DEFAULT_ADAPTER = dict(num_experts=1024, depth=2, heads=2, topk=8, key_dim=32)
 
 
 class AdaptedFFN(nn.Module):
-    """base(x) + FHME(x): the frozen FFN with a trainable FHME beside it."""
+    """base(x) + FHME(x): the frozen FFN with a trainable FHME beside it. The adapter's aux
+    losses and statistics reach a collector like any FHME layer's (``stats.collect``)."""
 
     def __init__(self, base: nn.Module, adapter: FHME) -> None:
         super().__init__()
@@ -35,17 +36,6 @@ class AdaptedFFN(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = self.base(x, *args, **kwargs)
         return out + self.adapter(x).to(out.dtype)
-
-    @property
-    def aux_loss(self) -> Tensor:
-        base = getattr(self.base, "aux_loss", None)
-        return self.adapter.aux_loss if base is None else base + self.adapter.aux_loss
-
-    def flops_per_token(self) -> float:
-        return self.base.flops_per_token() + self.adapter.flops_per_token()  # type: ignore[operator]
-
-    def active_params_per_token(self) -> float:
-        return self.base.active_params_per_token() + self.adapter.active_params_per_token()  # type: ignore[operator]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -3,8 +3,9 @@ FHME layers of one column (``routed_config``).
 
 Legend: T tokens, D width, F hidden width, E MoE experts, K top-k, S = T * K routed slots.
 
-Each module maps (..., D) -> (..., D), exposes ``aux_loss`` (a scalar added to the training loss)
-and reports ``flops_per_token()`` (forward, multiply-add = 2) and ``active_params_per_token()``.
+Each module maps (..., D) -> (..., D) and reports ``flops_per_token()`` (forward, multiply-add = 2)
+and ``active_params_per_token()``; the MoE hands its balance loss and choices to a collector
+(``stats.collect``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .experts import ExpertBank
 from .fhme import FHME
+from .stats import BALANCE_LOSS, CHOICES, Recorder, Statistics, mean_of
 
 
 class DenseFFN(nn.Module):
@@ -26,7 +28,6 @@ class DenseFFN(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.aux_loss = torch.zeros(())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -38,11 +39,12 @@ class DenseFFN(nn.Module):
         return 3 * self.w1.in_features * self.w1.out_features
 
 
-class MoEFFN(nn.Module):
+class MoEFFN(nn.Module, Recorder):
     """Dropless top-k softmax MoE of SwiGLU experts with the Switch load-balancing loss.
 
     Routed slots are sorted by expert and packed into an (E, capacity, D) batch for three bmm's;
     capacity is the largest expert load of this call (one host sync: a size must be known).
+    Under a collector it records its choices and, in training with grad on, the balance loss.
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, topk: int,
@@ -55,8 +57,6 @@ class MoEFFN(nn.Module):
         self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) * scale)
         self.w3 = nn.Parameter(torch.randn(num_experts, dim, hidden) * scale)
         self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) * hidden**-0.5)
-        self.aux_loss = torch.zeros(())
-        self.usage: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -65,12 +65,14 @@ class MoEFFN(nn.Module):
         probs_TE = F.softmax(self.router(x_TD).float(), dim=-1)
         gate_TK, expert_TK = probs_TE.topk(self.topk, dim=-1)
         gate_TK = (gate_TK / gate_TK.sum(-1, keepdim=True)).to(x.dtype)
-        # Switch balance loss: E * sum_e (fraction of slots to e) * (mean router prob of e).
-        load_E = torch.bincount(expert_TK.reshape(-1), minlength=self.num_experts).to(probs_TE.dtype)
-        if self.usage is not None:
-            self.usage += load_E.long()
-        frac_E = load_E / (num_t * self.topk)
-        self.aux_loss = self.balance * self.num_experts * (frac_E * probs_TE.mean(0)).sum()
+        load_E = probs_TE.new_zeros(self.num_experts).index_add_(
+            0, expert_TK.reshape(-1), probs_TE.new_ones(expert_TK.numel()))
+        if self.collecting:
+            self.record(CHOICES, expert_TK)
+            if self.training and torch.is_grad_enabled():
+                # Switch balance loss: E * sum_e (fraction of slots to e) * (mean router prob of e).
+                frac_E = load_E / (num_t * self.topk)
+                self.record(BALANCE_LOSS, self.balance * self.num_experts * (frac_E * probs_TE.mean(0)).sum())
         # Pack slots by expert: slot s goes to row `rank within its expert` of expert e.
         expert_S = expert_TK.reshape(-1)
         order = torch.argsort(expert_S, stable=True)
@@ -93,8 +95,8 @@ class MoEFFN(nn.Module):
     def active_params_per_token(self) -> float:
         return self.dim * self.num_experts + self.topk * 3 * self.dim * self.hidden
 
-    def track_usage(self, on: bool) -> None:
-        self.usage = torch.zeros(self.num_experts, dtype=torch.long) if on else None
+    def aux_loss_from(self, stats: Statistics) -> Tensor | None:
+        return mean_of(stats.values(self, BALANCE_LOSS))
 
 
 def routed_config(cfg: ModelConfig) -> ModelConfig:

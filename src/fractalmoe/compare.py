@@ -71,10 +71,11 @@ def _child(spec: CompareSpec) -> dict[str, Any]:
     model, _, _ = load_model_from_run(spec.out)
     data = ByteDataset.load(spec.data, config.train.val_fraction, config.model.seq_len)
     ev = evaluate(model, data, config.train.batch_size)
+    depth = ev.measured_depth  # FHME layers at the depth they chose on the validation split
     dead = [u.dead for layer in ev.usage for u in layer]
     return {"model": spec.model, "seed": spec.seed, "val_bpb": ev.val_bpb, "val_loss": ev.val_loss,
-            "params": model.num_params(), "active_params_per_token": model.active_params_per_token(),
-            "flops_per_token": model.flops_per_token(), "ffn_flops_per_token": model.ffn_flops_per_token(),
+            "params": model.num_params(), "active_params_per_token": model.active_params_per_token(depth),
+            "flops_per_token": ev.flops_per_token, "ffn_flops_per_token": model.ffn_flops_per_token(depth),
             "train_tok_s": result.tok_s, "peak_rss_gb": peak_rss_gb(), "elapsed_s": result.elapsed_s,
             "expert_usage": ev.expert_usage, "usage_kl": ev.usage_kl,
             "dead_experts": sum(dead) if dead else None, "steps": result.step,

@@ -6,14 +6,17 @@ Losses are in nats per byte (one token = one byte); bpb = nats / ln 2.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .baselines import MoEFFN
 from .data import ByteDataset
 from .fhme import FHME
 from .model import FHMELanguageModel
+from .routing import ProductKeyRouter
+from .stats import CHOICES, DEPTH_COUNTS, Statistics, collect
 
 
 @dataclass
@@ -47,63 +50,98 @@ class EvalResult:
     flops_per_token: float | None = None
     usage: list[list[UsageStats]] = field(default_factory=list)  # [layer][block position]
     depth_hist: list[list[float]] = field(default_factory=list)  # [layer][depth]
+    # Tokens per depth of every FHME layer (adapters too): model.flops_per_token(measured_depth).
+    measured_depth: dict[nn.Module, Tensor] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, object]:
-        out = asdict(self)
-        out.pop("usage")
-        out.pop("depth_hist")
-        return out
+        skip = ("usage", "depth_hist", "measured_depth")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
-def _usage_sources(model: FHMELanguageModel) -> list:
-    return [b.ffn for b in model.blocks if hasattr(b.ffn, "track_usage")]
+def choice_sources(model: nn.Module) -> list[tuple[int, list[nn.Module]]]:
+    """(layer index, modules recording expert choices, one per block position) of every decoder
+    layer with a routed FFN (an adapter's too)."""
+    out = []
+    for i, block in enumerate(model.blocks):
+        sources = [m for m in block.ffn.modules() if isinstance(m, (ProductKeyRouter, MoEFFN))]
+        if sources:
+            out.append((i, sources))
+    return out
 
 
-def usage_counts_of(ffn) -> list[Tensor]:  # type: ignore[no-untyped-def]
-    """(N,) selection counts per block position of a routed FFN while tracking is on."""
-    if isinstance(ffn, FHME):
-        return ffn.usage_counts()
-    return [ffn.usage] if ffn.usage is not None else []
+class ChoiceCounts:
+    """Selections per expert of each source, accumulated on the device over collected batches
+    (index_add into fixed (N,) counters: no sync until they are read)."""
+
+    def __init__(self, sources: list[nn.Module]) -> None:
+        self.counts: dict[nn.Module, Tensor | None] = dict.fromkeys(sources)
+
+    def add(self, stats: Statistics) -> None:
+        for source in self.counts:
+            for idx in stats.values(source, CHOICES):
+                flat = idx.reshape(-1)
+                acc = self.counts[source]
+                if acc is None:
+                    acc = self.counts[source] = torch.zeros(source.num_experts, dtype=torch.long,
+                                                            device=flat.device)
+                acc.index_add_(0, flat, torch.ones_like(flat))
+
+    def host(self) -> dict[nn.Module, Tensor]:
+        """(N,) counts of every source on the CPU, in one copy (zeros for a source never called)."""
+        device = next((c.device for c in self.counts.values() if c is not None), None)
+        parts = [c if c is not None else torch.zeros(m.num_experts, dtype=torch.long, device=device)
+                 for m, c in self.counts.items()]
+        flat = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.long)
+        return dict(zip(self.counts, flat.split([p.numel() for p in parts])))
 
 
 @torch.no_grad()
 def evaluate(model: FHMELanguageModel, data: ByteDataset, batch_size: int,
              max_windows: int | None = None, device: str = "cpu") -> EvalResult:
-    """Mean loss over validation windows, with usage and depth metrics of routed layers."""
+    """Mean loss over validation windows, with usage and depth metrics of routed layers (FLOPs
+    at the depth histograms measured here). Values are read back once, at the end."""
     was_training = model.training
     model.eval()
-    seq_len = model.cfg.seq_len
-    routed = _usage_sources(model)
-    for ffn in routed:
-        ffn.track_usage(True)
-    fhme = model.fhme_layers()
-    depth_sum = [torch.zeros(layer.depth) for layer in fhme]
-    total, tokens = 0.0, 0
-    flops = 0.0
-    for x, y in data.val_batches(batch_size, seq_len, max_windows):
+    routed = choice_sources(model)
+    counts = ChoiceCounts([m for _, sources in routed for m in sources])
+    layers = [m for m in model.modules() if isinstance(m, FHME)]
+    depth_counts: dict[nn.Module, Tensor] = {}
+    total: Tensor | float = 0.0  # summed on the device
+    tokens = 0
+    for x, y in data.val_batches(batch_size, model.cfg.seq_len, max_windows):
         x, y = x.to(device), y.to(device)
-        _, loss = model(x, y)
-        n = y.numel()
-        total += float(loss) * n
-        tokens += n
-        flops += model.flops_per_token() * n
-        for acc, layer in zip(depth_sum, fhme):
-            acc += layer.depth_hist.cpu() * n
-    usage = [[UsageStats.from_counts(c.cpu()) for c in usage_counts_of(ffn)] for ffn in routed]
-    for ffn in routed:
-        ffn.track_usage(False)
+        with collect(model) as stats:
+            _, loss = model(x, y)
+        total = total + loss.detach() * y.numel()
+        tokens += y.numel()
+        counts.add(stats)
+        for layer in layers:
+            found = stats.total(layer, DEPTH_COUNTS)
+            if found is not None:
+                depth_counts[layer] = depth_counts.get(layer, 0) + found
     model.train(was_training)
-    val_loss = total / max(tokens, 1)
+    measured = {layer: c.cpu() for layer, c in depth_counts.items()}
+    val_loss = float(total) / max(tokens, 1)
+    chosen = counts.host()
+    usage = [[UsageStats.from_counts(chosen[m]) for m in sources] for _, sources in routed]
     flat = [u for layer in usage for u in layer]
     result = EvalResult(val_loss, val_loss / math.log(2), tokens,
-                        flops_per_token=flops / max(tokens, 1), usage=usage)
+                        flops_per_token=model.flops_per_token(measured), usage=usage,
+                        measured_depth=measured)
     if flat:
         result.expert_usage = sum(u.fraction_used for u in flat) / len(flat)
         result.usage_kl = sum(u.kl_uniform for u in flat) / len(flat)
+    fhme = model.fhme_layers()
     if fhme:
-        hists = [(acc / max(tokens, 1)).tolist() for acc in depth_sum]
+        hists = [_shares(measured.get(layer), layer.depth) for layer in fhme]
         result.depth_hist = hists
         result.mean_depth = sum(sum(d * h for d, h in enumerate(hist, 1)) for hist in hists) / len(hists)
-        result.blocks_per_token = sum(sum((2**d - 1) * h for d, h in enumerate(hist, 1))
-                                      for hist in hists) / len(hists)
+        result.blocks_per_token = sum(layer.blocks_per_token(hist) for layer, hist in zip(fhme, hists)) / len(hists)
     return result
+
+
+def _shares(counts: Tensor | None, depth: int) -> list[float]:
+    """Tokens per depth as shares (all zero if none were measured)."""
+    if counts is None:
+        return [0.0] * depth
+    return (counts / counts.sum().clamp_min(1)).tolist()

@@ -10,9 +10,16 @@ Adaptive depth is trained with a hard straight-through choice and an ACT-style p
 y = sum_c w_c f_c(x), w = onehot(argmax p) + p - stop_grad(p), p = softmax(router(x)), plus
 depth_penalty * sum_c p_c * (2**c - 1). The choice reads only the token's own state (causal).
 At inference, tokens that chose depth d are compacted out before stage d + 1.
+
+Forward changes no state. Under a collector (``stats.collect``) the layer records its depth
+counts and, in training, its ponder cost and the blocks used; with ``depth_target`` the fold
+after each optimizer step steers depth_penalty toward the penalty that spends that share of the
+blocks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +29,25 @@ from .config import ModelConfig
 from .experts import TABLE_DTYPES, ExpertBank
 from .fractal import FractalExpert, blocks_at_depth, joins_at_depth
 from .routing import Balancing
+from .stats import (
+    DEPTH_COST,
+    DEPTH_COUNTS,
+    JOIN_GATE,
+    PONDER,
+    FoldInputs,
+    PastBatchStatistics,
+    Statistics,
+    mean_of,
+)
+
+DepthHist = Tensor | Sequence[float] | None  # tokens (or their share) per depth 1..C
+
 
 def balancing_of(cfg: ModelConfig) -> Balancing:
     return Balancing(cfg.unit_keys, cfg.balance_rate, cfg.balance_loss)
 
 
-class FHME(nn.Module):
+class FHME(nn.Module, PastBatchStatistics):
     """Fractal expert + optional per-token depth router. x (..., D) -> (..., D)."""
 
     def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int = 8, topk: int = 16,
@@ -51,14 +71,12 @@ class FHME(nn.Module):
             nn.init.zeros_(self.depth_router.weight)
             with torch.no_grad():  # start at full depth; the ponder cost pulls tokens shallower
                 self.depth_router.bias.copy_(torch.linspace(0.0, 1.0, depth))
-        # The ponder cost per block; with a target it is steered multiplicatively toward the
+        # The ponder cost per block; with a target the fold steers it multiplicatively toward the
         # penalty that uses depth_target of the blocks (state from past steps only: causal).
         self.register_buffer("depth_penalty", torch.tensor(initial_penalty),
                              persistent=self.depth_router is not None)
         self.forced_depth: int | None = None  # evaluate every token at this depth
         self.compact = True  # inference: compact stopped tokens (False: masked reference path)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.depth_hist: Tensor = torch.zeros(depth)  # fraction of tokens per depth, last call
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, bank: ExpertBank | None = None) -> FHME:
@@ -76,13 +94,20 @@ class FHME(nn.Module):
         probs = F.softmax(self.depth_router(x_TD).float(), dim=-1)
         return probs.argmax(dim=-1) + 1, probs
 
+    def _depths(self, like: Tensor) -> Tensor:
+        """1..C on like's device."""
+        return torch.arange(1, self.depth + 1, device=like.device)
+
+    def _costs(self, like: Tensor) -> Tensor:
+        """Blocks 2**c - 1 evaluated at each depth c, (C,), made on like's device (no host copy)."""
+        return self._depths(like).to(like.dtype).exp2() - 1
+
     def forward(self, x: Tensor) -> Tensor:
         lead, dim = x.shape[:-1], x.shape[-1]
         x_TD = x.reshape(-1, dim)
         depth_T, probs = self.choose_depth(x_TD)
-        self.aux_loss = x.new_zeros(())
         if probs is not None and self.training:
-            y_TD = self._straight_through(x_TD, depth_T, probs)
+            y_TD, depth_T = self._straight_through(x_TD, depth_T, probs)
         elif probs is None:
             fixed = self.forced_depth or self.depth
             y_TD = self.fractal(x_TD, max_depth=fixed)  # type: ignore[assignment]
@@ -90,36 +115,50 @@ class FHME(nn.Module):
             y_TD = self.forward_compacted(x_TD, depth_T)
         else:
             y_TD = self.forward_masked(x_TD, depth_T)
-        self.depth_hist = torch.bincount(depth_T - 1, minlength=self.depth).float() / depth_T.numel()
-        balance = [a for b in self.fractal.blocks if (a := b.memory.router.pop_aux_loss()) is not None]
-        if balance:  # routing balance: one loss weight per layer, however many blocks it has
-            self.aux_loss = self.aux_loss + torch.stack(balance).mean()
+        if self.collecting:
+            self.record(DEPTH_COUNTS, (depth_T.unsqueeze(-1) == self._depths(depth_T)).sum(0).float())
         return (y_TD - x_TD).view(*lead, dim)
 
-    def _straight_through(self, x_TD: Tensor, depth_T: Tensor, probs: Tensor) -> Tensor:
-        """Hard depth in the forward pass, router gradient through the soft probabilities.
+    def _straight_through(self, x_TD: Tensor, depth_T: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Hard depth in the forward pass, router gradient through the soft probabilities; returns
+        the output and the depths used.
 
         A random depth_explore fraction of tokens takes a uniformly random depth instead, so every
         anytime output keeps being trained on every kind of token (the choice is random, not a
         function of other tokens, so it stays causal)."""
         outs = self.fractal(x_TD, return_all_depths=True)
-        routed = torch.ones_like(depth_T, dtype=torch.bool)
+        soft = probs - probs.detach()
         if self.depth_explore > 0:
             routed = torch.rand(depth_T.shape, device=x_TD.device) >= self.depth_explore
-            random_depth = torch.randint_like(depth_T, 1, self.depth + 1)
-            depth_T.copy_(torch.where(routed, depth_T, random_depth))
-        hard = F.one_hot(depth_T - 1, self.depth).to(probs.dtype)
-        soft = (probs - probs.detach()) * routed.unsqueeze(-1)
+            depth_T = torch.where(routed, depth_T, torch.randint_like(depth_T, 1, self.depth + 1))
+            soft = soft * routed.unsqueeze(-1)
+        hard = (depth_T.unsqueeze(-1) == self._depths(depth_T)).to(probs.dtype)
         weights = (hard + soft).to(x_TD.dtype)  # (T, C)
-        costs = torch.tensor([blocks_at_depth(c) for c in range(1, self.depth + 1)],
-                             dtype=probs.dtype, device=probs.device)
-        penalty = self.depth_penalty.clone()  # the controller below updates the buffer in place
-        self.aux_loss = penalty * (probs * costs).sum(-1).mean()
-        if self.depth_target > 0:
-            with torch.no_grad():
-                used = costs[depth_T - 1].mean() / costs[-1]
-                self.depth_penalty.mul_(torch.exp(0.2 * (used - self.depth_target) / self.depth_target))
-        return torch.einsum("tc,ctd->td", weights, torch.stack(outs))  # type: ignore[arg-type]
+        if self.collecting:
+            costs = self._costs(probs)
+            self.record(PONDER, self.depth_penalty * (probs * costs).sum(-1).mean())
+            if self.depth_target > 0:
+                used = costs[depth_T - 1]
+                self.record(DEPTH_COST, torch.stack([used.sum(), used.new_full((), used.shape[0])]))
+        return torch.einsum("tc,ctd->td", weights, torch.stack(outs)), depth_T  # type: ignore[arg-type]
+
+    def aux_loss_from(self, stats: Statistics) -> Tensor | None:
+        """Ponder cost plus routing balance, one weight per layer: the mean over its blocks of
+        each block's mean over its calls."""
+        balance = [loss for b in self.fractal.blocks
+                   if (loss := b.memory.router.aux_loss_from(stats)) is not None]
+        parts = [p for p in (mean_of(stats.values(self, PONDER)), mean_of(balance)) if p is not None]
+        return torch.stack(parts).sum() if parts else None
+
+    def fold_inputs(self, stats: Statistics) -> FoldInputs | None:
+        used = stats.total(self, DEPTH_COST, training=True)
+        return FoldInputs([used]) if used is not None else None
+
+    def fold(self, inputs: FoldInputs) -> None:
+        """penalty *= exp(0.2 * (share of blocks used - target) / target)."""
+        used, tokens = inputs.sums[0].unbind()
+        share = used / (tokens.clamp_min(1) * blocks_at_depth(self.depth))
+        self.depth_penalty.mul_(torch.exp(0.2 * (share - self.depth_target) / self.depth_target))
 
     def forward_masked(self, x_TD: Tensor, depth_T: Tensor) -> Tensor:
         """Reference for compaction: every depth for every token, then select f_d(x)."""
@@ -140,15 +179,6 @@ class FHME(nn.Module):
             out.index_copy_(0, active, prev)
         return out
 
-    def track_usage(self, on: bool) -> None:
-        """Count expert selections per block position (metrics over a validation pass)."""
-        for block in self.fractal.blocks:
-            block.memory.track_usage(on)
-
-    def usage_counts(self) -> list[Tensor]:
-        """(N,) selection counts of each block position while tracking is on."""
-        return [b.memory.usage for b in self.fractal.blocks if b.memory.usage is not None]
-
     # --- accounting -------------------------------------------------------------------------
     def _block_flops(self) -> int:
         return self.fractal.blocks[0].memory.flops_per_token()
@@ -167,29 +197,33 @@ class FHME(nn.Module):
         router = self.depth_router.weight.numel() if self.depth_router is not None else 0
         return depth * routers + blocks_at_depth(depth) * rows + (depth - 1) * (self.dim + 1) + router
 
-    def _expected(self, per_depth) -> float:  # type: ignore[no-untyped-def]
-        hist = self.depth_hist.tolist()
+    def _expected(self, per_depth: Callable[[int], float], depth_hist: DepthHist) -> float:
+        """Mean of per_depth(d) under a measured depth histogram (counts or fractions per depth);
+        without one (or an empty one), at the depth the layer runs without a router."""
+        hist = depth_hist.tolist() if isinstance(depth_hist, Tensor) else list(depth_hist or [])
         if sum(hist) == 0:
-            hist = [0.0] * (self.depth - 1) + [1.0]
-        return sum(h * per_depth(d) for d, h in enumerate(hist, start=1))
+            return float(per_depth(self.forced_depth or self.depth))
+        return sum(h * per_depth(d) for d, h in enumerate(hist, start=1)) / sum(hist)
 
-    def flops_per_token(self) -> float:
-        """At the depth distribution realised by the last call (full depth before any call)."""
-        return self._expected(self.flops_at_depth)
+    def flops_per_token(self, depth_hist: DepthHist = None) -> float:
+        """Forward FLOPs per token at the measured depth histogram (e.g. ``evaluate``'s)."""
+        return self._expected(self.flops_at_depth, depth_hist)
 
-    def active_params_per_token(self) -> float:
-        return self._expected(self.params_at_depth)
+    def active_params_per_token(self, depth_hist: DepthHist = None) -> float:
+        return self._expected(self.params_at_depth, depth_hist)
 
-    def blocks_per_token(self) -> float:
-        return self._expected(blocks_at_depth)
+    def blocks_per_token(self, depth_hist: DepthHist = None) -> float:
+        return self._expected(blocks_at_depth, depth_hist)
 
-    def stats(self) -> dict[str, object]:
-        """Metrics of the three mixing levels from the last call."""
-        hist = self.depth_hist.tolist()
+    def mixing_metrics(self, stats: Statistics) -> dict[str, object]:
+        """The join and depth levels of mixing as collected in ``stats`` (expert usage, the
+        first level, is ``evaluate``'s)."""
+        counts = stats.total(self, DEPTH_COUNTS)
+        hist = (counts / counts.sum()).tolist() if counts is not None else []
+        gates = [stats.total(j, JOIN_GATE) for j in self.fractal.joins]
         return {
-            "join_gate_means": [float(j.last_gate_mean) if j.last_gate_mean is not None else None
-                                for j in self.fractal.joins],
+            "join_gate_means": [float(g[0] / g[1]) if g is not None else None for g in gates],
             "depth_hist": hist,
             "mean_depth": sum(d * h for d, h in enumerate(hist, start=1)),
-            "blocks_per_token": self.blocks_per_token(),
+            "blocks_per_token": self.blocks_per_token(hist),
         }

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .experts import ExpertBank
 from .routing import Balancing, ProductKeyMemory
+from .stats import JOIN_GATE, Recorder
 
 
 def blocks_at_depth(depth: int) -> int:
@@ -39,11 +40,12 @@ class RoutedBlock(nn.Module):
         return x + self.memory(self.norm(x), bank)
 
 
-class HighwayJoin(nn.Module):
+class HighwayJoin(nn.Module, Recorder):
     """J(deep, shallow) = g * deep + (1 - g) * shallow with g = sigmoid(w . x + b) per token.
 
     b < 0 at init starts deep paths as small refinements of the shallow one. In training, local
     drop-path removes each branch with probability p (never both) and renormalises the weights.
+    Under a collector it records the sum and count of its gate values (the join level of mixing).
     """
 
     def __init__(self, dim: int, bias: float) -> None:
@@ -51,12 +53,12 @@ class HighwayJoin(nn.Module):
         self.gate = nn.Linear(dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, bias)
-        self.last_gate_mean: Tensor | None = None
 
     def forward(self, x: Tensor, deep: Tensor, shallow: Tensor,
                 keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
         g = torch.sigmoid(self.gate(x))  # (T, 1)
-        self.last_gate_mean = g.detach().mean()
+        if self.collecting:
+            self.record(JOIN_GATE, torch.stack([g.detach().sum(), g.new_full((), g.shape[0])]))
         if keep is None:
             return shallow + g * (deep - shallow)
         w_deep, w_shallow = g * keep[0], (1.0 - g) * keep[1]

@@ -1,28 +1,35 @@
 """Causal language model whose FFNs are FHME layers (or a baseline), with KV-cache generation.
 
 Legend: B batch, T time, D width, H attention heads, Hd head width, V vocabulary.
+
+Forward is a pure function of the parameters and buffers (no host sync without adaptive depth):
+aux losses and statistics go to a collector (``stats.collect``) and are folded by
+``stats.fold_statistics`` after the optimizer step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters import AdaptedFFN
 from .baselines import build_ffn, routed_config
 from .config import ROUTED_FFNS, ModelConfig
 from .experts import TABLE_DTYPES, ExpertBank
-from .fhme import FHME
-from .routing import PastBatchStatistics
+from .fhme import FHME, DepthHist
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos, sin of rotary position angles: (seq_len, head_dim / 2)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+def rope_tables(end: int, head_dim: int, base: float = 10000.0, start: int = 0,
+                device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin of rotary position angles of positions start..end-1: (end - start, head_dim / 2),
+    made on ``device`` (cheap enough per call; nothing cached on the module)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(start, end, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -53,7 +60,7 @@ class CausalSelfAttention(nn.Module):
                 pos: int = 0) -> Tensor:
         bsz, t, dim = x.shape
         q, k, v = self.qkv(x).view(bsz, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos[pos:pos + t], sin[pos:pos + t]), apply_rope(k, cos[pos:pos + t], sin[pos:pos + t])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos, sin: positions pos..pos+t-1
         mask = None
         if cache is not None:
             cache.k[:, :, pos:pos + t], cache.v[:, :, pos:pos + t] = k, v
@@ -98,9 +105,7 @@ class FHMELanguageModel(nn.Module):
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied input/output embeddings
-        self._rope: dict[torch.device, tuple[Tensor, Tensor]] = {}  # computed, never stored
         self._init_weights()
-        self._past_stats = [m for m in self.modules() if isinstance(m, PastBatchStatistics)]
 
     def _init_weights(self) -> None:
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -109,8 +114,8 @@ class FHMELanguageModel(nn.Module):
             nn.init.normal_(block.attn.qkv.weight, std=0.02)
             nn.init.normal_(block.attn.proj.weight, std=resid_std)
 
-    def check_input(self, idx: Tensor) -> None:
-        """Validate token ids once per call (the model's only host sync outside compaction)."""
+    def _check_shape(self, idx: Tensor) -> None:
+        """dtype and shape of token ids (no host sync)."""
         if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"token ids must be an integer tensor (torch.long), got "
                              f"{getattr(idx, 'dtype', type(idx).__name__)}")
@@ -119,29 +124,27 @@ class FHMELanguageModel(nn.Module):
         if idx.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds seq_len={self.cfg.seq_len}; "
                              f"crop the input or raise seq_len")
-        lo, hi = int(idx.min()), int(idx.max())
+
+    def check_input(self, idx: Tensor) -> None:
+        """Validate token ids, values included: one host sync, so for entry points (CLI,
+        ``generate``), not for every forward (which checks values asynchronously)."""
+        self._check_shape(idx)
+        lo, hi = (int(v) for v in torch.stack([idx.min(), idx.max()]).tolist())
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]")
 
-    def commit_statistics(self, keep: bool = True) -> None:
-        """Fold (or, for a skipped step, drop) the finished batch's statistics into the modules
-        that learn from past batches (running query norms, routing balance)."""
-        for module in self._past_stats:
-            module.commit() if keep else module.discard()
-
     def _logits(self, idx: Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> Tensor:
-        self.commit_statistics()  # statistics of the previous batch, never this one
         x = self.embed(idx.long())
-        if x.device not in self._rope:
-            self._rope[x.device] = tuple(t.to(x.device) for t in rope_tables(self.cfg.seq_len, self.cfg.head_dim))
-        cos, sin = self._rope[x.device]
+        cos, sin = rope_tables(pos + idx.shape[1], self.cfg.head_dim, start=pos, device=x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, None if caches is None else caches[i], pos)
         return self.head(self.norm(x))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, V); with targets, (logits, mean cross-entropy in nats per token)."""
-        self.check_input(idx)
+        self._check_shape(idx)
+        torch._assert_async(((idx >= 0) & (idx < self.cfg.vocab_size)).all(),
+                            f"token ids must be in [0, {self.cfg.vocab_size})")
         logits = self._logits(idx)
         if targets is None:
             return logits
@@ -149,10 +152,6 @@ class FHMELanguageModel(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1).long())
         return logits, loss
-
-    def aux_loss(self) -> Tensor:
-        """Sum of the FFNs' auxiliary losses from the last forward (balance, ponder cost)."""
-        return sum((b.ffn.aux_loss for b in self.blocks), torch.zeros(()))
 
     def fhme_layers(self) -> list[FHME]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, FHME)]
@@ -198,24 +197,34 @@ class FHMELanguageModel(nn.Module):
                 pos += 1
         return torch.cat(out, dim=1)
 
-    # --- accounting -------------------------------------------------------------------------
-    def ffn_flops_per_token(self) -> float:
-        return sum(b.ffn.flops_per_token() for b in self.blocks)
+    # --- accounting: FHME layers at a measured depth histogram each (full depth without one) ---
+    def ffn_flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
+        return sum(ffn_cost(b.ffn, "flops_per_token", depth_hists) for b in self.blocks)
 
-    def flops_per_token(self) -> float:
+    def flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         """Forward FLOPs per token: projections, attention over half the context on average,
-        FFNs (at their realised depth) and the output head."""
+        FFNs (FHME layers at their measured depth, e.g. ``evaluate``'s) and the output head."""
         cfg = self.cfg
         attn = cfg.n_layers * (2 * 4 * cfg.dim * cfg.dim + 2 * 2 * cfg.dim * cfg.seq_len / 2)
-        return attn + self.ffn_flops_per_token() + 2 * cfg.dim * cfg.vocab_size
+        return attn + self.ffn_flops_per_token(depth_hists) + 2 * cfg.dim * cfg.vocab_size
 
-    def active_params_per_token(self) -> float:
+    def active_params_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         cfg = self.cfg
         dense = cfg.n_layers * 4 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
-        return dense + sum(b.ffn.active_params_per_token() for b in self.blocks)
+        return dense + sum(ffn_cost(b.ffn, "active_params_per_token", depth_hists) for b in self.blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def ffn_cost(ffn: nn.Module, which: str, depth_hists: Mapping[nn.Module, DepthHist] | None) -> float:
+    """``which`` (flops_per_token or active_params_per_token) of an FFN: an FHME layer at its
+    histogram in depth_hists, an adapted FFN as base plus adapter."""
+    if isinstance(ffn, FHME):
+        return getattr(ffn, which)(None if depth_hists is None else depth_hists.get(ffn))
+    if isinstance(ffn, AdaptedFFN):
+        return ffn_cost(ffn.base, which, depth_hists) + ffn_cost(ffn.adapter, which, depth_hists)
+    return getattr(ffn, which)()
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None,

@@ -13,8 +13,9 @@ import torch  # noqa: E402
 
 from .checkpoint import CheckpointError, load_model_from_run, run_extra  # noqa: E402
 from .data import ByteDataset, encode  # noqa: E402
-from .evaluate import UsageStats, usage_counts_of  # noqa: E402
+from .evaluate import ChoiceCounts, UsageStats, choice_sources  # noqa: E402
 from .model import FHMELanguageModel  # noqa: E402
+from .stats import collect  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -76,16 +77,14 @@ def plot_usage(model: FHMELanguageModel, data: ByteDataset, batch_size: int, out
 @torch.no_grad()
 def _usage_counts(model: FHMELanguageModel, data: ByteDataset, batch_size: int) -> list[tuple[str, torch.Tensor]]:
     model.eval()
-    routed = [(i, b.ffn) for i, b in enumerate(model.blocks) if hasattr(b.ffn, "track_usage")]
-    for _, ffn in routed:
-        ffn.track_usage(True)
+    routed = choice_sources(model)
+    counts = ChoiceCounts([m for _, sources in routed for m in sources])
     for x, _ in data.val_batches(batch_size, model.cfg.seq_len, 64 * batch_size):
-        model(x)
-    out = []
-    for i, ffn in routed:
-        out += [(f"layer {i} block {j + 1}", c.clone()) for j, c in enumerate(usage_counts_of(ffn))]
-        ffn.track_usage(False)
-    return out
+        with collect(model) as stats:
+            model(x)
+        counts.add(stats)
+    chosen = counts.host()
+    return [(f"layer {i} block {j + 1}", chosen[m]) for i, sources in routed for j, m in enumerate(sources)]
 
 
 @torch.no_grad()

@@ -10,6 +10,10 @@ Balancing (opt-in, see ``Balancing``): selection-only biases (gates still use q 
 and per expert move after each training step toward the ones chosen less than average; with
 sub-key biases alone, selection is the exact top-K of s1 + b1 + s2 + b2, and expert biases then
 re-rank the K*K candidates. A Switch-style loss instead teaches queries and keys to spread.
+
+Forward changes no state: under a collector (``stats.collect``) a router records its choices,
+sub-key loads and balance loss, a running norm its query moments; ``stats.fold_statistics``
+folds them in after the optimizer step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ExpertBank, RowScatter
+from .stats import (
+    BALANCE_LOSS,
+    CHOICES,
+    QUERY_MOMENTS,
+    SUB_KEY_LOAD,
+    FoldInputs,
+    PastBatchStatistics,
+    Statistics,
+    mean_of,
+)
 
 
 class _SubKeyTopK(torch.autograd.Function):
@@ -93,33 +107,17 @@ def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return combine_topk(v1, i1, v2, i2, n, k)
 
 
-class PastBatchStatistics(nn.Module):
-    """A module whose state is updated from statistics of finished training batches.
-
-    Statistics are gathered while a batch runs and folded in by ``commit()`` (the trainer calls
-    it after each optimiser step, the model at the start of the next forward), so no output of a
-    batch depends on that batch's other tokens: the update is causal.
-    """
-
-    def commit(self) -> None:
-        raise NotImplementedError
-
-    def discard(self) -> None:
-        """Forget the statistics of a batch whose step was skipped."""
-        raise NotImplementedError
-
-
-class RunningQueryNorm(PastBatchStatistics):
+class RunningQueryNorm(nn.Module, PastBatchStatistics):
     """Standardise each query coordinate (per head) with statistics of *previous* training
     batches, then a learned affine map.
 
-    This is what BatchNorm does for PEER's expert usage, without its leak: a batch's statistics
-    are only accumulated while it runs and folded into the running estimate by ``commit()`` (after
-    the optimiser step, or at the start of the next model forward), so no output of a batch ever
-    depends on that batch's other tokens (a block called twice in one fractal pass sees the same
-    statistics both times).
-    The estimate is a cumulative mean for the first 1/momentum batches, an EMA after (so the first
-    steps are not normalised by the initial guess). Evaluation uses the frozen estimate.
+    This is what BatchNorm does for PEER's expert usage, without its leak: under a collector a
+    training forward records its query moments (sums and counts about the running mean), and
+    ``fold`` merges one step's moments into the running estimate after the optimiser step, so no
+    output of a batch ever depends on that batch's other tokens (a block called twice in one
+    fractal pass sees the same statistics both times; the step's calls are pooled).
+    The estimate is a cumulative mean for the first 1/momentum steps, an EMA after (so the first
+    steps are not normalised by the initial guess). Evaluation uses the same frozen estimate.
     """
 
     def __init__(self, heads: int, width: int, momentum: float = 0.02, eps: float = 1e-5) -> None:
@@ -130,11 +128,14 @@ class RunningQueryNorm(PastBatchStatistics):
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         self.weight = nn.Parameter(torch.ones(heads, width))
         self.bias = nn.Parameter(torch.zeros(heads, width))
-        self._pending: list[tuple[Tensor, Tensor]] = []  # per-call stats not yet committed
 
-    def _moments(self, centered: Tensor) -> Tensor:
-        """Second moment of centred queries (T, H, Q) that this norm keeps."""
-        return centered.square().mean(0)
+    def _second_sum(self, centered: Tensor) -> Tensor:
+        """Sum over tokens of the second moment this norm keeps, of (T, H, Q) queries."""
+        return centered.square().sum(0)
+
+    def _outer(self, shift: Tensor) -> Tensor:
+        """The same second moment of one (H, Q) vector."""
+        return shift.square()
 
     def _second(self) -> Tensor:
         return self.var
@@ -145,30 +146,32 @@ class RunningQueryNorm(PastBatchStatistics):
     def _standardise(self, centered: Tensor) -> Tensor:
         return centered * torch.rsqrt(self.var + self.eps)
 
-    def commit(self) -> None:
-        """Fold the statistics of the finished forward pass into the running estimate."""
-        if not self._pending:
-            return
-        with torch.no_grad():
-            for mean, second in self._pending:
-                rate = max(self.momentum, 1.0 / (int(self.batches) + 1))
-                self.mean.lerp_(mean, rate)
-                self._second().lerp_(second, rate)
-                self.batches += 1
-            self._refresh()
-        self._pending = []
+    def fold_inputs(self, stats: Statistics) -> FoldInputs | None:
+        calls = stats.values(self, QUERY_MOMENTS, training=True)
+        if not calls:
+            return None
+        return FoldInputs([torch.stack(parts).sum(0) for parts in zip(*calls)])
 
-    def discard(self) -> None:
-        self._pending = []
+    def fold(self, inputs: FoldInputs) -> None:
+        """Merge the step's pooled moments: mean and second moment about the batch mean, at
+        rate max(momentum, 1 / (steps folded + 1))."""
+        count, total, second = inputs.sums
+        count = count.clamp_min(1)
+        shift = total / count  # batch mean - running mean
+        rate = (1.0 / (self.batches + 1)).clamp_min(self.momentum).to(self.mean.dtype)
+        self._second().lerp_(second / count - self._outer(shift), rate)
+        self.mean.add_(shift * rate)
+        self.batches += 1
+        self._refresh()
 
     def forward(self, q: Tensor) -> Tensor:  # q: (..., H, Q)
         out = self._standardise(q - self.mean) * self.weight
         if self.bias is not None:
             out = out + self.bias
-        if self.training:
-            flat = q.detach().reshape(-1, *q.shape[-2:])
-            mean = flat.mean(0)
-            self._pending.append((mean, self._moments(flat - mean)))
+        if self.training and self.collecting:
+            centered = q.detach().reshape(-1, *q.shape[-2:]).to(self.mean.dtype) - self.mean
+            self.record(QUERY_MOMENTS, (centered.new_full((), centered.shape[0]), centered.sum(0),
+                                        self._second_sum(centered)))
         return out
 
 
@@ -180,6 +183,7 @@ class RunningQueryWhitening(RunningQueryNorm):
     independent of each other; per-coordinate scaling fixes neither a low-rank query nor
     correlated halves. Whitened queries have identity covariance, so both hold to second order.
     There is no learned bias: a shared offset would pull every query toward the same keys.
+    Its fold decomposes the covariance (eigh), which on CUDA waits for the device once per step.
     """
 
     def __init__(self, heads: int, width: int, momentum: float = 0.02, eps: float = 1e-5) -> None:
@@ -190,8 +194,11 @@ class RunningQueryWhitening(RunningQueryNorm):
         self.register_buffer("cov", eye)
         self.register_buffer("whitener", eye.clone())
 
-    def _moments(self, centered: Tensor) -> Tensor:
-        return torch.einsum("thi,thj->hij", centered, centered) / centered.shape[0]
+    def _second_sum(self, centered: Tensor) -> Tensor:
+        return torch.einsum("thi,thj->hij", centered, centered)
+
+    def _outer(self, shift: Tensor) -> Tensor:
+        return torch.einsum("hi,hj->hij", shift, shift)
 
     def _second(self) -> Tensor:
         return self.cov
@@ -210,7 +217,8 @@ class Balancing:
     """Opt-in ways to spread a router's choices over all N experts (all off by default).
 
     unit_keys: score against unit-length sub-keys, so no key wins by its norm alone.
-    rate: per-step move of the selection-only biases (sub-keys and experts) toward even loads.
+    rate: per-step move of the selection-only biases (sub-keys and experts) toward even loads:
+        b -= rate * load / mean load for each chosen one (see ``ProductKeyRouter.fold``).
     loss: weight of the Switch-style loss N * sum_e f_e * P_e over each token's K*K candidates
         (f_e: share of this batch's choices, P_e: mean candidate softmax), which teaches the
         queries and keys themselves to spread.
@@ -226,6 +234,23 @@ def _counts(idx: Tensor, heads: int, size: int) -> Tensor:
     per_head = idx.reshape(-1, heads, idx.shape[-1]).transpose(0, 1).reshape(heads, -1)
     out = torch.zeros(heads, size, device=idx.device)
     return out.scatter_add_(1, per_head, torch.ones_like(per_head, dtype=out.dtype))
+
+
+def _head_offsets(heads: int, size: int, device: torch.device) -> Tensor:
+    """h * size per head, (H, 1): makes the indices of all heads one range of H * size."""
+    return torch.arange(heads, device=device).unsqueeze(-1) * size
+
+
+def _share_at(chosen: Tensor, at: Tensor, size: int) -> Tensor:
+    """Share of each head's choices chosen (..., H, K) that equal each entry of at (..., H, M),
+    without an (H, size) table: the choices of all heads sorted once (offset by h * size), each
+    entry counted by two binary searches. O(T H (K + M) log(T H K))."""
+    heads = chosen.shape[-2]
+    offsets = _head_offsets(heads, size, chosen.device)
+    ranked = (chosen + offsets).flatten().sort().values
+    keys = (at + offsets).contiguous()
+    count = torch.searchsorted(ranked, keys, right=True) - torch.searchsorted(ranked, keys)
+    return count.float() / (chosen.numel() // heads)
 
 
 def _per_head_at(table_HN: Tensor, idx: Tensor) -> Tensor:
@@ -248,8 +273,11 @@ def make_query_norm(kind: str, heads: int, width: int) -> nn.Module:
     return nn.Identity()
 
 
-class ProductKeyRouter(PastBatchStatistics):
-    """Multi-head product-key retrieval: x (..., D) -> scores, indices (..., H, K)."""
+class ProductKeyRouter(nn.Module, PastBatchStatistics):
+    """Multi-head product-key retrieval: x (..., D) -> scores, indices (..., H, K).
+
+    Under a collector it records its choices (every call) and, in training, its sub-key loads
+    (when balancing) and balance loss (when ``balancing.loss`` > 0 and grad is on)."""
 
     def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
                  query_norm: str = "layernorm", balancing: Balancing = Balancing()) -> None:
@@ -260,19 +288,17 @@ class ProductKeyRouter(PastBatchStatistics):
         if key_dim % 2 or topk > n_keys:
             raise ValueError(f"key_dim={key_dim} must be even and topk={topk} <= {n_keys}")
         self.heads, self.topk, self.key_dim, self.n_keys = heads, topk, key_dim, n_keys
+        self.num_experts = num_experts
         self.balancing = balancing
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
         self.norm = make_query_norm(query_norm, heads, key_dim)
         half = key_dim // 2
         self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, half) / math.sqrt(half))
-        # Selection-only biases per sub-key and per expert (persistent only when balancing), and
-        # the choices counted since the last commit.
+        # Selection-only biases per sub-key and per expert (persistent only when balancing).
         balanced = balancing.rate > 0
         self.register_buffer("key_bias", torch.zeros(heads, 2, n_keys), persistent=balanced)
         self.register_buffer("expert_bias", torch.zeros(heads, num_experts if balanced else 0),
                              persistent=balanced)
-        self._load: tuple[Tensor, Tensor] | None = None
-        self._aux: list[Tensor] | None = None  # balance losses of the calls since the last pop
 
     def queries(self, x: Tensor) -> Tensor:
         """Normalised queries (..., H, Q)."""
@@ -293,47 +319,50 @@ class ProductKeyRouter(PastBatchStatistics):
             grid = (_per_head_at(b1, i1).unsqueeze(-1) + _per_head_at(b2, i2).unsqueeze(-2)).flatten(-2)
             grid = grid + _per_head_at(self.expert_bias, pair_indices(i1, i2, n))
         scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid)
-        with_loss = self.balancing.loss > 0 and torch.is_grad_enabled()
-        if self.training and (biased or with_loss):
-            chosen = _counts(idx, self.heads, n * n)  # (H, N) choices of this call
-            if biased:
-                self._count(torch.cat([i1, i2 + n], dim=-1), chosen)
-            if with_loss:
-                aux = self._balance_loss(v1, i1, v2, i2, chosen / (idx.numel() // self.heads))
-                self._aux = [aux] if self._aux is None else self._aux + [aux]
+        if self.collecting:
+            self.record(CHOICES, idx)
+            if self.training and biased:
+                self.record(SUB_KEY_LOAD, _counts(torch.cat([i1, i2 + n], dim=-1), self.heads, 2 * n))
+            if self.training and self.balancing.loss > 0 and torch.is_grad_enabled():
+                self.record(BALANCE_LOSS, self._balance_loss(v1, i1, v2, i2, idx))
         return scores, idx
 
-    def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, share: Tensor) -> Tensor:
+    def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, idx: Tensor) -> Tensor:
         """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c],
-        f = ``share`` (H, N) of this call's choices."""
+        f = share of this call's choices idx, needed at the K*K candidates only."""
         probs = F.softmax((v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2).float(), dim=-1)
-        f_at = _per_head_at(share, pair_indices(i1, i2, self.n_keys))
-        return self.balancing.loss * share.shape[1] * (probs * f_at).sum(-1).mean()
+        f_at = _share_at(idx, pair_indices(i1, i2, self.n_keys), self.num_experts)
+        return self.balancing.loss * self.num_experts * (probs * f_at).sum(-1).mean()
 
-    def pop_aux_loss(self) -> Tensor | None:
-        """Mean balance loss of the calls since the last pop (None if there was none): a block
-        called several times in one pass weighs as much as one called once."""
-        calls, self._aux = self._aux, None
-        return None if calls is None else torch.stack(calls).mean()
+    def aux_loss_from(self, stats: Statistics) -> Tensor | None:
+        """Mean balance loss over this router's calls."""
+        return mean_of(stats.values(self, BALANCE_LOSS))
 
-    def _count(self, sub_idx: Tensor, chosen: Tensor) -> None:
-        """Add this call's sub-key (H, 2n) and expert (H, N) choices to the loads since the
-        last commit."""
-        loads = (_counts(sub_idx, self.heads, 2 * self.n_keys), chosen)
-        self._load = loads if self._load is None else (self._load[0] + loads[0], self._load[1] + loads[1])
+    def fold_inputs(self, stats: Statistics) -> FoldInputs | None:
+        loads = stats.values(self, SUB_KEY_LOAD, training=True)
+        if self.balancing.rate <= 0 or not loads:
+            return None
+        offsets = _head_offsets(self.heads, self.num_experts, loads[0].device)
+        chosen = [(c.reshape(-1, self.heads, self.topk) + offsets).reshape(-1)
+                  for c in stats.values(self, CHOICES, training=True)]
+        return FoldInputs([torch.stack(loads).sum(0)], [torch.cat(chosen)])
 
-    def commit(self) -> None:
-        """b += rate * sign(mean load - load) for every sub-key and expert: those chosen less
-        than average become easier to pick, those chosen more harder."""
-        if self._load is not None:
-            with torch.no_grad():
-                for bias, load in ((self.key_bias.view(self.heads, -1), self._load[0]),
-                                   (self.expert_bias, self._load[1])):
-                    bias.add_(self.balancing.rate * torch.sign(load.mean(-1, keepdim=True) - load))
-        self._load = None
+    def fold(self, inputs: FoldInputs) -> None:
+        """b -= rate * load / mean load for the chosen sub-keys and experts: those chosen more
+        than average become harder to pick than the rest.
 
-    def discard(self) -> None:
-        self._load = None
+        A constant added to every bias of a head changes no top-k, so the expert biases are
+        written at the chosen rows only (an index_add of the step's choices, O(tokens * K) and
+        never O(H * N)); they drift by -rate per step on average, which float32 resolves to
+        1e-3 up to |b| ~ 1e4. Sub-key biases are few and kept centred: b += rate * (1 - load /
+        mean load)."""
+        rate = self.balancing.rate
+        load = inputs.sums[0].view_as(self.key_bias)
+        self.key_bias.add_(rate * (1 - load / load.mean(-1, keepdim=True).clamp_min(1e-12)))
+        chosen = inputs.indices[0]
+        per_choice = -rate * self.heads * self.num_experts / max(chosen.numel(), 1)
+        step = torch.full((), per_choice, dtype=self.expert_bias.dtype, device=chosen.device)
+        self.expert_bias.view(-1).index_add_(0, chosen, step.expand(chosen.numel()))
 
     def flops_per_token(self) -> int:
         """Query projection (and whitening), sub-key scoring of both halves and the K*K
@@ -351,6 +380,13 @@ class ProductKeyRouter(PastBatchStatistics):
 def gate_scores(scores: Tensor, kind: str) -> Tensor:
     """Softmax over the K retrieved scores (competing) or an independent sigmoid."""
     return F.softmax(scores, dim=-1) if kind == "softmax" else torch.sigmoid(scores)
+
+
+@torch.compiler.disable
+def _read_experts(bank: nn.Module, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
+    """bank(x, idx, gates), run eagerly under torch.compile: the mixes are autograd functions
+    with row-sparse gradients (and, sharded, collectives) that dynamo does not trace."""
+    return bank(x, idx, gates)
 
 
 class ProductKeyMemory(nn.Module):
@@ -373,7 +409,6 @@ class ProductKeyMemory(nn.Module):
         self.gate, self.kind, self.dim = gate, kind, dim
         self.bank = ExpertBank(num_experts, dim, act, kind=kind) if own_bank else None
         self.silu_gate = nn.Linear(dim, dim, bias=False) if kind == "gated" else None
-        self.usage: Tensor | None = None  # (N,) selection counts while tracking is on
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scores (sorted, descending) and expert indices, both (..., heads, topk)."""
@@ -382,14 +417,9 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x: Tensor, bank: nn.Module | None = None) -> Tensor:
         bank = bank if bank is not None else self.bank
         scores, idx = self.router(x)
-        if self.usage is not None:
-            self.usage += torch.bincount(idx.reshape(-1), minlength=self.usage.numel())
         gates = gate_scores(scores, self.gate)
-        y = bank(x, idx.flatten(-2), gates.flatten(-2))
+        y = _read_experts(bank, x, idx.flatten(-2), gates.flatten(-2))
         return y * F.silu(self.silu_gate(x)) if self.silu_gate is not None else y
-
-    def track_usage(self, on: bool) -> None:
-        self.usage = torch.zeros(self.router.n_keys**2, dtype=torch.long) if on else None
 
     def _per_slot(self) -> tuple[int, int]:
         """Forward FLOPs and parameters of one routed slot."""

@@ -46,6 +46,7 @@ from .evaluate import evaluate
 from .experts import meta_expert_tables
 from .model import FHMELanguageModel
 from .optim import ModelOptimizer
+from .stats import collect, fold_statistics
 
 METRIC_KEYS = ("step", "train_loss", "val_loss", "val_bpb", "tok_s", "lr", "expert_usage",
                "usage_kl", "mean_depth", "blocks_per_token", "flops_per_token", "depth_hist")
@@ -100,29 +101,32 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
                forward: nn.Module | None = None, ctx: DistContext = DistContext()) -> tuple[float, bool]:
     """One optimisation step. Returns (loss, applied); a non-finite step changes nothing.
 
+    The model's measurements are collected during forward (``stats.collect``), their aux losses
+    join the loss, and they are folded after the optimizer step (``stats.fold_statistics``).
+    The loss and the finiteness flag are read on the host together: the step's one host sync.
     ``forward`` is the module to call (the DDP wrapper when distributed); with several ranks the
     loss is averaged and a step is skipped everywhere if any rank saw a non-finite value.
     """
     opt.zero_grad()
-    _, loss = (forward or model)(x, y)
-    if loss_hook is not None:
-        loss = loss_hook(loss)
-    (loss + model.aux_loss().to(loss.device)).backward()
-    value = float(loss.detach())
-    finite = math.isfinite(value) and opt.grads_finite()
-    if ctx.active:
-        flags = torch.tensor([value if finite else 0.0, float(finite)])
+    with collect(model) as stats:
+        _, loss = (forward or model)(x, y)
+        if loss_hook is not None:
+            loss = loss_hook(loss)
+        (loss + stats.aux_loss()).backward()
+    loss = loss.detach().float()
+    finite = torch.isfinite(loss) & opt.finite_flag().to(loss.device)
+    flags = torch.stack([torch.where(finite, loss, 0.0), finite.float()])
+    if ctx.active:  # summed over ranks on the loss's device
         dist.all_reduce(flags)
-        finite = int(flags[1]) == ctx.world
-        value = float(flags[0]) / ctx.world if finite else value
-    if not finite:
+    with allowed_sync():
+        total, finite_ranks, local = torch.cat([flags, loss.view(1)]).tolist()
+    if finite_ranks != ctx.world:
         opt.zero_grad()
-        model.commit_statistics(keep=False)
-        return value, False
+        return local, False
     opt.clip_dense(grad_clip)
     opt.step()
-    model.commit_statistics()
-    return value, True
+    fold_statistics(model, stats)
+    return total / ctx.world, True
 
 
 @dataclass
