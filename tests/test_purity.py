@@ -331,4 +331,4 @@ def test_adaptive_depth_syncs_at_most_once_per_compaction_stage_and_layer() -> N
     model.train()
     with HostSyncs() as train, collect(model):
         model(x, x)
-    assert train.total == 0, train.found
+    assert train.total <= (3 - 1) * model.cfg.n_layers, train.found
