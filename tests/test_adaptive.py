@@ -119,3 +119,40 @@ def test_raising_the_compute_penalty_lowers_mean_depth() -> None:
 def test_lowering_the_target_cost_lowers_mean_depth() -> None:
     depths = [_mean_depth_after_training(0.0, target) for target in (0.9, 0.2)]
     assert depths[0] > depths[1]
+
+
+def test_training_compaction_equals_masked_in_output_and_gradients() -> None:
+    """Training skips deeper stages for shallow tokens, yet computes what the masked reference
+    (every depth for every token) computes: same output, same gradients everywhere."""
+    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True,
+                 depth_penalty=0.01).double().train()
+    _mixed_router(layer)
+    x = torch.randn(4, 24, 16, dtype=torch.float64)
+    results = []
+    for compact in (True, False):
+        layer.compact = compact
+        layer.zero_grad()
+        with collect(layer) as stats:
+            y = layer(x)
+            (y.square().mean() + stats.aux_loss()).backward()
+        grads = {n: p.grad.to_dense() if p.grad.is_sparse else p.grad
+                 for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), grads))
+    (y_c, g_c), (y_m, g_m) = results
+    torch.testing.assert_close(y_c, y_m)
+    assert g_c.keys() == g_m.keys() and "depth_router.weight" in g_c
+    for name in g_c:
+        torch.testing.assert_close(g_c[name], g_m[name], msg=name)
+
+
+def test_training_runs_deeper_stages_only_for_deeper_tokens() -> None:
+    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True).train()
+    _mixed_router(layer)
+    x = torch.randn(96, 16)
+    rows: list[int] = []
+    for block in layer.fractal.blocks:
+        block.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    depth, _ = layer.choose_depth(x)
+    layer(x)
+    expected = sum(int((depth >= c).sum()) * 2 ** (c - 1) for c in (1, 2, 3))
+    assert sum(rows) == expected < 7 * 96

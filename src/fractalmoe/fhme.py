@@ -7,9 +7,10 @@ between fractal paths, (3) a per-token depth choice d(x) in 1..C. The layer retu
 which the transformer block adds to its residual stream.
 
 Adaptive depth is trained with a hard straight-through choice and an ACT-style ponder cost:
-y = sum_c w_c f_c(x), w = onehot(argmax p) + p - stop_grad(p), p = softmax(router(x)), plus
-depth_penalty * sum_c p_c * (2**c - 1). The choice reads only the token's own state (causal).
-At inference, tokens that chose depth d are compacted out before stage d + 1.
+y = sum_{c <= d} w_c f_c(x), w = onehot(d) + p - stop_grad(p), d = argmax p, p = softmax(router(x)),
+plus depth_penalty * sum_c p_c * (2**c - 1). The choice reads only the token's own state (causal).
+In training and at inference alike, tokens that chose depth d are compacted out before stage
+d + 1, so the work of deeper stages is never done for them.
 
 Forward changes no state. Under a collector (``stats.collect``) the layer records its depth
 counts and, in training, its ponder cost and the blocks used; with ``depth_target`` the fold
@@ -76,7 +77,7 @@ class FHME(nn.Module, PastBatchStatistics):
         self.register_buffer("depth_penalty", torch.tensor(initial_penalty),
                              persistent=self.depth_router is not None)
         self.forced_depth: int | None = None  # evaluate every token at this depth
-        self.compact = True  # inference: compact stopped tokens (False: masked reference path)
+        self.compact = True  # compact stopped tokens, training and inference (False: masked reference)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, bank: ExpertBank | None = None) -> FHME:
@@ -120,27 +121,36 @@ class FHME(nn.Module, PastBatchStatistics):
         return (y_TD - x_TD).view(*lead, dim)
 
     def _straight_through(self, x_TD: Tensor, depth_T: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
-        """Hard depth in the forward pass, router gradient through the soft probabilities; returns
-        the output and the depths used.
+        """Training at a hard per-token depth that skips the work of deeper stages; returns the
+        output and the depths used.
 
-        A random depth_explore fraction of tokens takes a uniformly random depth instead, so every
-        anytime output keeps being trained on every kind of token (the choice is random, not a
-        function of other tokens, so it stays causal)."""
-        outs = self.fractal(x_TD, return_all_depths=True)
+        A token that stops at d computes f_1 .. f_d on its way (the anytime outputs), never
+        f_{d+1} .. f_C. The router learns through those: y = sum_{c <= d} w_c f_c with
+        w = onehot(d) + p - stop_grad(p) (value: f_d), where each uncomputed deeper option c > d is
+        credited with f_d, as if going deeper changed nothing: its gradient is d's, so no depth is
+        pushed away just because it was not tried. A random depth_explore fraction of tokens takes
+        a uniformly random depth (random, not a function of other tokens: causal), so deeper
+        outputs keep being trained and tried."""
         soft = probs - probs.detach()
         if self.depth_explore > 0:
             routed = torch.rand(depth_T.shape, device=x_TD.device) >= self.depth_explore
             depth_T = torch.where(routed, depth_T, torch.randint_like(depth_T, 1, self.depth + 1))
             soft = soft * routed.unsqueeze(-1)
-        hard = (depth_T.unsqueeze(-1) == self._depths(depth_T)).to(probs.dtype)
-        weights = (hard + soft).to(x_TD.dtype)  # (T, C)
+        depths = self._depths(depth_T)
+        hard = (depth_T.unsqueeze(-1) == depths).to(probs.dtype)
+        computed = (depths <= depth_T.unsqueeze(-1)).to(probs.dtype)
+        deeper = (soft * (1 - computed)).sum(-1, keepdim=True)
+        weights = (hard * (1 + deeper) + soft * computed).to(x_TD.dtype)  # (T, C), zero past d
         if self.collecting:
             costs = self._costs(probs)
             self.record(PONDER, self.depth_penalty * (probs * costs).sum(-1).mean())
             if self.depth_target > 0:
                 used = costs[depth_T - 1]
                 self.record(DEPTH_COST, torch.stack([used.sum(), used.new_full((), used.shape[0])]))
-        return torch.einsum("tc,ctd->td", weights, torch.stack(outs)), depth_T  # type: ignore[arg-type]
+        if not self.compact:  # reference: every depth for every token, then the same weights
+            outs = self.fractal(x_TD, return_all_depths=True)
+            return torch.einsum("tc,ctd->td", weights, torch.stack(outs)), depth_T  # type: ignore[arg-type]
+        return self._compacted(x_TD, depth_T, weights), depth_T
 
     def aux_loss_from(self, stats: Statistics) -> Tensor | None:
         """Ponder cost plus routing balance, one weight per layer: the mean over its blocks of
@@ -167,8 +177,14 @@ class FHME(nn.Module, PastBatchStatistics):
 
     def forward_compacted(self, x_TD: Tensor, depth_T: Tensor) -> Tensor:
         """f_{d(t)}(x_t) where stage c runs only on the tokens with d >= c."""
+        weights = (depth_T.unsqueeze(-1) == self._depths(depth_T)).to(x_TD.dtype)
+        return self._compacted(x_TD, depth_T, weights)
+
+    def _compacted(self, x_TD: Tensor, depth_T: Tensor, weights_TC: Tensor) -> Tensor:
+        """sum_c weights[t, c] f_c(x_t) over c <= d(t): stage c runs only on the tokens with
+        d >= c (one host sync per stage for the size of the compacted batch)."""
         prev = self.fractal.stage(1, x_TD, None)
-        out = prev.clone()
+        out = prev * weights_TC[:, :1]
         active = torch.arange(x_TD.shape[0], device=x_TD.device)
         for c in range(2, self.depth + 1):
             keep = (depth_T.index_select(0, active) >= c).nonzero().squeeze(1)  # host sync: size
@@ -176,7 +192,7 @@ class FHME(nn.Module, PastBatchStatistics):
                 break
             active, prev = active.index_select(0, keep), prev.index_select(0, keep)
             prev = self.fractal.stage(c, x_TD.index_select(0, active), prev)
-            out.index_copy_(0, active, prev)
+            out = out.index_add(0, active, prev * weights_TC.index_select(0, active)[:, c - 1:c])
         return out
 
     # --- accounting -------------------------------------------------------------------------
