@@ -5,6 +5,7 @@ from .fhme import FHME
 from .fractal import FractalExpert
 from .model import FHMELanguageModel, FHMETransformerBlock
 from .routing import Balancing, ProductKeyMemory
+from .stats import collect, fold_statistics
 
 __all__ = [
     "FHME",
@@ -16,5 +17,7 @@ __all__ = [
     "ProductKeyMemory",
     "RunConfig",
     "TrainConfig",
+    "collect",
+    "fold_statistics",
 ]
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     """Train-step and inference throughput of a whole FHME language model."""
     from .config import default_run_config, load_config_file
     from .model import FHMELanguageModel
+    from .stats import collect, fold_statistics
 
     torch.manual_seed(0)
     gflops = matmul_gflops()  # the model's floor counts FLOPs only
@@ -54,11 +55,13 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     for i in range(spec.steps + 2):
         opt.zero_grad()
         t0 = time.perf_counter()
-        _, loss = model(idx, idx)
-        t1 = time.perf_counter()
-        (loss + model.aux_loss()).backward()
+        with collect(model) as stats:
+            _, loss = model(idx, idx)
+            t1 = time.perf_counter()
+            (loss + stats.aux_loss()).backward()
         t2 = time.perf_counter()
         opt.step()
+        fold_statistics(model, stats)
         t3 = time.perf_counter()
         if i >= 2:
             fwd, bwd, opt_t = fwd + t1 - t0, bwd + t2 - t1, opt_t + t3 - t2
