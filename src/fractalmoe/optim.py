@@ -205,10 +205,6 @@ class ModelOptimizer:
             return torch.ones((), dtype=torch.bool, device=params[0].device if params else None)
         return torch.stack(flags).all()
 
-    def grads_finite(self) -> bool:
-        """``finite_flag()`` read on the host (one sync)."""
-        return bool(self.finite_flag())
-
     def clip_dense(self, max_norm: float) -> Tensor:
         """Clip the global gradient norm of dense parameters; expert rows are per-row scaled
         by their own optimiser."""
