@@ -7,6 +7,10 @@ or whose class name says MLP / FeedForward), not by one model's attribute paths.
 
 The adapter's expert ``up`` table starts at zero, so every routed block is the identity, the
 FHME output f_d(x) - x is exactly 0 and the adapted model starts exactly as the base.
+
+Also here, for fine-tuning (``finetune.py``): adapter sets stacked on an adapted model, an
+optional output gate, expert-row masks, FHME adapters sized to a parameter budget, and the LoRA
+baseline on every dense projection (``lora_targets``), which it is sized against.
 """
 
 from __future__ import annotations
@@ -28,14 +32,30 @@ class AdaptedFFN(nn.Module):
     """base(x) + FHME(x): the frozen FFN with a trainable FHME beside it. The adapter's aux
     losses and statistics reach a collector like any FHME layer's (``stats.collect``)."""
 
-    def __init__(self, base: nn.Module, adapter: FHME) -> None:
+    def __init__(self, base: nn.Module, adapter: FHME, gate: nn.Linear | None = None) -> None:
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.gate = gate  # optional output gate sigmoid(w . x + b) (``output_gate_linear``)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = self.base(x, *args, **kwargs)
-        return out + self.adapter(x).to(out.dtype)
+        y = self.adapter(x)
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x)) * y
+        return out + y.to(out.dtype)
+
+
+GATE_BIAS = -4.0  # sigmoid(-4) = 0.018: a gated adapter starts nearly shut
+
+
+def output_gate_linear(dim: int) -> nn.Linear:
+    """A per-token scalar gate on an adapter's output, w = 0 and b = -4 at init: the adapter
+    must earn its way into the residual stream, which keeps the base's behaviour longer."""
+    gate = nn.Linear(dim, 1)
+    nn.init.zeros_(gate.weight)
+    nn.init.constant_(gate.bias, GATE_BIAS)
+    return gate
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -51,10 +71,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def find_ffn(layer: nn.Module) -> str:
-    """Attribute name of the feed-forward block inside one decoder layer."""
+def find_ffn(layer: nn.Module, stack: bool = False) -> str:
+    """Attribute name of the feed-forward block inside one decoder layer (with ``stack``, an
+    already adapted one: the new adapter set wraps the old)."""
     for name, child in layer.named_children():
         if isinstance(child, AdaptedFFN):
+            if stack:
+                return name
             raise ValueError("this model already has FHME adapters")
         if _FFN_NAME.match(name) or _FFN_CLASS.search(type(child).__name__):
             return name
@@ -69,24 +92,30 @@ def hidden_size(model: nn.Module) -> int:
     raise ValueError("cannot tell the model's hidden size (no dim / hidden_size / n_embd)")
 
 
-def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, **fhme_config: Any) -> list[FHME]:
-    """Freeze the model and add a zero-initialised FHME beside the FFN of each chosen layer."""
-    stack = decoder_layers(model)
-    chosen = list(range(len(stack))) if layers is None else layers
-    bad = [i for i in chosen if not 0 <= i < len(stack)]
+def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: bool = False,
+                      output_gate: bool = False, **fhme_config: Any) -> list[FHME]:
+    """Freeze the model and add a zero-initialised FHME beside the FFN of each chosen layer.
+
+    ``stack``: a layer that already holds adapters gets one more set around them (sequential
+    adaptation: the earlier sets stay in place, frozen and active). ``output_gate``: each
+    adapter's output is scaled by a learned per-token gate that starts nearly shut."""
+    decoder = decoder_layers(model)
+    chosen = list(range(len(decoder))) if layers is None else layers
+    bad = [i for i in chosen if not 0 <= i < len(decoder)]
     if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {len(stack)} layers")
+        raise ValueError(f"layers {bad} out of range: the model has {len(decoder)} layers")
     for p in model.parameters():
         p.requires_grad_(False)
     dim = hidden_size(model)
     adapters = []
     for i in chosen:
-        name = find_ffn(stack[i])
+        name = find_ffn(decoder[i], stack)
         adapter = FHME(dim, **{**DEFAULT_ADAPTER, **fhme_config})
         with torch.no_grad():
             adapter.fractal.bank.up.zero_()
-        device = next(stack[i].parameters()).device
-        setattr(stack[i], name, AdaptedFFN(getattr(stack[i], name), adapter.to(device)))
+        device = next(decoder[i].parameters()).device
+        gate = output_gate_linear(dim).to(device) if output_gate else None
+        setattr(decoder[i], name, AdaptedFFN(getattr(decoder[i], name), adapter.to(device), gate))
         adapters.append(adapter)
     return adapters
 
@@ -95,27 +124,187 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def add_lora_adapters(model: nn.Module, budget: int, layers: list[int] | None = None) -> int:
-    """LoRA (peft) on the attention projections of the chosen layers, rank chosen so the
-    trainable parameters come closest to ``budget``. Returns the rank."""
+# --- sizing FHME adapters to a budget -------------------------------------------------------
+def fhme_adapter_parameter_count(dim: int, output_gate: bool = False, **fhme_config: Any) -> int:
+    """Trainable parameters of one FHME adapter (its tables built on the meta device, the global
+    random state left as it was)."""
+    from .experts import meta_expert_tables
+
+    with torch.random.fork_rng(devices=[]), meta_expert_tables():
+        adapter = FHME(dim, **{**DEFAULT_ADAPTER, **fhme_config})
+    return sum(p.numel() for p in adapter.parameters()) + (dim + 1 if output_gate else 0)
+
+
+def experts_for_budget(model: nn.Module, budget: int, layers: list[int] | None = None,
+                       output_gate: bool = False, **fhme_config: Any) -> tuple[int, int]:
+    """(num_experts, trainable parameters) of the largest adapter set, one per chosen layer,
+    whose perfect-square num_experts keeps the trainable count at or below ``budget``."""
+    cfg = {**DEFAULT_ADAPTER, **fhme_config}
+    cfg.pop("num_experts")
+    dim, count_layers = hidden_size(model), len(decoder_layers(model)) if layers is None else len(layers)
+
+    def count(n_keys: int) -> int:
+        return count_layers * fhme_adapter_parameter_count(dim, output_gate, num_experts=n_keys**2, **cfg)
+
+    lo = int(cfg["topk"])  # product keys need n_keys >= topk
+    if count(lo) > budget:
+        raise ValueError(f"the smallest FHME adapters ({lo**2} experts, topk={lo}) have {count(lo):,} "
+                         f"trainable parameters, more than the budget of {budget:,}")
+    hi = lo + 1
+    while count(hi) <= budget:  # doubling, then bisection: count grows with n_keys
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)
+    return lo**2, count(lo)
+
+
+# --- expert-row masks (sparse memory fine-tuning) -------------------------------------------
+def mask_rows(adapter: FHME, keep: Tensor) -> None:
+    """Let only the expert rows where ``keep`` (N,) is true learn: a hook zeroes every other row
+    of each bank table's gradient (row-sparse or dense), so the project's table optimisers leave
+    those rows, and their state, bit-identical."""
+    keep = keep.bool()
+    hooks = vars(adapter).setdefault("row_mask_hooks", [])
+    for table in adapter.fractal.bank.tables().values():
+        hooks.append(table.register_hook(lambda grad, keep=keep: _keep_rows(grad, keep)))
+
+
+def unmask_rows(model: nn.Module) -> None:
+    """Remove every row mask (full fine-tuning of an adapted model trains every row)."""
+    for m in model.modules():
+        for hook in vars(m).pop("row_mask_hooks", []):
+            hook.remove()
+
+
+def _keep_rows(grad: Tensor, keep: Tensor) -> Tensor:
+    keep = keep.to(grad.device)
+    if grad.is_sparse:
+        idx = grad._indices()
+        drop = ~keep.index_select(0, idx[0]).unsqueeze(1)
+        return torch.sparse_coo_tensor(idx, grad._values().masked_fill(drop, 0), grad.shape,
+                                       is_coalesced=grad.is_coalesced(), check_invariants=False)
+    return grad.masked_fill(~keep.unsqueeze(1), 0)
+
+
+def load_row_masks(adapters: list[FHME], layers: list[int] | None, path: str) -> None:
+    """Apply the masks of a ``row_mask`` file (safetensors, one (N,) mask per layer index)."""
+    from safetensors.torch import load_file
+
+    masks = load_file(path)
+    for i, adapter in zip(layers if layers is not None else range(len(adapters)), adapters):
+        mask_rows(adapter, masks[str(i)])
+
+
+# --- LoRA -----------------------------------------------------------------------------------
+LORA_TARGETS = ("all", "attention")
+_NOT_PROJECTIONS = re.compile(r"^(gate|router|depth_router)$")  # routing / gating logits
+
+
+def _is_dense(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def lora_targets(model: nn.Module, layers: list[int] | None = None,
+                 which: str = "all") -> list[tuple[str, nn.Module]]:
+    """(name from the model's root, module) of each LoRA target in the chosen decoder layers.
+
+    ``all``, every dense projection: each nn.Linear / transformers Conv1D in the layers
+    (attention q/k/v/o or a fused qkv, the MLP's linears, an FHME layer's routers' query
+    projections and the gated block's SiLU gate) except routing and gating heads (modules called
+    gate, router or depth_router: a handful of logits, e.g. highway joins and depth routers) and
+    the inside of earlier adapter sets and LoRA layers. ``attention``: the Linear / Conv1D
+    modules of the attention block only (the original baseline, kept for its runs)."""
+    if which not in LORA_TARGETS:
+        raise ValueError(f"LoRA targets {which!r} must be one of {LORA_TARGETS}")
+    decoder = decoder_layers(model)
+    chosen = list(range(len(decoder))) if layers is None else layers
+    prefix = _path_of(model, decoder)
+    earlier = {id(m) for a in model.modules() if isinstance(a, AdaptedFFN)
+               for part in (a.adapter, a.gate) if part is not None for m in part.modules()}
+    out = []
+    for i in chosen:
+        for name, mod in decoder[i].named_modules():
+            if not _is_dense(mod) or id(mod) in earlier or "lora_" in name:
+                continue
+            if which == "attention":
+                keep = re.search("attn|attention", name.split(".")[0], re.IGNORECASE) is not None
+            else:
+                keep = not _NOT_PROJECTIONS.match(name.rsplit(".", 1)[-1])
+            if keep:
+                out.append((f"{prefix}.{i}.{name}", mod))
+    return out
+
+
+def _target_rank(m: nn.Module, rank: int) -> int:
+    return min(rank, *_shape(m))
+
+
+def lora_parameter_count(targets: list[tuple[str, nn.Module]], rank: int) -> int:
+    """Trainable parameters of LoRA at ``rank`` (capped at each target's full rank)."""
+    return sum(_target_rank(m, rank) * _in_out(m) for _, m in targets)
+
+
+def max_lora_rank(model: nn.Module) -> int:
+    """Width / 2: beyond it a low-rank update is no longer the low-rank baseline."""
+    return max(1, hidden_size(model) // 2)
+
+
+def lora_rank_for_budget(targets: list[tuple[str, nn.Module]], budget: int, cap: int) -> int:
+    """The rank in 1..cap whose trainable count comes closest to ``budget``."""
+    return min(range(1, cap + 1), key=lambda r: (abs(lora_parameter_count(targets, r) - budget), r))
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA layer into its base weight and put the base layer back: an earlier
+    adaptation stays active (and frozen) under a new one. Returns how many were merged."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # without peft there is no LoRA layer to merge
+        return 0
+    merged = 0
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, mod.get_base_layer())
+            merged += 1
+    if merged and hasattr(model, "peft_config"):
+        del model.peft_config  # the next injection starts a fresh configuration
+    return merged
+
+
+def add_lora_adapters(model: nn.Module, budget: int | None = None, layers: list[int] | None = None,
+                      rank: int | None = None, targets: str = "attention") -> int:
+    """Freeze the model and put LoRA (peft) on ``lora_targets(model, layers, targets)`` at
+    ``rank``, or at the rank whose trainable count comes closest to ``budget``. LoRA layers
+    already in the model (an earlier adaptation) are merged into their weights first. Returns
+    the rank (alpha = rank; a target narrower than it gets its full rank)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    stack = decoder_layers(model)
-    chosen = list(range(len(stack))) if layers is None else layers
-    targets = []
-    prefix = _path_of(model, stack)
-    for i in chosen:
-        for name, mod in stack[i].named_modules():
-            if (re.search("attn|attention", name.split(".")[0], re.IGNORECASE)
-                    and type(mod).__name__ in ("Linear", "Conv1D")):
-                targets.append((mod, f"{prefix}.{i}.{name}"))
-    if not targets:
-        raise ValueError("found no attention projections (Linear / Conv1D) for LoRA")
-    per_rank = sum(_in_out(m) for m, _ in targets)
-    rank = max(1, min(round(budget / per_rank), min(min(_shape(m)) for m, _ in targets)))
+    merge_lora(model)
+    found = lora_targets(model, layers, targets)
+    if not found:
+        what = "attention" if targets == "attention" else "dense"
+        raise ValueError(f"found no {what} projections (Linear / Conv1D) for LoRA")
+    if targets == "attention":  # the original sizing, so that its runs load unchanged
+        cap = min(min(_shape(m)) for _, m in found)
+        per_rank = sum(_in_out(m) for _, m in found)
+        default = None if budget is None else max(1, min(round(budget / per_rank), cap))
+    else:
+        cap = max_lora_rank(model)
+        default = None if budget is None else lora_rank_for_budget(found, budget, cap)
+    rank = rank if rank is not None else default
+    if rank is None:
+        raise ValueError("LoRA needs a rank or a trainable-parameter budget")
+    if not 1 <= rank <= cap:
+        raise ValueError(f"LoRA rank {rank} must be in 1..{cap} (width / 2 = {hidden_size(model) // 2})")
     for p in model.parameters():
         p.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for _, n in targets]),
+    narrow = {n: _target_rank(m, rank) for n, m in found if _target_rank(m, rank) != rank}
+    conv1d = all(type(m).__name__ == "Conv1D" for _, m in found)  # GPT-2 stores (in, out) weights
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n, _ in found],
+                                       rank_pattern=narrow, alpha_pattern=narrow, fan_in_fan_out=conv1d),
                             model)
     return rank
 
@@ -126,7 +315,7 @@ def _path_of(model: nn.Module, target: nn.Module) -> str:
 
 def _shape(m: nn.Module) -> tuple[int, int]:
     w = m.weight
-    return (w.shape[1], w.shape[0]) if type(m).__name__ == "Linear" else (w.shape[0], w.shape[1])
+    return (w.shape[1], w.shape[0]) if type(m).__name__ != "Conv1D" else (w.shape[0], w.shape[1])
 
 
 def _in_out(m: nn.Module) -> int:
@@ -137,12 +326,25 @@ ADAPTER_KINDS = ("fhme", "lora", "full")
 
 
 def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu") -> nn.Module:
-    """The base run's model with the adapters described by ``spec`` (kind, layers, fhme, rank)."""
+    """The base run's model with the adapters described by ``spec``. The base may itself be an
+    adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
+
+    spec: kind (fhme | lora | full), layers; fhme: the adapters' FHME config, output_gate and a
+    row_mask file; lora: rank (or budget) and targets (default ``attention``, as older runs had);
+    full: every weight trainable, earlier adapters included."""
     from .checkpoint import load_model_from_run
 
     model, _, _ = load_model_from_run(base_run, device)
     if spec["kind"] == "fhme":
-        add_fhme_adapters(model, spec.get("layers"), **spec.get("fhme", {}))
+        adapters = add_fhme_adapters(model, spec.get("layers"), stack=True,
+                                     output_gate=bool(spec.get("output_gate")), **spec.get("fhme", {}))
+        if spec.get("row_mask"):
+            load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
     elif spec["kind"] == "lora":
-        add_lora_adapters(model, spec["budget"], spec.get("layers"))
+        add_lora_adapters(model, spec.get("budget"), spec.get("layers"), spec.get("rank"),
+                          spec.get("targets", "attention"))
+    elif spec["kind"] == "full":
+        unmask_rows(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
     return model.to(device)

@@ -132,17 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
     bm.add_argument("--json", action="store_true")
-    ft = sub.add_parser("finetune", help="train adapters (FHME, LoRA) or all weights on new text")
-    ft.add_argument("--base", required=True, help="run directory of the trained base model")
+    ft = sub.add_parser("finetune", help="train adapters (FHME, LoRA) or all weights on new text; "
+                        "reports bpb on the new and the base domain, before and after")
+    ft.add_argument("--base", required=True,
+                    help="run directory of the trained base model, or of an earlier finetune "
+                         "(sequential adaptation: its adapters stay, frozen and active)")
     ft.add_argument("--data", required=True, help="text file or folder to adapt to")
     ft.add_argument("--adapter", choices=["fhme", "lora", "full"], default="fhme",
-                    help="fhme adapters, LoRA (peft) at the same trainable budget, or full fine-tuning")
+                    help="fhme adapters, LoRA (peft) on every dense projection, or full fine-tuning")
     ft.add_argument("--layers", type=_int_list_zero, help="comma list of layer indices (default: all)")
-    ft.add_argument("--experts", type=_positive_int, default=1024, help="experts per FHME adapter")
+    ft.add_argument("--experts", type=_positive_int, default=None,
+                    help="experts per FHME adapter, a perfect square (default: 1024)")
+    ft.add_argument("--match-lora-rank", type=_positive_int, metavar="R",
+                    help="fhme: as many experts (a perfect square) as keep the adapters' trainable "
+                         "parameters at or below LoRA's at rank R")
+    ft.add_argument("--lora-rank", type=_positive_int, metavar="R",
+                    help="lora: rank, at most width / 2 (default: the FHME adapters' budget at --experts)")
+    ft.add_argument("--lora-targets", choices=["all", "attention"], default="all",
+                    help="all: every dense projection of the decoder layers (attention, MLP, FHME "
+                         "routers' queries; not gates or routers' logits); attention: attention only")
     ft.add_argument("--depth", type=_positive_int, default=2, help="fractal depth of FHME adapters")
+    ft.add_argument("--output-gate", action="store_true",
+                    help="fhme: scale each adapter's output by a learned gate sigmoid(w.x + b), b = -4 at start")
+    ft.add_argument("--sparse-rows", type=_positive_int, metavar="T",
+                    help="fhme: train only the T expert rows per adapter that the new domain uses most "
+                         "above the base domain (tf-idf of expert choices; sparse memory fine-tuning)")
+    ft.add_argument("--eval-bytes", type=_positive_int, metavar="N",
+                    help="evaluate on the first N bytes of each validation split (default: whole splits)")
     ft.add_argument("--out", help="run directory to create")
     ft.add_argument("--max-steps", type=_positive_int, default=300)
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training field")
+    ft.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or auto")
+    ft.add_argument("--json", action="store_true", help="print one JSON object")
     ft.add_argument("--quiet", action="store_true")
     ex = sub.add_parser("export-hf", help="write a transformers AutoModelForCausalLM directory")
     ex.add_argument("run", help="run directory")
@@ -329,44 +350,16 @@ def _bench_row(row: dict) -> str:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .adapters import build_adapted_model, trainable_parameter_count
-    from .checkpoint import load_run_config
-    from .data import corpus_files
-    from .train import run
+    from .finetune import FinetuneRequest, finetune, print_report, sizing_line
 
-    corpus_files(args.data)
-    base = str(Path(args.base).resolve())
-    base_cfg = load_run_config(base)
-    spec: dict = {"kind": args.adapter, "layers": args.layers}
-    fhme_spec = {**spec, "kind": "fhme", "fhme": {"num_experts": args.experts, "depth": args.depth}}
-    if args.adapter == "fhme":
-        spec = fhme_spec
-    elif args.adapter == "lora":  # the same trainable-parameter budget as the FHME adapters
-        spec["budget"] = trainable_parameter_count(build_adapted_model(base, fhme_spec))
-    train_overrides = [f"train.{item}" if "." not in item.split("=")[0] else item for item in args.set]
-    config = RunConfig(base_cfg.model, base_cfg.train.replace(
-        max_steps=args.max_steps, eval_every=min(base_cfg.train.eval_every, args.max_steps),
-        warmup_steps=min(base_cfg.train.warmup_steps, args.max_steps // 10))).with_overrides(train_overrides)
-    result = run(config, out=Path(args.out) if args.out else None, data_path=args.data,
-                 progress=not args.quiet, model_factory=lambda: build_adapted_model(base, spec),
-                 extra={"base": base, "adapter": spec})
-    print(adapter_summary(result.run_dir))
-    print(f"step {result.step}: val_loss {result.val_loss:.4f} nats/byte, val_bpb {result.val_bpb:.4f}")
-    print(f"run directory: {result.run_dir}")
+    summary = finetune(FinetuneRequest(
+        base=args.base, data=args.data, adapter=args.adapter, layers=args.layers, experts=args.experts,
+        depth=args.depth, out=args.out, max_steps=args.max_steps, overrides=list(args.set),
+        eval_bytes=args.eval_bytes, lora_rank=args.lora_rank, match_lora_rank=args.match_lora_rank,
+        lora_targets=args.lora_targets, output_gate=args.output_gate, sparse_rows=args.sparse_rows,
+        device=args.device, progress=not args.quiet))
+    print_report(summary, sizing_line(summary), args.json)
     return 0
-
-
-def adapter_summary(run_dir: Path) -> str:
-    """Trainable parameters and parameters read per token of an adapter (or full) run."""
-    from .adapters import trainable_parameter_count
-    from .checkpoint import load_model_from_run, run_extra
-
-    model, _, _ = load_model_from_run(run_dir)
-    full = run_extra(run_dir)["adapter"]["kind"] == "full"
-    trainable = model.num_params() if full else trainable_parameter_count(model)
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    active = model.active_params_per_token() + lora  # every LoRA weight is read by every token
-    return f"trainable {trainable} params, active {active:.0f} params/token"
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:

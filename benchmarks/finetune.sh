@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Fine-tuning study: how much of its own domain a trained base forgets when adapted to new text.
+#
+#   bash benchmarks/finetune.sh RUN_DIR [OUT_DIR]
+#
+# RUN_DIR: a FractalMoE run, the default `fractalmoe train` run (e.g. runs/default). Results:
+# $RESULTS/finetune.jsonl (one `fractalmoe finetune --json` object per run, tagged with study,
+# method and domain), then `python benchmarks/finetune_table.py $RESULTS/finetune.jsonl` prints
+# the tables. Finished runs are skipped on a rerun (their JSON is kept under OUT_DIR/json).
+#
+# New domains, both needing no download at run time:
+#   email: Python's email package source, from this interpreter's standard library.
+#   kjv:   the King James Bible (4.3 MB of English prose), from Debian's bible-kjv package:
+#            apt-get install -y bible-kjv
+#            bible -l80 "Genesis1:1-Revelation22:21" > kjv.txt   # sha256 ba7c84a7...96d5
+#          (-l80 fixes the line width, so the text does not depend on the terminal).
+#
+# Methods, each at 3 learning rates, seeds 2 and 3, $STEPS steps, same data:
+#   fhme       FHME adapters matched to LoRA's trainable parameters (--match-lora-rank $RANK)
+#   lora       LoRA at rank $RANK (<= width / 2) on every dense projection
+#   full       every weight
+#   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
+#   fhme-rows  fhme with --sparse-rows $ROWS (only the rows the new domain uses far more than the base)
+# Sequential: email, then kjv starting from the email run (middle learning rate): retention on the
+# base domain and on email. GPT-2: a transformers GPT-2 base trained here, adapted to email.
+# Needs `pip install -e .[hf]` (transformers, peft). Environment overrides: STEPS, SEEDS, RANK,
+# ROWS, METHODS, EVAL_BYTES (evaluate on that prefix of each validation split), DEVICE, RESULTS,
+# GPT2_STEPS (training steps of the GPT-2 base).
+set -euo pipefail
+BASE=${1:?usage: bash benchmarks/finetune.sh RUN_DIR [OUT_DIR]}
+OUT=${2:-runs/finetune_study}
+RESULTS=${RESULTS:-benchmarks/results/finetune}
+F=${F:-.venv/bin/fractalmoe}
+PY=${PY:-.venv/bin/python}
+STEPS=${STEPS:-150}
+SEEDS=${SEEDS:-"2 3"}
+RANK=${RANK:-64}
+ROWS=${ROWS:-64}
+DEVICE=${DEVICE:-cpu}
+METHODS=${METHODS:-"fhme lora full fhme-gate fhme-rows"}
+GPT2_STEPS=${GPT2_STEPS:-1200}
+EVAL=${EVAL_BYTES:+--eval-bytes $EVAL_BYTES}
+mkdir -p "$OUT/json" "$OUT/data" "$RESULTS"
+
+# --- domains ----------------------------------------------------------------------------------
+EMAIL=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
+KJV=$OUT/data/kjv.txt
+if [ ! -s "$KJV" ]; then
+  if ! command -v bible > /dev/null; then
+    apt-get install -y bible-kjv > /dev/null || { echo "install Debian's bible-kjv package (apt-get install -y bible-kjv)" >&2; exit 2; }
+  fi
+  bible -l80 "Genesis1:1-Revelation22:21" > "$KJV"
+fi
+sum=$(sha256sum "$KJV" | cut -c1-64)
+[ "$sum" = ba7c84a755b5ecc052222311dc2d785cd6cf9c0875ca26fc31de1138501496d5 ] ||
+  echo "note: $KJV differs from the text the study was written with (sha256 $sum)" >&2
+declare -A DATA=([email]=$EMAIL [kjv]=$KJV)
+
+# --- learning rates: "lr:expert_lr", low, middle, high ----------------------------------------
+lrs() {
+  case $1 in
+    fhme*) echo "1e-3:0.0167 3e-3:0.05 1e-2:0.15" ;;
+    lora) echo "1e-3:0.05 3e-3:0.05 1e-2:0.05" ;;
+    full) echo "1e-4:0.005 3e-4:0.015 1e-3:0.05" ;;
+  esac
+}
+middle() { lrs "$1" | cut -d' ' -f2; }
+flags() {
+  case $1 in
+    fhme) echo "--adapter fhme --match-lora-rank $RANK" ;;
+    fhme-gate) echo "--adapter fhme --match-lora-rank $RANK --output-gate" ;;
+    fhme-rows) echo "--adapter fhme --match-lora-rank $RANK --sparse-rows $ROWS" ;;
+    lora) echo "--adapter lora --lora-rank $RANK" ;;
+    full) echo "--adapter full" ;;
+  esac
+}
+tag() {  # add the study's labels to one JSON line
+  $PY -c 'import json, sys; r = json.loads(sys.stdin.read().strip().splitlines()[-1]); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' "$1"
+}
+
+# finetune NAME BASE_RUN DOMAIN METHOD LR:EXPERT_LR SEED STUDY
+finetune() {
+  local name=$1 base=$2 domain=$3 method=$4 lr=${5%%:*} elr=${5##*:} seed=$6 study=$7
+  [ -s "$OUT/json/$name.json" ] && return 0
+  rm -rf "${OUT:?}/$name"
+  # shellcheck disable=SC2046
+  $F finetune --base "$base" --data "${DATA[$domain]}" $(flags "$method") --max-steps "$STEPS" $EVAL \
+    --set lr="$lr" --set expert_lr="$elr" --set seed="$seed" --device "$DEVICE" \
+    --out "$OUT/$name" --quiet --json 2> "$OUT/$name.log" |
+    tag "{\"study\": \"$study\", \"base_model\": \"fractalmoe\", \"method\": \"$method\", \"domain\": \"$domain\"}" \
+    > "$OUT/json/$name.json.tmp"
+  mv "$OUT/json/$name.json.tmp" "$OUT/json/$name.json"
+  brief "$OUT/json/$name.json"
+}
+brief() {  # one progress line per finished run
+  $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); k = ("val_bpb_before", "val_bpb", "base_val_bpb_before", "base_val_bpb"); print(sys.argv[1] + ": new %.4f -> %.4f, base %.4f -> %.4f" % tuple(r[x] for x in k))' "$1"
+}
+
+# --- one new domain at a time -----------------------------------------------------------------
+for domain in email kjv; do
+  for method in $METHODS; do
+    for lr in $(lrs "$method"); do
+      for seed in $SEEDS; do
+        finetune "${domain}_${method}_lr${lr%%:*}_s$seed" "$BASE" "$domain" "$method" "$lr" "$seed" single
+      done
+    done
+  done
+done
+
+# --- sequential: email, then kjv from the email run -------------------------------------------
+for method in $METHODS; do
+  lr=$(middle "$method")
+  for seed in $SEEDS; do
+    finetune "seq_kjv_after_email_${method}_s$seed" "$OUT/email_${method}_lr${lr%%:*}_s$seed" kjv "$method" \
+      "$lr" "$seed" sequential
+  done
+done
+
+# --- GPT-2 architecture base, adapted to email ------------------------------------------------
+G=benchmarks/finetune_gpt2.py
+[ -s "$OUT/gpt2_base/fractalmoe_base.json" ] || $PY $G base --out "$OUT/gpt2_base" --steps "$GPT2_STEPS" --device "$DEVICE" > "$OUT/json/gpt2_base.json"
+for method in fhme lora full; do
+  for lr in $(lrs "$method"); do
+    for seed in $SEEDS; do
+      name="gpt2_email_${method}_lr${lr%%:*}_s$seed"
+      [ -s "$OUT/json/$name.json" ] && continue
+      $PY $G finetune --base "$OUT/gpt2_base" --data "$EMAIL" --adapter "$method" --lora-rank "$RANK" \
+        --lr "${lr%%:*}" --expert-lr "${lr##*:}" --seed "$seed" --max-steps "$STEPS" $EVAL --device "$DEVICE" \
+        2> "$OUT/$name.log" | tag "{\"study\": \"single\", \"method\": \"$method\", \"domain\": \"email\"}" \
+        > "$OUT/json/$name.json.tmp"
+      mv "$OUT/json/$name.json.tmp" "$OUT/json/$name.json"
+      brief "$OUT/json/$name.json"
+    done
+  done
+done
+
+cat "$OUT"/json/*_s[0-9]*.json > "$RESULTS/finetune.jsonl"
+cp "$OUT/json/gpt2_base.json" "$RESULTS/finetune_gpt2_base.json"
+$PY benchmarks/finetune_table.py "$RESULTS/finetune.jsonl" | tee "$RESULTS/finetune_tables.md"

@@ -1,0 +1,111 @@
+"""The GPT-2 architecture base of the fine-tuning study (no downloads).
+
+    python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
+    python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
+        --adapter fhme|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
+        [--max-steps 150] [--eval-bytes N]
+
+``base`` trains a transformers GPT2LMHeadModel (byte vocabulary 256, the shape of the default
+FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
+schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (its corpus and
+split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank, LoRA at that rank on every
+dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), or trains every weight, and prints
+one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
+before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fractalmoe.config import TrainConfig
+from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm, val_bpb
+
+SEQ_LEN = 128
+
+
+def gpt2(dim: int = 128, layers: int = 4, heads: int = 4, seq_len: int = SEQ_LEN):
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=seq_len, n_embd=dim, n_layer=layers,
+                                  n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=10, eos_token_id=10)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def cmd_base(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    if (out / "fractalmoe_base.json").exists():
+        raise SystemExit(f"error: {out} already holds a base")
+    torch.manual_seed(args.seed)
+    model = gpt2(args.dim, args.layers, args.heads).to(args.device)
+    data = load_domain(args.data, 0.1, SEQ_LEN)
+    cfg = TrainConfig(max_steps=args.steps, seed=args.seed)
+    train_loss = train_lm(model, data, cfg, SEQ_LEN, args.device)
+    bpb = val_bpb(model, data, SEQ_LEN, cfg.batch_size, args.device)
+    model.save_pretrained(out)
+    info = {"data": args.data, "val_fraction": 0.1, "seq_len": SEQ_LEN, "steps": args.steps,
+            "train_loss": train_loss, "val_bpb": bpb, "params": sum(p.numel() for p in model.parameters())}
+    (out / "fractalmoe_base.json").write_text(json.dumps(info, indent=2))
+    return {"base": str(out), **info}
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict:
+    import transformers
+
+    info_path = Path(args.base) / "fractalmoe_base.json"
+    if not info_path.is_file():
+        raise SystemExit(f"error: --base {args.base} is not a GPT-2 base made by this script "
+                         f"(no fractalmoe_base.json)")
+    info = json.loads(info_path.read_text())
+    torch.manual_seed(args.seed)
+    model = transformers.GPT2LMHeadModel.from_pretrained(args.base)
+    domains = [Domain("new", args.data, 0.1, load_domain(args.data, 0.1, SEQ_LEN, args.eval_bytes)),
+               Domain("base", info["data"], info["val_fraction"],
+                      load_domain(info["data"], info["val_fraction"], SEQ_LEN, args.eval_bytes))]
+    cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, expert_lr=args.expert_lr, seed=args.seed,
+                      warmup_steps=min(100, args.max_steps // 10))
+    row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device)
+    return {"base": str(args.base), "base_model": "gpt2", "eval_bytes": args.eval_bytes, **row}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("base", help="train the GPT-2 base")
+    b.add_argument("--out", required=True)
+    b.add_argument("--data", default=None, help="corpus (default: the bundled Tiny Shakespeare)")
+    b.add_argument("--steps", type=int, default=1200)
+    b.add_argument("--dim", type=int, default=128)
+    b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--heads", type=int, default=4)
+    b.add_argument("--seed", type=int, default=1337)
+    f = sub.add_parser("finetune", help="adapt the GPT-2 base to new text")
+    f.add_argument("--base", required=True)
+    f.add_argument("--data", required=True)
+    f.add_argument("--adapter", choices=["fhme", "lora", "full"], default="fhme")
+    f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
+    f.add_argument("--lr", type=float, default=3e-3)
+    f.add_argument("--expert-lr", type=float, default=0.05)
+    f.add_argument("--seed", type=int, default=1337)
+    f.add_argument("--max-steps", type=int, default=150)
+    f.add_argument("--eval-bytes", type=int, default=None)
+    for q in (b, f):
+        q.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        row = cmd_base(args) if args.command == "base" else cmd_finetune(args)
+    except ValueError as exc:  # one line, as the CLI does
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Markdown tables of the fine-tuning study (benchmarks/finetune.sh): forgetting at matched gain.
+
+    python benchmarks/finetune_table.py benchmarks/results/finetune/finetune.jsonl
+
+A method's learning-rate sweep traces a curve of (new-domain bpb, base-domain rise). Comparing
+methods at one learning rate mixes how far each one got with what it cost, so each method's rise is
+read at the same new-domain bpb: the highest of the methods' best bpbs (a level every method
+reaches), linearly interpolated between the two sweep points around it (seed means). A method
+whose every point lies below that level is read at its nearest point (marked *). Rises below
+0.01 bpb count as 0.01, so the ratios stay finite and noise-sized rises do not dominate them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from statistics import mean
+
+FLOOR = 0.01
+
+
+def load(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def rise(row: dict) -> float:
+    return row["base_val_bpb"] - row["base_val_bpb_before"]
+
+
+def curve(rows: list[dict]) -> list[tuple[float, float, float, float]]:
+    """(lr, mean new bpb, mean base rise, mean trainable) per learning rate, by new bpb."""
+    by_lr: dict[float, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_lr[r["lr"]].append(r)
+    pts = [(lr, mean(r["val_bpb"] for r in rs), mean(rise(r) for r in rs),
+            mean(r["trainable_params"] for r in rs)) for lr, rs in by_lr.items()]
+    return sorted(pts, key=lambda p: p[1])
+
+
+def at_bpb(pts: list[tuple[float, float, float, float]], target: float) -> tuple[float, bool]:
+    """Rise at new-domain bpb ``target`` (linear between sweep points); True if clamped."""
+    for (_, b0, r0, _), (_, b1, r1, _) in zip(pts, pts[1:]):
+        if b0 <= target <= b1:
+            t = 0.0 if b1 == b0 else (target - b0) / (b1 - b0)
+            return r0 + t * (r1 - r0), False
+    nearest = min(pts, key=lambda p: abs(p[1] - target))
+    return nearest[2], True
+
+
+def matched_table(rows: list[dict], title: str) -> str:
+    methods: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        methods[r["method"]].append(r)
+    curves = {m: curve(rs) for m, rs in methods.items()}
+    target = max(min(p[1] for p in pts) for pts in curves.values())
+    ref = "fhme" if "fhme" in curves else next(iter(curves))
+    ref_rise = max(at_bpb(curves[ref], target)[0], FLOOR)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"#### {title} (seeds {', '.join(map(str, seeds))}; base rise read at new-domain bpb {target:.4f})",
+             "", "| method | trainable params | best new-domain bpb (lr) | base rise there | "
+             f"base rise at bpb {target:.3f} | x {ref} |", "|---|---:|---:|---:|---:|---:|"]
+    for m, pts in sorted(curves.items(), key=lambda kv: kv[0]):
+        lr, best, best_rise, trainable = pts[0]
+        r, clamped = at_bpb(pts, target)
+        r = max(r, FLOOR)
+        lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({lr:g}) | {best_rise:+.4f} | "
+                     f"{r:.4f}{'*' if clamped else ''} | {r / ref_rise:.2f} |")
+    return "\n".join(lines)
+
+
+def sequential_table(rows: list[dict], singles: list[dict]) -> str:
+    first = {r["run_dir"]: r for r in singles if "run_dir" in r}
+    lines = ["#### Sequential: email, then kjv (middle learning rate; seed means)", "",
+             "| method | kjv bpb | email rise during kjv | base rise during kjv | base rise since the base |",
+             "|---|---:|---:|---:|---:|"]
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_method[r["method"]].append(r)
+    for m, rs in sorted(by_method.items()):
+        a_rise = mean(r["prior_val_bpb"][0] - r["prior_val_bpb_before"][0] for r in rs)
+        total = [r["base_val_bpb"] - first[_key(r["base"], first)]["base_val_bpb_before"]
+                 for r in rs if _key(r["base"], first) is not None]
+        lines.append(f"| {m} | {mean(r['val_bpb'] for r in rs):.4f} | {max(a_rise, FLOOR):.4f} | "
+                     f"{max(mean(rise(r) for r in rs), FLOOR):.4f} | "
+                     f"{max(mean(total), FLOOR) if total else float('nan'):.4f} |")
+    return "\n".join(lines)
+
+
+def _key(base: str, runs: dict[str, dict]) -> str | None:
+    """The single-domain run a sequential run started from (run directories may be relative)."""
+    return next((k for k in runs if base.endswith(k.lstrip("./"))), None)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    rows = load(argv[0])
+    out = []
+    singles = [r for r in rows if r.get("study") == "single"]
+    for base_model in ("fractalmoe", "gpt2"):
+        for domain in ("email", "kjv"):
+            part = [r for r in singles if r.get("base_model") == base_model and r["domain"] == domain]
+            if part:
+                out.append(matched_table(part, f"{base_model} base adapted to {domain}"))
+    seq = [r for r in rows if r.get("study") == "sequential"]
+    if seq:
+        out.append(sequential_table(seq, [r for r in singles if r.get("base_model") == "fractalmoe"]))
+    print("\n\n".join(out))
+    print(f"\nRises below {FLOOR} bpb count as {FLOOR}; * = read at the nearest sweep point.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

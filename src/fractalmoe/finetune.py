@@ -1,0 +1,500 @@
+"""Fine-tuning a trained run on new text, and what it costs the domains the model knew.
+
+Forgetting is what users of fine-tuning fear most, so every run is measured on the new domain
+*and* on the base run's own validation split (and, when the base is itself a fine-tuned run, on
+each earlier domain's validation split), before and after training. "Before" is the base model:
+adapters start as the identity (zero ``up`` table, zero LoRA ``B``), so it equals step 0. The
+evaluations use the whole validation split, or a fixed prefix of ``eval_bytes`` of it; every
+adapter set is active and no domain label reaches the model.
+
+Options that keep more of the base's behaviour (FHME adapters only, off by default):
+
+* ``sparse_rows``: sparse memory fine-tuning. Each new adapter's expert choices are counted on a
+  training sample of the new domain and of the domains to keep (the base run's corpus and any
+  earlier fine-tuning corpora); rows are ranked by tf-idf (share of the new domain's choices
+  times log of how rarely the kept domains choose them) and only the top rows of each adapter
+  learn (``adapters.mask_rows``): inputs of the old domains rarely reach them.
+* ``output_gate``: a learned per-token gate sigmoid(w . x + b), b = -4, on each adapter's output.
+
+A run directory stays an ordinary adapter run (``fractalmoe eval`` / ``generate`` load it); its
+metrics.jsonl gains a ``phase: before`` line at step 0 and a ``phase: after`` line at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import (
+    AdaptedFFN,
+    add_lora_adapters,
+    build_adapted_model,
+    decoder_layers,
+    experts_for_budget,
+    fhme_adapter_parameter_count,
+    hidden_size,
+    lora_parameter_count,
+    lora_rank_for_budget,
+    lora_targets,
+    mask_rows,
+    max_lora_rank,
+    trainable_parameter_count,
+)
+from .config import RunConfig, TrainConfig
+from .data import ByteDataset, corpus_files
+from .fhme import FHME
+from .stats import CHOICES, collect, fold_statistics
+
+SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows
+
+
+# --- evaluation -----------------------------------------------------------------------------
+def lm_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """(B, T, V) logits of a FractalMoE model or a transformers causal LM."""
+    out = model(x)
+    return getattr(out, "logits", out)
+
+
+@torch.no_grad()
+def val_bpb(model: nn.Module, data: ByteDataset, seq_len: int, batch_size: int,
+            device: str = "cpu") -> float:
+    """Bits per byte over every non-overlapping window of ``data.val``."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in data.val_batches(batch_size, seq_len):
+        logits = lm_logits(model, x.to(device))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).reshape(-1), reduction="sum")
+        total += loss.double()
+        count += y.numel()
+    model.train(was_training)
+    return float(total) / max(count, 1) / math.log(2)
+
+
+def load_domain(path: str | None, val_fraction: float, seq_len: int,
+                eval_bytes: int | None = None) -> ByteDataset:
+    """A corpus split as its run split it; with ``eval_bytes`` only that prefix of validation."""
+    data = ByteDataset.load(path, val_fraction, seq_len)
+    if eval_bytes is not None:
+        if eval_bytes < seq_len + 1:
+            raise ValueError(f"--eval-bytes {eval_bytes} is shorter than one window (seq_len + 1 = "
+                             f"{seq_len + 1})")
+        data = ByteDataset(data.train, data.val[:eval_bytes])
+    return data
+
+
+@dataclass
+class Domain:
+    """A validation split to report: the new domain, the base run's, or an earlier stage's."""
+
+    role: str  # "new" | "base" | "prior"
+    path: str | None  # None: the bundled corpus
+    val_fraction: float
+    data: ByteDataset = field(repr=False)
+
+
+# --- run lineage ----------------------------------------------------------------------------
+def lineage(run: str | Path) -> list[Path]:
+    """Run directories from the root (a trained model) to ``run``, following adapter runs'
+    bases. Every one must be a run with a checkpoint: one-line errors otherwise."""
+    from .checkpoint import latest_checkpoint
+
+    chain: list[Path] = []
+    current: Path | None = Path(run).resolve()
+    while current is not None:
+        if current in chain:
+            raise ValueError(f"--base {run}: its bases form a loop at {current}")
+        config = current / "config.json"
+        if not current.is_dir() or not config.is_file():
+            raise ValueError(f"--base {run}: {current} is not a FractalMoE run directory (no config.json)")
+        try:
+            extra = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"--base {run}: {config} is not valid JSON") from None
+        if not isinstance(extra, dict) or "model" not in extra:
+            raise ValueError(f"--base {run}: {current} is not a FractalMoE run directory (no model config)")
+        if latest_checkpoint(current) is None:
+            raise ValueError(f"--base {run}: {current} has no complete checkpoint")
+        chain.insert(0, current)
+        current = Path(extra["base"]) if extra.get("base") else None
+    return chain
+
+
+def kept_domains(chain: list[Path], eval_bytes: int | None) -> list[Domain]:
+    """The base run's domain, then each earlier fine-tuning stage's, as each run split it."""
+    from .checkpoint import load_run_config, run_extra
+
+    out = []
+    for i, run_dir in enumerate(chain):
+        config = load_run_config(run_dir)
+        path = run_extra(run_dir).get("data")
+        data = load_domain(path, config.train.val_fraction, config.model.seq_len, eval_bytes)
+        out.append(Domain("base" if i == 0 else "prior", path, config.train.val_fraction, data))
+    return out
+
+
+# --- sparse memory fine-tuning --------------------------------------------------------------
+def new_adapters(model: nn.Module) -> list[tuple[int, FHME]]:
+    """(layer index, adapter) of each trainable FHME adapter: the set being trained."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for child in layer.children():
+            if isinstance(child, AdaptedFFN) and any(p.requires_grad for p in child.adapter.parameters()):
+                out.append((i, child.adapter))
+    return out
+
+
+@torch.no_grad()
+def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq_len: int,
+                  batch_size: int, seed: int, device: str = "cpu") -> list[Tensor]:
+    """Per adapter, how often each expert row was chosen (by any of its routed blocks) over the
+    first ``SAMPLE_WINDOWS`` training windows of ``data``."""
+    routers = [[block.memory.router for block in a.fractal.blocks] for a in adapters]
+    counts = [torch.zeros(a.fractal.bank.num_experts, dtype=torch.long, device=device) for a in adapters]
+    was_training = model.training
+    model.eval()
+    for step in range(-(-SAMPLE_WINDOWS // batch_size)):
+        x, _ = data.train_batch(step, batch_size, seq_len, seed)
+        with collect(model) as stats:
+            lm_logits(model, x.to(device))
+        for acc, rs in zip(counts, routers):
+            for router in rs:
+                for idx in stats.values(router, CHOICES):
+                    acc += torch.bincount(idx.reshape(-1), minlength=acc.numel())
+    model.train(was_training)
+    return [c.cpu() for c in counts]
+
+
+def rank_rows(new: Tensor, kept: Tensor, top: int) -> Tensor:
+    """(N,) bool: the ``top`` rows by tf-idf, tf = the row's share of the new domain's choices,
+    idf = log((1 + kept choices) / (1 + the row's kept choices)); rows the new domain never
+    chose are never picked."""
+    tf = new.double() / new.sum().clamp_min(1)
+    idf = torch.log((1 + kept.sum().double()) / (1 + kept.double()))
+    score = tf * idf
+    best = score.topk(min(top, score.numel())).indices
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[best] = score[best] > 0
+    return mask
+
+
+def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDataset], top: int,
+                     seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> dict[str, Tensor]:
+    """Row masks of the model's trainable adapters (``rank_rows``), keyed by layer index, each
+    applied (``mask_rows``)."""
+    found = new_adapters(model)
+    if not found:
+        raise ValueError("sparse rows need FHME adapters to train")
+    adapters = [a for _, a in found]
+    new = choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)
+    old = [torch.zeros_like(c) for c in new]
+    for data in kept:
+        for acc, c in zip(old, choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
+            acc += c
+    masks = {}
+    for (i, adapter), n, o in zip(found, new, old):
+        masks[str(i)] = rank_rows(n, o, top)
+        mask_rows(adapter, masks[str(i)])
+    return masks
+
+
+# --- a training loop for any causal LM (transformers models included) -----------------------
+def train_lm(model: nn.Module, data: ByteDataset, cfg: TrainConfig, seq_len: int,
+             device: str = "cpu") -> float:
+    """``cfg.max_steps`` steps of the project's optimiser (AdamW + row-sparse tables), warm-up and
+    cosine schedule and aux losses, on a model ``train.run`` cannot drive (it needs a FractalMoE
+    model). Returns the mean training loss of the last 10 steps."""
+    from .optim import ModelOptimizer
+    from .train import lr_scale
+
+    opt = ModelOptimizer(model, cfg.lr, cfg.expert_lr, cfg.weight_decay, cfg.expert_optim)
+    model.train()
+    losses: list[float] = []
+    for step in range(cfg.max_steps):
+        opt.set_lr_scale(lr_scale(step, cfg))
+        x, y = data.train_batch(step, cfg.batch_size, seq_len, cfg.seed)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad()
+        with collect(model) as stats:
+            logits = lm_logits(model, x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.reshape(-1))
+            (loss + stats.aux_loss()).backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"non-finite loss at step {step + 1}; lower the learning rate")
+        opt.clip_dense(cfg.grad_clip)
+        opt.step()
+        fold_statistics(model, stats)
+        losses.append(value)
+    return sum(losses[-10:]) / max(len(losses[-10:]), 1)
+
+
+# --- sizing ---------------------------------------------------------------------------------
+@dataclass
+class Sizing:
+    """The adapter spec of a run and both methods' trainable counts where a rank is involved."""
+
+    spec: dict[str, Any]
+    lora_rank: int | None = None
+    lora_params: int | None = None
+    fhme_experts: int | None = None
+    fhme_params: int | None = None
+
+    def line(self) -> str:
+        parts = []
+        if self.lora_params is not None:
+            parts.append(f"LoRA rank {self.lora_rank}: {self.lora_params:,} trainable params")
+        if self.fhme_params is not None:
+            parts.append(f"FHME adapters with {self.fhme_experts:,} experts: {self.fhme_params:,} trainable params")
+        return "; ".join(parts)
+
+
+@dataclass
+class FinetuneRequest:
+    """What ``fractalmoe finetune`` asks for (see its --help)."""
+
+    base: str
+    data: str
+    adapter: str = "fhme"
+    layers: list[int] | None = None
+    experts: int | None = None  # None: 1024, or matched with match_lora_rank
+    depth: int = 2
+    out: str | None = None
+    max_steps: int = 300
+    overrides: list[str] = field(default_factory=list)
+    eval_bytes: int | None = None
+    lora_rank: int | None = None
+    match_lora_rank: int | None = None
+    lora_targets: str = "all"
+    output_gate: bool = False
+    sparse_rows: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+
+def check_request(req: FinetuneRequest) -> None:
+    """One-line errors for option combinations that make no sense."""
+    fhme_only = [flag for flag, on in (("--output-gate", req.output_gate),
+                                      ("--sparse-rows", req.sparse_rows is not None),
+                                      ("--match-lora-rank", req.match_lora_rank is not None))
+                 if on]
+    if req.adapter != "fhme" and fhme_only:
+        raise ValueError(f"{', '.join(fhme_only)}: only for --adapter fhme")
+    if req.lora_rank is not None and req.adapter != "lora":
+        raise ValueError("--lora-rank needs --adapter lora (FHME adapters: --match-lora-rank)")
+    if req.match_lora_rank is not None and req.experts is not None:
+        raise ValueError("give --experts or --match-lora-rank, not both")
+
+
+def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
+    """The adapter spec: FHME adapters at --experts or matched to LoRA at --match-lora-rank
+    (largest perfect square at or below LoRA's count), LoRA at --lora-rank or at the FHME
+    adapters' count, or full fine-tuning."""
+    spec: dict[str, Any] = {"kind": req.adapter, "layers": req.layers}
+    if req.adapter == "full":
+        return Sizing(spec)
+    dim = hidden_size(model)
+    layers = req.layers if req.layers is not None else list(range(len(decoder_layers(model))))
+    fhme_cfg = {"depth": req.depth}
+
+    def fhme_count(experts: int) -> int:
+        return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts, **fhme_cfg)
+
+    rank = req.match_lora_rank if req.adapter == "fhme" else req.lora_rank
+    sizing = Sizing(spec)
+    if rank is not None or req.adapter == "lora":
+        targets = lora_targets(model, req.layers, req.lora_targets)
+        if not targets:
+            raise ValueError(f"found no LoRA targets ({req.lora_targets}) in the base model")
+        cap = max_lora_rank(model) if req.lora_targets == "all" else min(min(m.weight.shape) for _, m in targets)
+        if rank is None:  # LoRA at the FHME adapters' budget
+            rank = lora_rank_for_budget(targets, fhme_count(req.experts or 1024), cap)
+        if not 1 <= rank <= cap:
+            raise ValueError(f"LoRA rank {rank} must be in 1..{cap} (width / 2 = {dim // 2})")
+        sizing.lora_rank, sizing.lora_params = rank, lora_parameter_count(targets, rank)
+    if req.adapter == "lora":
+        spec.update(rank=sizing.lora_rank, targets=req.lora_targets)
+        with contextlib.suppress(ValueError):  # the matched FHME size, for the record
+            sizing.fhme_experts, sizing.fhme_params = experts_for_budget(
+                model, sizing.lora_params, req.layers, req.output_gate, **fhme_cfg)
+        return sizing
+    if req.match_lora_rank is not None:
+        experts, _ = experts_for_budget(model, sizing.lora_params, req.layers, req.output_gate, **fhme_cfg)
+    else:
+        experts = req.experts or 1024
+    sizing.fhme_experts, sizing.fhme_params = experts, fhme_count(experts)
+    spec.update(fhme={"num_experts": experts, "depth": req.depth}, output_gate=req.output_gate)
+    if req.sparse_rows is not None:
+        spec["sparse_rows"] = req.sparse_rows
+    return sizing
+
+
+# --- the command ----------------------------------------------------------------------------
+def _bpbs(model: nn.Module, domains: list[Domain], seq_len: int, batch_size: int,
+          device: str) -> list[float]:
+    return [val_bpb(model, d.data, seq_len, batch_size, device) for d in domains]
+
+
+def _metric_line(step: int, phase: str, bpbs: list[float]) -> dict[str, Any]:
+    return {"step": step, "phase": phase, "val_bpb": bpbs[0], "base_val_bpb": bpbs[1],
+            "prior_val_bpb": bpbs[2:]}
+
+
+def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Adapt ``req.base`` to ``req.data`` and report every domain's bpb before and after."""
+    from .checkpoint import load_model_from_run, load_run_config
+    from .train import run
+
+    check_request(req)
+    corpus_files(req.data)  # fail early, before a run directory is made
+    chain = lineage(req.base)
+    base = str(chain[-1])
+    base_cfg = load_run_config(base)
+    train_overrides = [f"train.{item}" if "." not in item.split("=")[0] else item for item in req.overrides]
+    config = RunConfig(base_cfg.model, base_cfg.train.replace(
+        max_steps=req.max_steps, eval_every=min(base_cfg.train.eval_every, req.max_steps),
+        warmup_steps=min(base_cfg.train.warmup_steps, req.max_steps // 10))).with_overrides(train_overrides)
+    seq_len, batch = config.model.seq_len, config.train.batch_size
+    new = load_domain(req.data, config.train.val_fraction, seq_len, req.eval_bytes)
+    domains = [Domain("new", req.data, config.train.val_fraction, new)] + kept_domains(chain, req.eval_bytes)
+
+    before_model, _, _ = load_model_from_run(base, req.device)
+    sizing = size_adapters(req, before_model)
+    before = _bpbs(before_model, domains, seq_len, batch, req.device)
+    del before_model
+
+    run_dir = Path(req.out) if req.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if (run_dir / "config.json").exists():
+        raise ValueError(f"{run_dir} already holds a run; choose another --out")
+    if run_dir.resolve() in chain:
+        raise ValueError("--out must differ from --base and its bases")
+    spec = sizing.spec
+    masks: dict[str, Tensor] = {}
+    if spec.get("sparse_rows") is not None:
+        spec["row_mask"] = str((run_dir / "row_mask.safetensors").resolve())
+
+    def model_factory() -> nn.Module:
+        model = build_adapted_model(base, {k: v for k, v in spec.items() if k != "row_mask"}, req.device)
+        if spec.get("sparse_rows") is not None:
+            from safetensors.torch import save_file
+
+            masks.update(sparse_row_masks(model, new, [d.data for d in domains[1:]], spec["sparse_rows"],
+                                          seq_len, batch, config.train.seed, req.device))
+            save_file({k: m.to(torch.uint8) for k, m in masks.items()}, spec["row_mask"])
+        return model
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "metrics.jsonl").open("w") as fh:  # the run's first line (drops a failed try's)
+        fh.write(json.dumps(_metric_line(0, "before", before)) + "\n")
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's progress lines: not the report
+        result = run(config, out=run_dir, data_path=req.data, device=req.device, progress=req.progress,
+                     model_factory=model_factory, extra={"base": base, "adapter": spec},
+                     log=lambda s: print(s, file=sys.stderr))
+
+    model, _, _ = load_model_from_run(run_dir, req.device)
+    after = _bpbs(model, domains, seq_len, batch, req.device)
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(_metric_line(result.step, "after", after)) + "\n")
+    full = spec["kind"] == "full"
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
+    return {
+        "run_dir": str(run_dir), "base": base, "data": req.data, "adapter": spec["kind"],
+        "steps": result.step, "lr": config.train.lr, "expert_lr": config.train.expert_lr,
+        "seed": config.train.seed, "eval_bytes": req.eval_bytes,
+        "trainable_params": sum(p.numel() for p in model.parameters()) if full else trainable_parameter_count(model),
+        "active_params_per_token": model.active_params_per_token() + lora,
+        **_sizing_fields(sizing), "trained_rows": {k: int(m.sum()) for k, m in masks.items()} or None,
+        **_domain_fields(domains, before, after),
+    }
+
+
+def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
+    return {"lora_rank": sizing.lora_rank, "lora_params": sizing.lora_params,
+            "fhme_experts": sizing.fhme_experts, "fhme_params": sizing.fhme_params,
+            "output_gate": bool(sizing.spec.get("output_gate")), "sparse_rows": sizing.spec.get("sparse_rows")}
+
+
+def _domain_fields(domains: list[Domain], before: list[float], after: list[float]) -> dict[str, Any]:
+    return {"val_bpb_before": before[0], "val_bpb": after[0],
+            "base_data": domains[1].path, "base_val_bpb_before": before[1], "base_val_bpb": after[1],
+            "prior_data": [d.path for d in domains[2:]], "prior_val_bpb_before": before[2:],
+            "prior_val_bpb": after[2:]}
+
+
+def report_line(s: dict[str, Any]) -> str:
+    """One line with every domain's bpb before -> after (rises signed)."""
+    parts = [f"step {s['steps']}: val_bpb {s['val_bpb_before']:.4f} -> {s['val_bpb']:.4f} (new domain)",
+             f"base_val_bpb {s['base_val_bpb_before']:.4f} -> {s['base_val_bpb']:.4f} "
+             f"({s['base_val_bpb'] - s['base_val_bpb_before']:+.4f}, base domain)"]
+    for i, (b, a) in enumerate(zip(s["prior_val_bpb_before"], s["prior_val_bpb"])):
+        parts.append(f"prior_val_bpb[{i}] {b:.4f} -> {a:.4f} ({a - b:+.4f}, {Path(s['prior_data'][i] or '').name})")
+    return "; ".join(parts)
+
+
+def print_report(s: dict[str, Any], sizing_line: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(s))
+        return
+    if sizing_line:
+        print(sizing_line)
+    print(f"trainable {s['trainable_params']} params, active {s['active_params_per_token']:.0f} params/token")
+    if s["trained_rows"]:
+        print(f"trained expert rows per adapter layer: {s['trained_rows']}")
+    print(f"run directory: {s['run_dir']}")
+    print(report_line(s))
+
+
+def sizing_line(s: dict[str, Any]) -> str:
+    return Sizing({}, s["lora_rank"], s["lora_params"], s["fhme_experts"], s["fhme_params"]).line()
+
+
+def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 2,
+                    output_gate: bool = False, layers: list[int] | None = None) -> Sizing:
+    """Adapters on a model held in memory (a transformers causal LM): FHME adapters matched to
+    LoRA at ``lora_rank``, LoRA at that rank on every dense projection, or every weight trainable."""
+    from .adapters import add_fhme_adapters
+
+    req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=depth,
+                          output_gate=output_gate,
+                          match_lora_rank=lora_rank if method == "fhme" else None,
+                          lora_rank=lora_rank if method == "lora" else None)
+    check_request(req)
+    sizing = size_adapters(req, model)
+    if method == "fhme":
+        add_fhme_adapters(model, layers, output_gate=output_gate, **sizing.spec["fhme"])
+    elif method == "lora":
+        add_lora_adapters(model, rank=lora_rank, layers=layers, targets="all")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return sizing
+
+
+def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: list[Domain],
+                       cfg: TrainConfig, seq_len: int, device: str = "cpu",
+                       output_gate: bool = False) -> dict[str, Any]:
+    """``finetune``'s report for a model that is not a FractalMoE run (e.g. the GPT-2 base):
+    adapt (``adapt_in_memory``), train on ``domains[0]`` with ``train_lm``, and measure every
+    domain (new, base, earlier) before and after."""
+    model.to(device)
+    before = _bpbs(model, domains, seq_len, cfg.batch_size, device)
+    sizing = adapt_in_memory(model, method, lora_rank, output_gate=output_gate)
+    model.to(device)
+    trainable = trainable_parameter_count(model)
+    train_loss = train_lm(model, domains[0].data, cfg, seq_len, device)
+    after = _bpbs(model, domains, seq_len, cfg.batch_size, device)
+    return {"data": domains[0].path, "adapter": method, "steps": cfg.max_steps, "lr": cfg.lr,
+            "expert_lr": cfg.expert_lr, "seed": cfg.seed, "trainable_params": trainable,
+            "train_loss": train_loss, **_sizing_fields(sizing), **_domain_fields(domains, before, after)}

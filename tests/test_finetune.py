@@ -1,0 +1,304 @@
+"""fractalmoe finetune: before/after reports on every domain, sequential adaptation, sparse rows,
+the output gate, LoRA on every dense projection and FHME adapters sized to match it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fractalmoe import FHMELanguageModel
+from fractalmoe.adapters import (
+    AdaptedFFN,
+    add_fhme_adapters,
+    add_lora_adapters,
+    experts_for_budget,
+    fhme_adapter_parameter_count,
+    lora_parameter_count,
+    lora_targets,
+    mask_rows,
+    trainable_parameter_count,
+)
+from fractalmoe.checkpoint import latest_checkpoint, load_model_from_run
+from fractalmoe.cli import main
+from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
+from fractalmoe.finetune import load_domain, rank_rows, val_bpb
+from fractalmoe.optim import ModelOptimizer
+from fractalmoe.train import run
+
+peft = pytest.importorskip("peft")
+
+SHAKESPEARE = "All the world's a stage, and all the men and women merely players.\n" * 60
+CODE = "def f(x):\n    return x * 2\n\nclass A:\n    pass\n" * 80
+PROSE = "In the beginning God created the heaven and the earth. And the earth was without form.\n" * 60
+FT = ["--max-steps", "3", "--quiet", "--set", "batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ft")
+    paths = {}
+    for name, text in (("base", SHAKESPEARE), ("code", CODE), ("prose", PROSE)):
+        paths[name] = root / f"{name}.txt"
+        paths[name].write_text(text)
+    cfg = RunConfig(tiny_model_config(dim=64), TrainConfig(batch_size=4, max_steps=4, eval_every=4,
+                                                           sample_bytes=0))
+    torch.manual_seed(0)
+    run(cfg, out=root / "base_run", data_path=str(paths["base"]), progress=False, log=lambda s: None)
+    paths["run"] = root / "base_run"
+    paths["root"] = root
+    return paths
+
+
+def _finetune(capsys, *args: str) -> dict:
+    assert main(["finetune", *args, *FT, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_report_and_metrics_carry_both_domains_before_and_after(corpora, capsys) -> None:
+    out = corpora["root"] / "report"
+    assert main(["finetune", "--base", str(corpora["run"]), "--data", str(corpora["code"]),
+                 "--out", str(out), "--experts", "64", *FT]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "val_bpb" in last and "base_val_bpb" in last and last.count("->") == 2
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    before, after = lines[0], lines[-1]
+    assert (before["phase"], before["step"], after["phase"], after["step"]) == ("before", 0, "after", 3)
+    for line in (before, after):
+        assert line["val_bpb"] > 0 and line["base_val_bpb"] > 0
+    # "before" is the base model on the whole validation splits (adapters start as the identity)
+    base, config, _ = load_model_from_run(corpora["run"])
+    seq, batch = config.model.seq_len, config.train.batch_size
+    for key, name in (("base_val_bpb", "base"), ("val_bpb", "code")):
+        whole = load_domain(str(corpora[name]), 0.1, seq)
+        assert before[key] == pytest.approx(val_bpb(base, whole, seq, batch))
+    assert after["val_bpb"] < before["val_bpb"]  # it learnt the new domain
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--experts", "64",
+                  "--out", str(corpora["root"] / "report_json"), "--eval-bytes", "100")
+    for key in ("val_bpb_before", "val_bpb", "base_val_bpb_before", "base_val_bpb"):
+        assert isinstance(s[key], float)
+    small = load_domain(str(corpora["code"]), 0.1, seq, 100)
+    assert len(small.val) == 100 and s["val_bpb_before"] == pytest.approx(val_bpb(base, small, seq, batch))
+
+
+def _adapted_ffns(model) -> list[AdaptedFFN]:
+    return [b.ffn for b in model.blocks]
+
+
+def test_sequential_fhme_keeps_first_adapters_frozen_and_active(corpora, capsys) -> None:
+    a_dir, b_dir = corpora["root"] / "seq_a", corpora["root"] / "seq_b"
+    a = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--experts", "64",
+                  "--out", str(a_dir))
+    b = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--experts", "64",
+                  "--out", str(b_dir))
+    assert b["prior_data"] == [str(corpora["code"])] and b["base_data"] == str(corpora["base"])
+    # A's adapters are active while B is measured: B's "before" on A's domain is A's "after"
+    assert b["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"])
+    assert b["base_val_bpb_before"] == pytest.approx(a["base_val_bpb"])
+    model_a, _, _ = load_model_from_run(a_dir)
+    model_b, _, _ = load_model_from_run(b_dir)
+    for ffn_a, ffn_b in zip(_adapted_ffns(model_a), _adapted_ffns(model_b)):
+        inner = ffn_b.base  # B's set wraps A's
+        assert isinstance(inner, AdaptedFFN) and isinstance(inner.base, type(ffn_a.base))
+        for (name, pa), pb in zip(ffn_a.adapter.named_parameters(), inner.adapter.parameters()):
+            assert torch.equal(pa, pb), name  # A's adapters are untouched by B's training
+        assert not torch.equal(ffn_b.adapter.fractal.bank.up, torch.zeros_like(ffn_b.adapter.fractal.bank.up))
+    saved = (latest_checkpoint(b_dir) / "model.safetensors")
+    from safetensors.torch import load_file
+
+    assert all(".ffn.adapter." in k for k in load_file(str(saved)))  # B's run holds only B's set
+    # with B's set silenced the model is exactly A's
+    for ffn in _adapted_ffns(model_b):
+        ffn.adapter.fractal.bank.up.data.zero_()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model_b(idx), model_a(idx), rtol=0, atol=0)
+
+
+def test_sequential_lora_merges_the_first_and_full_continues(corpora, capsys) -> None:
+    a_dir = corpora["root"] / "lora_a"
+    a = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--adapter", "lora",
+                  "--lora-rank", "8", "--out", str(a_dir))
+    b = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--adapter", "lora",
+                  "--lora-rank", "8", "--out", str(corpora["root"] / "lora_b"))
+    assert b["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"], abs=1e-4)  # merged, still active
+    assert b["trainable_params"] == a["trainable_params"]  # only the new LoRA trains
+    c = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--adapter", "full",
+                  "--out", str(corpora["root"] / "lora_full"))
+    assert c["trainable_params"] > a["trainable_params"] and c["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"])
+
+
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam", "dense_adamw"])
+def test_row_mask_leaves_untrained_rows_bit_identical(rule: str) -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn="dense"))
+    adapters = add_fhme_adapters(model, num_experts=64, heads=2, topk=4, key_dim=16)
+    keeps = []
+    for a in adapters:
+        a.fractal.bank.up.data.normal_()  # nonzero everywhere, so a stray update would show
+        keeps.append(torch.rand(64) < 0.25)
+        mask_rows(a, keeps[-1])
+    before = [{n: t.detach().clone() for n, t in a.fractal.bank.tables().items()} for a in adapters]
+    opt = ModelOptimizer(model, lr=1e-2, expert_lr=0.1, weight_decay=0.1, expert_optim=rule)
+    idx = torch.randint(0, 256, (4, 32))
+    for _ in range(4):
+        opt.zero_grad()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+    changed = 0
+    for a, keep, old in zip(adapters, keeps, before):
+        for name, table in a.fractal.bank.tables().items():
+            assert torch.equal(table[~keep], old[name][~keep]), name
+            changed += int((table[keep] != old[name][keep]).any(1).sum())
+    assert changed > 0
+
+
+def test_rank_rows_prefers_rows_the_base_domain_rarely_uses() -> None:
+    new = torch.tensor([10, 10, 10, 0, 2])
+    kept = torch.tensor([100, 0, 10, 0, 0])
+    mask = rank_rows(new, kept, 2)
+    assert mask.tolist() == [False, True, True, False, False]
+    assert rank_rows(new, kept, 10).tolist() == [True, True, True, False, True]  # never unused rows
+
+
+def test_sparse_rows_cli_trains_only_the_chosen_rows(corpora, capsys) -> None:
+    out = corpora["root"] / "rows"
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--experts", "64",
+                  "--sparse-rows", "8", "--out", str(out))
+    assert s["trained_rows"] and all(0 < n <= 8 for n in s["trained_rows"].values())
+    from safetensors.torch import load_file
+
+    masks = load_file(str(out / "row_mask.safetensors"))
+    model, _, _ = load_model_from_run(out)
+    for i, ffn in enumerate(_adapted_ffns(model)):
+        up = ffn.adapter.fractal.bank.up
+        keep = masks[str(i)].bool()
+        assert torch.equal(up[~keep], torch.zeros_like(up[~keep]))  # up starts at zero: untouched rows stay 0
+        assert up[keep].abs().sum() > 0
+
+
+def test_output_gate_starts_identical_and_learns(corpora, capsys) -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn="dense"))
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = model(idx)
+    add_fhme_adapters(model, output_gate=True, num_experts=64, heads=2, topk=4, key_dim=16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref, rtol=0, atol=0)
+    gates = [b.ffn.gate for b in model.blocks]
+    assert all(g.weight.requires_grad and float(g.bias.detach()) == -4.0 for g in gates)
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--experts", "64",
+                  "--output-gate", "--out", str(corpora["root"] / "gate"))
+    assert s["output_gate"] and s["val_bpb"] < s["val_bpb_before"]
+
+
+def test_matched_sizing_is_the_closest_fhme_count_at_or_below_lora(corpora, capsys) -> None:
+    model = FHMELanguageModel(tiny_model_config(dim=64))
+    budget = lora_parameter_count(lora_targets(model), 32)
+    experts, count = experts_for_budget(model, budget)
+    n = int(experts**0.5)
+    assert n * n == experts and count <= budget
+    assert 2 * fhme_adapter_parameter_count(64, num_experts=(n + 1) ** 2) > budget  # the next one is over
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]),
+                  "--match-lora-rank", "32", "--out", str(corpora["root"] / "matched"))
+    assert s["fhme_params"] <= s["lora_params"] and s["trainable_params"] == s["fhme_params"]
+    assert s["lora_params"] == budget and s["fhme_experts"] == experts
+    lora = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--adapter", "lora",
+                     "--lora-rank", "32", "--out", str(corpora["root"] / "matched_lora"))
+    assert lora["trainable_params"] == lora["lora_params"] == budget
+
+
+def _leaf_linears(layer: torch.nn.Module) -> set[str]:
+    return {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+
+
+def test_lora_targets_every_dense_projection_of_a_dense_fractalmoe_model() -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn="dense"))
+    names = {n for n, _ in lora_targets(model)}
+    projections = ("attn.qkv", "attn.proj", "ffn.w1", "ffn.w2", "ffn.w3")
+    assert names == {f"blocks.{i}.{p}" for i in range(2) for p in projections}
+    assert names == {f"blocks.{i}.{n}" for i in range(2) for n in _leaf_linears(model.blocks[i])}
+    expected = lora_parameter_count(lora_targets(model), 8)
+    assert add_lora_adapters(model, rank=8, targets="all") == 8
+    assert trainable_parameter_count(model) == expected
+    assert all(hasattr(model.get_submodule(n), "lora_A") for n in names)
+    with pytest.raises(ValueError, match="width / 2"):
+        add_lora_adapters(FHMELanguageModel(tiny_model_config(ffn="dense")), rank=17, targets="all")
+
+
+def test_lora_targets_skip_routing_logits_of_fhme_layers() -> None:
+    model = FHMELanguageModel(tiny_model_config(adaptive_depth=True))
+    names = {n.split(".", 2)[2] for n, _ in lora_targets(model)}
+    assert names == {"attn.qkv", "attn.proj", "ffn.fractal.blocks.0.memory.router.query",
+                     "ffn.fractal.blocks.1.memory.router.query"}  # not joins' gates, not the depth router
+
+
+def test_lora_targets_every_dense_projection_of_gpt2() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    names = {n for n, _ in lora_targets(model)}
+    assert names == {f"transformer.h.{i}.{p}" for i in range(2)
+                     for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    expected = lora_parameter_count(lora_targets(model), 16)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = model(idx).logits
+    add_lora_adapters(model, rank=16, targets="all")
+    assert trainable_parameter_count(model) == expected
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, ref, rtol=0, atol=0)
+
+
+def test_gpt2_in_memory_finetune_reports_both_domains(corpora) -> None:
+    transformers = pytest.importorskip("transformers")
+    from fractalmoe.finetune import Domain, finetune_in_memory
+
+    cfg = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=2)
+    domains = [Domain("new", str(corpora["code"]), 0.1, load_domain(str(corpora["code"]), 0.1, 32)),
+               Domain("base", str(corpora["base"]), 0.1, load_domain(str(corpora["base"]), 0.1, 32))]
+    for method in ("fhme", "lora", "full"):
+        model = transformers.GPT2LMHeadModel(cfg)
+        row = finetune_in_memory(model, method, 32, domains, TrainConfig(batch_size=4, max_steps=2), 32)
+        assert row["val_bpb"] < row["val_bpb_before"] and row["base_val_bpb_before"] > 0
+        if method == "fhme":
+            assert row["trainable_params"] == row["fhme_params"] <= row["lora_params"]
+
+
+def _err(capsys, *args: str) -> str:
+    assert main(["finetune", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    return err
+
+
+def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
+    data = str(corpora["code"])
+    out = tmp_path / "never"
+    missing = str(tmp_path / "missing")
+    assert "not a FractalMoE run" in _err(capsys, "--base", missing, "--data", data, "--out", str(out))
+    assert "not a FractalMoE run" in _err(capsys, "--base", data, "--data", data, "--out", str(out))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
+    assert "not a FractalMoE run" in _err(capsys, "--base", str(tmp_path / "hf"), "--data", data, "--out", str(out))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    assert "not valid JSON" in _err(capsys, "--base", str(tmp_path / "bad"), "--data", data, "--out", str(out))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((corpora["run"] / "config.json").read_text())
+    assert "no complete checkpoint" in _err(capsys, "--base", str(empty), "--data", data, "--out", str(out))
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    cfg = json.loads((corpora["run"] / "config.json").read_text())
+    (orphan / "config.json").write_text(json.dumps({**cfg, "base": str(tmp_path / "gone")}))
+    shutil.copytree(latest_checkpoint(corpora["run"]).parent, orphan / latest_checkpoint(corpora["run"]).parent.name)
+    assert "gone" in _err(capsys, "--base", str(orphan), "--data", data, "--out", str(out))
+    assert "only for --adapter fhme" in _err(capsys, "--base", str(corpora["run"]), "--data", data,
+                                             "--adapter", "lora", "--sparse-rows", "4")
+    assert "rank" in _err(capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "lora",
+                          "--lora-rank", "33", "--out", str(out))
+    assert not out.exists()
