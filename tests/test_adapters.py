@@ -160,7 +160,7 @@ def test_export_hf_deduplicates_aliased_expert_tables(tmp_path: Path) -> None:
 
     from fractalmoe.hf_export import export_model
 
-    cfg = tiny_model_config(fractal_depth=2, num_experts=4096, dim=64, n_heads=2)
+    cfg = tiny_model_config(fractal_depth=2, num_experts=4096, dim=64, n_heads=2, block="neuron")
     model = FHMELanguageModel(cfg).eval()
     for block in model.blocks:
         for routed in block.ffn.fractal.blocks:

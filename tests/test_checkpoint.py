@@ -79,7 +79,7 @@ def test_resume_streams_tables_a_few_rows_at_a_time(tmp_path: Path, corpus: str,
 
     def spy(self, name, lo=None, hi=None):  # type: ignore[no-untyped-def]
         out = real(self, name, lo, hi)
-        if name.endswith((".down", ".up")):
+        if name.endswith((".down", ".up", ".values")):
             reads.append(out.shape[0])
         return out
 

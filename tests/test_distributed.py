@@ -150,8 +150,9 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
             for _ in range(2):
                 train_step(model, opt, x, x, 1.0, forward=forward, ctx=ctx)
         bank = next(m for m in model.modules() if isinstance(m, ShardedExpertBank))
-        report = {"largest": mode.largest, "shard_rows": bank.down.shape[0],
-                  "grad_rows": int(bank.down.grad.coalesce()._nnz()) if bank.down.grad is not None else 0}
+        table = next(iter(bank.tables().values()))
+        report = {"largest": mode.largest, "shard_rows": table.shape[0],
+                  "grad_rows": int(table.grad.coalesce()._nnz()) if table.grad is not None else 0}
         Path(job["measure"] + f".{rank}").write_text(json.dumps(report))
         del forward  # a DDP reducer must go before its process group
     dist.destroy_process_group()

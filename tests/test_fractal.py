@@ -80,17 +80,26 @@ def test_gradients_reach_keys_queries_touched_rows_and_joins() -> None:
         assert (table.grad.coalesce().values().abs().sum(-1) > 0).all()
 
 
-def test_drop_path_training_runs_and_masks_columns() -> None:
-    fe = FractalExpert(16, 256, depth=3, heads=2, topk=4, key_dim=8, drop_path_local=0.5,
-                       drop_path_global=1.0).train()
-    x = torch.randn(64, 16)
-    torch.manual_seed(1)
-    column = fe.sample_columns(64, x.device)
-    assert column is not None and set(column.tolist()) <= {1, 2, 3}
-    out = fe(x)
-    assert torch.isfinite(out).all()
-    fe.eval()
-    torch.testing.assert_close(fe(x), fe(x))  # deterministic without drop-path
+def _column_alone(fe: FractalExpert, k: int, c: int, x: torch.Tensor) -> torch.Tensor:
+    """Column k of f_c alone: B_k at level k, each level above it applied twice (its deep path)."""
+    if c == k:
+        return fe.blocks[k - 1](x, fe.bank)
+    return _column_alone(fe, k, c - 1, _column_alone(fe, k, c - 1, x))
+
+
+def test_global_drop_path_trains_each_token_on_its_column_alone(monkeypatch) -> None:
+    fe = FractalExpert(16, 256, depth=3, heads=2, topk=4, key_dim=8, drop_path_global=1.0).double().train()
+    for j in fe.joins:  # gates away from 0.5, so a wrong mix of branches would show
+        torch.nn.init.normal_(j.gate.weight, std=0.5)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    columns = torch.tensor([1, 2, 3] * 4)
+    monkeypatch.setattr(fe, "sample_columns", lambda n, device: columns)
+    with torch.no_grad():
+        out = fe(x)
+        for k in (1, 2, 3):
+            rows = columns == k
+            torch.testing.assert_close(out[rows], _column_alone(fe, k, 3, x[rows]))
+        assert not torch.allclose(out, fe.eval()(x))  # eval mixes every column
 
 
 def test_global_drop_path_column_c_is_shallow_branch_alone() -> None:

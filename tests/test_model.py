@@ -60,10 +60,21 @@ def test_greedy_generate_with_cache_equals_full_recompute(ffn: str) -> None:
     assert torch.equal(out, ref)
 
 
-def test_generate_past_context_window_keeps_going() -> None:
-    model = FHMELanguageModel(tiny_model_config(seq_len=16)).eval()
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 40, temperature=1.0, top_k=5)
-    assert out.shape == (1, 43)
+def test_generation_past_the_context_equals_recomputation_over_its_window() -> None:
+    """Once seq_len tokens are cached, generation goes on from the last seq_len // 2 tokens (the
+    window the README documents) and fills the cache again: greedy output equals recomputing the
+    logits over that window at every step."""
+    seq_len = 16
+    model = FHMELanguageModel(tiny_model_config(seq_len=seq_len)).eval()
+    prompt = torch.randint(0, 256, (2, 5))
+    out = model.generate(prompt, 40, temperature=0.0)
+    seq, window = prompt, prompt
+    with torch.no_grad():
+        for _ in range(40):
+            nxt = model(window)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            window = seq[:, -(seq_len // 2):] if window.shape[1] >= seq_len else torch.cat([window, nxt], 1)
+    assert out.shape == (2, 45) and torch.equal(out, seq)
 
 
 def _router_flops(dim, heads, key_dim, n_keys, topk):

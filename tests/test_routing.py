@@ -43,16 +43,22 @@ def test_product_key_topk_small_exhaustive() -> None:
     torch.testing.assert_close(full.gather(-1, idx), scores)
 
 
+@pytest.mark.parametrize("kind", ["neuron", "value"])
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
-def test_memory_forward_shape_and_gates(gate: str) -> None:
-    mem = ProductKeyMemory(16, 100, heads=2, topk=4, key_dim=8, gate=gate)
-    x = torch.randn(2, 5, 16)
-    y = mem(x)
-    assert y.shape == x.shape
-    scores, _ = mem.route(x)
-    gates = torch.softmax(scores, -1) if gate == "softmax" else torch.sigmoid(scores)
-    if gate == "softmax":
-        torch.testing.assert_close(gates.sum(-1), torch.ones(2, 5, 2))
+def test_memory_output_equals_reference_for_each_gate(gate: str, kind: str) -> None:
+    """y = sum over heads and top-k of g_j e_j(x), g = softmax over the k scores (competing) or
+    sigmoid of each score (non-competing), written out with the bank's tables."""
+    mem = ProductKeyMemory(16, 100, heads=2, topk=4, key_dim=8, gate=gate, kind=kind).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    scores, idx = mem.route(x)
+    gates = torch.softmax(scores, -1) if gate == "softmax" else 1 / (1 + torch.exp(-scores))
+    if kind == "neuron":
+        a = torch.einsum("bthkd,btd->bthk", mem.bank.down[idx], x)
+        experts = torch.nn.functional.gelu(a).unsqueeze(-1) * mem.bank.up[idx]
+    else:
+        experts = mem.bank.values[idx]
+    reference = (gates.unsqueeze(-1) * experts).sum((2, 3))
+    torch.testing.assert_close(mem(x), reference)
 
 
 def test_bad_arguments_raise_value_error() -> None:

@@ -32,21 +32,36 @@ def ffn_flops(cfg: ModelConfig) -> float:
 
 
 def matched_config(base: ModelConfig, ffn: str, target: float) -> ModelConfig:
-    """base with ffn swapped and its width knob set so FFN FLOPs/token are closest to target."""
+    """base with ffn swapped and its width knob set so FFN FLOPs/token are closest to target:
+    the hidden width (dense, MoE), or the heads and then the top-k within a factor 2 of base's
+    (routed models: heads alone are too coarse a step to match within a few percent)."""
     cfg = base.replace(ffn=ffn)
     if ffn == "fhme":
         return cfg
-    knob = {"dense": "ffn_hidden", "moe": "ffn_hidden", "pkm": "expert_heads",
-            "peer": "expert_heads", "memplus": "expert_heads"}[ffn]
-    best, best_err = cfg, math.inf
-    for value in range(1, 4097):
-        trial = cfg.replace(**{knob: value})
-        err = abs(ffn_flops(trial) - target)
-        if err < best_err:
-            best, best_err = trial, err
-        elif ffn_flops(trial) > target:
+    if ffn in ("dense", "moe"):
+        return _closest(cfg, "ffn_hidden", range(1, 4097), target)
+    lo, hi = max(1, cfg.topk // 2), min(2 * cfg.topk, cfg.n_keys)
+    best = None
+    for heads in range(1, 65):
+        trial = _closest(cfg.replace(expert_heads=heads), "topk", range(lo, hi + 1), target)
+        if best is None or abs(ffn_flops(trial) - target) < abs(ffn_flops(best) - target):
+            best = trial
+        if ffn_flops(cfg.replace(expert_heads=heads, topk=lo)) > target:
             break
-    return best
+    return best  # type: ignore[return-value]
+
+
+def _closest(cfg: ModelConfig, knob: str, values: range, target: float) -> ModelConfig:
+    """cfg with knob set to the value in values (FLOPs increase with it) closest to target."""
+    lo, hi = 0, len(values) - 1
+    while lo < hi:  # first value whose FLOPs reach the target
+        mid = (lo + hi) // 2
+        if ffn_flops(cfg.replace(**{knob: values[mid]})) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    near = [cfg.replace(**{knob: values[i]}) for i in {max(lo - 1, 0), lo}]
+    return min(near, key=lambda c: abs(ffn_flops(c) - target))
 
 
 @dataclass

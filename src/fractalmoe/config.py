@@ -109,20 +109,20 @@ class ModelConfig(_Config):
     # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
     num_experts: int = 16384
     expert_heads: int = 2  # product-key retrieval heads per routed block
-    topk: int = 8  # experts per head
-    key_dim: int = 32  # query / product-key width (split in two halves)
+    topk: int = 40  # experts per head
+    key_dim: int = 16  # query / product-key width (split in two halves)
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
     query_norm: str = "layernorm"  # layernorm | rmsnorm | running | whiten (past batches' stats) | none
     unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
     balance_rate: float = 0.0  # > 0: per-step move of selection-only sub-key / expert biases
     balance_loss: float = 0.0  # > 0: weight of the Switch-style balance loss on routed choices
-    block: str = "neuron"  # fhme's routed blocks: neuron (PEER) | value (PKM) | gated (Memory+)
+    block: str = "value"  # fhme's routed blocks: value (PKM) | neuron (PEER) | gated (Memory+)
     share_bank: bool = False  # one expert bank for every layer (stored once)
     expert_act: str = "gelu"
     expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
     fractal_depth: int = 2
-    join_bias: float = -2.0  # highway gate bias: sigmoid(-2) = 0.12 toward the deep path at init
+    join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column
     adaptive_depth: bool = False  # per-token depth router
