@@ -47,6 +47,10 @@ def wins(a: list[float], b: list[float]) -> bool:
     return all(x < y for x, y in itertools.product(a, b)) and mb - ma > max(ha, hb)
 
 
+def _verdict(ours: list[float], theirs: list[float]) -> str:
+    return "wins" if wins(ours, theirs) else "loses" if wins(theirs, ours) else "no win either way"
+
+
 def final_table(found: list[dict], corpus: str) -> str:
     by_model: dict[str, list[dict]] = {}
     for r in found:
@@ -55,8 +59,9 @@ def final_table(found: list[dict], corpus: str) -> str:
     if not by_model:
         return ""
     order = sorted(by_model, key=lambda m: _stats([r["val_bpb"] for r in by_model[m]])[0])
-    lines = [f"| rank | model | val bpb (mean ± half-range, seeds {', '.join(str(r['seed']) for r in by_model[order[0]])}) "
-             "| FFN FLOPs/token | model FLOPs/token | params | experts used | usage KL | train tok/s |",
+    seeds = ", ".join(str(r["seed"]) for r in by_model[order[0]])
+    lines = [f"| rank | model | val bpb (mean ± half-range, seeds {seeds}) | FFN FLOPs/token | model FLOPs/token "
+             "| params | experts used | usage KL | train tok/s |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for rank, m in enumerate(order, 1):
         rs = by_model[m]
@@ -70,8 +75,7 @@ def final_table(found: list[dict], corpus: str) -> str:
     lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
     if "fhme" in by_model:
         fh = [r["val_bpb"] for r in by_model["fhme"]]
-        verdicts = [f"{m}: {'wins' if wins(fh, [r['val_bpb'] for r in by_model[m]]) else 'loses' if wins([r['val_bpb'] for r in by_model[m]], fh) else 'no win'}"
-                    for m in order if m != "fhme"]
+        verdicts = [f"{m}: {_verdict(fh, [r['val_bpb'] for r in by_model[m]])}" for m in order if m != "fhme"]
         lines.append("FHME against " + "; ".join(verdicts) + ".")
     return "\n".join(lines)
 

@@ -8,7 +8,6 @@ Each run trains in its own process, so peak RSS is per run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
