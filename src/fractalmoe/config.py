@@ -185,6 +185,7 @@ class TrainConfig(_Config):
     expert_lr: float = 0.05  # expert tables (row-sparse optimizer)
     expert_optim: str = "rowwise_adagrad"  # rowwise_adagrad | lazy_adam | dense_adamw
     weight_decay: float = 0.1
+    beta2: float = 0.95  # AdamW's second-moment decay for dense parameters
     warmup_steps: int = 100
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     grad_clip: float = 1.0  # global norm over dense parameters; 0 = off
@@ -210,6 +211,7 @@ class TrainConfig(_Config):
         for name in ("weight_decay", "grad_clip", "time_budget"):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")
         r(0.0 <= self.min_lr_frac <= 1.0, "min_lr_frac", "must be in [0, 1]")
+        r(0.0 < self.beta2 < 1.0, "beta2", "must be in (0, 1)")
         r(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         r(self.expert_optim in EXPERT_OPTIMS, "expert_optim", f"must be one of {EXPERT_OPTIMS}")
 

@@ -164,13 +164,13 @@ class ModelOptimizer:
     """AdamW over dense parameters plus the expert tables' optimiser (``table_optimizer``)."""
 
     def __init__(self, model: nn.Module, lr: float, expert_lr: float, weight_decay: float,
-                 expert_optim: str = "rowwise_adagrad") -> None:
+                 expert_optim: str = "rowwise_adagrad", beta2: float = 0.95) -> None:
         tables, decay, no_decay = split_parameters(model)
         groups = [dict(params=decay, weight_decay=weight_decay),
                   dict(params=no_decay, weight_decay=0.0)]
         # fused: the step counts stay on the device (foreach reads each one on the host).
         self.dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
-                                       betas=(0.9, 0.95), fused=True)
+                                       betas=(0.9, beta2), fused=True)
         self.sparse: torch.optim.Optimizer | None = None
         if tables:
             self.sparse = table_optimizer(tables, expert_optim, expert_lr)

@@ -130,6 +130,45 @@ def plot_depth_map(model: FHMELanguageModel, text: str, out: Path) -> Path:
     return path
 
 
+BYTE_CLASSES = ("letter", "start of word", "space", "newline", "punctuation", "digit", "other")
+
+
+def byte_classes(data: bytes) -> list[set[str]]:
+    """The classes of each byte; "start of word" is a letter after a non-letter (it is also a
+    letter)."""
+    out = []
+    for i, b in enumerate(data):
+        ch = chr(b)
+        if ch.isalpha() and b < 128:
+            names = {"letter"} | ({"start of word"} if i == 0 or not chr(data[i - 1]).isalpha() else set())
+        elif ch == "\n":
+            names = {"newline"}
+        elif ch == " ":
+            names = {"space"}
+        elif ch.isdigit():
+            names = {"digit"}
+        elif 33 <= b < 127:
+            names = {"punctuation"}
+        else:
+            names = {"other"}
+        out.append(names)
+    return out
+
+
+def depth_by_byte_class(model: FHMELanguageModel, text: str) -> str:
+    """A Markdown table of the mean chosen depth (over FHME layers) per byte class of text: where
+    the compute goes."""
+    data = text.encode("utf-8")
+    depth = token_depths(model, text)
+    classes = byte_classes(data[: depth.numel()])
+    lines = ["| bytes | count | mean depth |", "|---|---:|---:|"]
+    for name in ("all", *BYTE_CLASSES):
+        picked = [float(depth[i]) for i, names in enumerate(classes) if name == "all" or name in names]
+        if picked:
+            lines.append(f"| {name} | {len(picked)} | {sum(picked) / len(picked):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = None) -> list[Path]:
     """Write the run's plots; returns their paths."""
     metrics = read_metrics(run_dir)
@@ -146,6 +185,9 @@ def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = No
         if not depth_text:
             raise ValueError("--depth-map needs --text with at least one character")
         paths.append(plot_depth_map(model, depth_text, out))
+        table = out / "depth_by_byte_class.md"
+        table.write_text(depth_by_byte_class(model, depth_text))
+        paths.append(table)
     return paths
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The default `fractalmoe train` against the strongest small dense recipe people run on a CPU,
+# nanoGPT's Shakespeare recipe (4 layers x 128, 4 heads, context 64, batch 12, AdamW lr 1e-3,
+# warmup 100, cosine to 1e-4, weight decay 0.1, beta2 0.99, clip 1.0, no dropout), rebuilt with
+# this project's dense model (its GELU MLP of 4 x 128 becomes a SwiGLU of equal parameters,
+# hidden 341). The recipe gets the default run's whole wall-clock: a 100-step probe times its
+# steps, and its cosine schedule is stretched to the steps that fit. One after the other on an
+# idle machine; both scored by `fractalmoe eval` on the whole validation split.
+#   bash benchmarks/nanogpt_recipe.sh [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+F=.venv/bin/fractalmoe
+OUT=${1:-runs/nanogpt_vs_default}
+mkdir -p "$OUT"
+RECIPE=(--set ffn=dense --set ffn_hidden=341 --set seq_len=64 --set batch_size=12 --set lr=1e-3
+        --set warmup_steps=100 --set min_lr_frac=0.1 --set weight_decay=0.1 --set beta2=0.99
+        --set grad_clip=1.0 --set dropout=0.0 --set eval_every=250 --set eval_batches=16 --quiet)
+
+t0=$(date +%s.%N)
+$F train --out "$OUT/default" --quiet
+wall=$(python3 -c "import time; print(time.time() - $t0)")
+
+$F train --out "$OUT/probe" "${RECIPE[@]}" --max-steps 100 --set sample_bytes=0
+step_s=$(python3 -c "
+import json; rows = [json.loads(l) for l in open('$OUT/probe/metrics.jsonl')]
+print(max(r['elapsed_s'] for r in rows if r.get('elapsed_s')) / 100)")
+steps=$(python3 -c "print(int($wall / $step_s))")
+echo "default: ${wall}s; recipe: ${step_s}s/step -> $steps steps in the same wall-clock"
+
+$F train --out "$OUT/nanogpt" "${RECIPE[@]}" --max-steps "$steps" --time-budget "$(python3 -c "print($wall / 60)")"
+for run in default nanogpt; do
+  $F eval --ckpt "$OUT/$run" --json > "$OUT/$run.eval.json"
+  echo "$run: $(cat "$OUT/$run.eval.json")"
+done
