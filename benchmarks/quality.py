@@ -2,10 +2,9 @@
 experts studies. Each run is one `fractalmoe compare` (FFN FLOPs matched to the FHME reference
 of the same routing shape); runs are spread over CPU cores, one single-threaded process per core.
 
-    python benchmarks/quality.py search            # pilots: seed 1, 300 steps, bundled corpus
+    python benchmarks/quality.py pilots            # FHME-only pilots that set its own knobs
+    python benchmarks/quality.py search            # every model: seed 1, 300 steps, bundled corpus
     python benchmarks/quality.py final             # seeds 2 and 3, 1,200 steps, both corpora
-    python benchmarks/quality.py fractal           # C = 1, 2, 3 at equal FFN FLOPs (stdlib corpus)
-    python benchmarks/quality.py experts           # 4K -> 262K experts (stdlib corpus)
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -24,10 +23,21 @@ ROUTED = ("fhme", "pkm", "peer", "memplus")
 # The FHME reference of every comparison: value blocks, C = 2, 2 heads; other models are matched
 # to its FFN FLOPs through their own width knob (heads for routed models, hidden width otherwise).
 REFERENCE = ["--set", "block=value"]
-# Trials of the search, the same number for every model. Routed models share the routing shapes
-# and expert-table learning rates (two shapes of equal FLOPs per head for value blocks).
-ROUTED_TRIALS = [("16", "40", "0.05"), ("16", "40", "0.15"), ("32", "8", "0.05")]
-DENSE_TRIALS = ["0.001", "0.003", "0.01"]
+# Trials of the search, the same number for every model. Routed models share two routing shapes
+# of about equal FLOPs per head for value blocks; dense and MoE try two learning rates.
+ROUTED_TRIALS = [("16", "40", "0.05"), ("32", "8", "0.05")]
+DENSE_TRIALS = ["0.003", "0.01"]
+# FHME's own pilots before the search (block kind, shape, join start, summed join, table lr).
+PILOTS = [("value", ["--models", "fhme,pkm,dense", "--set", "block=value"]),
+          ("value_q16k32", ["--models", "fhme,pkm", "--set", "block=value", "--set", "key_dim=16",
+                            "--set", "topk=32"]),
+          ("value_q16k32_jb0", ["--models", "fhme", "--set", "block=value", "--set", "key_dim=16",
+                                "--set", "topk=32", "--set", "join_bias=0"]),
+          ("value_q32k8_elr0.15", ["--models", "fhme", "--set", "block=value", "--set", "expert_lr=0.15"])]
+
+
+def pilot_jobs() -> list[tuple[str, list[str]]]:
+    return [(name, [*args, "--max-steps", "300", "--seeds", "1"]) for name, args in PILOTS]
 
 
 def search_jobs() -> list[tuple[str, list[str]]]:
@@ -43,17 +53,22 @@ def search_jobs() -> list[tuple[str, list[str]]]:
 
 
 # Chosen on the bundled corpus from the search (README "How the settings were chosen"); run
-# unchanged on the second corpus.
-TUNED: dict[str, list[str]] = {}
+# unchanged on the second corpus. Every routed model reads 40 rows per head at key width 16.
+TUNED = {"fhme": ["--set", "join_bias=0"], "pkm": [], "dense": [], "moe": [], "memplus": [], "peer": []}
+SHAPE = ["--set", "key_dim=16", "--set", "topk=40"]
+# Most decisive first: FHME, the strongest baseline and dense on both corpora, then the others.
+ORDER = [("shakespeare", "fhme"), ("shakespeare", "pkm"), ("shakespeare", "dense"), ("stdlib", "fhme"),
+         ("stdlib", "pkm"), ("stdlib", "dense"), ("shakespeare", "moe"), ("shakespeare", "memplus"),
+         ("shakespeare", "peer"), ("stdlib", "memplus"), ("stdlib", "peer"), ("stdlib", "moe")]
 
 
 def final_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     jobs = []
-    for corpus, data in (("shakespeare", []), ("stdlib", ["--data", stdlib])):
-        for model, seed in itertools.product(TUNED, ("2", "3")):
-            jobs.append((f"{corpus}_{model}_s{seed}",
-                         ["--models", model, *REFERENCE, *TUNED[model], *data, "--max-steps", "1200",
-                          "--seeds", seed]))
+    for (corpus, model), seed in itertools.product(ORDER, ("2", "3")):
+        data = ["--data", stdlib] if corpus == "stdlib" else []
+        jobs.append((f"{corpus}_{model}_s{seed}",
+                     ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], *data, "--max-steps", "1200",
+                      "--seeds", seed]))
     return jobs
 
 
@@ -77,12 +92,12 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cores: int, core: int | N
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("search", "final", "fractal", "experts"))
+    p.add_argument("phase", choices=("pilots", "search", "final"))
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--core", type=int)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
     args = p.parse_args()
-    jobs = {"search": search_jobs, "final": lambda: final_jobs(args.stdlib)}[args.phase]()
+    jobs = {"pilots": pilot_jobs, "search": search_jobs, "final": lambda: final_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, args.cores, args.core)
 
 

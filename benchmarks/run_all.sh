@@ -12,9 +12,18 @@ STD=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib
 /usr/bin/time -v $F train --out runs/default 2> $R/default_train/time.txt
 $F eval --ckpt runs/default --json > $R/default_train/eval.json
 
-# Million-expert scaling (one layer, dim 256, 8 heads x top-16, 2048 tokens, fp32)
-$F bench layer --experts 16384,262144,1048576 --impl fractalmoe,peer-dense,peer-pytorch,pkm-pytorch --json > $R/layer.jsonl
-$F bench layer --experts 4194304 --impl fractalmoe --json > $R/layer_4m.jsonl
+# Quality: the search of equal size per model, then the reported comparison on both corpora
+$F corpus stdlib --out data/stdlib
+.venv/bin/python benchmarks/quality.py search
+.venv/bin/python benchmarks/quality.py final
+.venv/bin/python benchmarks/quality_tables.py runs/quality > $R/quality/tables.md
+
+# Million-expert scaling (one layer, dim 256, 8 heads x top-16, 2048 tokens, fp32); the default
+# recipe against nanoGPT's at equal wall-clock; per-rank memory of sharded training and resume
+bash benchmarks/bench_layer.sh
+$F bench layer --experts 4194304 --impl fractalmoe --wait-idle 600 --json > $R/layer_4m.jsonl
+bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default
+bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 
 # Adaptive depth (C = 3): the adaptive model, the same config at full depth, bench adaptive
@@ -53,7 +62,9 @@ cp runs/scaling_depth/results.jsonl $R/scaling_depth_results.jsonl
 # Scale-out: 1 vs 2 processes at 262,144 experts
 bash benchmarks/distributed.sh
 
-# Fine-tuning: the default run adapted to Python's email package source
+# Fine-tuning: forgetting study (email source, KJV prose, GPT-2 base)
+bash benchmarks/finetune.sh runs/default runs/finetune_study
+# Earlier fine-tuning table: the default run adapted to Python's email package source
 $F eval --ckpt runs/default --data $STD --json > $R/finetune_base_eval.json
 for k in fhme lora full; do
   $F finetune --base runs/default --data $STD --adapter $k --out runs/ft_$k --max-steps 150 --quiet > $R/finetune_$k.log 2>&1
