@@ -219,3 +219,14 @@ def test_balance_loss_is_the_switch_loss_over_candidates_and_teaches_spreading()
         stats.aux_loss().backward()
         opt.step()
     assert _expert_kl(idx, 1024) < 0.7 * before
+
+
+@pytest.mark.parametrize("size", [64, 1 << 20])  # a table of counts / binary searches
+def test_share_of_choices_at_candidates_equals_brute_force(size: int) -> None:
+    from fractalmoe.routing import _share_at
+
+    chosen = torch.randint(0, min(size, 200), (50, 3, 4))
+    at = torch.randint(0, min(size, 200), (50, 3, 16))
+    expected = torch.stack([(chosen[:, h].reshape(-1, 1) == at[:, h].reshape(1, -1)).sum(0).view(50, 16)
+                            for h in range(3)], dim=1).float() / (50 * 4)
+    torch.testing.assert_close(_share_at(chosen, at, size), expected)

@@ -242,14 +242,24 @@ def _head_offsets(heads: int, size: int, device: torch.device) -> Tensor:
 
 
 def _share_at(chosen: Tensor, at: Tensor, size: int) -> Tensor:
-    """Share of each head's choices chosen (..., H, K) that equal each entry of at (..., H, M),
-    without an (H, size) table: the choices of all heads sorted once (offset by h * size), each
-    entry counted by two binary searches. O(T H (K + M) log(T H K))."""
+    """Share of each head's choices chosen (..., H, K) that equal each entry of at (..., H, M).
+
+    Counted in an (H, size) table when that table is at most a few times larger than ``at``
+    (a memset and a gather are then far cheaper than binary searches); otherwise without one: the
+    choices of all heads sorted once (offset by h * size), each entry counted by two binary
+    searches. Either way the cost is O(T H (K + M)) up to a log factor and a constant, never a
+    table that grows with N alone."""
     heads = chosen.shape[-2]
     offsets = _head_offsets(heads, size, chosen.device)
-    ranked = (chosen + offsets).flatten().sort().values
+    flat = (chosen + offsets).flatten()
     keys = (at + offsets).contiguous()
-    count = torch.searchsorted(ranked, keys, right=True) - torch.searchsorted(ranked, keys)
+    if heads * size <= 4 * keys.numel():
+        table = torch.zeros(heads * size, device=chosen.device).index_add_(
+            0, flat, torch.ones(flat.shape, device=chosen.device))
+        count = table[keys]
+    else:
+        ranked = flat.sort().values
+        count = torch.searchsorted(ranked, keys, right=True) - torch.searchsorted(ranked, keys)
     return count.float() / (chosen.numel() // heads)
 
 
