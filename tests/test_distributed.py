@@ -128,8 +128,8 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     run_dir = resume or Path(job["out"])
     reads: Counter = Counter()
     checkpoint.safe_open = _spying(reads)  # what the resume reads, per tensor
-    run(_config(job["max_steps"], job.get("lr", 1e-3), **job.get("model", {})), out=None if resume else run_dir, resume=resume,
-        data_path=job["data"], progress=False, ctx=ctx)
+    run(_config(job["max_steps"], job.get("lr", 1e-3), **job.get("model", {})),
+        out=None if resume else run_dir, resume=resume, data_path=job["data"], progress=False, ctx=ctx)
     if job.get("reads"):
         Path(job["reads"] + f".{rank}").write_text(json.dumps(reads))
     if job.get("logits"):
