@@ -5,6 +5,8 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py pilots            # FHME-only pilots that set its own knobs
     python benchmarks/quality.py search            # every model: seed 1, 300 steps, bundled corpus
     python benchmarks/quality.py final             # seeds 2 and 3, 1,200 steps, both corpora
+    python benchmarks/quality.py optim-pilots      # expert-table optimizers: 3 table lrs each, seed 1
+    python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -72,19 +74,49 @@ def final_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return jobs
 
 
-def run(phase: str, jobs: list[tuple[str, list[str]]], cores: int, core: int | None) -> None:
-    if core is None:  # one worker per core
-        procs = [subprocess.Popen([sys.executable, __file__, phase, "--cores", str(cores), "--core", str(c)])
-                 for c in range(cores)]
+# Expert-table optimizers on the default FHME: the same number of table learning rates each.
+OPTIM_TRIALS = {"rowwise_adagrad": ("0.02", "0.05", "0.15"), "lazy_adam": ("0.001", "0.003", "0.01"),
+                "dense_adamw": ("0.001", "0.003", "0.01")}
+# Best pilot lr per optimizer (README "Expert-table optimizers").
+OPTIM_TUNED = {"rowwise_adagrad": "0.05", "lazy_adam": "0.003", "dense_adamw": "0.003"}
+
+
+def _default_fhme(optim: str, lr: str) -> list[str]:
+    return ["--models", "fhme", *REFERENCE, *SHAPE, *TUNED["fhme"], "--set", f"expert_optim={optim}",
+            "--set", f"expert_lr={lr}"]
+
+
+def optim_pilot_jobs() -> list[tuple[str, list[str]]]:
+    return [(f"{optim}_elr{lr}", [*_default_fhme(optim, lr), "--max-steps", "300", "--seeds", "1"])
+            for optim, lrs in OPTIM_TRIALS.items() for lr in lrs]
+
+
+def optim_jobs() -> list[tuple[str, list[str]]]:
+    """Row-wise Adagrad at 16K experts is the final comparison's FHME (the same run): not repeated."""
+    jobs = []
+    for seed, experts, optim in itertools.product(("2", "3"), ("16384", "65536"), OPTIM_TUNED):
+        if experts == "16384" and optim == "rowwise_adagrad":
+            continue
+        jobs.append((f"n{experts}_{optim}_s{seed}",
+                     [*_default_fhme(optim, OPTIM_TUNED[optim]), "--set", f"num_experts={experts}",
+                      "--max-steps", "1200", "--seeds", seed]))
+    return jobs
+
+
+def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
+    if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
+        flag = ["--cpus", ",".join(map(str, cpus))]
+        procs = [subprocess.Popen([sys.executable, __file__, phase, *flag, "--worker", str(w)])
+                 for w in range(len(cpus))]
         sys.exit(max(p.wait() for p in procs))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path("runs/quality") / phase
     root.mkdir(parents=True, exist_ok=True)
     for i, (name, args) in enumerate(jobs):
         out = root / name
-        if i % cores != core or out.exists():
+        if i % len(cpus) != worker or out.exists():
             continue
-        cmd = ["taskset", "-c", str(core), sys.executable, "-m", "fractalmoe", "compare", *args,
+        cmd = ["taskset", "-c", str(cpus[worker]), sys.executable, "-m", "fractalmoe", "compare", *args,
                "--out", str(out), "--json"]
         with open(f"{out}.log", "w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
@@ -92,13 +124,14 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cores: int, core: int | N
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("pilots", "search", "final"))
-    p.add_argument("--cores", type=int, default=2)
-    p.add_argument("--core", type=int)
+    p.add_argument("phase", choices=("pilots", "search", "final", "optim-pilots", "optim"))
+    p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
     args = p.parse_args()
-    jobs = {"pilots": pilot_jobs, "search": search_jobs, "final": lambda: final_jobs(args.stdlib)}[args.phase]()
-    run(args.phase, jobs, args.cores, args.core)
+    jobs = {"pilots": pilot_jobs, "search": search_jobs, "final": lambda: final_jobs(args.stdlib),
+            "optim-pilots": optim_pilot_jobs, "optim": optim_jobs}[args.phase]()
+    run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
 if __name__ == "__main__":
