@@ -5,6 +5,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py pilots            # FHME-only pilots that set its own knobs
     python benchmarks/quality.py search            # every model: seed 1, 300 steps, bundled corpus
     python benchmarks/quality.py final             # seeds 2 and 3, 1,200 steps, both corpora
+    python benchmarks/quality.py untie-pilots      # FHME with untied routers vs tied and PKM, 600 steps
     python benchmarks/quality.py optim-pilots      # expert-table optimizers: 3 table lrs each, seed 1
     python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
 
@@ -40,6 +41,16 @@ PILOTS = [("value", ["--models", "fhme,pkm,dense", "--set", "block=value"]),
 
 def pilot_jobs() -> list[tuple[str, list[str]]]:
     return [(name, [*args, "--max-steps", "300", "--seeds", "1"]) for name, args in PILOTS]
+
+
+def untie_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """A trained tied FHME re-reads ~93% of B_1's rows in B_1's second application: does giving
+    every application its own router (one bank) buy quality? 600 steps, as 300 misranked FHME
+    and PKM against their 1,200-step order."""
+    common = [*REFERENCE, *SHAPE, "--max-steps", "600", "--seeds", "1"]
+    return [("fhme_untied", ["--models", "fhme", *TUNED["fhme"], "--set", "tie_blocks=false", *common]),
+            ("fhme_tied", ["--models", "fhme", *TUNED["fhme"], *common]),
+            ("pkm", ["--models", "pkm", *common])]
 
 
 def search_jobs() -> list[tuple[str, list[str]]]:
@@ -124,12 +135,13 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("pilots", "search", "final", "optim-pilots", "optim"))
+    p.add_argument("phase", choices=("pilots", "untie-pilots", "search", "final", "optim-pilots",
+                                          "optim"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
     args = p.parse_args()
-    jobs = {"pilots": pilot_jobs, "search": search_jobs, "final": lambda: final_jobs(args.stdlib),
+    jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "search": search_jobs, "final": lambda: final_jobs(args.stdlib),
             "optim-pilots": optim_pilot_jobs, "optim": optim_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from fractalmoe import FHME, FractalExpert
@@ -19,8 +21,19 @@ def reference_f(fe: FractalExpert, c: int, x: torch.Tensor) -> torch.Tensor:
     return g * deep + (1 - g) * shallow
 
 
-def _fractal(depth: int) -> FractalExpert:
-    fe = FractalExpert(16, 256, depth=depth, heads=2, topk=4, key_dim=8).double().eval()
+def reference_untied(fe: FractalExpert, c: int, x: torch.Tensor, blocks: Iterator[torch.nn.Module],
+                     joins: Iterator[torch.nn.Module]) -> torch.Tensor:
+    """The same recursion, every application taking the next fresh block or join in order."""
+    if c == 1:
+        return next(blocks)(x, fe.bank)
+    deep = reference_untied(fe, c - 1, reference_untied(fe, c - 1, x, blocks, joins), blocks, joins)
+    shallow = next(blocks)(x, fe.bank)
+    g = torch.sigmoid(next(joins).gate(x))
+    return g * deep + (1 - g) * shallow
+
+
+def _fractal(depth: int, tied: bool = True) -> FractalExpert:
+    fe = FractalExpert(16, 256, depth=depth, heads=2, topk=4, key_dim=8, tied=tied).double().eval()
     for j in fe.joins:  # non-trivial gates, so both branches matter
         torch.nn.init.normal_(j.gate.weight, std=0.5)
     return fe
@@ -35,6 +48,21 @@ def test_all_depths_equal_reference_recursion() -> None:
         for c, out in enumerate(outs, start=1):
             torch.testing.assert_close(out, reference_f(fe, c, x.reshape(-1, 16)).view_as(x))
         torch.testing.assert_close(fe(x), outs[-1])
+
+
+def test_untied_recursion_uses_each_application_once() -> None:
+    fe = _fractal(3, tied=False)
+    assert len(fe.blocks) == 7 and len(fe.joins) == 3
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outs = fe(x, return_all_depths=True)
+        for c, out in enumerate(outs, start=1):
+            ref = reference_untied(fe, c, x.reshape(-1, 16), iter(fe.blocks), iter(fe.joins))
+            torch.testing.assert_close(out, ref.view_as(x))
+    fe.train()
+    fe(x).sum().backward()
+    assert all(b.memory.router.query.weight.grad.abs().sum() > 0 for b in fe.blocks)
+    assert all(j.gate.weight.grad.abs().sum() > 0 for j in fe.joins)
 
 
 def test_single_pass_costs_2c_minus_1_blocks() -> None:

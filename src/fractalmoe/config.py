@@ -122,6 +122,7 @@ class ModelConfig(_Config):
     expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
     fractal_depth: int = 2
+    tie_blocks: bool = True  # False: every block application has its own router (one bank)
     join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column

@@ -58,14 +58,15 @@ class FHME(nn.Module, PastBatchStatistics):
                  depth_penalty: float = 0.0, depth_explore: float = 0.0,
                  depth_target: float = 0.0, expert_dtype: str = "float32",
                  balancing: Balancing = Balancing(), block: str = "neuron",
-                 bank: ExpertBank | None = None) -> None:
+                 bank: ExpertBank | None = None, tied: bool = True) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target = depth_explore, depth_target
         initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
-                                     drop_path_global, TABLE_DTYPES[expert_dtype], balancing, block, bank)
+                                     drop_path_global, TABLE_DTYPES[expert_dtype], balancing, block, bank,
+                                     tied)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             self.depth_router = nn.Linear(dim, depth)
@@ -85,7 +86,7 @@ class FHME(nn.Module, PastBatchStatistics):
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
-                   balancing_of(cfg), cfg.block, bank)
+                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks)
 
     def choose_depth(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-token depth in 1..C (hard) and router probabilities (None without a router)."""
@@ -206,12 +207,13 @@ class FHME(nn.Module, PastBatchStatistics):
                 + joins_at_depth(depth) * 2 * self.dim + router)
 
     def params_at_depth(self, depth: int) -> int:
-        """Parameters a token at ``depth`` reads: routers of blocks 1..d, its expert rows, joins."""
+        """Parameters a token at ``depth`` reads: its routers, its expert rows, its join gates."""
         mem = self.fractal.blocks[0].memory
         routers = mem.router.params_per_token()
         rows = mem.params_per_token() - routers  # expert rows (and gate) read per block call
         router = self.depth_router.weight.numel() if self.depth_router is not None else 0
-        return depth * routers + blocks_at_depth(depth) * rows + (depth - 1) * (self.dim + 1) + router
+        return (self.fractal.routers_at_depth(depth) * routers + blocks_at_depth(depth) * rows
+                + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + router)
 
     def _expected(self, per_depth: Callable[[int], float], depth_hist: DepthHist) -> float:
         """Mean of per_depth(d) under a measured depth histogram (counts or fractions per depth);

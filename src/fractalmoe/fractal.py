@@ -2,10 +2,16 @@
 
 Legend: T tokens (flattened batch * time), D width, C fractal depth (columns).
 
-B_c(x) = x + mix_c(norm(x)) is a pre-normalised residual routed block, so f(f(x)) acts like two
-weight-tied layers. Computing f_C costs 2**C - 1 blocks and yields every f_c(x), c < C, on the way:
-stage c turns f_{c-1}(x) into f_c(x) for 2**(c-1) more blocks. That staging is what adaptive depth
-compacts: a token that stops at depth d never enters stage d + 1.
+B_c(x) = x + mix_c(norm(x)) is a pre-normalised residual routed block. Computing f_C costs
+2**C - 1 block applications and yields every f_c(x), c < C, on the way: stage c turns f_{c-1}(x)
+into f_c(x) for 2**(c-1) more. That staging is what adaptive depth compacts: a token that stops
+at depth d never enters stage d + 1.
+
+Tied (the original recursion) the C columns' blocks are reused at every application, so f(f(x))
+acts like two weight-tied layers: the second application of a router sees nearly the same query
+and reads mostly the same rows again. Untied, every application in the recursion (2**C - 1
+blocks, 2**(C-1) - 1 joins) has its own router and join gate; all still read the one expert
+bank, which holds nearly all the parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +32,15 @@ def blocks_at_depth(depth: int) -> int:
 def joins_at_depth(depth: int) -> int:
     """Join evaluations inside f_depth: 2**(depth - 1) - 1."""
     return 2 ** (depth - 1) - 1
+
+
+def application_columns(depth: int, first: int) -> list[int]:
+    """Column of each application in evaluation order, o_c = o_{c-1} + o_{c-1} + [c]: blocks
+    with first = 1 (o_1 = [1]), joins with first = 2 (o_1 = [])."""
+    order: list[int] = [1] if first == 1 else []
+    for c in range(2, depth + 1):
+        order = order + order + [c]
+    return order
 
 
 class RoutedBlock(nn.Module):
@@ -73,11 +88,16 @@ class FractalExpert(nn.Module):
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
                  balancing: Balancing = Balancing(), kind: str = "neuron",
-                 bank: ExpertBank | None = None) -> None:
+                 bank: ExpertBank | None = None, tied: bool = True) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
         self.depth, self.drop_local, self.drop_global = depth, drop_path_local, drop_path_global
+        self.tied = tied
+        # Module of the p-th block / join application: its column's (tied) or its own (untied).
+        block_cols, join_cols = application_columns(depth, 1), application_columns(depth, 2)
+        self._block_at = [c - 1 for c in block_cols] if tied else list(range(len(block_cols)))
+        self._join_at = [c - 2 for c in join_cols] if tied else list(range(len(join_cols)))
         if bank is None:
             self.bank = ExpertBank(num_experts, dim, act, expert_dtype, kind)
         else:  # shared with other layers and owned (stored once) by the model: not a submodule
@@ -86,8 +106,8 @@ class FractalExpert(nn.Module):
             RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
                                               query_norm, act, kind, own_bank=False,
                                               balancing=balancing))
-            for _ in range(depth))
-        self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(depth - 1))
+            for _ in range(max(self._block_at) + 1))
+        self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(len(set(self._join_at))))
 
     def _keep_masks(self, c: int, x: Tensor, column: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Drop-path masks for join c: local (random branch drop) and global (one column)."""
@@ -107,20 +127,35 @@ class FractalExpert(nn.Module):
                                        torch.where((col > 0) & (col < c), 0.0, keep_shallow))
         return keep_deep, keep_shallow
 
-    def _f(self, c: int, x: Tensor, column: Tensor | None) -> Tensor:
-        """f_c(x) by direct recursion (2**c - 1 blocks)."""
+    def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int) -> Tensor:
+        """f_c(x) by direct recursion (2**c - 1 blocks) from the block-th block application and
+        the join-th join application on."""
         if c == 1:
-            return self.blocks[0](x, self.bank)
-        return self.stage(c, x, self._f(c - 1, x, column), column)
+            return self.blocks[self._block_at[block]](x, self.bank)
+        prev = self._f(c - 1, x, column, block, join)
+        return self._extend(c, x, prev, column, block + blocks_at_depth(c - 1), join + joins_at_depth(c - 1))
+
+    def _extend(self, c: int, x: Tensor, prev: Tensor, column: Tensor | None, block: int,
+                join: int) -> Tensor:
+        """J_c(f_{c-1}(prev), B_c(x)), applications numbered from block and join on."""
+        deep = self._f(c - 1, prev, column, block, join)
+        shallow = self.blocks[self._block_at[block + blocks_at_depth(c - 1)]](x, self.bank)
+        gate = self.joins[self._join_at[join + joins_at_depth(c - 1)]]
+        return gate(x, deep, shallow, self._keep_masks(c, x, column))
 
     def stage(self, c: int, x: Tensor, prev: Tensor | None, column: Tensor | None = None) -> Tensor:
         """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D)."""
         if c == 1:
             return self.blocks[0](x, self.bank)
         assert prev is not None
-        deep = self._f(c - 1, prev, column)
-        shallow = self.blocks[c - 1](x, self.bank)
-        return self.joins[c - 2](x, deep, shallow, self._keep_masks(c, x, column))
+        return self._extend(c, x, prev, column, blocks_at_depth(c - 1), joins_at_depth(c - 1))
+
+    def routers_at_depth(self, depth: int) -> int:
+        """Distinct routers a token at ``depth`` uses: one per column tied, one per block untied."""
+        return depth if self.tied else blocks_at_depth(depth)
+
+    def join_gates_at_depth(self, depth: int) -> int:
+        return depth - 1 if self.tied else joins_at_depth(depth)
 
     def sample_columns(self, num_tokens: int, device: torch.device) -> Tensor | None:
         """Global drop-path: per token, with prob p, a single column 1..C to train alone."""
