@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fractalmoe import FHME, FHMELanguageModel
@@ -16,8 +17,9 @@ def _mixed_router(layer: FHME) -> None:
     torch.nn.init.zeros_(layer.depth_router.bias)
 
 
-def test_compacted_layer_equals_masked_full_computation() -> None:
-    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True).eval()
+@pytest.mark.parametrize("tied", [True, False])
+def test_compacted_layer_equals_masked_full_computation(tied: bool) -> None:
+    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True, tied=tied).eval()
     _mixed_router(layer)
     x = torch.randn(4, 24, 16)
     depth, _ = layer.choose_depth(x.reshape(-1, 16))
