@@ -141,8 +141,9 @@ def main() -> None:
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
     args = p.parse_args()
-    jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "search": search_jobs, "final": lambda: final_jobs(args.stdlib),
-            "optim-pilots": optim_pilot_jobs, "optim": optim_jobs}[args.phase]()
+    jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "search": search_jobs,
+            "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
+            "optim": optim_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 

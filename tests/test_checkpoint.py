@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from fractalmoe.checkpoint import (
     CheckpointError,
     latest_checkpoint,
-    load_checkpoint_state,
-    load_model_tensors,
+    load_model_checkpoint,
+    read_model_tensors,
+    read_run_state,
 )
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
@@ -114,7 +115,7 @@ def test_run_of_nans_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path: Path
             progress=False, loss_hook=hook, log=lambda s: None)
     ckpt = latest_checkpoint(tmp_path / "r")
     assert ckpt is not None and ckpt.name == "step_000004"
-    tensors, _, state = load_checkpoint_state(ckpt)
+    tensors, state = read_model_tensors(ckpt), read_run_state(ckpt)
     assert state["step"] == 4 and all(torch.isfinite(t).all() for t in tensors.values())
 
 
@@ -146,13 +147,12 @@ def _kill_and_resume(tmp_path: Path, corpus: str, trial: int) -> None:
     proc.wait()
     ckpt = latest_checkpoint(out)
     assert ckpt is not None, "no complete checkpoint after SIGKILL"
-    _, _, state = load_checkpoint_state(ckpt)
-    step = state["step"]
+    step = read_run_state(ckpt)["step"]
     cmd = _train_cmd(out, corpus, step + 2, 1)
     cmd[cmd.index("--out"):cmd.index("--out") + 2] = ["--resume", str(out)]
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    assert load_checkpoint_state(latest_checkpoint(out))[2]["step"] == step + 2
+    assert read_run_state(latest_checkpoint(out))["step"] == step + 2
 
 
 @pytest.mark.parametrize("trial", range(3))
@@ -175,8 +175,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path: Path, corpus: s
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     logged = len((out / "metrics.jsonl").read_text().splitlines())
-    state = load_checkpoint_state(latest_checkpoint(out))[2]
-    assert state["step"] == logged  # the step it was on, nothing lost
+    assert read_run_state(latest_checkpoint(out))["step"] == logged  # the step it was on, nothing lost
 
 
 def _cli_error(argv: list[str], capsys) -> str:
@@ -214,10 +213,9 @@ def test_config_with_wrong_types_fails_in_one_line(finished_run: Path, capsys) -
 
 
 def test_wrong_architecture_names_the_mismatch(finished_run: Path, capsys) -> None:
-    tensors, _, _ = load_checkpoint_state(latest_checkpoint(finished_run))
     other = FHMELanguageModel(tiny_model_config(n_layers=1, dim=48))
     with pytest.raises(CheckpointError, match=r"shape mismatch embed.weight"):
-        load_model_tensors(other, tensors, "ckpt")
+        load_model_checkpoint(other, latest_checkpoint(finished_run))
     err = _cli_error(["train", "--resume", str(finished_run), "--set", "dim=48"], capsys)
     assert "dim: 32 -> 48" in err
 

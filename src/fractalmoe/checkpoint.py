@@ -141,13 +141,6 @@ def _check_names_and_shapes(expected: dict[str, tuple[int, ...]], found: dict[st
         raise CheckpointError(f"{source} does not match this architecture: " + ", ".join(parts))
 
 
-def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
-    """Copy tensors into the model, naming every missing, unexpected or mis-shaped entry."""
-    expected = {k: tuple(v.shape) for k, v in _model_entries(model).items()}
-    _check_names_and_shapes(expected, {k: tuple(v.shape) for k, v in tensors.items()}, source)
-    model.load_state_dict(tensors, strict=False)
-
-
 # --- lazy, row-ranged reads -----------------------------------------------------------------
 RowRanges = dict[str, tuple[int, int, int]]  # table name -> (lo, hi, num_rows) held by a rank
 _CHUNK_BYTES = 32 << 20  # rows copied into a table per read: bounds the transient copy
@@ -414,18 +407,6 @@ def read_optim_state(ckpt: Path, state: dict[str, Any],
             span = rows_of_param[param] if rows_of_param is not None and param is not None else None
             tensors[key] = files.read(key, *span) if span is not None and shape else files.read(key)
     return unflatten_state(state["optim"], tensors)
-
-
-def load_checkpoint_state(ckpt: Path, rows: RowRanges | None = None,
-                          rows_of_param: list[tuple[int, int] | None] | None = None,
-                          ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """(model tensors, optimizer state, run state) of one checkpoint directory: whole, or only
-    the table rows named by ``rows`` (model) and ``rows_of_param`` (optimizer)."""
-    state = read_run_state(ckpt)
-    model = read_model_tensors(ckpt, rows)
-    optim = read_optim_state(ckpt, state, rows_of_param)
-    state.pop("optim")
-    return model, optim, state
 
 
 def _b64(rng_state: Tensor) -> str:
