@@ -25,6 +25,9 @@ $F bench layer --experts 4194304 --impl fractalmoe --wait-idle 600 --json > $R/l
 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
+$F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat16 --impl fractalmoe --json > $R/layer_16m.jsonl
+/usr/bin/time -v $F train --config configs/million.toml --set n_layers=1 --set num_experts=16777216 \
+  --set expert_dtype=bfloat16 --out runs/train_16m --quiet 2> $R/train_16m/time.txt
 
 # Adaptive depth (C = 3): the adaptive model, the same config at full depth, bench adaptive
 $F train --config configs/adaptive.toml --out runs/adaptive --quiet > $R/adaptive_train.log 2>&1
