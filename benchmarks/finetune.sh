@@ -24,8 +24,8 @@
 # Sequential: email, then kjv starting from the email run (middle learning rate): retention on the
 # base domain and on email. GPT-2: a transformers GPT-2 base trained here, adapted to email.
 # Needs `pip install -e .[hf]` (transformers, peft). Environment overrides: STEPS, SEEDS, RANK,
-# ROWS, METHODS, EVAL_BYTES (evaluate on that prefix of each validation split), DEVICE, RESULTS,
-# GPT2_STEPS (training steps of the GPT-2 base).
+# ROWS, METHODS, DOMAINS, STUDIES (any of: single sequential gpt2), EVAL_BYTES (evaluate on that
+# prefix of each validation split), DEVICE, RESULTS, GPT2_STEPS (training steps of the GPT-2 base).
 set -euo pipefail
 BASE=${1:?usage: bash benchmarks/finetune.sh RUN_DIR [OUT_DIR]}
 OUT=${2:-runs/finetune_study}
@@ -38,6 +38,8 @@ RANK=${RANK:-64}
 ROWS=${ROWS:-64}
 DEVICE=${DEVICE:-cpu}
 METHODS=${METHODS:-"fhme lora full fhme-gate fhme-rows"}
+DOMAINS=${DOMAINS:-"email kjv"}
+STUDIES=${STUDIES:-"single sequential gpt2"}
 GPT2_STEPS=${GPT2_STEPS:-1200}
 EVAL=${EVAL_BYTES:+--eval-bytes $EVAL_BYTES}
 mkdir -p "$OUT/json" "$OUT/data" "$RESULTS"
@@ -45,15 +47,17 @@ mkdir -p "$OUT/json" "$OUT/data" "$RESULTS"
 # --- domains ----------------------------------------------------------------------------------
 EMAIL=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 KJV=$OUT/data/kjv.txt
-if [ ! -s "$KJV" ]; then
+if [[ " $DOMAINS " == *" kjv "* || " $STUDIES " == *" sequential "* ]] && [ ! -s "$KJV" ]; then
   if ! command -v bible > /dev/null; then
     apt-get install -y bible-kjv > /dev/null || { echo "install Debian's bible-kjv package (apt-get install -y bible-kjv)" >&2; exit 2; }
   fi
   bible -l80 "Genesis1:1-Revelation22:21" > "$KJV"
 fi
-sum=$(sha256sum "$KJV" | cut -c1-64)
-[ "$sum" = ba7c84a755b5ecc052222311dc2d785cd6cf9c0875ca26fc31de1138501496d5 ] ||
-  echo "note: $KJV differs from the text the study was written with (sha256 $sum)" >&2
+if [ -s "$KJV" ]; then
+  sum=$(sha256sum "$KJV" | cut -c1-64)
+  [ "$sum" = ba7c84a755b5ecc052222311dc2d785cd6cf9c0875ca26fc31de1138501496d5 ] ||
+    echo "note: $KJV differs from the text the study was written with (sha256 $sum)" >&2
+fi
 declare -A DATA=([email]=$EMAIL [kjv]=$KJV)
 
 # --- learning rates: "lr:expert_lr", low, middle, high ----------------------------------------
@@ -97,7 +101,8 @@ brief() {  # one progress line per finished run
 }
 
 # --- one new domain at a time -----------------------------------------------------------------
-for domain in email kjv; do
+for domain in $DOMAINS; do
+  [[ " $STUDIES " == *" single "* ]] || break
   for method in $METHODS; do
     for lr in $(lrs "$method"); do
       for seed in $SEEDS; do
@@ -109,6 +114,7 @@ done
 
 # --- sequential: email, then kjv from the email run -------------------------------------------
 for method in $METHODS; do
+  [[ " $STUDIES " == *" sequential "* ]] || break
   lr=$(middle "$method")
   for seed in $SEEDS; do
     finetune "seq_kjv_after_email_${method}_s$seed" "$OUT/email_${method}_lr${lr%%:*}_s$seed" kjv "$method" \
@@ -118,6 +124,7 @@ done
 
 # --- GPT-2 architecture base, adapted to email ------------------------------------------------
 G=benchmarks/finetune_gpt2.py
+if [[ " $STUDIES " == *" gpt2 "* ]]; then
 [ -s "$OUT/gpt2_base/fractalmoe_base.json" ] || $PY $G base --out "$OUT/gpt2_base" --steps "$GPT2_STEPS" --device "$DEVICE" > "$OUT/json/gpt2_base.json"
 for method in fhme lora full; do
   for lr in $(lrs "$method"); do
@@ -133,7 +140,8 @@ for method in fhme lora full; do
     done
   done
 done
+cp "$OUT/json/gpt2_base.json" "$RESULTS/finetune_gpt2_base.json"
+fi
 
 cat "$OUT"/json/*_s[0-9]*.json > "$RESULTS/finetune.jsonl"
-cp "$OUT/json/gpt2_base.json" "$RESULTS/finetune_gpt2_base.json"
 $PY benchmarks/finetune_table.py "$RESULTS/finetune.jsonl" | tee "$RESULTS/finetune_tables.md"
