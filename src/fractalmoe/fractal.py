@@ -127,11 +127,15 @@ class FractalExpert(nn.Module):
                                        torch.where((col > 0) & (col < c), 0.0, keep_shallow))
         return keep_deep, keep_shallow
 
+    def block_of(self, application: int) -> RoutedBlock:
+        """The block that the application-th block application (in evaluation order) runs."""
+        return self.blocks[self._block_at[application]]
+
     def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int) -> Tensor:
         """f_c(x) by direct recursion (2**c - 1 blocks) from the block-th block application and
         the join-th join application on."""
         if c == 1:
-            return self.blocks[self._block_at[block]](x, self.bank)
+            return self.block_of(block)(x, self.bank)
         prev = self._f(c - 1, x, column, block, join)
         return self._extend(c, x, prev, column, block + blocks_at_depth(c - 1), join + joins_at_depth(c - 1))
 
@@ -139,7 +143,7 @@ class FractalExpert(nn.Module):
                 join: int) -> Tensor:
         """J_c(f_{c-1}(prev), B_c(x)), applications numbered from block and join on."""
         deep = self._f(c - 1, prev, column, block, join)
-        shallow = self.blocks[self._block_at[block + blocks_at_depth(c - 1)]](x, self.bank)
+        shallow = self.block_of(block + blocks_at_depth(c - 1))(x, self.bank)
         gate = self.joins[self._join_at[join + joins_at_depth(c - 1)]]
         return gate(x, deep, shallow, self._keep_masks(c, x, column))
 
