@@ -1,5 +1,5 @@
-"""Markdown tables of the quality runs (benchmarks/quality.py): every search trial, and the
-reported comparison per corpus with the win rule applied.
+"""Markdown tables of the quality runs (benchmarks/quality.py): every search trial, the
+reported comparison per corpus with the win rule applied, and the expert-table optimizers.
 
     python benchmarks/quality_tables.py benchmarks/results/quality
 
@@ -16,11 +16,22 @@ from pathlib import Path
 
 
 def rows(folder: Path) -> list[dict]:
+    """Per-seed result rows of every run under folder, with the run's name and (where kept) its
+    periodic validation curve {step: (val bpb, elapsed s)}."""
     out = []
     for path in sorted(folder.glob("*/results.jsonl")):
+        metrics = path.parent / "metrics.jsonl"
+        curve = {}
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                m = json.loads(line)
+                if m.get("val_bpb") is not None:
+                    curve[m["step"]] = (m["val_bpb"], m["elapsed_s"])
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            row["name"] = path.parent.name
+            if "seed" not in row:  # the per-model summary line
+                continue
+            row["name"], row["curve"] = path.parent.name, curve
             out.append(row)
     return out
 
@@ -80,6 +91,29 @@ def final_table(found: list[dict], corpus: str) -> str:
     return "\n".join(lines)
 
 
+def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dict]) -> str:
+    """Pilot lrs per optimizer, then each optimizer at its best lr: bpb per step and per second."""
+    lines = ["| optimizer | table lr | val bpb (seed 1, 300 steps) |", "|---|---:|---:|"]
+    for r in sorted(pilots, key=lambda r: (r["config"]["expert_optim"], r["config"]["expert_lr"])):
+        lines.append(f"| {r['config']['expert_optim']} | {r['config']['expert_lr']:g} | {r['val_bpb']:.4f} |")
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in reported + adagrad_16k:
+        groups.setdefault((r["config"]["num_experts"], r["config"]["expert_optim"]), []).append(r)
+    steps = (400, 800, 1200)
+    lines += ["", "| experts | optimizer | table lr | " + " | ".join(f"bpb @ {s}" for s in steps)
+              + " | val bpb (whole split, mean ± half-range) | seeds | wall-clock s |",
+              "|---:|---|---:|" + "---:|" * len(steps) + "---|---|---:|"]
+    for (experts, optim), rs in sorted(groups.items()):
+        at = [[r["curve"][s][0] for r in rs if s in r["curve"]] for s in steps]
+        mean, half = _stats([r["val_bpb"] for r in rs])
+        wall = [r["curve"][max(r["curve"])][1] for r in rs if r["curve"]]
+        lines.append(f"| {experts:,} | {optim} | {rs[0]['config']['expert_lr']:g} | "
+                     + " | ".join(f"{sum(v) / len(v):.4f}" if v else "—" for v in at)
+                     + f" | {mean:.4f} ± {half:.4f} | {', '.join(str(r['seed']) for r in rs)} | "
+                     + (f"{sum(wall) / len(wall):,.0f}" if wall else "—") + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality")
     if (root / "search").is_dir():
@@ -91,6 +125,12 @@ def main() -> None:
         if table:
             print(f"\n### {corpus} (1,200 steps)\n")
             print(table)
+    if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
+        pilots = rows(root / "optim-pilots") if (root / "optim-pilots").is_dir() else []
+        reported = rows(root / "optim") if (root / "optim").is_dir() else []
+        adagrad = [r for r in final if r["name"].startswith("shakespeare_fhme_")]
+        print("\n### Expert-table optimizers (default FHME, bundled corpus)\n")
+        print(optim_tables(pilots, reported, adagrad))
 
 
 if __name__ == "__main__":
