@@ -45,14 +45,15 @@ def _activate(a: Tensor, act: str) -> Tensor:
     return F.relu(a) if act == "relu" else F.gelu(a)
 
 
-_workspace: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+_workspace: dict[tuple[torch.dtype, torch.device, str], Tensor] = {}
 
 
-def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reused buffer, valid until the next call for the same dtype and device: a fresh (T*M, D)
-    allocation per call costs more in page faults than the work that fills it. Callers (the
-    gathers here, the optimisers' row merge) consume it before the next call."""
-    key, need = (dtype, device), shape[0] * shape[1]
+def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, slot: str = "") -> Tensor:
+    """A reused buffer, valid until the next call for the same dtype, device and slot: a fresh
+    (T*M, D) allocation per call costs more in page faults than the work that fills it (on CPU
+    a buffer this large is mapped anew, page by page, on every allocation). Callers (the
+    gathers here, the optimisers' row merge and row state) consume it before the next call."""
+    key, need = (dtype, device, slot), shape[0] * shape[1]
     buf = _workspace.get(key)
     if buf is None or buf.numel() < need:
         buf = _workspace[key] = torch.empty(need, dtype=dtype, device=device)

@@ -33,6 +33,13 @@ from .config import EXPERT_OPTIMS
 from .experts import is_expert_table, scratch, set_sparse_grad, sorted_runs
 
 
+def _in_table_dtype(update: Tensor, table: Tensor) -> Tensor:
+    """The float32 row update in the table's dtype (a reused buffer when they differ)."""
+    if update.dtype == table.dtype:
+        return update
+    return scratch(tuple(update.shape), table.dtype, update.device, "update").copy_(update)
+
+
 def merge_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """(rows, float32 row gradients, which rows are real; None: all) of an (N, D) gradient.
 
@@ -77,7 +84,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 acc = state["sum"].index_add_(0, rows, mean_sq)
                 scale = acc.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
                 update = g.mul_(scale.mul_(group["lr"]).unsqueeze(1))
-                p.index_add_(0, rows, update.to(p.dtype), alpha=-1.0)
+                p.index_add_(0, rows, _in_table_dtype(update, p), alpha=-1.0)
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -106,15 +113,18 @@ class LazyAdam(torch.optim.Optimizer):
                     state["step"] = state["step"].to(p.device)
                 step = state["step"].add_(1)
                 rows, g, real = merge_rows(p.grad)
-                # Two row buffers: v holds the delta of exp_avg_sq, then its new rows; g (scratch)
-                # becomes the delta of exp_avg; m the old, then new exp_avg rows, then the update.
-                v = state["exp_avg_sq"].index_select(0, rows)
-                v.neg_().addcmul_(g, g).mul_(1.0 - beta2)
-                m = state["exp_avg"].index_select(0, rows)
-                g.sub_(m).mul_(1.0 - beta1)
-                if real is not None:
-                    v.masked_fill_(~real.unsqueeze(1), 0.0)
-                    g.masked_fill_(~real.unsqueeze(1), 0.0)
+                # Padding rows must change nothing: the scales of the moment deltas and of the
+                # update carry a 0/1 factor per row, so masking costs no pass of its own.
+                keep = real.unsqueeze(1).float() if real is not None else torch.ones((), device=p.device)
+                # Two more row buffers (reused: fresh ones cost page faults on every step): v
+                # holds the delta of exp_avg_sq, then its new rows; g becomes the delta of
+                # exp_avg; m the old, then the new exp_avg rows, then the update.
+                v = torch.index_select(state["exp_avg_sq"], 0, rows,
+                                       out=scratch(g.shape, torch.float32, g.device, "adam_v"))
+                v.neg_().addcmul_(g, g).mul_(keep * (1.0 - beta2))
+                m = torch.index_select(state["exp_avg"], 0, rows,
+                                       out=scratch(g.shape, torch.float32, g.device, "adam_m"))
+                g.sub_(m).mul_(keep * (1.0 - beta1))
                 state["exp_avg_sq"].index_add_(0, rows, v)
                 state["exp_avg"].index_add_(0, rows, g)
                 torch.index_select(state["exp_avg_sq"], 0, rows, out=v)
@@ -122,10 +132,8 @@ class LazyAdam(torch.optim.Optimizer):
                 bias1 = torch.expm1(step * math.log(beta1)).neg_()
                 bias2 = torch.expm1(step * math.log(beta2)).neg_()
                 step_size = bias2.sqrt_().mul_(group["lr"]).div_(bias1)
-                update = m.add_(g).div_(v.sqrt_().add_(group["eps"])).mul_(step_size)
-                if real is not None:
-                    update.masked_fill_(~real.unsqueeze(1), 0.0)
-                p.index_add_(0, rows, update.to(p.dtype), alpha=-1.0)
+                update = m.add_(g).div_(v.sqrt_().add_(group["eps"])).mul_(keep * step_size)
+                p.index_add_(0, rows, _in_table_dtype(update, p), alpha=-1.0)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
