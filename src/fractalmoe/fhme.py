@@ -10,7 +10,8 @@ Adaptive depth is trained with a hard straight-through choice and an ACT-style p
 y = sum_{c <= d} w_c f_c(x), w = onehot(d) + p - stop_grad(p), d = argmax p, p = softmax(router(x)),
 plus depth_penalty * sum_c p_c * (2**c - 1). The choice reads only the token's own state (causal).
 In training and at inference alike, tokens that chose depth d are compacted out before stage
-d + 1, so the work of deeper stages is never done for them.
+d + 1 (sorted deepest first, so each stage runs on a prefix), and the work of deeper stages is
+never done for them.
 
 Forward changes no state. Under a collector (``stats.collect``) the layer records its depth
 counts and, in training, its ponder cost and the blocks used; with ``depth_target`` the fold
@@ -182,19 +183,21 @@ class FHME(nn.Module, PastBatchStatistics):
         return self._compacted(x_TD, depth_T, weights)
 
     def _compacted(self, x_TD: Tensor, depth_T: Tensor, weights_TC: Tensor) -> Tensor:
-        """sum_c weights[t, c] f_c(x_t) over c <= d(t): stage c runs only on the tokens with
-        d >= c (one host sync per stage for the size of the compacted batch)."""
-        prev = self.fractal.stage(1, x_TD, None)
-        out = prev * weights_TC[:, :1]
-        active = torch.arange(x_TD.shape[0], device=x_TD.device)
+        """sum_c weights[t, c] f_c(x_t) over c <= d(t). Tokens are sorted deepest first, so stage
+        c runs on a prefix of them (a view, no gather): one sort, one gather, one scatter back and
+        one host sync (the prefix lengths) per layer."""
+        order = torch.argsort(depth_T, descending=True, stable=True)
+        reach = (depth_T.unsqueeze(-1) >= self._depths(depth_T)).sum(0).tolist()  # host sync
+        x_sorted, w_sorted = x_TD.index_select(0, order), weights_TC.index_select(0, order)
+        prev = self.fractal.stage(1, x_sorted, None)
+        out = prev * w_sorted[:, :1]
         for c in range(2, self.depth + 1):
-            keep = (depth_T.index_select(0, active) >= c).nonzero().squeeze(1)  # host sync: size
-            if keep.numel() == 0:
+            n = reach[c - 1]  # tokens with d >= c: the first n
+            if n == 0:
                 break
-            active, prev = active.index_select(0, keep), prev.index_select(0, keep)
-            prev = self.fractal.stage(c, x_TD.index_select(0, active), prev)
-            out = out.index_add(0, active, prev * weights_TC.index_select(0, active)[:, c - 1:c])
-        return out
+            prev = self.fractal.stage(c, x_sorted[:n], prev[:n])
+            out[:n] += prev * w_sorted[:n, c - 1:c]
+        return torch.zeros_like(out).index_copy(0, order, out)
 
     # --- accounting -------------------------------------------------------------------------
     def _block_flops(self) -> int:
