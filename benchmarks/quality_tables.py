@@ -17,9 +17,11 @@ from pathlib import Path
 
 def rows(folder: Path) -> list[dict]:
     """Per-seed result rows of every run under folder, with the run's name and (where kept) its
-    periodic validation curve {step: (val bpb, elapsed s)}."""
+    training config and periodic validation curve {step: (val bpb, elapsed s)}."""
     out = []
     for path in sorted(folder.glob("*/results.jsonl")):
+        config = path.parent / "config.json"
+        train = json.loads(config.read_text())["train"] if config.exists() else {}
         metrics = path.parent / "metrics.jsonl"
         curve = {}
         if metrics.exists():
@@ -31,7 +33,7 @@ def rows(folder: Path) -> list[dict]:
             row = json.loads(line)
             if "seed" not in row:  # the per-model summary line
                 continue
-            row["name"], row["curve"] = path.parent.name, curve
+            row["name"], row["curve"], row["train"] = path.parent.name, curve, train
             out.append(row)
     return out
 
@@ -94,11 +96,11 @@ def final_table(found: list[dict], corpus: str) -> str:
 def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dict]) -> str:
     """Pilot lrs per optimizer, then each optimizer at its best lr: bpb per step and per second."""
     lines = ["| optimizer | table lr | val bpb (seed 1, 300 steps) |", "|---|---:|---:|"]
-    for r in sorted(pilots, key=lambda r: (r["config"]["expert_optim"], r["config"]["expert_lr"])):
-        lines.append(f"| {r['config']['expert_optim']} | {r['config']['expert_lr']:g} | {r['val_bpb']:.4f} |")
+    for r in sorted(pilots, key=lambda r: (r["train"]["expert_optim"], r["train"]["expert_lr"])):
+        lines.append(f"| {r['train']['expert_optim']} | {r['train']['expert_lr']:g} | {r['val_bpb']:.4f} |")
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in reported + adagrad_16k:
-        groups.setdefault((r["config"]["num_experts"], r["config"]["expert_optim"]), []).append(r)
+        groups.setdefault((r["config"]["num_experts"], r["train"]["expert_optim"]), []).append(r)
     steps = (400, 800, 1200)
     lines += ["", "| experts | optimizer | table lr | " + " | ".join(f"bpb @ {s}" for s in steps)
               + " | val bpb (whole split, mean ± half-range) | seeds | wall-clock s |",
@@ -107,7 +109,7 @@ def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dic
         at = [[r["curve"][s][0] for r in rs if s in r["curve"]] for s in steps]
         mean, half = _stats([r["val_bpb"] for r in rs])
         wall = [r["curve"][max(r["curve"])][1] for r in rs if r["curve"]]
-        lines.append(f"| {experts:,} | {optim} | {rs[0]['config']['expert_lr']:g} | "
+        lines.append(f"| {experts:,} | {optim} | {rs[0]['train']['expert_lr']:g} | "
                      + " | ".join(f"{sum(v) / len(v):.4f}" if v else "—" for v in at)
                      + f" | {mean:.4f} ± {half:.4f} | {', '.join(str(r['seed']) for r in rs)} | "
                      + (f"{sum(wall) / len(wall):,.0f}" if wall else "—") + " |")
