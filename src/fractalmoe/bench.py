@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -135,17 +136,21 @@ def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu"
     modes: list[tuple[str, int | None]] = [(f"depth{d}", d) for d in range(1, depth + 1)]
     if any(layer.depth_router is not None for layer in layers):
         modes.append(("adaptive", None))
-    rows = []
-    for mode, forced in modes:
-        model.set_depth(forced)
-        times = []
-        for _ in range(2):  # the faster of two passes: these machines are noisy
+    results: dict[str, Any] = {}
+    times: dict[str, list[float]] = {mode: [] for mode, _ in modes}
+    for _ in range(3):  # modes alternated, median of 3 passes each: these machines are noisy
+        for mode, forced in modes:
+            model.set_depth(forced)
             spent[0] = 0.0
-            result = evaluate(model, data, config.train.batch_size, device=device)
-            times.append(spent[0])
+            results[mode] = evaluate(model, data, config.train.batch_size, device=device)
+            times[mode].append(spent[0])
+    rows = []
+    for mode, _ in modes:
+        result = results[mode]
         rows.append({"mode": mode, "val_bpb": result.val_bpb, "val_loss": result.val_loss,
                      "blocks_per_token": result.blocks_per_token, "mean_depth": result.mean_depth,
-                     "flops_per_token": result.flops_per_token, "fhme_ms": min(times) * 1e3,
+                     "flops_per_token": result.flops_per_token,
+                     "fhme_ms": statistics.median(times[mode]) * 1e3,
                      "tokens": result.tokens, "depth_hist": result.depth_hist})
     for h in hooks:
         h.remove()
