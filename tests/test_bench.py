@@ -270,3 +270,24 @@ def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
                                                    ("fractalmoe", 64), ("peer-dense", 64)]
     assert all(r["repeats"] == 3 and len(r["step_ms_runs"]) == 3 for r in rows)
     assert "headline ratios" in captured.err
+
+
+# --- bench adaptive ----------------------------------------------------------------------------
+
+
+def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path) -> None:
+    from fractalmoe.bench import run_adaptive
+    from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
+    from fractalmoe.train import run
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    model = tiny_model_config(n_layers=1, fractal_depth=2, adaptive_depth=True, depth_target=0.5)
+    train = TrainConfig(batch_size=4, max_steps=2, eval_every=100, save_every=2, sample_bytes=0,
+                        warmup_steps=1)
+    run(RunConfig(model, train), out=tmp_path / "r", data_path=str(text), progress=False, log=lambda s: None)
+    rows = {r["mode"]: r for r in run_adaptive(str(tmp_path / "r"))}
+    assert set(rows) == {"depth1", "depth2", "adaptive"}
+    assert rows["depth1"]["blocks_per_token"] == 1 and rows["depth2"]["blocks_per_token"] == 3
+    assert 1 <= rows["adaptive"]["blocks_per_token"] <= 3
+    assert all(r["fhme_ms"] > 0 and math.isfinite(r["val_bpb"]) for r in rows.values())
