@@ -64,7 +64,9 @@ def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
     """table[idx] into the scratch buffer."""
     rows = scratch((idx_flat.numel(), table.shape[1]), table.dtype, table.device)
     torch.index_select(table, 0, idx_flat, out=rows)
-    return rows.to(dtype)
+    if rows.dtype == dtype:
+        return rows
+    return scratch(tuple(rows.shape), dtype, rows.device, "cast").copy_(rows)
 
 
 def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
