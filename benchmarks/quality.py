@@ -92,7 +92,7 @@ def final_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 OPTIM_TRIALS = {"rowwise_adagrad": ("0.05",), "lazy_adam": ("0.001", "0.003", "0.01", "0.03"),
                 "dense_adamw": ("0.001", "0.003", "0.01", "0.03")}
 # Best pilot lr per optimizer (README "Expert-table optimizers").
-OPTIM_TUNED = {"rowwise_adagrad": "0.05", "lazy_adam": "0.003", "dense_adamw": "0.003"}
+OPTIM_TUNED = {"rowwise_adagrad": "0.05", "lazy_adam": "0.03", "dense_adamw": "0.03"}
 
 
 def _default_fhme(optim: str, lr: str) -> list[str]:
@@ -108,7 +108,7 @@ def optim_pilot_jobs() -> list[tuple[str, list[str]]]:
 def optim_jobs() -> list[tuple[str, list[str]]]:
     """Row-wise Adagrad at 16K experts is the final comparison's FHME (the same run): not repeated."""
     jobs = []
-    for seed, experts, optim in itertools.product(("2", "3"), ("16384", "65536"), OPTIM_TUNED):
+    for experts, seed, optim in itertools.product(("16384", "65536"), ("2", "3"), OPTIM_TUNED):
         if experts == "16384" and optim == "rowwise_adagrad":
             continue
         jobs.append((f"n{experts}_{optim}_s{seed}",
