@@ -25,7 +25,7 @@ from fractalmoe.adapters import (
 from fractalmoe.checkpoint import latest_checkpoint, load_model_from_run
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
-from fractalmoe.finetune import load_domain, rank_rows, val_bpb
+from fractalmoe.finetune import load_domain, rank_rows, sparse_row_masks, val_bpb
 from fractalmoe.optim import ModelOptimizer
 from fractalmoe.train import run
 
@@ -178,6 +178,20 @@ def test_sparse_rows_cli_trains_only_the_chosen_rows(corpora, capsys) -> None:
         keep = masks[str(i)].bool()
         assert torch.equal(up[~keep], torch.zeros_like(up[~keep]))  # up starts at zero: untouched rows stay 0
         assert up[keep].abs().sum() > 0
+
+
+def test_sparse_rows_keep_the_routing_the_rows_were_chosen_under() -> None:
+    from fractalmoe.data import ByteDataset
+
+    model = FHMELanguageModel(tiny_model_config(ffn="dense"))
+    add_fhme_adapters(model, num_experts=64, heads=2, topk=4, key_dim=16)
+    new = ByteDataset.from_bytes(b"def f(x):\n    return x\n" * 40, 0.1, 16)
+    kept = ByteDataset.from_bytes(b"To be, or not to be. " * 40, 0.1, 16)
+    sparse_row_masks(model, new, [kept], top=8, seq_len=16, batch_size=4, seed=1)
+    for block in (b for ffn in model.blocks for b in ffn.ffn.adapter.fractal.blocks):
+        assert not any(p.requires_grad for p in block.memory.router.parameters())
+        assert not any(p.requires_grad for p in block.norm.parameters())
+    assert all(t.requires_grad for ffn in model.blocks for t in ffn.ffn.adapter.fractal.bank.tables().values())
 
 
 def test_output_gate_starts_identical_and_learns(corpora, capsys) -> None:

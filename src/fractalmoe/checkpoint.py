@@ -89,16 +89,29 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _trainable_names(model: nn.Module) -> set[str] | None:
-    """With a frozen base (adapters), the names worth saving: trainable parameters and the
-    persistent buffers of modules that own one. None when everything trains."""
+    """With a frozen base (adapters), the names worth saving: trainable parameters, adapter
+    parameters frozen at their fresh initialisation (``freeze_in_run``), and the persistent
+    buffers of modules that own one of these. None when everything trains."""
     if all(p.requires_grad for p in model.parameters()):
         return None
-    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+    def kept(p: Tensor) -> bool:
+        return p.requires_grad or getattr(p, "frozen_in_run", False)
+
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if kept(p)}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
-        if any(p.requires_grad for p in mod.parameters(recurse=False)):
+        if any(kept(p) for p in mod.parameters(recurse=False)):
             names |= {f"{mod_name}.{b}" for b in mod._buffers
                       if b not in mod._non_persistent_buffers_set}
     return names
+
+
+def freeze_in_run(module: nn.Module) -> None:
+    """Stop a new (not base) module's parameters from training while still saving them with
+    the run: the base cannot rebuild their random initialisation."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+        p.frozen_in_run = True  # type: ignore[attr-defined]
 
 
 def _model_entries(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:

@@ -13,7 +13,8 @@ Options that keep more of the base's behaviour (FHME adapters only, off by defau
   training sample of the new domain and of the domains to keep (the base run's corpus and any
   earlier fine-tuning corpora); rows are ranked by tf-idf (share of the new domain's choices
   times log of how rarely the kept domains choose them) and only the top rows of each adapter
-  learn (``adapters.mask_rows``): inputs of the old domains rarely reach them.
+  learn (``adapters.mask_rows``), under the routing they were chosen with (the adapter's
+  routers stay frozen): inputs of the old domains rarely reach them.
 * ``output_gate``: a learned per-token gate sigmoid(w . x + b), b = -4, on each adapter's output.
 
 A run directory stays an ordinary adapter run (``fractalmoe eval`` / ``generate`` load it); its
@@ -51,6 +52,7 @@ from .adapters import (
     max_lora_rank,
     trainable_parameter_count,
 )
+from .checkpoint import freeze_in_run
 from .config import RunConfig, TrainConfig
 from .data import ByteDataset, corpus_files
 from .fhme import FHME
@@ -207,6 +209,9 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
     for (i, adapter), n, o in zip(found, new, old):
         masks[str(i)] = rank_rows(n, o, top)
         mask_rows(adapter, masks[str(i)])
+        for block in adapter.fractal.blocks:  # keep the routing the rows were chosen under
+            freeze_in_run(block.norm)
+            freeze_in_run(block.memory.router)
     return masks
 
 
