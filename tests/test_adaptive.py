@@ -158,3 +158,15 @@ def test_training_runs_deeper_stages_only_for_deeper_tokens() -> None:
     layer(x)
     expected = sum(int((depth >= c).sum()) * 2 ** (c - 1) for c in (1, 2, 3))
     assert sum(rows) == expected < 7 * 96
+
+
+def test_target_controller_turns_into_a_bonus_below_the_target() -> None:
+    from fractalmoe.stats import FoldInputs
+
+    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True, depth_target=0.5)
+    for _ in range(20):  # every token at depth 1: 1 of 7 blocks, far below half
+        layer.fold(FoldInputs([torch.tensor([100.0, 100.0])]))
+    assert float(layer.depth_penalty) < 0
+    for _ in range(200):  # every token at depth 3: above the target, the penalty climbs back
+        layer.fold(FoldInputs([torch.tensor([700.0, 100.0])]))
+    assert float(layer.depth_penalty) > 0

@@ -15,8 +15,8 @@ never done for them.
 
 Forward changes no state. Under a collector (``stats.collect``) the layer records its depth
 counts and, in training, its ponder cost and the blocks used; with ``depth_target`` the fold
-after each optimizer step steers depth_penalty toward the penalty that spends that share of the
-blocks.
+after each optimizer step steers depth_penalty (negative: a bonus) toward the value that spends
+that share of the blocks.
 """
 
 from __future__ import annotations
@@ -167,10 +167,12 @@ class FHME(nn.Module, PastBatchStatistics):
         return FoldInputs([used]) if used is not None else None
 
     def fold(self, inputs: FoldInputs) -> None:
-        """penalty *= exp(0.2 * (share of blocks used - target) / target)."""
+        """penalty += 1e-3 * (share of blocks used - target) / target. Additive, so it can turn
+        negative, a bonus per block: without one, a router that drifts shallow (deeper outputs,
+        trained by fewer tokens, look worse) has nothing pulling it back to the target."""
         used, tokens = inputs.sums[0].unbind()
         share = used / (tokens.clamp_min(1) * blocks_at_depth(self.depth))
-        self.depth_penalty.mul_(torch.exp(0.2 * (share - self.depth_target) / self.depth_target))
+        self.depth_penalty.add_(1e-3 * (share - self.depth_target) / self.depth_target)
 
     def forward_masked(self, x_TD: Tensor, depth_T: Tensor) -> Tensor:
         """Reference for compaction: every depth for every token, then select f_d(x)."""
