@@ -26,3 +26,10 @@ def test_depth_table_averages_the_chosen_depths_per_class() -> None:
     spaces = [float(depth[i]) for i, ch in enumerate(text) if ch == " "]
     assert f"| space | {len(spaces)} | {sum(spaces) / len(spaces):.2f} |" in table
     assert f"| all | {len(text)} | {float(depth.mean()):.2f} |" in table
+
+
+def test_depths_cover_a_text_longer_than_the_context() -> None:
+    model = FHMELanguageModel(tiny_model_config(fractal_depth=2, adaptive_depth=True, seq_len=16))
+    text = "a longer paragraph than one window of sixteen bytes"
+    depth = token_depths(model, text)
+    assert depth.shape == (len(text),) and bool(((depth >= 1) & (depth <= 2)).all())

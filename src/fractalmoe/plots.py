@@ -89,19 +89,25 @@ def _usage_counts(model: FHMELanguageModel, data: ByteDataset, batch_size: int) 
 
 @torch.no_grad()
 def token_depths(model: FHMELanguageModel, text: str) -> torch.Tensor:
-    """Mean chosen depth over FHME layers for each byte of text: (T,)."""
-    ids = encode(text)[: model.cfg.seq_len].unsqueeze(0)
+    """Mean chosen depth over FHME layers for each byte of text: (T,), read in consecutive
+    windows of the model's context."""
     model.eval()
-    depths = []
+    depths: list[torch.Tensor] = []
     hooks = [layer.register_forward_hook(
         lambda mod, inp, out: depths.append(mod.choose_depth(inp[0].reshape(-1, mod.dim))[0].float()))
         for layer in model.fhme_layers()]
-    model(ids)
+    per_window = []
+    with torch.no_grad():
+        for window in encode(text).split(model.cfg.seq_len):
+            depths.clear()
+            model(window.unsqueeze(0))
+            if depths:
+                per_window.append(torch.stack(depths).mean(0))
     for h in hooks:
         h.remove()
-    if not depths:
+    if not per_window:
         raise ValueError("this model has no FHME layers: nothing to map")
-    return torch.stack(depths).mean(0)
+    return torch.cat(per_window)
 
 
 def plot_depth_map(model: FHMELanguageModel, text: str, out: Path) -> Path:
