@@ -21,6 +21,8 @@ $F corpus stdlib --out data/stdlib
 # Million-expert scaling (one layer, dim 256, 8 heads x top-16, 2048 tokens, fp32); the default
 # recipe against nanoGPT's at equal wall-clock; per-rank memory of sharded training and resume
 bash benchmarks/bench_layer.sh
+$F bench layer --experts 1048576 --impl fractalmoe-lazy-adam,peer-pytorch-sparse --wait-idle 600 --json > $R/layer_1m_same_rule.jsonl
+$F bench layer --experts 1048576 --impl fractalmoe,peer-pytorch --wait-idle 600 --json > $R/layer_1m_default_rule.jsonl
 $F bench layer --experts 4194304 --impl fractalmoe --wait-idle 600 --json > $R/layer_4m.jsonl
 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default
 bash benchmarks/sharded_rss.sh
@@ -29,7 +31,22 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 /usr/bin/time -v $F train --config configs/million.toml --set n_layers=1 --set num_experts=16777216 \
   --set expert_dtype=bfloat16 --out runs/train_16m --quiet 2> $R/train_16m/time.txt
 
-# Adaptive depth (C = 3): the adaptive model, the same config at full depth, bench adaptive
+# Adaptive depth (C = 3) with compacted training: the adaptive model, the same config at full
+# depth, bench adaptive, the depth map on held-out text
+A=$R/adaptive_compacted
+$F train --config configs/adaptive.toml --out runs/adaptive_target --quiet
+$F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --out runs/adaptive_full --quiet
+$F bench adaptive --ckpt runs/adaptive_target --json > $A/adaptive_target_bench.jsonl
+$F bench adaptive --ckpt runs/adaptive_full --json > $A/full_bench.jsonl
+$F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "$(tail -c 1000 src/fractalmoe/tinyshakespeare.txt | head -c 800)"
+# Quality pilots of this study: untied routers, expert-table optimizers; the deep path's reads
+.venv/bin/python benchmarks/quality.py untie-pilots
+.venv/bin/python benchmarks/quality.py optim-pilots
+.venv/bin/python benchmarks/fractal_paths.py runs/quality/final/shakespeare_fhme_s2/runs/fhme-seed2 --windows 128 > $R/fractal_paths.jsonl
+# Fine-tuning and forgetting (email, the King James Bible, sequential), seed 2
+METHODS="fhme lora full" SEEDS=2 EVAL_BYTES=262144 STUDIES="single sequential" bash benchmarks/finetune.sh runs/default
+METHODS="fhme-rows" SEEDS=2 EVAL_BYTES=262144 DOMAINS=email STUDIES=single bash benchmarks/finetune.sh runs/default
+# Earlier adaptive study (before compacted training)
 $F train --config configs/adaptive.toml --out runs/adaptive --quiet > $R/adaptive_train.log 2>&1
 $F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --out runs/adaptive_full --quiet > $R/adaptive_full_train.log 2>&1
 $F bench adaptive --ckpt runs/adaptive --json > $R/adaptive.jsonl
