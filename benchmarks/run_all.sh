@@ -35,9 +35,9 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 # depth, bench adaptive, the depth map on held-out text
 A=$R/adaptive_compacted
 $F train --config configs/adaptive.toml --out runs/adaptive_target --quiet
-$F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --out runs/adaptive_full --quiet
+$F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --out runs/adaptive_target_full --quiet
 $F bench adaptive --ckpt runs/adaptive_target --json > $A/adaptive_target_bench.jsonl
-$F bench adaptive --ckpt runs/adaptive_full --json > $A/full_bench.jsonl
+$F bench adaptive --ckpt runs/adaptive_target_full --json > $A/full_bench.jsonl
 $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "$(tail -c 1000 src/fractalmoe/tinyshakespeare.txt | head -c 800)"
 # Quality pilots of this study: untied routers, expert-table optimizers; the deep path's reads
 .venv/bin/python benchmarks/quality.py untie-pilots
