@@ -60,13 +60,19 @@ def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, sl
     return buf[:need].view(shape)
 
 
+def scratch_cast(t: Tensor, dtype: torch.dtype, slot: str) -> Tensor:
+    """t itself when it has dtype, else t converted into the reused buffer of slot (see
+    ``scratch``): a cast of table rows is as large as the rows and would fault in afresh."""
+    if t.dtype == dtype:
+        return t
+    return scratch((t.shape[0], t.shape[1]), dtype, t.device, slot).copy_(t)
+
+
 def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
-    """table[idx] into the scratch buffer."""
+    """table[idx] into the scratch buffer, in dtype."""
     rows = scratch((idx_flat.numel(), table.shape[1]), table.dtype, table.device)
     torch.index_select(table, 0, idx_flat, out=rows)
-    if rows.dtype == dtype:
-        return rows
-    return scratch(tuple(rows.shape), dtype, rows.device, "cast").copy_(rows)
+    return scratch_cast(rows, dtype, "cast")
 
 
 def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:

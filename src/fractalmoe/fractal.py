@@ -107,7 +107,7 @@ class FractalExpert(nn.Module):
             RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
                                               query_norm, act, kind, own_bank=False,
                                               balancing=balancing))
-            for _ in range(max(self._block_at) + 1))
+            for _ in range(len(set(self._block_at))))
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(len(set(self._join_at))))
 
     def _keep_masks(self, c: int, x: Tensor, column: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -157,10 +157,10 @@ class FractalExpert(nn.Module):
 
     def routers_at_depth(self, depth: int) -> int:
         """Distinct routers a token at ``depth`` uses: one per column tied, one per block untied."""
-        return depth if self.tied else blocks_at_depth(depth)
+        return len(set(self._block_at[:blocks_at_depth(depth)]))
 
     def join_gates_at_depth(self, depth: int) -> int:
-        return depth - 1 if self.tied else joins_at_depth(depth)
+        return len(set(self._join_at[:joins_at_depth(depth)]))
 
     def sample_columns(self, num_tokens: int, device: torch.device) -> Tensor | None:
         """Global drop-path: per token, with prob p, a single column 1..C to train alone."""

@@ -30,14 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import EXPERT_OPTIMS
-from .experts import is_expert_table, scratch, set_sparse_grad, sorted_runs
-
-
-def _in_table_dtype(update: Tensor, table: Tensor) -> Tensor:
-    """The float32 row update in the table's dtype (a reused buffer when they differ)."""
-    if update.dtype == table.dtype:
-        return update
-    return scratch(tuple(update.shape), table.dtype, update.device, "update").copy_(update)
+from .experts import is_expert_table, scratch, scratch_cast, set_sparse_grad, sorted_runs
 
 
 def merge_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -84,7 +77,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 acc = state["sum"].index_add_(0, rows, mean_sq)
                 scale = acc.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
                 update = g.mul_(scale.mul_(group["lr"]).unsqueeze(1))
-                p.index_add_(0, rows, _in_table_dtype(update, p), alpha=-1.0)
+                p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -133,7 +126,7 @@ class LazyAdam(torch.optim.Optimizer):
                 bias2 = torch.expm1(step * math.log(beta2)).neg_()
                 step_size = bias2.sqrt_().mul_(group["lr"]).div_(bias1)
                 update = m.add_(g).div_(v.sqrt_().add_(group["eps"])).mul_(keep * step_size)
-                p.index_add_(0, rows, _in_table_dtype(update, p), alpha=-1.0)
+                p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:

@@ -97,12 +97,11 @@ def token_depths(model: FHMELanguageModel, text: str) -> torch.Tensor:
         lambda mod, inp, out: depths.append(mod.choose_depth(inp[0].reshape(-1, mod.dim))[0].float()))
         for layer in model.fhme_layers()]
     per_window = []
-    with torch.no_grad():
-        for window in encode(text).split(model.cfg.seq_len):
-            depths.clear()
-            model(window.unsqueeze(0))
-            if depths:
-                per_window.append(torch.stack(depths).mean(0))
+    for window in encode(text).split(model.cfg.seq_len):
+        depths.clear()
+        model(window.unsqueeze(0))
+        if depths:
+            per_window.append(torch.stack(depths).mean(0))
     for h in hooks:
         h.remove()
     if not per_window:
