@@ -1,4 +1,5 @@
-"""Adaptive depth: compaction equals the masked computation, causal depth choice, cost knob."""
+"""Adaptive depth, both rules (ponder, threshold): compaction equals the masked computation,
+causal depth choice, the compute knobs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import torch
 from fractalmoe import FHME, FHMELanguageModel
 from fractalmoe.config import tiny_model_config
 from fractalmoe.optim import ModelOptimizer
-from fractalmoe.stats import DEPTH_COUNTS, collect, fold_statistics
+from fractalmoe.fhme import continue_share
+from fractalmoe.fractal import blocks_at_depth
+from fractalmoe.stats import DEPTH_COUNTS, FoldInputs, collect, fold_statistics
+
+RULES = ["ponder", "threshold"]
 
 
 def _mixed_router(layer: FHME) -> None:
@@ -17,9 +22,15 @@ def _mixed_router(layer: FHME) -> None:
     torch.nn.init.zeros_(layer.depth_router.bias)
 
 
+def _layer(rule: str, **kw: object) -> FHME:
+    return FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True, depth_rule=rule,
+                depth_target=0.5 if rule == "threshold" else 0.0, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("tied", [True, False])
-def test_compacted_layer_equals_masked_full_computation(tied: bool) -> None:
-    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True, tied=tied).eval()
+def test_compacted_layer_equals_masked_full_computation(tied: bool, rule: str) -> None:
+    layer = _layer(rule, tied=tied).eval()
     _mixed_router(layer)
     x = torch.randn(4, 24, 16)
     depth, _ = layer.choose_depth(x.reshape(-1, 16))
@@ -31,8 +42,9 @@ def test_compacted_layer_equals_masked_full_computation(tied: bool) -> None:
     torch.testing.assert_close(compact, masked, rtol=1e-5, atol=1e-5)
 
 
-def _adaptive_model() -> FHMELanguageModel:
-    model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True)).eval()
+def _adaptive_model(rule: str) -> FHMELanguageModel:
+    model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True, depth_rule=rule,
+                                                depth_target=0.5)).eval()
     for layer in model.fhme_layers():
         _mixed_router(layer)
     return model
@@ -43,8 +55,9 @@ def _set_compact(model: FHMELanguageModel, on: bool) -> None:
         layer.compact = on
 
 
-def test_compacted_model_and_generation_equal_masked() -> None:
-    model = _adaptive_model()
+@pytest.mark.parametrize("rule", RULES)
+def test_compacted_model_and_generation_equal_masked(rule: str) -> None:
+    model = _adaptive_model(rule)
     idx = torch.randint(0, 256, (3, 32))
     with torch.no_grad():
         compact = model(idx)
@@ -57,8 +70,9 @@ def test_compacted_model_and_generation_equal_masked() -> None:
     assert torch.equal(model.generate(prompt, 20, temperature=0.0), masked_gen)
 
 
-def test_compaction_runs_deeper_stages_on_fewer_rows() -> None:
-    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True).eval()
+@pytest.mark.parametrize("rule", RULES)
+def test_compaction_runs_deeper_stages_on_fewer_rows(rule: str) -> None:
+    layer = _layer(rule).eval()
     _mixed_router(layer)
     rows = []
     for b in layer.fractal.blocks:
@@ -84,8 +98,9 @@ def _depths(model: FHMELanguageModel, idx: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def test_depth_of_a_token_ignores_future_tokens() -> None:
-    model = _adaptive_model()
+@pytest.mark.parametrize("rule", RULES)
+def test_depth_of_a_token_ignores_future_tokens(rule: str) -> None:
+    model = _adaptive_model(rule)
     idx = torch.randint(0, 256, (2, 32))
     changed = idx.clone()
     changed[:, 10:] = torch.randint(0, 256, (2, 22))
@@ -93,9 +108,9 @@ def test_depth_of_a_token_ignores_future_tokens() -> None:
         assert torch.equal(a[:, :10], b[:, :10])
 
 
-def _mean_depth_after_training(penalty: float, target: float = 0.0) -> float:
+def _mean_depth_after_training(penalty: float, target: float = 0.0, rule: str = "ponder") -> float:
     torch.manual_seed(0)
-    model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True,
+    model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True, depth_rule=rule,
                                                 depth_penalty=penalty, depth_target=target))
     opt = ModelOptimizer(model, lr=1e-2, expert_lr=0.05, weight_decay=0.0)
     idx = torch.randint(0, 256, (4, 32))
@@ -118,16 +133,48 @@ def test_raising_the_compute_penalty_lowers_mean_depth() -> None:
     assert depths[0] >= depths[1] >= depths[2] and depths[0] > depths[2]
 
 
-def test_lowering_the_target_cost_lowers_mean_depth() -> None:
-    depths = [_mean_depth_after_training(0.0, target) for target in (0.9, 0.2)]
+@pytest.mark.parametrize("rule", RULES)
+def test_lowering_the_target_cost_lowers_mean_depth(rule: str) -> None:
+    depths = [_mean_depth_after_training(0.0, target, rule) for target in (0.9, 0.2)]
     assert depths[0] > depths[1]
 
 
-def test_training_compaction_equals_masked_in_output_and_gradients() -> None:
+@pytest.mark.parametrize("depth", [2, 3, 4])
+@pytest.mark.parametrize("target", [0.2, 0.45, 0.65, 1.0])
+def test_continue_share_spends_the_target_blocks(depth: int, target: float) -> None:
+    """P(d >= c) = q**(c-1), and stage c adds 2**(c-1) blocks."""
+    q = continue_share(depth, max(target, 1 / blocks_at_depth(depth)))
+    blocks = sum(q ** (c - 1) * 2 ** (c - 1) for c in range(1, depth + 1))
+    assert blocks == pytest.approx(max(target, 1 / blocks_at_depth(depth)) * blocks_at_depth(depth), rel=1e-6)
+
+
+def test_thresholds_rise_while_too_many_tokens_go_on() -> None:
+    layer = _layer("threshold")  # q = continue_share(3, 0.5) ~ 0.59
+    layer.fold(FoldInputs([torch.tensor([[90.0, 80.0], [100.0, 90.0]])]))  # 90% and 89% went on
+    assert (layer.depth_thresholds > 0).all()
+    for _ in range(40):
+        layer.fold(FoldInputs([torch.tensor([[10.0, 1.0], [100.0, 10.0]])]))  # 10% went on
+    assert (layer.depth_thresholds < 0).all()
+
+
+def test_threshold_gates_mix_the_anytime_outputs() -> None:
+    """At a forced depth d the layer returns f_1 + sum_{c<=d} sigmoid(s_c) (f_c - f_{c-1})."""
+    layer = _layer("threshold").eval()
+    _mixed_router(layer)
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        f = layer.fractal(x, return_all_depths=True)
+        g = torch.sigmoid(layer.depth_router(x))
+        layer.forced_depth = 3
+        y = layer(x) + x
+    torch.testing.assert_close(y, f[0] + g[:, :1] * (f[1] - f[0]) + g[:, 1:] * (f[2] - f[1]))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_training_compaction_equals_masked_in_output_and_gradients(rule: str) -> None:
     """Training skips deeper stages for shallow tokens, yet computes what the masked reference
     (every depth for every token) computes: same output, same gradients everywhere."""
-    layer = FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True,
-                 depth_penalty=0.01).double().train()
+    layer = _layer(rule, depth_penalty=0.01).double().train()
     _mixed_router(layer)
     x = torch.randn(4, 24, 16, dtype=torch.float64)
     results = []

@@ -27,6 +27,7 @@ QUERY_NORMS = ("layernorm", "rmsnorm", "running", "whiten", "none")
 EXPERT_ACTS = ("gelu", "relu")
 EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
 EXPERT_DTYPES = ("float32", "bfloat16")
+DEPTH_RULES = ("ponder", "threshold")
 
 C = TypeVar("C", bound="_Config")
 
@@ -127,9 +128,10 @@ class ModelConfig(_Config):
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column
     adaptive_depth: bool = False  # per-token depth router
+    depth_rule: str = "ponder"  # ponder (softmax choice + cost) | threshold (halting gates + EMA thresholds)
     depth_penalty: float = 0.0  # ponder cost per routed block (nats per block per token)
     depth_explore: float = 0.0  # training: fraction of tokens given a random depth (anytime)
-    depth_target: float = 0.0  # > 0: steer the penalty so blocks used / 2**C - 1 tracks this
+    depth_target: float = 0.0  # > 0: steer the penalty (ponder) or thresholds so blocks used / 2**C - 1 tracks this
     # Dense SwiGLU (dense) and per-expert hidden width (moe).
     ffn_hidden: int = 512
     moe_experts: int = 8
@@ -162,6 +164,11 @@ class ModelConfig(_Config):
         for name in ("dropout", "drop_path_local", "drop_path_global", "depth_explore"):
             r(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         r(0.0 <= self.depth_target <= 1.0, "depth_target", "must be in [0, 1] (0 = fixed penalty)")
+        r(self.depth_rule in DEPTH_RULES, "depth_rule", f"must be one of {DEPTH_RULES}")
+        if self.adaptive_depth and self.depth_rule == "threshold":
+            floor = 1 / (2**self.fractal_depth - 1)
+            r(floor <= self.depth_target, "depth_target",
+              f"the threshold rule needs a compute target in [{floor:.3f}, 1] (one block at least)")
         for name in ("depth_penalty", "moe_balance"):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")
         r(math.isfinite(self.join_bias), "join_bias", "must be finite")

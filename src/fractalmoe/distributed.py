@@ -39,6 +39,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 from .experts import ExpertBank, expert_mix, mark_expert_table, value_mix
+from .fhme import FHME
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def shard_experts(model: nn.Module, ctx: DistContext) -> None:
     banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
     sharded = {id(bank): ShardedExpertBank(bank, ctx) for bank in banks}
     for module in list(model.modules()):
-        if hasattr(module, "compact") and hasattr(module, "forward_masked"):
+        if isinstance(module, FHME):
             module.compact = False
         for name, child in list(module._modules.items()):
             if id(child) in sharded:

@@ -6,17 +6,26 @@ Three mixing levels: (1) top-k experts per head inside each routed block, (2) hi
 between fractal paths, (3) a per-token depth choice d(x) in 1..C. The layer returns f_d(x) - x,
 which the transformer block adds to its residual stream.
 
-Adaptive depth is trained with a hard straight-through choice and an ACT-style ponder cost:
-y = sum_{c <= d} w_c f_c(x), w = onehot(d) + p - stop_grad(p), d = argmax p, p = softmax(router(x)),
-plus depth_penalty * sum_c p_c * (2**c - 1). The choice reads only the token's own state (causal).
+Two rules choose the depth d(x); both read only the token's own state (causal):
+
+* ponder: a hard straight-through choice with an ACT-style ponder cost,
+  y = sum_{c <= d} w_c f_c(x), w = onehot(d) + p - stop_grad(p), d = argmax p, p = softmax(router(x)),
+  plus depth_penalty * sum_c p_c * (2**c - 1).
+* threshold: a halting gate per stage, as Mixture-of-Depths scales a block by its router weight,
+  y = f_1 + sum_{c=2..d} g_c (f_c - f_{c-1}), g_c = sigmoid(s_c(x)), and a token goes on to stage
+  c while s_c(x) > tau_c. Each tau_c tracks, from past batches only, the score above which a share
+  q of the tokens that reached stage c - 1 go on (expert-threshold routing), with q set so that
+  the blocks used are depth_target of 2**C - 1. The router learns from the stages it ran: a gate
+  opens where its stage lowered the loss. No penalty to tune, no gradient for stages not run.
+
 In training and at inference alike, tokens that chose depth d are compacted out before stage
 d + 1 (sorted deepest first, so each stage runs on a prefix), and the work of deeper stages is
 never done for them.
 
 Forward changes no state. Under a collector (``stats.collect``) the layer records its depth
-counts and, in training, its ponder cost and the blocks used; with ``depth_target`` the fold
-after each optimizer step steers depth_penalty (negative: a bonus) toward the value that spends
-that share of the blocks.
+counts and, in training, its ponder cost and the blocks used (ponder) or how many tokens went on
+at each stage (threshold); the fold after each optimizer step steers depth_penalty (negative: a
+bonus) or the thresholds toward the compute target.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from .routing import Balancing
 from .stats import (
     DEPTH_COST,
     DEPTH_COUNTS,
+    HALTS,
     JOIN_GATE,
     PONDER,
     FoldInputs,
@@ -49,6 +59,20 @@ def balancing_of(cfg: ModelConfig) -> Balancing:
     return Balancing(cfg.unit_keys, cfg.balance_rate, cfg.balance_loss)
 
 
+def continue_share(depth: int, target: float) -> float:
+    """Share q of the tokens at each stage that go on to the next, so that the expected blocks
+    sum_{c=1..C} q**(c-1) 2**(c-1) are target * (2**C - 1) (bisection: increasing in q)."""
+    want = target * blocks_at_depth(depth)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        q = (lo + hi) / 2
+        lo, hi = (q, hi) if sum((2 * q) ** c for c in range(depth)) < want else (lo, q)
+    return (lo + hi) / 2
+
+
+THRESHOLD_STEP = 0.05  # per-step move of a threshold, logits per unit of (share going on - q)
+
+
 class FHME(nn.Module, PastBatchStatistics):
     """Fractal expert + optional per-token depth router. x (..., D) -> (..., D)."""
 
@@ -59,10 +83,11 @@ class FHME(nn.Module, PastBatchStatistics):
                  depth_penalty: float = 0.0, depth_explore: float = 0.0,
                  depth_target: float = 0.0, expert_dtype: str = "float32",
                  balancing: Balancing = Balancing(), block: str = "neuron",
-                 bank: ExpertBank | None = None, tied: bool = True) -> None:
+                 bank: ExpertBank | None = None, tied: bool = True,
+                 depth_rule: str = "ponder") -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
-        self.depth_explore, self.depth_target = depth_explore, depth_target
+        self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
         initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
@@ -70,14 +95,20 @@ class FHME(nn.Module, PastBatchStatistics):
                                      tied)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
-            self.depth_router = nn.Linear(dim, depth)
+            threshold = depth_rule == "threshold"
+            self.depth_router = nn.Linear(dim, depth - 1 if threshold else depth)
             nn.init.zeros_(self.depth_router.weight)
-            with torch.no_grad():  # start at full depth; the ponder cost pulls tokens shallower
-                self.depth_router.bias.copy_(torch.linspace(0.0, 1.0, depth))
-        # The ponder cost per block; with a target the fold steers it multiplicatively toward the
-        # penalty that uses depth_target of the blocks (state from past steps only: causal).
+            if not threshold:
+                with torch.no_grad():  # start at full depth; the ponder cost pulls tokens shallower
+                    self.depth_router.bias.copy_(torch.linspace(0.0, 1.0, depth))
+        # ponder: the cost per block; with a target the fold steers it toward the penalty that
+        # uses depth_target of the blocks. threshold: tau_c of stages 2..C, steered so that a
+        # share q goes on at each. Both are state from past steps only: causal.
         self.register_buffer("depth_penalty", torch.tensor(initial_penalty),
-                             persistent=self.depth_router is not None)
+                             persistent=self.depth_router is not None and not self.halting)
+        self.register_buffer("depth_thresholds", torch.zeros(max(depth - 1, 0)),
+                             persistent=self.depth_router is not None and self.halting)
+        self.continue_share = continue_share(depth, depth_target) if self.halting else 1.0
         self.forced_depth: int | None = None  # evaluate every token at this depth
         self.compact = True  # compact stopped tokens, training and inference (False: masked reference)
 
@@ -87,14 +118,27 @@ class FHME(nn.Module, PastBatchStatistics):
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
-                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks)
+                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule)
+
+    @property
+    def halting(self) -> bool:
+        """Threshold rule with a router: halting gates and thresholds per stage."""
+        return self.adaptive and self.depth > 1 and self.rule == "threshold"
 
     def choose_depth(self, x_TD: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Per-token depth in 1..C (hard) and router probabilities (None without a router)."""
-        if self.forced_depth is not None or self.depth_router is None:
-            d = self.forced_depth or self.depth
-            return torch.full(x_TD.shape[:1], d, dtype=torch.long, device=x_TD.device), None
-        probs = F.softmax(self.depth_router(x_TD).float(), dim=-1)
+        """Per-token depth in 1..C (hard) and the router's output: probabilities (ponder), stage
+        scores s_2..s_C (threshold; also at a forced depth, as the gates need them), or None."""
+        forced = self.forced_depth or self.depth
+        full = torch.full(x_TD.shape[:1], forced, dtype=torch.long, device=x_TD.device)
+        if self.depth_router is None or (self.forced_depth is not None and not self.halting):
+            return full, None
+        logits = self.depth_router(x_TD).float()
+        if self.halting:  # on while every stage so far scored above its threshold
+            if self.forced_depth is not None:
+                return full, logits
+            go_on = (logits > self.depth_thresholds).long()
+            return 1 + go_on.cumprod(-1).sum(-1), logits
+        probs = F.softmax(logits, dim=-1)
         return probs.argmax(dim=-1) + 1, probs
 
     def _depths(self, like: Tensor) -> Tensor:
@@ -108,51 +152,68 @@ class FHME(nn.Module, PastBatchStatistics):
     def forward(self, x: Tensor) -> Tensor:
         lead, dim = x.shape[:-1], x.shape[-1]
         x_TD = x.reshape(-1, dim)
-        depth_T, probs = self.choose_depth(x_TD)
-        if probs is not None and self.training:
-            y_TD, depth_T = self._straight_through(x_TD, depth_T, probs)
-        elif probs is None:
-            fixed = self.forced_depth or self.depth
-            y_TD = self.fractal(x_TD, max_depth=fixed)  # type: ignore[assignment]
-        elif self.compact:
-            y_TD = self.forward_compacted(x_TD, depth_T)
+        depth_T, routed = self.choose_depth(x_TD)
+        if routed is None:  # no router (or a forced depth of the ponder rule): f_d for every token
+            y_TD = self.fractal(x_TD, max_depth=self.forced_depth or self.depth)
         else:
-            y_TD = self.forward_masked(x_TD, depth_T)
+            depth_T, kept = self._explore(depth_T)
+            weights = (self._halting_weights(depth_T, kept, routed) if self.halting
+                       else self._straight_through(depth_T, kept, routed))
+            y_TD = self._combine(x_TD, depth_T, weights.to(x_TD.dtype))
         if self.collecting:
             self.record(DEPTH_COUNTS, (depth_T.unsqueeze(-1) == self._depths(depth_T)).sum(0).float())
         return (y_TD - x_TD).view(*lead, dim)
 
-    def _straight_through(self, x_TD: Tensor, depth_T: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
-        """Training at a hard per-token depth that skips the work of deeper stages; returns the
-        output and the depths used.
-
-        A token that stops at d computes f_1 .. f_d on its way (the anytime outputs), never
-        f_{d+1} .. f_C. The router learns through those: y = sum_{c <= d} w_c f_c with
-        w = onehot(d) + p - stop_grad(p) (value: f_d), where each uncomputed deeper option c > d is
-        credited with f_d, as if going deeper changed nothing: its gradient is d's, so no depth is
-        pushed away just because it was not tried. A random depth_explore fraction of tokens takes
-        a uniformly random depth (random, not a function of other tokens: causal), so deeper
-        outputs keep being trained and tried."""
-        soft = probs - probs.detach()
-        if self.depth_explore > 0:
-            routed = torch.rand(depth_T.shape, device=x_TD.device) >= self.depth_explore
+    def _explore(self, depth_T: Tensor) -> tuple[Tensor, Tensor]:
+        """In training, a random depth_explore fraction of tokens takes a uniformly random depth
+        (random, not a function of other tokens: causal), so every output keeps being trained and
+        tried. Returns the depths and a (T, 1) float mask of the tokens left at the router's."""
+        routed = torch.ones_like(depth_T, dtype=torch.bool)
+        if self.training and self.depth_explore > 0:
+            routed = torch.rand(depth_T.shape, device=depth_T.device) >= self.depth_explore
             depth_T = torch.where(routed, depth_T, torch.randint_like(depth_T, 1, self.depth + 1))
-            soft = soft * routed.unsqueeze(-1)
+        return depth_T, routed.unsqueeze(-1).float()
+
+    def _straight_through(self, depth_T: Tensor, kept_T1: Tensor, probs: Tensor) -> Tensor:
+        """Weights (T, C) of f_1..f_C for the ponder rule: onehot(d) at inference; in training
+        w = onehot(d) + p - stop_grad(p), where each uncomputed deeper option c > d is credited
+        with f_d, as if going deeper changed nothing: its gradient is d's, so no depth is pushed
+        away just because it was not tried. Tokens whose depth was explored give the router no
+        gradient."""
         depths = self._depths(depth_T)
         hard = (depth_T.unsqueeze(-1) == depths).to(probs.dtype)
+        if not self.training:
+            return hard
+        soft = (probs - probs.detach()) * kept_T1
         computed = (depths <= depth_T.unsqueeze(-1)).to(probs.dtype)
         deeper = (soft * (1 - computed)).sum(-1, keepdim=True)
-        weights = (hard * (1 + deeper) + soft * computed).to(x_TD.dtype)  # (T, C), zero past d
         if self.collecting:
             costs = self._costs(probs)
             self.record(PONDER, self.depth_penalty * (probs * costs).sum(-1).mean())
             if self.depth_target > 0:
                 used = costs[depth_T - 1]
                 self.record(DEPTH_COST, torch.stack([used.sum(), used.new_full((), used.shape[0])]))
-        if not self.compact:  # reference: every depth for every token, then the same weights
-            outs = self.fractal(x_TD, return_all_depths=True)
-            return torch.einsum("tc,ctd->td", weights, torch.stack(outs)), depth_T  # type: ignore[arg-type]
-        return self._compacted(x_TD, depth_T, weights), depth_T
+        return hard * (1 + deeper) + soft * computed  # zero past d
+
+    def _halting_weights(self, depth_T: Tensor, kept_T1: Tensor, scores: Tensor) -> Tensor:
+        """Weights (T, C) of f_1..f_C for the threshold rule: y = sum_c a_c (f_c - f_{c-1}) with
+        a_1 = 1, a_c = sigmoid(s_c) for the stages run (c <= d), else 0; so w_c = a_c - a_{c+1}.
+        Explored tokens train the gates of the stages they ran but do not steer the thresholds."""
+        ran = (self._depths(depth_T)[1:] <= depth_T.unsqueeze(-1)).to(scores.dtype)  # (T, C-1)
+        if self.training and self.collecting:  # of the routed tokens at stage c - 1, how many went on
+            reached = (self._depths(depth_T)[:-1] <= depth_T.unsqueeze(-1)).to(scores.dtype)
+            self.record(HALTS, torch.stack([(ran * kept_T1).sum(0), (reached * kept_T1).sum(0)]))
+        a = torch.sigmoid(scores) * ran
+        ones = torch.ones_like(a[:, :1])
+        return torch.cat([ones, a], -1) - torch.cat([a, torch.zeros_like(ones)], -1)
+
+    def _combine(self, x_TD: Tensor, depth_T: Tensor, weights_TC: Tensor) -> Tensor:
+        """sum_c weights[t, c] f_c(x_t): compacted (stages only for the tokens that reach them),
+        or the masked reference (every depth for every token)."""
+        if self.compact:
+            return self._compacted(x_TD, depth_T, weights_TC)
+        outs = self.fractal(x_TD, return_all_depths=True)
+        return torch.einsum("tc,ctd->td", weights_TC, torch.stack(outs))  # type: ignore[arg-type]
 
     def aux_loss_from(self, stats: Statistics) -> Tensor | None:
         """Ponder cost plus routing balance, one weight per layer: the mean over its blocks of
@@ -163,26 +224,23 @@ class FHME(nn.Module, PastBatchStatistics):
         return torch.stack(parts).sum() if parts else None
 
     def fold_inputs(self, stats: Statistics) -> FoldInputs | None:
-        used = stats.total(self, DEPTH_COST, training=True)
-        return FoldInputs([used]) if used is not None else None
+        kind = HALTS if self.halting else DEPTH_COST
+        sums = stats.total(self, kind, training=True)
+        return FoldInputs([sums]) if sums is not None else None
 
     def fold(self, inputs: FoldInputs) -> None:
-        """penalty += 1e-3 * (share of blocks used - target) / target. Additive, so it can turn
-        negative, a bonus per block: without one, a router that drifts shallow (deeper outputs,
-        trained by fewer tokens, look worse) has nothing pulling it back to the target."""
+        """threshold: tau_c += step * (share of stage c - 1's tokens that went on - q).
+        ponder: penalty += 1e-3 * (share of blocks used - target) / target. Additive, so it can
+        turn negative, a bonus per block: without one, a router that drifts shallow (deeper
+        outputs, trained by fewer tokens, look worse) has nothing pulling it back to the target."""
+        if self.halting:
+            went_on, reached = inputs.sums[0].unbind()
+            share = went_on / reached.clamp_min(1)
+            self.depth_thresholds.add_(THRESHOLD_STEP * (share - self.continue_share) * (reached > 0))
+            return
         used, tokens = inputs.sums[0].unbind()
         share = used / (tokens.clamp_min(1) * blocks_at_depth(self.depth))
         self.depth_penalty.add_(1e-3 * (share - self.depth_target) / self.depth_target)
-
-    def forward_masked(self, x_TD: Tensor, depth_T: Tensor) -> Tensor:
-        """Reference for compaction: every depth for every token, then select f_d(x)."""
-        outs = torch.stack(self.fractal(x_TD, return_all_depths=True))  # type: ignore[arg-type]
-        return outs.gather(0, (depth_T - 1).view(1, -1, 1).expand(1, -1, x_TD.shape[-1]))[0]
-
-    def forward_compacted(self, x_TD: Tensor, depth_T: Tensor) -> Tensor:
-        """f_{d(t)}(x_t) where stage c runs only on the tokens with d >= c."""
-        weights = (depth_T.unsqueeze(-1) == self._depths(depth_T)).to(x_TD.dtype)
-        return self._compacted(x_TD, depth_T, weights)
 
     def _compacted(self, x_TD: Tensor, depth_T: Tensor, weights_TC: Tensor) -> Tensor:
         """sum_c weights[t, c] f_c(x_t) over c <= d(t). Tokens are sorted deepest first, so stage

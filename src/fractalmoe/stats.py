@@ -35,6 +35,7 @@ BALANCE_LOSS = "balance_loss"  # differentiable scalar: routing balance loss
 PONDER = "ponder"  # differentiable scalar: depth router's compute cost
 DEPTH_COUNTS = "depth_counts"  # (C,) tokens that stopped at each depth
 DEPTH_COST = "depth_cost"  # (2,) [sum of blocks used, tokens]: the depth cost controller's input
+HALTS = "halts"  # (2, C-1) [tokens that went on to stage c, tokens that reached c - 1]: thresholds' input
 QUERY_MOMENTS = "query_moments"  # (count, sum, second-moment sum) of queries about the running mean
 JOIN_GATE = "join_gate"  # (2,) [sum of gate values, tokens] of a highway join
 
