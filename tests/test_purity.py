@@ -320,8 +320,10 @@ def test_moe_syncs_once_per_layer_for_its_packed_batch() -> None:
     assert syncs.found == Counter({"aten._local_scalar_dense.default": model.cfg.n_layers}), syncs.found
 
 
-def test_adaptive_depth_syncs_once_per_layer() -> None:
-    model = FHMELanguageModel(tiny_model_config(adaptive_depth=True, fractal_depth=3)).eval()
+@pytest.mark.parametrize("rule", ["ponder", "threshold"])
+def test_adaptive_depth_syncs_once_per_layer(rule: str) -> None:
+    model = FHMELanguageModel(tiny_model_config(adaptive_depth=True, fractal_depth=3, depth_rule=rule,
+                                                depth_target=0.5)).eval()
     for layer in model.fhme_layers():  # tokens spread over every depth
         torch.nn.init.normal_(layer.depth_router.weight, std=2.0)
     x = torch.randint(0, 256, (4, 32))
