@@ -26,7 +26,8 @@ from .roofline import best_time, matmul_gflops
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """Peak resident set size of this process in GB (10**9 bytes, the unit of table sizes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss: KiB on Linux
 
 
 @dataclass
