@@ -275,19 +275,50 @@ def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
 # --- bench adaptive ----------------------------------------------------------------------------
 
 
-def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path) -> None:
+def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path, capsys) -> None:
     from fractalmoe.bench import run_adaptive
+    from fractalmoe.cli import main
     from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
     from fractalmoe.train import run
 
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    model = tiny_model_config(n_layers=1, fractal_depth=2, adaptive_depth=True, depth_target=0.5)
     train = TrainConfig(batch_size=4, max_steps=2, eval_every=100, save_every=2, sample_bytes=0,
                         warmup_steps=1)
-    run(RunConfig(model, train), out=tmp_path / "r", data_path=str(text), progress=False, log=lambda s: None)
+    for name, adaptive in (("r", True), ("fixed", False)):
+        model = tiny_model_config(n_layers=1, fractal_depth=2, adaptive_depth=adaptive,
+                                  depth_target=0.5 if adaptive else 0.0)
+        run(RunConfig(model, train), out=tmp_path / name, data_path=str(text), progress=False,
+            log=lambda s: None)
     rows = {r["mode"]: r for r in run_adaptive(str(tmp_path / "r"))}
     assert set(rows) == {"depth1", "depth2", "adaptive"}
     assert rows["depth1"]["blocks_per_token"] == 1 and rows["depth2"]["blocks_per_token"] == 3
     assert 1 <= rows["adaptive"]["blocks_per_token"] <= 3
     assert all(r["fhme_ms"] > 0 and math.isfinite(r["val_bpb"]) for r in rows.values())
+    capsys.readouterr()
+    plot = tmp_path / "frontier.png"
+    assert main(["bench", "adaptive", "--ckpt", str(tmp_path / "r"), "--ckpt", str(tmp_path / "fixed"),
+                 "--plot", str(plot), "--json"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["run"][-5:], r["mode"]) for r in out] == [
+        (str(tmp_path / "r")[-5:], "depth1"), (str(tmp_path / "r")[-5:], "depth2"),
+        (str(tmp_path / "r")[-5:], "adaptive"), ("fixed", "depth1"), ("fixed", "depth2")]
+    adaptive = out[2]
+    assert adaptive["margin"] == pytest.approx(adaptive["frontier_bpb"] - adaptive["val_bpb"])
+    assert plot.stat().st_size > 0
+
+
+def test_fixed_depth_frontier_is_the_lower_envelope_interpolated() -> None:
+    from fractalmoe.bench import adaptive_frontier, fixed_frontier, frontier_at
+
+    points = [(1.0, 2.6), (3.0, 2.5), (3.0, 2.55), (7.0, 2.52), (7.0, 2.4), (1.0, 4.5)]
+    front = fixed_frontier(points)
+    assert front == [(1.0, 2.6), (3.0, 2.5), (7.0, 2.4)]
+    assert frontier_at(front, 2.0) == pytest.approx(2.55)
+    assert frontier_at(front, 5.0) == pytest.approx(2.45)
+    assert frontier_at(front, 0.5) is None and frontier_at(front, 9.0) == 2.4
+    assert fixed_frontier([(1.0, 2.5), (3.0, 2.6)]) == [(1.0, 2.5)]  # more blocks, no better: off
+    rows = [{"mode": "depth1", "blocks_per_token": 1.0, "val_bpb": 2.6},
+            {"mode": "depth2", "blocks_per_token": 3.0, "val_bpb": 2.5},
+            {"mode": "adaptive", "blocks_per_token": 2.0, "val_bpb": 2.53}]
+    assert adaptive_frontier(rows)[2]["margin"] == pytest.approx(0.02)

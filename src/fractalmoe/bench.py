@@ -95,6 +95,41 @@ def spawn(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, A
     return json.loads(lines[-1])
 
 
+def fixed_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower envelope of fixed-depth (blocks/token, bpb) points: those no point with at most
+    as many blocks beats, by blocks."""
+    front: list[tuple[float, float]] = []
+    for blocks, bpb in sorted(points, key=lambda p: (p[0], p[1])):
+        if not front or bpb < front[-1][1]:
+            front.append((blocks, bpb))
+    return front
+
+
+def frontier_at(front: list[tuple[float, float]], blocks: float) -> float | None:
+    """The envelope's bpb at ``blocks``, linear between its points; flat after the last (more
+    blocks never hurt: the cheaper point is still available), None before the first."""
+    if not front or blocks < front[0][0]:
+        return None
+    for (b0, y0), (b1, y1) in zip(front, front[1:]):
+        if b0 <= blocks <= b1:
+            return y0 + (y1 - y0) * (blocks - b0) / (b1 - b0)
+    return front[-1][1]
+
+
+def adaptive_frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of ``run_adaptive`` over several runs (each with a "run" key): every depth mode of
+    every run is a fixed-depth point; each run's "adaptive" row gains the envelope's bpb at its
+    blocks/token and its margin below it (positive: the adaptive model beats fixed depth)."""
+    front = fixed_frontier([(r["blocks_per_token"], r["val_bpb"]) for r in rows if r["mode"] != "adaptive"])
+    out = []
+    for r in rows:
+        if r["mode"] == "adaptive":
+            level = frontier_at(front, r["blocks_per_token"])
+            r = {**r, "frontier_bpb": level, "margin": None if level is None else level - r["val_bpb"]}
+        out.append(r)
+    return out
+
+
 def _child(argv: list[str]) -> None:
     kind, payload = argv[0], json.loads(argv[1])
     if kind == "layer":

@@ -179,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep", help="KEY=V1,V2,...: train the first model once per value instead")
     c.add_argument("--out", default="runs/compare", help="results folder")
     c.add_argument("--json", action="store_true", help="one JSON line per model")
-    ba = bsub.add_parser("adaptive", help="bpb and FHME time at each fixed depth and adaptive")
-    ba.add_argument("--ckpt", required=True, help="run directory of a trained FHME model")
+    ba = bsub.add_parser("adaptive", help="bpb and FHME time at each fixed depth and adaptive; "
+                                           "with several runs, the fixed-depth frontier")
+    ba.add_argument("--ckpt", required=True, action="append",
+                    help="run directory of a trained FHME model (repeat: fixed-C and adaptive runs)")
+    ba.add_argument("--plot", help="with several runs: write bpb vs blocks/token to this PNG")
     ba.add_argument("--data", help="corpus (default: the run's own)")
     ba.add_argument("--json", action="store_true", help="one JSON line per mode")
     ba.add_argument("--device", type=_device, default="cpu")
@@ -300,20 +303,39 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_adaptive(args: argparse.Namespace) -> int:
+    from .bench import adaptive_frontier, run_adaptive
+
+    rows = []
+    for run_dir in args.ckpt:
+        per_run = run_adaptive(run_dir, args.data, args.device)
+        full = next(r for r in per_run if r["mode"] == f"depth{len(per_run[0]['depth_hist'][0])}")
+        rows += [{"run": run_dir, **r, "blocks_share": r["blocks_per_token"] / full["blocks_per_token"],
+                  "fhme_share": r["fhme_ms"] / full["fhme_ms"]} for r in per_run]
+    if len(args.ckpt) > 1:
+        rows = adaptive_frontier(rows)
+    for row in rows:
+        if args.json:
+            print(json.dumps({k: v for k, v in row.items() if k != "depth_hist"}))
+            continue
+        line = (f"{row['run']}  {row['mode']:>9}  val_bpb {row['val_bpb']:.4f}  blocks/token "
+                f"{row['blocks_per_token']:.2f} ({row['blocks_share']:.0%})  FHME {row['fhme_ms']:8.1f} ms "
+                f"({row['fhme_share']:.0%})")
+        if row.get("frontier_bpb") is not None:
+            line += f"  fixed-depth frontier {row['frontier_bpb']:.4f} (margin {row['margin']:+.4f})"
+        print(line)
+    if args.plot:
+        from .plots import plot_frontier
+
+        print(plot_frontier(rows, Path(args.plot)))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_adaptive, spawn
 
     if args.bench == "adaptive":
-        rows = run_adaptive(args.ckpt, args.data, args.device)
-        full = next(r for r in rows if r["mode"] == f"depth{len(rows[0]['depth_hist'][0])}")
-        for row in rows:
-            if args.json:
-                print(json.dumps({k: v for k, v in row.items() if k != "depth_hist"}))
-            else:
-                print(f"{row['mode']:>9}  val_bpb {row['val_bpb']:.4f}  blocks/token "
-                      f"{row['blocks_per_token']:.2f} ({row['blocks_per_token'] / full['blocks_per_token']:.0%})"
-                      f"  FHME {row['fhme_ms']:8.1f} ms ({row['fhme_ms'] / full['fhme_ms']:.0%})")
-        return 0
+        return _bench_adaptive(args)
     if args.bench == "layer":
         from .bench_layer import layer_command
 

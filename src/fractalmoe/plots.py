@@ -196,6 +196,32 @@ def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = No
     return paths
 
 
+def plot_frontier(rows: list[dict], out: Path) -> Path:
+    """bpb vs blocks/token: every run's fixed depths (a line per run), the fixed-depth frontier
+    and the adaptive models (``bench adaptive`` rows over several runs)."""
+    from .bench import fixed_frontier
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        fixed = [r for r in rows if r["run"] == run and r["mode"] != "adaptive"]
+        ax.plot([r["blocks_per_token"] for r in fixed], [r["val_bpb"] for r in fixed], "o:", ms=3,
+                alpha=0.6, label=f"{Path(run).name}, fixed depths")
+        for r in rows:
+            if r["run"] == run and r["mode"] == "adaptive":
+                ax.plot(r["blocks_per_token"], r["val_bpb"], "*", ms=12, label=f"{Path(run).name}, adaptive")
+    front = fixed_frontier([(r["blocks_per_token"], r["val_bpb"]) for r in rows if r["mode"] != "adaptive"])
+    ax.plot([b for b, _ in front], [y for _, y in front], "k-", lw=1, label="fixed-depth frontier")
+    ax.set_xlabel("routed blocks per token")
+    ax.set_ylabel("validation bits per byte")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_comparison(rows: list[dict], out: Path) -> list[Path]:
     """Validation bpb vs training FLOPs and vs wall-clock for every compared run; for a sweep,
     final bpb vs the swept value."""
