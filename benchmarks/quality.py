@@ -8,6 +8,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py untie-pilots      # FHME with untied routers vs tied and PKM, 600 steps
     python benchmarks/quality.py optim-pilots      # expert-table optimizers: 3 table lrs each, seed 1
     python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
+    python benchmarks/quality.py final-lazy        # FHME and PKM with lazy Adam tables: seeds 2, 3, 1,200 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -117,6 +118,17 @@ def optim_jobs() -> list[tuple[str, list[str]]]:
     return jobs
 
 
+def final_lazy_jobs() -> list[tuple[str, list[str]]]:
+    """The bundled comparison's two best models again with lazy-Adam tables (lr 0.03), which beat
+    row-wise Adagrad for FHME at 1,200 steps: the table optimizer is offered to both. FHME's runs
+    are the optim phase's n16384_lazy_adam_s{2,3} (the same command)."""
+    lazy = ["--set", "expert_optim=lazy_adam", "--set", f"expert_lr={OPTIM_TUNED['lazy_adam']}"]
+    return [(f"shakespeare_{model}_s{seed}",
+             ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], *lazy, "--max-steps", "1200",
+              "--seeds", seed])
+            for seed, model in itertools.product(("2", "3"), ("fhme", "pkm"))]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -139,14 +151,14 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "search", "final", "optim-pilots",
-                                          "optim"))
+                                          "optim", "final-lazy"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
     args = p.parse_args()
     jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "search": search_jobs,
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
-            "optim": optim_jobs}[args.phase]()
+            "optim": optim_jobs, "final-lazy": final_lazy_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 

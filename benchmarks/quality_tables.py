@@ -127,6 +127,11 @@ def main() -> None:
         if table:
             print(f"\n### {corpus} (1,200 steps)\n")
             print(table)
+    lazy = rows(root / "final-lazy") if (root / "final-lazy").is_dir() else []
+    table = final_table(lazy, "shakespeare")
+    if table:
+        print("\n### shakespeare (1,200 steps), lazy-Adam expert tables (lr 0.03) for both\n")
+        print(table)
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
         pilots = rows(root / "optim-pilots") if (root / "optim-pilots").is_dir() else []
         reported = rows(root / "optim") if (root / "optim").is_dir() else []
