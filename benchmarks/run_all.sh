@@ -31,10 +31,13 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 /usr/bin/time -v $F train --config configs/million.toml --set n_layers=1 --set num_experts=16777216 \
   --set expert_dtype=bfloat16 --out runs/train_16m --quiet 2> $R/train_16m/time.txt
 
-# Adaptive depth (C = 3) with compacted training: the adaptive model, the same config at full
+# Adaptive depth: the threshold rule against fixed depths (bpb vs blocks/token frontier)
+bash benchmarks/adaptive_frontier.sh
+# Adaptive depth (C = 3) with compacted training, ponder rule: the adaptive model, the same config at full
 # depth, bench adaptive, the depth map on held-out text
 A=$R/adaptive_compacted
-$F train --config configs/adaptive.toml --out runs/adaptive_target --quiet
+PONDER="--set depth_rule=ponder --set depth_explore=0.25"  # the rule of these two studies
+$F train --config configs/adaptive.toml $PONDER --out runs/adaptive_target --quiet
 $F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --out runs/adaptive_target_full --quiet
 $F bench adaptive --ckpt runs/adaptive_target --json > $A/adaptive_target_bench.jsonl
 $F bench adaptive --ckpt runs/adaptive_target_full --json > $A/full_bench.jsonl
@@ -47,7 +50,7 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 METHODS="fhme lora full" SEEDS=2 EVAL_BYTES=262144 STUDIES="single sequential" bash benchmarks/finetune.sh runs/default
 METHODS="fhme-rows" SEEDS=2 EVAL_BYTES=262144 DOMAINS=email STUDIES=single bash benchmarks/finetune.sh runs/default
 # Earlier adaptive study (before compacted training)
-$F train --config configs/adaptive.toml --out runs/adaptive --quiet > $R/adaptive_train.log 2>&1
+$F train --config configs/adaptive.toml $PONDER --out runs/adaptive --quiet > $R/adaptive_train.log 2>&1
 $F train --config configs/adaptive.toml --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --out runs/adaptive_full --quiet > $R/adaptive_full_train.log 2>&1
 $F bench adaptive --ckpt runs/adaptive --json > $R/adaptive.jsonl
 $F bench adaptive --ckpt runs/adaptive_full --json > $R/adaptive_full.jsonl
