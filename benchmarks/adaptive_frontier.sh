@@ -5,7 +5,8 @@
 #
 # configs/adaptive.toml (2 layers, C = 3, threshold rule) trained at three compute targets (25%,
 # 45%, 65% of the 7 blocks), models of the same config trained at fixed C = 1, 2, 3 (1, 3, 7
-# blocks), and two pilots of the rule's settings at 45% (explore 0.25, untied routers); then
+# blocks), and the pilots of the rule's settings at 45% (random-depth exploration 0.25 and 0.05,
+# untied routers with and without it); then
 # `fractalmoe bench adaptive` over all of them: every depth of every model, the fixed-depth
 # frontier (lower envelope, linear between its points) and each adaptive model's margin below it.
 # Each run is one single-threaded process pinned to CPU $CPU; finished runs are skipped.
@@ -27,8 +28,11 @@ train fixed_c2 $FIXED --set fractal_depth=2
 train fixed_c3 $FIXED
 for t in 25 45 65; do train "threshold_t$t" --set depth_target=0.$t; done
 train threshold_t45_explore0.25 --set depth_explore=0.25
+train threshold_t45_explore0.05 --set depth_explore=0.05
 train threshold_t45_untied --set tie_blocks=false
-RUNS=(fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65 threshold_t45_explore0.25 threshold_t45_untied)
+train threshold_t45_untied_explore0.05 --set tie_blocks=false --set depth_explore=0.05
+RUNS=(fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65 threshold_t45_explore0.25
+      threshold_t45_explore0.05 threshold_t45_untied threshold_t45_untied_explore0.05)
 $F bench adaptive $(printf -- "--ckpt $OUT/%s " "${RUNS[@]}") --plot "$RESULTS/frontier.png" --json \
   > "$RESULTS/bench.jsonl"
 for r in "${RUNS[@]}"; do
