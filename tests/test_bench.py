@@ -299,7 +299,7 @@ def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path, capsys) -> 
     plot = tmp_path / "frontier.png"
     assert main(["bench", "adaptive", "--ckpt", str(tmp_path / "r"), "--ckpt", str(tmp_path / "fixed"),
                  "--plot", str(plot), "--json"]) == 0
-    out = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines only
     assert [(r["run"][-5:], r["mode"]) for r in out] == [
         (str(tmp_path / "r")[-5:], "depth1"), (str(tmp_path / "r")[-5:], "depth2"),
         (str(tmp_path / "r")[-5:], "adaptive"), ("fixed", "depth1"), ("fixed", "depth2")]

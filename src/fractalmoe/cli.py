@@ -327,7 +327,7 @@ def _bench_adaptive(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import plot_frontier
 
-        print(plot_frontier(rows, Path(args.plot)))
+        print(plot_frontier(rows, Path(args.plot)), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
