@@ -39,3 +39,5 @@ for r in "${RUNS[@]}"; do
   mkdir -p "$RESULTS/$r"; cp "$OUT/$r/config.json" "$OUT/$r/metrics.jsonl" "$RESULTS/$r/"
   grep -h "Elapsed" "$OUT/$r.log" > "$RESULTS/$r/time.txt" || true
 done
+$F plot "$OUT/threshold_t45" --out "$RESULTS/threshold_t45_plots" --depth-map \
+  --text "$(tail -c 1000 src/fractalmoe/tinyshakespeare.txt | head -c 800)"
