@@ -2,6 +2,8 @@
 # Adaptive depth against fixed depth: bpb vs routed blocks per token.
 #
 #   bash benchmarks/adaptive_frontier.sh [OUT_DIR]
+#   SEED=2 RUNS="fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65" \
+#     RESULTS=benchmarks/results/adaptive_frontier/seed2 bash benchmarks/adaptive_frontier.sh runs/adapt_s2
 #
 # configs/adaptive.toml (2 layers, C = 3, threshold rule) trained at three compute targets (25%,
 # 45%, 65% of the 7 blocks), models of the same config trained at fixed C = 1, 2, 3 (1, 3, 7
@@ -15,11 +17,13 @@ OUT=${1:-runs/adapt}
 RESULTS=${RESULTS:-benchmarks/results/adaptive_frontier}
 F=${F:-.venv/bin/fractalmoe}
 CPU=${CPU:-0}
+SEED_SET=${SEED:+--set seed=$SEED}  # default: the config's seed
 mkdir -p "$OUT" "$RESULTS"
 train() {
   local name=$1; shift
   [ -e "$OUT/$name" ] && return
-  OMP_NUM_THREADS=1 /usr/bin/time -v taskset -c "$CPU" $F train --config configs/adaptive.toml "$@" \
+  [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]] && return
+  OMP_NUM_THREADS=1 /usr/bin/time -v taskset -c "$CPU" $F train --config configs/adaptive.toml $SEED_SET "$@" \
     --out "$OUT/$name" --quiet > "$OUT/$name.log" 2>&1
 }
 FIXED="--set adaptive_depth=false --set depth_explore=0 --set depth_target=0"
@@ -31,13 +35,14 @@ train threshold_t45_explore0.25 --set depth_explore=0.25
 train threshold_t45_explore0.05 --set depth_explore=0.05
 train threshold_t45_untied --set tie_blocks=false
 train threshold_t45_untied_explore0.05 --set tie_blocks=false --set depth_explore=0.05
+if [ -n "${RUNS:-}" ]; then read -r -a RUNS <<< "$RUNS"; else
 RUNS=(fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65 threshold_t45_explore0.25
-      threshold_t45_explore0.05 threshold_t45_untied threshold_t45_untied_explore0.05)
+      threshold_t45_explore0.05 threshold_t45_untied threshold_t45_untied_explore0.05); fi
 $F bench adaptive $(printf -- "--ckpt $OUT/%s " "${RUNS[@]}") --plot "$RESULTS/frontier.png" --json \
   > "$RESULTS/bench.jsonl"
 for r in "${RUNS[@]}"; do
   mkdir -p "$RESULTS/$r"; cp "$OUT/$r/config.json" "$OUT/$r/metrics.jsonl" "$RESULTS/$r/"
   grep -h "Elapsed" "$OUT/$r.log" > "$RESULTS/$r/time.txt" || true
 done
-$F plot "$OUT/threshold_t45" --out "$RESULTS/threshold_t45_plots" --depth-map \
+[ -d "$OUT/threshold_t45" ] && $F plot "$OUT/threshold_t45" --out "$RESULTS/threshold_t45_plots" --depth-map \
   --text "$(tail -c 1000 src/fractalmoe/tinyshakespeare.txt | head -c 800)"
