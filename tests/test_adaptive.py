@@ -217,3 +217,8 @@ def test_target_controller_turns_into_a_bonus_below_the_target() -> None:
     for _ in range(200):  # every token at depth 3: above the target, the penalty climbs back
         layer.fold(FoldInputs([torch.tensor([700.0, 100.0])]))
     assert float(layer.depth_penalty) > 0
+
+
+def test_threshold_rule_refuses_a_target_below_one_block() -> None:
+    with pytest.raises(ValueError, match="depth_target"):
+        FHME(16, 256, depth=3, heads=2, topk=4, key_dim=8, adaptive_depth=True, depth_rule="threshold")

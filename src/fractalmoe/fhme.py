@@ -108,6 +108,9 @@ class FHME(nn.Module, PastBatchStatistics):
                              persistent=self.depth_router is not None and not self.halting)
         self.register_buffer("depth_thresholds", torch.zeros(max(depth - 1, 0)),
                              persistent=self.depth_router is not None and self.halting)
+        if self.halting and not 1 / blocks_at_depth(depth) <= depth_target <= 1:
+            raise ValueError(f"depth_target={depth_target}: the threshold rule needs a share of the "
+                             f"{blocks_at_depth(depth)} blocks in [1/{blocks_at_depth(depth)}, 1]")
         self.continue_share = continue_share(depth, depth_target) if self.halting else 1.0
         self.forced_depth: int | None = None  # evaluate every token at this depth
         self.compact = True  # compact stopped tokens, training and inference (False: masked reference)
