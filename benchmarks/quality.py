@@ -6,6 +6,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py search            # every model: seed 1, 300 steps, bundled corpus
     python benchmarks/quality.py final             # seeds 2 and 3, 1,200 steps, both corpora
     python benchmarks/quality.py untie-pilots      # FHME with untied routers vs tied and PKM, 600 steps
+    python benchmarks/quality.py usage-pilots      # FHME with the balance loss, 600 steps
     python benchmarks/quality.py optim-pilots      # expert-table optimizers: 3 table lrs each, seed 1
     python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
     python benchmarks/quality.py final-lazy        # FHME and PKM with lazy Adam tables: seeds 2, 3, 1,200 steps
@@ -54,6 +55,14 @@ def untie_pilot_jobs() -> list[tuple[str, list[str]]]:
     return [("fhme_untied", ["--models", "fhme", *TUNED["fhme"], "--set", "tie_blocks=false", *common]),
             ("fhme_tied", ["--models", "fhme", *TUNED["fhme"], *common]),
             ("pkm", ["--models", "pkm", *common])]
+
+
+def usage_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """FHME uses 83-88% of its experts (KL 1.2) where PKM uses all (KL 0.5-0.6), and falls behind
+    PKM between 300 and 1,200 steps: does the balance loss close the gap? Against untie-pilots'
+    fhme_tied and pkm (same length and seed)."""
+    common = [*REFERENCE, *SHAPE, "--max-steps", "600", "--seeds", "1"]
+    return [("fhme_balance0.01", ["--models", "fhme", *TUNED["fhme"], "--set", "balance_loss=0.01", *common])]
 
 
 def search_jobs() -> list[tuple[str, list[str]]]:
@@ -152,13 +161,14 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("pilots", "untie-pilots", "search", "final", "optim-pilots",
+    p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
     args = p.parse_args()
-    jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "search": search_jobs,
+    jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "usage-pilots": usage_pilot_jobs,
+            "search": search_jobs,
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
             "optim": optim_jobs, "final-lazy": final_lazy_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
