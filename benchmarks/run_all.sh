@@ -46,6 +46,7 @@ $F bench adaptive --ckpt runs/adaptive_target_full --json > $A/full_bench.jsonl
 $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "$(tail -c 1000 src/fractalmoe/tinyshakespeare.txt | head -c 800)"
 # Quality pilots of this study: untied routers, expert-table optimizers; the deep path's reads
 .venv/bin/python benchmarks/quality.py untie-pilots
+.venv/bin/python benchmarks/quality.py usage-pilots
 .venv/bin/python benchmarks/quality.py optim-pilots
 .venv/bin/python benchmarks/fractal_paths.py runs/quality/final/shakespeare_fhme_s2/runs/fhme-seed2 --windows 128 > $R/fractal_paths.jsonl
 # Fine-tuning and forgetting (email, the King James Bible, sequential), seed 2
