@@ -116,11 +116,16 @@ def frontier_at(front: list[tuple[float, float]], blocks: float) -> float | None
     return front[-1][1]
 
 
+def rows_frontier(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """``fixed_frontier`` of the fixed-depth rows (every mode but "adaptive") of ``run_adaptive``."""
+    return fixed_frontier([(r["blocks_per_token"], r["val_bpb"]) for r in rows if r["mode"] != "adaptive"])
+
+
 def adaptive_frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of ``run_adaptive`` over several runs (each with a "run" key): every depth mode of
     every run is a fixed-depth point; each run's "adaptive" row gains the envelope's bpb at its
     blocks/token and its margin below it (positive: the adaptive model beats fixed depth)."""
-    front = fixed_frontier([(r["blocks_per_token"], r["val_bpb"]) for r in rows if r["mode"] != "adaptive"])
+    front = rows_frontier(rows)
     out = []
     for r in rows:
         if r["mode"] == "adaptive":

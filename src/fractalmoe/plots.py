@@ -199,7 +199,7 @@ def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = No
 def plot_frontier(rows: list[dict], out: Path) -> Path:
     """bpb vs blocks/token: every run's fixed depths (a line per run), the fixed-depth frontier
     and the adaptive models (``bench adaptive`` rows over several runs)."""
-    from .bench import fixed_frontier
+    from .bench import rows_frontier
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in dict.fromkeys(r["run"] for r in rows):
@@ -209,7 +209,7 @@ def plot_frontier(rows: list[dict], out: Path) -> Path:
         for r in rows:
             if r["run"] == run and r["mode"] == "adaptive":
                 ax.plot(r["blocks_per_token"], r["val_bpb"], "*", ms=12, label=f"{Path(run).name}, adaptive")
-    front = fixed_frontier([(r["blocks_per_token"], r["val_bpb"]) for r in rows if r["mode"] != "adaptive"])
+    front = rows_frontier(rows)
     ax.plot([b for b, _ in front], [y for _, y in front], "k-", lw=1, label="fixed-depth frontier")
     ax.set_xlabel("routed blocks per token")
     ax.set_ylabel("validation bits per byte")
