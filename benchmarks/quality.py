@@ -7,7 +7,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py final             # seeds 2 and 3, 1,200 steps, both corpora
     python benchmarks/quality.py untie-pilots      # FHME with untied routers vs tied and PKM, 600 steps
     python benchmarks/quality.py usage-pilots      # FHME with the balance loss, 600 steps
-    python benchmarks/quality.py optim-pilots      # expert-table optimizers: 3 table lrs each, seed 1
+    python benchmarks/quality.py optim-pilots      # expert-table optimizers: 4 table lrs each, seed 1
     python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
     python benchmarks/quality.py final-lazy        # FHME and PKM with lazy Adam tables: seeds 2, 3, 1,200 steps
 
@@ -47,22 +47,31 @@ def pilot_jobs() -> list[tuple[str, list[str]]]:
     return [(name, [*args, "--max-steps", "300", "--seeds", "1"]) for name, args in PILOTS]
 
 
+def _pilot(model: str, *extra: str) -> list[str]:
+    """A 600-step pilot at seed 1 of the reference shape (300 steps misranked FHME and PKM)."""
+    return ["--models", model, *TUNED[model], *extra, *REFERENCE, *SHAPE, "--max-steps", "600", "--seeds", "1"]
+
+
+def _reported(model: str, seed: str, *extra: str) -> list[str]:
+    """A reported run: the model at its tuned settings, 1,200 steps."""
+    return ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], *extra, "--max-steps", "1200",
+            "--seeds", seed]
+
+
 def untie_pilot_jobs() -> list[tuple[str, list[str]]]:
     """A trained tied FHME re-reads ~93% of B_1's rows in B_1's second application: does giving
     every application its own router (one bank) buy quality? 600 steps, as 300 misranked FHME
     and PKM against their 1,200-step order."""
-    common = [*REFERENCE, *SHAPE, "--max-steps", "600", "--seeds", "1"]
-    return [("fhme_untied", ["--models", "fhme", *TUNED["fhme"], "--set", "tie_blocks=false", *common]),
-            ("fhme_tied", ["--models", "fhme", *TUNED["fhme"], *common]),
-            ("pkm", ["--models", "pkm", *common])]
+    return [("fhme_untied", _pilot("fhme", "--set", "tie_blocks=false")),
+            ("fhme_tied", _pilot("fhme")),
+            ("pkm", _pilot("pkm"))]
 
 
 def usage_pilot_jobs() -> list[tuple[str, list[str]]]:
     """FHME uses 83-88% of its experts (KL 1.2) where PKM uses all (KL 0.5-0.6), and falls behind
     PKM between 300 and 1,200 steps: does the balance loss close the gap? Against untie-pilots'
     fhme_tied and pkm (same length and seed)."""
-    common = [*REFERENCE, *SHAPE, "--max-steps", "600", "--seeds", "1"]
-    return [("fhme_balance0.01", ["--models", "fhme", *TUNED["fhme"], "--set", "balance_loss=0.01", *common])]
+    return [("fhme_balance0.01", _pilot("fhme", "--set", "balance_loss=0.01"))]
 
 
 def search_jobs() -> list[tuple[str, list[str]]]:
@@ -91,9 +100,7 @@ def final_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     jobs = []
     for (corpus, model), seed in itertools.product(ORDER, ("2", "3")):
         data = ["--data", stdlib] if corpus == "stdlib" else []
-        jobs.append((f"{corpus}_{model}_s{seed}",
-                     ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], *data, "--max-steps", "1200",
-                      "--seeds", seed]))
+        jobs.append((f"{corpus}_{model}_s{seed}", _reported(model, seed, *data)))
     return jobs
 
 
@@ -134,9 +141,7 @@ def final_lazy_jobs() -> list[tuple[str, list[str]]]:
     row-wise Adagrad for FHME at 1,200 steps: the table optimizer is offered to both. FHME's runs
     are the optim phase's n16384_lazy_adam_s{2,3} (the same command)."""
     lazy = ["--set", "expert_optim=lazy_adam", "--set", f"expert_lr={OPTIM_TUNED['lazy_adam']}"]
-    return [(f"shakespeare_{model}_s{seed}",
-             ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], *lazy, "--max-steps", "1200",
-              "--seeds", seed])
+    return [(f"shakespeare_{model}_s{seed}", _reported(model, seed, *lazy))
             for seed, model in itertools.product(("2", "3"), ("fhme", "pkm"))]
 
 
