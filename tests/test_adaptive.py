@@ -143,13 +143,14 @@ def test_lowering_the_target_cost_lowers_mean_depth(rule: str) -> None:
 @pytest.mark.parametrize("target", [0.2, 0.45, 0.65, 1.0])
 def test_continue_share_spends_the_target_blocks(depth: int, target: float) -> None:
     """P(d >= c) = q**(c-1), and stage c adds 2**(c-1) blocks."""
-    q = continue_share(depth, max(target, 1 / blocks_at_depth(depth)))
+    target = max(target, 1 / blocks_at_depth(depth))  # at least one block
+    q = continue_share(depth, target)
     blocks = sum(q ** (c - 1) * 2 ** (c - 1) for c in range(1, depth + 1))
-    assert blocks == pytest.approx(max(target, 1 / blocks_at_depth(depth)) * blocks_at_depth(depth), rel=1e-6)
+    assert blocks == pytest.approx(target * blocks_at_depth(depth), rel=1e-6)
 
 
 def test_thresholds_rise_while_too_many_tokens_go_on() -> None:
-    layer = _layer("threshold")  # q = continue_share(3, 0.5) ~ 0.59
+    layer = _layer("threshold")  # q = continue_share(3, 0.5) ~ 0.58
     layer.fold(FoldInputs([torch.tensor([[90.0, 80.0], [100.0, 90.0]])]))  # 90% and 89% went on
     assert (layer.depth_thresholds > 0).all()
     for _ in range(40):
