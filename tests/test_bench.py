@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -54,7 +56,7 @@ def test_waiting_for_the_machine_to_become_idle(monkeypatch) -> None:
     assert bench_layer.wait_until_idle(5.0, poll_s=0.001) is None
 
 
-def test_process_scan_finds_a_torch_process_but_not_itself() -> None:
+def test_process_scan_finds_a_running_torch_process_but_not_itself_or_a_stopped_one() -> None:
     code = "import sys, torch; print('ready', flush=True); sys.stdin.read()"
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
@@ -63,6 +65,13 @@ def test_process_scan_finds_a_torch_process_but_not_itself() -> None:
         pids = [pid for pid, _ in torch_processes()]
         assert proc.pid in pids
         assert os.getpid() not in pids
+        os.kill(proc.pid, signal.SIGSTOP)  # stopped: takes nothing from a benchmark
+        for _ in range(100):
+            if proc.pid not in [pid for pid, _ in torch_processes()]:
+                break
+            time.sleep(0.01)
+        assert proc.pid not in [pid for pid, _ in torch_processes()]
+        os.kill(proc.pid, signal.SIGCONT)
     finally:
         proc.kill()
         proc.wait()

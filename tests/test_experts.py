@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from fractalmoe.experts import (
+    DeferredRowGrad,
     ExpertBank,
     RowScatter,
+    deferred_grad,
     expert_mix,
     expert_mix_reference,
-    set_sparse_grad,
+    set_grad_layout,
     value_mix,
 )
 
@@ -28,7 +30,7 @@ def _inputs(n=40, d=6, t=9, m=5, dtype=torch.float64):
 def test_gradcheck_float64(act: str) -> None:
     x, idx, gates, down, up = _inputs()
     # gradcheck wants strided gradients: same backward, rows scattered into a dense layout.
-    fn = lambda x, g, d, u: expert_mix(x, idx, g, d, u, act, sparse_grad=False)  # noqa: E731
+    fn = lambda x, g, d, u: expert_mix(x, idx, g, d, u, act, layout="dense")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, gates, down, up))
 
 
@@ -78,20 +80,62 @@ def test_row_scatter_equals_a_plain_index_add(sparse: bool) -> None:
 
 
 def test_tables_choose_their_gradient_layout() -> None:
-    """A dense optimiser marks its tables; the mixes then give dense gradients, equal to the
-    sparse ones."""
+    """A dense optimiser marks its tables dense, a deferring one deferred; the mixes then give
+    dense gradients, or none and the ingredients whose summed rows are the sparse gradient's."""
     x, idx, gates, down, up = _inputs()
     grads = {}
-    for sparse in (True, False):
+    for layout in ("sparse", "dense", "deferred"):
         for table in (down, up):
-            set_sparse_grad(table, sparse)
+            set_grad_layout(table, layout)
             table.grad = None
         expert_mix(x, idx, gates, down, up).square().sum().backward()
-        value_mix(idx, gates, up).sum().backward()
-        assert down.grad.is_sparse == up.grad.is_sparse == sparse
-        grads[sparse] = (down.grad.to_dense(), up.grad.to_dense())
-    for s, d in zip(grads[True], grads[False]):
-        torch.testing.assert_close(s, d)
+        value_mix(idx, gates, up).sum().backward()  # up is read twice: two deferred parts
+        if layout == "deferred":
+            assert down.grad is None and up.grad is None and len(deferred_grad(up).parts) == 2
+            grads[layout] = tuple(_chunks_to_dense(deferred_grad(t), t.shape) for t in (down, up))
+        else:
+            assert down.grad.is_sparse == up.grad.is_sparse == (layout == "sparse")
+            grads[layout] = (down.grad.to_dense(), up.grad.to_dense())
+    for layout in ("dense", "deferred"):
+        for s, d in zip(grads["sparse"], grads[layout]):
+            torch.testing.assert_close(s.float(), d.float())
+
+
+def _chunks_to_dense(grad: DeferredRowGrad, shape: torch.Size) -> torch.Tensor:
+    """A deferred gradient as a dense table; every touched row must be real exactly once and
+    every entry that is not real zero."""
+    out, seen = torch.zeros(shape), []
+    for rows, g, real in grad.chunks():
+        assert (g[~real] == 0).all()
+        out.index_add_(0, rows[real], g[real])
+        seen.append(rows[real])
+    seen_rows = torch.cat(seen)
+    assert seen_rows.unique().numel() == seen_rows.numel()
+    return out
+
+
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_deferred_chunks_sum_each_row_once_across_chunk_cuts(chunk: int, merged: bool,
+                                                              monkeypatch) -> None:
+    """Rows read by many slots (a run longer than several chunks) come out whole, once, whether
+    summed into one buffer or carried across chunk cuts; two mixes over one table are one
+    gradient."""
+    import fractalmoe.experts as experts
+
+    monkeypatch.setattr(experts, "_chunk_slots", lambda dim: chunk)
+    monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)
+    torch.manual_seed(0)
+    values = torch.randn(12, 4, requires_grad=True)
+    set_grad_layout(values, "deferred")
+    idx_a, idx_b = torch.randint(0, 3, (9, 5)), torch.randint(2, 12, (4, 2))  # rows 0-2: long runs
+    ga, gb = torch.rand(9, 5), torch.rand(4, 2)
+    (value_mix(idx_a, ga, values).square().sum() + value_mix(idx_b, gb, values).sum()).backward()
+    ref = torch.zeros(12, 4)
+    for idx, gates, gy in ((idx_a, ga, 2 * value_mix(idx_a, ga, values.detach())),
+                           (idx_b, gb, torch.ones(4, 4))):
+        ref.index_add_(0, idx.reshape(-1), (gates.unsqueeze(-1) * gy.unsqueeze(1)).reshape(-1, 4))
+    torch.testing.assert_close(_chunks_to_dense(deferred_grad(values), values.shape), ref)
 
 
 def test_bank_bfloat16_tables_run_and_return_input_dtype() -> None:
@@ -128,7 +172,7 @@ def test_value_mix_matches_embedding_reference_and_gradcheck() -> None:
     torch.testing.assert_close(g_gates, r_gates)
     assert g_values.is_sparse and torch.equal(g_values.coalesce().indices()[0], torch.unique(idx))
     torch.testing.assert_close(g_values.to_dense(), r_values)
-    fn = lambda g, v: value_mix(idx, g, v, sparse_grad=False)  # noqa: E731
+    fn = lambda g, v: value_mix(idx, g, v, layout="dense")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (gates, values))
 
 

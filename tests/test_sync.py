@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fractalmoe.config import tiny_model_config
-from fractalmoe.experts import expert_mix, value_mix
+from fractalmoe.experts import expert_mix, set_grad_layout, value_mix
 from fractalmoe.model import FHMELanguageModel
 from fractalmoe.optim import LazyAdam, ModelOptimizer, RowwiseAdagrad
 
@@ -47,20 +47,23 @@ def test_the_counter_sees_syncs() -> None:
     assert len(counter.syncs) == 6, counter.syncs
 
 
-@pytest.mark.parametrize("sparse", [True, False])
-def test_mix_backwards_never_sync(sparse: bool) -> None:
+@pytest.mark.parametrize("layout", ["sparse", "dense", "deferred"])
+def test_mix_backwards_never_sync(layout: str) -> None:
     x = torch.randn(9, 8, requires_grad=True)
     idx, gates = torch.randint(0, 40, (9, 5)), torch.rand(9, 5, requires_grad=True)
     down, up = (torch.randn(40, 8, requires_grad=True) for _ in range(2))
-    y = expert_mix(x, idx, gates, down, up, sparse_grad=sparse) + value_mix(idx, gates, up, sparse)
+    y = expert_mix(x, idx, gates, down, up, layout=layout) + value_mix(idx, gates, up, layout)
     with SyncCounter() as counter:
         y.square().sum().backward()
-    assert counter.syncs == [] and up.grad.is_sparse == sparse
+    assert counter.syncs == []
+    assert (up.grad is None) if layout == "deferred" else (up.grad.is_sparse == (layout == "sparse"))
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("rule", [RowwiseAdagrad, LazyAdam])
-def test_row_sparse_steps_never_sync(rule: type[torch.optim.Optimizer]) -> None:
+def test_row_sparse_steps_never_sync(rule: type[torch.optim.Optimizer], deferred: bool) -> None:
     table = torch.nn.Parameter(torch.randn(40, 8))
+    set_grad_layout(table, "deferred" if deferred else "sparse")
     opt = rule([table])
     for _ in range(2):  # the first step creates the state
         idx = torch.randint(0, 40, (9, 5))
@@ -71,13 +74,15 @@ def test_row_sparse_steps_never_sync(rule: type[torch.optim.Optimizer]) -> None:
         assert counter.syncs == []
 
 
-@pytest.mark.parametrize("expert_optim", ["rowwise_adagrad", "lazy_adam", "dense_adamw"])
+@pytest.mark.parametrize("expert_optim", ["rowwise_adagrad", "lazy_adam", "dense_adamw",
+                                          "rowwise_adagrad+deferred", "lazy_adam+deferred"])
 @pytest.mark.parametrize("ffn", ["fhme", "peer", "pkm"])
 def test_backward_and_optimizer_step_never_sync(ffn: str, expert_optim: str) -> None:
     """A training step from the loss on (the forward is counted by the model's own tests):
     backward, one read of loss and finite flag together (the trainer's), the step."""
     model = FHMELanguageModel(tiny_model_config(ffn=ffn)).train()
-    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, expert_optim)
+    rule, _, deferred = expert_optim.partition("+")
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, rule, deferred_table_grads=bool(deferred))
     x = torch.randint(0, 256, (2, 32))
     for _ in range(2):  # the first step creates the optimizer state
         _, loss = model(x, x)

@@ -3,17 +3,24 @@
 Every implementation runs the same shapes (default: width 256, 8 heads x top-16, 2048 tokens) and
 is paired with an update rule, so that a design and an optimizer rule can be told apart:
 
-  ====================  ================  ======================================================
-  impl                  expert rule       what it is
-  ====================  ================  ======================================================
-  fractalmoe            row-wise Adagrad  FHME at depth 1: fused gather-mix, sparse row gradients
-  fractalmoe-lazy-adam  lazy Adam         the same layer, SparseAdam semantics on touched rows
-  peer-pytorch-sparse   lazy Adam         PEER-pytorch, expert embeddings with ``sparse=True``,
-                                          torch.optim.SparseAdam for them, AdamW for the rest
-  peer-pytorch          dense AdamW       PEER-pytorch as published (dense gradients)
-  peer-dense            dense AdamW       our router with nn.Embedding tables (dense gradients)
-  pkm-pytorch           dense AdamW       PKM from product-key-memory (one value table)
-  ====================  ================  ======================================================
+  =============================  ================  ==============================================
+  impl                           expert rule       what it is
+  =============================  ================  ==============================================
+  fractalmoe                     row-wise Adagrad  FHME at depth 1: fused gather-mix, sparse row
+                                                   gradients
+  fractalmoe-lazy-adam           lazy Adam         the same layer, SparseAdam semantics on
+                                                   touched rows
+  fractalmoe-deferred            row-wise Adagrad  fractalmoe with deferred table gradients
+                                                   (formed in the step: one row buffer fewer)
+  fractalmoe-lazy-adam-deferred  lazy Adam         fractalmoe-lazy-adam, deferred the same way
+  peer-pytorch-sparse            lazy Adam         PEER-pytorch, expert embeddings with
+                                                   ``sparse=True``, torch.optim.SparseAdam for
+                                                   them, AdamW for the rest
+  peer-pytorch                   dense AdamW       PEER-pytorch as published (dense gradients)
+  peer-dense                     dense AdamW       our router with nn.Embedding tables (dense
+                                                   gradients)
+  pkm-pytorch                    dense AdamW       PKM from product-key-memory (one value table)
+  =============================  ================  ==============================================
 
 Hygiene: the run refuses to start while another process has PyTorch loaded or the 1-minute load
 average is above 0.5 (``--force`` skips the check). Every repeat of every configuration is a fresh
@@ -42,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .bench import peak_rss_gb, spawn
-from .experts import expert_mix_reference
+from .experts import deferred_grad, expert_mix_reference
 from .roofline import RULE_NAMES, Hardware, Shape, best_time, floor_seconds, step_bytes, step_flops
 
 
@@ -51,11 +58,14 @@ class ImplInfo:
     rule: str  # update rule of the expert tables (roofline.RULES)
     tables: int  # expert tables per layer: 2 (down, up) or 1 (PKM values)
     package: str | None  # module an optional dependency provides
+    deferred: bool = False  # fractalmoe impls: deferred table gradients
 
 
 IMPLS = {
     "fractalmoe": ImplInfo("rowwise_adagrad", 2, None),
     "fractalmoe-lazy-adam": ImplInfo("lazy_adam", 2, None),
+    "fractalmoe-deferred": ImplInfo("rowwise_adagrad", 2, None, deferred=True),
+    "fractalmoe-lazy-adam-deferred": ImplInfo("lazy_adam", 2, None, deferred=True),
     "peer-pytorch-sparse": ImplInfo("lazy_adam", 2, "PEER_pytorch"),
     "peer-pytorch": ImplInfo("dense_adamw", 2, "PEER_pytorch"),
     "peer-dense": ImplInfo("dense_adamw", 2, None),
@@ -134,9 +144,10 @@ def build_impl(spec: LayerSpec) -> Built:
         from .optim import ModelOptimizer
 
         layer: nn.Module = FHME(d, n, depth=1, heads=h, topk=k, key_dim=q, expert_dtype=spec.expert_dtype)
-        lazy = spec.impl == "fractalmoe-lazy-adam"
+        info = IMPLS[spec.impl]
+        lazy = info.rule == "lazy_adam"
         opt = ModelOptimizer(layer, lr=1e-3, expert_lr=1e-3 if lazy else 0.05, weight_decay=0.0,
-                             expert_optim="lazy_adam" if lazy else "rowwise_adagrad")
+                             expert_optim=info.rule, deferred_table_grads=info.deferred)
         return Built(layer, opt.step, opt.zero_grad, opt.tables)
     if spec.impl.startswith("peer-pytorch"):
         from PEER_pytorch import PEER
@@ -172,8 +183,13 @@ def build_impl(spec: LayerSpec) -> Built:
     return Built(layer, opt.step, lambda: opt.zero_grad(set_to_none=True), tables)
 
 
-def touched_rows(grad: Tensor | None) -> int:
-    """Rows of a table that a step's gradient touches (sparse: its unique rows; dense: nonzero)."""
+def touched_rows(table: Tensor) -> int:
+    """Rows of a table that a step's gradient touches (sparse or deferred: its distinct rows;
+    dense: nonzero)."""
+    deferred = deferred_grad(table)
+    if deferred is not None:
+        return deferred.touched_rows()
+    grad = table.grad
     if grad is None:
         return 0
     if grad.is_sparse:
@@ -199,7 +215,7 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
         built.step()
         t3 = time.perf_counter()
         if i == total - 1:
-            touched = touched_rows(built.tables[0].grad)
+            touched = touched_rows(built.tables[0])
         built.zero_grad()
         if i >= spec.warmup:
             phases.append((t1 - t0, t2 - t1, t3 - t2))
@@ -252,8 +268,9 @@ def _parent(pid: int) -> int | None:
 
 
 def torch_processes() -> list[tuple[int, str]]:
-    """(pid, command line) of other live processes with libtorch mapped (readable ones only);
-    this process and its ancestors are not "other". Empty where /proc does not exist."""
+    """(pid, command line) of other running processes with libtorch mapped (readable ones only);
+    this process and its ancestors are not "other", nor are stopped processes (``kill -STOP``:
+    they take no CPU or memory bandwidth until continued). Empty where /proc does not exist."""
     proc = Path("/proc")
     if not proc.is_dir():
         return []
@@ -268,7 +285,7 @@ def torch_processes() -> list[tuple[int, str]]:
             continue
         try:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state in ("Z", "X") or b"libtorch" not in (entry / "maps").read_bytes():
+            if state in ("Z", "X", "T", "t") or b"libtorch" not in (entry / "maps").read_bytes():
                 continue
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, IndexError):

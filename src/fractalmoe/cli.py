@@ -15,6 +15,7 @@ from typing import NoReturn
 
 import torch
 
+from .bench_layer import LAYER_IMPLS
 from .config import RunConfig, default_run_config, load_config_file
 from .train import TrainingStopped
 
@@ -103,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(alternated fresh-process repeats, medians, roofline, headline ratios)")
     bl.add_argument("--experts", type=_int_list, default=[16384, 262144, 1048576])
     bl.add_argument("--impl", type=_str_list, default=None,
-                    help="comma list of fractalmoe, fractalmoe-lazy-adam, peer-pytorch-sparse, "
-                         "peer-pytorch, peer-dense, pkm-pytorch (default: all that are installed)")
+                    help=f"comma list of {', '.join(LAYER_IMPLS)} (default: all that are installed)")
     bl.add_argument("--dim", type=_positive_int, default=256)
     bl.add_argument("--heads", type=_positive_int, default=8)
     bl.add_argument("--topk", type=_positive_int, default=16)
@@ -332,7 +332,7 @@ def _bench_adaptive(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_adaptive, spawn
+    from .bench import spawn
 
     if args.bench == "adaptive":
         return _bench_adaptive(args)

@@ -194,6 +194,9 @@ class TrainConfig(_Config):
     # lazy_adam (8 D bytes of state per row) | rowwise_adagrad (4 bytes per row: million-row tables)
     # | dense_adamw. Lazy Adam trains the default model best at 1,200 steps (README).
     expert_optim: str = "lazy_adam"
+    # Row-sparse rules only: form the table gradients inside the optimizer step (one row buffer
+    # fewer between backward and step; the same update). Opt-in.
+    deferred_table_grads: bool = False
     weight_decay: float = 0.1
     beta2: float = 0.95  # AdamW's second-moment decay for dense parameters
     warmup_steps: int = 100
@@ -224,6 +227,8 @@ class TrainConfig(_Config):
         r(0.0 < self.beta2 < 1.0, "beta2", "must be in (0, 1)")
         r(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         r(self.expert_optim in EXPERT_OPTIMS, "expert_optim", f"must be one of {EXPERT_OPTIMS}")
+        r(not (self.deferred_table_grads and self.expert_optim == "dense_adamw"),
+          "deferred_table_grads", "needs a row-sparse expert_optim (rowwise_adagrad, lazy_adam)")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,13 @@ size, known without reading any index on the host (no sync): the slots sorted by
 row, padded to min(T * M, N) rows. A padding row repeats the last (largest) touched row with a zero
 value, so summing duplicate rows (the optimizers do, without a sync) gives exactly the R touched
 rows. Backward and the row-sparse optimizer cost O(min(T * M, N) * D), never O(N * D).
+
+A table's gradient layout (``set_grad_layout``) is ``sparse`` (the above), ``dense`` (for a dense
+optimizer) or ``deferred``: row i of the gradient is sum_{s -> i} w_s z_t(s) for per-slot weights w
+and per-token vectors z, so backward keeps only w, z and the slots' rows (``DeferredRowGrad``, a few
+MB) and the row optimizer forms the summed rows inside its step, chunk by chunk into one reused
+buffer. No (R, D) gradient then lives between backward and step: at a million rows that is the
+difference between 2 and 3 table-sized row buffers in peak memory.
 """
 
 from __future__ import annotations
@@ -30,6 +37,17 @@ from .config import BLOCK_KINDS
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# Rows per block of the gathers and per chunk of deferred row gradients: 2 MiB of float32 rows
+# (cache-sized: 1.1x faster than 32 MiB at a million rows), where one (T*M, D) buffer is
+# hundreds of MB.
+_CHUNK_BYTES = 2 << 20
+
+
+_MERGED_BYTES = 64 << 20  # deferred row gradients up to this size are summed in one buffer
+
+
+def _chunk_slots(dim: int) -> int:
+    return max(64, _CHUNK_BYTES // (4 * dim))
 
 
 def _act_and_grad(a: Tensor, act: str) -> tuple[Tensor, Tensor]:
@@ -76,10 +94,17 @@ def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
-    """a[t, m] = table[idx[t, m]] . x[t]: the sampled dot products of the routed experts."""
+    """a[t, m] = table[idx[t, m]] . x[t]: the sampled dot products of the routed experts, in
+    blocks of tokens, so the gathered rows take a few MB, never a (T*M, D) buffer."""
     num_t, num_m = idx_TM.shape
-    rows = _gather_rows(table, idx_TM.reshape(-1), x_TD.dtype).view(num_t, num_m, table.shape[1])
-    return torch.bmm(rows, x_TD.unsqueeze(-1)).squeeze(-1)
+    out = x_TD.new_empty(num_t, num_m)
+    block = max(1, _chunk_slots(table.shape[1]) // max(1, num_m))
+    for lo in range(0, num_t, block):
+        hi = min(num_t, lo + block)
+        rows = _gather_rows(table, idx_TM[lo:hi].reshape(-1), x_TD.dtype)
+        torch.bmm(rows.view(hi - lo, num_m, table.shape[1]), x_TD[lo:hi].unsqueeze(-1),
+                  out=out[lo:hi].unsqueeze(-1))
+    return out
 
 
 def sorted_runs(sorted_idx: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,19 +155,125 @@ class RowScatter:
                                        is_coalesced=False, check_invariants=False)
 
 
+GRAD_LAYOUTS = ("sparse", "dense", "deferred")
+
+
+class DeferredRowGrad:
+    """An (N, D) table gradient kept as what forms it: row i = sum over the slots s routed to i of
+    w_s z_t(s), over the slots of every mix that read the table since the gradient was cleared.
+    Holds S indices and weights and the (T, D) vectors per mix; ``rows`` forms the summed rows."""
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def add(self, idx_TM: Tensor, w_TM: Tensor, z_TD: Tensor) -> None:
+        self.parts.append((idx_TM, w_TM.detach().float(), z_TD.detach().float()))
+
+    def finite(self) -> Tensor:
+        """Are all weights and vectors finite? Then so is every row, short of a float32 overflow
+        in the sums, which the loss would show first."""
+        return torch.stack([torch.isfinite(w).all() & torch.isfinite(z).all()
+                            for _, w, z in self.parts]).all()
+
+    def _slots(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(row, weight, token) of every slot of every part, and the parts' vectors stacked."""
+        idx, w, tokens, z, offset = [], [], [], [], 0
+        for idx_TM, w_TM, z_TD in self.parts:
+            slots = torch.arange(idx_TM.numel(), device=idx_TM.device)
+            idx.append(idx_TM.reshape(-1))
+            w.append(w_TM.reshape(-1))
+            tokens.append(slots // idx_TM.shape[1] + offset)
+            z.append(z_TD)
+            offset += z_TD.shape[0]
+        cat = (lambda ts: ts[0]) if len(self.parts) == 1 else torch.cat
+        return cat(idx), cat(w), cat(tokens), cat(z)
+
+    def touched_rows(self) -> int:
+        """Distinct rows (a host read: for benchmarks and tests, not the training step)."""
+        return int(self._slots()[0].unique().numel())
+
+    def chunks(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(rows, float32 row gradients, which rows are real) in chunks of the slots sorted by row:
+        every touched row is real in exactly one chunk, with its whole gradient; entries that are
+        not real have a zero gradient. Sizes follow from S and N alone: no host read.
+
+        While the min(S, N) summed rows fit in ``_MERGED_BYTES`` they come as one chunk (the
+        update then touches each row once, however many slots read it). Past that (a million
+        rows) chunks of slots are summed into a few MB each: a run of equal rows cut by a
+        chunk's end is carried (zeroed, not real, there) and finished in the next chunk."""
+        idx, w, tokens, z = self._slots()
+        n, dim = idx.numel(), z.shape[1]
+        sorted_idx, order = torch.sort(idx)
+        run, rows, starts = sorted_runs(sorted_idx, self.num_rows)
+        tokens, w = tokens.index_select(0, order), w.index_select(0, order)
+        chunk = _chunk_slots(dim)
+        if starts.numel() * dim * 4 <= _MERGED_BYTES:
+            summed = scratch((starts.numel(), dim), torch.float32, z.device, "rows").zero_()
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                summed.index_add_(0, run[lo:hi], self._weighted(z, tokens[lo:hi], w[lo:hi]))
+            yield rows, summed, starts < n
+            return
+        carry = z.new_zeros(1, dim)  # the partial sum of a run that goes on into the next chunk
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            local = run[lo:hi] - run[lo]  # run of each slot, counted from the chunk's first
+            g = scratch((hi - lo, dim), torch.float32, z.device, "rows").zero_()
+            g.index_add_(0, local, self._weighted(z, tokens[lo:hi], w[lo:hi]))
+            g[:1].add_(carry)  # zero unless the first run began in an earlier chunk
+            last = local[-1:]
+            goes_on = (sorted_idx[hi:hi + 1] == sorted_idx[hi - 1:hi] if hi < n
+                       else torch.zeros_like(last, dtype=torch.bool))
+            carry = g.index_select(0, last).mul_(goes_on.unsqueeze(1))
+            j = torch.arange(hi - lo, device=z.device)
+            real = (j < last) | ((j == last) & ~goes_on)
+            chunk_rows = sorted_idx[hi - 1:hi].expand(hi - lo).scatter(0, local, sorted_idx[lo:hi])
+            yield chunk_rows, g.mul_(real.unsqueeze(1)), real
+
+    @staticmethod
+    def _weighted(z: Tensor, tokens: Tensor, w: Tensor) -> Tensor:
+        """w_s z_t(s) for a chunk of slots, in a reused buffer."""
+        out = scratch((tokens.numel(), z.shape[1]), torch.float32, z.device, "slots")
+        return torch.index_select(z, 0, tokens, out=out).mul_(w.unsqueeze(1))
+
+
+class TableGrads:
+    """The gradients of the tables one mix read, in the mix's layout: a row-sparse or dense
+    tensor from the slots sorted once (``RowScatter``), or nothing returned and the ingredients
+    added to the table's ``DeferredRowGrad``."""
+
+    def __init__(self, idx_TM: Tensor, layout: str) -> None:
+        self.idx_TM, self.layout = idx_TM, layout
+        self._scatter: RowScatter | None = None
+
+    def __call__(self, table: Tensor, w_TM: Tensor, z_TD: Tensor) -> Tensor | None:
+        if self.layout == "deferred":
+            grad = deferred_grad(table)
+            if grad is None:
+                grad = DeferredRowGrad(table.shape[0])
+                table.deferred_grad = grad  # type: ignore[attr-defined]
+            grad.add(self.idx_TM, w_TM, z_TD)
+            return None
+        if self._scatter is None:
+            self._scatter = RowScatter(self.idx_TM, table.shape[0])
+        return self._scatter(w_TM, z_TD, table.dtype, self.layout == "sparse")
+
+
 class _ExpertMix(torch.autograd.Function):
     """y_t = sum_m g_tm * act(u_{i_tm} . x_t) * v_{i_tm}, with sparse table gradients."""
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, idx_TM: Tensor, gate_TM: Tensor, down_ND: Tensor,
-                up_ND: Tensor, act: str, sparse_grad: bool) -> Tensor:
+                up_ND: Tensor, act: str, layout: str) -> Tensor:
         a_TM = _dots(down_ND, idx_TM, x_TD)
         h_TM = _activate(a_TM, act) * gate_TM
         # embedding_bag sums weighted rows of `up` without materialising the (T, M, D) gather.
         y_TD = F.embedding_bag(idx_TM, up_ND, per_sample_weights=h_TM.to(up_ND.dtype),
                                mode="sum").to(x_TD.dtype)
         ctx.save_for_backward(x_TD, idx_TM, gate_TM, a_TM, down_ND, up_ND)
-        ctx.act, ctx.sparse_grad = act, sparse_grad
+        ctx.act, ctx.layout = act, layout
+        ctx.tables = (down_ND, up_ND)  # the parameters themselves: a deferred gradient lands on them
         return y_TD
 
     @staticmethod
@@ -156,12 +287,11 @@ class _ExpertMix(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dL/dx_t = sum_m da_tm u_{i_tm}
             g_x = F.embedding_bag(idx_TM, down_ND, per_sample_weights=ga_TM.to(down_ND.dtype),
                                   mode="sum").to(x_TD.dtype)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            scatter = RowScatter(idx_TM, down_ND.shape[0])
-            if ctx.needs_input_grad[3]:  # dL/du_i = sum over slots routed to i of da * x
-                g_down = scatter(ga_TM, x_TD, down_ND.dtype, ctx.sparse_grad)
-            if ctx.needs_input_grad[4]:  # dL/dv_i = sum over slots routed to i of h * dy
-                g_up = scatter(act_TM * gate_TM, gy_TD, up_ND.dtype, ctx.sparse_grad)
+        grads = TableGrads(idx_TM, ctx.layout)
+        if ctx.needs_input_grad[3]:  # dL/du_i = sum over slots routed to i of da * x
+            g_down = grads(ctx.tables[0], ga_TM, x_TD)
+        if ctx.needs_input_grad[4]:  # dL/dv_i = sum over slots routed to i of h * dy
+            g_up = grads(ctx.tables[1], act_TM * gate_TM, gy_TD)
         return g_x, None, g_gate, g_down, g_up, None, None
 
 
@@ -169,11 +299,11 @@ class _ValueMix(torch.autograd.Function):
     """y_t = sum_m g_tm * v_{i_tm}, with a sparse value gradient."""
 
     @staticmethod
-    def forward(ctx, idx_TM: Tensor, gate_TM: Tensor, values_ND: Tensor, sparse_grad: bool) -> Tensor:
+    def forward(ctx, idx_TM: Tensor, gate_TM: Tensor, values_ND: Tensor, layout: str) -> Tensor:
         y_TD = F.embedding_bag(idx_TM, values_ND, per_sample_weights=gate_TM.to(values_ND.dtype),
                                mode="sum").to(gate_TM.dtype)
         ctx.save_for_backward(idx_TM, gate_TM, values_ND)
-        ctx.sparse_grad = sparse_grad
+        ctx.layout, ctx.table = layout, values_ND
         return y_TD
 
     @staticmethod
@@ -182,34 +312,30 @@ class _ValueMix(torch.autograd.Function):
         g_gate = _dots(values_ND, idx_TM, gy_TD) if ctx.needs_input_grad[1] else None  # v . dy
         g_values = None
         if ctx.needs_input_grad[2]:  # dL/dv_i = sum over slots routed to i of g * dy
-            g_values = RowScatter(idx_TM, values_ND.shape[0])(gate_TM, gy_TD, values_ND.dtype,
-                                                               ctx.sparse_grad)
+            g_values = TableGrads(idx_TM, ctx.layout)(ctx.table, gate_TM, gy_TD)
         return None, g_gate, g_values, None
 
 
-def value_mix(idx: Tensor, gates: Tensor, values: Tensor, sparse_grad: bool | None = None) -> Tensor:
+def value_mix(idx: Tensor, gates: Tensor, values: Tensor, layout: str | None = None) -> Tensor:
     """Gated sum of routed value rows (PKM). idx, gates: (..., M) -> (..., D).
 
-    The value gradient is row-sparse unless ``sparse_grad`` is False (default: the table's own
-    choice, ``wants_sparse_grad``)."""
+    The value gradient takes ``layout`` (default: the table's own, ``grad_layout``)."""
     lead = idx.shape[:-1]
-    sparse_grad = wants_sparse_grad(values) if sparse_grad is None else sparse_grad
     y = _ValueMix.apply(idx.reshape(-1, idx.shape[-1]), gates.reshape(-1, gates.shape[-1]),
-                        values, sparse_grad)
+                        values, layout or grad_layout(values))
     return y.view(*lead, values.shape[1])
 
 
 def expert_mix(x: Tensor, idx: Tensor, gates: Tensor, down: Tensor, up: Tensor,
-               act: str = "gelu", sparse_grad: bool | None = None) -> Tensor:
+               act: str = "gelu", layout: str | None = None) -> Tensor:
     """Fused gather + weighted sum over routed experts. x: (..., D); idx, gates: (..., M).
 
-    Table gradients are row-sparse (see the module docstring) unless ``sparse_grad`` is False
-    (default: the tables' own choice, ``wants_sparse_grad``).
+    Table gradients take ``layout`` (see the module docstring; default: the tables' own,
+    ``grad_layout``).
     """
     lead = x.shape[:-1]
-    sparse_grad = wants_sparse_grad(down) if sparse_grad is None else sparse_grad
     y = _ExpertMix.apply(x.reshape(-1, x.shape[-1]), idx.reshape(-1, idx.shape[-1]),
-                         gates.reshape(-1, gates.shape[-1]), down, up, act, sparse_grad)
+                         gates.reshape(-1, gates.shape[-1]), down, up, act, layout or grad_layout(down))
     return y.view(*lead, x.shape[-1])
 
 
@@ -230,15 +356,27 @@ def is_expert_table(p: Tensor) -> bool:
     return bool(getattr(p, "expert_table", False))
 
 
-def set_sparse_grad(p: Tensor, sparse: bool) -> None:
-    """Choose the layout of a table's gradients: row-sparse (the default, for the row-sparse
-    optimisers) or dense (for a dense optimiser). A parameter attribute, so every mix over the table
-    agrees with its optimiser and no forward keeps any state of its own."""
-    p.sparse_grad = sparse  # type: ignore[attr-defined]
+def set_grad_layout(p: Tensor, layout: str) -> None:
+    """Choose the layout of a table's gradients (``GRAD_LAYOUTS``): row-sparse (the default, for
+    the row-sparse optimisers), dense (for a dense optimiser) or deferred (formed by the row
+    optimiser's step). A parameter attribute, so every mix over the table agrees with its
+    optimiser and no forward keeps any state of its own."""
+    if layout not in GRAD_LAYOUTS:
+        raise ValueError(f"gradient layout {layout!r} must be one of {GRAD_LAYOUTS}")
+    p.grad_layout = layout  # type: ignore[attr-defined]
 
 
-def wants_sparse_grad(p: Tensor) -> bool:
-    return bool(getattr(p, "sparse_grad", True))
+def grad_layout(p: Tensor) -> str:
+    return str(getattr(p, "grad_layout", "sparse"))
+
+
+def deferred_grad(p: Tensor) -> DeferredRowGrad | None:
+    """The deferred gradient backward left on a table since the last ``clear_deferred_grad``."""
+    return getattr(p, "deferred_grad", None)
+
+
+def clear_deferred_grad(p: Tensor) -> None:
+    p.deferred_grad = None  # type: ignore[attr-defined]
 
 
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -224,7 +224,8 @@ def train_lm(model: nn.Module, data: ByteDataset, cfg: TrainConfig, seq_len: int
     from .optim import ModelOptimizer
     from .train import lr_scale
 
-    opt = ModelOptimizer(model, cfg.lr, cfg.expert_lr, cfg.weight_decay, cfg.expert_optim, cfg.beta2)
+    opt = ModelOptimizer(model, cfg.lr, cfg.expert_lr, cfg.weight_decay, cfg.expert_optim, cfg.beta2,
+                         cfg.deferred_table_grads)
     model.train()
     losses: list[float] = []
     for step in range(cfg.max_steps):

@@ -15,7 +15,11 @@ writes only those rows and their state:
   padding masked; bias correction by the global step, kept on the table's device). State: 2x the
   table.
 * ``dense_adamw``: torch.optim.AdamW over whole tables, which then get dense gradients
-  (``set_sparse_grad``): the dense design, O(N * D) per step, for comparisons.
+  (``set_grad_layout``): the dense design, O(N * D) per step, for comparisons.
+
+With ``deferred`` table gradients (``experts.DeferredRowGrad``) the row rules form the summed rows
+inside their step instead of merging a sparse ``.grad``: the same rows, the same update, without a
+row-sized gradient held from backward to step.
 
 Nothing here reads a tensor on the host, so backward plus optimizer step cost no host sync; the
 trainer reads ``ModelOptimizer.finite_flag()`` together with the loss, once per step.
@@ -24,13 +28,21 @@ trainer reads ``ModelOptimizer.finite_flag()`` together with the loss, once per 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .config import EXPERT_OPTIMS
-from .experts import is_expert_table, scratch, scratch_cast, set_sparse_grad, sorted_runs
+from .experts import (
+    clear_deferred_grad,
+    deferred_grad,
+    is_expert_table,
+    scratch,
+    scratch_cast,
+    set_grad_layout,
+    sorted_runs,
+)
 
 
 def merge_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -51,7 +63,32 @@ def merge_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     return rows, summed.index_add_(0, run_of_entry, values.float()), starts < idx.numel()
 
 
-class RowwiseAdagrad(torch.optim.Optimizer):
+def row_gradients(p: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """A table's summed row gradient (see ``merge_rows``) in chunks: from its deferred gradient
+    (``DeferredRowGrad.chunks``), or its ``.grad`` in one; none when backward left neither."""
+    deferred = deferred_grad(p)
+    if deferred is not None:
+        yield from deferred.chunks()
+    elif p.grad is not None:
+        yield merge_rows(p.grad)
+
+
+def has_row_gradient(p: Tensor) -> bool:
+    return p.grad is not None or deferred_grad(p) is not None
+
+
+class RowOptimizer(torch.optim.Optimizer):
+    """A rule that reads and writes only the rows a step touched; ``zero_grad`` also drops the
+    tables' deferred gradients."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                clear_deferred_grad(p)
+
+
+class RowwiseAdagrad(RowOptimizer):
     """Adagrad with one second-moment accumulator per table row; touched rows only.
 
     A dense float32 gradient is consumed: it is scaled in place into the update (call zero_grad
@@ -66,21 +103,21 @@ class RowwiseAdagrad(torch.optim.Optimizer):
     def step(self, closure=None):  # type: ignore[no-untyped-def, override]
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if not has_row_gradient(p):
                     continue
                 state = self.state[p]
                 if not state:
                     state["sum"] = torch.full((p.shape[0],), group["initial_accumulator"],
                                               dtype=torch.float32, device=p.device)
-                rows, g, _ = merge_rows(p.grad)  # padding rows are zero: they add nothing
-                mean_sq = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
-                acc = state["sum"].index_add_(0, rows, mean_sq)
-                scale = acc.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
-                update = g.mul_(scale.mul_(group["lr"]).unsqueeze(1))
-                p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
+                for rows, g, _ in row_gradients(p):  # padding rows are zero: they add nothing
+                    mean_sq = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
+                    acc = state["sum"].index_add_(0, rows, mean_sq)
+                    scale = acc.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
+                    update = g.mul_(scale.mul_(group["lr"]).unsqueeze(1))
+                    p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
 
 
-class LazyAdam(torch.optim.Optimizer):
+class LazyAdam(RowOptimizer):
     """Adam whose moments and weights change only on touched rows (SparseAdam semantics).
 
     Moments move by masked deltas added per row, so a padding row never decays a moment; the step
@@ -95,7 +132,7 @@ class LazyAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                if not has_row_gradient(p):
                     continue
                 state = self.state[p]
                 if not state:
@@ -105,28 +142,34 @@ class LazyAdam(torch.optim.Optimizer):
                 if state["step"].device != p.device:  # a loaded state dict keeps it on the CPU
                     state["step"] = state["step"].to(p.device)
                 step = state["step"].add_(1)
-                rows, g, real = merge_rows(p.grad)
-                # Padding rows must change nothing: the scales of the moment deltas and of the
-                # update carry a 0/1 factor per row, so masking costs no pass of its own.
-                keep = real.unsqueeze(1).float() if real is not None else torch.ones((), device=p.device)
-                # Two more row buffers (reused: fresh ones cost page faults on every step): v
-                # holds the delta of exp_avg_sq, then its new rows; g becomes the delta of
-                # exp_avg; m the old, then the new exp_avg rows, then the update.
-                v = torch.index_select(state["exp_avg_sq"], 0, rows,
-                                       out=scratch(g.shape, torch.float32, g.device, "adam_v"))
-                v.neg_().addcmul_(g, g).mul_(keep * (1.0 - beta2))
-                m = torch.index_select(state["exp_avg"], 0, rows,
-                                       out=scratch(g.shape, torch.float32, g.device, "adam_m"))
-                g.sub_(m).mul_(keep * (1.0 - beta1))
-                state["exp_avg_sq"].index_add_(0, rows, v)
-                state["exp_avg"].index_add_(0, rows, g)
-                torch.index_select(state["exp_avg_sq"], 0, rows, out=v)
                 # 1 - beta**t as -expm1(t log beta): exact in float32 even for beta near 1
                 bias1 = torch.expm1(step * math.log(beta1)).neg_()
                 bias2 = torch.expm1(step * math.log(beta2)).neg_()
                 step_size = bias2.sqrt_().mul_(group["lr"]).div_(bias1)
-                update = m.add_(g).div_(v.sqrt_().add_(group["eps"])).mul_(keep * step_size)
-                p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
+                for rows, g, real in row_gradients(p):
+                    self._update_rows(p, state, rows, g, real, beta1, beta2, group["eps"], step_size)
+
+    @staticmethod
+    def _update_rows(p: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor,
+                     real: Tensor | None, beta1: float, beta2: float, eps: float,
+                     step_size: Tensor) -> None:
+        # Padding rows must change nothing: the scales of the moment deltas and of the update
+        # carry a 0/1 factor per row, so masking costs no pass of its own.
+        keep = real.unsqueeze(1).float() if real is not None else torch.ones((), device=p.device)
+        # Two more row buffers (reused: fresh ones cost page faults on every step): v holds the
+        # delta of exp_avg_sq, then its new rows; g becomes the delta of exp_avg; m the old, then
+        # the new exp_avg rows, then the update.
+        v = torch.index_select(state["exp_avg_sq"], 0, rows,
+                               out=scratch(g.shape, torch.float32, g.device, "adam_v"))
+        v.neg_().addcmul_(g, g).mul_(keep * (1.0 - beta2))
+        m = torch.index_select(state["exp_avg"], 0, rows,
+                               out=scratch(g.shape, torch.float32, g.device, "adam_m"))
+        g.sub_(m).mul_(keep * (1.0 - beta1))
+        state["exp_avg_sq"].index_add_(0, rows, v)
+        state["exp_avg"].index_add_(0, rows, g)
+        torch.index_select(state["exp_avg_sq"], 0, rows, out=v)
+        update = m.add_(g).div_(v.sqrt_().add_(eps)).mul_(keep * step_size)
+        p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -146,13 +189,17 @@ def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list
     return tables, decay, no_decay
 
 
-def table_optimizer(tables: list[Tensor], rule: str, lr: float) -> torch.optim.Optimizer:
+def table_optimizer(tables: list[Tensor], rule: str, lr: float,
+                    deferred: bool = False) -> torch.optim.Optimizer:
     """The optimiser of the expert tables for one of ``config.EXPERT_OPTIMS``; it sets the
-    gradient layout the tables' mixes produce (dense for dense_adamw, else row-sparse)."""
+    gradient layout the tables' mixes produce: dense for dense_adamw, else row-sparse, or
+    deferred to the step if ``deferred``."""
     if rule not in EXPERT_OPTIMS:
         raise ValueError(f"expert_optim={rule!r}: use one of {EXPERT_OPTIMS}")
+    if deferred and rule == "dense_adamw":
+        raise ValueError("deferred table gradients need a row-sparse expert_optim, not dense_adamw")
     for p in tables:
-        set_sparse_grad(p, rule != "dense_adamw")
+        set_grad_layout(p, "dense" if rule == "dense_adamw" else "deferred" if deferred else "sparse")
     if rule == "rowwise_adagrad":
         return RowwiseAdagrad(tables, lr=lr)
     if rule == "lazy_adam":
@@ -165,7 +212,8 @@ class ModelOptimizer:
     """AdamW over dense parameters plus the expert tables' optimiser (``table_optimizer``)."""
 
     def __init__(self, model: nn.Module, lr: float, expert_lr: float, weight_decay: float,
-                 expert_optim: str = "rowwise_adagrad", beta2: float = 0.95) -> None:
+                 expert_optim: str = "rowwise_adagrad", beta2: float = 0.95,
+                 deferred_table_grads: bool = False) -> None:
         tables, decay, no_decay = split_parameters(model)
         groups = [dict(params=decay, weight_decay=weight_decay),
                   dict(params=no_decay, weight_decay=0.0)]
@@ -174,7 +222,7 @@ class ModelOptimizer:
                                        betas=(0.9, beta2), fused=True)
         self.sparse: torch.optim.Optimizer | None = None
         if tables:
-            self.sparse = table_optimizer(tables, expert_optim, expert_lr)
+            self.sparse = table_optimizer(tables, expert_optim, expert_lr, deferred_table_grads)
         self.base_lrs = (lr, expert_lr)
         self.dense_params = decay + no_decay
         self.tables = tables
@@ -202,6 +250,7 @@ class ModelOptimizer:
         params = self.dense_params + self.tables
         flags = [torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all()
                  for p in params if p.grad is not None]
+        flags += [grad.finite() for grad in map(deferred_grad, self.tables) if grad is not None]
         if not flags:
             return torch.ones((), dtype=torch.bool, device=params[0].device if params else None)
         return torch.stack(flags).all()
