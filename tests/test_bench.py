@@ -160,8 +160,10 @@ def test_headline_ratios_are_labelled_by_rule() -> None:
         "ratio"] == 4.0
     assert got["different rules (row-wise Adagrad vs dense AdamW): fractalmoe vs peer-pytorch, N=16"][
         "ratio"] == 10.0
+    assert got["different rules (lazy Adam vs dense AdamW): fractalmoe-lazy-adam vs peer-pytorch, N=16"][
+        "ratio"] == 5.0
     assert got["fractalmoe (row-wise Adagrad): N=64 vs N=16"]["ratio"] == 0.5
-    assert len(got) == 4
+    assert len(got) == 5
 
 
 # --- roofline ----------------------------------------------------------------------------------

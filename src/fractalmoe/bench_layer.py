@@ -33,6 +33,7 @@ configurations, so roofline fractions and ratios of one run are comparable.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -391,9 +392,9 @@ def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     different rules, and our layer at the largest N vs the smallest."""
     ok = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
     sizes = sorted({n for _, n in ok})
+    ours = [i for i in LAYER_IMPLS if i.startswith("fractalmoe")]
     out = []
-    for a, b in (("fractalmoe-lazy-adam", "peer-pytorch-sparse"), ("fractalmoe", "peer-pytorch-sparse"),
-                 ("fractalmoe", "peer-pytorch")):
+    for a, b in itertools.product(ours, ("peer-pytorch-sparse", "peer-pytorch")):
         ra, rb = RULE_NAMES[IMPLS[a].rule], RULE_NAMES[IMPLS[b].rule]
         kind = f"same rule ({ra})" if ra == rb else f"different rules ({ra} vs {rb})"
         for n in sizes:
@@ -401,7 +402,7 @@ def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 out.append(_ratio(f"{kind}: {a} vs {b}, N={n:,}", ok[(a, n)], ok[(b, n)]))
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
-        for impl in ("fractalmoe", "fractalmoe-lazy-adam"):
+        for impl in ours:
             if (impl, lo) in ok and (impl, hi) in ok:
                 out.append(_ratio(f"{impl} ({RULE_NAMES[IMPLS[impl].rule]}): N={hi:,} vs N={lo:,}",
                                   ok[(impl, hi)], ok[(impl, lo)]))
