@@ -10,6 +10,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py optim-pilots      # expert-table optimizers: 4 table lrs each, seed 1
     python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
     python benchmarks/quality.py final-lazy        # FHME and PKM with lazy Adam tables: seeds 2, 3, 1,200 steps
+    python benchmarks/quality.py balance-65k       # FHME at 65K experts with a light balance loss, seed 2
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -136,6 +137,15 @@ def optim_jobs() -> list[tuple[str, list[str]]]:
     return jobs
 
 
+def balance_65k_jobs() -> list[tuple[str, list[str]]]:
+    """At 65,536 experts, the default FHME (lazy-Adam tables) with a light balance loss (0.01 cost
+    0.04 bpb at 16K): every block >= 90% used at KL <= 0.7, at no worse bpb? Against the optim
+    phase's n65536_lazy_adam_s2 (the same command without it)."""
+    return [("n65536_lazy_adam_balance0.003_s2",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", "num_experts=65536",
+              "--set", "balance_loss=0.003", "--max-steps", "1200", "--seeds", "2"])]
+
+
 def final_lazy_jobs() -> list[tuple[str, list[str]]]:
     """The bundled comparison's two best models again with lazy-Adam tables (lr 0.03), which beat
     row-wise Adagrad for FHME at 1,200 steps: the table optimizer is offered to both. FHME's runs
@@ -167,7 +177,7 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
-                                          "optim", "final-lazy"))
+                                          "optim", "final-lazy", "balance-65k"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -175,7 +185,7 @@ def main() -> None:
     jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "usage-pilots": usage_pilot_jobs,
             "search": search_jobs,
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
-            "optim": optim_jobs, "final-lazy": final_lazy_jobs}[args.phase]()
+            "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
