@@ -18,9 +18,9 @@ rows. Backward and the row-sparse optimizer cost O(min(T * M, N) * D), never O(N
 A table's gradient layout (``set_grad_layout``) is ``sparse`` (the above), ``dense`` (for a dense
 optimizer) or ``deferred``: row i of the gradient is sum_{s -> i} w_s z_t(s) for per-slot weights w
 and per-token vectors z, so backward keeps only w, z and the slots' rows (``DeferredRowGrad``, a few
-MB) and the row optimizer forms the summed rows inside its step, chunk by chunk into one reused
-buffer. No (R, D) gradient then lives between backward and step: at a million rows that is the
-difference between 2 and 3 table-sized row buffers in peak memory.
+MB) and the row optimizer forms the summed rows inside its step, chunk by chunk. No (R, D)
+gradient then lives between backward and step; with the gathers done in blocks of tokens too, a
+million-row layer's step needs a few MB beyond its tables and optimizer state, not hundreds.
 """
 
 from __future__ import annotations
