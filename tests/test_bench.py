@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fractalmoe import bench_layer
+from fractalmoe.bench import peak_rss_gb
 from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, busy_reason,
                                     headline_ratios, impl_available, run_layer, run_layer_bench,
                                     schedule, spawn_layer, summarize, torch_processes, validate)
@@ -333,3 +334,14 @@ def test_fixed_depth_frontier_is_the_lower_envelope_interpolated() -> None:
             {"mode": "depth2", "blocks_per_token": 3.0, "val_bpb": 2.5},
             {"mode": "adaptive", "blocks_per_token": 2.0, "val_bpb": 2.53}]
     assert adaptive_frontier(rows)[2]["margin"] == pytest.approx(0.02)
+
+
+def test_a_spawned_process_reports_its_own_peak_memory_not_its_parents() -> None:
+    """The benchmark's fresh processes are started while the parent holds the bandwidth probe's
+    table; an exec from a vfork'ed child carries the parent's peak into ru_maxrss."""
+    held = torch.ones(600 * 2**20 // 4)  # 0.63 GB, touched
+    code = "from fractalmoe.bench import peak_rss_gb; print(peak_rss_gb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    child = float(out.stdout.strip())
+    assert 0.01 < child < peak_rss_gb() - 0.5, (child, peak_rss_gb())
+    del held

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +27,17 @@ from .roofline import best_time, matmul_gflops
 
 
 def peak_rss_gb() -> float:
-    """Peak resident set size of this process in GB (10**9 bytes, the unit of table sizes)."""
+    """Peak resident set size of this process in GB (10**9 bytes, the unit of table sizes).
+
+    Linux: VmHWM, the peak of this process's own memory map. ``ru_maxrss`` would also count the
+    parent's peak, which an exec from a vfork'ed child (how subprocess starts the benchmark's
+    fresh processes) carries over."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9  # kB (KiB)
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss: KiB on Linux
 
 
