@@ -26,9 +26,14 @@ bash benchmarks/bench_layer.sh
 $F bench layer --experts 1048576 --impl fractalmoe-lazy-adam,peer-pytorch-sparse --wait-idle 600 --json > $R/layer_1m_same_rule.jsonl
 $F bench layer --experts 1048576 --impl fractalmoe,peer-pytorch --wait-idle 600 --json > $R/layer_1m_default_rule.jsonl
 $F bench layer --experts 4194304 --impl fractalmoe --wait-idle 600 --json > $R/layer_4m.jsonl
+$F bench layer --experts 16384,1048576 \
+  --impl fractalmoe,fractalmoe-deferred,fractalmoe-lazy-adam-deferred,peer-pytorch-sparse,peer-pytorch \
+  --repeats 3 --wait-idle 600 --json > $R/layer_deferred.jsonl 2> $R/layer_deferred.txt
 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
+/usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
+  --quiet > $R/million_train_sparse.log 2>&1
 $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat16 --impl fractalmoe --json > $R/layer_16m.jsonl
 /usr/bin/time -v $F train --config configs/million.toml --set n_layers=1 --set num_experts=16777216 \
   --set expert_dtype=bfloat16 --out runs/train_16m --quiet 2> $R/train_16m/time.txt
