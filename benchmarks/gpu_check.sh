@@ -9,7 +9,8 @@
 #               every training step under torch.cuda.set_sync_debug_mode("warn"): the log lists
 #               each host-sync site once (FRACTALMOE_SYNC_DEBUG=warn)
 #  4 sync       5 more steps with FRACTALMOE_SYNC_DEBUG=error: passes only if a step has no host
-#               sync beyond the trainer's one deliberate read-back (loss + finiteness)
+#               sync beyond the trainer's one deliberate read-back (loss + finiteness); the same
+#               for 5 steps with deferred table gradients
 #  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint
 #  6 bench      fractalmoe bench layer at 1,048,576 experts, every installed impl (--device cuda
 #               when the command has that option)
@@ -63,6 +64,9 @@ echo "host-sync warnings in training steps: $(wc -l < "$OUT/sync_sites.txt") dis
 
 step sync_error 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --resume "$RUNS/one" --max-steps 55 --quiet --set eval_every=1000 $SMALL
+step sync_error_deferred 120 env FRACTALMOE_SYNC_DEBUG=error \
+    $F train --device cuda --out "$RUNS/deferred" --max-steps 5 --quiet --set eval_every=1000 \
+    --set expert_optim=rowwise_adagrad --set expert_lr=0.05 --set deferred_table_grads=true $SMALL
 
 step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json
 step eval_cpu 60 $F eval --ckpt "$RUNS/one" --device cpu --json

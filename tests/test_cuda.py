@@ -51,10 +51,11 @@ def corpus(tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("ffn", FFNS)
-@pytest.mark.parametrize("expert_optim", ["rowwise_adagrad", "lazy_adam"])
+@pytest.mark.parametrize("expert_optim", ["rowwise_adagrad", "lazy_adam", "rowwise_adagrad+deferred"])
 def test_train_steps_stay_on_cuda(ffn: str, expert_optim: str) -> None:
     model = FHMELanguageModel(_config(ffn)).cuda().train()
-    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, expert_optim)
+    rule, _, deferred = expert_optim.partition("+")
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, rule, deferred_table_grads=bool(deferred))
     x = torch.randint(0, 256, (4, 32), device="cuda")
     losses = []
     for _ in range(3):
