@@ -192,7 +192,7 @@ def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str
     """The same steps under the LR schedule, clipping and a skipped non-finite step, with table
     gradients merged from a sparse .grad or formed in the step (in one buffer, or in small chunks
     with many runs cut): the same model (FHME reads each table three times a step)."""
-    monkeypatch.setattr(experts, "_chunk_slots", lambda dim: 37)
+    monkeypatch.setattr(experts, "_chunk_slots", lambda dim, device: 37)
     monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)
     models = []
     for _ in range(3):  # two to train, one to remember the start

@@ -37,17 +37,17 @@ from .config import BLOCK_KINDS
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-# Rows per block of the gathers and per chunk of deferred row gradients: 2 MiB of float32 rows
-# (cache-sized: 1.1x faster than 32 MiB at a million rows), where one (T*M, D) buffer is
-# hundreds of MB.
-_CHUNK_BYTES = 2 << 20
-
-
+# Rows per block of the gathers and per chunk of deferred row gradients. On a CPU, 2 MiB of
+# float32 rows (cache-sized: 1.1x faster than 32 MiB at a million rows, where one (T*M, D)
+# buffer is hundreds of MB); on an accelerator, whose caches are no help here, blocks large
+# enough that a step launches few kernels.
+_CHUNK_BYTES = {"cpu": 2 << 20}
+_DEVICE_CHUNK_BYTES = 256 << 20
 _MERGED_BYTES = 64 << 20  # deferred row gradients up to this size are summed in one buffer
 
 
-def _chunk_slots(dim: int) -> int:
-    return max(64, _CHUNK_BYTES // (4 * dim))
+def _chunk_slots(dim: int, device: torch.device) -> int:
+    return max(64, _CHUNK_BYTES.get(device.type, _DEVICE_CHUNK_BYTES) // (4 * dim))
 
 
 def _act_and_grad(a: Tensor, act: str) -> tuple[Tensor, Tensor]:
@@ -99,7 +99,7 @@ def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
     a sum over the cached block: 5x faster on CPU than a batched matrix-vector product."""
     num_t, num_m = idx_TM.shape
     out = x_TD.new_empty(num_t, num_m)
-    block = max(1, _chunk_slots(table.shape[1]) // max(1, num_m))
+    block = max(1, _chunk_slots(table.shape[1], table.device) // max(1, num_m))
     for lo in range(0, num_t, block):
         hi = min(num_t, lo + block)
         rows = _gather_rows(table, idx_TM[lo:hi].reshape(-1), x_TD.dtype)
@@ -212,7 +212,7 @@ class DeferredRowGrad:
         if starts.numel() * dim * 4 <= _MERGED_BYTES:  # one bag per run, as RowScatter sums
             yield rows, F.embedding_bag(tokens, z, starts, mode="sum", per_sample_weights=w), starts < n
             return
-        chunk = _chunk_slots(dim)
+        chunk = _chunk_slots(dim, z.device)
         carry = z.new_zeros(1, dim)  # the partial sum of a run that goes on into the next chunk
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
