@@ -60,6 +60,21 @@ def test_eval_json_prints_one_object(run_dir: tuple[Path, str], capsys) -> None:
     assert {"val_loss", "val_bpb", "tokens"} <= set(result) and result["tokens"] > 0
 
 
+def test_eval_counts_usage_over_a_fixed_number_of_routing_choices(run_dir: tuple[Path, str],
+                                                                   capsys) -> None:
+    """Few choices can reach few experts: with 8 choices per block at most 8 experts are used."""
+    usage = {}
+    for choices in (None, 8):
+        extra = ["--usage-choices", str(choices)] if choices else []
+        assert main(["eval", "--ckpt", str(run_dir[0]), "--json", *extra]) == 0
+        usage[choices] = json.loads(capsys.readouterr().out)
+    experts = json.loads((run_dir[0] / "config.json").read_text())["model"]["num_experts"]
+    few = [used for layer in usage[8]["usage_per_block"] for used, _ in layer]
+    assert few and all(0 < used * experts <= 8 for used in few)
+    assert usage[8]["val_loss"] == usage[None]["val_loss"]  # the loss is still the whole split's
+    assert usage[None]["expert_usage"] > usage[8]["expert_usage"]
+
+
 def test_generate_produces_text(run_dir: tuple[Path, str], capsys) -> None:
     assert main(["generate", "--ckpt", str(run_dir[0]), "--prompt", "To be", "--max-new-tokens",
                  "20", "--temperature", "0.8", "--top-k", "5"]) == 0

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint)")
     e.add_argument("--data", help="corpus to evaluate on (default: the run's own)")
     e.add_argument("--depth", type=_positive_int, help="force every FHME layer to this depth")
+    e.add_argument("--usage-choices", type=_positive_int,
+                   help="expert usage over each routed block's first N routing choices "
+                        "(default: all of the validation split's)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", type=_device, default="cpu")
 
@@ -270,12 +273,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_path = args.data if args.data is not None else run_extra(args.ckpt).get("data")
     data = ByteDataset.load(data_path, config.train.val_fraction, config.model.seq_len)
     model.set_depth(args.depth)
-    result = evaluate(model, data, config.train.batch_size, device=args.device)
+    result = evaluate(model, data, config.train.batch_size, device=args.device,
+                      usage_choices=args.usage_choices)
+    per_block = [[(u.fraction_used, u.kl_uniform) for u in layer] for layer in result.usage]
     if args.json:
-        print(json.dumps(result.summary()))
+        print(json.dumps({**result.summary(), "usage_per_block": per_block}))
     else:
         print(f"val_loss {result.val_loss:.4f} nats/byte, val_bpb {result.val_bpb:.4f} "
               f"over {result.tokens} bytes")
+        for i, layer in enumerate(per_block):
+            print(f"layer {i}: " + ", ".join(f"{used:.1%} used, KL {kl:.2f}" for used, kl in layer))
     return 0
 
 

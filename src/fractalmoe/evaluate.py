@@ -71,15 +71,23 @@ def choice_sources(model: nn.Module) -> list[tuple[int, list[nn.Module]]]:
 
 class ChoiceCounts:
     """Selections per expert of each source, accumulated on the device over collected batches
-    (index_add into fixed (N,) counters: no sync until they are read)."""
+    (index_add into fixed (N,) counters: no sync until they are read).
 
-    def __init__(self, sources: list[nn.Module]) -> None:
+    ``limit``: count only each source's first ``limit`` choices, so that usage compares across
+    numbers of experts and lengths of validation splits (a fixed sample of routing choices)."""
+
+    def __init__(self, sources: list[nn.Module], limit: int | None = None) -> None:
         self.counts: dict[nn.Module, Tensor | None] = dict.fromkeys(sources)
+        self.limit = limit
+        self.seen = dict.fromkeys(sources, 0)  # choices counted so far (from shapes: no sync)
 
     def add(self, stats: Statistics) -> None:
         for source in self.counts:
             for idx in stats.values(source, CHOICES):
                 flat = idx.reshape(-1)
+                if self.limit is not None:
+                    flat = flat[:max(0, self.limit - self.seen[source])]
+                    self.seen[source] += flat.numel()
                 acc = self.counts[source]
                 if acc is None:
                     acc = self.counts[source] = torch.zeros(source.num_experts, dtype=torch.long,
@@ -97,13 +105,15 @@ class ChoiceCounts:
 
 @torch.no_grad()
 def evaluate(model: FHMELanguageModel, data: ByteDataset, batch_size: int,
-             max_windows: int | None = None, device: str = "cpu") -> EvalResult:
+             max_windows: int | None = None, device: str = "cpu",
+             usage_choices: int | None = None) -> EvalResult:
     """Mean loss over validation windows, with usage and depth metrics of routed layers (FLOPs
-    at the depth histograms measured here). Values are read back once, at the end."""
+    at the depth histograms measured here); usage over each block's first ``usage_choices``
+    routing choices if given. Values are read back once, at the end."""
     was_training = model.training
     model.eval()
     routed = choice_sources(model)
-    counts = ChoiceCounts([m for _, sources in routed for m in sources])
+    counts = ChoiceCounts([m for _, sources in routed for m in sources], usage_choices)
     layers = [m for m in model.modules() if isinstance(m, FHME)]
     depth_counts: dict[nn.Module, Tensor] = {}
     total: Tensor | float = 0.0  # summed on the device
