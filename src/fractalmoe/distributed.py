@@ -103,8 +103,9 @@ class ShardedExpertBank(nn.Module):
         for name in self.table_names:  # only this rank's rows are ever built (from the bank's seed)
             p = mark_expert_table(nn.Parameter(bank.rows(name, self.lo, self.hi)))
             # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
-            # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P.
-            p.register_hook(lambda g: g / self.world)
+            # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P
+            # (applied where the mixes form them, so deferred gradients get it too).
+            p.row_grad_scale = 1.0 / self.world  # type: ignore[attr-defined]
             setattr(self, name, p)
 
     def tables(self) -> dict[str, nn.Parameter]:

@@ -233,13 +233,17 @@ class DeferredRowGrad:
 class TableGrads:
     """The gradients of the tables one mix read, in the mix's layout: a row-sparse or dense
     tensor from the slots sorted once (``RowScatter``), or nothing returned and the ingredients
-    added to the table's ``DeferredRowGrad``."""
+    added to the table's ``DeferredRowGrad``. A table's ``row_grad_scale`` attribute, if set,
+    scales its gradient (the per-slot weights) in every layout."""
 
     def __init__(self, idx_TM: Tensor, layout: str) -> None:
         self.idx_TM, self.layout = idx_TM, layout
         self._scatter: RowScatter | None = None
 
     def __call__(self, table: Tensor, w_TM: Tensor, z_TD: Tensor) -> Tensor | None:
+        scale = getattr(table, "row_grad_scale", 1.0)  # a sharded bank's 1 / ranks
+        if scale != 1.0:
+            w_TM = w_TM * scale
         if self.layout == "deferred":
             grad = deferred_grad(table)
             if grad is None:
