@@ -43,6 +43,26 @@ def test_product_key_topk_small_exhaustive() -> None:
     torch.testing.assert_close(full.gather(-1, idx), scores)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 16, 40])
+def test_combining_only_the_pairs_that_can_win_is_the_full_grid_top_k(k: int) -> None:
+    """Summing the ~k ln k pairs with (i+1)(j+1) <= k of two sorted lists gives the top k of all
+    k*k sums: the same scores, the same pairs, the same gradients."""
+    torch.manual_seed(k)
+    n = max(2 * k, 8)
+    s1 = torch.randn(30, 3, n, dtype=torch.float64, requires_grad=True)
+    s2 = torch.randn(30, 3, n, dtype=torch.float64, requires_grad=True)
+    scores, idx = product_key_topk(s1, s2, k)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # every one of the n*n pairs
+    ref_scores, ref_idx = full.topk(k, dim=-1)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(idx, ref_idx)
+    g = torch.randn_like(scores)
+    grads = torch.autograd.grad(scores, (s1, s2), g)
+    ref = torch.autograd.grad(ref_scores, (s1, s2), g)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("kind", ["neuron", "value"])
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
 def test_memory_output_equals_reference_for_each_gate(gate: str, kind: str) -> None:

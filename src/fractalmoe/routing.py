@@ -18,6 +18,7 @@ folds them in after the optimizer step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -96,16 +97,31 @@ def pair_indices(i1: Tensor, i2: Tensor, n: int) -> Tensor:
     return (i1.unsqueeze(-1) * n + i2.unsqueeze(-2)).flatten(-2)
 
 
+@functools.cache
+def _pairs_that_can_win(k: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(i, j, i * k + j) of the pairs with (i + 1)(j + 1) <= k: about k ln k of the k*k.
+
+    With both lists sorted in descending order, pair (i, j) is beaten or tied by every (i', j')
+    with i' <= i and j' <= j, (i + 1)(j + 1) - 1 others: past k of them it cannot be in the top k."""
+    pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    i, j = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*pairs))
+    return i, j, i * k + j
+
+
 def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int,
                  grid_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Exact top-k of the k*k sums of two per-half top-k lists; indices i * n + j.
+    """Exact top-k of the k*k sums of two per-half top-k lists, each sorted in descending order;
+    indices i * n + j.
 
-    ``grid_bias`` (..., K*K) is added to the candidates for choosing only; the scores returned
-    are always v1 + v2 of the chosen pairs."""
-    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
+    Without ``grid_bias`` only the ~k ln k pairs that can win are summed (``_pairs_that_can_win``).
+    ``grid_bias`` (..., K*K) is added to all k*k candidates for choosing only (it breaks the
+    order); the scores returned are always v1 + v2 of the chosen pairs."""
     if grid_bias is None:
-        scores, flat = cand.topk(k, dim=-1)
+        rows, cols, flat_of = _pairs_that_can_win(k, v1.device)
+        scores, pos = (v1.index_select(-1, rows) + v2.index_select(-1, cols)).topk(k, dim=-1)
+        flat = flat_of[pos]
     else:
+        cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
         flat = (cand.detach() + grid_bias).topk(k, dim=-1).indices
         scores = cand.gather(-1, flat)
     idx = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
