@@ -405,7 +405,9 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
 
     def flops_per_token(self) -> int:
         """Query projection (and whitening), sub-key scoring of both halves and the K*K
-        candidate sums."""
+        candidate sums, counted in full (the biased and balance-loss paths sum all of them; the
+        plain path only the ~K ln K that can win: at most K*K adds per head either way, under
+        2% of a default block), so that every comparison table keeps one count."""
         dim = self.query.in_features
         whiten = 2 * self.heads * self.key_dim**2 if isinstance(self.norm, RunningQueryWhitening) else 0
         return (2 * dim * self.heads * self.key_dim + whiten
