@@ -162,7 +162,7 @@ GRAD_LAYOUTS = ("sparse", "dense", "deferred")
 class DeferredRowGrad:
     """An (N, D) table gradient kept as what forms it: row i = sum over the slots s routed to i of
     w_s z_t(s), over the slots of every mix that read the table since the gradient was cleared.
-    Holds S indices and weights and the (T, D) vectors per mix; ``rows`` forms the summed rows."""
+    Holds S indices and weights and the (T, D) vectors per mix; ``chunks`` forms the summed rows."""
 
     def __init__(self, num_rows: int) -> None:
         self.num_rows = num_rows
