@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.set_depth(args.depth)
     result = evaluate(model, data, config.train.batch_size, device=args.device,
                       usage_choices=args.usage_choices)
-    per_block = [[(u.fraction_used, u.kl_uniform) for u in layer] for layer in result.usage]
+    per_block = result.usage_per_block()
     if args.json:
         print(json.dumps({**result.summary(), "usage_per_block": per_block}))
     else:

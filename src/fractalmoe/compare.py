@@ -93,7 +93,7 @@ def _child(spec: CompareSpec) -> dict[str, Any]:
             "train_tok_s": result.tok_s, "peak_rss_gb": peak_rss_gb(), "elapsed_s": result.elapsed_s,
             "expert_usage": ev.expert_usage, "usage_kl": ev.usage_kl,
             "dead_experts": sum(dead) if dead else None, "steps": result.step,
-            "usage_per_block": [[(u.fraction_used, u.kl_uniform) for u in layer] for layer in ev.usage],
+            "usage_per_block": ev.usage_per_block(),
             "config": config.model.to_dict(), "run_dir": spec.out}
 
 

@@ -57,6 +57,10 @@ class EvalResult:
         skip = ("usage", "depth_hist", "measured_depth")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
+    def usage_per_block(self) -> list[list[tuple[float, float]]]:
+        """(share of experts used, KL to uniform) per layer and block position."""
+        return [[(u.fraction_used, u.kl_uniform) for u in layer] for layer in self.usage]
+
 
 def choice_sources(model: nn.Module) -> list[tuple[int, list[nn.Module]]]:
     """(layer index, modules recording expert choices, one per block position) of every decoder

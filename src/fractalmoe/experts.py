@@ -41,13 +41,14 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # float32 rows (cache-sized: 1.1x faster than 32 MiB at a million rows, where one (T*M, D)
 # buffer is hundreds of MB); on an accelerator, whose caches are no help here, blocks large
 # enough that a step launches few kernels.
-_CHUNK_BYTES = {"cpu": 2 << 20}
+_CPU_CHUNK_BYTES = 2 << 20
 _DEVICE_CHUNK_BYTES = 256 << 20
 _MERGED_BYTES = 64 << 20  # deferred row gradients up to this size are summed in one buffer
 
 
 def _chunk_slots(dim: int, device: torch.device) -> int:
-    return max(64, _CHUNK_BYTES.get(device.type, _DEVICE_CHUNK_BYTES) // (4 * dim))
+    chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
+    return max(64, chunk_bytes // (4 * dim))
 
 
 def _act_and_grad(a: Tensor, act: str) -> tuple[Tensor, Tensor]:
