@@ -11,6 +11,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
     python benchmarks/quality.py final-lazy        # FHME and PKM with lazy Adam tables: seeds 2, 3, 1,200 steps
     python benchmarks/quality.py balance-65k       # FHME at 65K experts with a light balance loss, seed 2
+    python benchmarks/quality.py experts           # FHME at 4K .. 262K experts, equal FFN FLOPs, stdlib corpus
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -155,6 +156,21 @@ def final_lazy_jobs() -> list[tuple[str, list[str]]]:
             for seed, model in itertools.product(("2", "3"), ("fhme", "pkm"))]
 
 
+# Experts at equal FFN FLOPs: scoring sub-keys costs 2 * sqrt(N) * key_dim per head, so the key
+# width shrinks as N grows; top-k (rows read per token) stays at 40. FFN FLOPs/token within 4% of
+# the default 16K model's: 1.013, 1.000, 0.974, 0.974 (`compare.ffn_flops`).
+EXPERTS_KEY_DIM = {"4096": "22", "16384": "16", "65536": "10", "262144": "6"}
+
+
+def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The default FHME (lazy-Adam tables) on the second corpus at four expert counts, seed 2 of
+    every size before seed 3."""
+    return [(f"n{experts}_s{seed}",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", f"num_experts={experts}",
+              "--set", f"key_dim={key_dim}", "--data", stdlib, "--max-steps", "1200", "--seeds", seed])
+            for seed in ("2", "3") for experts, key_dim in EXPERTS_KEY_DIM.items()]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -177,7 +193,7 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
-                                          "optim", "final-lazy", "balance-65k"))
+                                          "optim", "final-lazy", "balance-65k", "experts"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -185,7 +201,8 @@ def main() -> None:
     jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "usage-pilots": usage_pilot_jobs,
             "search": search_jobs,
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
-            "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs}[args.phase]()
+            "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs,
+            "experts": lambda: experts_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
