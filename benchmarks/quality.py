@@ -73,7 +73,10 @@ def usage_pilot_jobs() -> list[tuple[str, list[str]]]:
     """FHME uses 83-88% of its experts (KL 1.2) where PKM uses all (KL 0.5-0.6), and falls behind
     PKM between 300 and 1,200 steps: does the balance loss close the gap? Against untie-pilots'
     fhme_tied and pkm (same length and seed)."""
-    return [("fhme_balance0.01", _pilot("fhme", "--set", "balance_loss=0.01"))]
+    return [("fhme_balance0.01", _pilot("fhme", "--set", "balance_loss=0.01")),
+            # Does the loss cost quality by bending the hidden states the whole model shares?
+            ("fhme_balance0.01_router_only", _pilot("fhme", "--set", "balance_loss=0.01",
+                                                    "--set", "balance_router_only=true"))]
 
 
 def search_jobs() -> list[tuple[str, list[str]]]:

@@ -241,6 +241,26 @@ def test_balance_loss_is_the_switch_loss_over_candidates_and_teaches_spreading()
     assert _expert_kl(idx, 1024) < 0.7 * before
 
 
+def test_router_only_balance_loss_trains_the_router_alone() -> None:
+    """The same loss value and router gradients as the plain balance loss, and none into x."""
+    grads = {}
+    for router_only in (False, True):
+        torch.manual_seed(0)
+        mem = ProductKeyMemory(32, 1024, heads=2, topk=4, key_dim=16,
+                               balancing=Balancing(loss=1.0, router_only=router_only)).train()
+        x = torch.randn(256, 32, requires_grad=True)
+        with collect(mem) as stats:
+            mem.route(x)
+        loss = stats.aux_loss()
+        loss.backward()
+        grads[router_only] = (loss.detach(), x.grad, mem.router.query.weight.grad, mem.router.sub_keys.grad)
+    (loss, x_grad, w_grad, k_grad), (loss_r, x_grad_r, w_grad_r, k_grad_r) = grads[False], grads[True]
+    torch.testing.assert_close(loss_r, loss)
+    assert x_grad.abs().sum() > 0 and (x_grad_r is None or not x_grad_r.any())
+    torch.testing.assert_close(w_grad_r, w_grad)
+    torch.testing.assert_close(k_grad_r, k_grad)
+
+
 @pytest.mark.parametrize("size", [64, 1 << 20])  # a table of counts / binary searches
 def test_share_of_choices_at_candidates_equals_brute_force(size: int) -> None:
     from fractalmoe.routing import _share_at

@@ -117,6 +117,7 @@ class ModelConfig(_Config):
     unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
     balance_rate: float = 0.0  # > 0: per-step move of selection-only sub-key / expert biases
     balance_loss: float = 0.0  # > 0: weight of the Switch-style balance loss on routed choices
+    balance_router_only: bool = False  # the balance loss trains routers only, not the hidden states
     block: str = "value"  # fhme's routed blocks: value (PKM) | neuron (PEER) | gated (Memory+)
     share_bank: bool = False  # one expert bank for every layer (stored once)
     expert_act: str = "gelu"

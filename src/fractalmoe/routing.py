@@ -251,11 +251,15 @@ class Balancing:
     loss: weight of the Switch-style loss N * sum_e f_e * P_e over each token's K*K candidates
         (f_e: share of this batch's choices, P_e: mean candidate softmax), which teaches the
         queries and keys themselves to spread.
+    router_only: the loss trains the router's own weights (query projection, sub-keys) and sends
+        no gradient into the hidden states, which the rest of the model shares; its candidate
+        scores are recomputed from the detached input (one more query projection in training).
     """
 
     unit_keys: bool = False
     rate: float = 0.0
     loss: float = 0.0
+    router_only: bool = False
 
 
 def _counts(idx: Tensor, heads: int, size: int) -> Tensor:
@@ -363,8 +367,17 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
             if self.training and biased:
                 self.record(SUB_KEY_LOAD, _counts(torch.cat([i1, i2 + n], dim=-1), self.heads, 2 * n))
             if self.training and self.balancing.loss > 0 and torch.is_grad_enabled():
+                if self.balancing.router_only:
+                    v1, v2 = self._scores_at(x.detach(), i1, i2)
                 self.record(BALANCE_LOSS, self._balance_loss(v1, i1, v2, i2, idx))
         return scores, idx
+
+    def _scores_at(self, x: Tensor, i1: Tensor, i2: Tensor) -> tuple[Tensor, Tensor]:
+        """Sub-key scores of x's queries at the sub-keys i1, i2 (..., H, K) of each half."""
+        q1, q2 = self.queries(x).chunk(2, dim=-1)
+        keys, heads = self.keys(), torch.arange(self.heads, device=x.device).unsqueeze(-1)
+        return ((q1.unsqueeze(-2) * keys[:, 0][heads, i1]).sum(-1),
+                (q2.unsqueeze(-2) * keys[:, 1][heads, i2]).sum(-1))
 
     def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, idx: Tensor) -> Tensor:
         """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c],
