@@ -123,38 +123,54 @@ def sorted_runs(sorted_idx: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tens
 
 
 class RowScatter:
-    """Sums per-slot row gradients w[t, m] * z[t] per row without materialising a (T*M, D)
+    """Sums per-slot row gradients w[s] * z[token(s)] per row without materialising an (S, D)
     intermediate or a host sync: slots are sorted by row once, then each gradient is one
     embedding_bag over the tokens (a bag per output row, the slot weights as per-sample weights).
 
-    Sparse: one bag per run of equal rows, padded to min(T*M, N) bags (see the module docstring).
+    Sparse: one bag per run of equal rows, padded to min(S, N) bags (see the module docstring).
     Dense: one bag per table row (empty for untouched rows)."""
 
-    def __init__(self, idx_TM: Tensor, num_rows: int) -> None:
-        self.sorted_idx, self.order = torch.sort(idx_TM.reshape(-1))
-        self.tokens = self.order // idx_TM.shape[1]
+    def __init__(self, idx: Tensor, num_rows: int, tokens: Tensor | None = None) -> None:
+        """idx (T, M) with slot s reading token s // M, or flat idx (S,) with each slot's token."""
+        self.sorted_idx, self.order = torch.sort(idx.reshape(-1))
+        self.tokens = self.order // idx.shape[-1] if tokens is None else tokens.index_select(0, self.order)
         self.num_rows = num_rows
         self._bags: dict[bool, tuple[Tensor, Tensor]] = {}
+        self._runs: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def runs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``sorted_runs`` of the sorted slots: (run of each slot, row and start of each run)."""
+        if self._runs is None:
+            self._runs = sorted_runs(self.sorted_idx, self.num_rows)
+        return self._runs
+
+    def sorted(self, w: Tensor) -> Tensor:
+        """Per-slot values w in the sorted slots' order."""
+        return w.reshape(-1).index_select(0, self.order)
 
     def bags(self, sparse: bool) -> tuple[Tensor, Tensor]:
         """(row of each bag, offsets of the bags into the sorted slots)."""
         if sparse not in self._bags:
             if sparse:
-                self._bags[sparse] = sorted_runs(self.sorted_idx, self.num_rows)[1:]
+                self._bags[sparse] = self.runs()[1:]
             else:
                 rows = torch.arange(self.num_rows, device=self.sorted_idx.device)
                 self._bags[sparse] = rows, torch.searchsorted(self.sorted_idx, rows)
         return self._bags[sparse]
 
+    def sums(self, w: Tensor, z_TD: Tensor, sparse: bool = True) -> Tensor:
+        """(bags, D): each bag's sum of w[s] * z[token(s)] over its slots, in z's dtype."""
+        return F.embedding_bag(self.tokens, z_TD, self.bags(sparse)[1], mode="sum",
+                               per_sample_weights=self.sorted(w))
+
     def __call__(self, w_TM: Tensor, z_TD: Tensor, dtype: torch.dtype, sparse: bool = True) -> Tensor:
         """(num_rows, D) gradient, row i = sum over slots routed to i; sparse (uncoalesced) or dense."""
-        rows, offsets = self.bags(sparse)
-        values = F.embedding_bag(self.tokens, z_TD, offsets, mode="sum",
-                                 per_sample_weights=w_TM.reshape(-1).index_select(0, self.order)).to(dtype)
+        values = self.sums(w_TM, z_TD, sparse).to(dtype)
         if not sparse:
             return values
-        return torch.sparse_coo_tensor(rows.unsqueeze(0), values, (self.num_rows, z_TD.shape[-1]),
-                                       is_coalesced=False, check_invariants=False)
+        return torch.sparse_coo_tensor(self.bags(sparse)[0].unsqueeze(0), values,
+                                       (self.num_rows, z_TD.shape[-1]), is_coalesced=False,
+                                       check_invariants=False)
 
 
 GRAD_LAYOUTS = ("sparse", "dense", "deferred")
@@ -207,12 +223,12 @@ class DeferredRowGrad:
         are embedding bags over the slots, one bag per run."""
         idx, w, tokens, z = self._slots()
         n, dim = idx.numel(), z.shape[1]
-        sorted_idx, order = torch.sort(idx)
-        run, rows, starts = sorted_runs(sorted_idx, self.num_rows)
-        tokens, w = tokens.index_select(0, order), w.index_select(0, order)
-        if starts.numel() * dim * 4 <= _MERGED_BYTES:  # one bag per run, as RowScatter sums
-            yield rows, F.embedding_bag(tokens, z, starts, mode="sum", per_sample_weights=w), starts < n
+        scatter = RowScatter(idx, self.num_rows, tokens)
+        run, rows, starts = scatter.runs()
+        if starts.numel() * dim * 4 <= _MERGED_BYTES:  # one bag per run
+            yield rows, scatter.sums(w, z), starts < n
             return
+        sorted_idx, tokens, w = scatter.sorted_idx, scatter.tokens, scatter.sorted(w)
         chunk = _chunk_slots(dim, z.device)
         carry = z.new_zeros(1, dim)  # the partial sum of a run that goes on into the next chunk
         for lo in range(0, n, chunk):
