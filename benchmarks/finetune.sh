@@ -17,6 +17,8 @@
 #
 # Methods, each at 3 learning rates, seeds 2 and 3, $STEPS steps, same data:
 #   fhme       FHME adapters matched to LoRA's trainable parameters (--match-lora-rank $RANK)
+#   memory     the base's own FHME tables, only the rows the new domain uses far more than the
+#              base (as many as LoRA's trainable parameters: --match-lora-rank $RANK)
 #   lora       LoRA at rank $RANK (<= width / 2) on every dense projection
 #   full       every weight
 #   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
@@ -37,7 +39,7 @@ SEEDS=${SEEDS:-"2 3"}
 RANK=${RANK:-64}
 ROWS=${ROWS:-64}
 DEVICE=${DEVICE:-cpu}
-METHODS=${METHODS:-"fhme lora full fhme-gate fhme-rows"}
+METHODS=${METHODS:-"memory fhme lora full fhme-gate fhme-rows"}
 DOMAINS=${DOMAINS:-"email kjv"}
 STUDIES=${STUDIES:-"single sequential gpt2"}
 GPT2_STEPS=${GPT2_STEPS:-1200}
@@ -64,6 +66,7 @@ declare -A DATA=([email]=$EMAIL [kjv]=$KJV)
 lrs() {
   case $1 in
     fhme*) echo "1e-3:0.0167 3e-3:0.05 1e-2:0.15" ;;
+    memory) echo "1e-3:0.01 3e-3:0.03 1e-2:0.1" ;;  # only the expert lr acts: nothing dense trains
     lora) echo "1e-3:0.05 3e-3:0.05 1e-2:0.05" ;;
     full) echo "1e-4:0.005 3e-4:0.015 1e-3:0.05" ;;
   esac
@@ -72,6 +75,7 @@ middle() { lrs "$1" | cut -d' ' -f2; }
 flags() {
   case $1 in
     fhme) echo "--adapter fhme --match-lora-rank $RANK" ;;
+    memory) echo "--adapter memory --match-lora-rank $RANK" ;;
     fhme-gate) echo "--adapter fhme --match-lora-rank $RANK --output-gate" ;;
     fhme-rows) echo "--adapter fhme --match-lora-rank $RANK --sparse-rows $ROWS" ;;
     lora) echo "--adapter lora --lora-rank $RANK" ;;

@@ -55,7 +55,7 @@ def matched_table(rows: list[dict], title: str) -> str:
         methods[r["method"]].append(r)
     curves = {m: curve(rs) for m, rs in methods.items()}
     target = max(min(p[1] for p in pts) for pts in curves.values())
-    ref = "fhme" if "fhme" in curves else next(iter(curves))
+    ref = "lora" if "lora" in curves else next(iter(curves))
     ref_rise = max(at_bpb(curves[ref], target)[0], FLOOR)
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"#### {title} (seeds {', '.join(map(str, seeds))}; base rise read at new-domain bpb {target:.4f})",

@@ -180,6 +180,34 @@ def test_sparse_rows_cli_trains_only_the_chosen_rows(corpora, capsys) -> None:
         assert up[keep].abs().sum() > 0
 
 
+def test_memory_finetuning_changes_only_the_chosen_rows_of_the_base_tables(corpora, capsys) -> None:
+    """--adapter memory: no new layer; of the base's own tables only the chosen rows move, and
+    the run stores them with a reference to its base."""
+    out = corpora["root"] / "memory"
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--adapter", "memory",
+                  "--match-lora-rank", "2", "--out", str(out), "--set", "expert_lr=0.1")
+    base, _, _ = load_model_from_run(corpora["run"])
+    tuned, _, _ = load_model_from_run(out)
+    assert not any(isinstance(ffn, AdaptedFFN) for ffn in _adapted_ffns(tuned))
+    rows = s["fhme_experts"]
+    assert 0 < rows and s["trainable_params"] == rows * len(tuned.blocks) * sum(
+        t.shape[1] for t in tuned.blocks[0].ffn.fractal.bank.tables().values()) <= s["lora_params"]
+    from safetensors.torch import load_file
+
+    masks = load_file(str(out / "row_mask.safetensors"))
+    moved = 0
+    for i, (b, t) in enumerate(zip(base.blocks, tuned.blocks)):
+        keep = masks[str(i)].bool()
+        assert 0 < int(keep.sum()) <= rows
+        for name, table in t.ffn.fractal.bank.tables().items():
+            old = b.ffn.fractal.bank.tables()[name]
+            assert torch.equal(table[~keep], old[~keep])
+            moved += int((table[keep] != old[keep]).any(-1).sum())
+        others = [(n, p) for n, p in t.named_parameters() if "bank" not in n]
+        assert all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in others)
+    assert moved > 0
+
+
 def test_sparse_rows_keep_the_routing_the_rows_were_chosen_under() -> None:
     from fractalmoe.data import ByteDataset
 
@@ -311,8 +339,10 @@ def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
     (orphan / "config.json").write_text(json.dumps({**cfg, "base": str(tmp_path / "gone")}))
     shutil.copytree(latest_checkpoint(corpora["run"]).parent, orphan / latest_checkpoint(corpora["run"]).parent.name)
     assert "gone" in _err(capsys, "--base", str(orphan), "--data", data, "--out", str(out))
-    assert "only for --adapter fhme" in _err(capsys, "--base", str(corpora["run"]), "--data", data,
-                                             "--adapter", "lora", "--sparse-rows", "4")
+    assert "only for --adapter fhme or memory" in _err(capsys, "--base", str(corpora["run"]), "--data", data,
+                                                       "--adapter", "lora", "--sparse-rows", "4")
+    assert "needs --sparse-rows" in _err(capsys, "--base", str(corpora["run"]), "--data", data,
+                                         "--adapter", "memory")
     assert "rank" in _err(capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "lora",
                           "--lora-rank", "33", "--out", str(out))
     assert not out.exists()

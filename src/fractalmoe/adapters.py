@@ -196,6 +196,35 @@ def load_row_masks(adapters: list[FHME], layers: list[int] | None, path: str) ->
         mask_rows(adapter, masks[str(i)])
 
 
+def base_memories(model: nn.Module, layers: list[int] | None = None) -> list[tuple[int, FHME]]:
+    """(layer index, FHME) of the base model's own FHME FFNs in the chosen decoder layers (inside
+    any adapters added since)."""
+    decoder = decoder_layers(model)
+    chosen = list(range(len(decoder))) if layers is None else layers
+    found = []
+    for i in chosen:
+        ffn = getattr(decoder[i], find_ffn(decoder[i], stack=True))
+        while isinstance(ffn, AdaptedFFN):
+            ffn = ffn.base
+        if isinstance(ffn, FHME):
+            found.append((i, ffn))
+    return found
+
+
+def open_memories(model: nn.Module, layers: list[int] | None = None) -> list[tuple[int, FHME]]:
+    """Freeze the model except the expert tables of its own FHME FFNs (memory fine-tuning: the
+    rows to train are then chosen with ``mask_rows``)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    memories = base_memories(model, layers)
+    if not memories:
+        raise ValueError("--adapter memory needs a base whose FFNs are FHME layers")
+    for _, fhme in memories:
+        for table in fhme.fractal.bank.tables().values():
+            table.requires_grad_(True)
+    return memories
+
+
 # --- LoRA -----------------------------------------------------------------------------------
 LORA_TARGETS = ("all", "attention")
 _NOT_PROJECTIONS = re.compile(r"^(gate|router|depth_router)$")  # routing / gating logits
@@ -329,9 +358,10 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     """The base run's model with the adapters described by ``spec``. The base may itself be an
     adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
 
-    spec: kind (fhme | lora | full), layers; fhme: the adapters' FHME config, output_gate and a
-    row_mask file; lora: rank (or budget) and targets (default ``attention``, as older runs had);
-    full: every weight trainable, earlier adapters included."""
+    spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate
+    and a row_mask file; memory: the base's own expert tables, a row_mask file of the rows that
+    learn; lora: rank (or budget) and targets (default ``attention``, as older runs had); full:
+    every weight trainable, earlier adapters included."""
     from .checkpoint import load_model_from_run
 
     model, _, _ = load_model_from_run(base_run, device)
@@ -340,6 +370,10 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
                                      output_gate=bool(spec.get("output_gate")), **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
+    elif spec["kind"] == "memory":
+        memories = open_memories(model, spec.get("layers"))
+        if spec.get("row_mask"):
+            load_row_masks([m for _, m in memories], [i for i, _ in memories], spec["row_mask"])
     elif spec["kind"] == "lora":
         add_lora_adapters(model, spec.get("budget"), spec.get("layers"), spec.get("rank"),
                           spec.get("targets", "attention"))

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run directory of the trained base model, or of an earlier finetune "
                          "(sequential adaptation: its adapters stay, frozen and active)")
     ft.add_argument("--data", required=True, help="text file or folder to adapt to")
-    ft.add_argument("--adapter", choices=["fhme", "lora", "full"], default="fhme",
+    ft.add_argument("--adapter", choices=["fhme", "memory", "lora", "full"], default="fhme",
                     help="fhme adapters, LoRA (peft) on every dense projection, or full fine-tuning")
     ft.add_argument("--layers", type=_int_list_zero, help="comma list of layer indices (default: all)")
     ft.add_argument("--experts", type=_positive_int, default=None,

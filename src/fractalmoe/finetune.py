@@ -7,7 +7,13 @@ adapters start as the identity (zero ``up`` table, zero LoRA ``B``), so it equal
 evaluations use the whole validation split, or a fixed prefix of ``eval_bytes`` of it; every
 adapter set is active and no domain label reaches the model.
 
-Options that keep more of the base's behaviour (FHME adapters only, off by default):
+Methods: FHME adapters (a zero-initialised FHME beside each FFN), LoRA, full fine-tuning, and
+``memory``: no new layer at all; the base's own FHME expert tables learn, but only their
+``sparse_rows`` rows per layer that the new domain uses most above the kept domains (chosen as
+below; the rest of the model, routers included, stays frozen). A base token then changes only
+where it reads one of those rows, which by their choice the kept domains seldom do.
+
+Options that keep more of the base's behaviour (FHME adapters, off by default):
 
 * ``sparse_rows``: sparse memory fine-tuning. Each new adapter's expert choices are counted on a
   training sample of the new domain and of the domains to keep (the base run's corpus and any
@@ -38,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import (
-    AdaptedFFN,
     add_lora_adapters,
+    base_memories,
     build_adapted_model,
     decoder_layers,
     experts_for_budget,
@@ -148,13 +154,14 @@ def kept_domains(chain: list[Path], eval_bytes: int | None) -> list[Domain]:
 
 
 # --- sparse memory fine-tuning --------------------------------------------------------------
-def new_adapters(model: nn.Module) -> list[tuple[int, FHME]]:
-    """(layer index, adapter) of each trainable FHME adapter: the set being trained."""
+def trainable_memories(model: nn.Module) -> list[tuple[int, FHME]]:
+    """(layer index, FHME) of each FHME whose expert tables train: the new adapters, or the
+    base's own layers under memory fine-tuning."""
     out = []
     for i, layer in enumerate(decoder_layers(model)):
-        for child in layer.children():
-            if isinstance(child, AdaptedFFN) and any(p.requires_grad for p in child.adapter.parameters()):
-                out.append((i, child.adapter))
+        for m in layer.modules():
+            if isinstance(m, FHME) and any(t.requires_grad for t in m.fractal.bank.tables().values()):
+                out.append((i, m))
     return out
 
 
@@ -194,11 +201,11 @@ def rank_rows(new: Tensor, kept: Tensor, top: int) -> Tensor:
 
 def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDataset], top: int,
                      seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> dict[str, Tensor]:
-    """Row masks of the model's trainable adapters (``rank_rows``), keyed by layer index, each
-    applied (``mask_rows``)."""
-    found = new_adapters(model)
+    """Row masks of the model's trainable FHME tables (``rank_rows``), keyed by layer index, each
+    applied (``mask_rows``); new adapters' routers are frozen with them."""
+    found = trainable_memories(model)
     if not found:
-        raise ValueError("sparse rows need FHME adapters to train")
+        raise ValueError("sparse rows need FHME layers to train")
     adapters = [a for _, a in found]
     new = choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)
     old = [torch.zeros_like(c) for c in new]
@@ -210,8 +217,9 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
         masks[str(i)] = rank_rows(n, o, top)
         mask_rows(adapter, masks[str(i)])
         for block in adapter.fractal.blocks:  # keep the routing the rows were chosen under
-            freeze_in_run(block.norm)
-            freeze_in_run(block.memory.router)
+            for module in (block.norm, block.memory.router):
+                if any(p.requires_grad for p in module.parameters()):
+                    freeze_in_run(module)
     return masks
 
 
@@ -292,12 +300,16 @@ class FinetuneRequest:
 
 def check_request(req: FinetuneRequest) -> None:
     """One-line errors for option combinations that make no sense."""
-    fhme_only = [flag for flag, on in (("--output-gate", req.output_gate),
-                                      ("--sparse-rows", req.sparse_rows is not None),
-                                      ("--match-lora-rank", req.match_lora_rank is not None))
-                 if on]
-    if req.adapter != "fhme" and fhme_only:
-        raise ValueError(f"{', '.join(fhme_only)}: only for --adapter fhme")
+    if req.output_gate and req.adapter != "fhme":
+        raise ValueError("--output-gate: only for --adapter fhme")
+    routed = [flag for flag, on in (("--sparse-rows", req.sparse_rows is not None),
+                                    ("--match-lora-rank", req.match_lora_rank is not None)) if on]
+    if req.adapter not in ("fhme", "memory") and routed:
+        raise ValueError(f"{', '.join(routed)}: only for --adapter fhme or memory")
+    if req.adapter == "memory" and not routed:
+        raise ValueError("--adapter memory needs --sparse-rows T or --match-lora-rank R (rows that learn)")
+    if req.adapter == "memory" and req.sparse_rows is not None and req.match_lora_rank is not None:
+        raise ValueError("--adapter memory: give --sparse-rows or --match-lora-rank, not both")
     if req.lora_rank is not None and req.adapter != "lora":
         raise ValueError("--lora-rank needs --adapter lora (FHME adapters: --match-lora-rank)")
     if req.match_lora_rank is not None and req.experts is not None:
@@ -318,7 +330,7 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts, **fhme_cfg)
 
-    rank = req.match_lora_rank if req.adapter == "fhme" else req.lora_rank
+    rank = req.match_lora_rank if req.adapter in ("fhme", "memory") else req.lora_rank
     sizing = Sizing(spec)
     if rank is not None or req.adapter == "lora":
         targets = lora_targets(model, req.layers, req.lora_targets)
@@ -330,6 +342,15 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         if not 1 <= rank <= cap:
             raise ValueError(f"LoRA rank {rank} must be in 1..{cap} (width / 2 = {dim // 2})")
         sizing.lora_rank, sizing.lora_params = rank, lora_parameter_count(targets, rank)
+    if req.adapter == "memory":  # rows x width x tables per layer within LoRA's count
+        memories = base_memories(model, req.layers)
+        if not memories:
+            raise ValueError("--adapter memory needs a base whose FFNs are FHME layers")
+        row_params = len(memories) * sum(t.shape[1] for t in memories[0][1].fractal.bank.tables().values())
+        rows = req.sparse_rows if req.sparse_rows is not None else sizing.lora_params // row_params
+        sizing.fhme_experts, sizing.fhme_params = rows, rows * row_params
+        spec["sparse_rows"] = rows
+        return sizing
     if req.adapter == "lora":
         spec.update(rank=sizing.lora_rank, targets=req.lora_targets)
         with contextlib.suppress(ValueError):  # the matched FHME size, for the record
@@ -415,11 +436,13 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         fh.write(json.dumps(_metric_line(result.step, "after", after)) + "\n")
     full = spec["kind"] == "full"
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
+    trainable = (sum(p.numel() for p in model.parameters()) if full
+                 else sizing.fhme_params if spec["kind"] == "memory" else trainable_parameter_count(model))
     return {
         "run_dir": str(run_dir), "base": base, "data": req.data, "adapter": spec["kind"],
         "steps": result.step, "lr": config.train.lr, "expert_lr": config.train.expert_lr,
         "seed": config.train.seed, "eval_bytes": req.eval_bytes,
-        "trainable_params": sum(p.numel() for p in model.parameters()) if full else trainable_parameter_count(model),
+        "trainable_params": trainable,
         "active_params_per_token": model.active_params_per_token() + lora,
         **_sizing_fields(sizing), "trained_rows": {k: int(m.sum()) for k, m in masks.items()} or None,
         **_domain_fields(domains, before, after),

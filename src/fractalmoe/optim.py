@@ -209,7 +209,8 @@ def table_optimizer(tables: list[Tensor], rule: str, lr: float,
 
 
 class ModelOptimizer:
-    """AdamW over dense parameters plus the expert tables' optimiser (``table_optimizer``)."""
+    """AdamW over dense parameters plus the expert tables' optimiser (``table_optimizer``); either
+    may be absent (memory fine-tuning trains tables alone)."""
 
     def __init__(self, model: nn.Module, lr: float, expert_lr: float, weight_decay: float,
                  expert_optim: str = "rowwise_adagrad", beta2: float = 0.95,
@@ -217,22 +218,24 @@ class ModelOptimizer:
         tables, decay, no_decay = split_parameters(model)
         groups = [dict(params=decay, weight_decay=weight_decay),
                   dict(params=no_decay, weight_decay=0.0)]
-        # fused: the step counts stay on the device (foreach reads each one on the host).
-        self.dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
-                                       betas=(0.9, beta2), fused=True)
+        self.dense: torch.optim.Optimizer | None = None
+        if decay or no_decay:  # fused: the step counts stay on the device (foreach reads each on the host)
+            self.dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
+                                           betas=(0.9, beta2), fused=True)
         self.sparse: torch.optim.Optimizer | None = None
         if tables:
             self.sparse = table_optimizer(tables, expert_optim, expert_lr, deferred_table_grads)
-        self.base_lrs = (lr, expert_lr)
+        self._base_lrs = [(opt, base) for opt, base in ((self.dense, lr), (self.sparse, expert_lr))
+                          if opt is not None]
         self.dense_params = decay + no_decay
         self.tables = tables
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.dense] + ([self.sparse] if self.sparse is not None else [])
+        return [opt for opt, _ in self._base_lrs]
 
     def set_lr_scale(self, scale: float) -> None:
-        for opt, base in zip(self.optimizers, self.base_lrs):
+        for opt, base in self._base_lrs:
             for group in opt.param_groups:
                 group["lr"] = base * scale
 
@@ -262,10 +265,11 @@ class ModelOptimizer:
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
     def state_dict(self) -> dict[str, object]:
-        return {"dense": self.dense.state_dict(),
+        return {"dense": self.dense.state_dict() if self.dense is not None else None,
                 "sparse": self.sparse.state_dict() if self.sparse is not None else None}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self.dense.load_state_dict(state["dense"])  # type: ignore[arg-type]
+        if self.dense is not None and state.get("dense") is not None:
+            self.dense.load_state_dict(state["dense"])  # type: ignore[arg-type]
         if self.sparse is not None and state.get("sparse") is not None:
             self.sparse.load_state_dict(state["sparse"])  # type: ignore[arg-type]
