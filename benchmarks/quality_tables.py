@@ -1,5 +1,6 @@
 """Markdown tables of the quality runs (benchmarks/quality.py): every search trial, the
-reported comparison per corpus with the win rule applied, and the expert-table optimizers.
+reported comparison per corpus with the win rule applied, the expert-table optimizers and the
+number of experts.
 
     python benchmarks/quality_tables.py benchmarks/results/quality
 
@@ -116,6 +117,29 @@ def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dic
     return "\n".join(lines)
 
 
+def experts_table(found: list[dict]) -> str:
+    """FHME at each expert count (equal FFN FLOPs), and whether each step up wins."""
+    by_n: dict[int, list[dict]] = {}
+    for r in found:
+        by_n.setdefault(r["config"]["num_experts"], []).append(r)
+    lines = ["| experts | key width | FFN FLOPs/token | val bpb per seed | mean ± half-range | experts used | "
+             "usage KL |", "|---:|---:|---:|---|---|---:|---:|"]
+    for n, rs in sorted(by_n.items()):
+        rs.sort(key=lambda r: r["seed"])
+        mean, half = _stats([r["val_bpb"] for r in rs])
+        per_seed = ", ".join(f"{r['val_bpb']:.4f} (s{r['seed']})" for r in rs)
+        lines.append(f"| {n:,} | {rs[0]['config']['key_dim']} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
+                     f"{mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
+                     f"{sum(r['usage_kl'] for r in rs) / len(rs):.2f} |")
+    ffn = [rs[0]["ffn_flops_per_token"] for rs in by_n.values()]
+    lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
+    sizes = sorted(by_n)
+    steps = [f"{a:,} -> {b:,}: {_verdict([r['val_bpb'] for r in by_n[b]], [r['val_bpb'] for r in by_n[a]])}"
+             for a, b in zip(sizes, sizes[1:])]
+    lines.append("More experts against fewer: " + "; ".join(steps) + ".")
+    return "\n".join(lines)
+
+
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality")
     if (root / "search").is_dir():
@@ -138,6 +162,9 @@ def main() -> None:
         adagrad = [r for r in final if r["name"].startswith("shakespeare_fhme_")]
         print("\n### Expert-table optimizers (default FHME, bundled corpus)\n")
         print(optim_tables(pilots, reported, adagrad))
+    if (root / "experts").is_dir():
+        print("\n### Experts at equal FFN FLOPs (default FHME, standard-library corpus, 1,200 steps)\n")
+        print(experts_table(rows(root / "experts")))
 
 
 if __name__ == "__main__":
