@@ -66,7 +66,7 @@ declare -A DATA=([email]=$EMAIL [kjv]=$KJV)
 lrs() {
   case $1 in
     fhme*) echo "1e-3:0.0167 3e-3:0.05 1e-2:0.15" ;;
-    memory) echo "1e-3:0.01 3e-3:0.03 1e-2:0.1" ;;  # only the expert lr acts: nothing dense trains
+    memory) echo "1e-3:0.03 3e-3:0.1 1e-2:0.3" ;;  # only the expert lr acts: nothing dense trains
     lora) echo "1e-3:0.05 3e-3:0.05 1e-2:0.05" ;;
     full) echo "1e-4:0.005 3e-4:0.015 1e-3:0.05" ;;
   esac

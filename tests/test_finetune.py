@@ -157,11 +157,27 @@ def test_row_mask_leaves_untrained_rows_bit_identical(rule: str) -> None:
 
 
 def test_rank_rows_prefers_rows_the_base_domain_rarely_uses() -> None:
-    new = torch.tensor([10, 10, 10, 0, 2])
-    kept = torch.tensor([100, 0, 10, 0, 0])
-    mask = rank_rows(new, kept, 2)
-    assert mask.tolist() == [False, True, True, False, False]
-    assert rank_rows(new, kept, 10).tolist() == [True, True, True, False, True]  # never unused rows
+    new = torch.tensor([10, 10, 10, 0, 2, 50])
+    kept_windows = torch.tensor([90, 0, 10, 0, 0, 100])  # of 100 kept windows
+    mask = rank_rows(new, kept_windows, 100, 2)
+    assert mask.tolist() == [False, True, True, False, False, False]
+    assert rank_rows(new, kept_windows, 100, 4).tolist() == [True, True, True, False, True, False]
+    # a row every kept window reads (the new domain's favourite here) comes last; never one it never chose
+    assert rank_rows(new, kept_windows, 100, 10).tolist() == [True, True, True, False, True, True]
+
+
+def test_choice_counts_count_choices_and_windows() -> None:
+    from fractalmoe.data import ByteDataset
+    from fractalmoe.finetune import SAMPLE_WINDOWS, choice_counts
+
+    model = FHMELanguageModel(tiny_model_config(ffn="dense"))
+    (adapter,) = add_fhme_adapters(model, layers=[0], num_experts=64, heads=2, topk=4, key_dim=16)
+    data = ByteDataset.from_bytes(b"To be, or not to be. " * 40, 0.1, 16)
+    ((counts, windows),) = choice_counts(model, [adapter], data, seq_len=16, batch_size=8, seed=1)
+    blocks = len(adapter.fractal.blocks)  # applications per token at full depth: tied blocks repeat
+    assert int(counts.sum()) % (SAMPLE_WINDOWS * 16 * 2 * 4) == 0 and int(counts.sum()) >= SAMPLE_WINDOWS * 16 * 2 * 4 * blocks
+    assert int(windows.max()) <= SAMPLE_WINDOWS and bool((windows <= counts).all())
+    assert bool(((counts > 0) == (windows > 0)).all())
 
 
 def test_sparse_rows_cli_trains_only_the_chosen_rows(corpora, capsys) -> None:

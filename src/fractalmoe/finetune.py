@@ -65,6 +65,7 @@ from .fhme import FHME
 from .stats import CHOICES, collect, fold_statistics
 
 SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows
+_HUB_IDF = 1e-9  # orders rows every kept window reads (idf 0) by tf, after all others
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -167,31 +168,41 @@ def trainable_memories(model: nn.Module) -> list[tuple[int, FHME]]:
 
 @torch.no_grad()
 def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq_len: int,
-                  batch_size: int, seed: int, device: str = "cpu") -> list[Tensor]:
-    """Per adapter, how often each expert row was chosen (by any of its routed blocks) over the
-    first ``SAMPLE_WINDOWS`` training windows of ``data``."""
+                  batch_size: int, seed: int, device: str = "cpu") -> list[tuple[Tensor, Tensor]]:
+    """Per FHME layer, over the first ``SAMPLE_WINDOWS`` training windows of ``data``: how often
+    each expert row was chosen (by any of its routed blocks), and in how many windows it was
+    chosen at least once."""
     routers = [[block.memory.router for block in a.fractal.blocks] for a in adapters]
-    counts = [torch.zeros(a.fractal.bank.num_experts, dtype=torch.long, device=device) for a in adapters]
+    sizes = [a.fractal.bank.num_experts for a in adapters]
+    counts = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
+    windows = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
     was_training = model.training
     model.eval()
     for step in range(-(-SAMPLE_WINDOWS // batch_size)):
         x, _ = data.train_batch(step, batch_size, seq_len, seed)
         with collect(model) as stats:
             lm_logits(model, x.to(device))
-        for acc, rs in zip(counts, routers):
+        for acc, seen, n, rs in zip(counts, windows, sizes, routers):
+            present = torch.zeros(x.shape[0], n, dtype=torch.bool, device=device)
             for router in rs:
                 for idx in stats.values(router, CHOICES):
-                    acc += torch.bincount(idx.reshape(-1), minlength=acc.numel())
+                    per_window = idx.reshape(x.shape[0], -1)
+                    acc += torch.bincount(per_window.reshape(-1), minlength=n)
+                    present.scatter_(1, per_window, True)
+            seen += present.sum(0)
     model.train(was_training)
-    return [c.cpu() for c in counts]
+    return [(c.cpu(), w.cpu()) for c, w in zip(counts, windows)]
 
 
-def rank_rows(new: Tensor, kept: Tensor, top: int) -> Tensor:
-    """(N,) bool: the ``top`` rows by tf-idf, tf = the row's share of the new domain's choices,
-    idf = log((1 + kept choices) / (1 + the row's kept choices)); rows the new domain never
-    chose are never picked."""
+def rank_rows(new: Tensor, kept_windows: Tensor, windows: int, top: int) -> Tensor:
+    """(N,) bool: the ``top`` rows by tf-idf with the kept domains' windows as documents: tf =
+    the row's share of the new domain's choices, idf = log((1 + windows) / (1 + kept windows
+    that chose the row)). A row every kept window reads has idf 0, however often the new domain
+    reads it (counting kept *choices* instead would barely penalise such hub rows): such rows
+    come after every other, by tf (``_HUB_IDF``); rows the new domain never chose are never
+    picked."""
     tf = new.double() / new.sum().clamp_min(1)
-    idf = torch.log((1 + kept.sum().double()) / (1 + kept.double()))
+    idf = torch.log((1.0 + windows) / (1.0 + kept_windows.double())).clamp_min(0) + _HUB_IDF
     score = tf * idf
     best = score.topk(min(top, score.numel())).indices
     mask = torch.zeros(score.numel(), dtype=torch.bool)
@@ -207,14 +218,15 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
     if not found:
         raise ValueError("sparse rows need FHME layers to train")
     adapters = [a for _, a in found]
-    new = choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)
-    old = [torch.zeros_like(c) for c in new]
+    new = [c for c, _ in choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)]
+    kept_windows = [torch.zeros_like(c) for c in new]
     for data in kept:
-        for acc, c in zip(old, choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
-            acc += c
+        for acc, (_, w) in zip(kept_windows, choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
+            acc += w
+    windows = len(kept) * -(-SAMPLE_WINDOWS // batch_size) * batch_size
     masks = {}
-    for (i, adapter), n, o in zip(found, new, old):
-        masks[str(i)] = rank_rows(n, o, top)
+    for (i, adapter), n, w in zip(found, new, kept_windows):
+        masks[str(i)] = rank_rows(n, w, windows, top)
         mask_rows(adapter, masks[str(i)])
         for block in adapter.fractal.blocks:  # keep the routing the rows were chosen under
             for module in (block.norm, block.memory.router):
