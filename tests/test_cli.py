@@ -143,3 +143,34 @@ def test_compare_on_any_corpus_matches_flops_and_writes_results(corpus: Path, tm
     assert {"val_bpb", "params", "active_params_per_token", "train_tok_s", "peak_rss_gb",
             "expert_usage"} <= set(rows[0])
     assert (out / "table.md").is_file() and (out / "bpb_vs_flops.png").is_file()
+
+
+def test_sigterm_takes_the_configuration_child_down_too(tmp_path: Path) -> None:
+    """compare and bench run each configuration in a child process: a SIGTERM to the command
+    (timeout, a job scheduler) must not leave that child running."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child_code = tmp_path / "child.py"
+    child_code.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    parent_code = tmp_path / "parent.py"
+    parent_code.write_text("import subprocess, sys\nfrom fractalmoe.cli import exit_on_sigterm\nexit_on_sigterm()\n"
+                           f"subprocess.run([sys.executable, {str(child_code)!r}])\n")
+    parent = subprocess.Popen([sys.executable, str(parent_code)])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):  # reaped by subprocess.run on the way out
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its parent")

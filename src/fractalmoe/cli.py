@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -473,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, job schedulers, ``kill``) into SystemExit, so that the
+    interpreter unwinds: ``subprocess.run`` then kills the child it waits on (a compare or bench
+    configuration) instead of leaving it running, and ``finally`` blocks run."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def console() -> None:
     """Console-script entry point."""
+    exit_on_sigterm()
     sys.exit(main())
