@@ -18,8 +18,8 @@ Options that keep more of the base's behaviour (FHME adapters, off by default):
 * ``sparse_rows``: sparse memory fine-tuning. Each new adapter's expert choices are counted on a
   training sample of the new domain and of the domains to keep (the base run's corpus and any
   earlier fine-tuning corpora); rows are ranked by tf-idf (share of the new domain's choices
-  times log of how rarely the kept domains choose them) and only the top rows of each adapter
-  learn (``adapters.mask_rows``), under the routing they were chosen with (the adapter's
+  times log of how few of the kept domains' windows choose them: ``rank_rows``) and only the top
+  rows of each adapter learn (``adapters.mask_rows``), under the routing they were chosen with (the adapter's
   routers stay frozen): inputs of the old domains rarely reach them.
 * ``output_gate``: a learned per-token gate sigmoid(w . x + b), b = -4, on each adapter's output.
 
