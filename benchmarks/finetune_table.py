@@ -5,9 +5,10 @@
 A method's learning-rate sweep traces a curve of (new-domain bpb, base-domain rise). Comparing
 methods at one learning rate mixes how far each one got with what it cost, so each method's rise is
 read at the same new-domain bpb: the highest of the methods' best bpbs (a level every method
-reaches), linearly interpolated between the two sweep points around it (seed means). A method
-whose every point lies below that level is read at its nearest point (marked *). Rises below
-0.01 bpb count as 0.01, so the ratios stay finite and noise-sized rises do not dominate them.
+reaches), linearly interpolated between the two sweep points around it (seed means), the
+untrained start (no rise) counting as a point. A target outside a curve is read at its nearest
+point (marked *). Rises below 0.01 bpb count as 0.01, so the ratios stay finite and noise-sized
+rises do not dominate them. Learning rates print as dense / expert-table lr.
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ def rise(row: dict) -> float:
     return row["base_val_bpb"] - row["base_val_bpb_before"]
 
 
-def curve(rows: list[dict]) -> list[tuple[float, float, float, float]]:
-    """(lr, mean new bpb, mean base rise, mean trainable) per learning rate, by new bpb."""
-    by_lr: dict[float, list[dict]] = defaultdict(list)
+def curve(rows: list[dict]) -> list[tuple[tuple[float, float], float, float, float]]:
+    """(lr, mean new bpb, mean base rise, mean trainable) per learning rate, by new bpb, ending
+    with the untrained start (lr 0: the base's new-domain bpb, no rise), which every method's
+    curve passes through: a level between the start and a method's gentlest point is then
+    interpolated, not read at that point."""
+    by_lr: dict[tuple[float, float], list[dict]] = defaultdict(list)
     for r in rows:
-        by_lr[r["lr"]].append(r)
+        by_lr[(r["lr"], r["expert_lr"])].append(r)
     pts = [(lr, mean(r["val_bpb"] for r in rs), mean(rise(r) for r in rs),
             mean(r["trainable_params"] for r in rs)) for lr, rs in by_lr.items()]
-    return sorted(pts, key=lambda p: p[1])
+    start = ((0.0, 0.0), mean(r["val_bpb_before"] for r in rows), 0.0, pts[0][3])
+    return sorted(pts, key=lambda p: p[1]) + [start]
 
 
-def at_bpb(pts: list[tuple[float, float, float, float]], target: float) -> tuple[float, bool]:
+def at_bpb(pts: list[tuple[tuple[float, float], float, float, float]], target: float) -> tuple[float, bool]:
     """Rise at new-domain bpb ``target`` (linear between sweep points); True if clamped."""
     for (_, b0, r0, _), (_, b1, r1, _) in zip(pts, pts[1:]):
         if b0 <= target <= b1:
@@ -65,7 +70,7 @@ def matched_table(rows: list[dict], title: str) -> str:
         lr, best, best_rise, trainable = pts[0]
         r, clamped = at_bpb(pts, target)
         r = max(r, FLOOR)
-        lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({lr:g}) | {best_rise:+.4f} | "
+        lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({lr[0]:g} / {lr[1]:g}) | {best_rise:+.4f} | "
                      f"{r:.4f}{'*' if clamped else ''} | {r / ref_rise:.2f} |")
     return "\n".join(lines)
 
