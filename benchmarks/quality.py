@@ -163,14 +163,14 @@ def final_lazy_jobs() -> list[tuple[str, list[str]]]:
 # width shrinks as N grows; top-k (rows read per token) stays at 40. FFN FLOPs/token within 4% of
 # the default 16K model's: 1.013, 1.000, 0.974, 0.974 (`compare.ffn_flops`).
 EXPERTS_KEY_DIM = {"4096": "22", "16384": "16", "65536": "10", "262144": "6"}
-# The other knob: FLOPs held by reading fewer rows at the widest key the budget allows: 65K at
-# the 16K model's key width 16 with top-27 (0.995), 262K at key width 12 with top-17 (0.998).
-EXPERTS_BY_TOPK = {"65536": ("16", "27"), "262144": ("12", "17")}
+# The other knob: FLOPs held by the rows read, at the widest key the budget allows: 4K at key
+# width 16 with top-46 (1.000), 65K at 16 with top-27 (0.995), 262K at 12 with top-17 (0.998).
+EXPERTS_BY_TOPK = {"65536": ("16", "27"), "262144": ("12", "17"), "4096": ("16", "46")}
 
 
 def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The default FHME (lazy-Adam tables) on the second corpus at four expert counts, seed 2 of
-    every size before seed 3; then 65K and 262K with FLOPs held mostly by top-k instead."""
+    every size before seed 3; then 4K, 65K and 262K with FLOPs held mostly by top-k instead."""
     return [(f"n{experts}_s{seed}",
              [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", f"num_experts={experts}",
               "--set", f"key_dim={key_dim}", "--data", stdlib, "--max-steps", "1200", "--seeds", seed])
