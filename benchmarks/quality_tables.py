@@ -118,25 +118,33 @@ def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dic
 
 
 def experts_table(found: list[dict]) -> str:
-    """FHME at each expert count (equal FFN FLOPs), and whether each step up wins."""
-    by_n: dict[int, list[dict]] = {}
+    """FHME at each expert count (equal FFN FLOPs) along two series, whose runs share the
+    default 16K model: key width narrowed as N grows (top-40 kept; runs named n<N>_s<seed>) or
+    rows read per token changed at the widest key the budget allows (runs named n<N>_q<Q>k<K>_...);
+    whether each step up in N wins."""
+    groups: dict[tuple[int, int, int], list[dict]] = {}
     for r in found:
-        by_n.setdefault(r["config"]["num_experts"], []).append(r)
-    lines = ["| experts | key width | FFN FLOPs/token | val bpb per seed | mean ± half-range | experts used | "
-             "usage KL |", "|---:|---:|---:|---|---|---:|---:|"]
-    for n, rs in sorted(by_n.items()):
+        c = r["config"]
+        groups.setdefault((c["num_experts"], c["key_dim"], c["topk"]), []).append(r)
+    lines = ["| experts | key width | top-k | FFN FLOPs/token | val bpb per seed | mean ± half-range | experts used | "
+             "usage KL |", "|---:|---:|---:|---:|---|---|---:|---:|"]
+    for (n, q, k), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         mean, half = _stats([r["val_bpb"] for r in rs])
         per_seed = ", ".join(f"{r['val_bpb']:.4f} (s{r['seed']})" for r in rs)
-        lines.append(f"| {n:,} | {rs[0]['config']['key_dim']} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
+        lines.append(f"| {n:,} | {q} | {k} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
                      f"{mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
                      f"{sum(r['usage_kl'] for r in rs) / len(rs):.2f} |")
-    ffn = [rs[0]["ffn_flops_per_token"] for rs in by_n.values()]
+    ffn = [rs[0]["ffn_flops_per_token"] for rs in groups.values()]
     lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
-    sizes = sorted(by_n)
-    steps = [f"{a:,} -> {b:,}: {_verdict([r['val_bpb'] for r in by_n[b]], [r['val_bpb'] for r in by_n[a]])}"
-             for a, b in zip(sizes, sizes[1:])]
-    lines.append("More experts against fewer: " + "; ".join(steps) + ".")
+    default = [key for key, rs in groups.items() if key[0] == 16384 and "_q" not in rs[0]["name"]]
+    for label, by_topk in (("key width", False), ("rows read", True)):
+        series = {key: rs for key, rs in groups.items()
+                  if key in default or ("_q" in rs[0]["name"]) == by_topk}
+        keys = sorted(series)
+        steps = [f"{a[0]:,} -> {b[0]:,}: {_verdict([r['val_bpb'] for r in series[b]], [r['val_bpb'] for r in series[a]])}"
+                 for a, b in zip(keys, keys[1:])]
+        lines.append(f"More experts against fewer, FLOPs held by {label}: " + "; ".join(steps) + ".")
     return "\n".join(lines)
 
 
