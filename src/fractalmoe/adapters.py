@@ -211,14 +211,20 @@ def base_memories(model: nn.Module, layers: list[int] | None = None) -> list[tup
     return found
 
 
-def open_memories(model: nn.Module, layers: list[int] | None = None) -> list[tuple[int, FHME]]:
-    """Freeze the model except the expert tables of its own FHME FFNs (memory fine-tuning: the
-    rows to train are then chosen with ``mask_rows``)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+def required_memories(model: nn.Module, layers: list[int] | None = None) -> list[tuple[int, FHME]]:
+    """``base_memories``, which memory fine-tuning cannot do without."""
     memories = base_memories(model, layers)
     if not memories:
         raise ValueError("--adapter memory needs a base whose FFNs are FHME layers")
+    return memories
+
+
+def open_memories(model: nn.Module, layers: list[int] | None = None) -> list[tuple[int, FHME]]:
+    """Freeze the model except the expert tables of its own FHME FFNs (memory fine-tuning: the
+    rows to train are then chosen with ``mask_rows``)."""
+    memories = required_memories(model, layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
     for _, fhme in memories:
         for table in fhme.fractal.bank.tables().values():
             table.requires_grad_(True)

@@ -45,7 +45,6 @@ from torch import Tensor, nn
 
 from .adapters import (
     add_lora_adapters,
-    base_memories,
     build_adapted_model,
     decoder_layers,
     experts_for_budget,
@@ -56,6 +55,7 @@ from .adapters import (
     lora_targets,
     mask_rows,
     max_lora_rank,
+    required_memories,
     trainable_parameter_count,
 )
 from .checkpoint import freeze_in_run
@@ -355,9 +355,7 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
             raise ValueError(f"LoRA rank {rank} must be in 1..{cap} (width / 2 = {dim // 2})")
         sizing.lora_rank, sizing.lora_params = rank, lora_parameter_count(targets, rank)
     if req.adapter == "memory":  # rows x width x tables per layer within LoRA's count
-        memories = base_memories(model, req.layers)
-        if not memories:
-            raise ValueError("--adapter memory needs a base whose FFNs are FHME layers")
+        memories = required_memories(model, req.layers)
         row_params = len(memories) * sum(t.shape[1] for t in memories[0][1].fractal.bank.tables().values())
         rows = req.sparse_rows if req.sparse_rows is not None else sizing.lora_params // row_params
         sizing.fhme_experts, sizing.fhme_params = rows, rows * row_params
