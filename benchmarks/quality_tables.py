@@ -142,8 +142,8 @@ def experts_table(found: list[dict]) -> str:
         series = {key: rs for key, rs in groups.items()
                   if key in default or ("_q" in rs[0]["name"]) == by_topk}
         keys = sorted(series)
-        steps = [f"{a[0]:,} -> {b[0]:,}: {_verdict([r['val_bpb'] for r in series[b]], [r['val_bpb'] for r in series[a]])}"
-                 for a, b in zip(keys, keys[1:])]
+        bpbs = {key: [r["val_bpb"] for r in rs] for key, rs in series.items()}
+        steps = [f"{a[0]:,} -> {b[0]:,}: {_verdict(bpbs[b], bpbs[a])}" for a, b in zip(keys, keys[1:])]
         lines.append(f"More experts against fewer, FLOPs held by {label}: " + "; ".join(steps) + ".")
     return "\n".join(lines)
 

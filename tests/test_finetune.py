@@ -175,7 +175,8 @@ def test_choice_counts_count_choices_and_windows() -> None:
     data = ByteDataset.from_bytes(b"To be, or not to be. " * 40, 0.1, 16)
     ((counts, windows),) = choice_counts(model, [adapter], data, seq_len=16, batch_size=8, seed=1)
     blocks = len(adapter.fractal.blocks)  # applications per token at full depth: tied blocks repeat
-    assert int(counts.sum()) % (SAMPLE_WINDOWS * 16 * 2 * 4) == 0 and int(counts.sum()) >= SAMPLE_WINDOWS * 16 * 2 * 4 * blocks
+    per_application = SAMPLE_WINDOWS * 16 * 2 * 4  # windows x tokens x heads x top-k
+    assert int(counts.sum()) % per_application == 0 and int(counts.sum()) >= per_application * blocks
     assert int(windows.max()) <= SAMPLE_WINDOWS and bool((windows <= counts).all())
     assert bool(((counts > 0) == (windows > 0)).all())
 
