@@ -168,18 +168,20 @@ EXPERTS_KEY_DIM = {"4096": "22", "16384": "16", "65536": "10", "262144": "6"}
 EXPERTS_BY_TOPK = {"65536": ("16", "27"), "262144": ("12", "17"), "4096": ("16", "46")}
 
 
+def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str) -> list[str]:
+    return [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", f"num_experts={experts}",
+            "--set", f"key_dim={key_dim}", *extra, "--data", stdlib, "--max-steps", "1200", "--seeds", seed]
+
+
 def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The default FHME (lazy-Adam tables) on the second corpus at four expert counts, seed 2 of
     every size before seed 3; then 4K, 65K and 262K with FLOPs held mostly by top-k instead."""
-    return [(f"n{experts}_s{seed}",
-             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", f"num_experts={experts}",
-              "--set", f"key_dim={key_dim}", "--data", stdlib, "--max-steps", "1200", "--seeds", seed])
-            for seed in ("2", "3") for experts, key_dim in EXPERTS_KEY_DIM.items()] + [
-        (f"n{experts}_q{key_dim}k{topk}_s2",
-         [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", f"num_experts={experts}",
-          "--set", f"key_dim={key_dim}", "--set", f"topk={topk}", "--data", stdlib, "--max-steps", "1200",
-          "--seeds", "2"])
-        for experts, (key_dim, topk) in EXPERTS_BY_TOPK.items()]
+    by_key_dim = [(f"n{experts}_s{seed}", _experts_run(experts, key_dim, seed, stdlib))
+                  for seed in ("2", "3") for experts, key_dim in EXPERTS_KEY_DIM.items()]
+    by_topk = [(f"n{experts}_q{key_dim}k{topk}_s2",
+                _experts_run(experts, key_dim, "2", stdlib, "--set", f"topk={topk}"))
+               for experts, (key_dim, topk) in EXPERTS_BY_TOPK.items()]
+    return by_key_dim + by_topk
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:

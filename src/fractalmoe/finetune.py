@@ -19,8 +19,8 @@ Options that keep more of the base's behaviour (FHME adapters, off by default):
   training sample of the new domain and of the domains to keep (the base run's corpus and any
   earlier fine-tuning corpora); rows are ranked by tf-idf (share of the new domain's choices
   times log of how few of the kept domains' windows choose them: ``rank_rows``) and only the top
-  rows of each adapter learn (``adapters.mask_rows``), under the routing they were chosen with (the adapter's
-  routers stay frozen): inputs of the old domains rarely reach them.
+  rows of each adapter learn (``adapters.mask_rows``), under the routing they were chosen with
+  (the adapter's routers stay frozen): inputs of the old domains rarely reach them.
 * ``output_gate``: a learned per-token gate sigmoid(w . x + b), b = -4, on each adapter's output.
 
 A run directory stays an ordinary adapter run (``fractalmoe eval`` / ``generate`` load it); its
@@ -64,7 +64,7 @@ from .data import ByteDataset, corpus_files
 from .fhme import FHME
 from .stats import CHOICES, collect, fold_statistics
 
-SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows
+SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows (at least)
 _HUB_IDF = 1e-9  # orders rows every kept window reads (idf 0) by tf, after all others
 
 
@@ -166,6 +166,11 @@ def trainable_memories(model: nn.Module) -> list[tuple[int, FHME]]:
     return out
 
 
+def sample_batches(batch_size: int) -> int:
+    """Batches of a domain's sample: ``SAMPLE_WINDOWS`` windows, rounded up to whole batches."""
+    return -(-SAMPLE_WINDOWS // batch_size)
+
+
 @torch.no_grad()
 def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq_len: int,
                   batch_size: int, seed: int, device: str = "cpu") -> list[tuple[Tensor, Tensor]]:
@@ -178,7 +183,7 @@ def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq
     windows = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
     was_training = model.training
     model.eval()
-    for step in range(-(-SAMPLE_WINDOWS // batch_size)):
+    for step in range(sample_batches(batch_size)):
         x, _ = data.train_batch(step, batch_size, seq_len, seed)
         with collect(model) as stats:
             lm_logits(model, x.to(device))
@@ -223,7 +228,7 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
     for data in kept:
         for acc, (_, w) in zip(kept_windows, choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
             acc += w
-    windows = len(kept) * -(-SAMPLE_WINDOWS // batch_size) * batch_size
+    windows = len(kept) * sample_batches(batch_size) * batch_size
     masks = {}
     for (i, adapter), n, w in zip(found, new, kept_windows):
         masks[str(i)] = rank_rows(n, w, windows, top)
