@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fractalmoe import experts
+from fractalmoe import experts, optim
 from fractalmoe.config import TrainConfig, tiny_model_config
 from fractalmoe.experts import ExpertBank, grad_layout, value_mix
 from fractalmoe.model import FHMELanguageModel
@@ -104,10 +104,14 @@ def test_lazy_adam_equals_dense_rule_and_torch_sparse_adam() -> None:
     assert opt.state[p]["step"].device == p.device and float(opt.state[p]["step"]) == len(_steps())
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
-def test_a_table_used_twice_in_a_step_equals_the_dense_rule(rule: str) -> None:
+def test_a_table_used_twice_in_a_step_equals_the_dense_rule(rule: str, chunk: int | None, monkeypatch) -> None:
     """Two mixes over one table (a block called twice) add two padded gradients: the rows both
-    touch, and the padding of each, must count once."""
+    touch, and the padding of each, must count once; also when the merged rows are updated in
+    chunks of 3 (padding then repeats a row of an earlier chunk)."""
+    if chunk is not None:
+        monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: chunk)
     torch.manual_seed(0)
     w0 = torch.randn(N, D, dtype=torch.float64)
     p, ref_p = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
@@ -192,7 +196,8 @@ def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str
     """The same steps under the LR schedule, clipping and a skipped non-finite step, with table
     gradients merged from a sparse .grad or formed in the step (in one buffer, or in small chunks
     with many runs cut): the same model (FHME reads each table three times a step)."""
-    monkeypatch.setattr(experts, "_chunk_slots", lambda dim, device: 37)
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
+    monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)  # the sparse path's chunks
     monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)
     models = []
     for _ in range(3):  # two to train, one to remember the start

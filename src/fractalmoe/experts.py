@@ -46,7 +46,7 @@ _DEVICE_CHUNK_BYTES = 256 << 20
 _MERGED_BYTES = 64 << 20  # deferred row gradients up to this size are summed in one buffer
 
 
-def _chunk_slots(dim: int, device: torch.device) -> int:
+def chunk_slots(dim: int, device: torch.device) -> int:
     chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
     return max(64, chunk_bytes // (4 * dim))
 
@@ -100,7 +100,7 @@ def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
     a sum over the cached block: 5x faster on CPU than a batched matrix-vector product."""
     num_t, num_m = idx_TM.shape
     out = x_TD.new_empty(num_t, num_m)
-    block = max(1, _chunk_slots(table.shape[1], table.device) // max(1, num_m))
+    block = max(1, chunk_slots(table.shape[1], table.device) // max(1, num_m))
     for lo in range(0, num_t, block):
         hi = min(num_t, lo + block)
         rows = _gather_rows(table, idx_TM[lo:hi].reshape(-1), x_TD.dtype)
@@ -229,7 +229,7 @@ class DeferredRowGrad:
             yield rows, scatter.sums(w, z), starts < n
             return
         sorted_idx, tokens, w = scatter.sorted_idx, scatter.tokens, scatter.sorted(w)
-        chunk = _chunk_slots(dim, z.device)
+        chunk = chunk_slots(dim, z.device)
         carry = z.new_zeros(1, dim)  # the partial sum of a run that goes on into the next chunk
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
