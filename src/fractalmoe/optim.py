@@ -172,14 +172,14 @@ class LazyAdam(RowOptimizer):
                                out=scratch(g.shape, torch.float32, g.device, "adam_m"))
         v = torch.index_select(state["exp_avg_sq"], 0, rows,
                                out=scratch(g.shape, torch.float32, g.device, "adam_v"))
-        t = torch.mul(g, g, out=scratch(g.shape, torch.float32, g.device, "adam_t"))
-        t.sub_(v).mul_(keep * (1.0 - beta2))  # v += (1 - beta2) (g^2 - v)
+        t = torch.addcmul(v, g, g, value=-1.0, out=scratch(g.shape, torch.float32, g.device, "adam_t"))
+        t.mul_(keep * (beta2 - 1.0))  # v += (1 - beta2) (g^2 - v)
         state["exp_avg_sq"].index_add_(0, rows, t)
         v.add_(t)
         g.sub_(m).mul_(keep * (1.0 - beta1))  # m += (1 - beta1) (g - m)
         state["exp_avg"].index_add_(0, rows, g)
         m.add_(g)
-        update = torch.sqrt(v, out=t).add_(eps).reciprocal_().mul_(m).mul_(keep * step_size)
+        update = torch.div(m, torch.sqrt(v, out=t).add_(eps), out=t).mul_(keep * step_size)
         p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
 
 
