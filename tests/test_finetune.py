@@ -207,11 +207,14 @@ def test_memory_finetuning_changes_only_the_chosen_rows_of_the_base_tables(corpo
     tuned, _, _ = load_model_from_run(out)
     assert not any(isinstance(ffn, AdaptedFFN) for ffn in _adapted_ffns(tuned))
     rows = s["fhme_experts"]
-    assert 0 < rows and s["trainable_params"] == rows * len(tuned.blocks) * sum(
-        t.shape[1] for t in tuned.blocks[0].ffn.fractal.bank.tables().values()) <= s["lora_params"]
+    row_width = sum(t.shape[1] for t in tuned.blocks[0].ffn.fractal.bank.tables().values())
+    assert 0 < rows and s["fhme_params"] == rows * len(tuned.blocks) * row_width <= s["lora_params"]
     from safetensors.torch import load_file
 
     masks = load_file(str(out / "row_mask.safetensors"))
+    chosen = sum(int(m.sum()) for m in masks.values())
+    assert s["trainable_params"] == chosen * row_width and s["trained_rows"] == {
+        k: int(m.sum()) for k, m in masks.items()}
     moved = 0
     for i, (b, t) in enumerate(zip(base.blocks, tuned.blocks)):
         keep = masks[str(i)].bool()

@@ -451,8 +451,13 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         fh.write(json.dumps(_metric_line(result.step, "after", after)) + "\n")
     full = spec["kind"] == "full"
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
-    trainable = (sum(p.numel() for p in model.parameters()) if full
-                 else sizing.fhme_params if spec["kind"] == "memory" else trainable_parameter_count(model))
+    if full:
+        trainable = sum(p.numel() for p in model.parameters())
+    elif spec["kind"] == "memory":  # the rows chosen (at most the budget's) times a row's width
+        row_width = sizing.fhme_params // (sizing.fhme_experts * len(masks))
+        trainable = row_width * sum(int(m.sum()) for m in masks.values())
+    else:
+        trainable = trainable_parameter_count(model)
     return {
         "run_dir": str(run_dir), "base": base, "data": req.data, "adapter": spec["kind"],
         "steps": result.step, "lr": config.train.lr, "expert_lr": config.train.expert_lr,
