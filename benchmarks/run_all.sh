@@ -29,6 +29,9 @@ $F bench layer --experts 4194304 --impl fractalmoe --wait-idle 600 --json > $R/l
 $F bench layer --experts 16384,1048576 \
   --impl fractalmoe,fractalmoe-deferred,fractalmoe-lazy-adam-deferred,peer-pytorch-sparse,peer-pytorch \
   --repeats 3 --wait-idle 600 --json > $R/layer_deferred.jsonl 2> $R/layer_deferred.txt
+$F bench layer --experts 16384,1048576 --impl fractalmoe-lazy-adam,fractalmoe-lazy-adam-deferred,fractalmoe,\
+fractalmoe-deferred,peer-pytorch-sparse,peer-pytorch --repeats 3 --wait-idle 600 --json \
+  > $R/layer_rules.jsonl 2> $R/layer_rules.txt
 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
