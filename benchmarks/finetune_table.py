@@ -63,23 +63,33 @@ def matched_table(rows: list[dict], title: str) -> str:
     ref = "lora" if "lora" in curves else next(iter(curves))
     ref_rise = max(at_bpb(curves[ref], target)[0], FLOOR)
     seeds = sorted({r["seed"] for r in rows})
+
+    def seed_rise(m: str, seed: int) -> float | None:  # one seed's curve read at the same level
+        own = [r for r in methods[m] if r["seed"] == seed]
+        return max(at_bpb(curve(own), target)[0], FLOOR) if own else None
+
     lines = [f"#### {title} (seeds {', '.join(map(str, seeds))}; base rise read at new-domain bpb {target:.4f})",
              "", "| method | trainable params | best new-domain bpb (lr) | base rise there | "
-             f"base rise at bpb {target:.3f} | x {ref} |", "|---|---:|---:|---:|---:|---:|"]
+             f"base rise at bpb {target:.3f} | x {ref} | x {ref} per seed | x full |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    full_rise = max(at_bpb(curves["full"], target)[0], FLOOR) if "full" in curves else None
     for m, pts in sorted(curves.items(), key=lambda kv: kv[0]):
         lr, best, best_rise, trainable = pts[0]
         r, clamped = at_bpb(pts, target)
         r = max(r, FLOOR)
+        per_seed = [(seed_rise(m, s), seed_rise(ref, s)) for s in seeds]
+        ratios = ", ".join(f"{a / b:.2f}" for a, b in per_seed if a is not None and b is not None)
         lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({lr[0]:g} / {lr[1]:g}) | {best_rise:+.4f} | "
-                     f"{r:.4f}{'*' if clamped else ''} | {r / ref_rise:.2f} |")
+                     f"{r:.4f}{'*' if clamped else ''} | {r / ref_rise:.2f} | {ratios} | "
+                     f"{f'{r / full_rise:.2f}' if full_rise else ''} |")
     return "\n".join(lines)
 
 
 def sequential_table(rows: list[dict], singles: list[dict]) -> str:
     first = {r["run_dir"]: r for r in singles if "run_dir" in r}
-    lines = ["#### Sequential: email, then kjv (middle learning rate; seed means)", "",
-             "| method | kjv bpb | email rise during kjv | base rise during kjv | base rise since the base |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["#### Sequential: email, then kjv (middle learning rate; seed means, then each seed's)", "",
+             "| method | kjv bpb | email rise during kjv | base rise during kjv | base rise since the base | "
+             "email rise per seed |", "|---|---:|---:|---:|---:|---|"]
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_method[r["method"]].append(r)
@@ -87,9 +97,11 @@ def sequential_table(rows: list[dict], singles: list[dict]) -> str:
         a_rise = mean(r["prior_val_bpb"][0] - r["prior_val_bpb_before"][0] for r in rs)
         total = [r["base_val_bpb"] - first[_key(r["base"], first)]["base_val_bpb_before"]
                  for r in rs if _key(r["base"], first) is not None]
+        per_seed = ", ".join(f"{r['prior_val_bpb'][0] - r['prior_val_bpb_before'][0]:.4f} (s{r['seed']})"
+                             for r in sorted(rs, key=lambda r: r["seed"]))
         lines.append(f"| {m} | {mean(r['val_bpb'] for r in rs):.4f} | {max(a_rise, FLOOR):.4f} | "
                      f"{max(mean(rise(r) for r in rs), FLOOR):.4f} | "
-                     f"{max(mean(total), FLOOR) if total else float('nan'):.4f} |")
+                     f"{max(mean(total), FLOOR) if total else float('nan'):.4f} | {per_seed} |")
     return "\n".join(lines)
 
 
