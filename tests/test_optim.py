@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -188,24 +190,15 @@ def test_finite_flag_is_a_device_tensor_and_sees_sparse_rows() -> None:
     assert not bool(opt.finite_flag())
 
 
-@pytest.mark.parametrize("merged", [True, False])
-@pytest.mark.parametrize("ffn", ["fhme", "peer"])
-@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
-def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str, merged: bool,
-                                                             monkeypatch) -> None:
-    """The same steps under the LR schedule, clipping and a skipped non-finite step, with table
-    gradients merged from a sparse .grad or formed in the step (in one buffer, or in small chunks
-    with many runs cut): the same model (FHME reads each table three times a step)."""
-    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
-    monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)  # the sparse path's chunks
-    monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)
+def _train_alike(ffn: str, rule: str, variant: dict[str, bool]) -> None:
+    """Six steps under the LR schedule, clipping and a skipped non-finite step, of two copies of
+    one model: the plain row-sparse optimizer and ``variant`` of it; the same model after."""
     models = []
     for _ in range(3):  # two to train, one to remember the start
         torch.manual_seed(0)
         models.append(FHMELanguageModel(tiny_model_config(ffn=ffn)))
     base = models.pop()
-    opts = [ModelOptimizer(m, 1e-3, 0.05, 0.0, rule, deferred_table_grads=d)
-            for m, d in zip(models, (False, True))]
+    opts = [ModelOptimizer(m, 1e-3, 0.05, 0.0, rule, **kw) for m, kw in zip(models, ({}, variant))]
     schedule = TrainConfig(max_steps=6, warmup_steps=2)
     for step in range(6):
         x = torch.randint(0, 256, (2, 16))
@@ -223,6 +216,37 @@ def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=name)
         if any(b is t for t in opts[1].tables):
             assert not torch.equal(b, start[name]), f"{name} was never trained"
+
+
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("ffn", ["fhme", "peer"])
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str, merged: bool,
+                                                             monkeypatch) -> None:
+    """Table gradients merged from a sparse .grad or formed in the step (in one buffer, or in
+    small chunks with many runs cut) train the same model (FHME reads each table three times a
+    step)."""
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
+    monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)  # the sparse path's chunks
+    monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)
+    _train_alike(ffn, rule, {"deferred_table_grads": True})
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fused_lazy_adam_trains_exactly_like_the_unfused_one(deferred: bool, monkeypatch) -> None:
+    """The compiled row math (one kernel) is the same update as the eager passes, chunks of
+    varying row counts included (one dynamic-shape kernel)."""
+    monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)
+    _train_alike("fhme", "lazy_adam", {"fused_row_update": True, "deferred_table_grads": deferred})
+
+
+def test_fused_row_update_is_for_lazy_adam_only() -> None:
+    with pytest.raises(ValueError, match="lazy_adam only"):
+        optim.table_optimizer([torch.nn.Parameter(torch.zeros(4, 2))], "rowwise_adagrad", 0.05, fused=True)
+    with pytest.raises(ValueError, match="fused_row_update"):
+        TrainConfig(expert_optim="rowwise_adagrad", fused_row_update=True)
 
 
 def test_a_non_finite_deferred_gradient_is_flagged() -> None:

@@ -61,7 +61,8 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     cfg = run.model.replace(num_experts=spec.num_experts)
     model = FHMELanguageModel(cfg)
     opt = ModelOptimizer(model, run.train.lr, run.train.expert_lr, run.train.weight_decay,
-                         run.train.expert_optim, deferred_table_grads=run.train.deferred_table_grads)
+                         run.train.expert_optim, deferred_table_grads=run.train.deferred_table_grads,
+                         fused_row_update=run.train.fused_row_update)
     idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len))
     tokens = idx.numel()
     fwd = bwd = opt_t = 0.0

@@ -13,6 +13,8 @@ is paired with an update rule, so that a design and an optimizer rule can be tol
   fractalmoe-deferred            row-wise Adagrad  fractalmoe with deferred table gradients
                                                    (formed in the step: one row buffer fewer)
   fractalmoe-lazy-adam-deferred  lazy Adam         fractalmoe-lazy-adam, deferred the same way
+  fractalmoe-lazy-adam-fused     lazy Adam         fractalmoe-lazy-adam with the row math as one
+                                                   compiled kernel (``fused_row_update``)
   peer-pytorch-sparse            lazy Adam         PEER-pytorch, expert embeddings with
                                                    ``sparse=True``, torch.optim.SparseAdam for
                                                    them, AdamW for the rest
@@ -60,6 +62,7 @@ class ImplInfo:
     tables: int  # expert tables per layer: 2 (down, up) or 1 (PKM values)
     package: str | None  # module an optional dependency provides
     deferred: bool = False  # fractalmoe impls: deferred table gradients
+    fused: bool = False  # fractalmoe impls: lazy Adam's compiled row math
 
 
 IMPLS = {
@@ -67,6 +70,7 @@ IMPLS = {
     "fractalmoe-lazy-adam": ImplInfo("lazy_adam", 2, None),
     "fractalmoe-deferred": ImplInfo("rowwise_adagrad", 2, None, deferred=True),
     "fractalmoe-lazy-adam-deferred": ImplInfo("lazy_adam", 2, None, deferred=True),
+    "fractalmoe-lazy-adam-fused": ImplInfo("lazy_adam", 2, None, fused=True),
     "peer-pytorch-sparse": ImplInfo("lazy_adam", 2, "PEER_pytorch"),
     "peer-pytorch": ImplInfo("dense_adamw", 2, "PEER_pytorch"),
     "peer-dense": ImplInfo("dense_adamw", 2, None),
@@ -148,7 +152,8 @@ def build_impl(spec: LayerSpec) -> Built:
         info = IMPLS[spec.impl]
         lazy = info.rule == "lazy_adam"
         opt = ModelOptimizer(layer, lr=1e-3, expert_lr=1e-3 if lazy else 0.05, weight_decay=0.0,
-                             expert_optim=info.rule, deferred_table_grads=info.deferred)
+                             expert_optim=info.rule, deferred_table_grads=info.deferred,
+                             fused_row_update=info.fused)
         return Built(layer, opt.step, opt.zero_grad, opt.tables)
     if spec.impl.startswith("peer-pytorch"):
         from PEER_pytorch import PEER

@@ -252,7 +252,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         state = read_run_state(ckpt)
         step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
     opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim, tc.beta2,
-                         tc.deferred_table_grads)
+                         tc.deferred_table_grads, tc.fused_row_update)
     if ckpt is not None:
         owned = {id(p): (b.lo, b.hi) for b in table_shards(model).values() for p in b.tables().values()}
         opt.load_state_dict(read_optim_state(ckpt, state, [owned.get(id(p)) for p in opt.tables]))
