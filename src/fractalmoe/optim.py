@@ -70,8 +70,8 @@ def row_gradients(p: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
     """A table's summed row gradient (see ``merge_rows``) in chunks: from its deferred gradient
     (``DeferredRowGrad.chunks``), or its ``.grad`` merged once and cut into cache-sized chunks
     (an update's several elementwise passes then run over cached rows); none when backward left
-    neither. Each touched row is in one chunk only, or
-    repeated as padding (zero, not real) in later ones."""
+    neither. Each touched row is in one chunk only, or repeated as padding (zero, not real) in
+    later ones."""
     deferred = deferred_grad(p)
     if deferred is not None:
         yield from deferred.chunks()
