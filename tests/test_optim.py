@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -232,12 +230,20 @@ def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str
     _train_alike(ffn, rule, {"deferred_table_grads": True})
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+def _compiles() -> bool:
+    """Can torch.compile build a CPU kernel here (a C++ compiler and headers)?"""
+    try:
+        return bool(torch.compile(lambda t: t + 1)(torch.zeros(2)).eq(1).all())
+    except Exception:  # noqa: BLE001 - any toolchain failure means: not on this machine
+        return False
+
+
 @pytest.mark.parametrize("deferred", [False, True])
 def test_fused_lazy_adam_trains_exactly_like_the_unfused_one(deferred: bool, monkeypatch) -> None:
     """The compiled row math (one kernel) is the same update as the eager passes, chunks of
     varying row counts included (one dynamic-shape kernel)."""
+    if not _compiles():
+        pytest.skip("torch.compile cannot build CPU kernels here (needs a C++ compiler)")
     monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)
     _train_alike("fhme", "lazy_adam", {"fused_row_update": True, "deferred_table_grads": deferred})
 
