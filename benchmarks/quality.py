@@ -166,6 +166,9 @@ EXPERTS_KEY_DIM = {"4096": "22", "16384": "16", "65536": "10", "262144": "6"}
 # The other knob: FLOPs held by the rows read, at the widest key the budget allows: 4K at key
 # width 16 with top-46 (1.000), 65K at 16 with top-27 (0.995), 262K at 12 with top-17 (0.998).
 EXPERTS_BY_TOPK = {"65536": ("16", "27"), "262144": ("12", "17"), "4096": ("16", "46")}
+# 262K at the full key width 16: the scoring of 2 x 512 sub-keys leaves room for one head per
+# block, reading 60 rows (0.984 of 16K's FLOPs): is the rise at 262K the narrow key's?
+EXPERTS_ONE_HEAD = {"262144": ("16", "60")}
 
 
 def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str) -> list[str]:
@@ -176,7 +179,7 @@ def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str
 def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The default FHME (lazy-Adam tables) on the second corpus at four expert counts, seed 2: key
     width as the FLOP knob, then top-k; seed 3 for the top-k series (it is the one that falls), 262K
-    last since it is the slowest."""
+    last since it is the slowest; then 262K with one head at the full key width."""
     by_key_dim = [(f"n{experts}_s2", _experts_run(experts, key_dim, "2", stdlib))
                   for experts, key_dim in EXPERTS_KEY_DIM.items()]
 
@@ -186,7 +189,10 @@ def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                 for experts, (key_dim, topk) in EXPERTS_BY_TOPK.items()]
     seed3 = [("n16384_s3", _experts_run("16384", EXPERTS_KEY_DIM["16384"], "3", stdlib))]
     seed3 += sorted(by_topk("3"), key=lambda job: job[0].startswith("n262144"))
-    return by_key_dim + by_topk("2") + seed3
+    one_head = [(f"n{experts}_h1q{key_dim}k{topk}_s2", _experts_run(
+        experts, key_dim, "2", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}"))
+        for experts, (key_dim, topk) in EXPERTS_ONE_HEAD.items()]
+    return by_key_dim + by_topk("2") + seed3 + one_head
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
