@@ -167,8 +167,9 @@ EXPERTS_KEY_DIM = {"4096": "22", "16384": "16", "65536": "10", "262144": "6"}
 # width 16 with top-46 (1.000), 65K at 16 with top-27 (0.995), 262K at 12 with top-17 (0.998).
 EXPERTS_BY_TOPK = {"65536": ("16", "27"), "262144": ("12", "17"), "4096": ("16", "46")}
 # 262K at the full key width 16: the scoring of 2 x 512 sub-keys leaves room for one head per
-# block, reading 60 rows (0.984 of 16K's FLOPs): is the rise at 262K the narrow key's?
-EXPERTS_ONE_HEAD = {"262144": ("16", "60")}
+# block, reading 60 rows (0.984 of 16K's FLOPs): is the rise at 262K the narrow key's? 65K with
+# one head of 80 rows (0.978) tells what one head instead of two costs.
+EXPERTS_ONE_HEAD = {"262144": ("16", "60"), "65536": ("16", "80")}
 
 
 def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str) -> list[str]:
