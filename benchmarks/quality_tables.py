@@ -117,34 +117,41 @@ def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dic
     return "\n".join(lines)
 
 
+def _experts_series(name: str) -> str:
+    """Which FLOP knob a run of the experts study turns (its name says): one head per block at
+    key width 16 (n<N>_h1q<Q>k<K>_...), rows read (n<N>_q<Q>k<K>_...), or key width (n<N>_s<seed>)."""
+    return "one head" if "_h1q" in name else "rows read" if "_q" in name else "key width"
+
+
 def experts_table(found: list[dict]) -> str:
-    """FHME at each expert count (equal FFN FLOPs) along two series, whose runs share the
-    default 16K model: key width narrowed as N grows (top-40 kept; runs named n<N>_s<seed>) or
-    rows read per token changed at the widest key the budget allows (runs named n<N>_q<Q>k<K>_...);
-    whether each step up in N wins."""
-    groups: dict[tuple[int, int, int], list[dict]] = {}
+    """FHME at each expert count (equal FFN FLOPs) along three series, the first two sharing the
+    default 16K model: key width narrowed as N grows (top-40 kept), rows read per token changed at
+    the widest key the budget allows, or one head per block at key width 16; whether each step
+    up in N wins."""
+    groups: dict[tuple[int, int, int, int], list[dict]] = {}
     for r in found:
         c = r["config"]
-        groups.setdefault((c["num_experts"], c["key_dim"], c["topk"]), []).append(r)
-    lines = ["| experts | key width | top-k | FFN FLOPs/token | val bpb per seed | mean ± half-range | experts used | "
-             "usage KL |", "|---:|---:|---:|---:|---|---|---:|---:|"]
-    for (n, q, k), rs in sorted(groups.items()):
+        groups.setdefault((c["num_experts"], c["expert_heads"], c["key_dim"], c["topk"]), []).append(r)
+    lines = ["| experts | heads | key width | top-k | FFN FLOPs/token | val bpb per seed | mean ± half-range | "
+             "experts used | usage KL |", "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    for (n, h, q, k), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         mean, half = _stats([r["val_bpb"] for r in rs])
         per_seed = ", ".join(f"{r['val_bpb']:.4f} (s{r['seed']})" for r in rs)
-        lines.append(f"| {n:,} | {q} | {k} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
+        lines.append(f"| {n:,} | {h} | {q} | {k} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
                      f"{mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
                      f"{sum(r['usage_kl'] for r in rs) / len(rs):.2f} |")
     ffn = [rs[0]["ffn_flops_per_token"] for rs in groups.values()]
     lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
-    default = [key for key, rs in groups.items() if key[0] == 16384 and "_q" not in rs[0]["name"]]
-    for label, by_topk in (("key width", False), ("rows read", True)):
+    default = [key for key, rs in groups.items() if key[0] == 16384 and _experts_series(rs[0]["name"]) == "key width"]
+    for label in ("key width", "rows read", "one head"):
         series = {key: rs for key, rs in groups.items()
-                  if key in default or ("_q" in rs[0]["name"]) == by_topk}
+                  if (key in default and label != "one head") or _experts_series(rs[0]["name"]) == label}
         keys = sorted(series)
         bpbs = {key: [r["val_bpb"] for r in rs] for key, rs in series.items()}
         steps = [f"{a[0]:,} -> {b[0]:,}: {_verdict(bpbs[b], bpbs[a])}" for a, b in zip(keys, keys[1:])]
-        lines.append(f"More experts against fewer, FLOPs held by {label}: " + "; ".join(steps) + ".")
+        if steps:
+            lines.append(f"More experts against fewer, FLOPs held by {label}: " + "; ".join(steps) + ".")
     return "\n".join(lines)
 
 
