@@ -199,7 +199,7 @@ class TrainConfig(_Config):
     # fewer between backward and step; the same update). Opt-in.
     deferred_table_grads: bool = False
     # lazy_adam only: its elementwise row math as one torch.compile'd kernel (a C++ compiler on
-    # CPU); the same update, 2-3x faster on CPU. Opt-in.
+    # CPU): the same update in one pass instead of ten, for accelerators; no faster on CPU. Opt-in.
     fused_row_update: bool = False
     weight_decay: float = 0.1
     beta2: float = 0.95  # AdamW's second-moment decay for dense parameters
