@@ -5,6 +5,7 @@ padding rows (zero values repeating a touched row) change nothing."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -230,6 +231,7 @@ def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str
     _train_alike(ffn, rule, {"deferred_table_grads": True})
 
 
+@functools.cache
 def _compiles() -> bool:
     """Can torch.compile build a CPU kernel here (a C++ compiler and headers)?"""
     try:

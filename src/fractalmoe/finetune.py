@@ -451,11 +451,12 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         fh.write(json.dumps(_metric_line(result.step, "after", after)) + "\n")
     full = spec["kind"] == "full"
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
+    trained_rows = {k: int(m.sum()) for k, m in masks.items()}
     if full:
         trainable = sum(p.numel() for p in model.parameters())
     elif spec["kind"] == "memory":  # the rows chosen (at most the budget's) times a row's width
-        row_width = sizing.fhme_params // (sizing.fhme_experts * len(masks))
-        trainable = row_width * sum(int(m.sum()) for m in masks.values())
+        bank = required_memories(model, req.layers)[0][1].fractal.bank
+        trainable = sum(trained_rows.values()) * sum(t.shape[1] for t in bank.tables().values())
     else:
         trainable = trainable_parameter_count(model)
     return {
@@ -464,7 +465,7 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         "seed": config.train.seed, "eval_bytes": req.eval_bytes,
         "trainable_params": trainable,
         "active_params_per_token": model.active_params_per_token() + lora,
-        **_sizing_fields(sizing), "trained_rows": {k: int(m.sum()) for k, m in masks.items()} or None,
+        **_sizing_fields(sizing), "trained_rows": trained_rows or None,
         **_domain_fields(domains, before, after),
     }
 
