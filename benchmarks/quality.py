@@ -12,6 +12,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py final-lazy        # FHME and PKM with lazy Adam tables: seeds 2, 3, 1,200 steps
     python benchmarks/quality.py balance-65k       # FHME at 65K experts with a light balance loss, seed 2
     python benchmarks/quality.py experts           # FHME at 4K .. 262K experts, equal FFN FLOPs, second corpus
+    python benchmarks/quality.py one-head-pilots   # one head per block at 65K, every routed model, 600 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -196,6 +197,17 @@ def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return by_key_dim + by_topk("2") + seed3 + one_head
 
 
+def one_head_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """One head per block reading 80 rows was the best FHME of the experts study (65K experts,
+    0.025 below two heads): offered to every routed model at 65K on the bundled corpus, each
+    matched to that FHME's FFN FLOPs through its own heads and top-k (lazy-Adam tables, the
+    default). 600 steps, seed 1, as the other pilots."""
+    lazy = ["--set", "expert_optim=lazy_adam", "--set", f"expert_lr={OPTIM_TUNED['lazy_adam']}"]
+    shape = ["--set", "num_experts=65536", "--set", "expert_heads=1", "--set", "topk=80"]
+    return [(f"{model}_n65536_h1k80", ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], *lazy, *shape,
+                                       "--max-steps", "600", "--seeds", "1"]) for model in ROUTED]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -218,7 +230,7 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
-                                          "optim", "final-lazy", "balance-65k", "experts"))
+                                          "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -227,7 +239,7 @@ def main() -> None:
             "search": search_jobs,
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
             "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs,
-            "experts": lambda: experts_jobs(args.stdlib)}[args.phase]()
+            "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
