@@ -15,7 +15,8 @@
 #            bible -l80 "Genesis1:1-Revelation22:21" > kjv.txt   # sha256 ba7c84a7...96d5
 #          (-l80 fixes the line width, so the text does not depend on the terminal).
 #
-# Methods, each at 3 learning rates, seeds 2 and 3, $STEPS steps, same data:
+# Methods, each at the learning rates LR_POINTS picks from its grid below, seeds 2 and 3, $STEPS steps,
+# same data:
 #   fhme       FHME adapters matched to LoRA's trainable parameters (--match-lora-rank $RANK)
 #   memory     the base's own FHME tables, only the rows the new domain uses far more than the
 #              base (as many as LoRA's trainable parameters: --match-lora-rank $RANK)
@@ -26,7 +27,8 @@
 # Sequential: email, then kjv starting from the email run (middle learning rate): retention on the
 # base domain and on email. GPT-2: a transformers GPT-2 base trained here, adapted to email.
 # Needs `pip install -e .[hf]` (transformers, peft). Environment overrides: STEPS, SEEDS, RANK,
-# ROWS, METHODS, DOMAINS, STUDIES (any of: single sequential gpt2), EVAL_BYTES (evaluate on that
+# ROWS, METHODS, DOMAINS, STUDIES (any of: single sequential gpt2), LR_POINTS (which of the five
+# grid points, default the middle three "2 3 4"), EVAL_BYTES (evaluate on that
 # prefix of each validation split), DEVICE, RESULTS, GPT2_STEPS (training steps of the GPT-2 base).
 set -euo pipefail
 BASE=${1:?usage: bash benchmarks/finetune.sh RUN_DIR [OUT_DIR]}
@@ -43,6 +45,7 @@ METHODS=${METHODS:-"memory fhme lora full fhme-gate fhme-rows"}
 DOMAINS=${DOMAINS:-"email kjv"}
 STUDIES=${STUDIES:-"single sequential gpt2"}
 GPT2_STEPS=${GPT2_STEPS:-1200}
+LR_POINTS=${LR_POINTS:-"2 3 4"}
 EVAL=${EVAL_BYTES:+--eval-bytes $EVAL_BYTES}
 mkdir -p "$OUT/json" "$OUT/data" "$RESULTS"
 
@@ -62,16 +65,18 @@ if [ -s "$KJV" ]; then
 fi
 declare -A DATA=([email]=$EMAIL [kjv]=$KJV)
 
-# --- learning rates: "lr:expert_lr", low, middle, high ----------------------------------------
-lrs() {
+# --- learning rates: "lr:expert_lr", half-decade steps; LR_POINTS picks which of the five ------
+# The middle (third) point starts the sequential study's second stage.
+grid() {
   case $1 in
-    fhme*) echo "1e-3:0.0167 3e-3:0.05 1e-2:0.15" ;;
-    memory) echo "1e-3:0.03 3e-3:0.1 1e-2:0.3" ;;  # only the expert lr acts: nothing dense trains
-    lora) echo "1e-3:0.05 3e-3:0.05 1e-2:0.05" ;;
-    full) echo "1e-4:0.005 3e-4:0.015 1e-3:0.05" ;;
+    fhme*) echo "3e-4:0.005 1e-3:0.0167 3e-3:0.05 1e-2:0.15 3e-2:0.45" ;;
+    memory) echo "3e-4:0.01 1e-3:0.03 3e-3:0.1 1e-2:0.3 3e-2:1.0" ;;  # only the expert lr acts: nothing dense trains
+    lora) echo "3e-4:0.05 1e-3:0.05 3e-3:0.05 1e-2:0.05 3e-2:0.05" ;;
+    full) echo "3e-5:0.0015 1e-4:0.005 3e-4:0.015 1e-3:0.05 3e-3:0.15" ;;
   esac
 }
-middle() { lrs "$1" | cut -d' ' -f2; }
+lrs() { local g; read -ra g <<< "$(grid "$1")"; for i in $LR_POINTS; do echo "${g[i - 1]}"; done; }
+middle() { grid "$1" | cut -d' ' -f3; }
 flags() {
   case $1 in
     fhme) echo "--adapter fhme --match-lora-rank $RANK" ;;
