@@ -13,6 +13,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py balance-65k       # FHME at 65K experts with a light balance loss, seed 2
     python benchmarks/quality.py experts           # FHME at 4K .. 262K experts, equal FFN FLOPs, second corpus
     python benchmarks/quality.py one-head-pilots   # one head per block at 65K, every routed model, 600 steps
+    python benchmarks/quality.py one-head          # PKM matched to the best FHME of `experts`, second corpus
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -120,8 +121,10 @@ OPTIM_TRIALS = {"rowwise_adagrad": ("0.05",), "lazy_adam": ("0.001", "0.003", "0
 OPTIM_TUNED = {"rowwise_adagrad": "0.05", "lazy_adam": "0.03", "dense_adamw": "0.03"}
 
 
-def _default_fhme(optim: str, lr: str) -> list[str]:
-    return ["--models", "fhme", *REFERENCE, *SHAPE, *TUNED["fhme"], "--set", f"expert_optim={optim}",
+def _default_fhme(optim: str, lr: str, model: str = "fhme") -> list[str]:
+    """The default FHME's command with the given table optimizer; with another model, that model
+    matched to it."""
+    return ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], "--set", f"expert_optim={optim}",
             "--set", f"expert_lr={lr}"]
 
 
@@ -173,8 +176,8 @@ EXPERTS_BY_TOPK = {"65536": ("16", "27"), "262144": ("12", "17"), "4096": ("16",
 EXPERTS_ONE_HEAD = {"262144": ("16", "60"), "65536": ("16", "80")}
 
 
-def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str) -> list[str]:
-    return [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", f"num_experts={experts}",
+def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str, model: str = "fhme") -> list[str]:
+    return [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), "--set", f"num_experts={experts}",
             "--set", f"key_dim={key_dim}", *extra, "--data", stdlib, "--max-steps", "1200", "--seeds", seed]
 
 
@@ -199,13 +202,20 @@ def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 def one_head_pilot_jobs() -> list[tuple[str, list[str]]]:
     """One head per block reading 80 rows was the best FHME of the experts study (65K experts,
-    0.025 below two heads): offered to every routed model at 65K on the bundled corpus, each
+    0.025 below two heads): offered to the routed models at 65K on the bundled corpus, each
     matched to that FHME's FFN FLOPs through its own heads and top-k (lazy-Adam tables, the
     default). 600 steps, seed 1, as the other pilots."""
-    lazy = ["--set", "expert_optim=lazy_adam", "--set", f"expert_lr={OPTIM_TUNED['lazy_adam']}"]
     shape = ["--set", "num_experts=65536", "--set", "expert_heads=1", "--set", "topk=80"]
-    return [(f"{model}_n65536_h1k80", ["--models", model, *REFERENCE, *SHAPE, *TUNED[model], *lazy, *shape,
+    return [(f"{model}_n65536_h1k80", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *shape,
                                        "--max-steps", "600", "--seeds", "1"]) for model in ROUTED]
+
+
+def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus, seed 2;
+    run n65536_h1q16k80_s2 of the experts phase): the same command but the model."""
+    key_dim, topk = EXPERTS_ONE_HEAD["65536"]
+    return [("pkm_n65536_h1q16k80_s2", _experts_run("65536", key_dim, "2", stdlib, "--set", "expert_heads=1",
+                                                    "--set", f"topk={topk}", model="pkm"))]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
@@ -230,7 +240,8 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
-                                          "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots"))
+                                          "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
+                                          "one-head"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -239,7 +250,8 @@ def main() -> None:
             "search": search_jobs,
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
             "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs,
-            "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs}[args.phase]()
+            "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs,
+            "one-head": lambda: one_head_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
