@@ -211,11 +211,14 @@ def one_head_pilot_jobs() -> list[tuple[str, list[str]]]:
 
 
 def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus, seed 2;
-    run n65536_h1q16k80_s2 of the experts phase): the same command but the model."""
+    """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus), the
+    same command but the model; seed 2 against the experts phase's n65536_h1q16k80_s2, then seed 3
+    of both."""
     key_dim, topk = EXPERTS_ONE_HEAD["65536"]
-    return [("pkm_n65536_h1q16k80_s2", _experts_run("65536", key_dim, "2", stdlib, "--set", "expert_heads=1",
-                                                    "--set", f"topk={topk}", model="pkm"))]
+    shape = ["--set", "expert_heads=1", "--set", f"topk={topk}"]
+    return [(f"{model}_n65536_h1q{key_dim}k{topk}_s{seed}",
+             _experts_run("65536", key_dim, seed, stdlib, *shape, model=model))
+            for seed, model in (("2", "pkm"), ("3", "fhme"), ("3", "pkm"))]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
