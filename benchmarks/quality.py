@@ -184,7 +184,8 @@ def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str
 def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The default FHME (lazy-Adam tables) on the second corpus at four expert counts, seed 2: key
     width as the FLOP knob, then top-k; seed 3 for the top-k series (it is the one that falls), 262K
-    last since it is the slowest; then 262K with one head at the full key width."""
+    last since it is the slowest; then 262K with one head at the full key width, and with a balance
+    loss."""
     by_key_dim = [(f"n{experts}_s2", _experts_run(experts, key_dim, "2", stdlib))
                   for experts, key_dim in EXPERTS_KEY_DIM.items()]
 
@@ -197,7 +198,13 @@ def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     one_head = [(f"n{experts}_h1q{key_dim}k{topk}_s2", _experts_run(
         experts, key_dim, "2", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}"))
         for experts, (key_dim, topk) in EXPERTS_ONE_HEAD.items()]
-    return by_key_dim + by_topk("2") + seed3 + one_head
+    # 262K with one head routes to 29% of its experts: does a light balance loss (0.003 spread
+    # 65K's choices to 84%) make its table count?
+    key_dim, topk = EXPERTS_ONE_HEAD["262144"]
+    balanced = [("n262144_h1q16k60_balance0.003_s2", _experts_run(
+        "262144", key_dim, "2", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}",
+        "--set", "balance_loss=0.003"))]
+    return by_key_dim + by_topk("2") + seed3 + one_head + balanced
 
 
 def one_head_pilot_jobs() -> list[tuple[str, list[str]]]:
