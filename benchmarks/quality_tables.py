@@ -66,10 +66,15 @@ def _verdict(ours: list[float], theirs: list[float]) -> str:
 
 
 def final_table(found: list[dict], corpus: str) -> str:
+    """The comparison of the runs named <corpus>_<model>_s<seed>."""
+    return comparison_table([r for r in found if r["name"].startswith(corpus + "_")])
+
+
+def comparison_table(found: list[dict]) -> str:
+    """Models ranked by mean val bpb over their seeds, with FHME's verdict against each."""
     by_model: dict[str, list[dict]] = {}
     for r in found:
-        if r["name"].startswith(corpus + "_"):
-            by_model.setdefault(r["model"], []).append(r)
+        by_model.setdefault(r["model"], []).append(r)
     if not by_model:
         return ""
     order = sorted(by_model, key=lambda m: _stats([r["val_bpb"] for r in by_model[m]])[0])
@@ -119,7 +124,10 @@ def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dic
 
 def _experts_series(name: str) -> str:
     """Which FLOP knob a run of the experts study turns (its name says): one head per block at
-    key width 16 (n<N>_h1q<Q>k<K>_...), rows read (n<N>_q<Q>k<K>_...), or key width (n<N>_s<seed>)."""
+    key width 16 (n<N>_h1q<Q>k<K>_...), rows read (n<N>_q<Q>k<K>_...), or key width (n<N>_s<seed>);
+    runs with a balance loss (..._balance<w>_...) stand apart from every series."""
+    if "_balance" in name:
+        return "balance loss"
     return "one head" if "_h1q" in name else "rows read" if "_q" in name else "key width"
 
 
@@ -128,17 +136,18 @@ def experts_table(found: list[dict]) -> str:
     default 16K model: key width narrowed as N grows (top-40 kept), rows read per token changed at
     the widest key the budget allows, or one head per block at key width 16; whether each step
     up in N wins."""
-    groups: dict[tuple[int, int, int, int], list[dict]] = {}
+    groups: dict[tuple[int, int, int, int, float], list[dict]] = {}
     for r in found:
         c = r["config"]
-        groups.setdefault((c["num_experts"], c["expert_heads"], c["key_dim"], c["topk"]), []).append(r)
-    lines = ["| experts | heads | key width | top-k | FFN FLOPs/token | val bpb per seed | mean ± half-range | "
-             "experts used | usage KL |", "|---:|---:|---:|---:|---:|---|---|---:|---:|"]
-    for (n, h, q, k), rs in sorted(groups.items()):
+        key = (c["num_experts"], c["expert_heads"], c["key_dim"], c["topk"], c.get("balance_loss", 0.0))
+        groups.setdefault(key, []).append(r)
+    lines = ["| experts | heads | key width | top-k | balance loss | FFN FLOPs/token | val bpb per seed | "
+             "mean ± half-range | experts used | usage KL |", "|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+    for (n, h, q, k, bal), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         mean, half = _stats([r["val_bpb"] for r in rs])
         per_seed = ", ".join(f"{r['val_bpb']:.4f} (s{r['seed']})" for r in rs)
-        lines.append(f"| {n:,} | {h} | {q} | {k} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
+        lines.append(f"| {n:,} | {h} | {q} | {k} | {bal:g} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
                      f"{mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
                      f"{sum(r['usage_kl'] for r in rs) / len(rs):.2f} |")
     ffn = [rs[0]["ffn_flops_per_token"] for rs in groups.values()]
@@ -180,6 +189,14 @@ def main() -> None:
     if (root / "experts").is_dir():
         print("\n### Experts at equal FFN FLOPs (default FHME, standard-library corpus, 1,200 steps)\n")
         print(experts_table(rows(root / "experts")))
+    if (root / "one-head-pilots").is_dir():
+        print("\n### One head per block at 65K experts, every routed model matched (seed 1, 600 steps, bundled)\n")
+        print(search_table(rows(root / "one-head-pilots")))
+    if (root / "one-head").is_dir():
+        experts = rows(root / "experts") if (root / "experts").is_dir() else []
+        best = [r for r in experts if r["name"] == "n65536_h1q16k80_s2"]
+        print("\n### The best FHME of the experts study against PKM matched to it (standard library, 1,200 steps)\n")
+        print(comparison_table(rows(root / "one-head") + best))
 
 
 if __name__ == "__main__":
