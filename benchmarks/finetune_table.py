@@ -6,9 +6,10 @@ A method's learning-rate sweep traces a curve of (new-domain bpb, base-domain ri
 methods at one learning rate mixes how far each one got with what it cost, so each method's rise is
 read at the same new-domain bpb: the highest of the methods' best bpbs (a level every method
 reaches), linearly interpolated between the two sweep points around it (seed means), the
-untrained start (no rise) counting as a point. A target outside a curve is read at its nearest
-point (marked *). Rises below 0.01 bpb count as 0.01, so the ratios stay finite and noise-sized
-rises do not dominate them. Learning rates print as dense / expert-table lr.
+untrained start (no rise) counting as a point and points beaten on both axes by another left
+out. A target outside a curve is read at its nearest point (marked *). Rises below 0.01 bpb
+count as 0.01, so the ratios stay finite and noise-sized rises do not dominate them. Learning
+rates print as dense / expert-table lr.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def curve(rows: list[dict]) -> list[tuple[tuple[float, float], float, float, flo
     """(lr, mean new bpb, mean base rise, mean trainable) per learning rate, by new bpb, ending
     with the untrained start (lr 0: the base's new-domain bpb, no rise), which every method's
     curve passes through: a level between the start and a method's gentlest point is then
-    interpolated, not read at that point."""
+    interpolated, not read at that point.
+
+    Points another point beats on both axes (or the start does: a rate so high it learns less
+    than a gentler one, or diverges) are dropped: they trace no trade-off, and interpolating
+    through them would charge the method a rise that a gentler rate of its own avoids."""
     by_lr: dict[tuple[float, float], list[dict]] = defaultdict(list)
     for r in rows:
         by_lr[(r["lr"], r["expert_lr"])].append(r)
     pts = [(lr, mean(r["val_bpb"] for r in rs), mean(rise(r) for r in rs),
             mean(r["trainable_params"] for r in rs)) for lr, rs in by_lr.items()]
     start = ((0.0, 0.0), mean(r["val_bpb_before"] for r in rows), 0.0, pts[0][3])
-    return sorted(pts, key=lambda p: p[1]) + [start]
+    kept = [p for p in pts if not any(q[1] <= p[1] and q[2] <= p[2] and q != p for q in [*pts, start])]
+    return sorted(kept, key=lambda p: p[1]) + [start]
 
 
 def at_bpb(pts: list[tuple[tuple[float, float], float, float, float]], target: float) -> tuple[float, bool]:

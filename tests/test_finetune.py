@@ -366,3 +366,24 @@ def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
     assert "rank" in _err(capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "lora",
                           "--lora-rank", "33", "--out", str(out))
     assert not out.exists()
+
+
+def test_forgetting_curve_skips_rates_beaten_on_both_axes() -> None:
+    """A learning rate that learns less and forgets more than a gentler one (here one that
+    diverged) must not bend the curve the matched-gain rise is read from."""
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "finetune_table.py"
+    spec = importlib.util.spec_from_file_location("finetune_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+
+    def run(lr: float, bpb: float, rise: float) -> dict:
+        return {"lr": lr, "expert_lr": 0.0, "val_bpb": bpb, "val_bpb_before": 6.8, "base_val_bpb": 2.0 + rise,
+                "base_val_bpb_before": 2.0, "trainable_params": 10}
+
+    pts = table.curve([run(1e-3, 3.0, 1.0), run(1e-2, 2.8, 1.5), run(3e-2, 4.5, 2.9)])
+    assert [p[0][0] for p in pts] == [1e-2, 1e-3, 0.0]
+    rise, clamped = table.at_bpb(pts, 4.0)
+    assert not clamped and rise == pytest.approx(1.0 * (6.8 - 4.0) / (6.8 - 3.0))
+    assert table.at_bpb(pts, 2.9)[0] == pytest.approx(1.25)
