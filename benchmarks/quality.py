@@ -205,10 +205,10 @@ def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     one_head.insert(2, ("n262144_h1q16k60_balance0.003_s2", _experts_run(
         "262144", key_dim, "2", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}",
         "--set", "balance_loss=0.003")))
-    # Seed 3 of the one-head series at 16K (65K's is the one-head phase's).
-    key_dim, topk = EXPERTS_ONE_HEAD["16384"]
-    one_head.append(("n16384_h1q16k90_s3", _experts_run("16384", key_dim, "3", stdlib, "--set", "expert_heads=1",
-                                                        "--set", f"topk={topk}")))
+    # Seed 3 of the one-head series at 16K and 262K (65K's is the one-head phase's).
+    one_head += [(f"n{experts}_h1q{key_dim}k{topk}_s3", _experts_run(
+        experts, key_dim, "3", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}"))
+        for experts, (key_dim, topk) in EXPERTS_ONE_HEAD.items() if experts != "65536"][::-1]
     return by_key_dim + by_topk("2") + seed3 + one_head
 
 
