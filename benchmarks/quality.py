@@ -177,16 +177,29 @@ EXPERTS_BY_TOPK = {"65536": ("16", "27"), "262144": ("12", "17"), "4096": ("16",
 EXPERTS_ONE_HEAD = {"262144": ("16", "60"), "65536": ("16", "80"), "16384": ("16", "90")}
 
 
-def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str, model: str = "fhme") -> list[str]:
+def _experts_run(experts: str, key_dim: str, seed: str, stdlib: str, *extra: str,
+                 model: str = "fhme") -> list[str]:
     return [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), "--set", f"num_experts={experts}",
             "--set", f"key_dim={key_dim}", *extra, "--data", stdlib, "--max-steps", "1200", "--seeds", seed]
+
+
+def _one_head_name(experts: str) -> str:
+    key_dim, topk = EXPERTS_ONE_HEAD[experts]
+    return f"n{experts}_h1q{key_dim}k{topk}"
+
+
+def _one_head_run(experts: str, seed: str, stdlib: str, *extra: str, model: str = "fhme") -> list[str]:
+    """A run of the one-head series: one head per block at key width 16, top-k for equal FLOPs."""
+    key_dim, topk = EXPERTS_ONE_HEAD[experts]
+    return _experts_run(experts, key_dim, seed, stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}", *extra,
+                        model=model)
 
 
 def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The default FHME (lazy-Adam tables) on the second corpus at four expert counts, seed 2: key
     width as the FLOP knob, then top-k; seed 3 for the top-k series (it is the one that falls), 262K
-    last since it is the slowest; then 262K with one head at the full key width, and with a balance
-    loss."""
+    last since it is the slowest; then the one-head series (262K and 65K, 262K with a balance loss,
+    16K, seed 3)."""
     by_key_dim = [(f"n{experts}_s2", _experts_run(experts, key_dim, "2", stdlib))
                   for experts, key_dim in EXPERTS_KEY_DIM.items()]
 
@@ -196,19 +209,16 @@ def experts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                 for experts, (key_dim, topk) in EXPERTS_BY_TOPK.items()]
     seed3 = [("n16384_s3", _experts_run("16384", EXPERTS_KEY_DIM["16384"], "3", stdlib))]
     seed3 += sorted(by_topk("3"), key=lambda job: job[0].startswith("n262144"))
-    one_head = [(f"n{experts}_h1q{key_dim}k{topk}_s2", _experts_run(
-        experts, key_dim, "2", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}"))
-        for experts, (key_dim, topk) in EXPERTS_ONE_HEAD.items()]
-    # 262K with one head routes to 29% of its experts: does a light balance loss (0.003 spread
-    # 65K's choices to 84%) make its table count? (Before 16K's one-head run: it is the longer.)
-    key_dim, topk = EXPERTS_ONE_HEAD["262144"]
-    one_head.insert(2, ("n262144_h1q16k60_balance0.003_s2", _experts_run(
-        "262144", key_dim, "2", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}",
-        "--set", "balance_loss=0.003")))
-    # Seed 3 of the one-head series at 16K and 262K (65K's is the one-head phase's).
-    one_head += [(f"n{experts}_h1q{key_dim}k{topk}_s3", _experts_run(
-        experts, key_dim, "3", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}"))
-        for experts, (key_dim, topk) in EXPERTS_ONE_HEAD.items() if experts != "65536"][::-1]
+    one_head = [(f"{_one_head_name('262144')}_s2", _one_head_run("262144", "2", stdlib)),
+                (f"{_one_head_name('65536')}_s2", _one_head_run("65536", "2", stdlib)),
+                # 262K with one head routes to 29% of its experts: does a light balance loss (0.003
+                # spread 65K's choices to 84%) make its table count?
+                (f"{_one_head_name('262144')}_balance0.003_s2",
+                 _one_head_run("262144", "2", stdlib, "--set", "balance_loss=0.003")),
+                (f"{_one_head_name('16384')}_s2", _one_head_run("16384", "2", stdlib)),
+                # Seed 3 of the series (65K's is the one-head phase's).
+                (f"{_one_head_name('16384')}_s3", _one_head_run("16384", "3", stdlib)),
+                (f"{_one_head_name('262144')}_s3", _one_head_run("262144", "3", stdlib))]
     return by_key_dim + by_topk("2") + seed3 + one_head
 
 
@@ -226,10 +236,7 @@ def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus), the
     same command but the model; seed 2 against the experts phase's n65536_h1q16k80_s2, then seed 3
     of both."""
-    key_dim, topk = EXPERTS_ONE_HEAD["65536"]
-    shape = ["--set", "expert_heads=1", "--set", f"topk={topk}"]
-    return [(f"{model}_n65536_h1q{key_dim}k{topk}_s{seed}",
-             _experts_run("65536", key_dim, seed, stdlib, *shape, model=model))
+    return [(f"{model}_{_one_head_name('65536')}_s{seed}", _one_head_run("65536", seed, stdlib, model=model))
             for seed, model in (("2", "pkm"), ("3", "fhme"), ("3", "pkm"))]
 
 
