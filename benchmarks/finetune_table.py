@@ -46,8 +46,13 @@ def curve(rows: list[dict]) -> list[tuple[tuple[float, float], float, float, flo
     pts = [(lr, mean(r["val_bpb"] for r in rs), mean(rise(r) for r in rs),
             mean(r["trainable_params"] for r in rs)) for lr, rs in by_lr.items()]
     start = ((0.0, 0.0), mean(r["val_bpb_before"] for r in rows), 0.0, pts[0][3])
-    kept = [p for p in pts if not any(q[1] <= p[1] and q[2] <= p[2] and q != p for q in [*pts, start])]
+    kept = [p for p in pts if not any(_beats(q, p) for q in [*pts, start])]
     return sorted(kept, key=lambda p: p[1]) + [start]
+
+
+def _beats(q: tuple, p: tuple) -> bool:
+    """q is no worse than p on new-domain bpb and base rise, and better on one of them."""
+    return q[1] <= p[1] and q[2] <= p[2] and (q[1] < p[1] or q[2] < p[2])
 
 
 def at_bpb(pts: list[tuple[tuple[float, float], float, float, float]], target: float) -> tuple[float, bool]:

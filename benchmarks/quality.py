@@ -227,9 +227,10 @@ def one_head_pilot_jobs() -> list[tuple[str, list[str]]]:
     0.025 below two heads): offered to the routed models at 65K on the bundled corpus, each
     matched to that FHME's FFN FLOPs through its own heads and top-k (lazy-Adam tables, the
     default). 600 steps, seed 1, as the other pilots."""
-    shape = ["--set", "num_experts=65536", "--set", "expert_heads=1", "--set", "topk=80"]
-    return [(f"{model}_n65536_h1k80", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *shape,
-                                       "--max-steps", "600", "--seeds", "1"]) for model in ROUTED]
+    key_dim, topk = EXPERTS_ONE_HEAD["65536"]
+    shape = ["--set", "num_experts=65536", "--set", "expert_heads=1", "--set", f"topk={topk}"]
+    return [(f"{model}_n65536_h1k{topk}", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *shape,
+                                           "--max-steps", "600", "--seeds", "1"]) for model in ROUTED]
 
 
 def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:

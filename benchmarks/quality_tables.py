@@ -187,14 +187,14 @@ def main() -> None:
         print("\n### Expert-table optimizers (default FHME, bundled corpus)\n")
         print(optim_tables(pilots, reported, adagrad))
     one_head = rows(root / "one-head") if (root / "one-head").is_dir() else []
-    if (root / "experts").is_dir():
+    experts = rows(root / "experts") if (root / "experts").is_dir() else []
+    if experts:
         print("\n### Experts at equal FFN FLOPs (default FHME, standard-library corpus, 1,200 steps)\n")
-        print(experts_table(rows(root / "experts") + [r for r in one_head if r["model"] == "fhme"]))
+        print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"]))
     if (root / "one-head-pilots").is_dir():
         print("\n### One head per block at 65K experts, every routed model matched (seed 1, 600 steps, bundled)\n")
         print(search_table(rows(root / "one-head-pilots")))
-    if (root / "one-head").is_dir():
-        experts = rows(root / "experts") if (root / "experts").is_dir() else []
+    if one_head:
         best = [r for r in experts if r["name"] == "n65536_h1q16k80_s2"]
         print("\n### The best FHME of the experts study against PKM matched to it (standard library, 1,200 steps)\n")
         print(comparison_table(one_head + best))

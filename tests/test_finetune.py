@@ -387,3 +387,5 @@ def test_forgetting_curve_skips_rates_beaten_on_both_axes() -> None:
     rise, clamped = table.at_bpb(pts, 4.0)
     assert not clamped and rise == pytest.approx(1.0 * (6.8 - 4.0) / (6.8 - 3.0))
     assert table.at_bpb(pts, 2.9)[0] == pytest.approx(1.25)
+    # Two rates that end at the same point beat neither each other nor the curve.
+    assert len(table.curve([run(1e-3, 3.0, 1.0), run(3e-3, 3.0, 1.0)])) == 3
