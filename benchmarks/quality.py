@@ -233,6 +233,23 @@ def one_head_pilot_jobs() -> list[tuple[str, list[str]]]:
                                            "--max-steps", "600", "--seeds", "1"]) for model in ROUTED]
 
 
+# Route once: each column chooses its experts once per token and the deep path's applications
+# re-weight them, so FHME pays C sub-key scorings per layer instead of 2**C - 1; the FLOPs saved
+# buy rows. Top-k for the one-head 65K FLOPs (117,760 per layer): C = 2 reads 91 rows per block
+# (1.005), C = 3 reads 32 (1.007).
+ROUTE_ONCE_TOPK = {"2": "91", "3": "32"}
+
+
+def route_once_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """FHME with route_once at the one-head pilots' shape and FLOPs (65K experts, one head per
+    block, bundled corpus, 600 steps, seed 1), against their FHME (2.3157) and PKM (2.3045)."""
+    return [(f"fhme_c{depth}_route_once_n65536_h1k{topk}",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), "--set", "num_experts=65536",
+              "--set", "expert_heads=1", "--set", f"topk={topk}", "--set", "route_once=true",
+              "--set", f"fractal_depth={depth}", "--max-steps", "600", "--seeds", "1"])
+            for depth, topk in ROUTE_ONCE_TOPK.items()]
+
+
 def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus), the
     same command but the model; seed 2 against the experts phase's n65536_h1q16k80_s2, then seed 3
@@ -264,7 +281,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
-                                          "one-head"))
+                                          "one-head", "route-once-pilots"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -274,7 +291,8 @@ def main() -> None:
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
             "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs,
             "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs,
-            "one-head": lambda: one_head_jobs(args.stdlib)}[args.phase]()
+            "one-head": lambda: one_head_jobs(args.stdlib),
+            "route-once-pilots": route_once_pilot_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 

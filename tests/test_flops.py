@@ -24,9 +24,11 @@ def _reference_mix(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor, gates: 
 
 @pytest.mark.parametrize("kind", ["neuron", "value", "gated"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_flops_per_token_match_flop_counter(kind: str, depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("route_once", [False, True])
+def test_flops_per_token_match_flop_counter(kind: str, depth: int, route_once: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     dim, tokens = 64, 32
-    layer = FHME(dim, 4096, depth=depth, heads=2, topk=8, key_dim=32, block=kind).eval()
+    layer = FHME(dim, 4096, depth=depth, heads=2, topk=8, key_dim=32, block=kind, route_once=route_once).eval()
     monkeypatch.setattr(ExpertBank, "forward", _reference_mix)
     x = torch.randn(tokens, dim)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
 import torch
 
 from fractalmoe import FHME, FractalExpert
@@ -14,9 +15,9 @@ from fractalmoe.stats import collect
 def reference_f(fe: FractalExpert, c: int, x: torch.Tensor) -> torch.Tensor:
     """f_1 = B_1; f_c(x) = J_c(f_{c-1}(f_{c-1}(x)), B_c(x)), evaluated literally."""
     if c == 1:
-        return fe.blocks[0](x, fe.bank)
+        return fe.blocks[0](x, fe.bank)[0]
     deep = reference_f(fe, c - 1, reference_f(fe, c - 1, x))
-    shallow = fe.blocks[c - 1](x, fe.bank)
+    shallow = fe.blocks[c - 1](x, fe.bank)[0]
     g = torch.sigmoid(fe.joins[c - 2].gate(x))
     return g * deep + (1 - g) * shallow
 
@@ -25,11 +26,32 @@ def reference_untied(fe: FractalExpert, c: int, x: torch.Tensor, blocks: Iterato
                      joins: Iterator[torch.nn.Module]) -> torch.Tensor:
     """The same recursion, every application taking the next fresh block or join in order."""
     if c == 1:
-        return next(blocks)(x, fe.bank)
+        return next(blocks)(x, fe.bank)[0]
     deep = reference_untied(fe, c - 1, reference_untied(fe, c - 1, x, blocks, joins), blocks, joins)
-    shallow = next(blocks)(x, fe.bank)
+    shallow = next(blocks)(x, fe.bank)[0]
     g = torch.sigmoid(next(joins).gate(x))
     return g * deep + (1 - g) * shallow
+
+
+def reference_route_once(fe: FractalExpert, c: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The recursion with every application of column k reading the experts B_k chose for the
+    layer input x0, weighted by a softmax of its own query's scores at them (brute force)."""
+    def block(k: int, v: torch.Tensor) -> torch.Tensor:
+        memory = fe.blocks[k - 1].memory
+        idx = memory.route(fe.blocks[k - 1].norm(x0))[1]  # (T, H, K)
+        q = memory.router.queries(fe.blocks[k - 1].norm(v))  # (T, H, Q)
+        keys = memory.router.sub_keys  # (H, 2, n, Q/2)
+        full = torch.cat([keys[:, 0].unsqueeze(2).expand(-1, -1, keys.shape[2], -1),
+                          keys[:, 1].unsqueeze(1).expand(-1, keys.shape[2], -1, -1)], -1).flatten(1, 2)
+        scores = torch.einsum("thq,thkq->thk", q, full[torch.arange(2).view(1, 2, 1), idx])
+        gates = torch.softmax(scores, -1)
+        return v + torch.einsum("thk,thkd->td", gates, fe.bank.values[idx])
+
+    if c == 1:
+        return block(1, x)
+    deep = reference_route_once(fe, c - 1, reference_route_once(fe, c - 1, x, x0), x0)
+    g = torch.sigmoid(fe.joins[c - 2].gate(x))
+    return g * deep + (1 - g) * block(c, x)
 
 
 def _fractal(depth: int, tied: bool = True) -> FractalExpert:
@@ -65,6 +87,36 @@ def test_untied_recursion_uses_each_application_once() -> None:
     assert all(j.gate.weight.grad.abs().sum() > 0 for j in fe.joins)
 
 
+def test_route_once_reads_each_columns_experts_for_the_layer_input() -> None:
+    fe = FractalExpert(16, 256, depth=3, heads=2, topk=4, key_dim=8, kind="value", route_once=True).double().eval()
+    for j in fe.joins:
+        torch.nn.init.normal_(j.gate.weight, std=0.5)
+    x = torch.randn(10, 16, dtype=torch.float64)
+    choices = []
+    for b in fe.blocks:
+        b.memory.router.register_forward_hook(lambda m, inp, out: choices.append(1))
+    with torch.no_grad():
+        outs = fe(x, return_all_depths=True)
+    assert len(choices) == 3  # one choice per column, not one per application (7)
+    for c, out in enumerate(outs, start=1):
+        torch.testing.assert_close(out, reference_route_once(fe, c, x, x))
+    with torch.no_grad():  # the second application of B_1 is not B_1 routed afresh
+        assert not torch.allclose(outs[1], reference_f(fe, 2, x))
+
+
+def test_route_once_trains_queries_and_keys_through_the_re_weighted_applications() -> None:
+    fe = FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, kind="value", route_once=True)
+    x = torch.randn(10, 16)
+    fe(x).square().sum().backward()
+    router = fe.blocks[0].memory.router
+    assert router.query.weight.grad.abs().sum() > 0 and router.sub_keys.grad.abs().sum() > 0
+
+
+def test_route_once_needs_tied_blocks() -> None:
+    with pytest.raises(ValueError, match="route_once"):
+        FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, tied=False, route_once=True)
+
+
 def test_single_pass_costs_2c_minus_1_blocks() -> None:
     fe = _fractal(3)
     calls = []
@@ -95,7 +147,7 @@ def test_gradients_reach_keys_queries_touched_rows_and_joins() -> None:
     x = torch.randn(2, 5, 16)
     touched = []
     for b in layer.fractal.blocks:
-        b.memory.register_forward_hook(lambda m, inp, out: touched.append(m.route(inp[0])[1]))
+        b.register_forward_hook(lambda m, inp, out: touched.append(out[1]))
     layer(x).square().sum().backward()
     touched_rows = torch.unique(torch.cat([t.reshape(-1) for t in touched]))
     for b in layer.fractal.blocks:
@@ -111,7 +163,7 @@ def test_gradients_reach_keys_queries_touched_rows_and_joins() -> None:
 def _column_alone(fe: FractalExpert, k: int, c: int, x: torch.Tensor) -> torch.Tensor:
     """Column k of f_c alone: B_k at level k, each level above it applied twice (its deep path)."""
     if c == k:
-        return fe.blocks[k - 1](x, fe.bank)
+        return fe.blocks[k - 1](x, fe.bank)[0]
     return _column_alone(fe, k, c - 1, _column_alone(fe, k, c - 1, x))
 
 
@@ -135,7 +187,7 @@ def test_global_drop_path_column_c_is_shallow_branch_alone() -> None:
     x = torch.randn(6, 16)
     column = torch.tensor([2] * 6)
     with torch.no_grad():
-        b1, b2 = (lambda v: fe.blocks[0](v, fe.bank)), (lambda v: fe.blocks[1](v, fe.bank))
+        b1, b2 = (lambda v: fe.blocks[0](v, fe.bank)[0]), (lambda v: fe.blocks[1](v, fe.bank)[0])
         out = fe.stage(2, x, b1(x), column)
         torch.testing.assert_close(out, b2(x))
         column = torch.tensor([1] * 6)

@@ -125,6 +125,9 @@ class ModelConfig(_Config):
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
     fractal_depth: int = 2
     tie_blocks: bool = True  # False: every block application has its own router (one bank)
+    # Each column's router chooses experts once, for the layer's input; its later applications
+    # in the recursion re-weight those experts from their own query (no sub-key scoring). Tied only.
+    route_once: bool = False
     join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column
@@ -173,6 +176,7 @@ class ModelConfig(_Config):
         for name in ("depth_penalty", "moe_balance"):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")
         r(math.isfinite(self.join_bias), "join_bias", "must be finite")
+        r(self.tie_blocks or not self.route_once, "route_once", "needs tie_blocks = true (one router per column)")
 
     @property
     def n_keys(self) -> int:

@@ -84,7 +84,7 @@ class FHME(nn.Module, PastBatchStatistics):
                  depth_target: float = 0.0, expert_dtype: str = "float32",
                  balancing: Balancing = Balancing(), block: str = "neuron",
                  bank: ExpertBank | None = None, tied: bool = True,
-                 depth_rule: str = "ponder") -> None:
+                 depth_rule: str = "ponder", route_once: bool = False) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
@@ -92,7 +92,7 @@ class FHME(nn.Module, PastBatchStatistics):
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
                                      drop_path_global, TABLE_DTYPES[expert_dtype], balancing, block, bank,
-                                     tied)
+                                     tied, route_once)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             threshold = depth_rule == "threshold"
@@ -121,7 +121,7 @@ class FHME(nn.Module, PastBatchStatistics):
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
-                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule)
+                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule, cfg.route_once)
 
     @property
     def halting(self) -> bool:
@@ -252,24 +252,27 @@ class FHME(nn.Module, PastBatchStatistics):
         order = torch.argsort(depth_T, descending=True, stable=True)
         reach = (depth_T.unsqueeze(-1) >= self._depths(depth_T)).sum(0).tolist()  # host sync
         x_sorted, w_sorted = x_TD.index_select(0, order), weights_TC.index_select(0, order)
-        prev = self.fractal.stage(1, x_sorted, None)
+        routes: list[Tensor] | None = [] if self.fractal.route_once else None
+        prev = self.fractal.stage(1, x_sorted, None, routes=routes)
         out = prev * w_sorted[:, :1]
         for c in range(2, self.depth + 1):
             n = reach[c - 1]  # tokens with d >= c: the first n
             if n == 0:
                 break
-            prev = self.fractal.stage(c, x_sorted[:n], prev[:n])
+            routes = [r[:n] for r in routes] if routes is not None else None
+            prev = self.fractal.stage(c, x_sorted[:n], prev[:n], routes=routes)
             out[:n] += prev * w_sorted[:n, c - 1:c]
         return torch.zeros_like(out).index_copy(0, order, out)
 
     # --- accounting -------------------------------------------------------------------------
-    def _block_flops(self) -> int:
-        return self.fractal.blocks[0].memory.flops_per_token()
-
     def flops_at_depth(self, depth: int) -> int:
-        """Forward FLOPs per token that stops at ``depth`` (multiply-add = 2)."""
+        """Forward FLOPs per token that stops at ``depth`` (multiply-add = 2): 2**d - 1 blocks,
+        of which d choose their experts under ``route_once`` and the rest re-weight them."""
+        memory = self.fractal.blocks[0].memory
+        blocks = blocks_at_depth(depth)
+        choosing = depth if self.fractal.route_once else blocks
         router = 2 * self.dim * self.depth if self.depth_router is not None else 0
-        return (blocks_at_depth(depth) * self._block_flops()
+        return (choosing * memory.flops_per_token() + (blocks - choosing) * memory.flops_per_token(choose=False)
                 + joins_at_depth(depth) * 2 * self.dim + router)
 
     def params_at_depth(self, depth: int) -> int:

@@ -13,6 +13,12 @@ and reads mostly the same rows again. Untied, every application in the recursion
 blocks, 2**(C-1) - 1 joins) has its own router and join gate; all still read the one expert
 bank, which holds nearly all the parameters. Untied reads fresh rows everywhere yet trained no
 better than tied in the README's measurement, so tied stays the default.
+
+Route once (tied, ``route_once``): column c's router chooses its experts once per token, for the
+layer input x (the application B_c(x) of stage c); its other 2**(C-c) - 1 applications, on
+f_{c-1}-paths of x, read the same experts with gates from their own query. Scoring 2 sqrt(N)
+sub-keys is then paid C times per layer instead of 2**C - 1: at a million experts that is most
+of a block's FLOPs, and the second application reads nearly the same rows anyway.
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ class RoutedBlock(nn.Module):
         self.norm = nn.RMSNorm(dim)
         self.memory = memory
 
-    def forward(self, x: Tensor, bank: nn.Module) -> Tensor:
-        return x + self.memory(self.norm(x), bank)
+    def forward(self, x: Tensor, bank: nn.Module, experts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """B(x) and the experts it read (given ``experts``: those, re-weighted)."""
+        y, idx = self.memory.routed(self.norm(x), bank, experts)
+        return x + y, idx
 
 
 class HighwayJoin(nn.Module, Recorder):
@@ -89,12 +97,14 @@ class FractalExpert(nn.Module):
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
                  balancing: Balancing = Balancing(), kind: str = "neuron",
-                 bank: ExpertBank | None = None, tied: bool = True) -> None:
+                 bank: ExpertBank | None = None, tied: bool = True, route_once: bool = False) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
+        if route_once and not tied:
+            raise ValueError("route_once needs tied blocks (one router per column)")
         self.depth, self.drop_local, self.drop_global = depth, drop_path_local, drop_path_global
-        self.tied = tied
+        self.tied, self.route_once = tied, route_once
         # Module of the p-th block / join application: its column's (tied) or its own (untied).
         block_cols, join_cols = application_columns(depth, 1), application_columns(depth, 2)
         self._block_at = [c - 1 for c in block_cols] if tied else list(range(len(block_cols)))
@@ -132,28 +142,44 @@ class FractalExpert(nn.Module):
         """The block that the application-th block application (in evaluation order) runs."""
         return self.blocks[self._block_at[application]]
 
-    def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int) -> Tensor:
+    def _application(self, application: int, x: Tensor, routes: list[Tensor] | None) -> Tensor:
+        """The application-th block application on x: with ``routes``, its column's experts."""
+        experts = routes[self._block_at[application]] if routes is not None else None
+        return self.block_of(application)(x, self.bank, experts)[0]
+
+    def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int,
+           routes: list[Tensor] | None) -> Tensor:
         """f_c(x) by direct recursion (2**c - 1 blocks) from the block-th block application and
         the join-th join application on."""
         if c == 1:
-            return self.block_of(block)(x, self.bank)
-        prev = self._f(c - 1, x, column, block, join)
-        return self._extend(c, x, prev, column, block + blocks_at_depth(c - 1), join + joins_at_depth(c - 1))
+            return self._application(block, x, routes)
+        prev = self._f(c - 1, x, column, block, join, routes)
+        shallow = self._application(block + 2 * blocks_at_depth(c - 1), x, routes)
+        return self._extend(c, x, prev, shallow, column, block + blocks_at_depth(c - 1),
+                            join + joins_at_depth(c - 1), routes)
 
-    def _extend(self, c: int, x: Tensor, prev: Tensor, column: Tensor | None, block: int,
-                join: int) -> Tensor:
-        """J_c(f_{c-1}(prev), B_c(x)), applications numbered from block and join on."""
-        deep = self._f(c - 1, prev, column, block, join)
-        shallow = self.block_of(block + blocks_at_depth(c - 1))(x, self.bank)
+    def _extend(self, c: int, x: Tensor, prev: Tensor, shallow: Tensor, column: Tensor | None,
+                block: int, join: int, routes: list[Tensor] | None) -> Tensor:
+        """J_c(f_{c-1}(prev), shallow = B_c(x)), applications numbered from block and join on."""
+        deep = self._f(c - 1, prev, column, block, join, routes)
         gate = self.joins[self._join_at[join + joins_at_depth(c - 1)]]
         return gate(x, deep, shallow, self._keep_masks(c, x, column))
 
-    def stage(self, c: int, x: Tensor, prev: Tensor | None, column: Tensor | None = None) -> Tensor:
-        """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D)."""
+    def stage(self, c: int, x: Tensor, prev: Tensor | None, column: Tensor | None = None,
+              routes: list[Tensor] | None = None) -> Tensor:
+        """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D).
+
+        With ``route_once``, ``routes`` holds the experts columns 1..c-1 chose for x (for these
+        tokens) and gains column c's, chosen here by B_c(x)."""
+        if self.route_once and routes is None:
+            raise ValueError("route_once: stage needs the routes list of the earlier stages")
+        shallow, experts = self.block_of(blocks_at_depth(c) - 1)(x, self.bank)
+        if routes is not None:
+            routes.append(experts)
         if c == 1:
-            return self.blocks[0](x, self.bank)
+            return shallow
         assert prev is not None
-        return self._extend(c, x, prev, column, blocks_at_depth(c - 1), joins_at_depth(c - 1))
+        return self._extend(c, x, prev, shallow, column, blocks_at_depth(c - 1), joins_at_depth(c - 1), routes)
 
     def routers_at_depth(self, depth: int) -> int:
         """Distinct routers a token at ``depth`` uses: one per column tied, one per block untied."""
@@ -178,7 +204,8 @@ class FractalExpert(nn.Module):
         column = self.sample_columns(x_TD.shape[0], x.device)
         outs: list[Tensor] = []
         prev: Tensor | None = None
+        routes: list[Tensor] | None = [] if self.route_once else None
         for c in range(1, (max_depth or self.depth) + 1):
-            prev = self.stage(c, x_TD, prev, column)
+            prev = self.stage(c, x_TD, prev, column, routes)
             outs.append(prev.view(*lead, dim))
         return outs if return_all_depths else outs[-1]

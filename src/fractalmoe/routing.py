@@ -372,6 +372,15 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
                 self.record(BALANCE_LOSS, self._balance_loss(v1, i1, v2, i2, idx))
         return scores, idx
 
+    def rescore(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Scores (..., H, K) of x's queries at experts idx (..., H, K) chosen earlier: q . (c1_i, c2_j)
+        for idx = i * n + j, 2 K Q FLOPs per head instead of scoring all 2 n sub-keys and ranking.
+        Records no choices: it makes none."""
+        keys, heads = self.keys(), torch.arange(self.heads, device=x.device).unsqueeze(-1)
+        i1, i2 = idx.flatten(0, -3) // self.n_keys, idx.flatten(0, -3) % self.n_keys
+        full = torch.cat([keys[:, 0][heads, i1], keys[:, 1][heads, i2]], dim=-1)  # (T, H, K, Q)
+        return torch.einsum("thq,thkq->thk", self.queries(x).flatten(0, -3), full).view_as(idx)
+
     def _scores_at(self, x: Tensor, i1: Tensor, i2: Tensor) -> tuple[Tensor, Tensor]:
         """Sub-key scores of x's queries at the sub-keys i1, i2 (..., H, K) of each half."""
         q1, q2 = self.queries(x).chunk(2, dim=-1)
@@ -416,16 +425,18 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         step = torch.full((), per_choice, dtype=self.expert_bias.dtype, device=chosen.device)
         self.expert_bias.view(-1).index_add_(0, chosen, step.expand(chosen.numel()))
 
-    def flops_per_token(self) -> int:
-        """Query projection (and whitening), sub-key scoring of both halves and the K*K
-        candidate sums, counted in full (the biased and balance-loss paths sum all of them; the
-        plain path only the ~K ln K that can win: at most K*K adds per head either way, under
-        2% of a default block), so that every comparison table keeps one count."""
+    def flops_per_token(self, choose: bool = True) -> int:
+        """Query projection (and whitening), then either sub-key scoring of both halves and the
+        K*K candidate sums, counted in full (the biased and balance-loss paths sum all of them;
+        the plain path only the ~K ln K that can win: at most K*K adds per head either way, under
+        2% of a default block), so that every comparison table keeps one count; or (choose=False,
+        ``rescore``) the K chosen keys' dot products."""
         dim = self.query.in_features
         whiten = 2 * self.heads * self.key_dim**2 if isinstance(self.norm, RunningQueryWhitening) else 0
-        return (2 * dim * self.heads * self.key_dim + whiten
-                + 2 * self.heads * self.n_keys * self.key_dim
-                + self.heads * self.topk * self.topk)
+        query = 2 * dim * self.heads * self.key_dim + whiten
+        if not choose:
+            return query + 2 * self.heads * self.topk * self.key_dim
+        return query + 2 * self.heads * self.n_keys * self.key_dim + self.heads * self.topk * self.topk
 
     def params_per_token(self) -> int:
         return self.query.weight.numel() + self.sub_keys.numel()
@@ -468,12 +479,18 @@ class ProductKeyMemory(nn.Module):
         """Scores (sorted, descending) and expert indices, both (..., heads, topk)."""
         return self.router(x)
 
-    def forward(self, x: Tensor, bank: nn.Module | None = None) -> Tensor:
+    def forward(self, x: Tensor, bank: nn.Module | None = None, experts: Tensor | None = None) -> Tensor:
+        return self.routed(x, bank, experts)[0]
+
+    def routed(self, x: Tensor, bank: nn.Module | None = None,
+               experts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The block's output and the experts it read (..., H, K): routed afresh, or the given
+        ``experts`` (chosen earlier for the same token) re-weighted from x's own query."""
         bank = bank if bank is not None else self.bank
-        scores, idx = self.router(x)
+        scores, idx = self.router(x) if experts is None else (self.router.rescore(x, experts), experts)
         gates = gate_scores(scores, self.gate)
         y = _read_experts(bank, x, idx.flatten(-2), gates.flatten(-2))
-        return y * F.silu(self.silu_gate(x)) if self.silu_gate is not None else y
+        return (y * F.silu(self.silu_gate(x)) if self.silu_gate is not None else y), idx
 
     def _per_slot(self) -> tuple[int, int]:
         """Forward FLOPs and parameters of one routed slot."""
@@ -481,11 +498,12 @@ class ProductKeyMemory(nn.Module):
             return 4 * self.dim, 2 * self.dim
         return 2 * self.dim, self.dim
 
-    def flops_per_token(self) -> int:
-        """Routing, the routed slots and (gated) the SiLU gate's projection and product."""
+    def flops_per_token(self, choose: bool = True) -> int:
+        """Routing (choosing experts, or re-weighting given ones), the routed slots and (gated)
+        the SiLU gate's projection and product."""
         slots = self.router.heads * self.router.topk
         gated = 2 * self.dim * self.dim + self.dim if self.silu_gate is not None else 0
-        return self.router.flops_per_token() + slots * self._per_slot()[0] + gated
+        return self.router.flops_per_token(choose) + slots * self._per_slot()[0] + gated
 
     def params_per_token(self) -> int:
         gated = self.dim * self.dim if self.silu_gate is not None else 0
