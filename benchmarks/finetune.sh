@@ -20,6 +20,7 @@
 #   fhme       FHME adapters matched to LoRA's trainable parameters (--match-lora-rank $RANK)
 #   memory     the base's own FHME tables, only the rows the new domain uses far more than the
 #              base (as many as LoRA's trainable parameters: --match-lora-rank $RANK)
+#   memory-step  memory with the rows chosen anew at every step from that step's batch (--rows-per-step)
 #   lora       LoRA at rank $RANK (<= width / 2) on every dense projection
 #   full       every weight
 #   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
@@ -70,7 +71,7 @@ declare -A DATA=([email]=$EMAIL [kjv]=$KJV)
 grid() {
   case $1 in
     fhme*) echo "3e-4:0.005 1e-3:0.0167 3e-3:0.05 1e-2:0.15 3e-2:0.45" ;;
-    memory) echo "3e-4:0.01 1e-3:0.03 3e-3:0.1 1e-2:0.3 3e-2:1.0" ;;  # only the expert lr acts: nothing dense trains
+    memory*) echo "3e-4:0.01 1e-3:0.03 3e-3:0.1 1e-2:0.3 3e-2:1.0" ;;  # only the expert lr acts: nothing dense trains
     lora) echo "3e-4:0.05 1e-3:0.05 3e-3:0.05 1e-2:0.05 3e-2:0.05" ;;
     full) echo "3e-5:0.0015 1e-4:0.005 3e-4:0.015 1e-3:0.05 3e-3:0.15" ;;
   esac
@@ -81,6 +82,7 @@ flags() {
   case $1 in
     fhme) echo "--adapter fhme --match-lora-rank $RANK" ;;
     memory) echo "--adapter memory --match-lora-rank $RANK" ;;
+    memory-step) echo "--adapter memory --match-lora-rank $RANK --rows-per-step" ;;
     fhme-gate) echo "--adapter fhme --match-lora-rank $RANK --output-gate" ;;
     fhme-rows) echo "--adapter fhme --match-lora-rank $RANK --sparse-rows $ROWS" ;;
     lora) echo "--adapter lora --lora-rank $RANK" ;;

@@ -25,7 +25,7 @@ from fractalmoe.adapters import (
 from fractalmoe.checkpoint import latest_checkpoint, load_model_from_run
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
-from fractalmoe.finetune import load_domain, rank_rows, sparse_row_masks, val_bpb
+from fractalmoe.finetune import StepRowSelector, load_domain, rank_rows, sparse_row_masks, val_bpb
 from fractalmoe.optim import ModelOptimizer
 from fractalmoe.train import run
 
@@ -228,6 +228,42 @@ def test_memory_finetuning_changes_only_the_chosen_rows_of_the_base_tables(corpo
     assert moved > 0
 
 
+def test_rows_per_step_train_each_steps_top_rows_by_tf_idf_only() -> None:
+    """Each step, exactly the rows ``rank_rows`` ranks first by that step's own choices (counted
+    here independently) receive gradient; the kept domains' hub rows come last."""
+    from fractalmoe import FHME
+
+    layer = FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value").train()
+    for p in layer.parameters():
+        p.requires_grad_(p is layer.fractal.bank.values)
+    kept_windows = torch.zeros(256, dtype=torch.long)
+    kept_windows[::2] = 10  # the kept domains read every even row in all of their 10 windows
+    selector = StepRowSelector(layer, kept_windows, 10, top=6)
+    counts = torch.zeros(256, dtype=torch.long)
+
+    def count(router, inputs, output):
+        counts.add_(torch.bincount(output[1].reshape(-1), minlength=256))
+    for block in layer.fractal.blocks:
+        block.memory.router.register_forward_hook(count)
+    chosen = []
+    for _ in range(2):
+        counts.zero_()
+        layer.fractal.bank.values.grad = None
+        layer(torch.randn(24, 16)).square().sum().backward()
+        want = rank_rows(counts, kept_windows, 10, 6)
+        assert torch.equal(selector.keep, want) and int(want.sum()) == 6
+        assert (want & (kept_windows == 0)).sum() == min(6, int(((counts > 0) & (kept_windows == 0)).sum()))
+        grad = layer.fractal.bank.values.grad.coalesce()
+        moved = grad.indices()[0][grad.values().abs().sum(-1) > 0]
+        assert set(moved.tolist()) <= set(want.nonzero().flatten().tolist()) and len(moved) > 0
+        chosen.append(want)
+    assert not torch.equal(chosen[0], chosen[1])
+    assert torch.equal(selector.trained, chosen[0] | chosen[1])
+    with torch.no_grad():  # evaluation forwards count nothing
+        layer.eval()(torch.randn(24, 16))
+    assert not selector.pending and int(selector.counts.sum()) == 0
+
+
 def test_sparse_rows_keep_the_routing_the_rows_were_chosen_under() -> None:
     from fractalmoe.data import ByteDataset
 
@@ -363,6 +399,12 @@ def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
                                                        "--adapter", "lora", "--sparse-rows", "4")
     assert "needs --sparse-rows" in _err(capsys, "--base", str(corpora["run"]), "--data", data,
                                          "--adapter", "memory")
+    assert "--rows-per-step: only for --adapter memory" in _err(
+        capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "fhme", "--sparse-rows", "4",
+        "--rows-per-step")
+    assert "deferred_table_grads" in _err(capsys, "--base", str(corpora["run"]), "--data", data,
+                                          "--adapter", "memory", "--sparse-rows", "4", "--set",
+                                          "deferred_table_grads=true", "--out", str(out))
     assert "rank" in _err(capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "lora",
                           "--lora-rank", "33", "--out", str(out))
     assert not out.exists()

@@ -210,9 +210,20 @@ def rank_rows(new: Tensor, kept_windows: Tensor, windows: int, top: int) -> Tens
     idf = torch.log((1.0 + windows) / (1.0 + kept_windows.double())).clamp_min(0) + _HUB_IDF
     score = tf * idf
     best = score.topk(min(top, score.numel())).indices
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     mask[best] = score[best] > 0
     return mask
+
+
+def _kept_windows(model: nn.Module, adapters: list[FHME], kept: list[ByteDataset], seq_len: int,
+                  batch_size: int, seed: int, device: str) -> tuple[list[Tensor], int]:
+    """Per layer, in how many of the kept domains' sampled windows each row was chosen, and how
+    many windows were sampled: the documents of the tf-idf."""
+    kept_windows = [torch.zeros(a.fractal.bank.num_experts, dtype=torch.long) for a in adapters]
+    for data in kept:
+        for acc, (_, w) in zip(kept_windows, choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
+            acc += w
+    return kept_windows, len(kept) * sample_batches(batch_size) * batch_size
 
 
 def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDataset], top: int,
@@ -224,11 +235,7 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
         raise ValueError("sparse rows need FHME layers to train")
     adapters = [a for _, a in found]
     new = [c for c, _ in choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)]
-    kept_windows = [torch.zeros_like(c) for c in new]
-    for data in kept:
-        for acc, (_, w) in zip(kept_windows, choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
-            acc += w
-    windows = len(kept) * sample_batches(batch_size) * batch_size
+    kept_windows, windows = _kept_windows(model, adapters, kept, seq_len, batch_size, seed, device)
     masks = {}
     for (i, adapter), n, w in zip(found, new, kept_windows):
         masks[str(i)] = rank_rows(n, w, windows, top)
@@ -238,6 +245,50 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
                 if any(p.requires_grad for p in module.parameters()):
                     freeze_in_run(module)
     return masks
+
+
+class StepRowSelector:
+    """Sparse memory fine-tuning's choice made at every step: of one FHME layer's table rows, only
+    the ``top`` that this step's batch reads most above the kept domains learn (``rank_rows`` with
+    the batch's choices as tf). Forward hooks on the layer's routers count the choices of training
+    forwards; the first table-gradient hook of the backward turns them into the step's mask, which
+    ``mask_rows`` then applies to every table of the bank. ``trained`` gathers every row chosen."""
+
+    def __init__(self, memory: FHME, kept_windows: Tensor, windows: int, top: int) -> None:
+        tables = list(memory.fractal.bank.tables().values())
+        n, device = memory.fractal.bank.num_experts, tables[0].device
+        self.kept_windows, self.windows, self.top = kept_windows.to(device), windows, top
+        self.counts = torch.zeros(n, dtype=torch.long, device=device)
+        self.keep = torch.zeros(n, dtype=torch.bool, device=device)
+        self.trained = torch.zeros_like(self.keep)
+        self.pending = False
+        for block in memory.fractal.blocks:
+            block.memory.router.register_forward_hook(self._count)
+        for table in tables:  # before mask_rows' hooks: a parameter's hooks run in order
+            table.register_hook(self._select)
+        mask_rows(memory, self.keep)
+
+    def _count(self, router: nn.Module, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+        if router.training and torch.is_grad_enabled():
+            self.counts += torch.bincount(output[1].reshape(-1), minlength=self.counts.numel())
+            self.pending = True
+
+    def _select(self, grad: Tensor) -> None:
+        if self.pending:
+            self.keep.copy_(rank_rows(self.counts, self.kept_windows, self.windows, self.top))
+            self.trained |= self.keep
+            self.counts.zero_()
+            self.pending = False
+
+
+def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_len: int,
+                       batch_size: int, seed: int, device: str = "cpu") -> dict[str, StepRowSelector]:
+    """A ``StepRowSelector`` on each trainable FHME layer, keyed by layer index."""
+    found = trainable_memories(model)
+    if not found:
+        raise ValueError("sparse rows need FHME layers to train")
+    kept_windows, windows = _kept_windows(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
+    return {str(i): StepRowSelector(a, w, windows, top) for (i, a), w in zip(found, kept_windows)}
 
 
 # --- a training loop for any causal LM (transformers models included) -----------------------
@@ -311,6 +362,7 @@ class FinetuneRequest:
     lora_targets: str = "all"
     output_gate: bool = False
     sparse_rows: int | None = None
+    rows_per_step: bool = False
     device: str = "cpu"
     progress: bool = True
 
@@ -325,6 +377,8 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError(f"{', '.join(routed)}: only for --adapter fhme or memory")
     if req.adapter == "memory" and not routed:
         raise ValueError("--adapter memory needs --sparse-rows T or --match-lora-rank R (rows that learn)")
+    if req.rows_per_step and req.adapter != "memory":
+        raise ValueError("--rows-per-step: only for --adapter memory")
     if req.adapter == "memory" and req.sparse_rows is not None and req.match_lora_rank is not None:
         raise ValueError("--adapter memory: give --sparse-rows or --match-lora-rank, not both")
     if req.lora_rank is not None and req.adapter != "lora":
@@ -365,6 +419,8 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         rows = req.sparse_rows if req.sparse_rows is not None else sizing.lora_params // row_params
         sizing.fhme_experts, sizing.fhme_params = rows, rows * row_params
         spec["sparse_rows"] = rows
+        if req.rows_per_step:
+            spec["rows_per_step"] = True
         return sizing
     if req.adapter == "lora":
         spec.update(rank=sizing.lora_rank, targets=req.lora_targets)
@@ -408,6 +464,8 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
     config = RunConfig(base_cfg.model, base_cfg.train.replace(
         max_steps=req.max_steps, eval_every=min(base_cfg.train.eval_every, req.max_steps),
         warmup_steps=min(base_cfg.train.warmup_steps, req.max_steps // 10))).with_overrides(train_overrides)
+    if config.train.deferred_table_grads and (req.sparse_rows is not None or req.adapter == "memory"):
+        raise ValueError("sparse rows mask table gradients in backward: set deferred_table_grads=false")
     seq_len, batch = config.model.seq_len, config.train.batch_size
     new = load_domain(req.data, config.train.val_fraction, seq_len, req.eval_bytes)
     domains = [Domain("new", req.data, config.train.val_fraction, new)] + kept_domains(chain, req.eval_bytes)
@@ -424,12 +482,16 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         raise ValueError("--out must differ from --base and its bases")
     spec = sizing.spec
     masks: dict[str, Tensor] = {}
-    if spec.get("sparse_rows") is not None:
+    selectors: dict[str, StepRowSelector] = {}
+    if spec.get("sparse_rows") is not None and not spec.get("rows_per_step"):
         spec["row_mask"] = str((run_dir / "row_mask.safetensors").resolve())
 
     def model_factory() -> nn.Module:
         model = build_adapted_model(base, {k: v for k, v in spec.items() if k != "row_mask"}, req.device)
-        if spec.get("sparse_rows") is not None:
+        if spec.get("rows_per_step"):
+            selectors.update(step_row_selectors(model, [d.data for d in domains[1:]], spec["sparse_rows"],
+                                                seq_len, batch, config.train.seed, req.device))
+        elif spec.get("sparse_rows") is not None:
             from safetensors.torch import save_file
 
             masks.update(sparse_row_masks(model, new, [d.data for d in domains[1:]], spec["sparse_rows"],
@@ -452,11 +514,13 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
     full = spec["kind"] == "full"
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad)
     trained_rows = {k: int(m.sum()) for k, m in masks.items()}
+    trained_rows.update({k: int(sel.trained.sum()) for k, sel in selectors.items()})
     if full:
         trainable = sum(p.numel() for p in model.parameters())
-    elif spec["kind"] == "memory":  # the rows chosen (at most the budget's) times a row's width
+    elif spec["kind"] == "memory":  # the rows chosen (per step: the budget's) times a row's width
         bank = required_memories(model, req.layers)[0][1].fractal.bank
-        trainable = sum(trained_rows.values()) * sum(t.shape[1] for t in bank.tables().values())
+        rows = len(selectors) * spec["sparse_rows"] if selectors else sum(trained_rows.values())
+        trainable = rows * sum(t.shape[1] for t in bank.tables().values())
     else:
         trainable = trainable_parameter_count(model)
     return {
@@ -473,7 +537,8 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
 def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
     return {"lora_rank": sizing.lora_rank, "lora_params": sizing.lora_params,
             "fhme_experts": sizing.fhme_experts, "fhme_params": sizing.fhme_params,
-            "output_gate": bool(sizing.spec.get("output_gate")), "sparse_rows": sizing.spec.get("sparse_rows")}
+            "output_gate": bool(sizing.spec.get("output_gate")), "sparse_rows": sizing.spec.get("sparse_rows"),
+            "rows_per_step": bool(sizing.spec.get("rows_per_step"))}
 
 
 def _domain_fields(domains: list[Domain], before: list[float], after: list[float]) -> dict[str, Any]:
