@@ -269,8 +269,9 @@ class StepRowSelector:
         mask_rows(memory, self.keep)
 
     def _count(self, router: nn.Module, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
-        if router.training and torch.is_grad_enabled():
-            self.counts += torch.bincount(output[1].reshape(-1), minlength=self.counts.numel())
+        if router.training and torch.is_grad_enabled():  # index_add_: no host sync, unlike bincount
+            idx = output[1].reshape(-1)
+            self.counts.index_add_(0, idx, torch.ones_like(idx))
             self.pending = True
 
     def _select(self, grad: Tensor) -> None:
