@@ -26,7 +26,7 @@ from fractalmoe.train import train_step
 
 VARIANTS = {
     "fhme": {}, "peer": dict(ffn="peer"), "pkm": dict(ffn="pkm"), "memplus": dict(ffn="memplus"),
-    "dense": dict(ffn="dense"), "moe": dict(ffn="moe"),
+    "dense": dict(ffn="dense"), "moe": dict(ffn="moe"), "fhme-route-once": dict(fractal_depth=3, route_once=True),
     "fhme-balanced": dict(balance_rate=0.1, balance_loss=0.01, query_norm="running"),
     "fhme-whitened": dict(balance_rate=0.1, query_norm="whiten", unit_keys=True),
     "fhme-adaptive": dict(adaptive_depth=True, fractal_depth=3, depth_penalty=0.01, depth_target=0.5,
@@ -293,7 +293,7 @@ def test_the_sync_counter_sees_what_it_claims() -> None:
     assert syncs.total == 6, syncs.found
 
 
-@pytest.mark.parametrize("name", ["fhme", "peer", "pkm", "memplus", "dense"])
+@pytest.mark.parametrize("name", ["fhme", "fhme-route-once", "peer", "pkm", "memplus", "dense"])
 def test_no_host_sync_in_forward_and_one_per_training_step(name: str) -> None:
     model = _model(name)
     opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)

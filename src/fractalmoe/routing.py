@@ -376,17 +376,15 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         """Scores (..., H, K) of x's queries at experts idx (..., H, K) chosen earlier: q . (c1_i, c2_j)
         for idx = i * n + j, 2 K Q FLOPs per head instead of scoring all 2 n sub-keys and ranking.
         Records no choices: it makes none."""
-        keys, heads = self.keys(), torch.arange(self.heads, device=x.device).unsqueeze(-1)
-        i1, i2 = idx.flatten(0, -3) // self.n_keys, idx.flatten(0, -3) % self.n_keys
-        full = torch.cat([keys[:, 0][heads, i1], keys[:, 1][heads, i2]], dim=-1)  # (T, H, K, Q)
-        return torch.einsum("thq,thkq->thk", self.queries(x).flatten(0, -3), full).view_as(idx)
+        v1, v2 = self._scores_at(x, idx // self.n_keys, idx % self.n_keys)
+        return v1 + v2
 
     def _scores_at(self, x: Tensor, i1: Tensor, i2: Tensor) -> tuple[Tensor, Tensor]:
         """Sub-key scores of x's queries at the sub-keys i1, i2 (..., H, K) of each half."""
         q1, q2 = self.queries(x).chunk(2, dim=-1)
         keys, heads = self.keys(), torch.arange(self.heads, device=x.device).unsqueeze(-1)
-        return ((q1.unsqueeze(-2) * keys[:, 0][heads, i1]).sum(-1),
-                (q2.unsqueeze(-2) * keys[:, 1][heads, i2]).sum(-1))
+        return (torch.einsum("...hq,...hkq->...hk", q1, keys[:, 0][heads, i1]),
+                torch.einsum("...hq,...hkq->...hk", q2, keys[:, 1][heads, i2]))
 
     def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, idx: Tensor) -> Tensor:
         """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c],
