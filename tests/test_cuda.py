@@ -83,6 +83,28 @@ def test_eval_and_generate_on_cuda(ffn: str, corpus: str) -> None:
     assert not _off_device(model)
 
 
+def test_route_once_trains_on_cuda() -> None:
+    model = FHMELanguageModel(_config("fhme", fractal_depth=3, route_once=True)).cuda().train()
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    assert all(train_step(model, opt, x, x.roll(-1, 1), 1.0)[1] for _ in range(2))
+    assert not _off_device(model, opt)
+
+
+def test_per_step_row_selection_on_cuda() -> None:
+    from fractalmoe import FHME
+    from fractalmoe.finetune import StepRowSelector
+
+    layer = FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value").cuda().train()
+    kept_windows = torch.zeros(256, dtype=torch.long)  # on the host: the selector moves it
+    selector = StepRowSelector(layer, kept_windows, 10, top=6)
+    layer(torch.randn(24, 16, device="cuda")).square().sum().backward()
+    grad = layer.fractal.bank.values.grad.coalesce()
+    assert selector.keep.is_cuda and grad.is_cuda and int(selector.keep.sum()) == 6
+    moved = grad.indices()[0][grad.values().abs().sum(-1) > 0]
+    assert bool(selector.keep[moved].all())
+
+
 def test_adaptive_depth_compaction_on_cuda() -> None:
     model = FHMELanguageModel(_config("fhme", fractal_depth=3, adaptive_depth=True)).cuda().eval()
     x = torch.randint(0, 256, (2, 32), device="cuda")
