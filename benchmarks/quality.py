@@ -250,15 +250,6 @@ def route_once_pilot_jobs() -> list[tuple[str, list[str]]]:
             for depth, topk in ROUTE_ONCE_TOPK.items()]
 
 
-def route_once_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """route_once where it saves most: the one-head experts series at 262K (top-76 instead of 60,
-    0.977 of 16K's FFN FLOPs) and 65K (top-91 instead of 80, 0.982), second corpus, seed 2."""
-    return [(f"n{experts}_h1q16k{topk}_route_once_s2",
-             _experts_run(experts, "16", "2", stdlib, "--set", "expert_heads=1", "--set", f"topk={topk}",
-                          "--set", "route_once=true"))
-            for experts, topk in (("262144", "76"), ("65536", "91"))]
-
-
 def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus), the
     same command but the model; seed 2 against the experts phase's n65536_h1q16k80_s2, then seed 3
@@ -293,7 +284,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
-                                          "one-head", "route-once-pilots", "route-once"))
+                                          "one-head", "route-once-pilots"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -304,8 +295,7 @@ def main() -> None:
             "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs,
             "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs,
             "one-head": lambda: one_head_jobs(args.stdlib),
-            "route-once-pilots": route_once_pilot_jobs,
-            "route-once": lambda: route_once_jobs(args.stdlib)}[args.phase]()
+            "route-once-pilots": route_once_pilot_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
