@@ -13,7 +13,8 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py balance-65k       # FHME at 65K experts with a light balance loss, seed 2
     python benchmarks/quality.py experts           # FHME at 4K .. 262K experts, equal FFN FLOPs, second corpus
     python benchmarks/quality.py one-head-pilots   # one head per block at 65K, every routed model, 600 steps
-    python benchmarks/quality.py one-head          # PKM matched to the best FHME of `experts`, second corpus
+    python benchmarks/quality.py one-head          # PKM matched to the one-head FHME at 65K and 262K, second corpus
+    python benchmarks/quality.py route-once-pilots # FHME routing once per column, 65K, 600 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
