@@ -255,10 +255,13 @@ def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus), the
     same command but the model; seed 2 against the experts phase's n65536_h1q16k80_s2, then seed 3
     of both. Then PKM matched to the one-head 262K FHME (seeds 2, 3): does PKM's bpb rise from 65K to
-    262K at these FLOPs too, i.e. is the limit the product-key scoring at width 128, not the fractal?"""
+    262K at these FLOPs too, i.e. is the limit the product-key scoring at width 128, not the fractal?
+    And PKM matched to the one-head 16K FHME, which completes PKM's series."""
     jobs = [(f"{model}_{_one_head_name('65536')}_s{seed}", _one_head_run("65536", seed, stdlib, model=model))
             for seed, model in (("2", "pkm"), ("3", "fhme"), ("3", "pkm"))]
-    return jobs + [(f"pkm_{_one_head_name('262144')}_s{seed}", _one_head_run("262144", seed, stdlib, model="pkm"))
+    jobs += [(f"pkm_{_one_head_name('262144')}_s{seed}", _one_head_run("262144", seed, stdlib, model="pkm"))
+             for seed in ("2", "3")]
+    return jobs + [(f"pkm_{_one_head_name('16384')}_s{seed}", _one_head_run("16384", seed, stdlib, model="pkm"))
                    for seed in ("2", "3")]
 
 
