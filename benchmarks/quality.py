@@ -15,6 +15,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py one-head-pilots   # one head per block at 65K, every routed model, 600 steps
     python benchmarks/quality.py one-head          # PKM matched to the one-head FHME at 65K and 262K, second corpus
     python benchmarks/quality.py route-once-pilots # FHME routing once per column, 65K, 600 steps
+    python benchmarks/quality.py route-once        # the same at 262K on the second corpus, seed 2
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -251,6 +252,15 @@ def route_once_pilot_jobs() -> list[tuple[str, list[str]]]:
             for depth, topk in ROUTE_ONCE_TOPK.items()]
 
 
+def route_once_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """route_once where it saves most: 262K experts, one head (top-76 instead of 60 at 0.977 of
+    16K's FFN FLOPs), second corpus, seed 2. At 262K FHME's three sub-key scorings per layer cost
+    more than PKM's two heads; route_once makes them two."""
+    return [("n262144_h1q16k76_route_once_s2",
+             _experts_run("262144", "16", "2", stdlib, "--set", "expert_heads=1", "--set", "topk=76",
+                          "--set", "route_once=true"))]
+
+
 def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM matched to the experts study's best FHME (65K, one head x top-80, second corpus), the
     same command but the model; seed 2 against the experts phase's n65536_h1q16k80_s2, then seed 3
@@ -288,7 +298,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
-                                          "one-head", "route-once-pilots"))
+                                          "one-head", "route-once-pilots", "route-once"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -299,7 +309,8 @@ def main() -> None:
             "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs,
             "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs,
             "one-head": lambda: one_head_jobs(args.stdlib),
-            "route-once-pilots": route_once_pilot_jobs}[args.phase]()
+            "route-once-pilots": route_once_pilot_jobs,
+            "route-once": lambda: route_once_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
