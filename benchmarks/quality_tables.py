@@ -194,10 +194,18 @@ def main() -> None:
     if (root / "one-head-pilots").is_dir():
         print("\n### One head per block at 65K experts, every routed model matched (seed 1, 600 steps, bundled)\n")
         print(search_table(rows(root / "one-head-pilots")))
-    if one_head:
-        best = [r for r in experts if r["name"] == "n65536_h1q16k80_s2"]
-        print("\n### The best FHME of the experts study against PKM matched to it (standard library, 1,200 steps)\n")
-        print(comparison_table(one_head + best))
+    fhme_one_head = [r for r in experts + one_head if r["model"] == "fhme" and _experts_series(r["name"]) == "one head"]
+    for n in sorted({r["config"]["num_experts"] for r in one_head}):
+        at_n = [r for r in one_head if r["model"] != "fhme"] + fhme_one_head
+        print(f"\n### One-head FHME at {n:,} experts against PKM matched to it (standard library, 1,200 steps)\n")
+        print(comparison_table([r for r in at_n if r["config"]["num_experts"] == n]))
+    pkm = {}
+    for r in one_head:
+        if r["model"] == "pkm":
+            pkm.setdefault(r["config"]["num_experts"], []).append(r["val_bpb"])
+    steps = [f"{a:,} -> {b:,}: {_verdict(pkm[b], pkm[a])}" for a, b in zip(sorted(pkm), sorted(pkm)[1:])]
+    if steps:
+        print("\nPKM matched to the one-head FHME, more experts against fewer: " + "; ".join(steps) + ".")
 
 
 if __name__ == "__main__":
