@@ -195,10 +195,10 @@ def main() -> None:
         print("\n### One head per block at 65K experts, every routed model matched (seed 1, 600 steps, bundled)\n")
         print(search_table(rows(root / "one-head-pilots")))
     fhme_one_head = [r for r in experts + one_head if r["model"] == "fhme" and _experts_series(r["name"]) == "one head"]
+    matched = [r for r in one_head if r["model"] != "fhme"] + fhme_one_head
     for n in sorted({r["config"]["num_experts"] for r in one_head}):
-        at_n = [r for r in one_head if r["model"] != "fhme"] + fhme_one_head
         print(f"\n### One-head FHME at {n:,} experts against PKM matched to it (standard library, 1,200 steps)\n")
-        print(comparison_table([r for r in at_n if r["config"]["num_experts"] == n]))
+        print(comparison_table([r for r in matched if r["config"]["num_experts"] == n]))
     pkm = {}
     for r in one_head:
         if r["model"] == "pkm":

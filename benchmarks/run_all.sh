@@ -57,14 +57,14 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 .venv/bin/python benchmarks/quality.py usage-pilots
 .venv/bin/python benchmarks/quality.py optim-pilots
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
-# balance, the experts study and the one-head shape against PKM (second corpus: data/stdlib)
-for phase in optim final-lazy balance-65k experts one-head-pilots one-head; do
+# balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib)
+for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 .venv/bin/python benchmarks/quality_tables.py benchmarks/results/quality > $R/quality/tables.md
 # Memory fine-tuning against LoRA and full (base: the optimizer study's lazy-Adam run, seed 2),
 # and the transformers GPT-2 base
-METHODS="memory lora full" STUDIES="single sequential" LR_POINTS="2 3 4 5" EVAL_BYTES=262144 \
+METHODS="memory memory-step lora full" STUDIES="single sequential" LR_POINTS="2 3 4 5" EVAL_BYTES=262144 \
   RESULTS=$R/finetune_memory bash benchmarks/finetune.sh runs/quality/optim/n16384_lazy_adam_s2/runs/fhme-seed2 runs/ft_memory
 STUDIES=gpt2 LR_POINTS="1 2 3 4 5" EVAL_BYTES=262144 RESULTS=$R/finetune_gpt2 bash benchmarks/finetune.sh runs/default runs/ft_memory
 .venv/bin/python benchmarks/fractal_paths.py runs/quality/final/shakespeare_fhme_s2/runs/fhme-seed2 --windows 128 > $R/fractal_paths.jsonl

@@ -477,8 +477,8 @@ class ProductKeyMemory(nn.Module):
         """Scores (sorted, descending) and expert indices, both (..., heads, topk)."""
         return self.router(x)
 
-    def forward(self, x: Tensor, bank: nn.Module | None = None, experts: Tensor | None = None) -> Tensor:
-        return self.routed(x, bank, experts)[0]
+    def forward(self, x: Tensor, bank: nn.Module | None = None) -> Tensor:
+        return self.routed(x, bank)[0]
 
     def routed(self, x: Tensor, bank: nn.Module | None = None,
                experts: Tensor | None = None) -> tuple[Tensor, Tensor]:
