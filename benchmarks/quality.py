@@ -15,7 +15,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py one-head-pilots   # one head per block at 65K, every routed model, 600 steps
     python benchmarks/quality.py one-head          # PKM matched to the one-head FHME at 65K and 262K, second corpus
     python benchmarks/quality.py route-once-pilots # FHME routing once per column, 65K, 600 steps
-    python benchmarks/quality.py route-once        # the same at 262K on the second corpus, seed 2
+    python benchmarks/quality.py route-once        # the experts series with route_once, second corpus
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -252,13 +252,28 @@ def route_once_pilot_jobs() -> list[tuple[str, list[str]]]:
             for depth, topk in ROUTE_ONCE_TOPK.items()]
 
 
+# The experts series with route_once (one head, key width 16; top-k for 262K's FFN FLOPs, 117,664
+# per layer: 16K 0.996, 65K 0.995). One head reads at most sqrt(4096) = 64 rows at 4K (0.65 of the
+# budget), so 4K takes two heads x top-47 (0.995).
+ROUTE_ONCE_SERIES = {"262144": ("1", "76"), "65536": ("1", "90"), "16384": ("1", "97"), "4096": ("2", "47")}
+
+
+def _route_once_run(experts: str, seed: str, stdlib: str) -> tuple[str, list[str]]:
+    heads, topk = ROUTE_ONCE_SERIES[experts]
+    return (f"n{experts}_h{heads}q16k{topk}_route_once_s{seed}",
+            _experts_run(experts, "16", seed, stdlib, "--set", f"expert_heads={heads}", "--set", f"topk={topk}",
+                         "--set", "route_once=true"))
+
+
 def route_once_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """route_once where it saves most: 262K experts, one head (top-76 instead of 60 at 0.977 of
     16K's FFN FLOPs), second corpus, seed 2. At 262K FHME's three sub-key scorings per layer cost
-    more than PKM's two heads; route_once makes them two."""
-    return [("n262144_h1q16k76_route_once_s2",
-             _experts_run("262144", "16", "2", stdlib, "--set", "expert_heads=1", "--set", "topk=76",
-                          "--set", "route_once=true"))]
+    more than PKM's two heads; route_once makes them two. Then the experts series at those FLOPs
+    (seeds 2, 3; ordered so that two workers finish together, 262K being the slowest): does the
+    bpb fall from 65K to 262K once scoring no longer eats the rows?"""
+    order = [("65536", "2"), ("262144", "3"), ("65536", "3"), ("16384", "2"), ("16384", "3"), ("4096", "2"),
+             ("4096", "3"), ("262144", "2")]
+    return [_route_once_run(experts, seed, stdlib) for experts, seed in order]
 
 
 def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
