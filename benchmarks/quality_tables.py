@@ -123,39 +123,46 @@ def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dic
 
 
 def _experts_series(name: str) -> str:
-    """Which FLOP knob a run of the experts study turns (its name says): one head per block at
-    key width 16 (n<N>_h1q<Q>k<K>_...), rows read (n<N>_q<Q>k<K>_...), or key width (n<N>_s<seed>);
-    runs with a balance loss (..._balance<w>_...) stand apart from every series."""
+    """Which FLOP knob a run of the experts study turns (its name says): routing once per column
+    (..._route_once_...), one head per block at key width 16 (n<N>_h1q<Q>k<K>_...), rows read
+    (n<N>_q<Q>k<K>_...), or key width (n<N>_s<seed>); runs with a balance loss
+    (..._balance<w>_...) stand apart from every series."""
     if "_balance" in name:
         return "balance loss"
+    if "_route_once" in name:
+        return "route once"
     return "one head" if "_h1q" in name else "rows read" if "_q" in name else "key width"
 
 
 def experts_table(found: list[dict]) -> str:
     """FHME at each expert count (equal FFN FLOPs) along three series, the first two sharing the
     default 16K model: key width narrowed as N grows (top-40 kept), rows read per token changed at
-    the widest key the budget allows, or one head per block at key width 16; whether each step
-    up in N wins."""
-    groups: dict[tuple[int, int, int, int, float], list[dict]] = {}
+    the widest key the budget allows, one head per block at key width 16, or routing once per
+    column (top-k, and at 4K heads, for the budget); whether each step up in N wins."""
+    groups: dict[tuple[int, int, int, int, float, bool], list[dict]] = {}
     for r in found:
         c = r["config"]
-        key = (c["num_experts"], c["expert_heads"], c["key_dim"], c["topk"], c.get("balance_loss", 0.0))
+        key = (c["num_experts"], c["expert_heads"], c["key_dim"], c["topk"], c.get("balance_loss", 0.0),
+               c.get("route_once", False))
         groups.setdefault(key, []).append(r)
-    lines = ["| experts | heads | key width | top-k | balance loss | FFN FLOPs/token | val bpb per seed | "
-             "mean ± half-range | experts used | usage KL |", "|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
-    for (n, h, q, k, bal), rs in sorted(groups.items()):
+    lines = ["| experts | heads | key width | top-k | routing | balance loss | FFN FLOPs/token | val bpb per seed | "
+             "mean ± half-range | experts used | usage KL |", "|---:|---:|---:|---:|---|---:|---:|---|---|---:|---:|"]
+    for (n, h, q, k, bal, once), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         mean, half = _stats([r["val_bpb"] for r in rs])
         per_seed = ", ".join(f"{r['val_bpb']:.4f} (s{r['seed']})" for r in rs)
-        lines.append(f"| {n:,} | {h} | {q} | {k} | {bal:g} | {rs[0]['ffn_flops_per_token']:,.0f} | {per_seed} | "
+        routing = "once per column" if once else "every run"
+        lines.append(f"| {n:,} | {h} | {q} | {k} | {routing} | {bal:g} | {rs[0]['ffn_flops_per_token']:,.0f} | "
+                     f"{per_seed} | "
                      f"{mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
                      f"{sum(r['usage_kl'] for r in rs) / len(rs):.2f} |")
     ffn = [rs[0]["ffn_flops_per_token"] for rs in groups.values()]
     lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
     default = [key for key, rs in groups.items() if key[0] == 16384 and _experts_series(rs[0]["name"]) == "key width"]
-    for label in ("key width", "rows read", "one head"):
+    for label in ("key width", "rows read", "one head", "route once"):
         series = {key: rs for key, rs in groups.items()
-                  if (key in default and label != "one head") or _experts_series(rs[0]["name"]) == label}
+                  if (key in default and label in ("key width", "rows read"))
+                  or _experts_series(rs[0]["name"]) == label}
         keys = sorted(series)
         bpbs = {key: [r["val_bpb"] for r in rs] for key, rs in series.items()}
         steps = [f"{a[0]:,} -> {b[0]:,}: {_verdict(bpbs[b], bpbs[a])}" for a, b in zip(keys, keys[1:])]
@@ -188,9 +195,10 @@ def main() -> None:
         print(optim_tables(pilots, reported, adagrad))
     one_head = rows(root / "one-head") if (root / "one-head").is_dir() else []
     experts = rows(root / "experts") if (root / "experts").is_dir() else []
+    route_once = rows(root / "route-once") if (root / "route-once").is_dir() else []
     if experts:
         print("\n### Experts at equal FFN FLOPs (default FHME, standard-library corpus, 1,200 steps)\n")
-        print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"]))
+        print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"] + route_once))
     if (root / "one-head-pilots").is_dir():
         print("\n### One head per block at 65K experts, every routed model matched (seed 1, 600 steps, bundled)\n")
         print(search_table(rows(root / "one-head-pilots")))
