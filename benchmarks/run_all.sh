@@ -61,6 +61,10 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once; do
   .venv/bin/python benchmarks/quality.py $phase
 done
+# Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
+for run in runs/quality/optim/n65536_lazy_adam_s2 runs/quality/balance-65k/*_s2; do
+  $F eval --ckpt $run/runs/fhme-seed2 --usage-choices 1000000 --json > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
+done
 .venv/bin/python benchmarks/quality_tables.py benchmarks/results/quality > $R/quality/tables.md
 # Memory fine-tuning against LoRA and full (base: the optimizer study's lazy-Adam run, seed 2),
 # and the transformers GPT-2 base
