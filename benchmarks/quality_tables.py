@@ -207,6 +207,10 @@ def main() -> None:
     for n in sorted({r["config"]["num_experts"] for r in one_head}):
         print(f"\n### One-head FHME at {n:,} experts against PKM matched to it (standard library, 1,200 steps)\n")
         print(comparison_table([r for r in matched if r["config"]["num_experts"] == n]))
+    pkm_rows = [r for r in one_head if r["model"] == "pkm"]
+    for n in sorted({r["config"]["num_experts"] for r in route_once} & {r["config"]["num_experts"] for r in pkm_rows}):
+        print(f"\n### FHME routing once per column at {n:,} experts against the same PKM (standard library)\n")
+        print(comparison_table([r for r in route_once + pkm_rows if r["config"]["num_experts"] == n]))
     pkm = {}
     for r in one_head:
         if r["model"] == "pkm":
