@@ -135,7 +135,7 @@ def _experts_series(name: str) -> str:
 
 
 def experts_table(found: list[dict]) -> str:
-    """FHME at each expert count (equal FFN FLOPs) along three series, the first two sharing the
+    """FHME at each expert count (equal FFN FLOPs) along four series, the first two sharing the
     default 16K model: key width narrowed as N grows (top-40 kept), rows read per token changed at
     the widest key the budget allows, one head per block at key width 16, or routing once per
     column (top-k, and at 4K heads, for the budget); whether each step up in N wins."""
@@ -153,8 +153,7 @@ def experts_table(found: list[dict]) -> str:
         per_seed = ", ".join(f"{r['val_bpb']:.4f} (s{r['seed']})" for r in rs)
         routing = "once per column" if once else "every run"
         lines.append(f"| {n:,} | {h} | {q} | {k} | {routing} | {bal:g} | {rs[0]['ffn_flops_per_token']:,.0f} | "
-                     f"{per_seed} | "
-                     f"{mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
+                     f"{per_seed} | {mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
                      f"{sum(r['usage_kl'] for r in rs) / len(rs):.2f} |")
     ffn = [rs[0]["ffn_flops_per_token"] for rs in groups.values()]
     lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
@@ -203,18 +202,17 @@ def main() -> None:
         print("\n### One head per block at 65K experts, every routed model matched (seed 1, 600 steps, bundled)\n")
         print(search_table(rows(root / "one-head-pilots")))
     fhme_one_head = [r for r in experts + one_head if r["model"] == "fhme" and _experts_series(r["name"]) == "one head"]
-    matched = [r for r in one_head if r["model"] != "fhme"] + fhme_one_head
+    pkm_rows = [r for r in one_head if r["model"] == "pkm"]
+    matched = pkm_rows + fhme_one_head
     for n in sorted({r["config"]["num_experts"] for r in one_head}):
         print(f"\n### One-head FHME at {n:,} experts against PKM matched to it (standard library, 1,200 steps)\n")
         print(comparison_table([r for r in matched if r["config"]["num_experts"] == n]))
-    pkm_rows = [r for r in one_head if r["model"] == "pkm"]
     for n in sorted({r["config"]["num_experts"] for r in route_once} & {r["config"]["num_experts"] for r in pkm_rows}):
         print(f"\n### FHME routing once per column at {n:,} experts against the same PKM (standard library)\n")
         print(comparison_table([r for r in route_once + pkm_rows if r["config"]["num_experts"] == n]))
-    pkm = {}
-    for r in one_head:
-        if r["model"] == "pkm":
-            pkm.setdefault(r["config"]["num_experts"], []).append(r["val_bpb"])
+    pkm: dict[int, list[float]] = {}
+    for r in pkm_rows:
+        pkm.setdefault(r["config"]["num_experts"], []).append(r["val_bpb"])
     steps = [f"{a:,} -> {b:,}: {_verdict(pkm[b], pkm[a])}" for a, b in zip(sorted(pkm), sorted(pkm)[1:])]
     if steps:
         print("\nPKM matched to the one-head FHME, more experts against fewer: " + "; ".join(steps) + ".")
