@@ -16,6 +16,8 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py one-head          # PKM matched to the one-head FHME at 65K and 262K, second corpus
     python benchmarks/quality.py route-once-pilots # FHME routing once per column, 65K, 600 steps
     python benchmarks/quality.py route-once        # the experts series with route_once, second corpus
+    python benchmarks/quality.py shallow-pilots    # FHME vs PKM in 1- and 2-layer models, 600 steps
+    python benchmarks/quality.py shallow           # every model in 1-layer models, FHME vs PKM in 2: 1,200 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -296,6 +298,38 @@ def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                    for seed in ("2", "3")]
 
 
+def shallow_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """Is the fractal's second, sequential read worth more where the network lacks depth? In the
+    4-layer model one read of 6 heads (PKM) beats FHME's three reads of 2 heads joined; the same
+    pair (default FHME, PKM matched to its FFN FLOPs) in models of 1 and 2 layers, bundled
+    corpus, 600 steps, seed 1."""
+    return [(f"{model}_L{layers}", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model),
+                                    "--set", f"n_layers={layers}", "--max-steps", "600", "--seeds", "1"])
+            for layers, model in itertools.product(("1", "2"), ("fhme", "pkm"))]
+
+
+# PEER with balancing is PEER with the balance loss at the weight that spread its choices best.
+SHALLOW_MODELS = {"fhme": [], "pkm": [], "dense": [], "moe": [], "memplus": [], "peer": [],
+                  "peer_balance0.01": ["--set", "balance_loss=0.01"]}
+
+
+def shallow_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The shallow pilots' order at the reported length: every model of the comparison at its
+    tuned settings (lazy-Adam tables for every routed model) in a 1-layer model, FHME and PKM in a
+    2-layer one; seeds 2 and 3, both corpora. FHME and PKM at 1 layer first, then the other
+    baselines, then 2 layers."""
+    def job(corpus: str, model: str, layers: str, seed: str) -> tuple[str, list[str]]:
+        data = ["--data", stdlib] if corpus == "stdlib" else []
+        ffn = model.split("_")[0]
+        return (f"{corpus}_{model}_L{layers}_s{seed}",
+                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], ffn), *SHALLOW_MODELS[model],
+                 "--set", f"n_layers={layers}", *data, "--max-steps", "1200", "--seeds", seed])
+    runs = [("1", m) for m in ("fhme", "pkm")] + [("1", m) for m in SHALLOW_MODELS if m not in ("fhme", "pkm")]
+    runs += [("2", "fhme"), ("2", "pkm")]
+    return [job(corpus, model, layers, seed) for layers, model in runs
+            for corpus, seed in itertools.product(("shakespeare", "stdlib"), ("2", "3"))]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -319,7 +353,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
-                                          "one-head", "route-once-pilots", "route-once"))
+                                          "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -331,7 +365,8 @@ def main() -> None:
             "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs,
             "one-head": lambda: one_head_jobs(args.stdlib),
             "route-once-pilots": route_once_pilot_jobs,
-            "route-once": lambda: route_once_jobs(args.stdlib)}[args.phase]()
+            "route-once": lambda: route_once_jobs(args.stdlib), "shallow-pilots": shallow_pilot_jobs,
+            "shallow": lambda: shallow_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
