@@ -4,6 +4,8 @@
 #   bash benchmarks/adaptive_frontier.sh [OUT_DIR]
 #   SEED=2 RUNS="fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65" \
 #     RESULTS=benchmarks/results/adaptive_frontier/seed2 bash benchmarks/adaptive_frontier.sh runs/adapt_s2
+#   EXTRA="--set n_layers=1 ..." bash benchmarks/adaptive_frontier.sh runs/adapt_l1   # other settings, every run
+#   CPU=1 BENCH=0 RUNS="..." bash benchmarks/adaptive_frontier.sh ...   # train only (a second core's share)
 #
 # configs/adaptive.toml (2 layers, C = 3, threshold rule) trained at three compute targets (25%,
 # 45%, 65% of the 7 blocks), models of the same config trained at fixed C = 1, 2, 3 (1, 3, 7
@@ -18,12 +20,13 @@ RESULTS=${RESULTS:-benchmarks/results/adaptive_frontier}
 F=${F:-.venv/bin/fractalmoe}
 CPU=${CPU:-0}
 SEED_SET=${SEED:+--set seed=$SEED}  # default: the config's seed
+read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUT" "$RESULTS"
 train() {
   local name=$1; shift
   [ -e "$OUT/$name" ] && return
   [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]] && return
-  OMP_NUM_THREADS=1 /usr/bin/time -v taskset -c "$CPU" $F train --config configs/adaptive.toml $SEED_SET "$@" \
+  OMP_NUM_THREADS=1 /usr/bin/time -v taskset -c "$CPU" $F train --config configs/adaptive.toml $SEED_SET "${EXTRA[@]}" "$@" \
     --out "$OUT/$name" --quiet > "$OUT/$name.log" 2>&1
 }
 FIXED="--set adaptive_depth=false --set depth_explore=0 --set depth_target=0"
@@ -35,6 +38,7 @@ train threshold_t45_explore0.25 --set depth_explore=0.25
 train threshold_t45_explore0.05 --set depth_explore=0.05
 train threshold_t45_untied --set tie_blocks=false
 train threshold_t45_untied_explore0.05 --set tie_blocks=false --set depth_explore=0.05
+[ "${BENCH:-1}" = 0 ] && exit 0
 if [ -n "${RUNS:-}" ]; then read -r -a RUNS <<< "$RUNS"; else
 RUNS=(fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65 threshold_t45_explore0.25
       threshold_t45_explore0.05 threshold_t45_untied threshold_t45_untied_explore0.05); fi

@@ -309,23 +309,26 @@ def shallow_pilot_jobs() -> list[tuple[str, list[str]]]:
 
 
 # PEER with balancing is PEER with the balance loss at the weight that spread its choices best.
+# fhme_c3: C = 3 at the same FFN FLOPs (0.966) with 2 heads x top-8 at key width 12.
 SHALLOW_MODELS = {"fhme": [], "pkm": [], "dense": [], "moe": [], "memplus": [], "peer": [],
-                  "peer_balance0.01": ["--set", "balance_loss=0.01"]}
+                  "peer_balance0.01": ["--set", "balance_loss=0.01"],
+                  "fhme_c3": ["--set", "fractal_depth=3", "--set", "key_dim=12", "--set", "topk=8"]}
 
 
 def shallow_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The shallow pilots' order at the reported length: every model of the comparison at its
     tuned settings (lazy-Adam tables for every routed model) in a 1-layer model, FHME and PKM in a
     2-layer one; seeds 2 and 3, both corpora. FHME and PKM at 1 layer first, then the other
-    baselines, then 2 layers."""
+    baselines, then 2 layers, then FHME at C = 3 in 1 layer."""
     def job(corpus: str, model: str, layers: str, seed: str) -> tuple[str, list[str]]:
         data = ["--data", stdlib] if corpus == "stdlib" else []
         ffn = model.split("_")[0]
         return (f"{corpus}_{model}_L{layers}_s{seed}",
                 [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], ffn), *SHALLOW_MODELS[model],
                  "--set", f"n_layers={layers}", *data, "--max-steps", "1200", "--seeds", seed])
-    runs = [("1", m) for m in ("fhme", "pkm")] + [("1", m) for m in SHALLOW_MODELS if m not in ("fhme", "pkm")]
-    runs += [("2", "fhme"), ("2", "pkm")]
+    firsts = ("fhme", "pkm", "fhme_c3")
+    runs = [("1", m) for m in firsts[:2]] + [("1", m) for m in SHALLOW_MODELS if m not in firsts]
+    runs += [("2", "fhme"), ("2", "pkm"), ("1", "fhme_c3")]
     return [job(corpus, model, layers, seed) for layers, model in runs
             for corpus, seed in itertools.product(("shakespeare", "stdlib"), ("2", "3"))]
 

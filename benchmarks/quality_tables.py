@@ -170,6 +170,20 @@ def experts_table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def shallow_tables(found: list[dict]) -> str:
+    """The shallow phase (runs named <corpus>_<model>_L<layers>_s<seed>): one comparison per
+    corpus and number of layers, models labelled by run name (PEER with and without balancing)."""
+    out = []
+    found = [dict(r, model=r["name"].split("_", 1)[1].rsplit("_L", 1)[0]) for r in found]
+    for layers, corpus in itertools.product(sorted({r["config"]["n_layers"] for r in found}),
+                                            ("shakespeare", "stdlib")):
+        table = comparison_table([r for r in found if r["config"]["n_layers"] == layers
+                                  and r["name"].startswith(corpus + "_")])
+        if table:
+            out.append(f"\n### {corpus}, {layers}-layer models (1,200 steps)\n\n{table}")
+    return "\n".join(out)
+
+
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality")
     if (root / "search").is_dir():
@@ -186,6 +200,8 @@ def main() -> None:
     if table:
         print("\n### shakespeare (1,200 steps), lazy-Adam expert tables (lr 0.03) for both\n")
         print(table)
+    if (root / "shallow").is_dir():
+        print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
         pilots = rows(root / "optim-pilots") if (root / "optim-pilots").is_dir() else []
         reported = rows(root / "optim") if (root / "optim").is_dir() else []
