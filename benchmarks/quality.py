@@ -319,7 +319,7 @@ def shallow_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The shallow pilots' order at the reported length: every model of the comparison at its
     tuned settings (lazy-Adam tables for every routed model) in a 1-layer model, FHME and PKM in a
     2-layer one; seeds 2 and 3, both corpora. FHME and PKM at 1 layer first, then the other
-    baselines, then 2 layers, then FHME at C = 3 in 1 layer."""
+    baselines, FHME at C = 3, then 2 layers."""
     def job(corpus: str, model: str, layers: str, seed: str) -> tuple[str, list[str]]:
         data = ["--data", stdlib] if corpus == "stdlib" else []
         ffn = model.split("_")[0]
@@ -328,7 +328,7 @@ def shallow_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                  "--set", f"n_layers={layers}", *data, "--max-steps", "1200", "--seeds", seed])
     firsts = ("fhme", "pkm", "fhme_c3")
     runs = [("1", m) for m in firsts[:2]] + [("1", m) for m in SHALLOW_MODELS if m not in firsts]
-    runs += [("2", "fhme"), ("2", "pkm"), ("1", "fhme_c3")]
+    runs += [("1", "fhme_c3"), ("2", "fhme"), ("2", "pkm")]
     return [job(corpus, model, layers, seed) for layers, model in runs
             for corpus, seed in itertools.product(("shakespeare", "stdlib"), ("2", "3"))]
 
