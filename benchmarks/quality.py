@@ -16,7 +16,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py one-head          # PKM matched to the one-head FHME at 65K and 262K, second corpus
     python benchmarks/quality.py route-once-pilots # FHME routing once per column, 65K, 600 steps
     python benchmarks/quality.py route-once        # the experts series with route_once, second corpus
-    python benchmarks/quality.py shallow-pilots    # FHME vs PKM in 1- and 2-layer models, 600 steps
+    python benchmarks/quality.py shallow-pilots    # FHME vs PKM in 1-, 2- and 4-layer models, 600 steps
     python benchmarks/quality.py shallow           # every model in 1-layer models, FHME vs PKM in 2: 1,200 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
@@ -301,11 +301,11 @@ def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 def shallow_pilot_jobs() -> list[tuple[str, list[str]]]:
     """Is the fractal's second, sequential read worth more where the network lacks depth? In the
     4-layer model one read of 6 heads (PKM) beats FHME's three reads of 2 heads joined; the same
-    pair (default FHME, PKM matched to its FFN FLOPs) in models of 1 and 2 layers, bundled
+    pair (default FHME, PKM matched to its FFN FLOPs) in models of 1, 2 and 4 layers, bundled
     corpus, 600 steps, seed 1."""
     return [(f"{model}_L{layers}", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model),
                                     "--set", f"n_layers={layers}", "--max-steps", "600", "--seeds", "1"])
-            for layers, model in itertools.product(("1", "2"), ("fhme", "pkm"))]
+            for layers, model in itertools.product(("1", "2", "4"), ("fhme", "pkm"))]
 
 
 # PEER with balancing is PEER with the balance loss at the weight that spread its choices best.
