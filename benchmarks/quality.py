@@ -308,8 +308,8 @@ def shallow_pilot_jobs() -> list[tuple[str, list[str]]]:
             for layers, model in itertools.product(("1", "2", "4"), ("fhme", "pkm"))]
 
 
-# PEER with balancing is PEER with the balance loss at the weight that spread its choices best.
-# fhme_c3: C = 3 at the same FFN FLOPs (0.966) with 2 heads x top-8 at key width 12.
+# In the order run. PEER with balancing: the balance loss at the weight of the README's
+# routing-balance study (0.01). fhme_c3: C = 3 at the same FFN FLOPs (0.966) with 2 heads x top-8 at key width 12.
 SHALLOW_MODELS = {"fhme": [], "pkm": [], "dense": [], "moe": [], "memplus": [], "peer": [],
                   "peer_balance0.01": ["--set", "balance_loss=0.01"],
                   "fhme_c3": ["--set", "fractal_depth=3", "--set", "key_dim=12", "--set", "topk=8"]}
@@ -326,9 +326,7 @@ def shallow_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
         return (f"{corpus}_{model}_L{layers}_s{seed}",
                 [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], ffn), *SHALLOW_MODELS[model],
                  "--set", f"n_layers={layers}", *data, "--max-steps", "1200", "--seeds", seed])
-    firsts = ("fhme", "pkm", "fhme_c3")
-    runs = [("1", m) for m in firsts[:2]] + [("1", m) for m in SHALLOW_MODELS if m not in firsts]
-    runs += [("1", "fhme_c3"), ("2", "fhme"), ("2", "pkm")]
+    runs = [("1", m) for m in SHALLOW_MODELS] + [("2", "fhme"), ("2", "pkm")]
     return [job(corpus, model, layers, seed) for layers, model in runs
             for corpus, seed in itertools.product(("shakespeare", "stdlib"), ("2", "3"))]
 

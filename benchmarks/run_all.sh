@@ -43,6 +43,10 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 
 # Adaptive depth: the threshold rule against fixed depths (bpb vs blocks/token frontier)
 bash benchmarks/adaptive_frontier.sh
+# ... and in a 1-layer model of the quality comparison's value blocks (600 steps, seed 1)
+EXTRA="--set n_layers=1 --set block=value --set topk=40 --set key_dim=16 --set join_bias=0 --set train.expert_optim=lazy_adam --set train.expert_lr=0.03" \
+  RESULTS=$R/adaptive_frontier/one_layer RUNS="fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65" \
+  bash benchmarks/adaptive_frontier.sh runs/adapt_l1
 # Adaptive depth (C = 3) with compacted training, ponder rule: the adaptive model, the same config at full
 # depth, bench adaptive, the depth map on held-out text
 A=$R/adaptive_compacted
@@ -58,7 +62,8 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 .venv/bin/python benchmarks/quality.py optim-pilots
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib)
-for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once; do
+for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
+             shallow-pilots shallow; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
