@@ -177,8 +177,7 @@ def shallow_tables(found: list[dict]) -> str:
     found = [dict(r, model=r["name"].split("_", 1)[1].rsplit("_L", 1)[0]) for r in found]
     for layers, corpus in itertools.product(sorted({r["config"]["n_layers"] for r in found}),
                                             ("shakespeare", "stdlib")):
-        table = comparison_table([r for r in found if r["config"]["n_layers"] == layers
-                                  and r["name"].startswith(corpus + "_")])
+        table = final_table([r for r in found if r["config"]["n_layers"] == layers], corpus)
         if table:
             out.append(f"\n### {corpus}, {layers}-layer models (1,200 steps)\n\n{table}")
     return "\n".join(out)
