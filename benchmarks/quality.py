@@ -18,6 +18,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py route-once        # the experts series with route_once, second corpus
     python benchmarks/quality.py shallow-pilots    # FHME vs PKM in 1-, 2- and 4-layer models, 600 steps
     python benchmarks/quality.py shallow           # every model in 1-layer models, FHME vs PKM in 2: 1,200 steps
+    python benchmarks/quality.py gate-pilots       # FHME with Memory+'s SiLU gate on its output vs Memory+, 600 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -331,6 +332,26 @@ def shallow_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for corpus, seed in itertools.product(("shakespeare", "stdlib"), ("2", "3"))]
 
 
+# FHME with one SiLU(W x) gate on the layer's output, at the default FHME's FFN FLOPs (1.018x:
+# the gate's 2 D^2 paid with top-24 instead of top-40 per head).
+GATED_FHME = ["--set", "output_gate=true", "--set", "topk=24"]
+
+
+def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """Memory+ leads the 1-layer comparison on both corpora, and what it adds to PKM is a SiLU
+    gate on the read. Does FHME gain as much from one gate on its output? FHME with the gate
+    and Memory+ (matched to the default FHME), 1 layer, 600 steps, seed 1, both corpora, and the
+    plain FHME on the second (the shallow pilots ran it on the bundled one)."""
+    def job(corpus: str, model: str) -> tuple[str, list[str]]:
+        data = ["--data", stdlib] if corpus == "stdlib" else []
+        extra = GATED_FHME if model == "fhme_gated" else []
+        return (f"{corpus}_{model}_L1", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model.split("_")[0]),
+                                         *extra, "--set", "n_layers=1", *data, "--max-steps", "600", "--seeds", "1"])
+    return [job(corpus, model) for corpus, model in (("shakespeare", "fhme_gated"), ("shakespeare", "memplus"),
+                                                     ("stdlib", "fhme_gated"), ("stdlib", "memplus"),
+                                                     ("stdlib", "fhme"))]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -354,7 +375,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
-                                          "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow"))
+                                          "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
+                                          "gate-pilots"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -367,7 +389,8 @@ def main() -> None:
             "one-head": lambda: one_head_jobs(args.stdlib),
             "route-once-pilots": route_once_pilot_jobs,
             "route-once": lambda: route_once_jobs(args.stdlib), "shallow-pilots": shallow_pilot_jobs,
-            "shallow": lambda: shallow_jobs(args.stdlib)}[args.phase]()
+            "shallow": lambda: shallow_jobs(args.stdlib),
+            "gate-pilots": lambda: gate_pilot_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 

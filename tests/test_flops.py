@@ -3,7 +3,7 @@
 The fused kernels (embedding_bag mixes) are invisible to FlopCounterMode, so the bank is swapped
 for the plain einsum definition of the same mix; the router's projections and sub-key scoring
 are counted as they run. What FlopCounterMode never counts (top-k, the K*K candidate sums, the
-gated kind's elementwise product) is a few percent at most.
+gates' elementwise products) is a few percent at most.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ def _reference_mix(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor, gates: 
 @pytest.mark.parametrize("kind", ["neuron", "value", "gated"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("route_once", [False, True])
-def test_flops_per_token_match_flop_counter(kind: str, depth: int, route_once: bool,
+@pytest.mark.parametrize("output_gate", [False, True])
+def test_flops_per_token_match_flop_counter(kind: str, depth: int, route_once: bool, output_gate: bool,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     dim, tokens = 64, 32
-    layer = FHME(dim, 4096, depth=depth, heads=2, topk=8, key_dim=32, block=kind, route_once=route_once).eval()
+    layer = FHME(dim, 4096, depth=depth, heads=2, topk=8, key_dim=32, block=kind, route_once=route_once,
+                 output_gate=output_gate).eval()
     monkeypatch.setattr(ExpertBank, "forward", _reference_mix)
     x = torch.randn(tokens, dim)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

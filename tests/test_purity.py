@@ -20,6 +20,7 @@ from fractalmoe import FHMELanguageModel
 from fractalmoe.adapters import add_fhme_adapters
 from fractalmoe.config import tiny_model_config
 from fractalmoe.optim import ModelOptimizer
+from fractalmoe import routing
 from fractalmoe.routing import Balancing
 from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
 from fractalmoe.train import train_step
@@ -235,7 +236,8 @@ class HostSyncs(TorchDispatchMode):
     (wrapped here: on CPU they read memory without any op).
 
     On CPU only the scalar reads, the value-dependent ops and the wrapped read-outs are
-    observable; device-to-host copies appear only with a device."""
+    observable; device-to-host copies appear only with a device. The code is counted on the path a
+    device takes: top-k's numpy selection, which reads CPU tensors only (no sync there), is off."""
 
     SIZE_FROM_VALUES = ("nonzero", "bincount", "masked_select", "equal", "allclose", "_local_scalar_dense")
 
@@ -244,6 +246,8 @@ class HostSyncs(TorchDispatchMode):
         self.found: Counter = Counter()
 
     def __enter__(self) -> HostSyncs:
+        self._select_on_host = routing._select_on_host
+        routing._select_on_host = lambda scores, k: False
         for name in ("tolist", "numpy"):
             original = getattr(torch.Tensor, name)
 
@@ -257,6 +261,7 @@ class HostSyncs(TorchDispatchMode):
     def __exit__(self, *exc: object) -> None:
         for name in ("tolist", "numpy"):
             delattr(torch.Tensor, name)  # back to the C implementation
+        routing._select_on_host = self._select_on_host
         super().__exit__(*exc)
 
     @property

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fractalmoe import ProductKeyMemory
-from fractalmoe.routing import Balancing, product_key_topk
+from fractalmoe.routing import Balancing, _select_on_host, product_key_topk, sorted_topk
 from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
 
 
@@ -61,6 +61,28 @@ def test_combining_only_the_pairs_that_can_win_is_the_full_grid_top_k(k: int) ->
     ref = torch.autograd.grad(ref_scores, (s1, s2), g)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("n,k", [(128, 40), (158, 40), (16, 16), (1024, 16), (64, 1)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sorted_topk_equals_torch_topk(n: int, k: int, ties: bool) -> None:
+    """The CPU top-k (numpy's selection where k is a large share of the row) gives torch.topk's
+    values in its order and the same indices (with ties: indices of equal values), and its values
+    keep their gradient."""
+    torch.manual_seed(n + k)
+    s = torch.randn(2, 300, n)
+    if ties:
+        s = s.mul(4).round()
+    s.requires_grad_(True)
+    assert _select_on_host(s, k) == (8 * k >= n)  # both paths are covered
+    vals, idx = sorted_topk(s, k)
+    ref_vals, ref_idx = s.topk(k, dim=-1)
+    assert torch.equal(vals, ref_vals) and idx.dtype == ref_idx.dtype == torch.long
+    assert torch.equal(s.detach().gather(-1, idx), ref_vals.detach())
+    if not ties:  # (tied entries may trade places, and their gradients with them)
+        assert torch.equal(idx, ref_idx)
+        g = torch.randn_like(vals)
+        torch.testing.assert_close(torch.autograd.grad(vals, s, g)[0], torch.autograd.grad(ref_vals, s, g)[0])
 
 
 @pytest.mark.parametrize("kind", ["neuron", "value"])

@@ -128,6 +128,8 @@ class ModelConfig(_Config):
     # Each column's router chooses experts once, for the layer's input; its later applications
     # in the recursion re-weight those experts from their own query (no sub-key scoring). Tied only.
     route_once: bool = False
+    # A SiLU(W x) gate on the layer's output (Memory+'s gate, once per layer instead of per block).
+    output_gate: bool = False
     join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column

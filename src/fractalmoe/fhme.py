@@ -84,7 +84,8 @@ class FHME(nn.Module, PastBatchStatistics):
                  depth_target: float = 0.0, expert_dtype: str = "float32",
                  balancing: Balancing = Balancing(), block: str = "neuron",
                  bank: ExpertBank | None = None, tied: bool = True,
-                 depth_rule: str = "ponder", route_once: bool = False) -> None:
+                 depth_rule: str = "ponder", route_once: bool = False,
+                 output_gate: bool = False) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
@@ -112,6 +113,8 @@ class FHME(nn.Module, PastBatchStatistics):
             raise ValueError(f"depth_target={depth_target}: the threshold rule needs a share of the "
                              f"{blocks_at_depth(depth)} blocks in [1/{blocks_at_depth(depth)}, 1]")
         self.continue_share = continue_share(depth, depth_target) if self.halting else 1.0
+        # y * SiLU(W x): the multiplicative read-out of Memory+, paid once per layer
+        self.output_gate = nn.Linear(dim, dim, bias=False) if output_gate else None
         self.forced_depth: int | None = None  # evaluate every token at this depth
         self.compact = True  # compact stopped tokens, training and inference (False: masked reference)
 
@@ -121,7 +124,8 @@ class FHME(nn.Module, PastBatchStatistics):
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
-                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule, cfg.route_once)
+                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule, cfg.route_once,
+                   cfg.output_gate)
 
     @property
     def halting(self) -> bool:
@@ -165,7 +169,10 @@ class FHME(nn.Module, PastBatchStatistics):
             y_TD = self._combine(x_TD, depth_T, weights.to(x_TD.dtype))
         if self.collecting:
             self.record(DEPTH_COUNTS, (depth_T.unsqueeze(-1) == self._depths(depth_T)).sum(0).float())
-        return (y_TD - x_TD).view(*lead, dim)
+        y_TD = y_TD - x_TD
+        if self.output_gate is not None:
+            y_TD = y_TD * F.silu(self.output_gate(x_TD))
+        return y_TD.view(*lead, dim)
 
     def _explore(self, depth_T: Tensor) -> tuple[Tensor, Tensor]:
         """In training, a random depth_explore fraction of tokens takes a uniformly random depth
@@ -272,6 +279,7 @@ class FHME(nn.Module, PastBatchStatistics):
         blocks = blocks_at_depth(depth)
         choosing = depth if self.fractal.route_once else blocks
         router = 2 * self.dim * self.depth if self.depth_router is not None else 0
+        router += 2 * self.dim * self.dim + self.dim if self.output_gate is not None else 0
         return (choosing * memory.flops_per_token() + (blocks - choosing) * memory.flops_per_token(choose=False)
                 + joins_at_depth(depth) * 2 * self.dim + router)
 
@@ -281,6 +289,7 @@ class FHME(nn.Module, PastBatchStatistics):
         routers = mem.router.params_per_token()
         rows = mem.params_per_token() - routers  # expert rows (and gate) read per block call
         router = self.depth_router.weight.numel() if self.depth_router is not None else 0
+        router += self.output_gate.weight.numel() if self.output_gate is not None else 0
         return (self.fractal.routers_at_depth(depth) * routers + blocks_at_depth(depth) * rows
                 + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + router)
 

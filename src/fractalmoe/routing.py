@@ -22,6 +22,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,6 +43,35 @@ from .stats import (
 _SCORE_BLOCK = 1 << 21  # sub-key scores per block of tokens (8 MB in float32)
 
 
+def _select_on_host(scores: Tensor, k: int) -> bool:
+    """numpy's selection for CPU float rows where k is over an eighth of the row (not traced)."""
+    return (scores.device.type == "cpu" and 8 * k >= scores.shape[-1] and not torch.compiler.is_compiling()
+            and scores.dtype in (torch.float32, torch.float64))
+
+
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries along the last dim, in descending order of score.
+
+    On a CPU, when k is a large share of the row (the default's 40 of 128 sub-keys, 40 of the
+    158 candidate pairs), numpy's introselect (argpartition, then an argsort of the k) is 1.5-2.4x
+    faster than ``torch.topk``, which sorts (value, index) pairs row by row; the same indices
+    but for the order of tied scores. Elsewhere (accelerators, torch.compile, small k) ``torch.topk``."""
+    n = scores.shape[-1]
+    if not _select_on_host(scores, k):
+        return scores.detach().topk(k, dim=-1).indices
+    a = scores.detach().contiguous().numpy()
+    part = np.argpartition(a, n - k, axis=-1)[..., n - k:]
+    order = np.argsort(-np.take_along_axis(a, part, -1), axis=-1)
+    return torch.from_numpy(np.take_along_axis(part, order, -1))
+
+
+def sorted_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest entries along the last dim, descending, as
+    ``torch.topk``; values keep their autograd graph."""
+    idx = topk_indices(scores, k)
+    return scores.gather(-1, idx), idx
+
+
 class _SubKeyTopK(torch.autograd.Function):
     """Top-k of the sub-key scores q . c_i per head, whose backward touches only the k selected
     keys of each query: O(T * H * k * Q) instead of the dense O(T * H * n * Q) score gradient."""
@@ -57,9 +87,9 @@ class _SubKeyTopK(torch.autograd.Function):
         for q in q_THQ.split(block):
             scores = torch.einsum("thq,hnq->thn", q, keys_HNQ)
             if bias_HN is None:
-                parts.append(scores.topk(k, dim=-1))
+                parts.append(sorted_topk(scores, k))
             else:
-                idx = (scores + bias_HN).topk(k, dim=-1).indices
+                idx = topk_indices(scores + bias_HN, k)
                 parts.append((scores.gather(-1, idx), idx))
         if len(parts) == 1:
             vals, idx = parts[0]
@@ -118,11 +148,11 @@ def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int,
     order); the scores returned are always v1 + v2 of the chosen pairs."""
     if grid_bias is None:
         rows, cols, flat_of = _pairs_that_can_win(k, v1.device)
-        scores, pos = (v1.index_select(-1, rows) + v2.index_select(-1, cols)).topk(k, dim=-1)
+        scores, pos = sorted_topk(v1.index_select(-1, rows) + v2.index_select(-1, cols), k)
         flat = flat_of[pos]
     else:
         cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
-        flat = (cand.detach() + grid_bias).topk(k, dim=-1).indices
+        flat = topk_indices(cand.detach() + grid_bias, k)
         scores = cand.gather(-1, flat)
     idx = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
     return scores, idx
@@ -131,8 +161,8 @@ def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int,
 def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact top-k of s1[..., i] + s2[..., j] over all (i, j); returns (scores, i * n + j)."""
     n = s2.shape[-1]
-    v1, i1 = s1.topk(k, dim=-1)  # (..., K), sorted
-    v2, i2 = s2.topk(k, dim=-1)
+    v1, i1 = sorted_topk(s1, k)  # (..., K), sorted
+    v2, i2 = sorted_topk(s2, k)
     return combine_topk(v1, i1, v2, i2, n, k)
 
 
