@@ -18,7 +18,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py route-once        # the experts series with route_once, second corpus
     python benchmarks/quality.py shallow-pilots    # FHME vs PKM in 1-, 2- and 4-layer models, 600 steps
     python benchmarks/quality.py shallow           # every model in 1-layer models, FHME vs PKM in 2: 1,200 steps
-    python benchmarks/quality.py gate-pilots       # FHME with Memory+'s SiLU gate on its output vs Memory+, 600 steps
+    python benchmarks/quality.py gate-pilots       # FHME and PKM with a SiLU gate on the output, 1 and 4 layers, 600 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -339,17 +339,22 @@ GATED_FHME = ["--set", "output_gate=true", "--set", "topk=24"]
 
 def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """Memory+ leads the 1-layer comparison on both corpora, and what it adds to PKM is a SiLU
-    gate on the read. Does FHME gain as much from one gate on its output? FHME with the gate
-    and Memory+ (matched to the default FHME), 1 layer, 600 steps, seed 1, both corpora, and the
-    plain FHME on the second (the shallow pilots ran it on the bundled one)."""
-    def job(corpus: str, model: str) -> tuple[str, list[str]]:
+    gate on the read. Does FHME gain as much from one gate on its output? 600 steps, seed 1.
+    1 layer: FHME with the gate and Memory+ (matched to the default FHME) on both corpora, plain
+    FHME on the second (the shallow pilots ran it on the bundled one). 4 layers: FHME and PKM, each
+    with and without the gate (PKM with it is Memory+ without the shared bank), on both corpora
+    (plain ones on the bundled corpus are the shallow pilots')."""
+    def job(corpus: str, model: str, layers: str) -> tuple[str, list[str]]:
         data = ["--data", stdlib] if corpus == "stdlib" else []
-        extra = GATED_FHME if model == "fhme_gated" else []
-        return (f"{corpus}_{model}_L1", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model.split("_")[0]),
-                                         *extra, "--set", "n_layers=1", *data, "--max-steps", "600", "--seeds", "1"])
-    return [job(corpus, model) for corpus, model in (("shakespeare", "fhme_gated"), ("shakespeare", "memplus"),
-                                                     ("stdlib", "fhme_gated"), ("stdlib", "memplus"),
-                                                     ("stdlib", "fhme"))]
+        extra = GATED_FHME if model.endswith("_gated") else []
+        return (f"{corpus}_{model}_L{layers}",
+                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model.split("_")[0]), *extra,
+                 "--set", f"n_layers={layers}", *data, "--max-steps", "600", "--seeds", "1"])
+    one = [("shakespeare", "fhme_gated"), ("shakespeare", "memplus"), ("stdlib", "fhme_gated"),
+           ("stdlib", "memplus"), ("stdlib", "fhme")]
+    four = [("shakespeare", "fhme_gated"), ("shakespeare", "pkm_gated"), ("stdlib", "fhme_gated"),
+            ("stdlib", "pkm_gated"), ("stdlib", "fhme"), ("stdlib", "pkm")]
+    return [job(c, m, "1") for c, m in one] + [job(c, m, "4") for c, m in four]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:

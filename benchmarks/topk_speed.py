@@ -1,0 +1,111 @@
+"""Top-k selection on a CPU: ``torch.topk`` against the routing's numpy selection
+(``fractalmoe.routing.topk_indices``), per call at the default model's shapes and per training
+step of the default model (16 x 128 bytes, one thread).
+
+Each (selection, repeat) runs in a fresh process, alternated A/B/A/B; medians are reported, and
+the run refuses to start while another PyTorch process runs or the load average is above 0.5.
+
+    python benchmarks/topk_speed.py [--repeats 3] [--out benchmarks/results/topk_speed.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("torch", "numpy")
+# (rows, width, k) of the default model's calls: 2,048 tokens x 2 heads, 128 sub-keys per half or
+# the 158 candidate pairs that can win, top-40.
+SHAPES = ((4096, 128, 40), (4096, 158, 40))
+
+
+def _median_ms(fn, runs: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure(mode: str) -> dict[str, object]:
+    """One process: the selection's time per call at SHAPES and per default training step."""
+    import torch
+
+    from fractalmoe import routing
+    from fractalmoe.config import default_run_config
+    from fractalmoe.model import FHMELanguageModel
+    from fractalmoe.optim import ModelOptimizer
+    from fractalmoe.stats import collect, fold_statistics
+
+    torch.set_num_threads(1)
+    if mode == "torch":
+        routing._select_on_host = lambda scores, k: False
+    torch.manual_seed(0)
+    out: dict[str, object] = {"mode": mode}
+    for rows, width, k in SHAPES:
+        scores = torch.randn(rows, width)
+        out[f"call_ms_{width}_{k}"] = _median_ms(lambda: routing.sorted_topk(scores, k), 9)
+    run = default_run_config()
+    model = FHMELanguageModel(run.model)
+    tc = run.train
+    opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim, tc.beta2,
+                         tc.deferred_table_grads, tc.fused_row_update)
+    data = torch.randint(0, 256, (tc.batch_size, run.model.seq_len + 1))
+
+    def step() -> None:
+        opt.zero_grad()
+        with collect(model) as stats:
+            _, loss = model(data[:, :-1], data[:, 1:])
+            (loss + stats.aux_loss()).backward()
+        opt.step()
+        fold_statistics(model, stats)
+
+    for _ in range(2):
+        step()
+    out["step_ms"] = _median_ms(step, 5)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results/topk_speed.jsonl")
+    p.add_argument("--force", action="store_true", help="run even on a busy machine")
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child)))
+        return
+    from fractalmoe.bench_layer import busy_reason
+
+    reason = None if args.force else busy_reason()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        sys.exit(2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = []
+    for repeat in range(args.repeats):
+        for mode in MODES:
+            proc = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True,
+                                  text=True, env=env, check=True)
+            rows.append({**json.loads(proc.stdout.splitlines()[-1]), "repeat": repeat})
+            print(json.dumps(rows[-1]))
+    keys = [k for k in rows[0] if k.endswith("_ms")]
+    med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in MODES}
+    summary = {"summary": "median", **{f"{m}_{k}": v for m in MODES for k, v in med[m].items()},
+               **{f"speedup_{k}": med["torch"][k] / med["numpy"][k] for k in keys}}
+    print(json.dumps(summary))
+    with open(args.out, "w") as f:
+        for r in [*rows, summary]:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
