@@ -18,7 +18,8 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py route-once        # the experts series with route_once, second corpus
     python benchmarks/quality.py shallow-pilots    # FHME vs PKM in 1-, 2- and 4-layer models, 600 steps
     python benchmarks/quality.py shallow           # every model in 1-layer models, FHME vs PKM in 2: 1,200 steps
-    python benchmarks/quality.py gate-pilots       # FHME and PKM with a SiLU gate on the output, 1 and 4 layers, 600 steps
+    python benchmarks/quality.py gate-pilots       # FHME, PKM with a SiLU output gate, 1 and 4 layers, 600 steps
+    python benchmarks/quality.py gated             # FHME and PKM with the gate, 4 layers: seeds 2, 3, 1,200 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -357,6 +358,19 @@ def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return [job(c, m, "1") for c, m in one] + [job(c, m, "4") for c, m in four]
 
 
+def gated_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The gate pilots' 4-layer pair at the reported length: FHME and PKM, each with the SiLU
+    output gate (both gained from it in the pilots, PKM more), lazy-Adam tables, 1,200 steps,
+    seeds 2 and 3, both corpora; seed 2 of every pair first."""
+    def job(corpus: str, model: str, seed: str) -> tuple[str, list[str]]:
+        data = ["--data", stdlib] if corpus == "stdlib" else []
+        return (f"{corpus}_{model}_gated_s{seed}",
+                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *data,
+                 "--max-steps", "1200", "--seeds", seed])
+    return [job(corpus, model, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")
+            for model in ("pkm", "fhme")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -381,7 +395,7 @@ def main() -> None:
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
-                                          "gate-pilots"))
+                                          "gate-pilots", "gated"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -395,7 +409,8 @@ def main() -> None:
             "route-once-pilots": route_once_pilot_jobs,
             "route-once": lambda: route_once_jobs(args.stdlib), "shallow-pilots": shallow_pilot_jobs,
             "shallow": lambda: shallow_jobs(args.stdlib),
-            "gate-pilots": lambda: gate_pilot_jobs(args.stdlib)}[args.phase]()
+            "gate-pilots": lambda: gate_pilot_jobs(args.stdlib),
+            "gated": lambda: gated_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
