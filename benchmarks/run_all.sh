@@ -41,6 +41,9 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 /usr/bin/time -v $F train --config configs/million.toml --set n_layers=1 --set num_experts=16777216 \
   --set expert_dtype=bfloat16 --out runs/train_16m --quiet 2> $R/train_16m/time.txt
 
+# Top-k selection on a CPU: torch.topk vs numpy's selection, per call and per default training step
+.venv/bin/python benchmarks/topk_speed.py --out $R/topk_speed.jsonl
+
 # Adaptive depth: the threshold rule against fixed depths (bpb vs blocks/token frontier)
 bash benchmarks/adaptive_frontier.sh
 # ... and in a 1-layer model of the quality comparison's value blocks (600 steps, seed 1)
@@ -61,9 +64,10 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 .venv/bin/python benchmarks/quality.py usage-pilots
 .venv/bin/python benchmarks/quality.py optim-pilots
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
-# balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib)
+# balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
+# shallower models, the SiLU output gate
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
-             shallow-pilots shallow; do
+             shallow-pilots shallow gate-pilots gated; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
