@@ -1,6 +1,6 @@
 """Markdown tables of the quality runs (benchmarks/quality.py): every search trial, the
-reported comparison per corpus with the win rule applied, the expert-table optimizers and the
-number of experts.
+reported comparison per corpus with the win rule applied (also with the SiLU output gate and in
+shallower models), the expert-table optimizers and the number of experts.
 
     python benchmarks/quality_tables.py benchmarks/results/quality
 
@@ -199,6 +199,12 @@ def main() -> None:
     if table:
         print("\n### shakespeare (1,200 steps), lazy-Adam expert tables (lr 0.03) for both\n")
         print(table)
+    gated = rows(root / "gated") if (root / "gated").is_dir() else []
+    for corpus in ("shakespeare", "stdlib"):
+        table = final_table(gated, corpus)
+        if table:
+            print(f"\n### {corpus} (1,200 steps), FHME and PKM with the SiLU output gate, lazy-Adam tables\n")
+            print(table)
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
