@@ -9,7 +9,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py usage-pilots      # FHME with the balance loss, 600 steps
     python benchmarks/quality.py optim-pilots      # expert-table optimizers: 4 table lrs each, seed 1
     python benchmarks/quality.py optim             # each at its best lr: seeds 2, 3; 16K and 65K experts
-    python benchmarks/quality.py final-lazy        # FHME and PKM with lazy Adam tables: seeds 2, 3, 1,200 steps
+    python benchmarks/quality.py final-lazy        # every model with lazy-Adam tables: seeds 2, 3, 1,200 steps
     python benchmarks/quality.py balance-65k       # FHME at 65K experts with a light balance loss, seed 2
     python benchmarks/quality.py experts           # FHME at 4K .. 262K experts, equal FFN FLOPs, second corpus
     python benchmarks/quality.py one-head-pilots   # one head per block at 65K, every routed model, 600 steps
@@ -166,13 +166,21 @@ def balance_65k_jobs() -> list[tuple[str, list[str]]]:
             run("rate0.0001", "--set", "balance_rate=0.0001"), run("rate0.0003", "--set", "balance_rate=0.0003")]
 
 
-def final_lazy_jobs() -> list[tuple[str, list[str]]]:
-    """The bundled comparison's two best models again with lazy-Adam tables (lr 0.03), which beat
-    row-wise Adagrad for FHME at 1,200 steps: the table optimizer is offered to both. FHME's runs
-    are the optim phase's n16384_lazy_adam_s{2,3} (the same command)."""
+def final_lazy_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The comparison again with lazy-Adam tables (lr 0.03), which beat row-wise Adagrad for FHME
+    at 1,200 steps: the table optimizer is offered to every routed model. First the bundled
+    corpus's two best models (FHME's runs are the optim phase's n16384_lazy_adam_s{2,3}, the same
+    command), then every other model on both corpora (dense has no tables: its bundled runs are
+    the final phase's), PEER also with the balance loss at 0.01; seeds 2 and 3 of a model run
+    side by side, most decisive first."""
     lazy = ["--set", "expert_optim=lazy_adam", "--set", f"expert_lr={OPTIM_TUNED['lazy_adam']}"]
-    return [(f"shakespeare_{model}_s{seed}", _reported(model, seed, *lazy))
+    jobs = [(f"shakespeare_{model}_s{seed}", _reported(model, seed, *lazy))
             for seed, model in itertools.product(("2", "3"), ("fhme", "pkm"))]
+    for (corpus, model), seed in itertools.product(LAZY_REST, ("2", "3")):
+        data = ["--data", stdlib] if corpus == "stdlib" else []
+        jobs.append((f"{corpus}_{model}_s{seed}",
+                     _reported(model.split("_")[0], seed, *SHALLOW_MODELS.get(model, []), *lazy, *data)))
+    return jobs
 
 
 # Experts at equal FFN FLOPs: scoring sub-keys costs 2 * sqrt(N) * key_dim per head, so the key
@@ -310,6 +318,9 @@ def shallow_pilot_jobs() -> list[tuple[str, list[str]]]:
             for layers, model in itertools.product(("1", "2", "4"), ("fhme", "pkm"))]
 
 
+LAZY_REST = [("stdlib", "fhme"), ("stdlib", "pkm"), ("shakespeare", "memplus"), ("stdlib", "memplus"),
+             ("shakespeare", "peer_balance0.01"), ("stdlib", "peer_balance0.01"), ("stdlib", "dense"),
+             ("shakespeare", "moe"), ("stdlib", "moe"), ("shakespeare", "peer"), ("stdlib", "peer")]
 # In the order run. PEER with balancing: the balance loss at the weight of the README's
 # routing-balance study (0.01). fhme_c3: C = 3 at the same FFN FLOPs (0.966) with 2 heads x top-8 at key width 12.
 SHALLOW_MODELS = {"fhme": [], "pkm": [], "dense": [], "moe": [], "memplus": [], "peer": [],
@@ -403,7 +414,7 @@ def main() -> None:
     jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "usage-pilots": usage_pilot_jobs,
             "search": search_jobs,
             "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
-            "optim": optim_jobs, "final-lazy": final_lazy_jobs, "balance-65k": balance_65k_jobs,
+            "optim": optim_jobs, "final-lazy": lambda: final_lazy_jobs(args.stdlib), "balance-65k": balance_65k_jobs,
             "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs,
             "one-head": lambda: one_head_jobs(args.stdlib),
             "route-once-pilots": route_once_pilot_jobs,
