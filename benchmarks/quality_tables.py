@@ -194,11 +194,16 @@ def main() -> None:
         if table:
             print(f"\n### {corpus} (1,200 steps)\n")
             print(table)
-    lazy = rows(root / "final-lazy") if (root / "final-lazy").is_dir() else []
-    table = final_table(lazy, "shakespeare")
-    if table:
-        print("\n### shakespeare (1,200 steps), lazy-Adam expert tables (lr 0.03) for both\n")
-        print(table)
+    # Dense has no expert tables: its final runs are its lazy-Adam runs too. Models are labelled by
+    # run name (PEER with and without the balance loss).
+    lazy = (rows(root / "final-lazy") if (root / "final-lazy").is_dir() else []) + [
+        r for r in final if r["model"] == "dense"]
+    lazy = [dict(r, model=r["name"].split("_", 1)[1].rsplit("_s", 1)[0]) for r in lazy]
+    for corpus in ("shakespeare", "stdlib"):
+        table = final_table(lazy, corpus)
+        if table:
+            print(f"\n### {corpus} (1,200 steps), lazy-Adam expert tables (lr 0.03) for every routed model\n")
+            print(table)
     gated = rows(root / "gated") if (root / "gated").is_dir() else []
     for corpus in ("shakespeare", "stdlib"):
         table = final_table(gated, corpus)
