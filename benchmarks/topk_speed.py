@@ -51,7 +51,7 @@ def measure(mode: str) -> dict[str, object]:
     out: dict[str, object] = {"mode": mode}
     for rows, width, k in SHAPES:
         scores = torch.randn(rows, width)
-        out[f"call_ms_{width}_{k}"] = _median_ms(lambda: routing.sorted_topk(scores, k), 9)
+        out[f"call_{width}_{k}_ms"] = _median_ms(lambda: routing.sorted_topk(scores, k), 9)
     run = default_run_config()
     model = FHMELanguageModel(run.model)
     tc = run.train
@@ -83,9 +83,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child)))
         return
-    from fractalmoe.bench_layer import busy_reason
+    from fractalmoe.bench_layer import wait_until_idle
 
-    reason = None if args.force else busy_reason()
+    reason = None if args.force else wait_until_idle(max_wait_s=180)
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         sys.exit(2)
