@@ -183,33 +183,30 @@ def shallow_tables(found: list[dict]) -> str:
     return "\n".join(out)
 
 
+def print_per_corpus(found: list[dict], title: str) -> None:
+    """The comparison of found's runs on each corpus that has any, under one heading each."""
+    for corpus in ("shakespeare", "stdlib"):
+        table = final_table(found, corpus)
+        if table:
+            print(f"\n### {corpus} (1,200 steps){title}\n")
+            print(table)
+
+
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/quality")
     if (root / "search").is_dir():
         print("### Search (seed 1, 300 steps, bundled corpus)\n")
         print(search_table(rows(root / "search")))
     final = rows(root / "final") if (root / "final").is_dir() else []
-    for corpus in ("shakespeare", "stdlib"):
-        table = final_table(final, corpus)
-        if table:
-            print(f"\n### {corpus} (1,200 steps)\n")
-            print(table)
+    print_per_corpus(final, "")
     # Dense has no expert tables: its final runs are its lazy-Adam runs too. Models are labelled by
     # run name (PEER with and without the balance loss).
     lazy = (rows(root / "final-lazy") if (root / "final-lazy").is_dir() else []) + [
         r for r in final if r["model"] == "dense"]
     lazy = [dict(r, model=r["name"].split("_", 1)[1].rsplit("_s", 1)[0]) for r in lazy]
-    for corpus in ("shakespeare", "stdlib"):
-        table = final_table(lazy, corpus)
-        if table:
-            print(f"\n### {corpus} (1,200 steps), lazy-Adam expert tables (lr 0.03) for every routed model\n")
-            print(table)
+    print_per_corpus(lazy, ", lazy-Adam expert tables (lr 0.03) for every routed model")
     gated = rows(root / "gated") if (root / "gated").is_dir() else []
-    for corpus in ("shakespeare", "stdlib"):
-        table = final_table(gated, corpus)
-        if table:
-            print(f"\n### {corpus} (1,200 steps), FHME and PKM with the SiLU output gate, lazy-Adam tables\n")
-            print(table)
+    print_per_corpus(gated, ", FHME and PKM with the SiLU output gate, lazy-Adam tables")
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
