@@ -16,11 +16,10 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from fractalmoe import FHMELanguageModel
+from fractalmoe import FHMELanguageModel, routing
 from fractalmoe.adapters import add_fhme_adapters
 from fractalmoe.config import tiny_model_config
 from fractalmoe.optim import ModelOptimizer
-from fractalmoe import routing
 from fractalmoe.routing import Balancing
 from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
 from fractalmoe.train import train_step

@@ -3,8 +3,8 @@
 Legend: T tokens (flattened), D width, C fractal depth.
 
 Three mixing levels: (1) top-k experts per head inside each routed block, (2) highway joins
-between fractal paths, (3) a per-token depth choice d(x) in 1..C. The layer returns f_d(x) - x,
-which the transformer block adds to its residual stream.
+between fractal paths, (3) a per-token depth choice d(x) in 1..C. The layer returns f_d(x) - x
+(times SiLU(W x) with ``output_gate``), which the transformer block adds to its residual stream.
 
 Two rules choose the depth d(x); both read only the token's own state (causal):
 
@@ -278,20 +278,20 @@ class FHME(nn.Module, PastBatchStatistics):
         memory = self.fractal.blocks[0].memory
         blocks = blocks_at_depth(depth)
         choosing = depth if self.fractal.route_once else blocks
-        router = 2 * self.dim * self.depth if self.depth_router is not None else 0
-        router += 2 * self.dim * self.dim + self.dim if self.output_gate is not None else 0
+        dense = 2 * self.dim * self.depth if self.depth_router is not None else 0
+        dense += 2 * self.dim * self.dim + self.dim if self.output_gate is not None else 0  # W x, product
         return (choosing * memory.flops_per_token() + (blocks - choosing) * memory.flops_per_token(choose=False)
-                + joins_at_depth(depth) * 2 * self.dim + router)
+                + joins_at_depth(depth) * 2 * self.dim + dense)
 
     def params_at_depth(self, depth: int) -> int:
         """Parameters a token at ``depth`` reads: its routers, its expert rows, its join gates."""
         mem = self.fractal.blocks[0].memory
         routers = mem.router.params_per_token()
         rows = mem.params_per_token() - routers  # expert rows (and gate) read per block call
-        router = self.depth_router.weight.numel() if self.depth_router is not None else 0
-        router += self.output_gate.weight.numel() if self.output_gate is not None else 0
+        dense = self.depth_router.weight.numel() if self.depth_router is not None else 0
+        dense += self.output_gate.weight.numel() if self.output_gate is not None else 0
         return (self.fractal.routers_at_depth(depth) * routers + blocks_at_depth(depth) * rows
-                + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + router)
+                + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + dense)
 
     def _expected(self, per_depth: Callable[[int], float], depth_hist: DepthHist) -> float:
         """Mean of per_depth(d) under a measured depth histogram (counts or fractions per depth);
