@@ -53,6 +53,11 @@ PILOTS = [("value", ["--models", "fhme,pkm,dense", "--set", "block=value"]),
           ("value_q32k8_elr0.15", ["--models", "fhme", "--set", "block=value", "--set", "expert_lr=0.15"])]
 
 
+def _data(corpus: str, stdlib: str) -> list[str]:
+    """The --data flag of a run on corpus ("shakespeare": the bundled default, or "stdlib")."""
+    return ["--data", stdlib] if corpus == "stdlib" else []
+
+
 def pilot_jobs() -> list[tuple[str, list[str]]]:
     return [(name, [*args, "--max-steps", "300", "--seeds", "1"]) for name, args in PILOTS]
 
@@ -112,7 +117,7 @@ ORDER = [("shakespeare", "fhme"), ("shakespeare", "pkm"), ("shakespeare", "dense
 def final_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     jobs = []
     for (corpus, model), seed in itertools.product(ORDER, ("2", "3")):
-        data = ["--data", stdlib] if corpus == "stdlib" else []
+        data = _data(corpus, stdlib)
         jobs.append((f"{corpus}_{model}_s{seed}", _reported(model, seed, *data)))
     return jobs
 
@@ -177,7 +182,7 @@ def final_lazy_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     jobs = [(f"shakespeare_{model}_s{seed}", _reported(model, seed, *lazy))
             for seed, model in itertools.product(("2", "3"), ("fhme", "pkm"))]
     for (corpus, model), seed in itertools.product(LAZY_REST, ("2", "3")):
-        data = ["--data", stdlib] if corpus == "stdlib" else []
+        data = _data(corpus, stdlib)
         jobs.append((f"{corpus}_{model}_s{seed}",
                      _reported(model.split("_")[0], seed, *SHALLOW_MODELS.get(model, []), *lazy, *data)))
     return jobs
@@ -334,7 +339,7 @@ def shallow_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     2-layer one; seeds 2 and 3, both corpora. FHME and PKM at 1 layer first, then the other
     baselines, FHME at C = 3, then 2 layers."""
     def job(corpus: str, model: str, layers: str, seed: str) -> tuple[str, list[str]]:
-        data = ["--data", stdlib] if corpus == "stdlib" else []
+        data = _data(corpus, stdlib)
         ffn = model.split("_")[0]
         return (f"{corpus}_{model}_L{layers}_s{seed}",
                 [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], ffn), *SHALLOW_MODELS[model],
@@ -357,7 +362,7 @@ def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     with and without the gate (PKM with it is Memory+ without the shared bank), on both corpora
     (plain ones on the bundled corpus are the shallow pilots')."""
     def job(corpus: str, model: str, layers: str) -> tuple[str, list[str]]:
-        data = ["--data", stdlib] if corpus == "stdlib" else []
+        data = _data(corpus, stdlib)
         extra = GATED_FHME if model.endswith("_gated") else []
         return (f"{corpus}_{model}_L{layers}",
                 [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model.split("_")[0]), *extra,
@@ -374,7 +379,7 @@ def gated_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     output gate (both gained from it in the pilots, PKM more), lazy-Adam tables, 1,200 steps,
     seeds 2 and 3, both corpora; seed 2 of every pair first."""
     def job(corpus: str, model: str, seed: str) -> tuple[str, list[str]]:
-        data = ["--data", stdlib] if corpus == "stdlib" else []
+        data = _data(corpus, stdlib)
         return (f"{corpus}_{model}_gated_s{seed}",
                 [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *data,
                  "--max-steps", "1200", "--seeds", seed])
