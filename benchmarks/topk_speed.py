@@ -35,14 +35,13 @@ def _median_ms(fn, runs: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def measure(mode: str) -> dict[str, object]:
-    """One process: the selection's time per call at SHAPES and per default training step."""
+    """One process: the selection's time per call at SHAPES, and the default model's training step
+    as ``fractalmoe bench model`` times it (``bench.run_model``: 16 x 128 bytes, 5 steps)."""
     import torch
 
     from fractalmoe import routing
+    from fractalmoe.bench import ModelSpec, run_model
     from fractalmoe.config import default_run_config
-    from fractalmoe.model import FHMELanguageModel
-    from fractalmoe.optim import ModelOptimizer
-    from fractalmoe.stats import collect, fold_statistics
 
     torch.set_num_threads(1)
     if mode == "torch":
@@ -53,23 +52,8 @@ def measure(mode: str) -> dict[str, object]:
         scores = torch.randn(rows, width)
         out[f"call_{width}_{k}_ms"] = _median_ms(lambda: routing.sorted_topk(scores, k), 9)
     run = default_run_config()
-    model = FHMELanguageModel(run.model)
-    tc = run.train
-    opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim, tc.beta2,
-                         tc.deferred_table_grads, tc.fused_row_update)
-    data = torch.randint(0, 256, (tc.batch_size, run.model.seq_len + 1))
-
-    def step() -> None:
-        opt.zero_grad()
-        with collect(model) as stats:
-            _, loss = model(data[:, :-1], data[:, 1:])
-            (loss + stats.aux_loss()).backward()
-        opt.step()
-        fold_statistics(model, stats)
-
-    for _ in range(2):
-        step()
-    out["step_ms"] = _median_ms(step, 5)
+    row = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size, steps=5))
+    out["step_ms"] = row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"]
     return out
 
 
@@ -83,7 +67,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child)))
         return
-    from fractalmoe.bench_layer import wait_until_idle
+    from fractalmoe.bench_layer import schedule, wait_until_idle
 
     reason = None if args.force else wait_until_idle(max_wait_s=180)
     if reason:
@@ -91,12 +75,11 @@ def main() -> None:
         sys.exit(2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
-    for repeat in range(args.repeats):
-        for mode in MODES:
-            proc = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True,
-                                  text=True, env=env, check=True)
-            rows.append({**json.loads(proc.stdout.splitlines()[-1]), "repeat": repeat})
-            print(json.dumps(rows[-1]))
+    for repeat, m in schedule(len(MODES), args.repeats):
+        proc = subprocess.run([sys.executable, __file__, "--child", MODES[m]], capture_output=True,
+                              text=True, env=env, check=True)
+        rows.append({**json.loads(proc.stdout.splitlines()[-1]), "repeat": repeat})
+        print(json.dumps(rows[-1]))
     keys = [k for k in rows[0] if k.endswith("_ms")]
     med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in MODES}
     summary = {"summary": "median", **{f"{m}_{k}": v for m in MODES for k, v in med[m].items()},

@@ -53,7 +53,7 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     """Indices of the k largest entries along the last dim, in descending order of score.
 
     On a CPU, when k is a large share of the row (the default's 40 of 128 sub-keys, 40 of the
-    158 candidate pairs), numpy's selection (argpartition, then an argsort of the k) is 1.6-2.6x
+    158 candidate pairs), numpy's selection (argpartition, then an argsort of the k) is 1.5-2.5x
     faster than ``torch.topk``, which sorts (value, index) pairs row by row; the same indices
     but for the order of tied scores. Elsewhere (accelerators, torch.compile, small k) ``torch.topk``."""
     n = scores.shape[-1]
