@@ -6,6 +6,8 @@
 #     RESULTS=benchmarks/results/adaptive_frontier/seed2 bash benchmarks/adaptive_frontier.sh runs/adapt_s2
 #   EXTRA="--set n_layers=1 ..." bash benchmarks/adaptive_frontier.sh runs/adapt_l1   # other settings, every run
 #   CPU=1 BENCH=0 RUNS="..." bash benchmarks/adaptive_frontier.sh ...   # train only (a second core's share)
+#   EVAL_BYTES=262144 PASSES=1 ... # bench on a fixed validation prefix, one timed pass per mode
+#   DEPTH_TEXT="$(head -c 800 data/stdlib/val.txt)" ...  # the depth map's held-out text
 #
 # configs/adaptive.toml (2 layers, C = 3, threshold rule) trained at three compute targets (25%,
 # 45%, 65% of the 7 blocks), models of the same config trained at fixed C = 1, 2, 3 (1, 3, 7
@@ -42,11 +44,12 @@ train threshold_t45_untied_explore0.05 --set tie_blocks=false --set depth_explor
 if [ -n "${RUNS:-}" ]; then read -r -a RUNS <<< "$RUNS"; else
 RUNS=(fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65 threshold_t45_explore0.25
       threshold_t45_explore0.05 threshold_t45_untied threshold_t45_untied_explore0.05); fi
-$F bench adaptive $(printf -- "--ckpt $OUT/%s " "${RUNS[@]}") --plot "$RESULTS/frontier.png" --json \
+OMP_NUM_THREADS=1 taskset -c "$CPU" $F bench adaptive $(printf -- "--ckpt $OUT/%s " "${RUNS[@]}") \
+  ${EVAL_BYTES:+--eval-bytes $EVAL_BYTES} --passes "${PASSES:-3}" --plot "$RESULTS/frontier.png" --json \
   > "$RESULTS/bench.jsonl"
 for r in "${RUNS[@]}"; do
   mkdir -p "$RESULTS/$r"; cp "$OUT/$r/config.json" "$OUT/$r/metrics.jsonl" "$RESULTS/$r/"
   grep -h "Elapsed" "$OUT/$r.log" > "$RESULTS/$r/time.txt" || true
 done
 [ -d "$OUT/threshold_t45" ] && $F plot "$OUT/threshold_t45" --out "$RESULTS/threshold_t45_plots" --depth-map \
-  --text "$(tail -c 1000 src/fractalmoe/tinyshakespeare.txt | head -c 800)"
+  --text "${DEPTH_TEXT:-$(tail -c 1000 src/fractalmoe/tinyshakespeare.txt | head -c 800)}"

@@ -307,6 +307,11 @@ def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path, capsys) -> 
     assert rows["depth1"]["blocks_per_token"] == 1 and rows["depth2"]["blocks_per_token"] == 3
     assert 1 <= rows["adaptive"]["blocks_per_token"] <= 3
     assert all(r["fhme_ms"] > 0 and math.isfinite(r["val_bpb"]) for r in rows.values())
+    seq_len = tiny_model_config().seq_len
+    short = {r["mode"]: r for r in run_adaptive(str(tmp_path / "r"), eval_bytes=2 * seq_len + 1, passes=1)}
+    assert short["depth2"]["tokens"] == 2 * seq_len < rows["depth2"]["tokens"]
+    with pytest.raises(ValueError, match="shorter than one window"):
+        run_adaptive(str(tmp_path / "r"), eval_bytes=seq_len, passes=1)
     capsys.readouterr()
     plot = tmp_path / "frontier.png"
     assert main(["bench", "adaptive", "--ckpt", str(tmp_path / "r"), "--ckpt", str(tmp_path / "fixed"),

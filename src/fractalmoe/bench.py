@@ -162,8 +162,11 @@ if __name__ == "__main__":
     _child(sys.argv[1:])
 
 
-def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu") -> list[dict[str, Any]]:
-    """Validation bpb and measured FHME inference time at each fixed depth and with the router."""
+def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu",
+                 eval_bytes: int | None = None, passes: int = 3) -> list[dict[str, Any]]:
+    """Validation bpb and measured FHME inference time at each fixed depth and with the router:
+    modes alternated, the median of ``passes`` passes each (these machines are noisy); over the
+    whole validation split, or its first ``eval_bytes``."""
     from .checkpoint import load_model_from_run, run_extra
     from .data import ByteDataset
     from .evaluate import evaluate
@@ -174,6 +177,8 @@ def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu"
         raise ValueError(f"{run_dir} has no FHME layers: nothing to compare across depths")
     data = ByteDataset.load(data_path if data_path is not None else run_extra(run_dir).get("data"),
                             config.train.val_fraction, config.model.seq_len)
+    if eval_bytes is not None:
+        data = data.val_prefix(eval_bytes, config.model.seq_len)
     spent = [0.0]
     starts: dict[int, float] = {}
 
@@ -191,7 +196,7 @@ def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu"
         modes.append(("adaptive", None))
     results: dict[str, Any] = {}
     times: dict[str, list[float]] = {mode: [] for mode, _ in modes}
-    for _ in range(3):  # modes alternated, median of 3 passes each: these machines are noisy
+    for _ in range(passes):
         for mode, forced in modes:
             model.set_depth(forced)
             spent[0] = 0.0

@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run directory of a trained FHME model (repeat: fixed-C and adaptive runs)")
     ba.add_argument("--plot", help="with several runs: write bpb vs blocks/token to this PNG")
     ba.add_argument("--data", help="corpus (default: the run's own)")
+    ba.add_argument("--eval-bytes", type=_positive_int, metavar="N",
+                    help="evaluate on the first N bytes of the validation split (default: all of it)")
+    ba.add_argument("--passes", type=_positive_int, default=3, help="timed passes per mode (median)")
     ba.add_argument("--json", action="store_true", help="one JSON line per mode")
     ba.add_argument("--device", type=_device, default="cpu")
     co = sub.add_parser("corpus", help="build a reproducible corpus that needs no download")
@@ -319,7 +322,7 @@ def _bench_adaptive(args: argparse.Namespace) -> int:
 
     rows = []
     for run_dir in args.ckpt:
-        per_run = run_adaptive(run_dir, args.data, args.device)
+        per_run = run_adaptive(run_dir, args.data, args.device, args.eval_bytes, args.passes)
         full = next(r for r in per_run if r["mode"] == f"depth{len(per_run[0]['depth_hist'][0])}")
         rows += [{"run": run_dir, **r, "blocks_share": r["blocks_per_token"] / full["blocks_per_token"],
                   "fhme_share": r["fhme_ms"] / full["fhme_ms"]} for r in per_run]

@@ -114,6 +114,14 @@ class ByteDataset:
             return cls.from_splits(split[0].read_bytes(), split[1].read_bytes(), seq_len)
         return cls.from_bytes(read_corpus(path), val_fraction, seq_len)
 
+    def val_prefix(self, eval_bytes: int, seq_len: int) -> ByteDataset:
+        """The same training split with only the first ``eval_bytes`` of validation: a fixed
+        slice, for evaluations run many times over (every depth of every model)."""
+        if eval_bytes < seq_len + 1:
+            raise ValueError(f"--eval-bytes {eval_bytes} is shorter than one window (seq_len + 1 = "
+                             f"{seq_len + 1})")
+        return ByteDataset(self.train, self.val[:eval_bytes])
+
     def num_windows(self, seq_len: int) -> int:
         """Training windows per epoch."""
         return max(1, (len(self.train) - seq_len) // seq_len)

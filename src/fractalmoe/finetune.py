@@ -96,12 +96,7 @@ def load_domain(path: str | None, val_fraction: float, seq_len: int,
                 eval_bytes: int | None = None) -> ByteDataset:
     """A corpus split as its run split it; with ``eval_bytes`` only that prefix of validation."""
     data = ByteDataset.load(path, val_fraction, seq_len)
-    if eval_bytes is not None:
-        if eval_bytes < seq_len + 1:
-            raise ValueError(f"--eval-bytes {eval_bytes} is shorter than one window (seq_len + 1 = "
-                             f"{seq_len + 1})")
-        data = ByteDataset(data.train, data.val[:eval_bytes])
-    return data
+    return data if eval_bytes is None else data.val_prefix(eval_bytes, seq_len)
 
 
 @dataclass
