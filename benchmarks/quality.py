@@ -20,6 +20,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py shallow           # every model in 1-layer models, FHME vs PKM in 2: 1,200 steps
     python benchmarks/quality.py gate-pilots       # FHME, PKM with a SiLU output gate, 1 and 4 layers, 600 steps
     python benchmarks/quality.py gated             # FHME and PKM with the gate, 4 layers: seeds 2, 3, 1,200 steps
+    python benchmarks/quality.py conv-pilots       # FHME, PKM with a causal convolution on the queries, 600 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -387,6 +388,14 @@ def gated_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for model in ("pkm", "fhme")]
 
 
+def conv_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """UltraMem's causal depthwise convolution on the queries (``ffn_conv = 4``: every FFN reads
+    its input convolved over the last 4 positions), offered to FHME and PKM in the 4-layer model:
+    600 steps, seed 1, bundled corpus, against the shallow pilots' runs without it."""
+    return [(f"{model}_conv4", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), "--set", "ffn_conv=4",
+                                "--max-steps", "600", "--seeds", "1"]) for model in ("fhme", "pkm")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -411,7 +420,7 @@ def main() -> None:
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
-                                          "gate-pilots", "gated"))
+                                          "gate-pilots", "gated", "conv-pilots"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -426,7 +435,7 @@ def main() -> None:
             "route-once": lambda: route_once_jobs(args.stdlib), "shallow-pilots": shallow_pilot_jobs,
             "shallow": lambda: shallow_jobs(args.stdlib),
             "gate-pilots": lambda: gate_pilot_jobs(args.stdlib),
-            "gated": lambda: gated_jobs(args.stdlib)}[args.phase]()
+            "gated": lambda: gated_jobs(args.stdlib), "conv-pilots": conv_pilot_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 

@@ -50,6 +50,15 @@ bash benchmarks/adaptive_frontier.sh
 EXTRA="--set n_layers=1 --set block=value --set topk=40 --set key_dim=16 --set join_bias=0 --set train.expert_optim=lazy_adam --set train.expert_lr=0.03" \
   RESULTS=$R/adaptive_frontier/one_layer RUNS="fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65" \
   bash benchmarks/adaptive_frontier.sh runs/adapt_l1
+# ... and on the standard-library corpus at 1,200 steps, seeds 2 and 3 side by side (one core each), the
+# frontier on the first 256 KB of its validation split
+for s in 2 3; do
+  CPU=$((s - 2)) SEED=$s EXTRA="--data data/stdlib --max-steps 1200" EVAL_BYTES=262144 PASSES=1 \
+    RUNS="fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65" \
+    DEPTH_TEXT="$(head -c 800 data/stdlib/val.txt)" RESULTS=$R/adaptive_frontier/stdlib_1200/seed$s \
+    bash benchmarks/adaptive_frontier.sh runs/adapt_stdlib_s$s &
+done
+wait
 # Adaptive depth (C = 3) with compacted training, ponder rule: the adaptive model, the same config at full
 # depth, bench adaptive, the depth map on held-out text
 A=$R/adaptive_compacted

@@ -29,6 +29,8 @@ def _variants():
     yield "pkm-balanced", dict(ffn="pkm", balance_rate=0.1, balance_loss=0.01)
     yield "fhme-value", dict(ffn="fhme", block="value")
     yield "fhme-gated", dict(ffn="fhme", block="gated")
+    yield "fhme-conv", dict(ffn="fhme", ffn_conv=4)
+    yield "pkm-conv", dict(ffn="pkm", ffn_conv=3)
 
 
 @pytest.mark.parametrize("name,extra", list(_variants()), ids=[v[0] for v in _variants()])
@@ -36,6 +38,7 @@ def _variants():
 def test_future_tokens_do_not_change_past_logits(name: str, extra: dict, mode: str) -> None:
     cfg = tiny_model_config(**({"ffn": name} | extra if not extra else extra))
     model = FHMELanguageModel(cfg).train(mode == "train")
+    _randomize_convs(model)
     idx = torch.randint(0, 256, (3, 32))
     t = 13
     changed = idx.clone()
@@ -47,9 +50,17 @@ def test_future_tokens_do_not_change_past_logits(name: str, extra: dict, mode: s
     torch.testing.assert_close(a[:, :t], b[:, :t], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("ffn", FFNS)
-def test_greedy_generate_with_cache_equals_full_recompute(ffn: str) -> None:
-    model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48)).eval()
+def _randomize_convs(model: FHMELanguageModel) -> None:
+    """FFN convolutions start at zero (a no-op): give them weights that a leak would show."""
+    for block in model.blocks:
+        if block.ffn_conv is not None:
+            torch.nn.init.normal_(block.ffn_conv.weight, std=0.5)
+
+
+@pytest.mark.parametrize("ffn,conv", [(f, 0) for f in FFNS] + [("fhme", 4), ("pkm", 1)])
+def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int) -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48, ffn_conv=conv)).eval()
+    _randomize_convs(model)
     prompt = torch.randint(0, 256, (2, 5))
     out = model.generate(prompt, 32, temperature=0.0)
     ref = prompt
@@ -60,12 +71,14 @@ def test_greedy_generate_with_cache_equals_full_recompute(ffn: str) -> None:
     assert torch.equal(out, ref)
 
 
-def test_generation_past_the_context_equals_recomputation_over_its_window() -> None:
+@pytest.mark.parametrize("conv", [0, 3])
+def test_generation_past_the_context_equals_recomputation_over_its_window(conv: int) -> None:
     """Once seq_len tokens are cached, generation goes on from the last seq_len // 2 tokens (the
     window the README documents) and fills the cache again: greedy output equals recomputing the
     logits over that window at every step."""
     seq_len = 16
-    model = FHMELanguageModel(tiny_model_config(seq_len=seq_len)).eval()
+    model = FHMELanguageModel(tiny_model_config(seq_len=seq_len, ffn_conv=conv)).eval()
+    _randomize_convs(model)
     prompt = torch.randint(0, 256, (2, 5))
     out = model.generate(prompt, 40, temperature=0.0)
     seq, window = prompt, prompt
@@ -104,6 +117,27 @@ def test_flops_and_params_match_hand_counts() -> None:
     assert adaptive.flops_per_token(torch.tensor([0.5, 0.0, 0.5])) == pytest.approx(expected)
     assert adaptive.flops_per_token([7, 0, 7]) == pytest.approx(expected)  # counts work too
     assert adaptive.flops_per_token() == 7 * block + 3 * 2 * d + 2 * d * 3  # unmeasured: full depth
+
+
+def test_ffn_conv_is_counted_and_matches_its_definition() -> None:
+    from fractalmoe.model import CausalConv
+
+    d, w = 8, 3
+    plain = FHMELanguageModel(tiny_model_config(dim=d * 4))
+    conv = FHMELanguageModel(tiny_model_config(dim=d * 4, ffn_conv=w))
+    layers = conv.cfg.n_layers
+    assert conv.ffn_flops_per_token() - plain.ffn_flops_per_token() == layers * 2 * w * d * 4
+    assert conv.active_params_per_token() - plain.active_params_per_token() == layers * w * d * 4
+    assert conv.num_params() - plain.num_params() == layers * w * d * 4
+    layer = CausalConv(d, w)
+    torch.nn.init.normal_(layer.weight)
+    x = torch.randn(2, 10, d)
+    by_hand = x.clone()
+    for t in range(10):
+        for j in range(min(w, t + 1)):
+            by_hand[:, t] += layer.weight[:, 0, w - 1 - j] * x[:, t - j]
+    torch.testing.assert_close(layer(x), by_hand)
+    assert _counted_flops(lambda v: layer(v[None]), x[0]) == pytest.approx(layer.flops_per_token())
 
 
 def test_model_flops_at_the_depth_evaluate_measures() -> None:

@@ -42,10 +42,39 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values of one attention layer: (B, H, seq_len, Hd)."""
+    """Preallocated keys and values of one attention layer: (B, H, seq_len, Hd); with an FFN
+    convolution of width W, its inputs too: (B, W - 1 + seq_len, D), zeros before position 0."""
 
     k: Tensor
     v: Tensor
+    ffn_in: Tensor | None = None
+
+
+class CausalConv(nn.Module):
+    """y_t = x_t + sum_{j < W} w_j * x_(t-j), per channel (depthwise), x_(t<0) = 0.
+
+    Zero at init, so a model starts as without it. Causal by construction: position t reads
+    positions t - W + 1 .. t. Cached generation keeps the inputs it has seen in ``KVCache.ffn_in``.
+    """
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.zeros(dim, 1, width))
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, pos: int = 0) -> Tensor:
+        """x: (B, T, D) at positions pos..pos+T-1."""
+        t, w = x.shape[1], self.width
+        if cache is None or cache.ffn_in is None:
+            past = F.pad(x, (0, 0, w - 1, 0))
+        else:  # positions pos - w + 1 .. pos + t - 1, stored at an offset of w - 1
+            cache.ffn_in[:, w - 1 + pos:w - 1 + pos + t] = x
+            past = cache.ffn_in[:, pos:w - 1 + pos + t]
+        y = F.conv1d(past.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[-1])
+        return x + y.transpose(1, 2)
+
+    def flops_per_token(self) -> int:
+        return 2 * self.weight.numel()
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,13 +110,25 @@ class FHMETransformerBlock(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.dim)
         self.attn = CausalSelfAttention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim)
+        self.ffn_conv = CausalConv(cfg.dim, cfg.ffn_conv) if cfg.ffn_conv else None
         self.ffn = build_ffn(cfg, bank)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
                 pos: int = 0) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos))
-        return x + self.drop(self.ffn(self.ffn_norm(x)))
+        h = self.ffn_norm(x)
+        if self.ffn_conv is not None:
+            h = self.ffn_conv(h, cache, pos)
+        return x + self.drop(self.ffn(h))
+
+    def ffn_flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
+        conv = 0 if self.ffn_conv is None else self.ffn_conv.flops_per_token()
+        return conv + ffn_cost(self.ffn, "flops_per_token", depth_hists)
+
+    def ffn_active_params_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
+        conv = 0 if self.ffn_conv is None else self.ffn_conv.weight.numel()
+        return conv + ffn_cost(self.ffn, "active_params_per_token", depth_hists)
 
 
 class FHMELanguageModel(nn.Module):
@@ -166,7 +207,9 @@ class FHMELanguageModel(nn.Module):
     def new_caches(self, batch: int) -> list[KVCache]:
         p = next(self.parameters())
         shape = (batch, self.cfg.n_heads, self.cfg.seq_len, self.cfg.head_dim)
-        return [KVCache(p.new_zeros(shape), p.new_zeros(shape)) for _ in self.blocks]
+        conv = (batch, self.cfg.ffn_conv - 1 + self.cfg.seq_len, self.cfg.dim)
+        return [KVCache(p.new_zeros(shape), p.new_zeros(shape), p.new_zeros(conv) if self.cfg.ffn_conv else None)
+                for _ in self.blocks]
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -199,7 +242,7 @@ class FHMELanguageModel(nn.Module):
 
     # --- accounting: FHME layers at a measured depth histogram each (full depth without one) ---
     def ffn_flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
-        return sum(ffn_cost(b.ffn, "flops_per_token", depth_hists) for b in self.blocks)
+        return sum(b.ffn_flops_per_token(depth_hists) for b in self.blocks)
 
     def flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         """Forward FLOPs per token: projections, attention over half the context on average,
@@ -211,7 +254,7 @@ class FHMELanguageModel(nn.Module):
     def active_params_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         cfg = self.cfg
         dense = cfg.n_layers * 4 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
-        return dense + sum(ffn_cost(b.ffn, "active_params_per_token", depth_hists) for b in self.blocks)
+        return dense + sum(b.ffn_active_params_per_token(depth_hists) for b in self.blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
