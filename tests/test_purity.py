@@ -31,6 +31,7 @@ VARIANTS = {
     "fhme-whitened": dict(balance_rate=0.1, query_norm="whiten", unit_keys=True),
     "fhme-adaptive": dict(adaptive_depth=True, fractal_depth=3, depth_penalty=0.01, depth_target=0.5,
                           depth_explore=0.2),
+    "pkm-conv": dict(ffn="pkm", ffn_conv=4),
 }
 STATEFUL = {"fhme-balanced", "fhme-whitened", "fhme-adaptive"}  # they learn from past batches
 
@@ -297,7 +298,7 @@ def test_the_sync_counter_sees_what_it_claims() -> None:
     assert syncs.total == 6, syncs.found
 
 
-@pytest.mark.parametrize("name", ["fhme", "fhme-route-once", "peer", "pkm", "memplus", "dense"])
+@pytest.mark.parametrize("name", ["fhme", "fhme-route-once", "peer", "pkm", "memplus", "dense", "pkm-conv"])
 def test_no_host_sync_in_forward_and_one_per_training_step(name: str) -> None:
     model = _model(name)
     opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)
