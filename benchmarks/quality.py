@@ -21,6 +21,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py gate-pilots       # FHME, PKM with a SiLU output gate, 1 and 4 layers, 600 steps
     python benchmarks/quality.py gated             # FHME and PKM with the gate, 4 layers: seeds 2, 3, 1,200 steps
     python benchmarks/quality.py conv-pilots       # FHME, PKM with a causal convolution on the queries, 600 steps
+    python benchmarks/quality.py conv              # the same pair at 1,200 steps: seeds 2, 3, both corpora
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -396,6 +397,18 @@ def conv_pilot_jobs() -> list[tuple[str, list[str]]]:
                                 "--max-steps", "600", "--seeds", "1"]) for model in ("fhme", "pkm")]
 
 
+def conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The conv pilots' pair at the reported length: FHME and PKM with ``ffn_conv = 4``, lazy-Adam
+    tables, 1,200 steps, seeds 2 and 3, both corpora; seed 2 on the bundled corpus first (the
+    runs without it are final-lazy's)."""
+    def job(corpus: str, model: str, seed: str) -> tuple[str, list[str]]:
+        return (f"{corpus}_{model}_conv4_s{seed}",
+                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), "--set", "ffn_conv=4",
+                 *_data(corpus, stdlib), "--max-steps", "1200", "--seeds", seed])
+    return [job(corpus, model, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")
+            for model in ("pkm", "fhme")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -420,7 +433,7 @@ def main() -> None:
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
-                                          "gate-pilots", "gated", "conv-pilots"))
+                                          "gate-pilots", "gated", "conv-pilots", "conv"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -435,7 +448,8 @@ def main() -> None:
             "route-once": lambda: route_once_jobs(args.stdlib), "shallow-pilots": shallow_pilot_jobs,
             "shallow": lambda: shallow_jobs(args.stdlib),
             "gate-pilots": lambda: gate_pilot_jobs(args.stdlib),
-            "gated": lambda: gated_jobs(args.stdlib), "conv-pilots": conv_pilot_jobs}[args.phase]()
+            "gated": lambda: gated_jobs(args.stdlib), "conv-pilots": conv_pilot_jobs,
+            "conv": lambda: conv_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
