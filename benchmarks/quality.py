@@ -389,11 +389,14 @@ def gated_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for model in ("pkm", "fhme")]
 
 
+# UltraMem's query convolution: every FFN reads its input convolved over the last 4 positions.
+CONV = ["--set", "ffn_conv=4"]
+
+
 def conv_pilot_jobs() -> list[tuple[str, list[str]]]:
-    """UltraMem's causal depthwise convolution on the queries (``ffn_conv = 4``: every FFN reads
-    its input convolved over the last 4 positions), offered to FHME and PKM in the 4-layer model:
+    """The query convolution (``CONV``) offered to FHME and PKM in the 4-layer model:
     600 steps, seed 1, bundled corpus, against the shallow pilots' runs without it."""
-    return [(f"{model}_conv4", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), "--set", "ffn_conv=4",
+    return [(f"{model}_conv4", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *CONV,
                                 "--max-steps", "600", "--seeds", "1"]) for model in ("fhme", "pkm")]
 
 
@@ -403,7 +406,7 @@ def conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     runs without it are final-lazy's)."""
     def job(corpus: str, model: str, seed: str) -> tuple[str, list[str]]:
         return (f"{corpus}_{model}_conv4_s{seed}",
-                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), "--set", "ffn_conv=4",
+                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *CONV,
                  *_data(corpus, stdlib), "--max-steps", "1200", "--seeds", seed])
     return [job(corpus, model, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")
             for model in ("pkm", "fhme")]

@@ -76,6 +76,9 @@ class CausalConv(nn.Module):
     def flops_per_token(self) -> int:
         return 2 * self.weight.numel()
 
+    def active_params_per_token(self) -> int:
+        return self.weight.numel()
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -122,13 +125,10 @@ class FHMETransformerBlock(nn.Module):
             h = self.ffn_conv(h, cache, pos)
         return x + self.drop(self.ffn(h))
 
-    def ffn_flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
-        conv = 0 if self.ffn_conv is None else self.ffn_conv.flops_per_token()
-        return conv + ffn_cost(self.ffn, "flops_per_token", depth_hists)
-
-    def ffn_active_params_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
-        conv = 0 if self.ffn_conv is None else self.ffn_conv.weight.numel()
-        return conv + ffn_cost(self.ffn, "active_params_per_token", depth_hists)
+    def ffn_cost(self, which: str, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
+        """``which`` (flops_per_token or active_params_per_token) of the FFN and its input convolution."""
+        conv = 0 if self.ffn_conv is None else getattr(self.ffn_conv, which)()
+        return conv + ffn_cost(self.ffn, which, depth_hists)
 
 
 class FHMELanguageModel(nn.Module):
@@ -242,7 +242,7 @@ class FHMELanguageModel(nn.Module):
 
     # --- accounting: FHME layers at a measured depth histogram each (full depth without one) ---
     def ffn_flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
-        return sum(b.ffn_flops_per_token(depth_hists) for b in self.blocks)
+        return sum(b.ffn_cost("flops_per_token", depth_hists) for b in self.blocks)
 
     def flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         """Forward FLOPs per token: projections, attention over half the context on average,
@@ -254,7 +254,7 @@ class FHMELanguageModel(nn.Module):
     def active_params_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         cfg = self.cfg
         dense = cfg.n_layers * 4 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
-        return dense + sum(b.ffn_active_params_per_token(depth_hists) for b in self.blocks)
+        return dense + sum(b.ffn_cost("active_params_per_token", depth_hists) for b in self.blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
