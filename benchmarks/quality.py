@@ -22,6 +22,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py gated             # FHME and PKM with the gate, 4 layers: seeds 2, 3, 1,200 steps
     python benchmarks/quality.py conv-pilots       # FHME, PKM with a causal convolution on the queries, 600 steps
     python benchmarks/quality.py conv              # the same pair at 1,200 steps: seeds 2, 3, both corpora
+    python benchmarks/quality.py gate-conv         # the pair with the gate and the convolution together
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -376,17 +377,24 @@ def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return [job(c, m, "1") for c, m in one] + [job(c, m, "4") for c, m in four]
 
 
+def _pair_jobs(stdlib: str, tag: str, extra: list[str],
+               order: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """PKM and FHME with ``extra`` at the reported length: lazy-Adam tables, 1,200 steps, for
+    each (corpus, seed) of ``order`` in turn."""
+    return [(f"{corpus}_{model}_{tag}_s{seed}",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *extra, *_data(corpus, stdlib),
+              "--max-steps", "1200", "--seeds", seed])
+            for corpus, seed in order for model in ("pkm", "fhme")]
+
+
+SEED_FIRST = [(corpus, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")]
+
+
 def gated_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The gate pilots' 4-layer pair at the reported length: FHME and PKM, each with the SiLU
-    output gate (both gained from it in the pilots, PKM more), lazy-Adam tables, 1,200 steps,
-    seeds 2 and 3, both corpora; seed 2 of every pair first."""
-    def job(corpus: str, model: str, seed: str) -> tuple[str, list[str]]:
-        data = _data(corpus, stdlib)
-        return (f"{corpus}_{model}_gated_s{seed}",
-                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *data,
-                 "--max-steps", "1200", "--seeds", seed])
-    return [job(corpus, model, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")
-            for model in ("pkm", "fhme")]
+    output gate (both gained from it in the pilots, PKM more), seeds 2 and 3, both corpora; seed
+    2 of every pair first."""
+    return _pair_jobs(stdlib, "gated", GATED_FHME, SEED_FIRST)
 
 
 # UltraMem's query convolution: every FFN reads its input convolved over the last 4 positions.
@@ -401,15 +409,17 @@ def conv_pilot_jobs() -> list[tuple[str, list[str]]]:
 
 
 def conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The conv pilots' pair at the reported length: FHME and PKM with ``ffn_conv = 4``, lazy-Adam
-    tables, 1,200 steps, seeds 2 and 3, both corpora; seed 2 on the bundled corpus first (the
-    runs without it are final-lazy's)."""
-    def job(corpus: str, model: str, seed: str) -> tuple[str, list[str]]:
-        return (f"{corpus}_{model}_conv4_s{seed}",
-                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *CONV,
-                 *_data(corpus, stdlib), "--max-steps", "1200", "--seeds", seed])
-    return [job(corpus, model, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")
-            for model in ("pkm", "fhme")]
+    """The conv pilots' pair at the reported length: FHME and PKM with ``ffn_conv = 4``, seeds 2
+    and 3, both corpora; seed 2 on the bundled corpus first (the runs without it are final-lazy's)."""
+    return _pair_jobs(stdlib, "conv4", CONV, SEED_FIRST)
+
+
+def gate_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """Both of the pair's additions at once: the SiLU output gate and the query convolution, as a
+    user following the recommendation would combine them. Not piloted (each was on its own);
+    the bundled corpus's seeds 2 and 3 first, then the second corpus's."""
+    order = [(corpus, seed) for corpus in ("shakespeare", "stdlib") for seed in ("2", "3")]
+    return _pair_jobs(stdlib, "gated_conv4", [*GATED_FHME, *CONV], order)
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
@@ -436,7 +446,7 @@ def main() -> None:
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
-                                          "gate-pilots", "gated", "conv-pilots", "conv"))
+                                          "gate-pilots", "gated", "conv-pilots", "conv", "gate-conv"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -452,7 +462,7 @@ def main() -> None:
             "shallow": lambda: shallow_jobs(args.stdlib),
             "gate-pilots": lambda: gate_pilot_jobs(args.stdlib),
             "gated": lambda: gated_jobs(args.stdlib), "conv-pilots": conv_pilot_jobs,
-            "conv": lambda: conv_jobs(args.stdlib)}[args.phase]()
+            "conv": lambda: conv_jobs(args.stdlib), "gate-conv": lambda: gate_conv_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
