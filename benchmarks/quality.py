@@ -21,7 +21,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py gate-pilots       # FHME, PKM with a SiLU output gate, 1 and 4 layers, 600 steps
     python benchmarks/quality.py gated             # FHME and PKM with the gate, 4 layers: seeds 2, 3, 1,200 steps
     python benchmarks/quality.py conv-pilots       # FHME, PKM with a causal convolution on the queries, 600 steps
-    python benchmarks/quality.py conv              # the same pair at 1,200 steps: seeds 2, 3, both corpora
+    python benchmarks/quality.py conv              # the pair, Memory+, MoE, dense: 1,200 steps, seeds 2, 3, 2 corpora
     python benchmarks/quality.py gate-conv         # the pair with the gate and the convolution together
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
@@ -377,14 +377,14 @@ def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return [job(c, m, "1") for c, m in one] + [job(c, m, "4") for c, m in four]
 
 
-def _pair_jobs(stdlib: str, tag: str, extra: list[str],
-               order: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """PKM and FHME with ``extra`` at the reported length: lazy-Adam tables, 1,200 steps, for
-    each (corpus, seed) of ``order`` in turn."""
+def _pair_jobs(stdlib: str, tag: str, extra: list[str], order: list[tuple[str, str]],
+               models: tuple[str, ...] = ("pkm", "fhme")) -> list[tuple[str, list[str]]]:
+    """PKM and FHME (or ``models``) with ``extra`` at the reported length: lazy-Adam tables,
+    1,200 steps, for each (corpus, seed) of ``order`` in turn."""
     return [(f"{corpus}_{model}_{tag}_s{seed}",
              [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *extra, *_data(corpus, stdlib),
               "--max-steps", "1200", "--seeds", seed])
-            for corpus, seed in order for model in ("pkm", "fhme")]
+            for corpus, seed in order for model in models]
 
 
 SEED_FIRST = [(corpus, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")]
@@ -410,8 +410,12 @@ def conv_pilot_jobs() -> list[tuple[str, list[str]]]:
 
 def conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The conv pilots' pair at the reported length: FHME and PKM with ``ffn_conv = 4``, seeds 2
-    and 3, both corpora; seed 2 on the bundled corpus first (the runs without it are final-lazy's)."""
-    return _pair_jobs(stdlib, "conv4", CONV, SEED_FIRST)
+    and 3, both corpora; seed 2 on the bundled corpus first (the runs without it are final-lazy's).
+    Then the convolution offered to the other baselines of the comparison but PEER (Memory+, MoE,
+    dense; PEER's runs cost 2-3x a PKM run), a model's two seeds side by side."""
+    order = [(corpus, seed) for corpus in ("shakespeare", "stdlib") for seed in ("2", "3")]
+    return _pair_jobs(stdlib, "conv4", CONV, SEED_FIRST) + [
+        job for model in ("memplus", "moe", "dense") for job in _pair_jobs(stdlib, "conv4", CONV, order, (model,))]
 
 
 def gate_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
