@@ -74,9 +74,9 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 .venv/bin/python benchmarks/quality.py optim-pilots
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
-# shallower models, the SiLU output gate
+# shallower models, the SiLU output gate, the query convolution
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
-             shallow-pilots shallow gate-pilots gated; do
+             shallow-pilots shallow gate-pilots gated conv-pilots conv; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
