@@ -205,10 +205,11 @@ def main() -> None:
         r for r in final if r["model"] == "dense"]
     lazy = [dict(r, model=r["name"].split("_", 1)[1].rsplit("_s", 1)[0]) for r in lazy]
     print_per_corpus(lazy, ", lazy-Adam expert tables (lr 0.03) for every routed model")
-    for phase, title in (("gated", "the SiLU output gate"), ("conv", "the query convolution (ffn_conv = 4)"),
-                         ("gate-conv", "the gate and the query convolution")):
+    for phase, title in (("gated", "FHME and PKM with the SiLU output gate"),
+                         ("conv", "every model but PEER with the query convolution (ffn_conv = 4)"),
+                         ("gate-conv", "FHME and PKM with the gate and the query convolution")):
         if (root / phase).is_dir():
-            print_per_corpus(rows(root / phase), f", FHME and PKM with {title}, lazy-Adam tables")
+            print_per_corpus(rows(root / phase), f", {title}, lazy-Adam tables")
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
