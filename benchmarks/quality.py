@@ -388,6 +388,7 @@ def _pair_jobs(stdlib: str, tag: str, extra: list[str], order: list[tuple[str, s
 
 
 SEED_FIRST = [(corpus, seed) for seed in ("2", "3") for corpus in ("shakespeare", "stdlib")]
+CORPUS_FIRST = [(corpus, seed) for corpus in ("shakespeare", "stdlib") for seed in ("2", "3")]
 
 
 def gated_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -413,17 +414,16 @@ def conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     and 3, both corpora; seed 2 on the bundled corpus first (the runs without it are final-lazy's).
     Then the convolution offered to the other baselines of the comparison but PEER (Memory+, MoE,
     dense; PEER's runs cost 2-3x a PKM run), a model's two seeds side by side."""
-    order = [(corpus, seed) for corpus in ("shakespeare", "stdlib") for seed in ("2", "3")]
-    return _pair_jobs(stdlib, "conv4", CONV, SEED_FIRST) + [
-        job for model in ("memplus", "moe", "dense") for job in _pair_jobs(stdlib, "conv4", CONV, order, (model,))]
+    others = [job for model in ("memplus", "moe", "dense")
+              for job in _pair_jobs(stdlib, "conv4", CONV, CORPUS_FIRST, (model,))]
+    return _pair_jobs(stdlib, "conv4", CONV, SEED_FIRST) + others
 
 
 def gate_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """Both of the pair's additions at once: the SiLU output gate and the query convolution, as a
     user following the recommendation would combine them. Not piloted (each was on its own);
     the bundled corpus's seeds 2 and 3 first, then the second corpus's."""
-    order = [(corpus, seed) for corpus in ("shakespeare", "stdlib") for seed in ("2", "3")]
-    return _pair_jobs(stdlib, "gated_conv4", [*GATED_FHME, *CONV], order)
+    return _pair_jobs(stdlib, "gated_conv4", [*GATED_FHME, *CONV], CORPUS_FIRST)
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
