@@ -23,6 +23,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py conv-pilots       # FHME, PKM with a causal convolution on the queries, 600 steps
     python benchmarks/quality.py conv              # the pair, Memory+, MoE, dense: 1,200 steps, seeds 2, 3, 2 corpora
     python benchmarks/quality.py gate-conv         # the pair with the gate and the convolution together
+    python benchmarks/quality.py adaptive-pilots   # adaptive-depth FHME (C = 3) vs PKM shapes, with the convolution
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -426,6 +427,29 @@ def gate_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return _pair_jobs(stdlib, "gated_conv4", [*GATED_FHME, *CONV], CORPUS_FIRST)
 
 
+# Adaptive depth as FHME's own knob: C = 3 with the threshold rule, its compute target and rows per
+# head set so that the blocks it runs cost the C = 2 reference's FFN FLOPs (3 of 7 blocks at top-40;
+# 30% of them at top-64: 1.00x and 1.01x, `FHME.flops_at_depth`). PKM gets as many trials of its own
+# routing shape at the same FLOPs (3 heads x top-92: 1.001x; 8 x top-24: 0.990x).
+ADAPTIVE = ["--set", "fractal_depth=3", "--set", "adaptive_depth=true", "--set", "depth_rule=threshold"]
+ADAPTIVE_TRIALS = {"fhme_c3_t43": [*ADAPTIVE, "--set", "depth_target=0.43"],
+                   "fhme_c3_t30_k64": [*ADAPTIVE, "--set", "depth_target=0.30", "--set", "topk=64"]}
+PKM_SHAPE_TRIALS = {"pkm_h3k92": ("3", "92"), "pkm_h8k24": ("8", "24")}
+
+
+def adaptive_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """Does a per-token depth let FHME spend the C = 2 budget better than a fixed depth, and so
+    pass PKM? Adaptive C = 3 FHME (two trials) and PKM (two routing shapes), all with the query
+    convolution: 600 steps, seed 1, bundled corpus, against the conv pilots' FHME and PKM."""
+    base = [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), *CONV, "--max-steps", "600", "--seeds", "1"]
+    jobs = [(f"{name}_conv4", [*base, *extra]) for name, extra in ADAPTIVE_TRIALS.items()]
+    for name, (heads, topk) in PKM_SHAPE_TRIALS.items():  # a sweep of one: the shape as given, unmatched
+        pkm = [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], "pkm"), *CONV, "--set", f"expert_heads={heads}",
+               "--sweep", f"topk={topk}", "--max-steps", "600", "--seeds", "1"]
+        jobs.append((f"{name}_conv4", pkm))
+    return jobs
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -450,7 +474,8 @@ def main() -> None:
     p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
-                                          "gate-pilots", "gated", "conv-pilots", "conv", "gate-conv"))
+                                          "gate-pilots", "gated", "conv-pilots", "conv", "gate-conv",
+                                          "adaptive-pilots"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -466,7 +491,8 @@ def main() -> None:
             "shallow": lambda: shallow_jobs(args.stdlib),
             "gate-pilots": lambda: gate_pilot_jobs(args.stdlib),
             "gated": lambda: gated_jobs(args.stdlib), "conv-pilots": conv_pilot_jobs,
-            "conv": lambda: conv_jobs(args.stdlib), "gate-conv": lambda: gate_conv_jobs(args.stdlib)}[args.phase]()
+            "conv": lambda: conv_jobs(args.stdlib), "gate-conv": lambda: gate_conv_jobs(args.stdlib),
+            "adaptive-pilots": adaptive_pilot_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
