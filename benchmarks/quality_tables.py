@@ -224,11 +224,12 @@ def main() -> None:
     if experts:
         print("\n### Experts at equal FFN FLOPs (default FHME, standard-library corpus, 1,200 steps)\n")
         print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"] + route_once))
-    for phase, title in (("one-head-pilots", "One head per block at 65K experts, every routed model matched"),
-                         ("adaptive-pilots", "Adaptive-depth FHME and PKM routing shapes, with the query convolution")):
-        if (root / phase).is_dir():
+    for phases, title in ((["one-head-pilots"], "One head per block at 65K experts, every routed model matched"),
+                          (["adaptive-pilots", "conv-pilots"],
+                           "Adaptive-depth FHME and PKM routing shapes, with the query convolution")):
+        if (root / phases[0]).is_dir():
             print(f"\n### {title} (seed 1, 600 steps, bundled)\n")
-            print(search_table(rows(root / phase)))
+            print(search_table([r for p in phases if (root / p).is_dir() for r in rows(root / p)]))
     fhme_one_head = [r for r in experts + one_head if r["model"] == "fhme" and _experts_series(r["name"]) == "one head"]
     pkm_rows = [r for r in one_head if r["model"] == "pkm"]
     matched = pkm_rows + fhme_one_head
