@@ -59,6 +59,15 @@ for s in 2 3; do
     bash benchmarks/adaptive_frontier.sh runs/adapt_stdlib_s$s &
 done
 wait
+# ... and on the bundled corpus at 1,200 steps, seeds 2 and 3 side by side
+for s in 2 3; do
+  CPU=$((s - 2)) SEED=$s EXTRA="--max-steps 1200" PASSES=1 \
+    RUNS="fixed_c1 fixed_c2 fixed_c3 threshold_t25 threshold_t45 threshold_t65" \
+    RESULTS=$R/adaptive_frontier/bundled_1200/seed$s bash benchmarks/adaptive_frontier.sh runs/adapt_bundled_s$s &
+done
+wait
+# Time to quality: the full-depth model and the 45% model (1,500 steps), one after the other, alone
+for s in 2 3; do SEED=$s bash benchmarks/adaptive_time_to_quality.sh runs/adapt_time; done
 # Adaptive depth (C = 3) with compacted training, ponder rule: the adaptive model, the same config at full
 # depth, bench adaptive, the depth map on held-out text
 A=$R/adaptive_compacted
@@ -74,9 +83,9 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 .venv/bin/python benchmarks/quality.py optim-pilots
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
-# shallower models, the SiLU output gate, the query convolution
+# shallower models, the SiLU output gate, the query convolution, adaptive-depth FHME against PKM shapes
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
-             shallow-pilots shallow gate-pilots gated conv-pilots conv; do
+             shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
