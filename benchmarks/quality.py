@@ -429,8 +429,9 @@ def gate_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 # Adaptive depth as FHME's own knob: C = 3 with the threshold rule, its compute target and rows per
 # head set so that the blocks it runs cost the C = 2 reference's FFN FLOPs (3 of 7 blocks at top-40;
-# 30% of them at top-64: 1.00x and 1.01x, `FHME.flops_at_depth`). PKM gets as many trials of its own
-# routing shape at the same FLOPs (3 heads x top-92: 1.001x; 8 x top-24: 0.990x).
+# 30% of them at top-64: 1.01x each by `FHME.flops_at_depth` at the target; the depths the trained
+# routers chose cost 1.02x and 1.03x). PKM gets as many trials of its own routing shape at the same
+# FLOPs (3 heads x top-92: 1.001x; 8 x top-24: 0.990x).
 ADAPTIVE = ["--set", "fractal_depth=3", "--set", "adaptive_depth=true", "--set", "depth_rule=threshold"]
 ADAPTIVE_TRIALS = {"fhme_c3_t43": [*ADAPTIVE, "--set", "depth_target=0.43"],
                    "fhme_c3_t30_k64": [*ADAPTIVE, "--set", "depth_target=0.30", "--set", "topk=64"]}
