@@ -2,7 +2,8 @@
 # Does adaptive training save time to a given quality? The full-depth C = 3 model of
 # configs/adaptive.toml (1,200 steps) and the threshold rule at 45% of its 7 blocks (STEPS steps,
 # default 1,500: its steps take about 0.53x as long, so ~0.7x the full run's wall-clock), on the
-# standard-library corpus, one after the other, each alone on the machine (one thread, pinned).
+# standard-library corpus, one after the other, each alone on the machine (one thread, pinned;
+# refuses to start while another PyTorch process runs or the load average stays above 0.5).
 # Prints, as JSON, when the adaptive run's periodic validation bpb first reaches the full-depth
 # run's final one, as a fraction of the full-depth run's training wall-clock, and both runs'
 # forward FLOPs per token at the depths their routers chose (training: ~3x, forward + backward).
@@ -11,26 +12,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/adapt_time}
 RESULTS=${2:-benchmarks/results/adaptive_time_to_quality}
-F=${F:-.venv/bin/fractalmoe}
 SEED=${SEED:-2}
 STEPS=${STEPS:-1500}
 DATA=${DATA:-data/stdlib}
-if pgrep -f "fractalmoe (train|compare|bench)" > /dev/null; then
-  echo "another fractalmoe process is running: this measurement needs the machine to itself" >&2
-  exit 2
-fi
-mkdir -p "$OUT" "$RESULTS/seed$SEED"
-train() {  # name, then flags; the process's wall-clock goes to time.txt
-  local name=$1; shift
-  local res="$RESULTS/seed$SEED/$name"
+.venv/bin/python -c "
+import sys
+from fractalmoe.bench_layer import wait_until_idle
+reason = wait_until_idle(180)  # a previous step leaves the load average high for a minute or two
+sys.exit(reason and f'this measurement needs the machine to itself: {reason}')"
+# Each run by adaptive_frontier.sh (its flags for fixed_c3 and threshold_t45), pinned to CPU 0.
+train() {  # frontier run name, steps, results name
+  local out="$OUT/s$SEED/steps$2" res="$RESULTS/seed$SEED/$3"
+  CPU=0 SEED=$SEED BENCH=0 RUNS=$1 EXTRA="--data $DATA --max-steps $2" bash benchmarks/adaptive_frontier.sh "$out"
   mkdir -p "$res"
-  [ -e "$OUT/$name" ] || OMP_NUM_THREADS=1 /usr/bin/time -v taskset -c 0 $F train --config configs/adaptive.toml \
-    --data "$DATA" --set seed="$SEED" "$@" --out "$OUT/$name" --quiet 2> "$OUT/$name.time"
-  cp "$OUT/$name/config.json" "$OUT/$name/metrics.jsonl" "$res/"
-  grep -h "Elapsed" "$OUT/$name.time" > "$res/time.txt" || true
+  cp "$out/$1/config.json" "$out/$1/metrics.jsonl" "$res/"
+  grep -h "Elapsed" "$out/$1.log" > "$res/time.txt" || true
 }
-train full_c3_s$SEED --set adaptive_depth=false --set depth_explore=0 --set depth_target=0 --max-steps 1200
-train threshold_t45_steps${STEPS}_s$SEED --set depth_target=0.45 --max-steps "$STEPS"
+train fixed_c3 1200 "full_c3_s$SEED"
+train threshold_t45 "$STEPS" "threshold_t45_steps${STEPS}_s$SEED"
 python3 - "$RESULTS/seed$SEED/full_c3_s$SEED" "$RESULTS/seed$SEED/threshold_t45_steps${STEPS}_s$SEED" <<'EOF' \
   | tee "$RESULTS/seed$SEED/time_to_quality.json"
 import json, sys
