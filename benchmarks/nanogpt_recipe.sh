@@ -3,16 +3,22 @@
 # nanoGPT's Shakespeare recipe (4 layers x 128, 4 heads, context 64, batch 12, AdamW lr 1e-3,
 # warmup 100, cosine to 1e-4, weight decay 0.1, beta2 0.99, clip 1.0, no dropout), rebuilt with
 # this project's dense model (its GELU MLP of 4 x 128 becomes a SwiGLU of equal parameters,
-# hidden 341). The recipe gets the default run's whole wall-clock: a 100-step probe times its
-# steps, and its cosine schedule is stretched to the steps that fit. One after the other on an
+# hidden 341; no convolution on the FFN's input, as nanoGPT has none). The recipe gets the
+# default run's whole wall-clock: a 100-step probe times its steps, and its cosine schedule is
+# stretched to the steps that fit. One after the other on an
 # idle machine; both scored by `fractalmoe eval` on the whole validation split.
 #   bash benchmarks/nanogpt_recipe.sh [OUT]
+#   CPU=0 bash benchmarks/nanogpt_recipe.sh [OUT]   # both runs pinned to core 0, one OpenMP thread
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F=.venv/bin/fractalmoe
+if [ -n "${CPU:-}" ]; then
+  export OMP_NUM_THREADS=1
+  F="taskset -c $CPU $F"
+fi
 OUT=${1:-runs/nanogpt_vs_default}
 mkdir -p "$OUT"
-RECIPE=(--set ffn=dense --set ffn_hidden=341 --set seq_len=64 --set batch_size=12 --set lr=1e-3
+RECIPE=(--set ffn=dense --set ffn_hidden=341 --set ffn_conv=0 --set seq_len=64 --set batch_size=12 --set lr=1e-3
         --set warmup_steps=100 --set min_lr_frac=0.1 --set weight_decay=0.1 --set beta2=0.99
         --set grad_clip=1.0 --set dropout=0.0 --set eval_every=250 --set eval_batches=16 --quiet)
 

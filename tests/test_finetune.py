@@ -330,7 +330,7 @@ def test_lora_targets_every_dense_projection_of_a_dense_fractalmoe_model() -> No
 def test_lora_targets_skip_routing_logits_of_fhme_layers() -> None:
     model = FHMELanguageModel(tiny_model_config(adaptive_depth=True))
     names = {n.split(".", 2)[2] for n, _ in lora_targets(model)}
-    assert names == {"attn.qkv", "attn.proj", "ffn.fractal.blocks.0.memory.router.query",
+    assert names == {"attn.qkv", "attn.proj", "ffn.output_gate", "ffn.fractal.blocks.0.memory.router.query",
                      "ffn.fractal.blocks.1.memory.router.query"}  # not joins' gates, not the depth router
 
 

@@ -110,7 +110,7 @@ class ModelConfig(_Config):
     # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
     num_experts: int = 16384
     expert_heads: int = 2  # product-key retrieval heads per routed block
-    topk: int = 40  # experts per head
+    topk: int = 24  # experts per head (40 without the output gate, at the same FFN FLOPs)
     key_dim: int = 16  # query / product-key width (split in two halves)
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
     query_norm: str = "layernorm"  # layernorm | rmsnorm | running | whiten (past batches' stats) | none
@@ -129,10 +129,10 @@ class ModelConfig(_Config):
     # in the recursion re-weight those experts from their own query (no sub-key scoring). Tied only.
     route_once: bool = False
     # A SiLU(W x) gate on the layer's output (Memory+'s gate, once per layer instead of per block).
-    output_gate: bool = False
+    output_gate: bool = True
     # > 0: the FFN reads x_t + sum_j w_j * x_(t-j), j < ffn_conv, a causal depthwise convolution
     # over its input (UltraMem's query convolution: a memory's query sees the last few positions).
-    ffn_conv: int = 0
+    ffn_conv: int = 4
     join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column
