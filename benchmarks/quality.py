@@ -26,6 +26,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py adaptive-pilots   # adaptive-depth FHME (C = 3) vs PKM shapes, with the convolution
     python benchmarks/quality.py table-lr-pilots   # gate + convolution: the table lr above the optim grid's edge
     python benchmarks/quality.py shape-pilots      # gate + convolution: one head per block reading more rows
+    python benchmarks/quality.py peer-conv         # PEER with the balance loss and the convolution, 1,200 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -470,6 +471,12 @@ def table_lr_pilot_jobs() -> list[tuple[str, list[str]]]:
             for lr in TABLE_LRS]
 
 
+def peer_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The convolution offered to the last baseline of the comparison: PEER with the balance loss
+    (its reported variant at 4 layers), seeds 2 and 3, both corpora, seed 2 of both first."""
+    return _pair_jobs(stdlib, "balance0.01_conv4", ["--set", "balance_loss=0.01", *CONV], SEED_FIRST, ("peer",))
+
+
 def shape_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM read better with fewer, longer reads (3 x top-92 against 6 x top-40), and FHME with one
     head per block in the experts study: the default FHME (gate and convolution, 2 heads x top-24)
@@ -508,7 +515,8 @@ def main() -> None:
                                           "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
                                           "gate-pilots", "gated", "conv-pilots", "conv", "gate-conv",
-                                          "adaptive-pilots", "table-lr-pilots", "shape-pilots"))
+                                          "adaptive-pilots", "table-lr-pilots", "shape-pilots",
+                                          "peer-conv"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -526,7 +534,8 @@ def main() -> None:
             "gated": lambda: gated_jobs(args.stdlib), "conv-pilots": conv_pilot_jobs,
             "conv": lambda: conv_jobs(args.stdlib), "gate-conv": lambda: gate_conv_jobs(args.stdlib),
             "adaptive-pilots": adaptive_pilot_jobs, "table-lr-pilots": table_lr_pilot_jobs,
-            "shape-pilots": lambda: shape_pilot_jobs(args.stdlib)}[args.phase]()
+            "shape-pilots": lambda: shape_pilot_jobs(args.stdlib),
+            "peer-conv": lambda: peer_conv_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 

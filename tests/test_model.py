@@ -123,7 +123,7 @@ def test_ffn_conv_is_counted_and_matches_its_definition() -> None:
     from fractalmoe.model import CausalConv
 
     d, w = 8, 3
-    plain = FHMELanguageModel(tiny_model_config(dim=d * 4))
+    plain = FHMELanguageModel(tiny_model_config(dim=d * 4, ffn_conv=0))
     conv = FHMELanguageModel(tiny_model_config(dim=d * 4, ffn_conv=w))
     layers = conv.cfg.n_layers
     assert conv.ffn_flops_per_token() - plain.ffn_flops_per_token() == layers * 2 * w * d * 4
