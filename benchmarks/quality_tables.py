@@ -205,11 +205,12 @@ def main() -> None:
         r for r in final if r["model"] == "dense"]
     lazy = [dict(r, model=r["name"].split("_", 1)[1].rsplit("_s", 1)[0]) for r in lazy]
     print_per_corpus(lazy, ", lazy-Adam expert tables (lr 0.03) for every routed model")
-    for phase, title in (("gated", "FHME and PKM with the SiLU output gate"),
-                         ("conv", "every model but PEER with the query convolution (ffn_conv = 4)"),
-                         ("gate-conv", "FHME and PKM with the gate and the query convolution")):
-        if (root / phase).is_dir():
-            print_per_corpus(rows(root / phase), f", {title}, lazy-Adam tables")
+    for phases, title in ((["gated"], "FHME and PKM with the SiLU output gate"),
+                          (["conv", "peer-conv"], "every model with the query convolution (ffn_conv = 4)"),
+                          (["gate-conv"], "FHME and PKM with the gate and the query convolution")):
+        if (root / phases[0]).is_dir():
+            print_per_corpus([r for p in phases if (root / p).is_dir() for r in rows(root / p)],
+                             f", {title}, lazy-Adam tables")
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
@@ -226,9 +227,11 @@ def main() -> None:
         print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"] + route_once))
     for phases, title in ((["one-head-pilots"], "One head per block at 65K experts, every routed model matched"),
                           (["adaptive-pilots", "conv-pilots"],
-                           "Adaptive-depth FHME and PKM routing shapes, with the query convolution")):
+                           "Adaptive-depth FHME and PKM routing shapes, with the query convolution"),
+                          (["table-lr-pilots", "shape-pilots"],
+                           "The default FHME (gate and convolution): table lr 0.1, one head x top-67 per block")):
         if (root / phases[0]).is_dir():
-            print(f"\n### {title} (seed 1, 600 steps, bundled)\n")
+            print(f"\n### {title} (seed 1, 600 steps, bundled unless the name says stdlib)\n")
             print(search_table([r for p in phases if (root / p).is_dir() for r in rows(root / p)]))
     fhme_one_head = [r for r in experts + one_head if r["model"] == "fhme" and _experts_series(r["name"]) == "one head"]
     pkm_rows = [r for r in one_head if r["model"] == "pkm"]
