@@ -32,7 +32,9 @@ $F bench layer --experts 16384,1048576 \
 $F bench layer --experts 16384,1048576 --impl fractalmoe-lazy-adam,fractalmoe-lazy-adam-deferred,fractalmoe,\
 fractalmoe-deferred,peer-pytorch-sparse,peer-pytorch --repeats 3 --wait-idle 600 --json \
   > $R/layer_rules.jsonl 2> $R/layer_rules.txt
-bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default
+bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
+# The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
+CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
@@ -83,9 +85,11 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 .venv/bin/python benchmarks/quality.py optim-pilots
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
-# shallower models, the SiLU output gate, the query convolution, adaptive-depth FHME against PKM shapes
+# shallower models, the SiLU output gate, the query convolution, adaptive-depth FHME against PKM shapes,
+# the pilots of the gate + convolution default, PEER with the convolution
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
-             shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots; do
+             shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
+             table-lr-pilots shape-pilots peer-conv; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
