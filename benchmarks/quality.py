@@ -27,6 +27,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py table-lr-pilots   # gate + convolution: the table lr above the optim grid's edge
     python benchmarks/quality.py shape-pilots      # gate + convolution: one head per block reading more rows
     python benchmarks/quality.py peer-conv         # PEER with the balance loss and the convolution, 1,200 steps
+    python benchmarks/quality.py conv-width-pilots # the gate + convolution pair with a convolution over 8 positions
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -477,6 +478,17 @@ def peer_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return _pair_jobs(stdlib, "balance0.01_conv4", ["--set", "balance_loss=0.01", *CONV], SEED_FIRST, ("peer",))
 
 
+def conv_width_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """The convolution helped FHME more than PKM at 1,200 steps: does a query that sees 8 positions
+    instead of 4 widen that? FHME and PKM with the gate, ``ffn_conv`` 8 (and PKM at 4, FHME's run at
+    4 being table-lr-pilots' lr 0.03 one), 600 steps, seed 1, bundled corpus."""
+    def job(model: str, width: str) -> tuple[str, list[str]]:
+        return (f"{model}_gated_conv{width}",
+                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME,
+                 "--set", f"ffn_conv={width}", "--max-steps", "600", "--seeds", "1"])
+    return [job("fhme", "8"), job("pkm", "8"), job("pkm", "4")]
+
+
 def shape_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM read better with fewer, longer reads (3 x top-92 against 6 x top-40), and FHME with one
     head per block in the experts study: the default FHME (gate and convolution, 2 heads x top-24)
@@ -516,7 +528,7 @@ def main() -> None:
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
                                           "gate-pilots", "gated", "conv-pilots", "conv", "gate-conv",
                                           "adaptive-pilots", "table-lr-pilots", "shape-pilots",
-                                          "peer-conv"))
+                                          "peer-conv", "conv-width-pilots"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -535,7 +547,7 @@ def main() -> None:
             "conv": lambda: conv_jobs(args.stdlib), "gate-conv": lambda: gate_conv_jobs(args.stdlib),
             "adaptive-pilots": adaptive_pilot_jobs, "table-lr-pilots": table_lr_pilot_jobs,
             "shape-pilots": lambda: shape_pilot_jobs(args.stdlib),
-            "peer-conv": lambda: peer_conv_jobs(args.stdlib)}[args.phase]()
+            "peer-conv": lambda: peer_conv_jobs(args.stdlib), "conv-width-pilots": conv_width_pilot_jobs}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
