@@ -19,6 +19,7 @@ from fractalmoe.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_model_checkpoint,
+    load_model_from_run,
     read_model_tensors,
     read_run_state,
 )
@@ -210,6 +211,25 @@ def test_config_with_wrong_types_fails_in_one_line(finished_run: Path, capsys) -
     assert "dim must be int" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
     (finished_run / "config.json").write_text("{not json")
     assert "not valid JSON" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
+
+
+def test_runs_saved_before_the_gate_and_convolution_load_without_them(tmp_path: Path, corpus: str,
+                                                                      capsys) -> None:
+    """Runs written before ``output_gate`` and ``ffn_conv`` existed lack them in config.json and were
+    trained without them: they must load as they were, not with today's defaults."""
+    out = tmp_path / "old"
+    run(_config(dict(output_gate=False, ffn_conv=0), max_steps=2), out=out, data_path=corpus,
+        progress=False, log=lambda s: None)
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(out), "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["model"]["output_gate"], cfg["model"]["ffn_conv"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load_model_from_run(out)
+    assert model.cfg.output_gate is False and model.cfg.ffn_conv == 0
+    assert main(["eval", "--ckpt", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_loss"] == before["val_loss"]
 
 
 def test_wrong_architecture_names_the_mismatch(finished_run: Path, capsys) -> None:

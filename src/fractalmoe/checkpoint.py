@@ -302,7 +302,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         raise CheckpointError(f"{run_dir} is not a FractalMoE run directory (no config.json)")
     data = _load_json(run_dir / "config.json")
     try:
-        return RunConfig.from_dict({k: v for k, v in data.items() if k in ("model", "train")})
+        return RunConfig.from_saved({k: v for k, v in data.items() if k in ("model", "train")})
     except ValueError as exc:
         raise CheckpointError(f"{run_dir}/config.json: {exc}") from None
 

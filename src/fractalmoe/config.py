@@ -30,6 +30,10 @@ EXPERT_DTYPES = ("float32", "bfloat16")
 DEPTH_RULES = ("ponder", "threshold")
 
 C = TypeVar("C", bound="_Config")
+# Model fields whose default changed after they were introduced: their value in runs saved
+# before they existed (the output gate and the query convolution were off until they won the
+# README's comparison).
+SAVED_BEFORE: dict[str, Any] = {"output_gate": False, "ffn_conv": 0}
 
 
 class _Config:
@@ -266,6 +270,16 @@ class RunConfig:
             raise ValueError(f"unknown config section(s) {unknown}; valid: model, train")
         return cls(ModelConfig.from_dict(data.get("model", {})),
                    TrainConfig.from_dict(data.get("train", {})))
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> RunConfig:
+        """A run's saved ``config.json``. Every field is saved, so a missing one was added after the
+        run was written; it takes its value of then (``SAVED_BEFORE``) where the default has
+        changed since, so that old runs load, resume and evaluate as they trained."""
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict):
+            data = {**data, "model": {**SAVED_BEFORE, **model}}
+        return cls.from_dict(data)
 
     def with_overrides(self, assignments: list[str]) -> RunConfig:
         """Apply ``key=value`` strings; ``key`` may be ``model.dim`` or just ``dim``."""
