@@ -28,6 +28,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py shape-pilots      # gate + convolution: one head per block reading more rows
     python benchmarks/quality.py peer-conv         # PEER with the balance loss and the convolution, 1,200 steps
     python benchmarks/quality.py conv-width-pilots # the gate + convolution pair with a convolution over 8 positions
+    python benchmarks/quality.py conv-width        # PKM with the gate and a convolution over 8 positions, 1,200 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -489,6 +490,13 @@ def conv_width_pilot_jobs() -> list[tuple[str, list[str]]]:
     return [job("fhme", "8"), job("pkm", "8"), job("pkm", "4")]
 
 
+def conv_width_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The pilot's one gain, PKM with the gate and a convolution over 8 positions, at the reported
+    length on the bundled corpus, seeds 2 and 3 (against gate-conv's PKM at 4)."""
+    return _pair_jobs(stdlib, "gated_conv8", [*GATED_FHME, "--set", "ffn_conv=8"],
+                      [("shakespeare", "2"), ("shakespeare", "3")], ("pkm",))
+
+
 def shape_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM read better with fewer, longer reads (3 x top-92 against 6 x top-40), and FHME with one
     head per block in the experts study: the default FHME (gate and convolution, 2 heads x top-24)
@@ -528,7 +536,8 @@ def main() -> None:
                                           "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
                                           "gate-pilots", "gated", "conv-pilots", "conv", "gate-conv",
                                           "adaptive-pilots", "table-lr-pilots", "shape-pilots",
-                                          "peer-conv", "conv-width-pilots"))
+                                          "peer-conv", "conv-width-pilots",
+                                          "conv-width"))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
@@ -547,7 +556,8 @@ def main() -> None:
             "conv": lambda: conv_jobs(args.stdlib), "gate-conv": lambda: gate_conv_jobs(args.stdlib),
             "adaptive-pilots": adaptive_pilot_jobs, "table-lr-pilots": table_lr_pilot_jobs,
             "shape-pilots": lambda: shape_pilot_jobs(args.stdlib),
-            "peer-conv": lambda: peer_conv_jobs(args.stdlib), "conv-width-pilots": conv_width_pilot_jobs}[args.phase]()
+            "peer-conv": lambda: peer_conv_jobs(args.stdlib), "conv-width-pilots": conv_width_pilot_jobs,
+            "conv-width": lambda: conv_width_jobs(args.stdlib)}[args.phase]()
     run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
 
 
