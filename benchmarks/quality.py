@@ -41,6 +41,7 @@ import itertools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROUTED = ("fhme", "pkm", "peer", "memplus")
@@ -529,36 +530,30 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
 
 
+# Every phase: its jobs, given the second corpus's path.
+PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
+    "pilots": lambda _: pilot_jobs(), "untie-pilots": lambda _: untie_pilot_jobs(),
+    "usage-pilots": lambda _: usage_pilot_jobs(), "search": lambda _: search_jobs(), "final": final_jobs,
+    "optim-pilots": lambda _: optim_pilot_jobs(), "optim": lambda _: optim_jobs(), "final-lazy": final_lazy_jobs,
+    "balance-65k": lambda _: balance_65k_jobs(), "experts": experts_jobs,
+    "one-head-pilots": lambda _: one_head_pilot_jobs(), "one-head": one_head_jobs,
+    "route-once-pilots": lambda _: route_once_pilot_jobs(), "route-once": route_once_jobs,
+    "shallow-pilots": lambda _: shallow_pilot_jobs(), "shallow": shallow_jobs, "gate-pilots": gate_pilot_jobs,
+    "gated": gated_jobs, "conv-pilots": lambda _: conv_pilot_jobs(), "conv": conv_jobs, "gate-conv": gate_conv_jobs,
+    "adaptive-pilots": lambda _: adaptive_pilot_jobs(), "table-lr-pilots": lambda _: table_lr_pilot_jobs(),
+    "shape-pilots": shape_pilot_jobs, "peer-conv": peer_conv_jobs,
+    "conv-width-pilots": lambda _: conv_width_pilot_jobs(), "conv-width": conv_width_jobs,
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("pilots", "untie-pilots", "usage-pilots", "search", "final", "optim-pilots",
-                                          "optim", "final-lazy", "balance-65k", "experts", "one-head-pilots",
-                                          "one-head", "route-once-pilots", "route-once", "shallow-pilots", "shallow",
-                                          "gate-pilots", "gated", "conv-pilots", "conv", "gate-conv",
-                                          "adaptive-pilots", "table-lr-pilots", "shape-pilots",
-                                          "peer-conv", "conv-width-pilots",
-                                          "conv-width"))
+    p.add_argument("phase", choices=tuple(PHASES))
     p.add_argument("--cpus", default="0,1", help="CPUs to pin one worker each to")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--stdlib", default="data/stdlib", help="built with `fractalmoe corpus stdlib`")
     args = p.parse_args()
-    jobs = {"pilots": pilot_jobs, "untie-pilots": untie_pilot_jobs, "usage-pilots": usage_pilot_jobs,
-            "search": search_jobs,
-            "final": lambda: final_jobs(args.stdlib), "optim-pilots": optim_pilot_jobs,
-            "optim": optim_jobs, "final-lazy": lambda: final_lazy_jobs(args.stdlib), "balance-65k": balance_65k_jobs,
-            "experts": lambda: experts_jobs(args.stdlib), "one-head-pilots": one_head_pilot_jobs,
-            "one-head": lambda: one_head_jobs(args.stdlib),
-            "route-once-pilots": route_once_pilot_jobs,
-            "route-once": lambda: route_once_jobs(args.stdlib), "shallow-pilots": shallow_pilot_jobs,
-            "shallow": lambda: shallow_jobs(args.stdlib),
-            "gate-pilots": lambda: gate_pilot_jobs(args.stdlib),
-            "gated": lambda: gated_jobs(args.stdlib), "conv-pilots": conv_pilot_jobs,
-            "conv": lambda: conv_jobs(args.stdlib), "gate-conv": lambda: gate_conv_jobs(args.stdlib),
-            "adaptive-pilots": adaptive_pilot_jobs, "table-lr-pilots": table_lr_pilot_jobs,
-            "shape-pilots": lambda: shape_pilot_jobs(args.stdlib),
-            "peer-conv": lambda: peer_conv_jobs(args.stdlib), "conv-width-pilots": conv_width_pilot_jobs,
-            "conv-width": lambda: conv_width_jobs(args.stdlib)}[args.phase]()
-    run(args.phase, jobs, [int(c) for c in args.cpus.split(",")], args.worker)
+    run(args.phase, PHASES[args.phase](args.stdlib), [int(c) for c in args.cpus.split(",")], args.worker)
 
 
 if __name__ == "__main__":
