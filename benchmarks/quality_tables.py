@@ -207,7 +207,8 @@ def main() -> None:
     print_per_corpus(lazy, ", lazy-Adam expert tables (lr 0.03) for every routed model")
     for phases, title in ((["gated"], "FHME and PKM with the SiLU output gate"),
                           (["conv", "peer-conv"], "every model with the query convolution (ffn_conv = 4)"),
-                          (["gate-conv"], "FHME and PKM with the gate and the query convolution")):
+                          (["gate-conv"], "FHME and PKM with the gate and the query convolution"),
+                          (["conv-width"], "PKM with the gate and a convolution over 8 positions")):
         if (root / phases[0]).is_dir():
             print_per_corpus([r for p in phases if (root / p).is_dir() for r in rows(root / p)],
                              f", {title}, lazy-Adam tables")
