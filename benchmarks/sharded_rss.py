@@ -64,11 +64,11 @@ class PeakSampler(threading.Thread):
 
 
 def _run_config(args: argparse.Namespace, max_steps: int):  # type: ignore[no-untyped-def]
-    from fractalmoe.config import ModelConfig, RunConfig, TrainConfig
+    from fractalmoe.config import SAVED_BEFORE, ModelConfig, RunConfig, TrainConfig
 
-    model = ModelConfig(dim=args.dim, n_layers=args.layers, num_experts=args.experts,  # as measured:
-                        seq_len=args.seq_len, expert_dtype="float32", block="neuron",  # no gate, no conv
-                        topk=40, output_gate=False, ffn_conv=0)
+    # As measured: top-40, and the output gate and convolution as they were before becoming defaults.
+    model = ModelConfig(dim=args.dim, n_layers=args.layers, num_experts=args.experts, seq_len=args.seq_len,
+                        expert_dtype="float32", block="neuron", topk=40, **SAVED_BEFORE)
     train = TrainConfig(batch_size=args.batch, max_steps=max_steps, expert_optim="rowwise_adagrad",
                         eval_every=10**9, eval_batches=1, log_every=1, save_every=10**9,
                         keep_last=1, sample_bytes=0, warmup_steps=1)
