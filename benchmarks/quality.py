@@ -511,6 +511,23 @@ def shape_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return [job("shakespeare", "1", "67"), job("stdlib", "1", "67"), job("stdlib", "2", "24")]
 
 
+# Memory Layers at Scale's shared value pool: every layer reads one bank of 4 x 16,384 = 65,536
+# experts (the same parameters as 16,384 per layer). Scoring 2 * 256 sub-keys instead of 2 * 128
+# is paid for with key width 12 and top-21 for FHME (1.006x the default's FFN FLOPs); PKM is
+# matched to it as always (5 heads x top-31, 1.007x).
+SHARED = ["--set", "share_bank=true", "--set", "num_experts=65536", "--set", "key_dim=12", "--set", "topk=21"]
+
+
+def shared_bank_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """Does one bank shared by every layer (more rows for each layer to choose from at the same
+    parameters) help FHME, whose 12 routers per model would all read it, more than PKM? The
+    default FHME and PKM (the gate and the convolution), 600 steps, seed 1, bundled corpus,
+    against table-lr-pilots' FHME at lr 0.03 and conv-width-pilots' PKM at 4."""
+    return [(f"{model}_gated_conv4_shared65k",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV, *SHARED,
+              "--max-steps", "600", "--seeds", "1"]) for model in ("fhme", "pkm")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -543,6 +560,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "adaptive-pilots": lambda _: adaptive_pilot_jobs(), "table-lr-pilots": lambda _: table_lr_pilot_jobs(),
     "shape-pilots": shape_pilot_jobs, "peer-conv": peer_conv_jobs,
     "conv-width-pilots": lambda _: conv_width_pilot_jobs(), "conv-width": conv_width_jobs,
+    "shared-bank-pilots": lambda _: shared_bank_pilot_jobs(),
 }
 
 

@@ -89,7 +89,7 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # the pilots of the gate + convolution default, PEER with the convolution
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
-             table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width; do
+             table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices

@@ -26,6 +26,7 @@ from fractalmoe.checkpoint import (
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
 from fractalmoe.model import FHMELanguageModel
+from fractalmoe import train
 from fractalmoe.train import TrainingStopped, run
 
 CORPUS = "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 60
@@ -107,6 +108,24 @@ def test_nan_is_skipped_and_reported(tmp_path: Path, corpus: str) -> None:
     assert result.step == 8 and any("step 4: non-finite" in m for m in messages)
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for m in lines if m.get("skipped")) == 1
+
+
+@pytest.mark.parametrize("ffn, rule, deferred", [("memplus", "lazy_adam", True), ("fhme", "lazy_adam", False),
+                                                  ("memplus", "dense_adamw", False)])
+def test_a_bank_every_layer_reads_gets_deferred_table_gradients(tmp_path: Path, corpus: str, ffn: str,
+                                                                rule: str, deferred: bool, monkeypatch) -> None:
+    """Summed in autograd one read at a time, a shared bank's row gradients cost 2.5x the step."""
+    seen: list[bool] = []
+
+    class Recording(train.ModelOptimizer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            seen.append(args[6])
+
+    monkeypatch.setattr(train, "ModelOptimizer", Recording)
+    config = RunConfig(tiny_model_config(n_layers=2, ffn=ffn), _config(max_steps=2, expert_optim=rule).train)
+    run(config, out=tmp_path / "r", data_path=corpus, progress=False, log=lambda s: None)
+    assert seen == [deferred]
 
 
 def test_run_of_nans_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path: Path, corpus: str) -> None:

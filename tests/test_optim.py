@@ -218,13 +218,13 @@ def _train_alike(ffn: str, rule: str, variant: dict[str, bool]) -> None:
 
 
 @pytest.mark.parametrize("merged", [True, False])
-@pytest.mark.parametrize("ffn", ["fhme", "peer"])
+@pytest.mark.parametrize("ffn", ["fhme", "peer", "memplus"])
 @pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
 def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str, merged: bool,
                                                              monkeypatch) -> None:
     """Table gradients merged from a sparse .grad or formed in the step (in one buffer, or in
     small chunks with many runs cut) train the same model (FHME reads each table three times a
-    step)."""
+    step, Memory+ its one bank once per layer)."""
     monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
     monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)  # the sparse path's chunks
     monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)

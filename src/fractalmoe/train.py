@@ -251,8 +251,13 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         load_model_checkpoint(model, ckpt, rows)
         state = read_run_state(ckpt)
         step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
+    # A bank every layer reads (Memory+, share_bank) gets 4-12 row-sparse gradients a step, which
+    # autograd sums one read at a time, re-copying the growing sum (2.5x the step of a 4-layer
+    # FHME); deferred, they are summed once in the step. Adapter runs choose for themselves.
+    deferred = tc.deferred_table_grads or (model_factory is None and tc.expert_optim != "dense_adamw"
+                                           and getattr(model, "shared_bank", None) is not None)
     opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim, tc.beta2,
-                         tc.deferred_table_grads, tc.fused_row_update)
+                         deferred, tc.fused_row_update)
     if ckpt is not None:
         owned = {id(p): (b.lo, b.hi) for b in table_shards(model).values() for p in b.tables().values()}
         opt.load_state_dict(read_optim_state(ckpt, state, [owned.get(id(p)) for p in opt.tables]))
