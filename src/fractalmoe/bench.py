@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optim import ModelOptimizer
+from .optim import ModelOptimizer, defers_table_grads
 from .roofline import best_time, matmul_gflops
 
 
@@ -61,7 +61,9 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     cfg = run.model.replace(num_experts=spec.num_experts)
     model = FHMELanguageModel(cfg)
     opt = ModelOptimizer(model, run.train.lr, run.train.expert_lr, run.train.weight_decay,
-                         run.train.expert_optim, deferred_table_grads=run.train.deferred_table_grads,
+                         run.train.expert_optim,
+                         deferred_table_grads=defers_table_grads(model, run.train.deferred_table_grads,
+                                                                 run.train.expert_optim),
                          fused_row_update=run.train.fused_row_update)
     idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len))
     tokens = idx.numel()

@@ -45,7 +45,7 @@ from .distributed import (
 from .evaluate import evaluate
 from .experts import meta_expert_tables
 from .model import FHMELanguageModel
-from .optim import ModelOptimizer
+from .optim import ModelOptimizer, defers_table_grads
 from .stats import collect, fold_statistics
 
 METRIC_KEYS = ("step", "train_loss", "val_loss", "val_bpb", "tok_s", "lr", "expert_usage",
@@ -251,11 +251,9 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         load_model_checkpoint(model, ckpt, rows)
         state = read_run_state(ckpt)
         step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
-    # A bank every layer reads (Memory+, share_bank) gets 4-12 row-sparse gradients a step, which
-    # autograd sums one read at a time, re-copying the growing sum (2.5x the step of a 4-layer
-    # FHME); deferred, they are summed once in the step. Adapter runs choose for themselves.
-    deferred = tc.deferred_table_grads or (model_factory is None and tc.expert_optim != "dense_adamw"
-                                           and getattr(model, "shared_bank", None) is not None)
+    # Adapter runs keep what they asked for (sparse-row fine-tuning masks the sparse .grad).
+    deferred = (defers_table_grads(model, tc.deferred_table_grads, tc.expert_optim) if model_factory is None
+                else tc.deferred_table_grads)
     opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim, tc.beta2,
                          deferred, tc.fused_row_update)
     if ckpt is not None:
