@@ -543,13 +543,6 @@ def drop_path_pilot_jobs() -> list[tuple[str, list[str]]]:
             job("pkm", "dropout0.1", "--set", "dropout=0.1")]
 
 
-def drop_path_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The drop-path pilot's FHME at the reported length, seeds 2 and 3 of both corpora, seed 2
-    first (against gate-conv's runs without it)."""
-    return _pair_jobs(stdlib, "gated_conv4_dpl0.15", [*GATED_FHME, *CONV, "--set", "drop_path_local=0.15"],
-                      SEED_FIRST, ("fhme",))
-
-
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -583,7 +576,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "shape-pilots": shape_pilot_jobs, "peer-conv": peer_conv_jobs,
     "conv-width-pilots": lambda _: conv_width_pilot_jobs(), "conv-width": conv_width_jobs,
     "shared-bank-pilots": lambda _: shared_bank_pilot_jobs(),
-    "drop-path-pilots": lambda _: drop_path_pilot_jobs(), "drop-path": drop_path_jobs,
+    "drop-path-pilots": lambda _: drop_path_pilot_jobs(),
 }
 
 

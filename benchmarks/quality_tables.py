@@ -229,10 +229,12 @@ def main() -> None:
     for phases, title in ((["one-head-pilots"], "One head per block at 65K experts, every routed model matched"),
                           (["adaptive-pilots", "conv-pilots"],
                            "Adaptive-depth FHME and PKM routing shapes, with the query convolution"),
-                          (["table-lr-pilots", "shape-pilots", "conv-width-pilots", "shared-bank-pilots"],
+                          (["table-lr-pilots", "shape-pilots", "conv-width-pilots", "shared-bank-pilots",
+                            "drop-path-pilots"],
                            "The default FHME (gate and convolution): table lr 0.1, one head x top-67 per "
-                           "block, a convolution over 8 positions, one 65K bank shared by every layer "
-                           "(and PKM with the gate at 4 and 8, and shared)")):
+                           "block, a convolution over 8 positions, one 65K bank shared by every layer, "
+                           "local drop-path 0.15 (and PKM with the gate: convolution 4 and 8, shared, "
+                           "dropout 0.1)")):
         if (root / phases[0]).is_dir():
             print(f"\n### {title} (seed 1, 600 steps, bundled unless the name says stdlib)\n")
             print(search_table([r for p in phases if (root / p).is_dir() for r in rows(root / p)]))

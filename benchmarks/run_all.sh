@@ -45,6 +45,8 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 
 # Top-k selection on a CPU: torch.topk vs numpy's selection, per call and per default training step
 .venv/bin/python benchmarks/topk_speed.py --out $R/topk_speed.jsonl
+# Table gradients as a sparse .grad vs deferred, per training step of models that read a table often
+.venv/bin/python benchmarks/table_grad_speed.py --out $R/table_grad_speed.jsonl
 
 # Adaptive depth: the threshold rule against fixed depths (bpb vs blocks/token frontier)
 bash benchmarks/adaptive_frontier.sh
@@ -89,7 +91,8 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # the pilots of the gate + convolution default, PEER with the convolution
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
-             table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots; do
+             table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
+             drop-path-pilots; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices

@@ -114,7 +114,7 @@ def test_nan_is_skipped_and_reported(tmp_path: Path, corpus: str) -> None:
                                                   ("memplus", "dense_adamw", False)])
 def test_a_bank_every_layer_reads_gets_deferred_table_gradients(tmp_path: Path, corpus: str, ffn: str,
                                                                 rule: str, deferred: bool, monkeypatch) -> None:
-    """Summed in autograd one read at a time, a shared bank's row gradients cost 2.5x the step."""
+    """Summed in autograd one read at a time, a shared bank's row gradients cost 2x the step."""
     seen: list[bool] = []
 
     class Recording(train.ModelOptimizer):

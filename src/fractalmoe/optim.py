@@ -240,7 +240,7 @@ def table_optimizer(tables: list[Tensor], rule: str, lr: float, deferred: bool =
 def defers_table_grads(model: nn.Module, asked: bool, rule: str) -> bool:
     """Deferred table gradients when asked, and for a bank every layer reads (Memory+,
     ``share_bank``) whenever the rule is row-sparse: autograd sums that table's 4-12 row-sparse
-    gradients one read at a time, re-copying the growing sum (2.5x the step of a 4-layer FHME);
+    gradients one read at a time, re-copying the growing sum (2x the step of a 4-layer FHME);
     deferred, they are summed once in the step."""
     return asked or (rule != "dense_adamw" and getattr(model, "shared_bank", None) is not None)
 
