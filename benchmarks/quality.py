@@ -29,6 +29,9 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py peer-conv         # PEER with the balance loss and the convolution, 1,200 steps
     python benchmarks/quality.py conv-width-pilots # the gate + convolution pair with a convolution over 8 positions
     python benchmarks/quality.py conv-width        # PKM with the gate and a convolution over 8 positions, 1,200 steps
+    python benchmarks/quality.py shared-bank-pilots  # the default pair with one 65K bank shared by every layer
+    python benchmarks/quality.py drop-path-pilots    # FHME with local drop-path, PKM with dropout, 600 steps
+    python benchmarks/quality.py sigmoid-gate-pilots # the default pair with sigmoid gates instead of a softmax
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -543,6 +546,15 @@ def drop_path_pilot_jobs() -> list[tuple[str, list[str]]]:
             job("pkm", "dropout0.1", "--set", "dropout=0.1")]
 
 
+def sigmoid_gate_pilot_jobs() -> list[tuple[str, list[str]]]:
+    """Non-competing gates (an independent sigmoid of each retrieved score instead of a softmax
+    over the k), a routing knob offered to FHME and PKM alike: 600 steps, seed 1, bundled corpus,
+    against table-lr-pilots' FHME at lr 0.03 and conv-width-pilots' PKM at 4."""
+    return [(f"{model}_gated_conv4_sigmoid",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV,
+              "--set", "gate=sigmoid", "--max-steps", "600", "--seeds", "1"]) for model in ("fhme", "pkm")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -577,6 +589,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "conv-width-pilots": lambda _: conv_width_pilot_jobs(), "conv-width": conv_width_jobs,
     "shared-bank-pilots": lambda _: shared_bank_pilot_jobs(),
     "drop-path-pilots": lambda _: drop_path_pilot_jobs(),
+    "sigmoid-gate-pilots": lambda _: sigmoid_gate_pilot_jobs(),
 }
 
 
