@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 
 LAYOUTS = ("sparse", "deferred")
 MODELS = {"fhme_shared65k": ["share_bank=true", "num_experts=65536", "key_dim=12", "topk=21"],
@@ -50,30 +47,17 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(*args.child)))
         return
-    from fractalmoe.bench_layer import schedule, wait_until_idle
+    from fractalmoe.bench_layer import alternated_children, report
 
-    reason = None if args.force else wait_until_idle(max_wait_s=180)
-    if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        sys.exit(2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rows = []
-    for model in MODELS:
-        for repeat, m in schedule(len(LAYOUTS), args.repeats):
-            proc = subprocess.run([sys.executable, __file__, "--child", LAYOUTS[m], model],
-                                  capture_output=True, text=True, env=env, check=True)
-            rows.append({**json.loads(proc.stdout.splitlines()[-1]), "repeat": repeat})
-            print(json.dumps(rows[-1]))
+    children = [[layout, model] for model in MODELS for layout in LAYOUTS]
+    rows = alternated_children(__file__, children, args.repeats, args.force)
     summary = {"summary": "median step_ms"}
     for model in MODELS:
         med = {lay: statistics.median(r["step_ms"] for r in rows if r["model"] == model and r["layout"] == lay)
                for lay in LAYOUTS}
         summary |= {f"{model}_{lay}": med[lay] for lay in LAYOUTS}
         summary[f"{model}_speedup"] = med["sparse"] / med["deferred"]
-    print(json.dumps(summary))
-    with open(args.out, "w") as f:
-        for r in [*rows, summary]:
-            f.write(json.dumps(r) + "\n")
+    report(args.out, rows, summary)
 
 
 if __name__ == "__main__":

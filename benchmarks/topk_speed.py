@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 MODES = ("torch", "numpy")
@@ -67,27 +64,14 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child)))
         return
-    from fractalmoe.bench_layer import schedule, wait_until_idle
+    from fractalmoe.bench_layer import alternated_children, report
 
-    reason = None if args.force else wait_until_idle(max_wait_s=180)
-    if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        sys.exit(2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rows = []
-    for repeat, m in schedule(len(MODES), args.repeats):
-        proc = subprocess.run([sys.executable, __file__, "--child", MODES[m]], capture_output=True,
-                              text=True, env=env, check=True)
-        rows.append({**json.loads(proc.stdout.splitlines()[-1]), "repeat": repeat})
-        print(json.dumps(rows[-1]))
+    rows = alternated_children(__file__, [[m] for m in MODES], args.repeats, args.force)
     keys = [k for k in rows[0] if k.endswith("_ms")]
     med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in MODES}
     summary = {"summary": "median", **{f"{m}_{k}": v for m in MODES for k, v in med[m].items()},
                **{f"speedup_{k}": med["torch"][k] / med["numpy"][k] for k in keys}}
-    print(json.dumps(summary))
-    with open(args.out, "w") as f:
-        for r in [*rows, summary]:
-            f.write(json.dumps(r) + "\n")
+    report(args.out, rows, summary)
 
 
 if __name__ == "__main__":

@@ -350,3 +350,21 @@ def test_a_spawned_process_reports_its_own_peak_memory_not_its_parents() -> None
     child = float(out.stdout.strip())
     assert 0.01 < child < peak_rss_gb() - 0.5, (child, peak_rss_gb())
     del held
+
+
+def test_alternated_children_run_round_robin_in_fresh_processes(tmp_path, capsys) -> None:
+    script = tmp_path / "child.py"
+    script.write_text("import json, os, sys\n"
+                      "print('noise')\n"
+                      "print(json.dumps({'arg': sys.argv[2], 'pid': os.getpid(),"
+                      " 'threads': os.environ['OMP_NUM_THREADS']}))\n")
+    rows = bench_layer.alternated_children(str(script), [["a"], ["b"]], repeats=2, force=True)
+    assert [(r["arg"], r["repeat"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert len({r["pid"] for r in rows}) == 4 and {r["threads"] for r in rows} == {"1"}
+
+
+def test_alternated_children_refuse_a_busy_machine(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench_layer, "wait_until_idle", lambda max_wait_s: "the machine is busy")
+    with pytest.raises(SystemExit) as stop:
+        bench_layer.alternated_children("unused.py", [["a"]], repeats=1, force=False)
+    assert stop.value.code == 2 and capsys.readouterr().err == "error: the machine is busy\n"

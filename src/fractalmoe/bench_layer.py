@@ -342,6 +342,33 @@ def schedule(configs: int, repeats: int) -> list[tuple[int, int]]:
     return [(r, c) for r in range(repeats) for c in range(configs)]
 
 
+def alternated_children(script: str, children: list[list[str]], repeats: int, force: bool) -> list[dict]:
+    """A benchmark script's measurements: ``script --child ARGS`` for every ARGS of ``children``,
+    each in a fresh single-threaded process, round-robin over ``repeats`` rounds; each child
+    prints one JSON object last. On a busy machine (after waiting up to 3 minutes) it exits with
+    a one-line error (status 2) unless ``force``."""
+    reason = None if force else wait_until_idle(max_wait_s=180)
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        raise SystemExit(2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows: list[dict] = []
+    for repeat, c in schedule(len(children), repeats):
+        proc = subprocess.run([sys.executable, script, "--child", *children[c]], capture_output=True,
+                              text=True, env=env, check=True)
+        rows.append({**json.loads(proc.stdout.splitlines()[-1]), "repeat": repeat})
+        print(json.dumps(rows[-1]))
+    return rows
+
+
+def report(out: str, rows: list[dict], summary: dict) -> None:
+    """Print a benchmark script's summary and write its rows and the summary to ``out`` (JSON lines)."""
+    print(json.dumps(summary))
+    with open(out, "w") as f:
+        for r in [*rows, summary]:
+            f.write(json.dumps(r) + "\n")
+
+
 _MEDIANS = ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "infer_ms", "peak_rss_gb", "touched_rows",
             "bytes", "floor_ms")
 
