@@ -155,6 +155,13 @@ def _default_fhme(optim: str, lr: str, model: str = "fhme") -> list[str]:
             "--set", f"expert_lr={lr}"]
 
 
+def _default_pilot(model: str, *extra: str) -> list[str]:
+    """A 600-step pilot at seed 1 of the default FHME (the gate; ``extra`` adds the convolution or
+    its variant), or of ``model`` matched to it."""
+    return [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *extra,
+            "--max-steps", "600", "--seeds", "1"]
+
+
 def optim_pilot_jobs() -> list[tuple[str, list[str]]]:
     return [(f"{optim}_elr{lr}", [*_default_fhme(optim, lr), "--max-steps", "300", "--seeds", "1"])
             for optim, lrs in OPTIM_TRIALS.items() for lr in lrs]
@@ -488,9 +495,7 @@ def conv_width_pilot_jobs() -> list[tuple[str, list[str]]]:
     instead of 4 widen that? FHME and PKM with the gate, ``ffn_conv`` 8 (and PKM at 4, FHME's run at
     4 being table-lr-pilots' lr 0.03 one), 600 steps, seed 1, bundled corpus."""
     def job(model: str, width: str) -> tuple[str, list[str]]:
-        return (f"{model}_gated_conv{width}",
-                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME,
-                 "--set", f"ffn_conv={width}", "--max-steps", "600", "--seeds", "1"])
+        return f"{model}_gated_conv{width}", _default_pilot(model, "--set", f"ffn_conv={width}")
     return [job("fhme", "8"), job("pkm", "8"), job("pkm", "4")]
 
 
@@ -508,9 +513,8 @@ def shape_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     bundled corpus against table-lr-pilots' run at lr 0.03, on the second corpus both."""
     def job(corpus: str, heads: str, topk: str) -> tuple[str, list[str]]:
         return (f"{corpus}_fhme_gated_conv4_h{heads}k{topk}",
-                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), *GATED_FHME, *CONV,
-                 "--set", f"expert_heads={heads}", "--set", f"topk={topk}", *_data(corpus, stdlib),
-                 "--max-steps", "600", "--seeds", "1"])
+                _default_pilot("fhme", *CONV, "--set", f"expert_heads={heads}", "--set", f"topk={topk}",
+                               *_data(corpus, stdlib)))
     return [job("shakespeare", "1", "67"), job("stdlib", "1", "67"), job("stdlib", "2", "24")]
 
 
@@ -526,9 +530,7 @@ def shared_bank_pilot_jobs() -> list[tuple[str, list[str]]]:
     parameters) help FHME, whose 12 routers per model would all read it, more than PKM? The
     default FHME and PKM (the gate and the convolution), 600 steps, seed 1, bundled corpus,
     against table-lr-pilots' FHME at lr 0.03 and conv-width-pilots' PKM at 4."""
-    return [(f"{model}_gated_conv4_shared65k",
-             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV, *SHARED,
-              "--max-steps", "600", "--seeds", "1"]) for model in ("fhme", "pkm")]
+    return [(f"{model}_gated_conv4_shared65k", _default_pilot(model, *CONV, *SHARED)) for model in ("fhme", "pkm")]
 
 
 def drop_path_pilot_jobs() -> list[tuple[str, list[str]]]:
@@ -539,9 +541,7 @@ def drop_path_pilot_jobs() -> list[tuple[str, list[str]]]:
     the residual branches. 600 steps, seed 1, bundled corpus, against table-lr-pilots' FHME at
     lr 0.03 and conv-width-pilots' PKM at 4."""
     def job(model: str, name: str, *extra: str) -> tuple[str, list[str]]:
-        return (f"{model}_gated_conv4_{name}",
-                [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV, *extra,
-                 "--max-steps", "600", "--seeds", "1"])
+        return f"{model}_gated_conv4_{name}", _default_pilot(model, *CONV, *extra)
     return [job("fhme", "dpl0.15", "--set", "drop_path_local=0.15"),
             job("pkm", "dropout0.1", "--set", "dropout=0.1")]
 
@@ -550,9 +550,8 @@ def sigmoid_gate_pilot_jobs() -> list[tuple[str, list[str]]]:
     """Non-competing gates (an independent sigmoid of each retrieved score instead of a softmax
     over the k), a routing knob offered to FHME and PKM alike: 600 steps, seed 1, bundled corpus,
     against table-lr-pilots' FHME at lr 0.03 and conv-width-pilots' PKM at 4."""
-    return [(f"{model}_gated_conv4_sigmoid",
-             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV,
-              "--set", "gate=sigmoid", "--max-steps", "600", "--seeds", "1"]) for model in ("fhme", "pkm")]
+    return [(f"{model}_gated_conv4_sigmoid", _default_pilot(model, *CONV, "--set", "gate=sigmoid"))
+            for model in ("fhme", "pkm")]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
