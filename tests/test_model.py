@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fractalmoe import FHMELanguageModel, ModelConfig
 from fractalmoe.baselines import DenseFFN, MoEFFN
 from fractalmoe.config import tiny_model_config
+from fractalmoe.conv import CausalConv
 from fractalmoe.evaluate import evaluate
 from fractalmoe.fhme import FHME
 from fractalmoe.stats import collect
@@ -31,6 +32,7 @@ def _variants():
     yield "fhme-gated", dict(ffn="fhme", block="gated")
     yield "fhme-conv", dict(ffn="fhme", ffn_conv=4)
     yield "pkm-conv", dict(ffn="pkm", ffn_conv=3)
+    yield "fhme-block-conv", dict(ffn="fhme", ffn_conv=4, block_conv=3)
 
 
 @pytest.mark.parametrize("name,extra", list(_variants()), ids=[v[0] for v in _variants()])
@@ -51,15 +53,16 @@ def test_future_tokens_do_not_change_past_logits(name: str, extra: dict, mode: s
 
 
 def _randomize_convs(model: FHMELanguageModel) -> None:
-    """FFN convolutions start at zero (a no-op): give them weights that a leak would show."""
-    for block in model.blocks:
-        if block.ffn_conv is not None:
-            torch.nn.init.normal_(block.ffn_conv.weight, std=0.5)
+    """FFN and block convolutions start at zero (a no-op): give them weights that a leak would show."""
+    for module in model.modules():
+        if isinstance(module, CausalConv):
+            torch.nn.init.normal_(module.weight, std=0.5)
 
 
-@pytest.mark.parametrize("ffn,conv", [(f, 0) for f in FFNS] + [("fhme", 4), ("pkm", 1)])
-def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int) -> None:
-    model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48, ffn_conv=conv)).eval()
+@pytest.mark.parametrize("ffn,conv,block_conv", [(f, 0, 0) for f in FFNS] + [("fhme", 4, 0), ("pkm", 1, 0),
+                                                                           ("fhme", 4, 3)])
+def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int, block_conv: int) -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48, ffn_conv=conv, block_conv=block_conv)).eval()
     _randomize_convs(model)
     prompt = torch.randint(0, 256, (2, 5))
     out = model.generate(prompt, 32, temperature=0.0)
@@ -120,8 +123,6 @@ def test_flops_and_params_match_hand_counts() -> None:
 
 
 def test_ffn_conv_is_counted_and_matches_its_definition() -> None:
-    from fractalmoe.model import CausalConv
-
     d, w = 8, 3
     plain = FHMELanguageModel(tiny_model_config(dim=d * 4, ffn_conv=0))
     conv = FHMELanguageModel(tiny_model_config(dim=d * 4, ffn_conv=w))
@@ -250,3 +251,15 @@ def test_memplus_shares_one_bank_stored_once() -> None:
     assert banks == {id(model.shared_bank)}
     names = [n for n in model.state_dict() if n.endswith("values")]
     assert names == ["shared_bank.values"]
+
+
+def test_block_conv_is_counted_per_block_application() -> None:
+    """Every one of the 2**C - 1 block applications convolves its query input (2 W D FLOPs);
+    a token reads each column's convolution once (W D parameters per router)."""
+    d, w = 32, 3
+    plain = FHMELanguageModel(tiny_model_config(dim=d, fractal_depth=3))
+    conv = FHMELanguageModel(tiny_model_config(dim=d, fractal_depth=3, block_conv=w))
+    layers = conv.cfg.n_layers
+    assert conv.ffn_flops_per_token() - plain.ffn_flops_per_token() == layers * 7 * 2 * w * d
+    assert conv.active_params_per_token() - plain.active_params_per_token() == layers * 3 * w * d
+    assert conv.num_params() - plain.num_params() == layers * 3 * w * d

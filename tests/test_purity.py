@@ -32,6 +32,7 @@ VARIANTS = {
     "fhme-adaptive": dict(adaptive_depth=True, fractal_depth=3, depth_penalty=0.01, depth_target=0.5,
                           depth_explore=0.2),
     "pkm-conv": dict(ffn="pkm", ffn_conv=4),
+    "fhme-block-conv": dict(ffn_conv=4, block_conv=3),
 }
 STATEFUL = {"fhme-balanced", "fhme-whitened", "fhme-adaptive"}  # they learn from past batches
 
@@ -131,6 +132,18 @@ def test_train_step_folds_and_a_skipped_step_does_not() -> None:
     _, applied = train_step(model, opt, x, x, 1.0, loss_hook=lambda loss: loss * float("nan"))
     assert not applied and int(norm.batches) == 1
     assert torch.equal(adapter.fractal.blocks[1].memory.router.expert_bias, bias)
+
+
+def test_train_step_drives_a_compiled_model() -> None:
+    """A torch.compile'd model refuses len() (so bool()); train_step must call it, not test it."""
+    model = _model("fhme")
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)
+    x = torch.randint(0, 256, (2, 16))
+    compiled = torch.compile(model, backend="eager")
+    with pytest.raises(TypeError):
+        bool(compiled)
+    loss, applied = train_step(model, opt, x, x, 1.0, forward=compiled)
+    assert applied and loss > 0
 
 
 class _Checkpointed(nn.Module):

@@ -137,6 +137,9 @@ class ModelConfig(_Config):
     # > 0: the FFN reads x_t + sum_j w_j * x_(t-j), j < ffn_conv, a causal depthwise convolution
     # over its input (UltraMem's query convolution: a memory's query sees the last few positions).
     ffn_conv: int = 4
+    # fhme, > 0: every routed block's query input gets its own causal depthwise convolution over
+    # this many positions, so the deep path's second read sees what the first read retrieved nearby.
+    block_conv: int = 0
     join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column
@@ -186,6 +189,9 @@ class ModelConfig(_Config):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")
         r(math.isfinite(self.join_bias), "join_bias", "must be finite")
         r(0 <= self.ffn_conv <= self.seq_len, "ffn_conv", f"must be in [0, seq_len={self.seq_len}] (0 = off; try 4)")
+        r(0 <= self.block_conv <= self.seq_len, "block_conv", f"must be in [0, seq_len={self.seq_len}] (0 = off; try 4)")
+        r(not (self.block_conv and self.adaptive_depth), "block_conv",
+          "needs whole sequences in every block: not with adaptive_depth (it compacts tokens)")
         r(self.tie_blocks or not self.route_once, "route_once", "needs tie_blocks = true (one router per column)")
 
     @property

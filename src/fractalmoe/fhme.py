@@ -85,7 +85,7 @@ class FHME(nn.Module, PastBatchStatistics):
                  balancing: Balancing = Balancing(), block: str = "neuron",
                  bank: ExpertBank | None = None, tied: bool = True,
                  depth_rule: str = "ponder", route_once: bool = False,
-                 output_gate: bool = False) -> None:
+                 output_gate: bool = False, block_conv: int = 0) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
@@ -93,7 +93,7 @@ class FHME(nn.Module, PastBatchStatistics):
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
                                      drop_path_global, TABLE_DTYPES[expert_dtype], balancing, block, bank,
-                                     tied, route_once)
+                                     tied, route_once, block_conv)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             threshold = depth_rule == "threshold"
@@ -125,7 +125,7 @@ class FHME(nn.Module, PastBatchStatistics):
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
                    balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule, cfg.route_once,
-                   cfg.output_gate)
+                   cfg.output_gate, cfg.block_conv)
 
     @property
     def halting(self) -> bool:
@@ -161,7 +161,7 @@ class FHME(nn.Module, PastBatchStatistics):
         x_TD = x.reshape(-1, dim)
         depth_T, routed = self.choose_depth(x_TD)
         if routed is None:  # no router (or a forced depth of the ponder rule): f_d for every token
-            y_TD = self.fractal(x_TD, max_depth=self.forced_depth or self.depth)
+            y_TD = self.fractal(x, max_depth=self.forced_depth or self.depth).reshape(-1, dim)
         else:
             depth_T, kept = self._explore(depth_T)
             weights = (self._halting_weights(depth_T, kept, routed) if self.halting
@@ -280,8 +280,10 @@ class FHME(nn.Module, PastBatchStatistics):
         choosing = depth if self.fractal.route_once else blocks
         dense = 2 * self.dim * self.depth if self.depth_router is not None else 0
         dense += 2 * self.dim * self.dim + self.dim if self.output_gate is not None else 0  # W x, product
+        conv = self.fractal.blocks[0].conv
+        convs = blocks * conv.flops_per_token() if conv is not None else 0
         return (choosing * memory.flops_per_token() + (blocks - choosing) * memory.flops_per_token(choose=False)
-                + joins_at_depth(depth) * 2 * self.dim + dense)
+                + joins_at_depth(depth) * 2 * self.dim + convs + dense)
 
     def params_at_depth(self, depth: int) -> int:
         """Parameters a token at ``depth`` reads: its routers, its expert rows, its join gates."""
@@ -290,6 +292,8 @@ class FHME(nn.Module, PastBatchStatistics):
         rows = mem.params_per_token() - routers  # expert rows (and gate) read per block call
         dense = self.depth_router.weight.numel() if self.depth_router is not None else 0
         dense += self.output_gate.weight.numel() if self.output_gate is not None else 0
+        conv = self.fractal.blocks[0].conv
+        routers += conv.active_params_per_token() if conv is not None else 0  # one per router
         return (self.fractal.routers_at_depth(depth) * routers + blocks_at_depth(depth) * rows
                 + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + dense)
 

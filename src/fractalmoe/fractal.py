@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .conv import CausalConv
 from .experts import ExpertBank
 from .routing import Balancing, ProductKeyMemory
 from .stats import JOIN_GATE, Recorder
@@ -51,16 +52,28 @@ def application_columns(depth: int, first: int) -> list[int]:
 
 
 class RoutedBlock(nn.Module):
-    """B(x) = x + mix(norm(x)) over the layer's shared expert bank, with its own router."""
+    """B(x) = x + mix(norm(x)) over the layer's shared expert bank, with its own router.
 
-    def __init__(self, dim: int, memory: ProductKeyMemory) -> None:
+    With a convolution of width W > 0, mix reads conv(norm(x)): each position's query also sees
+    its last W - 1 positions' inputs, so a block applied to another block's output mixes what was
+    retrieved at nearby positions. x is then (T, D) of whole sequences of length ``seq``.
+    """
+
+    def __init__(self, dim: int, memory: ProductKeyMemory, conv: int = 0) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(dim)
+        self.conv = CausalConv(dim, conv) if conv else None
         self.memory = memory
 
-    def forward(self, x: Tensor, bank: nn.Module, experts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, bank: nn.Module, experts: Tensor | None = None,
+                seq: int | None = None) -> tuple[Tensor, Tensor]:
         """B(x) and the experts it read (given ``experts``: those, re-weighted)."""
-        y, idx = self.memory.routed(self.norm(x), bank, experts)
+        q = self.norm(x)
+        if self.conv is not None:
+            if seq is None:
+                raise ValueError("a block convolution needs whole sequences: x of shape (B, T, D)")
+            q = self.conv(q.view(-1, seq, q.shape[-1])).view(q.shape)
+        y, idx = self.memory.routed(q, bank, experts)
         return x + y, idx
 
 
@@ -97,7 +110,8 @@ class FractalExpert(nn.Module):
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
                  balancing: Balancing = Balancing(), kind: str = "neuron",
-                 bank: ExpertBank | None = None, tied: bool = True, route_once: bool = False) -> None:
+                 bank: ExpertBank | None = None, tied: bool = True, route_once: bool = False,
+                 block_conv: int = 0) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
@@ -116,7 +130,7 @@ class FractalExpert(nn.Module):
         self.blocks = nn.ModuleList(
             RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
                                               query_norm, act, kind, own_bank=False,
-                                              balancing=balancing))
+                                              balancing=balancing), block_conv)
             for _ in range(len(set(self._block_at))))
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(len(set(self._join_at))))
 
@@ -142,44 +156,47 @@ class FractalExpert(nn.Module):
         """The block that the application-th block application (in evaluation order) runs."""
         return self.blocks[self._block_at[application]]
 
-    def _application(self, application: int, x: Tensor, routes: list[Tensor] | None) -> Tensor:
+    def _application(self, application: int, x: Tensor, routes: list[Tensor] | None,
+                     seq: int | None) -> Tensor:
         """The application-th block application on x: with ``routes``, its column's experts."""
         experts = routes[self._block_at[application]] if routes is not None else None
-        return self.block_of(application)(x, self.bank, experts)[0]
+        return self.block_of(application)(x, self.bank, experts, seq)[0]
 
     def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int,
-           routes: list[Tensor] | None) -> Tensor:
+           routes: list[Tensor] | None, seq: int | None) -> Tensor:
         """f_c(x) by direct recursion (2**c - 1 blocks) from the block-th block application and
         the join-th join application on."""
         if c == 1:
-            return self._application(block, x, routes)
-        prev = self._f(c - 1, x, column, block, join, routes)
-        shallow = self._application(block + 2 * blocks_at_depth(c - 1), x, routes)
+            return self._application(block, x, routes, seq)
+        prev = self._f(c - 1, x, column, block, join, routes, seq)
+        shallow = self._application(block + 2 * blocks_at_depth(c - 1), x, routes, seq)
         return self._extend(c, x, prev, shallow, column, block + blocks_at_depth(c - 1),
-                            join + joins_at_depth(c - 1), routes)
+                            join + joins_at_depth(c - 1), routes, seq)
 
     def _extend(self, c: int, x: Tensor, prev: Tensor, shallow: Tensor, column: Tensor | None,
-                block: int, join: int, routes: list[Tensor] | None) -> Tensor:
+                block: int, join: int, routes: list[Tensor] | None, seq: int | None) -> Tensor:
         """J_c(f_{c-1}(prev), shallow = B_c(x)), applications numbered from block and join on."""
-        deep = self._f(c - 1, prev, column, block, join, routes)
+        deep = self._f(c - 1, prev, column, block, join, routes, seq)
         gate = self.joins[self._join_at[join + joins_at_depth(c - 1)]]
         return gate(x, deep, shallow, self._keep_masks(c, x, column))
 
     def stage(self, c: int, x: Tensor, prev: Tensor | None, column: Tensor | None = None,
-              routes: list[Tensor] | None = None) -> Tensor:
-        """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D).
+              routes: list[Tensor] | None = None, seq: int | None = None) -> Tensor:
+        """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D); ``seq``:
+        the sequence length when x is whole sequences (needed by block convolutions).
 
         With ``route_once``, ``routes`` holds the experts columns 1..c-1 chose for x (for these
         tokens) and gains column c's, chosen here by B_c(x)."""
         if self.route_once and routes is None:
             raise ValueError("route_once: stage needs the routes list of the earlier stages")
-        shallow, experts = self.block_of(blocks_at_depth(c) - 1)(x, self.bank)
+        shallow, experts = self.block_of(blocks_at_depth(c) - 1)(x, self.bank, None, seq)
         if routes is not None:
             routes.append(experts)
         if c == 1:
             return shallow
         assert prev is not None
-        return self._extend(c, x, prev, shallow, column, blocks_at_depth(c - 1), joins_at_depth(c - 1), routes)
+        return self._extend(c, x, prev, shallow, column, blocks_at_depth(c - 1), joins_at_depth(c - 1),
+                            routes, seq)
 
     def routers_at_depth(self, depth: int) -> int:
         """Distinct routers a token at ``depth`` uses: one per column tied, one per block untied."""
@@ -198,14 +215,16 @@ class FractalExpert(nn.Module):
 
     def forward(self, x: Tensor, return_all_depths: bool = False,
                 max_depth: int | None = None) -> Tensor | list[Tensor]:
-        """f_C(x), or [f_1(x), ..., f_C(x)] from the same single pass. x: (..., D)."""
+        """f_C(x), or [f_1(x), ..., f_C(x)] from the same single pass. x: (..., D), (B, T, D)
+        for block convolutions."""
         lead, dim = x.shape[:-1], x.shape[-1]
+        seq = x.shape[-2] if x.dim() >= 3 else None
         x_TD = x.reshape(-1, dim)
         column = self.sample_columns(x_TD.shape[0], x.device)
         outs: list[Tensor] = []
         prev: Tensor | None = None
         routes: list[Tensor] | None = [] if self.route_once else None
         for c in range(1, (max_depth or self.depth) + 1):
-            prev = self.stage(c, x_TD, prev, column, routes)
+            prev = self.stage(c, x_TD, prev, column, routes, seq)
             outs.append(prev.view(*lead, dim))
         return outs if return_all_depths else outs[-1]

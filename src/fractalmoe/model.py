@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .adapters import AdaptedFFN
 from .baselines import build_ffn, routed_config
 from .config import ROUTED_FFNS, ModelConfig
+from .conv import CausalConv
 from .experts import TABLE_DTYPES, ExpertBank
 from .fhme import FHME, DepthHist
 
@@ -48,36 +49,6 @@ class KVCache:
     k: Tensor
     v: Tensor
     ffn_in: Tensor | None = None
-
-
-class CausalConv(nn.Module):
-    """y_t = x_t + sum_{j < W} w_j * x_(t-j), per channel (depthwise), x_(t<0) = 0.
-
-    Zero at init, so a model starts as without it. Causal by construction: position t reads
-    positions t - W + 1 .. t. Cached generation keeps the inputs it has seen in ``KVCache.ffn_in``.
-    """
-
-    def __init__(self, dim: int, width: int) -> None:
-        super().__init__()
-        self.width = width
-        self.weight = nn.Parameter(torch.zeros(dim, 1, width))
-
-    def forward(self, x: Tensor, cache: KVCache | None = None, pos: int = 0) -> Tensor:
-        """x: (B, T, D) at positions pos..pos+T-1."""
-        t, w = x.shape[1], self.width
-        if cache is None or cache.ffn_in is None:
-            past = F.pad(x, (0, 0, w - 1, 0))
-        else:  # positions pos - w + 1 .. pos + t - 1, stored at an offset of w - 1
-            cache.ffn_in[:, w - 1 + pos:w - 1 + pos + t] = x
-            past = cache.ffn_in[:, pos:w - 1 + pos + t]
-        y = F.conv1d(past.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[-1])
-        return x + y.transpose(1, 2)
-
-    def flops_per_token(self) -> int:
-        return 2 * self.weight.numel()
-
-    def active_params_per_token(self) -> int:
-        return self.weight.numel()
 
 
 class CausalSelfAttention(nn.Module):
@@ -122,7 +93,7 @@ class FHMETransformerBlock(nn.Module):
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, pos))
         h = self.ffn_norm(x)
         if self.ffn_conv is not None:
-            h = self.ffn_conv(h, cache, pos)
+            h = self.ffn_conv(h, None if cache is None else cache.ffn_in, pos)
         return x + self.drop(self.ffn(h))
 
     def ffn_cost(self, which: str, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
@@ -216,11 +187,18 @@ class FHMELanguageModel(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Sample continuations with a KV cache; temperature 0 is greedy. idx: (B, T) -> (B, T + n).
 
-        When the cache fills up, it is rebuilt from the last seq_len // 2 tokens.
+        When the cache fills up, it is rebuilt from the last seq_len // 2 tokens. Block
+        convolutions keep no cache: with them every step reruns the last seq_len tokens.
         """
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1")
         self.check_input(idx[:, -self.cfg.seq_len:])
+        if self.cfg.ffn == "fhme" and self.cfg.block_conv:
+            out = [idx]
+            for _ in range(max_new_tokens):
+                window = torch.cat(out, dim=1)[:, -self.cfg.seq_len:]
+                out.append(sample_next(self._logits(window)[:, -1], temperature, top_k, generator))
+            return torch.cat(out, dim=1)
         caches = self.new_caches(idx.shape[0])
         ctx = idx[:, -self.cfg.seq_len:]
         logits = self._logits(ctx, caches, 0)[:, -1]

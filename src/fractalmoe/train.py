@@ -109,7 +109,7 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
     """
     opt.zero_grad()
     with collect(model) as stats:
-        _, loss = (forward or model)(x, y)
+        _, loss = (model if forward is None else forward)(x, y)
         if loss_hook is not None:
             loss = loss_hook(loss)
         (loss + stats.aux_loss()).backward()
