@@ -188,8 +188,9 @@ class ModelConfig(_Config):
         for name in ("depth_penalty", "moe_balance"):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")
         r(math.isfinite(self.join_bias), "join_bias", "must be finite")
-        r(0 <= self.ffn_conv <= self.seq_len, "ffn_conv", f"must be in [0, seq_len={self.seq_len}] (0 = off; try 4)")
-        r(0 <= self.block_conv <= self.seq_len, "block_conv", f"must be in [0, seq_len={self.seq_len}] (0 = off; try 4)")
+        for name in ("ffn_conv", "block_conv"):
+            r(0 <= getattr(self, name) <= self.seq_len, name,
+              f"must be in [0, seq_len={self.seq_len}] (0 = off; try 4)")
         r(not (self.block_conv and self.adaptive_depth), "block_conv",
           "needs whole sequences in every block: not with adaptive_depth (it compacts tokens)")
         r(self.tie_blocks or not self.route_once, "route_once", "needs tie_blocks = true (one router per column)")
