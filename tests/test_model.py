@@ -60,7 +60,7 @@ def _randomize_convs(model: FHMELanguageModel) -> None:
 
 
 @pytest.mark.parametrize("ffn,conv,block_conv", [(f, 0, 0) for f in FFNS] + [("fhme", 4, 0), ("pkm", 1, 0),
-                                                                           ("fhme", 4, 3)])
+                                                                           ("fhme", 4, 3), ("pkm", 0, 2)])
 def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int, block_conv: int) -> None:
     model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48, ffn_conv=conv, block_conv=block_conv)).eval()
     _randomize_convs(model)

@@ -137,8 +137,9 @@ class ModelConfig(_Config):
     # > 0: the FFN reads x_t + sum_j w_j * x_(t-j), j < ffn_conv, a causal depthwise convolution
     # over its input (UltraMem's query convolution: a memory's query sees the last few positions).
     ffn_conv: int = 4
-    # fhme, > 0: every routed block's query input gets its own causal depthwise convolution over
-    # this many positions, so the deep path's second read sees what the first read retrieved nearby.
+    # > 0: every routed block's query input gets its own causal depthwise convolution over this
+    # many positions, so FHME's deep path reads again with what the first read retrieved nearby
+    # (PKM, PEER, Memory+: one block, a second convolution after ffn_conv's).
     block_conv: int = 0
     join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training

@@ -193,7 +193,7 @@ class FHMELanguageModel(nn.Module):
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1")
         self.check_input(idx[:, -self.cfg.seq_len:])
-        if self.cfg.ffn == "fhme" and self.cfg.block_conv:
+        if self.cfg.block_conv and self.cfg.ffn in ROUTED_FFNS:
             out = [idx]
             for _ in range(max_new_tokens):
                 window = torch.cat(out, dim=1)[:, -self.cfg.seq_len:]
