@@ -74,13 +74,13 @@ def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int, b
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("conv", [0, 3])
-def test_generation_past_the_context_equals_recomputation_over_its_window(conv: int) -> None:
+@pytest.mark.parametrize("conv,block_conv", [(0, 0), (3, 0), (0, 2)])
+def test_generation_past_the_context_equals_recomputation_over_its_window(conv: int, block_conv: int) -> None:
     """Once seq_len tokens are cached, generation goes on from the last seq_len // 2 tokens (the
     window the README documents) and fills the cache again: greedy output equals recomputing the
     logits over that window at every step."""
     seq_len = 16
-    model = FHMELanguageModel(tiny_model_config(seq_len=seq_len, ffn_conv=conv)).eval()
+    model = FHMELanguageModel(tiny_model_config(seq_len=seq_len, ffn_conv=conv, block_conv=block_conv)).eval()
     _randomize_convs(model)
     prompt = torch.randint(0, 256, (2, 5))
     out = model.generate(prompt, 40, temperature=0.0)

@@ -156,12 +156,14 @@ class FHME(nn.Module, PastBatchStatistics):
         """Blocks 2**c - 1 evaluated at each depth c, (C,), made on like's device (no host copy)."""
         return self._depths(like).to(like.dtype).exp2() - 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, seen: list[Tensor] | None = None, pos: int = 0) -> Tensor:
+        """x (..., D); with block convolutions (B, T, D) at positions pos.., ``seen`` their cached
+        inputs in generation (``model.KVCache.block_in``)."""
         lead, dim = x.shape[:-1], x.shape[-1]
         x_TD = x.reshape(-1, dim)
         depth_T, routed = self.choose_depth(x_TD)
         if routed is None:  # no router (or a forced depth of the ponder rule): f_d for every token
-            y_TD = self.fractal(x, max_depth=self.forced_depth or self.depth).reshape(-1, dim)
+            y_TD = self.fractal(x, max_depth=self.forced_depth or self.depth, seen=seen, pos=pos).reshape(-1, dim)
         else:
             depth_T, kept = self._explore(depth_T)
             weights = (self._halting_weights(depth_T, kept, routed) if self.halting

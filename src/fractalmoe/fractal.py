@@ -23,6 +23,8 @@ of a block's FLOPs, and the second application reads nearly the same rows anyway
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -51,12 +53,23 @@ def application_columns(depth: int, first: int) -> list[int]:
     return order
 
 
+@dataclass(frozen=True)
+class Sequences:
+    """Tokens (T, D) as whole sequences (T // length, length, D) at positions pos.. (what block
+    convolutions read); in cached generation, ``seen`` holds each block application's past inputs
+    (``model.KVCache.block_in``), indexed in evaluation order."""
+
+    length: int
+    pos: int = 0
+    seen: list[Tensor] | None = None
+
+
 class RoutedBlock(nn.Module):
     """B(x) = x + mix(norm(x)) over the layer's shared expert bank, with its own router.
 
     With a convolution of width W > 0, mix reads conv(norm(x)): each position's query also sees
     its last W - 1 positions' inputs, so a block applied to another block's output mixes what was
-    retrieved at nearby positions. x is then (T, D) of whole sequences of length ``seq``.
+    retrieved at nearby positions.
     """
 
     def __init__(self, dim: int, memory: ProductKeyMemory, conv: int = 0) -> None:
@@ -66,13 +79,14 @@ class RoutedBlock(nn.Module):
         self.memory = memory
 
     def forward(self, x: Tensor, bank: nn.Module, experts: Tensor | None = None,
-                seq: int | None = None) -> tuple[Tensor, Tensor]:
-        """B(x) and the experts it read (given ``experts``: those, re-weighted)."""
+                seqs: Sequences | None = None, application: int = 0) -> tuple[Tensor, Tensor]:
+        """B(x) and the experts it read (given ``experts``: those, re-weighted). x: (T, D)."""
         q = self.norm(x)
         if self.conv is not None:
-            if seq is None:
+            if seqs is None:
                 raise ValueError("a block convolution needs whole sequences: x of shape (B, T, D)")
-            q = self.conv(q.view(-1, seq, q.shape[-1])).view(q.shape)
+            seen = seqs.seen[application] if seqs.seen is not None else None
+            q = self.conv(q.view(-1, seqs.length, q.shape[-1]), seen, seqs.pos).view(q.shape)
         y, idx = self.memory.routed(q, bank, experts)
         return x + y, idx
 
@@ -157,46 +171,47 @@ class FractalExpert(nn.Module):
         return self.blocks[self._block_at[application]]
 
     def _application(self, application: int, x: Tensor, routes: list[Tensor] | None,
-                     seq: int | None) -> Tensor:
+                     seqs: Sequences | None) -> Tensor:
         """The application-th block application on x: with ``routes``, its column's experts."""
         experts = routes[self._block_at[application]] if routes is not None else None
-        return self.block_of(application)(x, self.bank, experts, seq)[0]
+        return self.block_of(application)(x, self.bank, experts, seqs, application)[0]
 
     def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int,
-           routes: list[Tensor] | None, seq: int | None) -> Tensor:
+           routes: list[Tensor] | None, seqs: Sequences | None) -> Tensor:
         """f_c(x) by direct recursion (2**c - 1 blocks) from the block-th block application and
         the join-th join application on."""
         if c == 1:
-            return self._application(block, x, routes, seq)
-        prev = self._f(c - 1, x, column, block, join, routes, seq)
-        shallow = self._application(block + 2 * blocks_at_depth(c - 1), x, routes, seq)
+            return self._application(block, x, routes, seqs)
+        prev = self._f(c - 1, x, column, block, join, routes, seqs)
+        shallow = self._application(block + 2 * blocks_at_depth(c - 1), x, routes, seqs)
         return self._extend(c, x, prev, shallow, column, block + blocks_at_depth(c - 1),
-                            join + joins_at_depth(c - 1), routes, seq)
+                            join + joins_at_depth(c - 1), routes, seqs)
 
     def _extend(self, c: int, x: Tensor, prev: Tensor, shallow: Tensor, column: Tensor | None,
-                block: int, join: int, routes: list[Tensor] | None, seq: int | None) -> Tensor:
+                block: int, join: int, routes: list[Tensor] | None, seqs: Sequences | None) -> Tensor:
         """J_c(f_{c-1}(prev), shallow = B_c(x)), applications numbered from block and join on."""
-        deep = self._f(c - 1, prev, column, block, join, routes, seq)
+        deep = self._f(c - 1, prev, column, block, join, routes, seqs)
         gate = self.joins[self._join_at[join + joins_at_depth(c - 1)]]
         return gate(x, deep, shallow, self._keep_masks(c, x, column))
 
     def stage(self, c: int, x: Tensor, prev: Tensor | None, column: Tensor | None = None,
-              routes: list[Tensor] | None = None, seq: int | None = None) -> Tensor:
-        """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D); ``seq``:
-        the sequence length when x is whole sequences (needed by block convolutions).
+              routes: list[Tensor] | None = None, seqs: Sequences | None = None) -> Tensor:
+        """f_c(x) from prev = f_{c-1}(x): J_c(f_{c-1}(prev), B_c(x)). x, prev: (T, D); ``seqs``:
+        their sequences, when they are whole ones (block convolutions need them).
 
         With ``route_once``, ``routes`` holds the experts columns 1..c-1 chose for x (for these
         tokens) and gains column c's, chosen here by B_c(x)."""
         if self.route_once and routes is None:
             raise ValueError("route_once: stage needs the routes list of the earlier stages")
-        shallow, experts = self.block_of(blocks_at_depth(c) - 1)(x, self.bank, None, seq)
+        shallow, experts = self.block_of(blocks_at_depth(c) - 1)(x, self.bank, None, seqs,
+                                                                  blocks_at_depth(c) - 1)
         if routes is not None:
             routes.append(experts)
         if c == 1:
             return shallow
         assert prev is not None
         return self._extend(c, x, prev, shallow, column, blocks_at_depth(c - 1), joins_at_depth(c - 1),
-                            routes, seq)
+                            routes, seqs)
 
     def routers_at_depth(self, depth: int) -> int:
         """Distinct routers a token at ``depth`` uses: one per column tied, one per block untied."""
@@ -213,18 +228,18 @@ class FractalExpert(nn.Module):
         use = torch.rand(num_tokens, device=device) < self.drop_global
         return torch.where(use, pick, torch.zeros_like(pick))
 
-    def forward(self, x: Tensor, return_all_depths: bool = False,
-                max_depth: int | None = None) -> Tensor | list[Tensor]:
-        """f_C(x), or [f_1(x), ..., f_C(x)] from the same single pass. x: (..., D), (B, T, D)
-        for block convolutions."""
+    def forward(self, x: Tensor, return_all_depths: bool = False, max_depth: int | None = None,
+                seen: list[Tensor] | None = None, pos: int = 0) -> Tensor | list[Tensor]:
+        """f_C(x), or [f_1(x), ..., f_C(x)] from the same single pass. x: (..., D), (B, T, D) at
+        positions pos.. for block convolutions (``seen``: their cached inputs, in generation)."""
         lead, dim = x.shape[:-1], x.shape[-1]
-        seq = x.shape[-2] if x.dim() >= 3 else None
+        seqs = Sequences(x.shape[-2], pos, seen) if x.dim() >= 3 else None
         x_TD = x.reshape(-1, dim)
         column = self.sample_columns(x_TD.shape[0], x.device)
         outs: list[Tensor] = []
         prev: Tensor | None = None
         routes: list[Tensor] | None = [] if self.route_once else None
         for c in range(1, (max_depth or self.depth) + 1):
-            prev = self.stage(c, x_TD, prev, column, routes, seq)
+            prev = self.stage(c, x_TD, prev, column, routes, seqs)
             outs.append(prev.view(*lead, dim))
         return outs if return_all_depths else outs[-1]

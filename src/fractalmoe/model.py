@@ -23,6 +23,7 @@ from .config import ROUTED_FFNS, ModelConfig
 from .conv import CausalConv
 from .experts import TABLE_DTYPES, ExpertBank
 from .fhme import FHME, DepthHist
+from .fractal import blocks_at_depth
 
 
 def rope_tables(end: int, head_dim: int, base: float = 10000.0, start: int = 0,
@@ -44,11 +45,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 @dataclass
 class KVCache:
     """Preallocated keys and values of one attention layer: (B, H, seq_len, Hd); with an FFN
-    convolution of width W, its inputs too: (B, W - 1 + seq_len, D), zeros before position 0."""
+    convolution of width W, its inputs too: (B, W - 1 + seq_len, D), zeros before position 0;
+    with block convolutions, those of each routed block application (in evaluation order)."""
 
     k: Tensor
     v: Tensor
     ffn_in: Tensor | None = None
+    block_in: list[Tensor] | None = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -94,6 +97,8 @@ class FHMETransformerBlock(nn.Module):
         h = self.ffn_norm(x)
         if self.ffn_conv is not None:
             h = self.ffn_conv(h, None if cache is None else cache.ffn_in, pos)
+        if cache is not None and cache.block_in is not None:
+            return x + self.drop(self.ffn(h, cache.block_in, pos))
         return x + self.drop(self.ffn(h))
 
     def ffn_cost(self, which: str, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
@@ -179,7 +184,11 @@ class FHMELanguageModel(nn.Module):
         p = next(self.parameters())
         shape = (batch, self.cfg.n_heads, self.cfg.seq_len, self.cfg.head_dim)
         conv = (batch, self.cfg.ffn_conv - 1 + self.cfg.seq_len, self.cfg.dim)
-        return [KVCache(p.new_zeros(shape), p.new_zeros(shape), p.new_zeros(conv) if self.cfg.ffn_conv else None)
+        block_conv = (batch, self.cfg.block_conv - 1 + self.cfg.seq_len, self.cfg.dim)
+        applications = (blocks_at_depth(routed_config(self.cfg).fractal_depth)
+                        if self.cfg.block_conv and self.cfg.ffn in ROUTED_FFNS else 0)
+        return [KVCache(p.new_zeros(shape), p.new_zeros(shape), p.new_zeros(conv) if self.cfg.ffn_conv else None,
+                        [p.new_zeros(block_conv) for _ in range(applications)] if applications else None)
                 for _ in self.blocks]
 
     @torch.no_grad()
@@ -187,18 +196,11 @@ class FHMELanguageModel(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Sample continuations with a KV cache; temperature 0 is greedy. idx: (B, T) -> (B, T + n).
 
-        When the cache fills up, it is rebuilt from the last seq_len // 2 tokens. Block
-        convolutions keep no cache: with them every step reruns the last seq_len tokens.
+        When the cache fills up, it is rebuilt from the last seq_len // 2 tokens.
         """
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1")
         self.check_input(idx[:, -self.cfg.seq_len:])
-        if self.cfg.block_conv and self.cfg.ffn in ROUTED_FFNS:
-            out = [idx]
-            for _ in range(max_new_tokens):
-                window = torch.cat(out, dim=1)[:, -self.cfg.seq_len:]
-                out.append(sample_next(self._logits(window)[:, -1], temperature, top_k, generator))
-            return torch.cat(out, dim=1)
         caches = self.new_caches(idx.shape[0])
         ctx = idx[:, -self.cfg.seq_len:]
         logits = self._logits(ctx, caches, 0)[:, -1]
