@@ -212,6 +212,11 @@ def main() -> None:
         if (root / phases[0]).is_dir():
             print_per_corpus([r for p in phases if (root / p).is_dir() for r in rows(root / p)],
                              f", {title}, lazy-Adam tables")
+    if (root / "block-conv").is_dir() and (root / "gate-conv").is_dir():  # FHME (the one judged) with them
+        without = [dict(r, model=f"{r['model']} without block convolutions") for r in rows(root / "gate-conv")]
+        with_ = [dict(r, model="fhme" if r["model"] == "fhme" else f"{r['model']}, block_conv = 4")
+                 for r in rows(root / "block-conv")]
+        print_per_corpus(with_ + without, ", the pair with block convolutions (block_conv = 4), lazy-Adam tables")
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
@@ -230,11 +235,11 @@ def main() -> None:
                           (["adaptive-pilots", "conv-pilots"],
                            "Adaptive-depth FHME and PKM routing shapes, with the query convolution"),
                           (["table-lr-pilots", "shape-pilots", "conv-width-pilots", "shared-bank-pilots",
-                            "drop-path-pilots", "sigmoid-gate-pilots"],
+                            "drop-path-pilots", "sigmoid-gate-pilots", "block-conv-pilots"],
                            "The default FHME (gate and convolution): table lr 0.1, one head x top-67 per "
                            "block, a convolution over 8 positions, one 65K bank shared by every layer, "
-                           "local drop-path 0.15, sigmoid gates (and PKM with the gate: convolution 4 and 8, "
-                           "shared, dropout 0.1, sigmoid gates)")):
+                           "local drop-path 0.15, sigmoid gates, block convolutions (and PKM with the gate: "
+                           "convolution 4 and 8, shared, dropout 0.1, sigmoid gates, a block convolution)")):
         if (root / phases[0]).is_dir():
             print(f"\n### {title} (seed 1, 600 steps, bundled unless the name says stdlib)\n")
             print(search_table([r for p in phases if (root / p).is_dir() for r in rows(root / p)]))
