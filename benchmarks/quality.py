@@ -54,10 +54,10 @@ ROUTED = ("fhme", "pkm", "peer", "memplus")
 # to its FFN FLOPs through their own width knob (heads for routed models, hidden width otherwise).
 # Row-wise Adagrad at 0.05 was the table optimizer when these studies ran (lazy Adam is the default
 # now, chosen by the optim phases); the optim phases set theirs after it.
-# The output gate and the query convolution (defaults since the gate-conv phase) are off unless a
-# phase turns them on, as they were when the earlier phases ran.
+# The output gate, the query convolution and block convolutions (defaults since the gate-conv and
+# block-conv phases) are off unless a phase turns them on, as they were when the earlier phases ran.
 REFERENCE = ["--set", "block=value", "--set", "expert_optim=rowwise_adagrad", "--set", "expert_lr=0.05",
-             "--set", "output_gate=false", "--set", "ffn_conv=0"]
+             "--set", "output_gate=false", "--set", "ffn_conv=0", "--set", "block_conv=0"]
 # Trials of the search, the same number for every model. Routed models share two routing shapes
 # of about equal FLOPs per head for value blocks; dense and MoE try two learning rates.
 ROUTED_TRIALS = [("16", "40", "0.05"), ("32", "8", "0.05")]

@@ -47,6 +47,7 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 .venv/bin/python benchmarks/topk_speed.py --out $R/topk_speed.jsonl
 # Table gradients as a sparse .grad vs deferred, per training step of models that read a table often
 .venv/bin/python benchmarks/table_grad_speed.py --out $R/table_grad_speed.jsonl
+.venv/bin/python benchmarks/block_conv_speed.py --out $R/block_conv_speed.jsonl
 
 # Adaptive depth: the threshold rule against fixed depths (bpb vs blocks/token frontier)
 bash benchmarks/adaptive_frontier.sh
@@ -88,11 +89,11 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
 # shallower models, the SiLU output gate, the query convolution, adaptive-depth FHME against PKM shapes,
-# the pilots of the gate + convolution default, PEER with the convolution
+# the pilots of the gate + convolution default, PEER with the convolution, block convolutions
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
-             drop-path-pilots sigmoid-gate-pilots; do
+             drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices

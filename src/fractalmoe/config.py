@@ -31,9 +31,9 @@ DEPTH_RULES = ("ponder", "threshold")
 
 C = TypeVar("C", bound="_Config")
 # Model fields whose default changed after they were introduced: their value in runs saved
-# before they existed (the output gate and the query convolution were off until they won the
-# README's comparison).
-SAVED_BEFORE: dict[str, Any] = {"output_gate": False, "ffn_conv": 0}
+# before they existed (the output gate and the convolutions were off until they won the README's
+# comparison).
+SAVED_BEFORE: dict[str, Any] = {"output_gate": False, "ffn_conv": 0, "block_conv": 0}
 
 
 class _Config:
@@ -114,7 +114,9 @@ class ModelConfig(_Config):
     # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
     num_experts: int = 16384
     expert_heads: int = 2  # product-key retrieval heads per routed block
-    topk: int = 24  # experts per head (40 without the output gate, at the same FFN FLOPs)
+    # Experts per head: top-22 pays for the output gate and the block convolutions (top-40 without
+    # them costs 0.98x the FFN FLOPs).
+    topk: int = 22
     key_dim: int = 16  # query / product-key width (split in two halves)
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
     query_norm: str = "layernorm"  # layernorm | rmsnorm | running | whiten (past batches' stats) | none
@@ -140,7 +142,7 @@ class ModelConfig(_Config):
     # > 0: every routed block's query input gets its own causal depthwise convolution over this
     # many positions, so FHME's deep path reads again with what the first read retrieved nearby
     # (PKM, PEER, Memory+: one block, a second convolution after ffn_conv's).
-    block_conv: int = 0
+    block_conv: int = 4
     join_bias: float = 0.0  # highway gate bias at init: 0 = an even mean of the deep and shallow paths
     drop_path_local: float = 0.0  # per-join probability of dropping a branch in training
     drop_path_global: float = 0.0  # per-token probability of training a single column
@@ -192,8 +194,9 @@ class ModelConfig(_Config):
         for name in ("ffn_conv", "block_conv"):
             r(0 <= getattr(self, name) <= self.seq_len, name,
               f"must be in [0, seq_len={self.seq_len}] (0 = off; try 4)")
-        r(not (self.block_conv and self.adaptive_depth), "block_conv",
-          "needs whole sequences in every block: not with adaptive_depth (it compacts tokens)")
+        r(not (self.block_conv and self.adaptive_depth and self.ffn == "fhme"), "block_conv",
+          "must be 0 with adaptive_depth (a token that stops early leaves its neighbours' later blocks "
+          "without their inputs): add --set block_conv=0")
         r(self.tie_blocks or not self.route_once, "route_once", "needs tie_blocks = true (one router per column)")
 
     @property
@@ -332,7 +335,7 @@ def default_run_config() -> RunConfig:
 def tiny_model_config(**overrides: Any) -> ModelConfig:
     """A seconds-scale model for tests and smoke runs (D=32, 2 layers, 16x16 keys, depth 2)."""
     base: dict[str, Any] = dict(dim=32, n_layers=2, n_heads=2, seq_len=32, num_experts=256,
-                                expert_heads=2, topk=4, key_dim=16, fractal_depth=2,
+                                expert_heads=2, topk=4, key_dim=16, fractal_depth=2, block_conv=0,
                                 ffn_hidden=64, moe_experts=4)
     base.update(overrides)
     return ModelConfig(**base)
