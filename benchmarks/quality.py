@@ -562,12 +562,15 @@ def block_conv_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     block's query input, the deep path's second read sees what the first retrieved at the last
     positions too: something one wide read cannot do. The default FHME with ``block_conv = 4``
     (0.6% more FFN FLOPs), 600 steps, seed 1, both corpora, against table-lr-pilots' and
-    shape-pilots' runs of the default. PKM's counterpart, a wider convolution on its one read, is
-    conv-width-pilots'."""
+    shape-pilots' runs of the default. PKM is offered the knob too (one block: a second convolution
+    after the first). Last, untied blocks (``tie_blocks = false``): each application its own router
+    and convolution, so the deep path's second read can learn a convolution of its own."""
     fhme = [(f"{corpus}_fhme_gated_conv4_bconv4", _default_pilot("fhme", *CONV, "--set", "block_conv=4",
                                                                    *_data(corpus, stdlib)))
             for corpus in ("shakespeare", "stdlib")]
-    return [*fhme, ("shakespeare_pkm_gated_conv4_bconv4", _default_pilot("pkm", *CONV, "--set", "block_conv=4"))]
+    return [*fhme, ("shakespeare_pkm_gated_conv4_bconv4", _default_pilot("pkm", *CONV, "--set", "block_conv=4")),
+            ("shakespeare_fhme_gated_conv4_bconv4_untied",
+             _default_pilot("fhme", *CONV, "--set", "block_conv=4", "--set", "tie_blocks=false"))]
 
 
 # Block convolutions at the FFN FLOPs of the default: 4 x 3 convolutions of 2 x 128 x 4 FLOPs per
