@@ -35,6 +35,8 @@ fractalmoe-deferred,peer-pytorch-sparse,peer-pytorch --repeats 3 --wait-idle 600
 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
 # The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
+# The block-convolution default, pinned to core 0 while core 1 ran pilots and tests (results/nanogpt_race_block_conv)
+CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
