@@ -27,8 +27,8 @@ def measure(model: str) -> dict[str, object]:
 
     torch.set_num_threads(1)
     run = config.default_run_config().with_overrides(MODELS[model])
-    config.default_run_config = lambda: run  # what run_model builds
-    row = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size, steps=5))
+    row = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size, steps=5,
+                              overrides=MODELS[model]))
     return {"model": model, "step_ms": row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"], "fwd_ms": row["fwd_ms"],
             "bwd_ms": row["bwd_ms"], "opt_ms": row["opt_ms"]}
 

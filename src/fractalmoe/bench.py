@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class ModelSpec:
     config: str | None = None  # TOML file; default: the training default with these experts
     batch_size: int = 8
     steps: int = 5
+    overrides: list[str] = field(default_factory=list)  # key=value on top of the config, as --set
 
 
 def run_model(spec: ModelSpec) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
 
     torch.manual_seed(0)
     gflops = matmul_gflops()  # the model's floor counts FLOPs only
-    run = load_config_file(spec.config) if spec.config else default_run_config()
+    run = (load_config_file(spec.config) if spec.config else default_run_config()).with_overrides(spec.overrides)
     cfg = run.model.replace(num_experts=spec.num_experts)
     model = FHMELanguageModel(cfg)
     opt = ModelOptimizer(model, run.train.lr, run.train.expert_lr, run.train.weight_decay,
