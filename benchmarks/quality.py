@@ -561,7 +561,7 @@ def block_conv_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     parallel heads (untie-pilots, route-once-pilots). With its own causal convolution on each
     block's query input, the deep path's second read sees what the first retrieved at the last
     positions too: something one wide read cannot do. The default FHME with ``block_conv = 4``
-    (0.6% more FFN FLOPs), 600 steps, seed 1, both corpora, against table-lr-pilots' and
+    (2.5% more FFN FLOPs), 600 steps, seed 1, both corpora, against table-lr-pilots' and
     shape-pilots' runs of the default. PKM is offered the knob too (one block: a second convolution
     after the first). Last, untied blocks (``tie_blocks = false``): each application its own router
     and convolution, so the deep path's second read can learn a convolution of its own."""

@@ -1,7 +1,8 @@
 """Table gradients as a sparse ``.grad`` against deferred ones (formed in the optimizer step), per
 training step of three models that read a table several times a step: one 65K-row bank shared
 by every layer of a 4-layer FHME (12 reads), Memory+ (4 reads of its shared bank) and the
-default FHME (3 reads of each layer's bank). 16 x 128 bytes, lazy-Adam tables, one thread, as
+default FHME (3 reads of each layer's bank), on the default of when this was measured
+(``MEASURED_DEFAULT``: top-24, no block convolutions). 16 x 128 bytes, lazy-Adam tables, one thread, as
 ``fractalmoe bench model`` times a step.
 
 Each (layout, model, repeat) runs in a fresh process, alternated A/B/A/B; medians are reported,
@@ -17,8 +18,10 @@ import json
 import statistics
 
 LAYOUTS = ("sparse", "deferred")
-MODELS = {"fhme_shared65k": ["share_bank=true", "num_experts=65536", "key_dim=12", "topk=21"],
-          "memplus": ["ffn=memplus"], "fhme": []}
+# The default when this was measured (top-24, no block convolutions), and two models on top of it.
+MEASURED_DEFAULT = ["topk=24", "block_conv=0"]
+MODELS = {"fhme_shared65k": [*MEASURED_DEFAULT, "share_bank=true", "num_experts=65536", "key_dim=12", "topk=21"],
+          "memplus": [*MEASURED_DEFAULT, "ffn=memplus"], "fhme": MEASURED_DEFAULT}
 
 
 def measure(layout: str, model: str) -> dict[str, object]:

@@ -1,6 +1,7 @@
 """Top-k selection on a CPU: ``torch.topk`` against the routing's numpy selection
 (``fractalmoe.routing.topk_indices``), per call at the default model's shapes and per training
-step of the default model (16 x 128 bytes, one thread).
+step of the default model, both as they were when this was measured (2 heads x top-40;
+``MEASURED_DEFAULT``), 16 x 128 bytes, one thread.
 
 Each (selection, repeat) runs in a fresh process, alternated A/B/A/B; medians are reported, and
 the run refuses to start while another PyTorch process runs or the load average is above 0.5.
@@ -16,6 +17,8 @@ import statistics
 import time
 
 MODES = ("torch", "numpy")
+# The default model when this was measured (2 heads x top-40, no output gate or convolutions).
+MEASURED_DEFAULT = ["topk=40", "output_gate=false", "ffn_conv=0", "block_conv=0"]
 # (rows, width, k) of the default model's calls: 2,048 tokens x 2 heads, 128 sub-keys per half or
 # the 158 candidate pairs that can win, top-40.
 SHAPES = ((4096, 128, 40), (4096, 158, 40))
@@ -49,7 +52,8 @@ def measure(mode: str) -> dict[str, object]:
         scores = torch.randn(rows, width)
         out[f"call_{width}_{k}_ms"] = _median_ms(lambda: routing.sorted_topk(scores, k), 9)
     run = default_run_config()
-    row = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size, steps=5))
+    row = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size, steps=5,
+                              overrides=MEASURED_DEFAULT))
     out["step_ms"] = row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"]
     return out
 
