@@ -1,6 +1,9 @@
 """Where a trained FHME (C = 2) spends its reads: how many of the rows the deep path's second
 block application reads were already read by its first, the join's mean deep-branch weight per
-layer, and validation bpb with every join pinned to one branch.
+layer, validation bpb with every join pinned to one branch, and validation bpb with the deep path
+made parallel: its second application reads the layer input x instead of f_1(x), so
+f_1(f_1(x)) becomes f_1(x) + (f_1(x) - x), two reads side by side as a wider layer would make them.
+What that costs is what the trained model gets from composing its reads in sequence.
 
     python benchmarks/fractal_paths.py RUN_DIR [--windows 64]
 """
@@ -16,7 +19,7 @@ from torch import Tensor
 from fractalmoe.checkpoint import load_model_from_run, run_extra
 from fractalmoe.data import ByteDataset
 from fractalmoe.evaluate import evaluate
-from fractalmoe.fractal import FractalExpert, HighwayJoin
+from fractalmoe.fractal import FractalExpert, HighwayJoin, joins_at_depth
 
 
 def _reused_share(first: list[Tensor], second: list[Tensor]) -> float:
@@ -68,6 +71,17 @@ def main() -> None:
         result["val_bpb_deep_only"] = bpb()
     finally:
         HighwayJoin.forward = forward  # type: ignore[method-assign]
+    extend = FractalExpert._extend
+
+    def parallel(self, c, x, prev, shallow, column, block, join, routes, seqs):  # type: ignore[no-untyped-def]
+        side = self._f(c - 1, x, column, block, join, routes, seqs)  # the deep path's reads, on x
+        gate = self.joins[self._join_at[join + joins_at_depth(c - 1)]]
+        return gate(x, prev + (side - x), shallow, self._keep_masks(c, x, column))
+    try:
+        FractalExpert._extend = parallel  # type: ignore[method-assign]
+        result["val_bpb_parallel_deep_path"] = bpb()
+    finally:
+        FractalExpert._extend = extend  # type: ignore[method-assign]
     print(json.dumps(result))
 
 
