@@ -357,7 +357,9 @@ def _in_out(m: nn.Module) -> int:
     return sum(_shape(m))
 
 
-ADAPTER_KINDS = ("fhme", "lora", "full")
+# What `fractalmoe finetune --adapter` trains: new FHME layers, the base's own expert rows, LoRA, or
+# every weight.
+ADAPTER_KINDS = ("fhme", "memory", "lora", "full")
 
 
 def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu") -> nn.Module:

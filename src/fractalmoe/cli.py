@@ -16,6 +16,7 @@ from typing import NoReturn
 
 import torch
 
+from .adapters import ADAPTER_KINDS
 from .bench_layer import LAYER_IMPLS
 from .config import RunConfig, default_run_config, load_config_file
 from .train import TrainingStopped
@@ -142,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run directory of the trained base model, or of an earlier finetune "
                          "(sequential adaptation: its adapters stay, frozen and active)")
     ft.add_argument("--data", required=True, help="text file or folder to adapt to")
-    ft.add_argument("--adapter", choices=["fhme", "memory", "lora", "full"], default="fhme",
-                    help="fhme adapters, LoRA (peft) on every dense projection, or full fine-tuning")
+    ft.add_argument("--adapter", choices=ADAPTER_KINDS, default="fhme",
+                    help="fhme adapters, memory (the base's own expert rows), LoRA (peft) on every dense "
+                         "projection, or full fine-tuning")
     ft.add_argument("--layers", type=_int_list_zero, help="comma list of layer indices (default: all)")
     ft.add_argument("--experts", type=_positive_int, default=None,
                     help="experts per FHME adapter, a perfect square (default: 1024)")
