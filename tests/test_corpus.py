@@ -111,6 +111,9 @@ def test_corpus_cli_mistakes(tmp_path: Path, capsys) -> None:
         assert main(argv) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert (existing / "keep.txt").read_text() == "x" and not (tmp_path / "o").exists()
+    assert main(["corpus", "stdlib", "--out", str(existing / "keep.txt" / "o")]) == 2  # under a file
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {existing / 'keep.txt' / 'o'}: ")
 
 
 def test_pre_split_folder_loads_as_train_and_val(tmp_path: Path) -> None:

@@ -164,8 +164,11 @@ def build_stdlib(out: str | Path, manifest: str | Path | None = None,
         parts[f["split"]].append(data)
     if not parts["train"] or not parts["val"]:
         raise ValueError(f"{src}: both splits need at least one file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:  # named after OUT, not the temporary folder beside it
+        raise ValueError(f"cannot write {out}: {exc.strerror}") from None
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private
         for split, chunks in parts.items():
