@@ -170,6 +170,18 @@ def experts_table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curves_table(found: list[dict]) -> str:
+    """Each run's periodic validation bpb (the fixed periodic slice) every 400 steps, then its
+    final bpb on the whole validation split: where along the run one model overtakes another."""
+    steps = sorted({s for r in found for s in r["curve"] if s % 400 == 0})
+    lines = ["| run | " + " | ".join(f"@{s:,}" for s in steps) + " | final, whole split |",
+             "|---|" + "---:|" * (len(steps) + 1)]
+    for r in sorted(found, key=lambda r: r["config"]["num_experts"]):
+        cells = [f"{r['curve'][s][0]:.4f}" if s in r["curve"] else "" for s in steps]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['val_bpb']:.4f} |")
+    return "\n".join(lines)
+
+
 def shallow_tables(found: list[dict]) -> str:
     """The shallow phase (runs named <corpus>_<model>_L<layers>_s<seed>): one comparison per
     corpus and number of layers, models labelled by run name (PEER with and without balancing)."""
@@ -231,6 +243,12 @@ def main() -> None:
     if experts:
         print("\n### Experts at equal FFN FLOPs (default FHME, standard-library corpus, 1,200 steps)\n")
         print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"] + route_once))
+    if (root / "experts-long-pilots").is_dir():
+        long_runs = rows(root / "experts-long-pilots")
+        print("\n### The route-once experts series at 2,400 steps (standard-library corpus, seed 1)\n")
+        print(experts_table(long_runs))
+        print("\nPeriodic bpb along the runs:\n")
+        print(curves_table(long_runs))
     for phases, title in ((["one-head-pilots"], "One head per block at 65K experts, every routed model matched"),
                           (["adaptive-pilots", "conv-pilots"],
                            "Adaptive-depth FHME and PKM routing shapes, with the query convolution"),
