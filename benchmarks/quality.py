@@ -330,8 +330,9 @@ def experts_long_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     65K early and closes the gap step by step (seed 2: 0.096, 0.027, 0.021, 0.005, 0.004, 0.000 bpb
     at steps 200 .. 1,200). The two at twice the tokens (2,400 steps, 4.9 MB of the 9.96 MB, each
     byte still seen at most once), seed 1: if 262K now wins, the experts limit at 65K is the length
-    of the run, not product keys. Then 16K and 4K, for the whole series at that length."""
-    return [_route_once_run(experts, "1", stdlib, steps="2400") for experts in ("262144", "65536", "16384", "4096")]
+    of the run, not product keys. Then 16K, for the series at that length (4K, 0.029 behind 16K at
+    1,200 steps, is left out)."""
+    return [_route_once_run(experts, "1", stdlib, steps="2400") for experts in ("262144", "65536", "16384")]
 
 
 def one_head_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
