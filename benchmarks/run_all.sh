@@ -73,6 +73,9 @@ for s in 2 3; do
     RESULTS=$R/adaptive_frontier/bundled_1200/seed$s bash benchmarks/adaptive_frontier.sh runs/adapt_bundled_s$s &
 done
 wait
+# Do the two seeds agree on which tokens gain from depth? (their fixed C = 1, 2, 3 models, token by token)
+.venv/bin/python benchmarks/depth_benefit.py --a runs/adapt_bundled_s2/fixed_c{1,2,3} \
+  --b runs/adapt_bundled_s3/fixed_c{1,2,3} > $R/depth_benefit_bundled_1200.json
 # Time to quality: the full-depth model and the 45% model (1,500 steps), one after the other, alone
 for s in 2 3; do SEED=$s bash benchmarks/adaptive_time_to_quality.sh runs/adapt_time; done
 # Adaptive depth (C = 3) with compacted training, ponder rule: the adaptive model, the same config at full
@@ -91,11 +94,12 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
 # shallower models, the SiLU output gate, the query convolution, adaptive-depth FHME against PKM shapes,
-# the pilots of the gate + convolution default, PEER with the convolution, block convolutions
+# the pilots of the gate + convolution default, PEER with the convolution, block convolutions, the
+# route-once experts series at 2,400 steps
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
-             drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv; do
+             drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
@@ -108,7 +112,16 @@ done
 METHODS="memory memory-step lora full" STUDIES="single sequential" LR_POINTS="2 3 4 5" EVAL_BYTES=262144 \
   RESULTS=$R/finetune_memory bash benchmarks/finetune.sh runs/quality/optim/n16384_lazy_adam_s2/runs/fhme-seed2 runs/ft_memory
 STUDIES=gpt2 LR_POINTS="1 2 3 4 5" EVAL_BYTES=262144 RESULTS=$R/finetune_gpt2 bash benchmarks/finetune.sh runs/default runs/ft_memory
+# Where FHME's reads go: the first default, the untie pilots (64 windows), then with the query
+# convolution and with block convolutions (pilots and the reported runs), order of reads included
 .venv/bin/python benchmarks/fractal_paths.py runs/quality/final/shakespeare_fhme_s2/runs/fhme-seed2 --windows 128 > $R/fractal_paths.jsonl
+for run in untie-pilots/fhme_tied untie-pilots/fhme_untied table-lr-pilots/fhme_gated_conv4_elr0.03 \
+           shape-pilots/stdlib_fhme_gated_conv4_h2k24 block-conv-pilots/shakespeare_fhme_gated_conv4_bconv4 \
+           block-conv-pilots/stdlib_fhme_gated_conv4_bconv4 block-conv/shakespeare_fhme_gated_conv4_bconv4_s2 \
+           block-conv/stdlib_fhme_gated_conv4_bconv4_s2 block-conv/shakespeare_fhme_gated_conv4_bconv4_s3 \
+           block-conv/stdlib_fhme_gated_conv4_bconv4_s3; do
+  .venv/bin/python benchmarks/fractal_paths.py runs/quality/$run/runs/fhme-seed* >> $R/fractal_paths.jsonl
+done
 # Fine-tuning and forgetting (email, the King James Bible, sequential), seed 2
 METHODS="fhme lora full" SEEDS=2 EVAL_BYTES=262144 STUDIES="single sequential" bash benchmarks/finetune.sh runs/default
 METHODS="fhme-rows" SEEDS=2 EVAL_BYTES=262144 DOMAINS=email STUDIES=single bash benchmarks/finetune.sh runs/default
