@@ -245,7 +245,7 @@ def main() -> None:
         print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"] + route_once))
     if (root / "experts-long-pilots").is_dir():
         long_runs = rows(root / "experts-long-pilots")
-        print("\n### The route-once experts series at 2,400 steps (standard-library corpus, seed 1)\n")
+        print("\n### 65K and 262K experts at 2,400 steps (route once, standard-library corpus, seed 1)\n")
         print(experts_table(long_runs))
         print("\nPeriodic bpb along the runs:\n")
         print(curves_table(long_runs))

@@ -66,6 +66,8 @@ for s in 2 3; do
     bash benchmarks/adaptive_frontier.sh runs/adapt_stdlib_s$s &
 done
 wait
+.venv/bin/python benchmarks/depth_benefit.py --a runs/adapt_stdlib_s2/fixed_c{1,2,3} \
+  --b runs/adapt_stdlib_s3/fixed_c{1,2,3} --windows 2048 > $R/depth_benefit_stdlib_1200.json
 # ... and on the bundled corpus at 1,200 steps, seeds 2 and 3 side by side
 for s in 2 3; do
   CPU=$((s - 2)) SEED=$s EXTRA="--max-steps 1200" PASSES=1 \
@@ -94,8 +96,8 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # Reported quality runs after the pilots (1,200 steps): optimizers, lazy-Adam comparison, 65K
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
 # shallower models, the SiLU output gate, the query convolution, adaptive-depth FHME against PKM shapes,
-# the pilots of the gate + convolution default, PEER with the convolution, block convolutions, the
-# route-once experts series at 2,400 steps
+# the pilots of the gate + convolution default, PEER with the convolution, block convolutions, 65K
+# against 262K experts at 2,400 steps
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
