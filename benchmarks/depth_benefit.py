@@ -12,7 +12,8 @@ say) or by this seed's own ("own": an upper bound that also exploits this seed's
 an ideal adaptive model whose depth-d output is as good as a model trained for depth d; each
 token's loss comes from a model in which every token had that depth, so what a token's depth does
 to the others' contexts is left out: an estimate, not a model. Against it: the fixed-depth
-frontier of this seed's three models, linear in blocks between them.
+frontier of this seed's three models at the blocks the allocation used, linear in blocks between
+them.
 
     python benchmarks/depth_benefit.py --a RUN_C1 RUN_C2 RUN_C3 --b RUN_C1 RUN_C2 RUN_C3 [--windows N]
 """
@@ -96,12 +97,13 @@ def main() -> None:
         budget = share * blocks[-1]
         row: dict[str, object] = {"share": share, "blocks": budget}
         for i, own in enumerate(losses):
-            front = frontier_at(list(zip(blocks.tolist(), own.mean(axis=1).tolist())), budget)
-            row[f"seed_{i}"] = {"frontier": front}
+            points = list(zip(blocks.tolist(), own.mean(axis=1).tolist()))
+            row[f"seed_{i}"] = {}
             for name, predicted in (("cross_seed", losses[1 - i]), ("own", own)):
                 pick = allocate(predicted, blocks, budget)
+                used = float(blocks[pick].mean())  # below the budget where no lambda >= 0 spends it all
                 row[f"seed_{i}"][name] = {"nats": float(own[pick, np.arange(own.shape[1])].mean()),
-                                          "blocks": float(blocks[pick].mean())}
+                                          "blocks": used, "frontier_there": frontier_at(points, used)}
         result["targets"].append(row)
     print(json.dumps(result))
 
