@@ -66,8 +66,6 @@ for s in 2 3; do
     bash benchmarks/adaptive_frontier.sh runs/adapt_stdlib_s$s &
 done
 wait
-.venv/bin/python benchmarks/depth_benefit.py --a runs/adapt_stdlib_s2/fixed_c{1,2,3} \
-  --b runs/adapt_stdlib_s3/fixed_c{1,2,3} --windows 2048 > $R/depth_benefit_stdlib_1200.json
 # ... and on the bundled corpus at 1,200 steps, seeds 2 and 3 side by side
 for s in 2 3; do
   CPU=$((s - 2)) SEED=$s EXTRA="--max-steps 1200" PASSES=1 \
