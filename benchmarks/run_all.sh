@@ -76,6 +76,13 @@ wait
 # Do the two seeds agree on which tokens gain from depth? (their fixed C = 1, 2, 3 models, token by token)
 .venv/bin/python benchmarks/depth_benefit.py --a runs/adapt_bundled_s2/fixed_c{1,2,3} \
   --b runs/adapt_bundled_s3/fixed_c{1,2,3} > $R/depth_benefit_bundled_1200.json
+# ... and on the standard library: the same fixed models at 600 steps, first 256 KB of the validation split
+for s in 2 3; do
+  BENCH=0 SEED=$s EXTRA="--data data/stdlib --max-steps 600" RUNS="fixed_c1 fixed_c2 fixed_c3" \
+    bash benchmarks/adaptive_frontier.sh runs/adapt_stdlib600_s$s
+done
+.venv/bin/python benchmarks/depth_benefit.py --a runs/adapt_stdlib600_s2/fixed_c{1,2,3} \
+  --b runs/adapt_stdlib600_s3/fixed_c{1,2,3} --windows 2048 > $R/depth_benefit_stdlib_600.json
 # Time to quality: the full-depth model and the 45% model (1,500 steps), one after the other, alone
 for s in 2 3; do SEED=$s bash benchmarks/adaptive_time_to_quality.sh runs/adapt_time; done
 # Adaptive depth (C = 3) with compacted training, ponder rule: the adaptive model, the same config at full
