@@ -111,9 +111,16 @@ def test_corpus_cli_mistakes(tmp_path: Path, capsys) -> None:
         assert main(argv) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert (existing / "keep.txt").read_text() == "x" and not (tmp_path / "o").exists()
-    assert main(["corpus", "stdlib", "--out", str(existing / "keep.txt" / "o")]) == 2  # under a file
+
+
+def test_an_unwritable_out_is_named_in_one_line(manifest: dict, tmp_path: Path, capsys) -> None:
+    _require_same_stdlib(manifest)  # the files are verified before anything is written
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "o"  # under a file
+    assert main(["corpus", "stdlib", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: cannot write {existing / 'keep.txt' / 'o'}: ")
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {out}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_pre_split_folder_loads_as_train_and_val(tmp_path: Path) -> None:
