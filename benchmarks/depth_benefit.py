@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fractalmoe.checkpoint import load_model_from_run, run_extra
+from fractalmoe.checkpoint import load_model_from_run, load_run_data
 from fractalmoe.data import ByteDataset
 from fractalmoe.fractal import blocks_at_depth
 from fractalmoe.model import FHMELanguageModel
@@ -52,7 +52,7 @@ def losses_of_runs(runs: list[str], windows: int | None) -> np.ndarray:
     out = []
     for run in runs:
         model, cfg, _ = load_model_from_run(run, "cpu")
-        data = ByteDataset.load(run_extra(run).get("data"), cfg.train.val_fraction, cfg.model.seq_len)
+        data = load_run_data(run, cfg)
         out.append(token_losses(model, data, cfg.train.batch_size, windows))
     return torch.stack(out).numpy()
 

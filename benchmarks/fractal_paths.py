@@ -16,8 +16,7 @@ import json
 import torch
 from torch import Tensor
 
-from fractalmoe.checkpoint import load_model_from_run, run_extra
-from fractalmoe.data import ByteDataset
+from fractalmoe.checkpoint import load_model_from_run, load_run_data
 from fractalmoe.evaluate import evaluate
 from fractalmoe.fractal import FractalExpert, HighwayJoin, joins_at_depth
 
@@ -34,7 +33,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=64, help="validation windows of seq_len bytes")
     args = p.parse_args()
     model, cfg, _ = load_model_from_run(args.run, "cpu")
-    data = ByteDataset.load(run_extra(args.run).get("data"), cfg.train.val_fraction, cfg.model.seq_len)
+    data = load_run_data(args.run, cfg)
     fractals = [m for m in model.modules() if isinstance(m, FractalExpert)]
     if not fractals or fractals[0].depth != 2:
         raise SystemExit("error: needs an FHME model with fractal_depth = 2")

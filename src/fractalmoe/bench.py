@@ -170,16 +170,14 @@ def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu"
     """Validation bpb and measured FHME inference time at each fixed depth and with the router:
     modes alternated, the median of ``passes`` passes each (these machines are noisy); over the
     whole validation split, or its first ``eval_bytes``."""
-    from .checkpoint import load_model_from_run, run_extra
-    from .data import ByteDataset
+    from .checkpoint import load_model_from_run, load_run_data
     from .evaluate import evaluate
 
     model, config, _ = load_model_from_run(run_dir, device)
     layers = model.fhme_layers()
     if not layers:
         raise ValueError(f"{run_dir} has no FHME layers: nothing to compare across depths")
-    data = ByteDataset.load(data_path if data_path is not None else run_extra(run_dir).get("data"),
-                            config.train.val_fraction, config.model.seq_len)
+    data = load_run_data(run_dir, config, data_path)
     if eval_bytes is not None:
         data = data.val_prefix(eval_bytes, config.model.seq_len)
     spent = [0.0]

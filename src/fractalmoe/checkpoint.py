@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig, RunConfig
+from .data import ByteDataset
 
 FORMAT = "fractalmoe-checkpoint-v1"
 CKPT_DIR = "checkpoints"
@@ -311,6 +312,12 @@ def run_extra(run_dir: str | Path) -> dict[str, Any]:
     """config.json entries beside model and train (e.g. the base run of an adapter)."""
     data = _load_json(Path(run_dir) / "config.json")
     return {k: v for k, v in data.items() if k not in ("model", "train")}
+
+
+def load_run_data(run_dir: str | Path, config: RunConfig, path: str | None = None) -> ByteDataset:
+    """The corpus the run trained on (or ``path``), split into train and validation as it was."""
+    return ByteDataset.load(path if path is not None else run_extra(run_dir).get("data"),
+                            config.train.val_fraction, config.model.seq_len)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -274,13 +274,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model_from_run, run_extra
-    from .data import ByteDataset
+    from .checkpoint import load_model_from_run, load_run_data
     from .evaluate import evaluate
 
     model, config, _ = load_model_from_run(args.ckpt, args.device)
-    data_path = args.data if args.data is not None else run_extra(args.ckpt).get("data")
-    data = ByteDataset.load(data_path, config.train.val_fraction, config.model.seq_len)
+    data = load_run_data(args.ckpt, config, args.data)
     model.set_depth(args.depth)
     result = evaluate(model, data, config.train.batch_size, device=args.device,
                       usage_choices=args.usage_choices)

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .checkpoint import CheckpointError, load_model_from_run, run_extra  # noqa: E402
+from .checkpoint import CheckpointError, load_model_from_run, load_run_data  # noqa: E402
 from .data import ByteDataset, encode  # noqa: E402
 from .evaluate import ChoiceCounts, UsageStats, choice_sources  # noqa: E402
 from .model import FHMELanguageModel  # noqa: E402
@@ -181,8 +181,7 @@ def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_losses(metrics, out)]
     model, config, _ = load_model_from_run(run_dir)
-    data = ByteDataset.load(run_extra(run_dir).get("data"), config.train.val_fraction,
-                            config.model.seq_len)
+    data = load_run_data(run_dir, config)
     usage = plot_usage(model, data, config.train.batch_size, out)
     if usage is not None:
         paths.append(usage)
