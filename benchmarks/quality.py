@@ -597,6 +597,19 @@ def block_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             *_pair_jobs(stdlib, "gated_conv4_bconv4", extra, CORPUS_FIRST, ("pkm",))]
 
 
+def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """FHME at C = 2 spends 4 of its 6 head reads on the deep path (B_1 runs twice); PKM, all 6
+    on one wide read, wins. With 1 head in column 1 and 4 in column 2 (``column_heads = "1,4"``,
+    the same FFN FLOPs) the layer is a wide read plus a light two-step one: does that beat both?
+    The block-conv pilots' FHME so, both corpora, and PKM's pilot on the second corpus, which
+    block-conv-pilots did not run."""
+    heads = ["--set", "block_conv=4", "--set", "column_heads=1,4"]
+    return [("shakespeare_fhme_gated_conv4_bconv4_h14", _default_pilot("fhme", *CONV, *heads)),
+            ("stdlib_fhme_gated_conv4_bconv4_h14", _default_pilot("fhme", *CONV, *heads, *_data("stdlib", stdlib))),
+            ("stdlib_pkm_gated_conv4_bconv4", _default_pilot("pkm", *CONV, "--set", "block_conv=4",
+                                                             *_data("stdlib", stdlib)))]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -633,7 +646,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "drop-path-pilots": lambda _: drop_path_pilot_jobs(),
     "sigmoid-gate-pilots": lambda _: sigmoid_gate_pilot_jobs(),
     "block-conv-pilots": block_conv_pilot_jobs, "block-conv": block_conv_jobs,
-    "experts-long-pilots": experts_long_pilot_jobs,
+    "experts-long-pilots": experts_long_pilot_jobs, "column-heads-pilots": column_heads_pilot_jobs,
 }
 
 

@@ -15,6 +15,11 @@ from fractalmoe.cli import main
 from fractalmoe.config import ModelConfig, RunConfig, TrainConfig, load_config_file
 
 
+def test_heads_per_column() -> None:
+    assert ModelConfig().heads_per_column == (2, 2)
+    assert ModelConfig(column_heads="1,4").heads_per_column == (1, 4)
+
+
 def test_round_trip() -> None:
     cfg = ModelConfig(dim=64, ffn="moe", adaptive_depth=True, fractal_depth=3)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -24,7 +29,8 @@ def test_round_trip() -> None:
 
 @pytest.mark.parametrize("field,value", [("dim", 0), ("num_experts", 1000), ("ffn", "mlp"),
                                          ("topk", 1000), ("fractal_depth", 0), ("dropout", 1.5),
-                                         ("key_dim", 15), ("gate", "tanh")])
+                                         ("key_dim", 15), ("gate", "tanh"), ("column_heads", "1,x"),
+                                         ("column_heads", "0,4"), ("column_heads", "1,2,4")])
 def test_bad_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})

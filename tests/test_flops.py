@@ -38,3 +38,29 @@ def test_flops_per_token_match_flop_counter(kind: str, depth: int, route_once: b
     counted = counter.get_total_flops() / tokens
     assert counted == pytest.approx(layer.flops_per_token(), rel=0.03)
     assert counted <= layer.flops_per_token()  # the count never leaves out a matmul
+
+
+@pytest.mark.parametrize("heads,tied,route_once", [((1, 3), True, False), ((1, 3), True, True),
+                                                    ((3, 1), False, False), ((1, 2, 4), True, True)])
+def test_flops_with_heads_per_column_match_flop_counter(heads: tuple[int, ...], tied: bool, route_once: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    dim, tokens = 64, 32
+    layer = FHME(dim, 4096, depth=len(heads), heads=heads, topk=8, key_dim=32, block="value",
+                 tied=tied, route_once=route_once).eval()
+    assert [b.memory.router.heads for b in layer.fractal.blocks][:len(heads) if tied else None] == (
+        list(heads) if tied else [heads[c - 1] for c in (1, 1, 2)])
+    monkeypatch.setattr(ExpertBank, "forward", _reference_mix)
+    x = torch.randn(tokens, dim)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(x)
+    counted = counter.get_total_flops() / tokens
+    assert counted == pytest.approx(layer.flops_per_token(), rel=0.03)
+    assert counted <= layer.flops_per_token()
+
+
+def test_moving_heads_to_the_shallow_column_keeps_the_flops() -> None:
+    """C = 2 runs column 1 twice and column 2 once: 1 + 1 + 4 heads cost what 2 + 2 + 2 do."""
+    even = FHME(64, 4096, depth=2, heads=2, topk=8, key_dim=32, block="value")
+    shallow = FHME(64, 4096, depth=2, heads=(1, 4), topk=8, key_dim=32, block="value")
+    assert shallow.flops_per_token() == even.flops_per_token()
+    assert shallow.active_params_per_token() > even.active_params_per_token()  # 5 router heads, not 4

@@ -102,7 +102,7 @@ class MoEFFN(nn.Module, Recorder):
 def routed_config(cfg: ModelConfig) -> ModelConfig:
     """The FHME settings a routed baseline stands for: PEER, PKM and Memory+ are one column of
     neuron, value and gated blocks (Memory+ with one bank for every layer)."""
-    one = dict(fractal_depth=1, adaptive_depth=False)
+    one = dict(fractal_depth=1, adaptive_depth=False, column_heads="")
     if cfg.ffn == "peer":
         return cfg.replace(block="neuron", **one)
     if cfg.ffn == "pkm":

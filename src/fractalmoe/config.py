@@ -114,6 +114,10 @@ class ModelConfig(_Config):
     # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
     num_experts: int = 16384
     expert_heads: int = 2  # product-key retrieval heads per routed block
+    # fhme: heads per column, "h_1,...,h_C" (empty: expert_heads in each). Column c's block runs
+    # 2**(C - c) times per token, so "1,4" moves reads from the deep path to the shallow one at
+    # the FLOPs of "2,2".
+    column_heads: str = ""
     # Experts per head: top-22 pays for the output gate and the block convolutions (top-40 without
     # them costs 0.98x the FFN FLOPs).
     topk: int = 22
@@ -197,7 +201,19 @@ class ModelConfig(_Config):
         r(not (self.block_conv and self.adaptive_depth and self.ffn == "fhme"), "block_conv",
           "must be 0 with adaptive_depth (a token that stops early leaves its neighbours' later blocks "
           "without their inputs): add --set block_conv=0")
+        heads = self.column_heads.split(",") if self.column_heads else []
+        r(all(h.strip().isdigit() and int(h) >= 1 for h in heads), "column_heads",
+          "must be positive integers separated by commas, e.g. \"1,4\"")
+        r(not heads or len(heads) == self.fractal_depth, "column_heads",
+          f"needs one head count per column (fractal_depth={self.fractal_depth})")
         r(self.tie_blocks or not self.route_once, "route_once", "needs tie_blocks = true (one router per column)")
+
+    @property
+    def heads_per_column(self) -> tuple[int, ...]:
+        """Retrieval heads of each column's routed block, 1..C."""
+        if not self.column_heads:
+            return (self.expert_heads,) * self.fractal_depth
+        return tuple(int(h) for h in self.column_heads.split(","))
 
     @property
     def n_keys(self) -> int:

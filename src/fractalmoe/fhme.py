@@ -76,7 +76,8 @@ THRESHOLD_STEP = 0.05  # per-step move of a threshold, logits per unit of (share
 class FHME(nn.Module, PastBatchStatistics):
     """Fractal expert + optional per-token depth router. x (..., D) -> (..., D)."""
 
-    def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int = 8, topk: int = 16,
+    def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int | tuple[int, ...] = 8,
+                 topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, adaptive_depth: bool = False,
@@ -120,7 +121,7 @@ class FHME(nn.Module, PastBatchStatistics):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, bank: ExpertBank | None = None) -> FHME:
-        return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.expert_heads, cfg.topk,
+        return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.heads_per_column, cfg.topk,
                    cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
@@ -274,30 +275,37 @@ class FHME(nn.Module, PastBatchStatistics):
         return torch.zeros_like(out).index_copy(0, order, out)
 
     # --- accounting -------------------------------------------------------------------------
+    def _choosing(self, application: int) -> bool:
+        """Whether a block application scores sub-keys: all do, except under ``route_once`` the
+        ones after each column's first (stage c's B_c(x), application 2**c - 2)."""
+        return not self.fractal.route_once or application + 2 in (2**c for c in range(1, self.depth + 1))
+
     def flops_at_depth(self, depth: int) -> int:
-        """Forward FLOPs per token that stops at ``depth`` (multiply-add = 2): 2**d - 1 blocks,
-        of which d choose their experts under ``route_once`` and the rest re-weight them."""
-        memory = self.fractal.blocks[0].memory
-        blocks = blocks_at_depth(depth)
-        choosing = depth if self.fractal.route_once else blocks
+        """Forward FLOPs per token that stops at ``depth`` (multiply-add = 2): its 2**d - 1 block
+        applications (routing, rows, convolution), its joins, the depth router and output gate."""
+        blocks = 0
+        for a in range(blocks_at_depth(depth)):
+            block = self.fractal.block_of(a)
+            blocks += block.memory.flops_per_token(choose=self._choosing(a))
+            blocks += block.conv.flops_per_token() if block.conv is not None else 0
         dense = 2 * self.dim * self.depth if self.depth_router is not None else 0
         dense += 2 * self.dim * self.dim + self.dim if self.output_gate is not None else 0  # W x, product
-        conv = self.fractal.blocks[0].conv
-        convs = blocks * conv.flops_per_token() if conv is not None else 0
-        return (choosing * memory.flops_per_token() + (blocks - choosing) * memory.flops_per_token(choose=False)
-                + joins_at_depth(depth) * 2 * self.dim + convs + dense)
+        return blocks + joins_at_depth(depth) * 2 * self.dim + dense
 
     def params_at_depth(self, depth: int) -> int:
-        """Parameters a token at ``depth`` reads: its routers, its expert rows, its join gates."""
-        mem = self.fractal.blocks[0].memory
-        routers = mem.router.params_per_token()
-        rows = mem.params_per_token() - routers  # expert rows (and gate) read per block call
+        """Parameters a token at ``depth`` reads: its routers (with their convolutions), its
+        expert rows, its join gates."""
+        applications = range(blocks_at_depth(depth))
+        total = 0
+        for block in {id(b): b for b in map(self.fractal.block_of, applications)}.values():
+            total += block.memory.router.params_per_token()
+            total += block.conv.active_params_per_token() if block.conv is not None else 0
+        for a in applications:  # expert rows (and gate) read per block call
+            memory = self.fractal.block_of(a).memory
+            total += memory.params_per_token() - memory.router.params_per_token()
         dense = self.depth_router.weight.numel() if self.depth_router is not None else 0
         dense += self.output_gate.weight.numel() if self.output_gate is not None else 0
-        conv = self.fractal.blocks[0].conv
-        routers += conv.active_params_per_token() if conv is not None else 0  # one per router
-        return (self.fractal.routers_at_depth(depth) * routers + blocks_at_depth(depth) * rows
-                + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + dense)
+        return total + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + dense
 
     def _expected(self, per_depth: Callable[[int], float], depth_hist: DepthHist) -> float:
         """Mean of per_depth(d) under a measured depth histogram (counts or fractions per depth);

@@ -119,7 +119,8 @@ class HighwayJoin(nn.Module, Recorder):
 class FractalExpert(nn.Module):
     """C routed blocks over one shared expert bank, joined in the fractal recursion."""
 
-    def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int = 8, topk: int = 16,
+    def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int | tuple[int, ...] = 8,
+                 topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", join_bias: float = -2.0, drop_path_local: float = 0.0,
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
@@ -131,6 +132,9 @@ class FractalExpert(nn.Module):
             raise ValueError(f"depth={depth} must be >= 1")
         if route_once and not tied:
             raise ValueError("route_once needs tied blocks (one router per column)")
+        column_heads = (heads,) * depth if isinstance(heads, int) else tuple(heads)
+        if len(column_heads) != depth:
+            raise ValueError(f"heads={heads}: one head count per column (depth={depth})")
         self.depth, self.drop_local, self.drop_global = depth, drop_path_local, drop_path_global
         self.tied, self.route_once = tied, route_once
         # Module of the p-th block / join application: its column's (tied) or its own (untied).
@@ -141,11 +145,13 @@ class FractalExpert(nn.Module):
             self.bank = ExpertBank(num_experts, dim, act, expert_dtype, kind)
         else:  # shared with other layers and owned (stored once) by the model: not a submodule
             object.__setattr__(self, "bank", bank)
+        # Column of each block module: 1..C tied, each application's own column untied.
+        module_cols = list(range(1, depth + 1)) if tied else block_cols
         self.blocks = nn.ModuleList(
-            RoutedBlock(dim, ProductKeyMemory(dim, num_experts, heads, topk, key_dim, gate,
-                                              query_norm, act, kind, own_bank=False,
+            RoutedBlock(dim, ProductKeyMemory(dim, num_experts, column_heads[c - 1], topk, key_dim,
+                                              gate, query_norm, act, kind, own_bank=False,
                                               balancing=balancing), block_conv)
-            for _ in range(len(set(self._block_at))))
+            for c in module_cols)
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(len(set(self._join_at))))
 
     def _keep_masks(self, c: int, x: Tensor, column: Tensor | None) -> tuple[Tensor, Tensor] | None:
