@@ -610,6 +610,13 @@ def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                                                              *_data("stdlib", stdlib)))]
 
 
+def column_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The default FHME (``BLOCK_CONV``) with ``column_heads = "1,4"`` at the reported length,
+    seeds 2 and 3, both corpora: the same FFN FLOPs, so block-conv's PKM runs are its match."""
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_h14", [*GATED_FHME, *CONV, *BLOCK_CONV, "--set", "column_heads=1,4"],
+                      SEED_FIRST, ("fhme",))
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -647,6 +654,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "sigmoid-gate-pilots": lambda _: sigmoid_gate_pilot_jobs(),
     "block-conv-pilots": block_conv_pilot_jobs, "block-conv": block_conv_jobs,
     "experts-long-pilots": experts_long_pilot_jobs, "column-heads-pilots": column_heads_pilot_jobs,
+    "column-heads": column_heads_jobs,
 }
 
 
