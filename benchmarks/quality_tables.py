@@ -44,7 +44,8 @@ def search_table(found: list[dict]) -> str:
              "|---|---|---|---:|---:|---:|"]
     for r in sorted(found, key=lambda r: (r["model"], r["val_bpb"])):
         c = r["config"]
-        shape = f"{c['expert_heads']} × {c['topk']}, {c['key_dim']}" if r["model"] not in ("dense", "moe") else "—"
+        heads = c.get("column_heads") or c["expert_heads"]  # per column where set ("1,4")
+        shape = f"{heads} × {c['topk']}, {c['key_dim']}" if r["model"] not in ("dense", "moe") else "—"
         used = f"{r['expert_usage']:.1%}" if r.get("expert_usage") is not None else "n/a"
         lines.append(f"| {r['name']} | {r['model']} | {shape} | {r['val_bpb']:.4f} | "
                      f"{r['ffn_flops_per_token']:,.0f} | {used} |")
@@ -229,6 +230,12 @@ def main() -> None:
         with_ = [dict(r, model="fhme" if r["model"] == "fhme" else f"{r['model']}, block_conv = 4")
                  for r in rows(root / "block-conv")]
         print_per_corpus(with_ + without, ", the pair with block convolutions (block_conv = 4), lazy-Adam tables")
+    if (root / "column-heads").is_dir() and (root / "block-conv").is_dir():  # the 1,4 split judged
+        split = [dict(r, model="fhme") for r in rows(root / "column-heads")]
+        even = [dict(r, model="fhme, 2,2 heads" if r["model"] == "fhme" else f"{r['model']}, block_conv = 4")
+                for r in rows(root / "block-conv")]
+        print_per_corpus(split + even, ", FHME with column_heads = 1,4 (fhme) against the 2,2 default and PKM, "
+                         "both with block convolutions, lazy-Adam tables")
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
@@ -253,11 +260,12 @@ def main() -> None:
                           (["adaptive-pilots", "conv-pilots"],
                            "Adaptive-depth FHME and PKM routing shapes, with the query convolution"),
                           (["table-lr-pilots", "shape-pilots", "conv-width-pilots", "shared-bank-pilots",
-                            "drop-path-pilots", "sigmoid-gate-pilots", "block-conv-pilots"],
+                            "drop-path-pilots", "sigmoid-gate-pilots", "block-conv-pilots",
+                            "column-heads-pilots"],
                            "The default FHME (gate and convolution): table lr 0.1, one head x top-67 per "
                            "block, a convolution over 8 positions, one 65K bank shared by every layer, "
-                           "local drop-path 0.15, sigmoid gates, block convolutions (and PKM with the gate: "
-                           "convolution 4 and 8, shared, dropout 0.1, sigmoid gates, a block convolution)")):
+                           "local drop-path 0.15, sigmoid gates, block convolutions, heads 1,4 per column (and PKM with the "
+                           "gate: convolution 4 and 8, shared, dropout 0.1, sigmoid gates, a block convolution)")):
         if (root / phases[0]).is_dir():
             print(f"\n### {title} (seed 1, 600 steps, bundled unless the name says stdlib)\n")
             print(search_table([r for p in phases if (root / p).is_dir() for r in rows(root / p)]))
