@@ -35,6 +35,9 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py block-conv-pilots   # the default FHME with a convolution on each block's query
     python benchmarks/quality.py block-conv          # ... at the reported length, FLOPs restored (top-22)
     python benchmarks/quality.py experts-long-pilots # route-once 65K and 262K at 2,400 steps, seed 1
+    python benchmarks/quality.py column-heads-pilots # 1 head on the deep path, 4 on the shallow one (same FLOPs)
+    python benchmarks/quality.py column-heads        # the same at 1,200 steps, seeds 2 and 3
+    python benchmarks/quality.py shallow-heads       # the same split in the 1-layer model, seed 2
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -617,6 +620,15 @@ def column_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                       SEED_FIRST, ("fhme",))
 
 
+def shallow_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """Where the fractal beat PKM (1 layer, bundled corpus), does the win come from composing
+    reads? The shallow phase's 1-layer FHME with ``column_heads = "1,4"``, seed 2, both corpora,
+    against that phase's runs (fractal_paths on both tells how much each composes)."""
+    shallow = dict(shallow_jobs(stdlib))
+    return [(f"{corpus}_fhme_L1_s2_h14", [*shallow[f"{corpus}_fhme_L1_s2"], "--set", "column_heads=1,4"])
+            for corpus in ("shakespeare", "stdlib")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -654,7 +666,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "sigmoid-gate-pilots": lambda _: sigmoid_gate_pilot_jobs(),
     "block-conv-pilots": block_conv_pilot_jobs, "block-conv": block_conv_jobs,
     "experts-long-pilots": experts_long_pilot_jobs, "column-heads-pilots": column_heads_pilot_jobs,
-    "column-heads": column_heads_jobs,
+    "column-heads": column_heads_jobs, "shallow-heads": shallow_heads_jobs,
 }
 
 

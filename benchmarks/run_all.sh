@@ -102,11 +102,12 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # balance, the experts study, the one-head shape against PKM and routing once per column (second corpus: data/stdlib),
 # shallower models, the SiLU output gate, the query convolution, adaptive-depth FHME against PKM shapes,
 # the pilots of the gate + convolution default, PEER with the convolution, block convolutions, 65K
-# against 262K experts at 2,400 steps
+# against 262K experts at 2,400 steps, heads per column (4 layers, then 1 layer)
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
-             drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots; do
+             drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
+             column-heads-pilots column-heads shallow-heads; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
@@ -120,13 +121,17 @@ METHODS="memory memory-step lora full" STUDIES="single sequential" LR_POINTS="2 
   RESULTS=$R/finetune_memory bash benchmarks/finetune.sh runs/quality/optim/n16384_lazy_adam_s2/runs/fhme-seed2 runs/ft_memory
 STUDIES=gpt2 LR_POINTS="1 2 3 4 5" EVAL_BYTES=262144 RESULTS=$R/finetune_gpt2 bash benchmarks/finetune.sh runs/default runs/ft_memory
 # Where FHME's reads go: the first default, the untie pilots (64 windows), then with the query
-# convolution and with block convolutions (pilots and the reported runs), order of reads included
+# convolution and with block convolutions (pilots and the reported runs), order of reads included,
+# heads per column (1,4) and the 1-layer models
 .venv/bin/python benchmarks/fractal_paths.py runs/quality/final/shakespeare_fhme_s2/runs/fhme-seed2 --windows 128 > $R/fractal_paths.jsonl
 for run in untie-pilots/fhme_tied untie-pilots/fhme_untied table-lr-pilots/fhme_gated_conv4_elr0.03 \
            shape-pilots/stdlib_fhme_gated_conv4_h2k24 block-conv-pilots/shakespeare_fhme_gated_conv4_bconv4 \
            block-conv-pilots/stdlib_fhme_gated_conv4_bconv4 block-conv/shakespeare_fhme_gated_conv4_bconv4_s2 \
            block-conv/stdlib_fhme_gated_conv4_bconv4_s2 block-conv/shakespeare_fhme_gated_conv4_bconv4_s3 \
-           block-conv/stdlib_fhme_gated_conv4_bconv4_s3; do
+           block-conv/stdlib_fhme_gated_conv4_bconv4_s3 column-heads/shakespeare_fhme_gated_conv4_bconv4_h14_s2 \
+           column-heads/stdlib_fhme_gated_conv4_bconv4_h14_s2 column-heads/shakespeare_fhme_gated_conv4_bconv4_h14_s3 \
+           column-heads/stdlib_fhme_gated_conv4_bconv4_h14_s3 shallow/shakespeare_fhme_L1_s2 \
+           shallow-heads/shakespeare_fhme_L1_s2_h14 shallow/stdlib_fhme_L1_s2 shallow-heads/stdlib_fhme_L1_s2_h14; do
   .venv/bin/python benchmarks/fractal_paths.py runs/quality/$run/runs/fhme-seed* >> $R/fractal_paths.jsonl
 done
 # Fine-tuning and forgetting (email, the King James Bible, sequential), seed 2
