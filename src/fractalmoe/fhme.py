@@ -296,8 +296,9 @@ class FHME(nn.Module, PastBatchStatistics):
         """Parameters a token at ``depth`` reads: its routers (with their convolutions), its
         expert rows, its join gates."""
         applications = range(blocks_at_depth(depth))
+        used = {id(b): b for b in map(self.fractal.block_of, applications)}  # tied: a block runs again
         total = 0
-        for block in {id(b): b for b in map(self.fractal.block_of, applications)}.values():
+        for block in used.values():
             total += block.memory.router.params_per_token()
             total += block.conv.active_params_per_token() if block.conv is not None else 0
         for a in applications:  # expert rows (and gate) read per block call

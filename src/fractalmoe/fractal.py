@@ -117,7 +117,11 @@ class HighwayJoin(nn.Module, Recorder):
 
 
 class FractalExpert(nn.Module):
-    """C routed blocks over one shared expert bank, joined in the fractal recursion."""
+    """C routed blocks over one shared expert bank, joined in the fractal recursion.
+
+    ``heads`` is one count of retrieval heads for every column, or one per column: column c's
+    block runs 2**(C - c) times per token, so heads moved from column 1 to column C move reads from
+    the deep path to the shallow one."""
 
     def __init__(self, dim: int, num_experts: int, depth: int = 2, heads: int | tuple[int, ...] = 8,
                  topk: int = 16,
