@@ -223,10 +223,6 @@ class FractalExpert(nn.Module):
         return self._extend(c, x, prev, shallow, column, blocks_at_depth(c - 1), joins_at_depth(c - 1),
                             routes, seqs)
 
-    def routers_at_depth(self, depth: int) -> int:
-        """Distinct routers a token at ``depth`` uses: one per column tied, one per block untied."""
-        return len(set(self._block_at[:blocks_at_depth(depth)]))
-
     def join_gates_at_depth(self, depth: int) -> int:
         return len(set(self._join_at[:joins_at_depth(depth)]))
 
