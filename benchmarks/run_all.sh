@@ -107,7 +107,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
              drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
-             column-heads-pilots column-heads shallow-heads; do
+             column-heads-pilots column-heads shallow-heads column-heads-seed4; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
