@@ -264,8 +264,9 @@ def main() -> None:
                             "column-heads-pilots"],
                            "The default FHME (gate and convolution): table lr 0.1, one head x top-67 per "
                            "block, a convolution over 8 positions, one 65K bank shared by every layer, "
-                           "local drop-path 0.15, sigmoid gates, block convolutions, heads 1,4 per column (and PKM with the "
-                           "gate: convolution 4 and 8, shared, dropout 0.1, sigmoid gates, a block convolution)")):
+                           "local drop-path 0.15, sigmoid gates, block convolutions, heads 1,4 per column "
+                           "(and PKM with the gate: convolution 4 and 8, shared, dropout 0.1, sigmoid gates, "
+                           "a block convolution)")):
         if (root / phases[0]).is_dir():
             print(f"\n### {title} (seed 1, 600 steps, bundled unless the name says stdlib)\n")
             print(search_table([r for p in phases if (root / p).is_dir() for r in rows(root / p)]))
