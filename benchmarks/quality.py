@@ -590,15 +590,18 @@ def block_conv_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 # Block convolutions at the FFN FLOPs of the default: 4 x 3 convolutions of 2 x 128 x 4 FLOPs per
 # token cost 2.5% of the FFN, paid with top-22 instead of 24 (0.996x the default's FFN FLOPs).
 BLOCK_CONV = ["--set", "block_conv=4", "--set", "topk=22"]
+# The default FHME since the block-conv phase (gate, query convolution, block convolutions), and its
+# heads moved to the shallow column at the same FLOPs.
+BCONV_FHME = [*GATED_FHME, *CONV, *BLOCK_CONV]
+HEADS_1_4 = ["--set", "column_heads=1,4"]
 
 
 def block_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The block-conv pilots at the reported length: FHME with FLOPs restored (``BLOCK_CONV``), then
     PKM with its block convolution (it gained in its pilot too) matched to that FHME; seeds 2 and 3,
     both corpora, against gate-conv's runs of the pair without them."""
-    extra = [*GATED_FHME, *CONV, *BLOCK_CONV]
-    return [*_pair_jobs(stdlib, "gated_conv4_bconv4", extra, CORPUS_FIRST, ("fhme",)),
-            *_pair_jobs(stdlib, "gated_conv4_bconv4", extra, CORPUS_FIRST, ("pkm",))]
+    return [*_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, CORPUS_FIRST, ("fhme",)),
+            *_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, CORPUS_FIRST, ("pkm",))]
 
 
 def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -607,7 +610,7 @@ def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     the same FFN FLOPs) the layer is a wide read plus a light two-step one: does that beat both?
     The block-conv pilots' FHME so, both corpora, and PKM's pilot on the second corpus, which
     block-conv-pilots did not run."""
-    heads = ["--set", "block_conv=4", "--set", "column_heads=1,4"]
+    heads = ["--set", "block_conv=4", *HEADS_1_4]
     return [("shakespeare_fhme_gated_conv4_bconv4_h14", _default_pilot("fhme", *CONV, *heads)),
             ("stdlib_fhme_gated_conv4_bconv4_h14", _default_pilot("fhme", *CONV, *heads, *_data("stdlib", stdlib))),
             ("stdlib_pkm_gated_conv4_bconv4", _default_pilot("pkm", *CONV, "--set", "block_conv=4",
@@ -617,17 +620,14 @@ def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 def column_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The default FHME (``BLOCK_CONV``) with ``column_heads = "1,4"`` at the reported length,
     seeds 2 and 3, both corpora: the same FFN FLOPs, so block-conv's PKM runs are its match."""
-    return _pair_jobs(stdlib, "gated_conv4_bconv4_h14", [*GATED_FHME, *CONV, *BLOCK_CONV, "--set", "column_heads=1,4"],
-                      SEED_FIRST, ("fhme",))
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_h14", [*BCONV_FHME, *HEADS_1_4], SEED_FIRST, ("fhme",))
 
 
 def column_heads_seed4_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """A third seed for the standard-library verdict, 1,4 FHME against PKM: the gap (0.006) is below
     what rounding alone moved same-seed reruns (0.007-0.025, README)."""
-    bconv = [*GATED_FHME, *CONV, *BLOCK_CONV]
-    return [*_pair_jobs(stdlib, "gated_conv4_bconv4_h14", [*bconv, "--set", "column_heads=1,4"], [("stdlib", "4")],
-                        ("fhme",)),
-            *_pair_jobs(stdlib, "gated_conv4_bconv4", bconv, [("stdlib", "4")], ("pkm",))]
+    return [*_pair_jobs(stdlib, "gated_conv4_bconv4_h14", [*BCONV_FHME, *HEADS_1_4], [("stdlib", "4")], ("fhme",)),
+            *_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, [("stdlib", "4")], ("pkm",))]
 
 
 def shallow_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -635,7 +635,7 @@ def shallow_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     reads? The shallow phase's 1-layer FHME with ``column_heads = "1,4"``, seed 2, both corpora,
     against that phase's runs (fractal_paths on both tells how much each composes)."""
     shallow = dict(shallow_jobs(stdlib))
-    return [(f"{corpus}_fhme_L1_s2_h14", [*shallow[f"{corpus}_fhme_L1_s2"], "--set", "column_heads=1,4"])
+    return [(f"{corpus}_fhme_L1_s2_h14", [*shallow[f"{corpus}_fhme_L1_s2"], *HEADS_1_4])
             for corpus in ("shakespeare", "stdlib")]
 
 

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fractalmoe import FHME
 from fractalmoe.experts import ExpertBank, expert_mix_reference
+from fractalmoe.fractal import application_columns
 
 
 def _reference_mix(bank: ExpertBank, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,8 @@ def test_flops_with_heads_per_column_match_flop_counter(heads: tuple[int, ...], 
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     layer = FHME(64, 4096, depth=len(heads), heads=heads, topk=8, key_dim=32, block="value",
                  tied=tied, route_once=route_once).eval()
-    assert [b.memory.router.heads for b in layer.fractal.blocks][:len(heads) if tied else None] == (
-        list(heads) if tied else [heads[c - 1] for c in (1, 1, 2)])
+    columns = range(1, len(heads) + 1) if tied else application_columns(len(heads), 1)
+    assert [b.memory.router.heads for b in layer.fractal.blocks] == [heads[c - 1] for c in columns]
     _check_count(layer, monkeypatch)
 
 
