@@ -39,6 +39,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py column-heads        # the same at 1,200 steps, seeds 2 and 3
     python benchmarks/quality.py shallow-heads       # the same split in the 1-layer model, seed 2
     python benchmarks/quality.py column-heads-seed4  # seed 4 of 1,4 FHME and PKM, standard library
+    python benchmarks/quality.py routed-layers-pilots # the default FHME in 3 or 2 of 4 layers, dense FFNs elsewhere
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -639,6 +640,25 @@ def shallow_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for corpus in ("shakespeare", "stdlib")]
 
 
+# A dense SwiGLU of hidden width 160 costs what one default FHME layer does (123,904 against
+# 123,096 FFN FLOPs per token, the query convolution included).
+DENSE_AT_FHME = ["--set", "ffn_hidden=160"]
+
+
+def routed_layers_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """Memory layers pay most away from the first layer (PKM's placement study; Memory Layers at
+    Scale put them in a few layers only), and on a CPU each FHME layer costs ~6x a dense FFN of
+    equal FLOPs. The block-conv pilots' FHME with layer 0, or layers 0 and 2, dense at equal FFN
+    FLOPs, 600 steps, seed 1, both corpora: how much of the quality needs every layer routed?"""
+    jobs = []
+    for corpus in ("shakespeare", "stdlib"):
+        for layers in ("1,2,3", "1,3"):
+            name = f"{corpus}_fhme_gated_conv4_bconv4_rl{layers.replace(',', '')}"
+            jobs.append((name, _default_pilot("fhme", *CONV, "--set", "block_conv=4", "--set",
+                                              f"routed_layers={layers}", *DENSE_AT_FHME, *_data(corpus, stdlib))))
+    return jobs
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -677,7 +697,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "block-conv-pilots": block_conv_pilot_jobs, "block-conv": block_conv_jobs,
     "experts-long-pilots": experts_long_pilot_jobs, "column-heads-pilots": column_heads_pilot_jobs,
     "column-heads": column_heads_jobs, "shallow-heads": shallow_heads_jobs,
-    "column-heads-seed4": column_heads_seed4_jobs,
+    "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
 }
 
 

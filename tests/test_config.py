@@ -20,6 +20,13 @@ def test_heads_per_column() -> None:
     assert ModelConfig(column_heads="1,4").heads_per_column == (1, 4)
 
 
+def test_layer_config_is_dense_outside_routed_layers() -> None:
+    cfg = ModelConfig(routed_layers="1,3", ffn_hidden=160)
+    assert [cfg.layer_config(i).ffn for i in range(4)] == ["dense", "fhme", "dense", "fhme"]
+    assert cfg.layer_config(0).ffn_hidden == 160 and cfg.layer_config(1) is cfg
+    assert all(ModelConfig().layer_config(i).ffn == "fhme" for i in range(4))
+
+
 def test_round_trip() -> None:
     cfg = ModelConfig(dim=64, ffn="moe", adaptive_depth=True, fractal_depth=3)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -30,7 +37,9 @@ def test_round_trip() -> None:
 @pytest.mark.parametrize("field,value", [("dim", 0), ("num_experts", 1000), ("ffn", "mlp"),
                                          ("topk", 1000), ("fractal_depth", 0), ("dropout", 1.5),
                                          ("key_dim", 15), ("gate", "tanh"), ("column_heads", "1,x"),
-                                         ("column_heads", "0,4"), ("column_heads", "1,2,4")])
+                                         ("column_heads", "0,4"), ("column_heads", "1,2,4"),
+                                         ("routed_layers", "4"), ("routed_layers", "1,1"),
+                                         ("routed_layers", "a")])
 def test_bad_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})

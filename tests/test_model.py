@@ -33,6 +33,7 @@ def _variants():
     yield "fhme-conv", dict(ffn="fhme", ffn_conv=4)
     yield "pkm-conv", dict(ffn="pkm", ffn_conv=3)
     yield "fhme-block-conv", dict(ffn="fhme", ffn_conv=4, block_conv=3)
+    yield "fhme-layer-1-only", dict(ffn="fhme", ffn_conv=4, block_conv=3, routed_layers="1")
 
 
 @pytest.mark.parametrize("name,extra", list(_variants()), ids=[v[0] for v in _variants()])
@@ -59,10 +60,11 @@ def _randomize_convs(model: FHMELanguageModel) -> None:
             torch.nn.init.normal_(module.weight, std=0.5)
 
 
-@pytest.mark.parametrize("ffn,conv,block_conv", [(f, 0, 0) for f in FFNS] + [("fhme", 4, 0), ("pkm", 1, 0),
-                                                                           ("fhme", 4, 3), ("pkm", 0, 2)])
-def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int, block_conv: int) -> None:
-    model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48, ffn_conv=conv, block_conv=block_conv)).eval()
+@pytest.mark.parametrize("ffn,conv,block_conv,layers", [(f, 0, 0, "") for f in FFNS] + [
+    ("fhme", 4, 0, ""), ("pkm", 1, 0, ""), ("fhme", 4, 3, ""), ("pkm", 0, 2, ""), ("fhme", 2, 3, "0")])
+def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int, block_conv: int, layers: str) -> None:
+    model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48, ffn_conv=conv, block_conv=block_conv,
+                                                routed_layers=layers)).eval()
     _randomize_convs(model)
     prompt = torch.randint(0, 256, (2, 5))
     out = model.generate(prompt, 32, temperature=0.0)
@@ -120,6 +122,16 @@ def test_flops_and_params_match_hand_counts() -> None:
     assert adaptive.flops_per_token(torch.tensor([0.5, 0.0, 0.5])) == pytest.approx(expected)
     assert adaptive.flops_per_token([7, 0, 7]) == pytest.approx(expected)  # counts work too
     assert adaptive.flops_per_token() == 7 * block + 3 * 2 * d + 2 * d * 3  # unmeasured: full depth
+
+
+def test_routed_layers_count_each_layer_as_built() -> None:
+    """Outside routed_layers a layer's FFN is the dense SwiGLU, counted as one."""
+    cfg = tiny_model_config(n_layers=3, routed_layers="2", ffn_conv=0)
+    model = FHMELanguageModel(cfg)
+    assert [type(b.ffn) for b in model.blocks] == [DenseFFN, DenseFFN, FHME]
+    fhme, dense = FHMELanguageModel(cfg.replace(routed_layers="")), DenseFFN(cfg.dim, cfg.ffn_hidden)
+    assert model.ffn_flops_per_token() == fhme.ffn_flops_per_token() / 3 + 2 * dense.flops_per_token()
+    assert model.fhme_layers() == [model.blocks[2].ffn]
 
 
 def test_ffn_conv_is_counted_and_matches_its_definition() -> None:

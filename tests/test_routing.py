@@ -110,9 +110,13 @@ def test_bad_arguments_raise_value_error() -> None:
         ProductKeyMemory(16, 256, heads=1, topk=4, key_dim=8, gate="tanh")
 
 
-def test_sub_key_topk_gradient_equals_dense_autograd() -> None:
+@pytest.mark.parametrize("dense_ratio", [8, 1])
+def test_sub_key_topk_gradient_equals_dense_autograd(dense_ratio: int, monkeypatch) -> None:
+    """Both ways of forming the score gradient: dense products (n <= 8 k) and sorted row sums."""
+    from fractalmoe import routing
     from fractalmoe.routing import sub_key_topk
 
+    monkeypatch.setattr(routing, "_DENSE_SCORE_GRAD", dense_ratio)
     q = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
     keys = torch.randn(3, 20, 8, dtype=torch.float64, requires_grad=True)
     vals, idx = sub_key_topk(q, keys, 4)

@@ -111,6 +111,9 @@ class ModelConfig(_Config):
     seq_len: int = 128  # context length
     dropout: float = 0.0
     ffn: str = "fhme"  # fhme | dense | moe | pkm | peer | memplus
+    # Layers (0-based, "1,2,3") whose FFN is ``ffn``; the others get a dense SwiGLU of ffn_hidden
+    # (memory layers in some layers only, as Memory Layers at Scale and PKM place them). Empty: all.
+    routed_layers: str = ""
     # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
     num_experts: int = 16384
     expert_heads: int = 2  # product-key retrieval heads per routed block
@@ -207,6 +210,10 @@ class ModelConfig(_Config):
         r(not heads or len(heads) == self.fractal_depth, "column_heads",
           f"needs one head count per column (fractal_depth={self.fractal_depth})")
         r(self.tie_blocks or not self.route_once, "route_once", "needs tie_blocks = true (one router per column)")
+        layers = self.routed_layers.split(",") if self.routed_layers else []
+        r(all(i.strip().isdigit() and int(i) < self.n_layers for i in layers), "routed_layers",
+          f"must be layer indices in [0, {self.n_layers}) separated by commas, e.g. \"1,2,3\"")
+        r(len({int(i) for i in layers}) == len(layers), "routed_layers", "must not repeat a layer")
 
     @property
     def heads_per_column(self) -> tuple[int, ...]:
@@ -214,6 +221,11 @@ class ModelConfig(_Config):
         if not self.column_heads:
             return (self.expert_heads,) * self.fractal_depth
         return tuple(int(h) for h in self.column_heads.split(","))
+
+    def layer_config(self, layer: int) -> ModelConfig:
+        """The config of layer ``layer``'s FFN: this one, or a dense SwiGLU outside ``routed_layers``."""
+        routed = not self.routed_layers or layer in {int(i) for i in self.routed_layers.split(",")}
+        return self if routed else self.replace(ffn="dense", routed_layers="")
 
     @property
     def n_keys(self) -> int:

@@ -118,7 +118,8 @@ class FHMELanguageModel(nn.Module):
         # One expert bank read by every layer (Memory+), stored here once.
         self.shared_bank = (ExpertBank(cfg.num_experts, cfg.dim, cfg.expert_act, TABLE_DTYPES[cfg.expert_dtype],
                                        routed.block) if routed.share_bank and cfg.ffn in ROUTED_FFNS else None)
-        self.blocks = nn.ModuleList(FHMETransformerBlock(cfg, self.shared_bank) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(FHMETransformerBlock(cfg.layer_config(i), self.shared_bank)
+                                    for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied input/output embeddings
@@ -185,11 +186,15 @@ class FHMELanguageModel(nn.Module):
         shape = (batch, self.cfg.n_heads, self.cfg.seq_len, self.cfg.head_dim)
         conv = (batch, self.cfg.ffn_conv - 1 + self.cfg.seq_len, self.cfg.dim)
         block_conv = (batch, self.cfg.block_conv - 1 + self.cfg.seq_len, self.cfg.dim)
-        applications = (blocks_at_depth(routed_config(self.cfg).fractal_depth)
-                        if self.cfg.block_conv and self.cfg.ffn in ROUTED_FFNS else 0)
-        return [KVCache(p.new_zeros(shape), p.new_zeros(shape), p.new_zeros(conv) if self.cfg.ffn_conv else None,
-                        [p.new_zeros(block_conv) for _ in range(applications)] if applications else None)
-                for _ in self.blocks]
+        caches = []
+        for i in range(len(self.blocks)):
+            cfg = self.cfg.layer_config(i)
+            applications = (blocks_at_depth(routed_config(cfg).fractal_depth)
+                            if cfg.block_conv and cfg.ffn in ROUTED_FFNS else 0)
+            caches.append(KVCache(p.new_zeros(shape), p.new_zeros(shape),
+                                  p.new_zeros(conv) if cfg.ffn_conv else None,
+                                  [p.new_zeros(block_conv) for _ in range(applications)] if applications else None))
+        return caches
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
