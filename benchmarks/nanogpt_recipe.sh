@@ -9,6 +9,7 @@
 # idle machine; both scored by `fractalmoe eval` on the whole validation split.
 #   bash benchmarks/nanogpt_recipe.sh [OUT]
 #   CPU=0 bash benchmarks/nanogpt_recipe.sh [OUT]   # both runs pinned to core 0, one OpenMP thread
+#   SEED=2 bash benchmarks/nanogpt_recipe.sh [OUT]  # both runs at another seed (initialisation, data order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F=.venv/bin/fractalmoe
@@ -18,12 +19,14 @@ if [ -n "${CPU:-}" ]; then
 fi
 OUT=${1:-runs/nanogpt_vs_default}
 mkdir -p "$OUT"
-RECIPE=(--set ffn=dense --set ffn_hidden=341 --set ffn_conv=0 --set seq_len=64 --set batch_size=12 --set lr=1e-3
+SEEDED=()
+if [ -n "${SEED:-}" ]; then SEEDED=(--seed "$SEED"); fi
+RECIPE=("${SEEDED[@]}" --set ffn=dense --set ffn_hidden=341 --set ffn_conv=0 --set seq_len=64 --set batch_size=12 --set lr=1e-3
         --set warmup_steps=100 --set min_lr_frac=0.1 --set weight_decay=0.1 --set beta2=0.99
         --set grad_clip=1.0 --set dropout=0.0 --set eval_every=250 --set eval_batches=16 --quiet)
 
 t0=$(date +%s.%N)
-$F train --out "$OUT/default" --quiet
+$F train --out "$OUT/default" --quiet "${SEEDED[@]}"
 wall=$(python3 -c "import time; print(time.time() - $t0)")
 
 $F train --out "$OUT/probe" "${RECIPE[@]}" --max-steps 100 --set sample_bytes=0

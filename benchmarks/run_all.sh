@@ -37,6 +37,9 @@ bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier defaul
 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
 # The block-convolution default, pinned to core 0 while core 1 ran pilots and tests (results/nanogpt_race_block_conv)
 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
+# The same default at seeds 2 and 3, side by side (one race per core) (results/nanogpt_race_seeds)
+SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2 &
+SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3; wait
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
@@ -107,7 +110,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
              drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
-             column-heads-pilots column-heads shallow-heads column-heads-seed4; do
+             column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
