@@ -40,6 +40,12 @@ CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
 # The same default at seeds 2 and 3, side by side (one race per core) (results/nanogpt_race_seeds)
 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2 &
 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3; wait
+# seeds 1337 and 4 the same way; then the recipe alone at seeds 2 and 3 with the script's 1.1x schedule
+# (runs/nanogpt_race_s2_fair and _s3_fair hold a copy of that seed's default run)
+CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337 &
+SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4; wait
+WALL=1332.29 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2_fair &
+WALL=1337.53 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3_fair; wait
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
