@@ -40,10 +40,11 @@ CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
 # The same default at seeds 2 and 3, side by side (one race per core) (results/nanogpt_race_seeds)
 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2 &
 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3; wait
-# seeds 1337 and 4 the same way; then the recipe alone at seeds 2 and 3 with the script's 1.1x schedule
-# (runs/nanogpt_race_s2_fair and _s3_fair hold a copy of that seed's default run)
+# seeds 1337 and 4 the same way; then the recipe alone at seeds 2 and 3 with the script's 1.1x schedule,
+# against a copy of that seed's default run (its wall-clock from the seed's race.log)
 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337 &
 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4; wait
+for s in s2 s3; do mkdir -p runs/nanogpt_race_${s}_fair; cp -r runs/nanogpt_race_$s/default runs/nanogpt_race_${s}_fair/; done
 WALL=1332.29 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2_fair &
 WALL=1337.53 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3_fair; wait
 bash benchmarks/sharded_rss.sh

@@ -213,7 +213,8 @@ class ModelConfig(_Config):
         layers = self.routed_layers.split(",") if self.routed_layers else []
         r(all(i.strip().isdigit() and int(i) < self.n_layers for i in layers), "routed_layers",
           f"must be layer indices in [0, {self.n_layers}) separated by commas, e.g. \"1,2,3\"")
-        r(len({int(i) for i in layers}) == len(layers), "routed_layers", "must not repeat a layer")
+        r(len(set(self.routed_layer_indices)) == len(self.routed_layer_indices), "routed_layers",
+          "must not repeat a layer")
 
     @property
     def heads_per_column(self) -> tuple[int, ...]:
@@ -222,10 +223,16 @@ class ModelConfig(_Config):
             return (self.expert_heads,) * self.fractal_depth
         return tuple(int(h) for h in self.column_heads.split(","))
 
+    @property
+    def routed_layer_indices(self) -> tuple[int, ...]:
+        """Layers whose FFN is ``ffn``: those in ``routed_layers``, or every layer when it is empty."""
+        if not self.routed_layers:
+            return tuple(range(self.n_layers))
+        return tuple(int(i) for i in self.routed_layers.split(","))
+
     def layer_config(self, layer: int) -> ModelConfig:
         """The config of layer ``layer``'s FFN: this one, or a dense SwiGLU outside ``routed_layers``."""
-        routed = not self.routed_layers or layer in {int(i) for i in self.routed_layers.split(",")}
-        return self if routed else self.replace(ffn="dense", routed_layers="")
+        return self if layer in self.routed_layer_indices else self.replace(ffn="dense", routed_layers="")
 
     @property
     def n_keys(self) -> int:
