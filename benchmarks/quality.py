@@ -40,6 +40,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py shallow-heads       # the same split in the 1-layer model, seed 2
     python benchmarks/quality.py column-heads-seed4  # seed 4 of 1,4 FHME and PKM, standard library
     python benchmarks/quality.py routed-layers-pilots # the default FHME in 3 or 2 of 4 layers, dense FFNs elsewhere
+    python benchmarks/quality.py key-parts           # the experts series with three-part product keys
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -662,6 +663,27 @@ def routed_layers_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return jobs
 
 
+# Three-part product keys: scoring costs 2 Q sum_p n_p per head, 3 x 64 sub-keys at 262K instead of
+# 2 x 512, so every N of the series reads the same rows: one head, key width 24 (8 per part, as
+# the two-part series' 8 per half), top-112 at every N (FFN FLOPs 0.958 .. 1.004 of the route-once
+# series' budget, 117,664 per layer: 4.8% from 4K to 262K). Deferred table gradients: at 262K the
+# sparse (R, D) gradients of three block runs per layer cost 1.7x the step in page faults.
+KEY_PARTS_TOPK = "112"
+
+
+def key_parts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The experts series with three-part keys, second corpus, seed 2 (then seed 3), 1,200 steps:
+    with scoring no longer growing as sqrt(N), does the bpb fall at every step 4K .. 262K? Ordered
+    so that two workers finish together (262K is the slowest)."""
+    order = [("262144", "2"), ("65536", "2"), ("4096", "2"), ("16384", "2"), ("262144", "3"), ("65536", "3"),
+             ("4096", "3"), ("16384", "3")]
+    return [(f"n{experts}_p3h1q24k{KEY_PARTS_TOPK}_route_once_s{seed}",
+             _experts_run(experts, "24", seed, stdlib, "--set", "key_parts=3", "--set", "expert_heads=1",
+                          "--set", f"topk={KEY_PARTS_TOPK}", "--set", "route_once=true",
+                          "--set", "deferred_table_grads=true"))
+            for experts, seed in order]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -701,6 +723,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "experts-long-pilots": experts_long_pilot_jobs, "column-heads-pilots": column_heads_pilot_jobs,
     "column-heads": column_heads_jobs, "shallow-heads": shallow_heads_jobs,
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
+    "key-parts": key_parts_jobs,
 }
 
 

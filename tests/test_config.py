@@ -39,10 +39,20 @@ def test_round_trip() -> None:
                                          ("key_dim", 15), ("gate", "tanh"), ("column_heads", "1,x"),
                                          ("column_heads", "0,4"), ("column_heads", "1,2,4"),
                                          ("routed_layers", "4"), ("routed_layers", "1,1"),
-                                         ("routed_layers", "a")])
+                                         ("routed_layers", "a"), ("key_parts", 1), ("key_parts", 5)])
 def test_bad_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})
+
+
+@pytest.mark.parametrize("settings,field", [(dict(key_parts=3), "key_dim"),  # 16 is no multiple of 3
+                                            (dict(key_parts=3, key_dim=24, num_experts=1009), "num_experts"),
+                                            (dict(key_parts=3, key_dim=24, balance_loss=0.01), "key_parts")])
+def test_three_key_parts_check_their_settings(settings: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**settings)
+    ok = ModelConfig(key_parts=3, key_dim=24, num_experts=262144, topk=100)  # top-k past any table's 64
+    assert ok.max_topk == 262144
 
 
 def test_wrong_types_and_unknown_keys() -> None:

@@ -34,6 +34,15 @@ def test_flops_per_token_match_flop_counter(kind: str, depth: int, route_once: b
     _check_count(layer, monkeypatch)
 
 
+@pytest.mark.parametrize("route_once", [False, True])
+def test_flops_with_three_key_parts_match_flop_counter(route_once: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = FHME(64, 16384, depth=2, heads=2, topk=8, key_dim=24, block="value", route_once=route_once,
+                 key_parts=3).eval()
+    assert layer.fractal.blocks[0].memory.router.sizes == (32, 16, 32)
+    _check_count(layer, monkeypatch)
+
+
 def _check_count(layer: FHME, monkeypatch: pytest.MonkeyPatch, tokens: int = 32) -> None:
     """FlopCounterMode's count per token of the layer's forward is within 3% of flops_per_token
     and never above it (the count never leaves out a matmul)."""

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from fractalmoe import ProductKeyMemory
-from fractalmoe.routing import Balancing, _select_on_host, product_key_topk, sorted_topk
+from fractalmoe.routing import (
+    Balancing,
+    ProductKeyRouter,
+    _select_on_host,
+    key_table_sizes,
+    product_key_topk,
+    sorted_topk,
+    split_index,
+)
 from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
 
 
@@ -34,9 +42,71 @@ def test_route_equals_brute_force(num_experts: int, heads: int, topk: int) -> No
     assert (scores[..., :-1] >= scores[..., 1:]).all()  # sorted descending
 
 
+def brute_force_scores(router, x):
+    """Scores (..., H, N) of every full key of any number of parts, index (i_1 n_2 + i_2) n_3 + ..."""
+    keys, full = router.keys(), None
+    for p, (q, size) in enumerate(zip(router.queries(x).chunk(len(router.sizes), dim=-1), router.sizes)):
+        part = torch.einsum("...hq,hnq->...hn", q, keys[:, p, :size])
+        full = part if full is None else (full.unsqueeze(-1) + part.unsqueeze(-2)).flatten(-2)
+    return full
+
+
+@pytest.mark.parametrize("num_experts,heads,topk", [(512, 2, 4), (4096, 3, 40), (16384, 2, 22),
+                                                    (4096, 1, 200)])
+def test_three_part_keys_route_equals_brute_force(num_experts: int, heads: int, topk: int) -> None:
+    """Three sub-key tables (n_1 n_2 n_3 = N, unequal where N is no cube): the exact top-k over all
+    N full keys, its scores' gradients those of the same scores formed from all N, and ``rescore``
+    of the chosen experts gives their scores (top-k may exceed every table's size)."""
+    torch.manual_seed(num_experts + topk)
+    router = ProductKeyRouter(16, num_experts, heads, topk, key_dim=12, key_parts=3).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    scores, idx = router(x)
+    ref_scores, ref_idx = brute_force_scores(router, x).topk(topk, dim=-1)
+    assert scores.shape == idx.shape == (3, 5, heads, topk)
+    torch.testing.assert_close(scores, ref_scores)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    g = torch.randn_like(scores)
+    params = (router.query.weight, router.sub_keys)
+    grads = torch.autograd.grad(scores, params, g)
+    ref_grads = torch.autograd.grad(brute_force_scores(router, x).gather(-1, idx), params, g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(router.rescore(x, idx), scores)
+
+
+def test_key_table_sizes_and_mixed_radix_indices() -> None:
+    assert key_table_sizes(16384, 2) == (128, 128)
+    assert key_table_sizes(4096, 3) == (16, 16, 16)
+    assert sorted(key_table_sizes(16384, 3)) == [16, 32, 32]
+    assert key_table_sizes(262144, 3) == (64, 64, 64)
+    assert key_table_sizes(1000, 3) == (10, 10, 10)
+    for n, parts in ((16384, 3), (65536, 3), (1 << 20, 4)):
+        sizes = key_table_sizes(n, parts)
+        assert len(sizes) == parts and torch.tensor(sizes).prod().item() == n and max(sizes) <= 4 * min(sizes)
+        idx = torch.arange(n)
+        rebuilt = torch.zeros_like(idx)
+        for i, size in zip(split_index(idx, sizes), sizes):
+            assert (0 <= i).all() and (i < size).all()
+            rebuilt = rebuilt * size + i
+        assert torch.equal(rebuilt, idx)
+    for n, parts, words in ((1009, 3, "near-equal"), (1000, 2, "perfect square")):
+        with pytest.raises(ValueError, match=words):
+            key_table_sizes(n, parts)
+    with pytest.raises(ValueError, match="key_parts = 2"):
+        ProductKeyRouter(16, 4096, 1, 8, 12, balancing=Balancing(rate=0.01), key_parts=3)
+
+
+def test_product_key_topk_of_three_parts_small_exhaustive() -> None:
+    s = [torch.randn(40, n, dtype=torch.float64) for n in (6, 3, 5)]
+    scores, idx = product_key_topk(*s, k=20)
+    full = ((s[0][:, :, None, None] + s[1][:, None, :, None]) + s[2][:, None, None, :]).flatten(-3)
+    torch.testing.assert_close(scores, full.topk(20, dim=-1).values)
+    torch.testing.assert_close(full.gather(-1, idx), scores)
+
+
 def test_product_key_topk_small_exhaustive() -> None:
     s1, s2 = torch.randn(50, 10, dtype=torch.float64), torch.randn(50, 10, dtype=torch.float64)
-    scores, idx = product_key_topk(s1, s2, 5)
+    scores, idx = product_key_topk(s1, s2, k=5)
     full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
     ref = full.topk(5, dim=-1)
     torch.testing.assert_close(scores, ref.values)
@@ -51,7 +121,7 @@ def test_combining_only_the_pairs_that_can_win_is_the_full_grid_top_k(k: int) ->
     n = max(2 * k, 8)
     s1 = torch.randn(30, 3, n, dtype=torch.float64, requires_grad=True)
     s2 = torch.randn(30, 3, n, dtype=torch.float64, requires_grad=True)
-    scores, idx = product_key_topk(s1, s2, k)
+    scores, idx = product_key_topk(s1, s2, k=k)
     full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # every one of the n*n pairs
     ref_scores, ref_idx = full.topk(k, dim=-1)
     torch.testing.assert_close(scores, ref_scores)

@@ -39,7 +39,7 @@ def matched_config(base: ModelConfig, ffn: str, target: float) -> ModelConfig:
         return cfg
     if ffn in ("dense", "moe"):
         return _closest(cfg, "ffn_hidden", range(1, 4097), target)
-    lo, hi = max(1, cfg.topk // 2), min(2 * cfg.topk, cfg.n_keys)
+    lo, hi = max(1, cfg.topk // 2), min(2 * cfg.topk, cfg.max_topk)
     best = None
     for heads in range(1, 65):
         trial = _closest(cfg.replace(expert_heads=heads), "topk", range(lo, hi + 1), target)

@@ -114,7 +114,8 @@ class ModelConfig(_Config):
     # Layers (0-based, "1,2,3") whose FFN is ``ffn``; the others get a dense SwiGLU of ffn_hidden
     # (memory layers in some layers only, as Memory Layers at Scale and PKM place them). Empty: all.
     routed_layers: str = ""
-    # Routed experts (fhme, peer, pkm): N = num_experts = n_keys**2 singleton experts.
+    # Routed experts (fhme, peer, pkm): N = num_experts = n_1 * ... * n_P singleton experts, n_keys**2
+    # for two key parts.
     num_experts: int = 16384
     expert_heads: int = 2  # product-key retrieval heads per routed block
     # fhme: heads per column, "h_1,...,h_C" (empty: expert_heads in each). Column c's block runs
@@ -124,7 +125,10 @@ class ModelConfig(_Config):
     # Experts per head: top-22 pays for the output gate and the block convolutions (top-40 without
     # them costs 0.98x the FFN FLOPs).
     topk: int = 22
-    key_dim: int = 16  # query / product-key width (split in two halves)
+    key_dim: int = 16  # query / product-key width (split in key_parts equal parts)
+    # Product keys of this many parts: scoring costs 2 key_dim sum_p n_p per head, ~N^(1/P) (3: 262,144
+    # experts score 3 x 64 sub-keys instead of 2 x 512). A perfect square N for 2; e.g. a power of two for 3.
+    key_parts: int = 2
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
     query_norm: str = "layernorm"  # layernorm | rmsnorm | running | whiten (past batches' stats) | none
     unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
@@ -180,11 +184,18 @@ class ModelConfig(_Config):
         r(self.expert_dtype in EXPERT_DTYPES, "expert_dtype", f"must be one of {EXPERT_DTYPES}")
         r(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads={self.n_heads}")
         r((self.dim // self.n_heads) % 2 == 0, "n_heads", "dim / n_heads must be even (RoPE)")
-        root = math.isqrt(self.num_experts)
-        r(root * root == self.num_experts, "num_experts",
-          f"must be a perfect square (n_keys**2), e.g. {root * root} or {(root + 1) ** 2}")
-        r(self.key_dim % 2 == 0, "key_dim", "must be even (two product-key halves)")
-        r(self.topk <= root, "topk", f"must be <= n_keys = sqrt(num_experts) = {root}")
+        r(2 <= self.key_parts <= 4, "key_parts", "must be 2, 3 or 4")
+        from .routing import key_table_sizes  # routing imports (via experts) this module
+        try:
+            key_table_sizes(self.num_experts, self.key_parts)
+        except ValueError as err:
+            r(False, "num_experts", str(err).split(" ", 1)[1])
+        r(self.key_dim % self.key_parts == 0, "key_dim",
+          f"must split into key_parts={self.key_parts} equal parts")
+        r(self.topk <= self.max_topk, "topk", f"must be <= {self.max_topk} (n_keys = sqrt(num_experts) "
+          "for two key parts)")
+        r(self.key_parts == 2 or (self.balance_rate == 0 and self.balance_loss == 0), "key_parts",
+          "must be 2 with balance_rate or balance_loss")
         r(self.fractal_depth <= 8, "fractal_depth", "must be <= 8 (2**C - 1 blocks per layer)")
         r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
         for name in ("dropout", "drop_path_local", "drop_path_global", "depth_explore"):
@@ -235,8 +246,9 @@ class ModelConfig(_Config):
         return self if layer in self.routed_layer_indices else self.replace(ffn="dense", routed_layers="")
 
     @property
-    def n_keys(self) -> int:
-        return math.isqrt(self.num_experts)
+    def max_topk(self) -> int:
+        """Largest top-k: n_keys = sqrt(N) with two key parts (each half's list), N with more."""
+        return math.isqrt(self.num_experts) if self.key_parts == 2 else self.num_experts
 
     @property
     def head_dim(self) -> int:

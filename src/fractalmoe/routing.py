@@ -1,10 +1,14 @@
-"""Product-key routing: exact top-k over N = n_keys**2 experts at O(sqrt(N) * d_k + k**2).
+"""Product-key routing: exact top-k over N = n_1 * ... * n_P experts at O(P N^(1/P) Q/P + (P-1) K**2).
 
-Legend: H retrieval heads, K top-k, n sub-keys per half (n_keys), Q query width (key_dim).
+Legend: H retrieval heads, K top-k, P key parts (key_parts, 2 by default), n_p sub-keys in part p
+(n_keys = sqrt(N) for two parts), Q query width (key_dim).
 
 A query q = norm(W_q x) per head is split in halves q1, q2, scored against two sub-key tables.
 Any of the top-K full keys (i, j), score s1[i] + s2[j], has i in the top-K of s1 and j in the
-top-K of s2, so the top-K of the K*K candidate sums is the exact top-K over all N keys.
+top-K of s2, so the top-K of the K*K candidate sums is the exact top-K over all N keys. With P
+parts the same argument applies part by part: the exact top-K of parts 1..p, combined with part
+p + 1's top-K, holds the exact top-K of parts 1..p+1. Scoring costs 2 Q sum_p n_p FLOPs per head:
+at N = 262,144 and Q = 16, 16,384 with two parts of 512 sub-keys, 3,072 with three of 64.
 
 Balancing (opt-in, see ``Balancing``): selection-only biases (gates still use q . c) per sub-key
 and per expert move after each training step toward the ones chosen less than average; with
@@ -138,42 +142,88 @@ def pair_indices(i1: Tensor, i2: Tensor, n: int) -> Tensor:
 
 
 @functools.cache
-def _pairs_that_can_win(k: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(i, j, i * k + j) of the pairs with (i + 1)(j + 1) <= k: about k ln k of the k*k.
+def _pairs_that_can_win(k1: int, k2: int, k: int,
+                        device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(i, j, i * k2 + j) of the pairs i < k1, j < k2 with (i + 1)(j + 1) <= k: about k ln k.
 
     With both lists sorted in descending order, pair (i, j) is beaten or tied by every (i', j')
     with i' <= i and j' <= j, (i + 1)(j + 1) - 1 others: past k of them it cannot be in the top k."""
-    pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    pairs = [(i, j) for i in range(k1) for j in range(k2) if (i + 1) * (j + 1) <= k]
     i, j = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*pairs))
-    return i, j, i * k + j
+    return i, j, i * k2 + j
 
 
 def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int,
                  grid_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Exact top-k of the k*k sums of two per-half top-k lists, each sorted in descending order;
-    indices i * n + j.
+    """Exact top-k of the k1*k2 sums of two top-k lists (..., k1), (..., k2), each sorted in
+    descending order; indices i * n + j (n: the size of the table i2 indexes).
 
     Without ``grid_bias`` only the ~k ln k pairs that can win are summed (``_pairs_that_can_win``).
-    ``grid_bias`` (..., K*K) is added to all k*k candidates for choosing only (it breaks the
+    ``grid_bias`` (..., k1*k2) is added to all candidates for choosing only (it breaks the
     order); the scores returned are always v1 + v2 of the chosen pairs."""
+    k2 = v2.shape[-1]
     if grid_bias is None:
-        rows, cols, flat_of = _pairs_that_can_win(k, v1.device)
+        rows, cols, flat_of = _pairs_that_can_win(v1.shape[-1], k2, k, v1.device)
         scores, pos = sorted_topk(v1.index_select(-1, rows) + v2.index_select(-1, cols), k)
         flat = flat_of[pos]
     else:
-        cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., K*K)
+        cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)  # (..., k1*k2)
         flat = topk_indices(cand.detach() + grid_bias, k)
         scores = cand.gather(-1, flat)
-    idx = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
+    idx = i1.gather(-1, flat // k2) * n + i2.gather(-1, flat % k2)
     return scores, idx
 
 
-def product_key_topk(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of s1[..., i] + s2[..., j] over all (i, j); returns (scores, i * n + j)."""
-    n = s2.shape[-1]
-    v1, i1 = sorted_topk(s1, k)  # (..., K), sorted
-    v2, i2 = sorted_topk(s2, k)
-    return combine_topk(v1, i1, v2, i2, n, k)
+def key_table_sizes(num_experts: int, parts: int) -> tuple[int, ...]:
+    """Sub-key table sizes (n_1, ..., n_P), product N, as equal as N's divisors allow: a
+    perfect square for two parts; for more, e.g. a power of two (16,384 = 32 * 16 * 32)."""
+    if parts == 2:
+        root = math.isqrt(num_experts)
+        if root * root != num_experts:
+            raise ValueError(f"num_experts={num_experts} must be a perfect square (n_keys**2), "
+                             f"e.g. {root * root} or {(root + 1) ** 2}")
+        return root, root
+    if parts < 2:
+        raise ValueError(f"key_parts={parts} must be >= 2")
+    sizes, rest = [], num_experts
+    for left in range(parts, 1, -1):
+        target = math.log(rest) / left
+        divisors = [d for d in range(2, math.isqrt(rest) + 1) if rest % d == 0]
+        divisors += [rest // d for d in divisors] + [rest]
+        size = min(divisors, key=lambda d: (abs(math.log(d) - target), d))
+        sizes.append(size)
+        rest //= size
+    sizes.append(rest)
+    if min(sizes) < 2 or max(sizes) > 4 * min(sizes):
+        raise ValueError(f"num_experts={num_experts} does not split into {parts} sub-key tables of "
+                         f"near-equal size (got {sizes}): use a power of two or n**{parts}")
+    return tuple(sizes)
+
+
+def split_index(idx: Tensor, sizes: tuple[int, ...]) -> list[Tensor]:
+    """The sub-key of each part of expert idx = ((i_1 n_2 + i_2) n_3 + i_3) ...: [i_1, ..., i_P]."""
+    parts = []
+    for size in reversed(sizes[1:]):
+        parts.append(idx % size)
+        idx = idx // size
+    return [idx, *reversed(parts)]
+
+
+def product_key_topk(*part_scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k of s1[..., i] + s2[..., j] + ... over all (i, j, ...); returns (scores,
+    mixed-radix indices (i * n_2 + j) * n_3 + ...)."""
+    lists = [sorted_topk(s, min(k, s.shape[-1])) for s in part_scores]  # (..., <=K), sorted
+    return combine_parts(lists, tuple(s.shape[-1] for s in part_scores), k)
+
+
+def combine_parts(lists: list[tuple[Tensor, Tensor]], sizes: tuple[int, ...],
+                  k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k over the sums of P per-part top-k lists (scores, indices), sorted descending,
+    folded in part by part."""
+    scores, idx = lists[0]
+    for (v, i), size in zip(lists[1:], sizes[1:]):
+        scores, idx = combine_topk(scores, idx, v, i, size, min(k, scores.shape[-1] * v.shape[-1]))
+    return scores, idx
 
 
 class RunningQueryNorm(nn.Module, PastBatchStatistics):
@@ -363,23 +413,26 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
     (when balancing) and balance loss (when ``balancing.loss`` > 0 and grad is on)."""
 
     def __init__(self, dim: int, num_experts: int, heads: int, topk: int, key_dim: int,
-                 query_norm: str = "layernorm", balancing: Balancing = Balancing()) -> None:
+                 query_norm: str = "layernorm", balancing: Balancing = Balancing(),
+                 key_parts: int = 2) -> None:
         super().__init__()
-        n_keys = math.isqrt(num_experts)
-        if n_keys * n_keys != num_experts:
-            raise ValueError(f"num_experts={num_experts} must be a perfect square (n_keys**2)")
-        if key_dim % 2 or topk > n_keys:
-            raise ValueError(f"key_dim={key_dim} must be even and topk={topk} <= {n_keys}")
-        self.heads, self.topk, self.key_dim, self.n_keys = heads, topk, key_dim, n_keys
+        sizes = key_table_sizes(num_experts, key_parts)
+        if key_dim % key_parts or (key_parts == 2 and topk > sizes[0]) or topk > num_experts:
+            raise ValueError(f"key_dim={key_dim} must split into {key_parts} equal parts and "
+                             f"topk={topk} <= {sizes[0] if key_parts == 2 else num_experts}")
+        if key_parts != 2 and (balancing.rate > 0 or balancing.loss > 0):
+            raise ValueError("balancing rates and losses work on two key parts (key_parts = 2)")
+        self.heads, self.topk, self.key_dim, self.sizes = heads, topk, key_dim, sizes
+        self.n_keys = max(sizes)  # rows of each part's sub-key table (parts smaller than it use a prefix)
         self.num_experts = num_experts
         self.balancing = balancing
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
         self.norm = make_query_norm(query_norm, heads, key_dim)
-        half = key_dim // 2
-        self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, half) / math.sqrt(half))
+        part = key_dim // key_parts
+        self.sub_keys = nn.Parameter(torch.randn(heads, key_parts, self.n_keys, part) / math.sqrt(part))
         # Selection-only biases per sub-key and per expert (persistent only when balancing).
         balanced = balancing.rate > 0
-        self.register_buffer("key_bias", torch.zeros(heads, 2, n_keys), persistent=balanced)
+        self.register_buffer("key_bias", torch.zeros(heads, key_parts, self.n_keys), persistent=balanced)
         self.register_buffer("expert_bias", torch.zeros(heads, num_experts if balanced else 0),
                              persistent=balanced)
 
@@ -388,49 +441,53 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         return self.norm(self.query(x).unflatten(-1, (self.heads, self.key_dim)))
 
     def keys(self) -> Tensor:
-        """Sub-keys (H, 2, n, Q/2) as scored: unit length when ``unit_keys``."""
+        """Sub-keys (H, P, n, Q/P) as scored: unit length when ``unit_keys``."""
         return F.normalize(self.sub_keys, dim=-1) if self.balancing.unit_keys else self.sub_keys
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        q1, q2 = self.queries(x).chunk(2, dim=-1)
-        keys, n, biased = self.keys(), self.n_keys, self.balancing.rate > 0
-        b1, b2 = (self.key_bias[:, 0], self.key_bias[:, 1]) if biased else (None, None)
-        v1, i1 = sub_key_topk(q1, keys[:, 0], self.topk, b1)
-        v2, i2 = sub_key_topk(q2, keys[:, 1], self.topk, b2)
-        grid = None
-        if b1 is not None and b2 is not None:
-            grid = (_per_head_at(b1, i1).unsqueeze(-1) + _per_head_at(b2, i2).unsqueeze(-2)).flatten(-2)
+        keys, biased = self.keys(), self.balancing.rate > 0
+        lists = []  # each part's top-k (scores, sub-key indices)
+        for p, (q, size) in enumerate(zip(self.queries(x).chunk(len(self.sizes), dim=-1), self.sizes)):
+            bias = self.key_bias[:, p, :size] if biased else None
+            lists.append(sub_key_topk(q, keys[:, p, :size], min(self.topk, size), bias))
+        if biased:  # two parts
+            (v1, i1), (v2, i2), n = *lists, self.sizes[1]
+            grid = (_per_head_at(self.key_bias[:, 0], i1).unsqueeze(-1)
+                    + _per_head_at(self.key_bias[:, 1], i2).unsqueeze(-2)).flatten(-2)
             grid = grid + _per_head_at(self.expert_bias, pair_indices(i1, i2, n))
-        scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid)
+            scores, idx = combine_topk(v1, i1, v2, i2, n, self.topk, grid)
+        else:
+            scores, idx = combine_parts(lists, self.sizes, self.topk)
         if self.collecting:
             self.record(CHOICES, idx)
             if self.training and biased:
-                self.record(SUB_KEY_LOAD, _counts(torch.cat([i1, i2 + n], dim=-1), self.heads, 2 * n))
+                i1, i2 = lists[0][1], lists[1][1]
+                self.record(SUB_KEY_LOAD, _counts(torch.cat([i1, i2 + self.n_keys], dim=-1),
+                                                  self.heads, 2 * self.n_keys))
             if self.training and self.balancing.loss > 0 and torch.is_grad_enabled():
+                (v1, i1), (v2, i2) = lists
                 if self.balancing.router_only:
-                    v1, v2 = self._scores_at(x.detach(), i1, i2)
+                    v1, v2 = self._scores_at(x.detach(), [i1, i2])
                 self.record(BALANCE_LOSS, self._balance_loss(v1, i1, v2, i2, idx))
         return scores, idx
 
     def rescore(self, x: Tensor, idx: Tensor) -> Tensor:
         """Scores (..., H, K) of x's queries at experts idx (..., H, K) chosen earlier: q . (c1_i, c2_j)
-        for idx = i * n + j, 2 K Q FLOPs per head instead of scoring all 2 n sub-keys and ranking.
+        for idx = i * n + j, 2 K Q FLOPs per head instead of scoring all sub-keys and ranking.
         Records no choices: it makes none."""
-        v1, v2 = self._scores_at(x, idx // self.n_keys, idx % self.n_keys)
-        return v1 + v2
+        return torch.stack(self._scores_at(x, split_index(idx, self.sizes))).sum(0)
 
-    def _scores_at(self, x: Tensor, i1: Tensor, i2: Tensor) -> tuple[Tensor, Tensor]:
-        """Sub-key scores of x's queries at the sub-keys i1, i2 (..., H, K) of each half."""
-        q1, q2 = self.queries(x).chunk(2, dim=-1)
+    def _scores_at(self, x: Tensor, part_idx: list[Tensor]) -> list[Tensor]:
+        """Sub-key scores of x's queries at the sub-keys part_idx[p] (..., H, K) of each part."""
         keys, heads = self.keys(), torch.arange(self.heads, device=x.device).unsqueeze(-1)
-        return (torch.einsum("...hq,...hkq->...hk", q1, keys[:, 0][heads, i1]),
-                torch.einsum("...hq,...hkq->...hk", q2, keys[:, 1][heads, i2]))
+        return [torch.einsum("...hq,...hkq->...hk", q, keys[:, p][heads, i])
+                for p, (q, i) in enumerate(zip(self.queries(x).chunk(len(self.sizes), dim=-1), part_idx))]
 
     def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, idx: Tensor) -> Tensor:
         """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c],
         f = share of this call's choices idx, needed at the K*K candidates only."""
         probs = F.softmax((v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2).float(), dim=-1)
-        f_at = _share_at(idx, pair_indices(i1, i2, self.n_keys), self.num_experts)
+        f_at = _share_at(idx, pair_indices(i1, i2, self.sizes[1]), self.num_experts)
         return self.balancing.loss * self.num_experts * (probs * f_at).sum(-1).mean()
 
     def aux_loss_from(self, stats: Statistics) -> Tensor | None:
@@ -464,20 +521,30 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         self.expert_bias.view(-1).index_add_(0, chosen, step.expand(chosen.numel()))
 
     def flops_per_token(self, choose: bool = True) -> int:
-        """Query projection (and whitening), then either sub-key scoring of both halves and the
-        K*K candidate sums, counted in full (the biased and balance-loss paths sum all of them;
-        the plain path only the ~K ln K that can win: at most K*K adds per head either way, under
-        2% of a default block), so that every comparison table keeps one count; or (choose=False,
-        ``rescore``) the K chosen keys' dot products."""
+        """Query projection (and whitening), then either each part's sub-key scoring and the
+        candidate sums, or (choose=False, ``rescore``) the K chosen keys' dot products.
+
+        Two parts count all K*K candidate sums (the biased and balance-loss paths sum all of them;
+        the plain path only the ~K ln K that can win: under 2% of a default block either way), so
+        that every comparison table keeps one count; more parts (no biased path) count the pairs
+        that can win of each combination, the adds they make."""
         dim = self.query.in_features
         whiten = 2 * self.heads * self.key_dim**2 if isinstance(self.norm, RunningQueryWhitening) else 0
         query = 2 * dim * self.heads * self.key_dim + whiten
         if not choose:
             return query + 2 * self.heads * self.topk * self.key_dim
-        return query + 2 * self.heads * self.n_keys * self.key_dim + self.heads * self.topk * self.topk
+        scoring = 2 * self.heads * sum(self.sizes) * (self.key_dim // len(self.sizes))
+        if len(self.sizes) == 2:
+            return query + scoring + self.heads * self.topk * self.topk
+        sums, kept = 0, min(self.topk, self.sizes[0])
+        for size in self.sizes[1:]:
+            listed = min(self.topk, size)
+            sums += len(_pairs_that_can_win(kept, listed, self.topk, torch.device("cpu"))[0])
+            kept = min(self.topk, kept * listed)
+        return query + scoring + self.heads * sums
 
     def params_per_token(self) -> int:
-        return self.query.weight.numel() + self.sub_keys.numel()
+        return self.query.weight.numel() + self.heads * sum(self.sizes) * (self.key_dim // len(self.sizes))
 
 
 def gate_scores(scores: Tensor, kind: str) -> Tensor:
@@ -504,11 +571,12 @@ class ProductKeyMemory(nn.Module):
     def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", kind: str = "neuron", own_bank: bool = True,
-                 balancing: Balancing = Balancing()) -> None:
+                 balancing: Balancing = Balancing(), key_parts: int = 2) -> None:
         super().__init__()
         if gate not in ("softmax", "sigmoid"):
             raise ValueError(f"gate={gate!r} must be 'softmax' or 'sigmoid'")
-        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, balancing)
+        self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, balancing,
+                                       key_parts)
         self.gate, self.kind, self.dim = gate, kind, dim
         self.bank = ExpertBank(num_experts, dim, act, kind=kind) if own_bank else None
         self.silu_gate = nn.Linear(dim, dim, bias=False) if kind == "gated" else None
