@@ -124,12 +124,15 @@ def optim_tables(pilots: list[dict], reported: list[dict], adagrad_16k: list[dic
 
 
 def _experts_series(name: str) -> str:
-    """Which FLOP knob a run of the experts study turns (its name says): routing once per column
+    """Which FLOP knob a run of the experts study turns (its name says): three-part product keys
+    (n<N>_p3...: the same top-k at every N), routing once per column
     (..._route_once_...), one head per block at key width 16 (n<N>_h1q<Q>k<K>_...), rows read
     (n<N>_q<Q>k<K>_...), or key width (n<N>_s<seed>); runs with a balance loss
     (..._balance<w>_...) stand apart from every series."""
     if "_balance" in name:
         return "balance loss"
+    if "_p3" in name:
+        return "three-part keys"
     if "_route_once" in name:
         return "route once"
     return "one head" if "_h1q" in name else "rows read" if "_q" in name else "key width"
@@ -139,27 +142,28 @@ def experts_table(found: list[dict]) -> str:
     """FHME at each expert count (equal FFN FLOPs) along four series, the first two sharing the
     default 16K model: key width narrowed as N grows (top-40 kept), rows read per token changed at
     the widest key the budget allows, one head per block at key width 16, or routing once per
-    column (top-k, and at 4K heads, for the budget); whether each step up in N wins."""
-    groups: dict[tuple[int, int, int, int, float, bool], list[dict]] = {}
+    column (top-k, and at 4K heads, for the budget), or three-part keys (the same top-k at every N);
+    whether each step up in N wins."""
+    groups: dict[tuple[int, int, int, int, float, bool, int], list[dict]] = {}
     for r in found:
         c = r["config"]
         key = (c["num_experts"], c["expert_heads"], c["key_dim"], c["topk"], c.get("balance_loss", 0.0),
-               c.get("route_once", False))
+               c.get("route_once", False), c.get("key_parts", 2))
         groups.setdefault(key, []).append(r)
     lines = ["| experts | heads | key width | top-k | routing | balance loss | FFN FLOPs/token | val bpb per seed | "
              "mean ± half-range | experts used | usage KL |", "|---:|---:|---:|---:|---|---:|---:|---|---|---:|---:|"]
-    for (n, h, q, k, bal, once), rs in sorted(groups.items()):
+    for (n, h, q, k, bal, once, parts), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])
         mean, half = _stats([r["val_bpb"] for r in rs])
         per_seed = ", ".join(f"{r['val_bpb']:.4f} (s{r['seed']})" for r in rs)
-        routing = "once per column" if once else "every run"
+        routing = ("once per column" if once else "every run") + (f", {parts}-part keys" if parts != 2 else "")
         lines.append(f"| {n:,} | {h} | {q} | {k} | {routing} | {bal:g} | {rs[0]['ffn_flops_per_token']:,.0f} | "
                      f"{per_seed} | {mean:.4f} ± {half:.4f} | {sum(r['expert_usage'] for r in rs) / len(rs):.1%} | "
                      f"{sum(r['usage_kl'] for r in rs) / len(rs):.2f} |")
     ffn = [rs[0]["ffn_flops_per_token"] for rs in groups.values()]
     lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
     default = [key for key, rs in groups.items() if key[0] == 16384 and _experts_series(rs[0]["name"]) == "key width"]
-    for label in ("key width", "rows read", "one head", "route once"):
+    for label in ("key width", "rows read", "one head", "route once", "three-part keys"):
         series = {key: rs for key, rs in groups.items()
                   if (key in default and label in ("key width", "rows read"))
                   or _experts_series(rs[0]["name"]) == label}
@@ -247,9 +251,13 @@ def main() -> None:
     one_head = rows(root / "one-head") if (root / "one-head").is_dir() else []
     experts = rows(root / "experts") if (root / "experts").is_dir() else []
     route_once = rows(root / "route-once") if (root / "route-once").is_dir() else []
+    key_parts = rows(root / "key-parts") if (root / "key-parts").is_dir() else []
     if experts:
         print("\n### Experts at equal FFN FLOPs (default FHME, standard-library corpus, 1,200 steps)\n")
-        print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"] + route_once))
+        print(experts_table(experts + [r for r in one_head if r["model"] == "fhme"] + route_once + key_parts))
+    if key_parts:
+        print("\nPeriodic bpb along the three-part-key runs:\n")
+        print(curves_table(key_parts))
     if (root / "experts-long-pilots").is_dir():
         long_runs = rows(root / "experts-long-pilots")
         print("\n### 65K and 262K experts at 2,400 steps (route once, standard-library corpus, seed 1)\n")

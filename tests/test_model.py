@@ -34,6 +34,7 @@ def _variants():
     yield "pkm-conv", dict(ffn="pkm", ffn_conv=3)
     yield "fhme-block-conv", dict(ffn="fhme", ffn_conv=4, block_conv=3)
     yield "fhme-layer-1-only", dict(ffn="fhme", ffn_conv=4, block_conv=3, routed_layers="1")
+    yield "fhme-3-part-keys", dict(ffn="fhme", key_parts=3, key_dim=12, num_experts=512, route_once=True)
 
 
 @pytest.mark.parametrize("name,extra", list(_variants()), ids=[v[0] for v in _variants()])

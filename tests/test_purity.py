@@ -33,6 +33,7 @@ VARIANTS = {
                           depth_explore=0.2),
     "pkm-conv": dict(ffn="pkm", ffn_conv=4),
     "fhme-block-conv": dict(ffn_conv=4, block_conv=3),
+    "fhme-3-part-keys": dict(key_parts=3, key_dim=12, num_experts=512, route_once=True),
 }
 STATEFUL = {"fhme-balanced", "fhme-whitened", "fhme-adaptive"}  # they learn from past batches
 
@@ -311,7 +312,8 @@ def test_the_sync_counter_sees_what_it_claims() -> None:
     assert syncs.total == 6, syncs.found
 
 
-@pytest.mark.parametrize("name", ["fhme", "fhme-route-once", "peer", "pkm", "memplus", "dense", "pkm-conv"])
+@pytest.mark.parametrize("name", ["fhme", "fhme-route-once", "peer", "pkm", "memplus", "dense", "pkm-conv",
+                                  "fhme-3-part-keys"])
 def test_no_host_sync_in_forward_and_one_per_training_step(name: str) -> None:
     model = _model(name)
     opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)
