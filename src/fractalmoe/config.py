@@ -189,7 +189,7 @@ class ModelConfig(_Config):
         try:
             key_table_sizes(self.num_experts, self.key_parts)
         except ValueError as err:
-            r(False, "num_experts", str(err).split(" ", 1)[1])
+            r(False, "num_experts", str(err).removeprefix(f"num_experts={self.num_experts} "))
         r(self.key_dim % self.key_parts == 0, "key_dim",
           f"must split into key_parts={self.key_parts} equal parts")
         r(self.topk <= self.max_topk, "topk", f"must be <= {self.max_topk} (n_keys = sqrt(num_experts) "
