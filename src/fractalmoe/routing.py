@@ -440,6 +440,10 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         """Normalised queries (..., H, Q)."""
         return self.norm(self.query(x).unflatten(-1, (self.heads, self.key_dim)))
 
+    def query_parts(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The queries split into the key's P parts, (..., H, Q/P) each."""
+        return self.queries(x).chunk(len(self.sizes), dim=-1)
+
     def keys(self) -> Tensor:
         """Sub-keys (H, P, n, Q/P) as scored: unit length when ``unit_keys``."""
         return F.normalize(self.sub_keys, dim=-1) if self.balancing.unit_keys else self.sub_keys
@@ -447,7 +451,7 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         keys, biased = self.keys(), self.balancing.rate > 0
         lists = []  # each part's top-k (scores, sub-key indices)
-        for p, (q, size) in enumerate(zip(self.queries(x).chunk(len(self.sizes), dim=-1), self.sizes)):
+        for p, (q, size) in enumerate(zip(self.query_parts(x), self.sizes)):
             bias = self.key_bias[:, p, :size] if biased else None
             lists.append(sub_key_topk(q, keys[:, p, :size], min(self.topk, size), bias))
         if biased:  # two parts
@@ -481,7 +485,7 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         """Sub-key scores of x's queries at the sub-keys part_idx[p] (..., H, K) of each part."""
         keys, heads = self.keys(), torch.arange(self.heads, device=x.device).unsqueeze(-1)
         return [torch.einsum("...hq,...hkq->...hk", q, keys[:, p][heads, i])
-                for p, (q, i) in enumerate(zip(self.queries(x).chunk(len(self.sizes), dim=-1), part_idx))]
+                for p, (q, i) in enumerate(zip(self.query_parts(x), part_idx))]
 
     def _balance_loss(self, v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, idx: Tensor) -> Tensor:
         """loss * N * sum_e f_e P_e = loss * N * mean_{t,h} sum_c softmax(cand)_c * f[pair_c],
