@@ -684,6 +684,16 @@ def key_parts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for experts, seed in order]
 
 
+def key_parts_pkm_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """PKM offered the same three-part keys at 262K, matched to the three-part FHME's FFN FLOPs
+    (seeds 2, 3): the routed baseline gets every knob that is not FHME's own."""
+    return [(f"pkm_n262144_p3q24_s{seed}",
+             _experts_run("262144", "24", seed, stdlib, "--set", "key_parts=3", "--set", "expert_heads=1",
+                          "--set", f"topk={KEY_PARTS_TOPK}", "--set", "route_once=true",
+                          "--set", "deferred_table_grads=true", model="pkm"))
+            for seed in ("2", "3")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -723,7 +733,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "experts-long-pilots": experts_long_pilot_jobs, "column-heads-pilots": column_heads_pilot_jobs,
     "column-heads": column_heads_jobs, "shallow-heads": shallow_heads_jobs,
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
-    "key-parts": key_parts_jobs,
+    "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
 }
 
 

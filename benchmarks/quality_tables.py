@@ -293,6 +293,12 @@ def main() -> None:
     steps = [f"{a:,} -> {b:,}: {_verdict(pkm[b], pkm[a])}" for a, b in zip(sorted(pkm), sorted(pkm)[1:])]
     if steps:
         print("\nPKM matched to the one-head FHME, more experts against fewer: " + "; ".join(steps) + ".")
+    if (root / "key-parts-pkm").is_dir():  # both with three-part keys, and PKM's two-part run for scale
+        three = [r for r in rows(root / "key-parts-pkm") + key_parts if r["config"]["num_experts"] == 262144]
+        two = [dict(r, model="pkm, two-part keys") for r in pkm_rows if r["config"]["num_experts"] == 262144]
+        print("\n### Three-part-key FHME at 262,144 experts against PKM with the same keys (standard library, "
+              "1,200 steps)\n")
+        print(comparison_table(three + two))
 
 
 if __name__ == "__main__":
