@@ -669,6 +669,8 @@ def routed_layers_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 # series' budget, 117,664 per layer: 4.8% from 4K to 262K). Deferred table gradients: at 262K the
 # sparse (R, D) gradients of three block runs per layer cost 1.7x the step in page faults.
 KEY_PARTS_TOPK = "112"
+KEY_PARTS = ("--set", "key_parts=3", "--set", "expert_heads=1", "--set", f"topk={KEY_PARTS_TOPK}",
+             "--set", "route_once=true", "--set", "deferred_table_grads=true")
 
 
 def key_parts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -678,19 +680,13 @@ def key_parts_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     order = [("262144", "2"), ("65536", "2"), ("4096", "2"), ("16384", "2"), ("262144", "3"), ("65536", "3"),
              ("4096", "3"), ("16384", "3")]
     return [(f"n{experts}_p3h1q24k{KEY_PARTS_TOPK}_route_once_s{seed}",
-             _experts_run(experts, "24", seed, stdlib, "--set", "key_parts=3", "--set", "expert_heads=1",
-                          "--set", f"topk={KEY_PARTS_TOPK}", "--set", "route_once=true",
-                          "--set", "deferred_table_grads=true"))
-            for experts, seed in order]
+             _experts_run(experts, "24", seed, stdlib, *KEY_PARTS)) for experts, seed in order]
 
 
 def key_parts_pkm_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM offered the same three-part keys at 262K, matched to the three-part FHME's FFN FLOPs
     (seeds 2, 3): the routed baseline gets every knob that is not FHME's own."""
-    return [(f"pkm_n262144_p3q24_s{seed}",
-             _experts_run("262144", "24", seed, stdlib, "--set", "key_parts=3", "--set", "expert_heads=1",
-                          "--set", f"topk={KEY_PARTS_TOPK}", "--set", "route_once=true",
-                          "--set", "deferred_table_grads=true", model="pkm"))
+    return [(f"pkm_n262144_p3q24_s{seed}", _experts_run("262144", "24", seed, stdlib, *KEY_PARTS, model="pkm"))
             for seed in ("2", "3")]
 
 
