@@ -41,6 +41,9 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py column-heads-seed4  # seed 4 of 1,4 FHME and PKM, standard library
     python benchmarks/quality.py routed-layers-pilots # the default FHME in 3 or 2 of 4 layers, dense FFNs elsewhere
     python benchmarks/quality.py key-parts           # the experts series with three-part product keys
+    python benchmarks/quality.py key-parts-pkm       # PKM with the same three-part keys at 262K, seeds 2, 3
+    python benchmarks/quality.py key-parts-heads-pilots # three-part FHME at 262K: 3 heads per block, 400 steps
+    python benchmarks/quality.py key-parts-heads     # the same at 1,200 steps, seeds 2 and 3 (PKM: key-parts-pkm)
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -690,6 +693,38 @@ def key_parts_pkm_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for seed in ("2", "3")]
 
 
+# Three heads per block application at the three-part FHME's FFN FLOPs: every application pays its
+# own query projection, so three heads of width 24 would leave top-17; width 12 (4 per part) leaves
+# top-33 per head (99 rows per application against 112; 117,004 against 118,144 FFN FLOPs a layer).
+KEY_PARTS_HEADS = ("--set", "expert_heads=3", "--set", "key_dim=12", "--set", "topk=33")
+
+
+def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """PKM reads 93-95% of the 262K table with three heads, the one-head FHME 52-59%: is the gap
+    the spread of reads rather than the recursion? Heads x layer kind at 262K experts, three-part
+    keys, seed 1, 400 steps (the schedule ends at 400): the three-part FHME with three heads per
+    block against its one-head self, then PKM with three heads (matched as in key-parts-pkm)
+    against PKM with one (top-413: one query and one scoring leave more rows, 118,169 against
+    118,144 FFN FLOPs a layer)."""
+    fhme = [("n262144_p3h3q12k33_route_once_s1_400",
+             _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, *KEY_PARTS_HEADS, steps="400")),
+            (f"n262144_p3h1q24k{KEY_PARTS_TOPK}_route_once_s1_400",
+             _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, steps="400"))]
+    pkm = [("pkm_n262144_p3q24_s1_400", _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, model="pkm",
+                                                      steps="400")),
+           ("pkm_n262144_p3h1q24k413_s1_400",
+            _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--sweep", "topk=413", model="pkm",
+                         steps="400"))]
+    return fhme + pkm
+
+
+def key_parts_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The three-head three-part FHME at 262K, 1,200 steps, seeds 2 and 3: key-parts-pkm's PKM
+    (472,488 FFN FLOPs a token against this FHME's 468,016) is its match."""
+    return [(f"n262144_p3h3q12k33_route_once_s{seed}",
+             _experts_run("262144", "24", seed, stdlib, *KEY_PARTS, *KEY_PARTS_HEADS)) for seed in ("2", "3")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -730,6 +765,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "column-heads": column_heads_jobs, "shallow-heads": shallow_heads_jobs,
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
     "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
+    "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "key-parts-heads": key_parts_heads_jobs,
 }
 
 
