@@ -42,8 +42,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py routed-layers-pilots # the default FHME in 3 or 2 of 4 layers, dense FFNs elsewhere
     python benchmarks/quality.py key-parts           # the experts series with three-part product keys
     python benchmarks/quality.py key-parts-pkm       # PKM with the same three-part keys at 262K, seeds 2, 3
-    python benchmarks/quality.py key-parts-heads-pilots # three-part FHME at 262K: 3 heads per block, 400 steps
-    python benchmarks/quality.py key-parts-heads     # the same at 1,200 steps, seeds 2 and 3 (PKM: key-parts-pkm)
+    python benchmarks/quality.py key-parts-heads-pilots # FHME and PKM at 262K: 1 or 3 heads, 400 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the README's tables.
@@ -718,13 +717,6 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return fhme + pkm
 
 
-def key_parts_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The three-head three-part FHME at 262K, 1,200 steps, seeds 2 and 3: key-parts-pkm's PKM
-    (472,488 FFN FLOPs a token against this FHME's 468,016) is its match."""
-    return [(f"n262144_p3h3q12k33_route_once_s{seed}",
-             _experts_run("262144", "24", seed, stdlib, *KEY_PARTS, *KEY_PARTS_HEADS)) for seed in ("2", "3")]
-
-
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -765,7 +757,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "column-heads": column_heads_jobs, "shallow-heads": shallow_heads_jobs,
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
     "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
-    "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "key-parts-heads": key_parts_heads_jobs,
+    "key-parts-heads-pilots": key_parts_heads_pilot_jobs,
 }
 
 
