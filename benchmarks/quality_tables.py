@@ -299,6 +299,10 @@ def main() -> None:
         print("\n### Three-part-key FHME at 262,144 experts against PKM with the same keys (standard library, "
               "1,200 steps)\n")
         print(comparison_table(three + two))
+    if (root / "key-parts-heads-pilots").is_dir():
+        print("\n### One or three heads at 262,144 experts, three-part keys, FHME and PKM (standard library, "
+              "seed 1, 400 steps)\n")
+        print(search_table(rows(root / "key-parts-heads-pilots")))
 
 
 if __name__ == "__main__":
