@@ -704,7 +704,8 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     keys, seed 1, 400 steps (the schedule ends at 400): the three-part FHME with three heads per
     block against its one-head self, then PKM with three heads (matched as in key-parts-pkm)
     against PKM with one (top-413: one query and one scoring leave more rows, 118,169 against
-    118,144 FFN FLOPs a layer)."""
+    118,144 FFN FLOPs a layer); then FHME with one head at key width 12 (top-130, 117,730) and
+    three at width 24 (top-18, 118,744)."""
     fhme = [("n262144_p3h3q12k33_route_once_s1_400",
              _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, *KEY_PARTS_HEADS, steps="400")),
             (f"n262144_p3h1q24k{KEY_PARTS_TOPK}_route_once_s1_400",
@@ -714,7 +715,14 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
            ("pkm_n262144_p3h1q24k413_s1_400",
             _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--sweep", "topk=413", model="pkm",
                          steps="400"))]
-    return fhme + pkm
+    # Which of the three-head FHME's two changes cost it: the heads or the narrower keys?
+    split = [("n262144_p3h1q12k130_route_once_s1_400",
+              _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", "key_dim=12", "--set", "topk=130",
+                           steps="400")),
+             ("n262144_p3h3q24k18_route_once_s1_400",
+              _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", "expert_heads=3", "--set", "topk=18",
+                           steps="400"))]
+    return fhme + pkm + split
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
