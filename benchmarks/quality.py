@@ -705,7 +705,8 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     block against its one-head self, then PKM with three heads (matched as in key-parts-pkm)
     against PKM with one (top-413: one query and one scoring leave more rows, 118,169 against
     118,144 FFN FLOPs a layer); then FHME with one head at key width 12 (top-130, 117,730) and
-    three at width 24 (top-18, 118,744); then heads per column."""
+    three at width 24 (top-18, 118,744); then heads on the shallow column only, and the one-head
+    pair at seed 2."""
     fhme = [("n262144_p3h3q12k33_route_once_s1_400",
              _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, *KEY_PARTS_HEADS, steps="400")),
             (f"n262144_p3h1q24k{KEY_PARTS_TOPK}_route_once_s1_400",
@@ -723,11 +724,13 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
               _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", "expert_heads=3", "--set", "topk=18",
                            steps="400"))]
     # PKM's heads on FHME's shallow column only (B_2 reads x once with three heads; the deep path
-    # keeps one): 1,3 x top-55 (118,152 FFN FLOPs a layer) and 1,2 x top-77 (118,563).
-    columns = [(f"n262144_p3h{heads.replace(',', '')}q24k{topk}_route_once_s1_400",
-                _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", f"column_heads={heads}", "--set",
-                             f"topk={topk}", steps="400")) for heads, topk in (("1,3", "55"), ("1,2", "77"))]
-    return fhme + pkm + split + columns
+    # keeps one): 1,3 x top-55 (118,152 FFN FLOPs a layer).
+    columns = [("n262144_p3h13q24k55_route_once_s1_400",
+                _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", "column_heads=1,3", "--set",
+                             "topk=55", steps="400"))]
+    # The one-head pair again at seed 2: one head each, is FHME ahead of PKM?
+    seed2 = [(name.replace("_s1_", "_s2_"), [*args[:-1], "2"]) for name, args in (fhme[1], pkm[1])]
+    return fhme + pkm + split + columns + seed2
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
