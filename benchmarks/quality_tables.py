@@ -40,7 +40,7 @@ def rows(folder: Path) -> list[dict]:
 
 
 def search_table(found: list[dict]) -> str:
-    lines = ["| trial | model | heads × top-k, key width | val bpb (seed 1) | FFN FLOPs/token | experts used |",
+    lines = ["| trial | model | heads × top-k, key width | val bpb | FFN FLOPs/token | experts used |",
              "|---|---|---|---:|---:|---:|"]
     for r in sorted(found, key=lambda r: (r["model"], r["val_bpb"])):
         c = r["config"]
@@ -301,7 +301,7 @@ def main() -> None:
         print(comparison_table(three + two))
     if (root / "key-parts-heads-pilots").is_dir():
         print("\n### One or three heads at 262,144 experts, three-part keys, FHME and PKM (standard library, "
-              "seed 1, 400 steps)\n")
+              "400 steps; seed 1, the one-head pair also seed 2)\n")
         print(search_table(rows(root / "key-parts-heads-pilots")))
 
 
