@@ -693,7 +693,7 @@ def key_parts_pkm_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 
 # Three heads per block application at the three-part FHME's FFN FLOPs: every application pays its
-# own query projection, so three heads of width 24 would leave top-17; width 12 (4 per part) leaves
+# own query projection, so three heads of width 24 leave top-18 (below); width 12 (4 per part) leaves
 # top-33 per head (99 rows per application against 112; 117,004 against 118,144 FFN FLOPs a layer).
 KEY_PARTS_HEADS = ("--set", "expert_heads=3", "--set", "key_dim=12", "--set", "topk=33")
 
