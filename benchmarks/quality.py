@@ -692,45 +692,33 @@ def key_parts_pkm_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for seed in ("2", "3")]
 
 
-# Three heads per block application at the three-part FHME's FFN FLOPs: every application pays its
-# own query projection, so three heads of width 24 leave top-18 (below); width 12 (4 per part) leaves
-# top-33 per head (99 rows per application against 112; 117,004 against 118,144 FFN FLOPs a layer).
-KEY_PARTS_HEADS = ("--set", "expert_heads=3", "--set", "key_dim=12", "--set", "topk=33")
-
-
 def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """PKM reads 93-95% of the 262K table with three heads, the one-head FHME 52-59%: is the gap
-    the spread of reads rather than the recursion? Heads x layer kind at 262K experts, three-part
-    keys, seed 1, 400 steps (the schedule ends at 400): the three-part FHME with three heads per
-    block against its one-head self, then PKM with three heads (matched as in key-parts-pkm)
-    against PKM with one (top-413: one query and one scoring leave more rows, 118,169 against
-    118,144 FFN FLOPs a layer); then FHME with one head at key width 12 (top-130, 117,730) and
-    three at width 24 (top-18, 118,744); then heads on the shallow column only, and the one-head
-    pair at seed 2."""
-    fhme = [("n262144_p3h3q12k33_route_once_s1_400",
-             _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, *KEY_PARTS_HEADS, steps="400")),
-            (f"n262144_p3h1q24k{KEY_PARTS_TOPK}_route_once_s1_400",
-             _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, steps="400"))]
-    pkm = [("pkm_n262144_p3q24_s1_400", _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, model="pkm",
-                                                      steps="400")),
-           ("pkm_n262144_p3h1q24k413_s1_400",
-            _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--sweep", "topk=413", model="pkm",
-                         steps="400"))]
-    # Which of the three-head FHME's two changes cost it: the heads or the narrower keys?
-    split = [("n262144_p3h1q12k130_route_once_s1_400",
-              _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", "key_dim=12", "--set", "topk=130",
-                           steps="400")),
-             ("n262144_p3h3q24k18_route_once_s1_400",
-              _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", "expert_heads=3", "--set", "topk=18",
-                           steps="400"))]
-    # PKM's heads on FHME's shallow column only (B_2 reads x once with three heads; the deep path
-    # keeps one): 1,3 x top-55 (118,152 FFN FLOPs a layer).
-    columns = [("n262144_p3h13q24k55_route_once_s1_400",
-                _experts_run("262144", "24", "1", stdlib, *KEY_PARTS, "--set", "column_heads=1,3", "--set",
-                             "topk=55", steps="400"))]
-    # The one-head pair again at seed 2: one head each, is FHME ahead of PKM?
-    seed2 = [(name.replace("_s1_", "_s2_"), [*args[:-1], "2"]) for name, args in (fhme[1], pkm[1])]
-    return fhme + pkm + split + columns + seed2
+    the spread of reads rather than the recursion? 262K experts, three-part keys, 400 steps (the
+    schedule ends at 400), seed 1 unless named. Every FHME block application pays its own query
+    projection, so each shape's top-k is what its heads and key width leave of the one-head FHME's
+    118,144 FFN FLOPs a layer: three heads at width 12 (4 per part) top-33 (117,004); PKM with three
+    heads matched as in key-parts-pkm, with one top-413 (one query and one scoring leave more rows,
+    118,169); which of the three-head FHME's changes cost it: one head at width 12 top-130 (117,730)
+    or three at width 24 top-18 (118,744); three heads on the shallow column only, 1,3 x top-55
+    (118,152); then the one-head pair at seed 2."""
+    def pilot(seed: str, *extra: str, model: str = "fhme") -> list[str]:
+        return _experts_run("262144", "24", seed, stdlib, *KEY_PARTS, *extra, model=model, steps="400")
+
+    def one_head_pair(seed: str) -> list[tuple[str, list[str]]]:
+        return [(f"n262144_p3h1q24k{KEY_PARTS_TOPK}_route_once_s{seed}_400", pilot(seed)),
+                (f"pkm_n262144_p3h1q24k413_s{seed}_400", pilot(seed, "--sweep", "topk=413", model="pkm"))]
+
+    fhme_one, pkm_one = one_head_pair("1")
+    return [("n262144_p3h3q12k33_route_once_s1_400",
+             pilot("1", "--set", "expert_heads=3", "--set", "key_dim=12", "--set", "topk=33")),
+            fhme_one,
+            ("pkm_n262144_p3q24_s1_400", pilot("1", model="pkm")),
+            pkm_one,
+            ("n262144_p3h1q12k130_route_once_s1_400", pilot("1", "--set", "key_dim=12", "--set", "topk=130")),
+            ("n262144_p3h3q24k18_route_once_s1_400", pilot("1", "--set", "expert_heads=3", "--set", "topk=18")),
+            ("n262144_p3h13q24k55_route_once_s1_400", pilot("1", "--set", "column_heads=1,3", "--set", "topk=55")),
+            *one_head_pair("2")]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
