@@ -701,7 +701,7 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     heads matched as in key-parts-pkm, with one top-413 (one query and one scoring leave more rows,
     118,169); which of the three-head FHME's changes cost it: one head at width 12 top-130 (117,730)
     or three at width 24 top-18 (118,744); three heads on the shallow column only, 1,3 x top-55
-    (118,152); then the one-head pair at seed 2."""
+    (118,152); then the one-head pair and PKM's three heads at seed 2."""
     def pilot(seed: str, *extra: str, model: str = "fhme") -> list[str]:
         return _experts_run("262144", "24", seed, stdlib, *KEY_PARTS, *extra, model=model, steps="400")
 
@@ -718,7 +718,8 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             ("n262144_p3h1q12k130_route_once_s1_400", pilot("1", "--set", "key_dim=12", "--set", "topk=130")),
             ("n262144_p3h3q24k18_route_once_s1_400", pilot("1", "--set", "expert_heads=3", "--set", "topk=18")),
             ("n262144_p3h13q24k55_route_once_s1_400", pilot("1", "--set", "column_heads=1,3", "--set", "topk=55")),
-            *one_head_pair("2")]
+            *one_head_pair("2"),
+            ("pkm_n262144_p3q24_s2_400", pilot("2", model="pkm"))]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:

@@ -19,6 +19,7 @@ import torch
 from .adapters import ADAPTER_KINDS
 from .bench_layer import LAYER_IMPLS
 from .config import RunConfig, default_run_config, load_config_file
+from .host_memory import keep_freed_memory
 from .train import TrainingStopped
 
 
@@ -490,4 +491,5 @@ def exit_on_sigterm() -> None:
 def console() -> None:
     """Console-script entry point."""
     exit_on_sigterm()
+    keep_freed_memory()
     sys.exit(main())
