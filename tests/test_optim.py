@@ -15,7 +15,7 @@ from fractalmoe import experts, optim
 from fractalmoe.config import TrainConfig, tiny_model_config
 from fractalmoe.experts import ExpertBank, grad_layout, value_mix
 from fractalmoe.model import FHMELanguageModel
-from fractalmoe.optim import LazyAdam, ModelOptimizer, RowwiseAdagrad, merge_rows
+from fractalmoe.optim import LazyAdam, ModelOptimizer, RowSGD, RowwiseAdagrad, merge_rows
 from fractalmoe.train import lr_scale, train_step
 
 N, D = 50, 6
@@ -106,7 +106,7 @@ def test_lazy_adam_equals_dense_rule_and_torch_sparse_adam() -> None:
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
-@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam", "row_sgd"])
 def test_a_table_used_twice_in_a_step_equals_the_dense_rule(rule: str, chunk: int | None, monkeypatch) -> None:
     """Two mixes over one table (a block called twice) add two padded gradients: the rows both
     touch, and the padding of each, must count once; also when the merged rows are updated in
@@ -116,7 +116,8 @@ def test_a_table_used_twice_in_a_step_equals_the_dense_rule(rule: str, chunk: in
     torch.manual_seed(0)
     w0 = torch.randn(N, D, dtype=torch.float64)
     p, ref_p = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    opt = RowwiseAdagrad([p], lr=0.1) if rule == "rowwise_adagrad" else LazyAdam([p], lr=0.01)
+    opt = {"rowwise_adagrad": RowwiseAdagrad([p], lr=0.1), "lazy_adam": LazyAdam([p], lr=0.01),
+           "row_sgd": RowSGD([p], lr=0.3)}[rule]
     torch_opt = torch.optim.SparseAdam([ref_p], lr=0.01)
     w, acc = w0.clone(), torch.zeros(N, dtype=torch.float64)
     m, v = torch.zeros(N, D, dtype=torch.float64), torch.zeros(N, D, dtype=torch.float64)
@@ -129,6 +130,8 @@ def test_a_table_used_twice_in_a_step_equals_the_dense_rule(rule: str, chunk: in
         dense, touched = p.grad.to_dense(), _touched(torch.cat([idx_a.flatten(), idx_b.flatten()]))
         if rule == "rowwise_adagrad":
             w, acc = dense_rowwise_adagrad(w, acc, dense, touched, 0.1, 1e-8)
+        elif rule == "row_sgd":  # plain SGD on the dense gradient: untouched rows get zero
+            w = w - 0.3 * dense
         else:
             w, m, v = dense_lazy_adam(w, m, v, dense, touched, t, 0.01, 0.9, 0.999, 1e-8)
             ref_p.grad = p.grad.clone()
@@ -219,7 +222,7 @@ def _train_alike(ffn: str, rule: str, variant: dict[str, bool]) -> None:
 
 @pytest.mark.parametrize("merged", [True, False])
 @pytest.mark.parametrize("ffn", ["fhme", "peer", "memplus"])
-@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam", "row_sgd"])
 def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str, merged: bool,
                                                              monkeypatch) -> None:
     """Table gradients merged from a sparse .grad or formed in the step (in one buffer, or in

@@ -25,7 +25,7 @@ BLOCK_KINDS = ("neuron", "value", "gated")
 GATES = ("softmax", "sigmoid")
 QUERY_NORMS = ("layernorm", "rmsnorm", "running", "whiten", "none")
 EXPERT_ACTS = ("gelu", "relu")
-EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
+EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "row_sgd", "dense_adamw")
 EXPERT_DTYPES = ("float32", "bfloat16")
 DEPTH_RULES = ("ponder", "threshold")
 
@@ -304,7 +304,7 @@ class TrainConfig(_Config):
         r(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         r(self.expert_optim in EXPERT_OPTIMS, "expert_optim", f"must be one of {EXPERT_OPTIMS}")
         r(not (self.deferred_table_grads and self.expert_optim == "dense_adamw"),
-          "deferred_table_grads", "needs a row-sparse expert_optim (rowwise_adagrad, lazy_adam)")
+          "deferred_table_grads", "needs a row-sparse expert_optim (rowwise_adagrad, lazy_adam, row_sgd)")
         r(not self.fused_row_update or self.expert_optim == "lazy_adam", "fused_row_update",
           "exists for expert_optim = lazy_adam only")
 

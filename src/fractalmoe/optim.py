@@ -14,6 +14,10 @@ writes only those rows and their state:
 * ``lazy_adam``: torch.optim.SparseAdam semantics (Adam moments updated only on the R touched rows,
   padding masked; bias correction by the global step, kept on the table's device); a touched
   row of each moment is read once. State: 2x the table.
+* ``row_sgd``: plain SGD on touched rows, w_i -= lr * g_i, no state. A row moves in proportion
+  to its gradient, where the Adam rules and Adagrad normalise it away: sparse memory fine-tuning
+  (Lin et al., 2025) found SGD forgets less than AdamW, whose per-coordinate normalisation gives
+  a row the new domain barely reads a full-sized step. Padding rows are zero: harmless.
 * ``dense_adamw``: torch.optim.AdamW over whole tables, which then get dense gradients
   (``set_grad_layout``): the dense design, O(N * D) per step, for comparisons.
 
@@ -126,6 +130,20 @@ class RowwiseAdagrad(RowOptimizer):
                     p.index_add_(0, rows, scratch_cast(update, p.dtype, "update"), alpha=-1.0)
 
 
+class RowSGD(RowOptimizer):
+    """SGD on touched rows only: w_i -= lr * g_i (no momentum, no state)."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 1.0) -> None:
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                for rows, g, _ in row_gradients(p):  # padding rows are zero: they add nothing
+                    p.index_add_(0, rows, scratch_cast(g, p.dtype, "update"), alpha=-group["lr"])
+
+
 def adam_row_math(g: Tensor, m: Tensor, v: Tensor, dv: Tensor, update: Tensor, keep: Tensor,
                   beta1: float, beta2: float, eps: float, step_size: Tensor) -> None:
     """Lazy Adam's elementwise work on gathered rows, in place: dv and g become the deltas of
@@ -233,6 +251,8 @@ def table_optimizer(tables: list[Tensor], rule: str, lr: float, deferred: bool =
         return RowwiseAdagrad(tables, lr=lr)
     if rule == "lazy_adam":
         return LazyAdam(tables, lr=lr, fused=fused)
+    if rule == "row_sgd":
+        return RowSGD(tables, lr=lr)
     # no weight decay, like the row-sparse rules; betas as lazy_adam
     return torch.optim.AdamW(tables, lr=lr, weight_decay=0.0, fused=True)
 
