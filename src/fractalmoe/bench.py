@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .host_memory import keep_freed_memory
 from .optim import ModelOptimizer, defers_table_grads
 from .roofline import best_time, matmul_gflops
 
@@ -156,7 +157,8 @@ def _child(argv: list[str]) -> None:
         from .bench_layer import child_main
 
         result = child_main(payload)
-    else:
+    else:  # a training step as `train` runs it: freed memory kept (one layer's tables alone, above, leave it)
+        keep_freed_memory()
         result = run_model(ModelSpec(**payload))
     print(json.dumps(result))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig, RunConfig
+from .host_memory import keep_freed_memory
 
 MODELS = ("fhme", "dense", "moe", "pkm", "peer", "memplus")
 
@@ -184,4 +185,5 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # as `train` does (``cli.console``)
     print(json.dumps(_child(CompareSpec(**json.loads(sys.argv[1])))))

@@ -9,8 +9,9 @@ time per step, 6-10% of the step (`benchmarks/host_memory.py`). Fixing both thre
 (mmap only past 32 MB, glibc's ceiling; no trimming below 1 GB) lets freed blocks be reused. Peak
 memory is unchanged: it is set by what a step holds at once, not by what it has freed.
 
-Process-wide, so the command line turns it on (``cli.console``); a library user's loop can call
-``keep_freed_memory()`` itself. Elsewhere than glibc (macOS, musl, Windows) it does nothing.
+Process-wide, so the command line turns it on (``cli.console``, and the processes ``compare`` and
+``bench model`` train in); a library user's loop can call ``keep_freed_memory()`` itself.
+Elsewhere than glibc (macOS, musl, Windows) it does nothing.
 """
 
 from __future__ import annotations
