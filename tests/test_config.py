@@ -55,6 +55,15 @@ def test_three_key_parts_check_their_settings(settings: dict, field: str) -> Non
     assert ok.max_topk == 262144
 
 
+def test_table_learning_rate_range_follows_the_rule() -> None:
+    """Adaptive rules take rates below 10; SGD's step is rate x gradient (~1e-4), so up to 1e4."""
+    with pytest.raises(ValueError, match="expert_lr"):
+        TrainConfig(expert_lr=300.0)
+    assert TrainConfig(expert_optim="row_sgd", expert_lr=300.0).expert_lr == 300.0
+    with pytest.raises(ValueError, match="expert_lr"):
+        TrainConfig(expert_optim="row_sgd", expert_lr=2e4)
+
+
 def test_wrong_types_and_unknown_keys() -> None:
     with pytest.raises(ValueError, match="dim must be int"):
         ModelConfig.from_dict({"dim": "wide"})

@@ -293,8 +293,10 @@ class TrainConfig(_Config):
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every",
                      "save_every", "keep_last", "max_bad_steps"):
             r(getattr(self, name) >= 1, name, "must be a positive integer")
-        for name in ("lr", "expert_lr"):
-            r(0.0 < getattr(self, name) < 10.0, name, "must be in (0, 10)")
+        r(0.0 < self.lr < 10.0, "lr", "must be in (0, 10)")
+        # SGD's step is lr x gradient, and table gradients are ~1e-4 an entry: its rates run to 1,000s
+        top = 1e4 if self.expert_optim == "row_sgd" else 10.0
+        r(0.0 < self.expert_lr < top, "expert_lr", f"must be in (0, {top:g}) for expert_optim = {self.expert_optim}")
         for name in ("warmup_steps", "sample_bytes", "seed"):
             r(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("weight_decay", "grad_clip", "time_budget"):
