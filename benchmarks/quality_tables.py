@@ -301,7 +301,7 @@ def main() -> None:
         print(comparison_table(three + two))
     if (root / "key-parts-heads-pilots").is_dir():
         print("\n### One or three heads at 262,144 experts, three-part keys, FHME and PKM (standard library, "
-              "400 steps; seed 1, the one-head pair also seed 2)\n")
+              "400 steps; seed 1, and seed 2 for the one-head pair and PKM with three heads)\n")
         print(search_table(rows(root / "key-parts-heads-pilots")))
 
 
