@@ -22,6 +22,7 @@
 #              base (as many as LoRA's trainable parameters: --match-lora-rank $RANK)
 #   memory-step  memory with the rows chosen anew at every step from that step's batch (--rows-per-step)
 #   memory-sgd   memory with its rows learning by plain SGD (expert_optim = row_sgd) instead of lazy Adam
+#   memory-step-sgd  memory-step with plain SGD
 #   lora       LoRA at rank $RANK (<= width / 2) on every dense projection
 #   full       every weight
 #   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
@@ -72,7 +73,7 @@ declare -A DATA=([email]=$EMAIL [kjv]=$KJV)
 grid() {
   case $1 in
     fhme*) echo "3e-4:0.005 1e-3:0.0167 3e-3:0.05 1e-2:0.15 3e-2:0.45" ;;
-    memory-sgd) echo "3e-4:10 1e-3:30 3e-3:100 1e-2:300 3e-2:1000" ;;  # SGD steps scale with the gradient, ~1e-4 a row entry
+    *-sgd) echo "3e-4:10 1e-3:30 3e-3:100 1e-2:300 3e-2:1000 1e-1:3000 3e-1:9000" ;;  # steps scale with the gradient (~1e-4 an entry): two more points
     memory*) echo "3e-4:0.01 1e-3:0.03 3e-3:0.1 1e-2:0.3 3e-2:1.0" ;;  # only the expert lr acts: nothing dense trains
     lora) echo "3e-4:0.05 1e-3:0.05 3e-3:0.05 1e-2:0.05 3e-2:0.05" ;;
     full) echo "3e-5:0.0015 1e-4:0.005 3e-4:0.015 1e-3:0.05 3e-3:0.15" ;;
@@ -86,6 +87,7 @@ flags() {
     memory) echo "--adapter memory --match-lora-rank $RANK" ;;
     memory-step) echo "--adapter memory --match-lora-rank $RANK --rows-per-step" ;;
     memory-sgd) echo "--adapter memory --match-lora-rank $RANK --set expert_optim=row_sgd" ;;
+    memory-step-sgd) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --set expert_optim=row_sgd" ;;
     fhme-gate) echo "--adapter fhme --match-lora-rank $RANK --output-gate" ;;
     fhme-rows) echo "--adapter fhme --match-lora-rank $RANK --sparse-rows $ROWS" ;;
     lora) echo "--adapter lora --lora-rank $RANK" ;;
