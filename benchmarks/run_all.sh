@@ -55,8 +55,10 @@ $F bench layer --experts 16777216 --dim 128 --key-dim 128 --expert-dtype bfloat1
 /usr/bin/time -v $F train --config configs/million.toml --set n_layers=1 --set num_experts=16777216 \
   --set expert_dtype=bfloat16 --out runs/train_16m --quiet 2> $R/train_16m/time.txt
 
-# Top-k selection on a CPU: torch.topk vs numpy's selection, per call and per default training step
+# Top-k selection on a CPU: torch.topk vs numpy's selection and whole-row sort, per call and per default step
 .venv/bin/python benchmarks/topk_speed.py --out $R/topk_speed.jsonl
+# Freed host memory returned to the OS vs kept for reuse, per default training step
+.venv/bin/python benchmarks/host_memory.py --out $R/host_memory.jsonl
 # Table gradients as a sparse .grad vs deferred, per training step of models that read a table often
 .venv/bin/python benchmarks/table_grad_speed.py --out $R/table_grad_speed.jsonl
 .venv/bin/python benchmarks/block_conv_speed.py --out $R/block_conv_speed.jsonl
@@ -132,6 +134,12 @@ done
 METHODS="memory memory-step lora full" STUDIES="single sequential" LR_POINTS="2 3 4 5" EVAL_BYTES=262144 \
   RESULTS=$R/finetune_memory bash benchmarks/finetune.sh runs/quality/optim/n16384_lazy_adam_s2/runs/fhme-seed2 runs/ft_memory
 STUDIES=gpt2 LR_POINTS="1 2 3 4 5" EVAL_BYTES=262144 RESULTS=$R/finetune_gpt2 bash benchmarks/finetune.sh runs/default runs/ft_memory
+# Memory fine-tuning's rows by plain SGD against lazy Adam, LoRA and full, on a base with today's defaults
+$F train --seed 2 --out runs/ft_base_s2 --quiet
+for spec in "memory-sgd:1 2 3 4 5 6 7" "memory:2 3 4 5" "lora full:1 2 3 4 5"; do
+  METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
+    RESULTS=$R/finetune_sgd bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_sgd
+done
 # Where FHME's reads go: the first default, the untie pilots (64 windows), then with the query
 # convolution and with block convolutions (pilots and the reported runs), order of reads included,
 # heads per column (1,4) and the 1-layer models
