@@ -17,7 +17,8 @@ writes only those rows and their state:
 * ``row_sgd``: plain SGD on touched rows, w_i -= lr * g_i, no state. A row moves in proportion
   to its gradient, where the Adam rules and Adagrad normalise it away: sparse memory fine-tuning
   (Lin et al., 2025) found SGD forgets less than AdamW, whose per-coordinate normalisation gives
-  a row the new domain barely reads a full-sized step. Padding rows are zero: harmless.
+  a row the new domain barely reads a full-sized step (here it traces the same trade-off as lazy
+  Adam: README, "Fine-tuning and forgetting"). Padding rows are zero: harmless.
 * ``dense_adamw``: torch.optim.AdamW over whole tables, which then get dense gradients
   (``set_grad_layout``): the dense design, O(N * D) per step, for comparisons.
 
