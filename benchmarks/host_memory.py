@@ -11,10 +11,7 @@ run refuses to start while another PyTorch process runs or the load average is a
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
-import statistics
 
 MODES = ("returned", "kept")
 STEPS = 5
@@ -43,25 +40,7 @@ def measure(mode: str) -> dict[str, object]:
             "peak_rss_gb": after.ru_maxrss / 2**20}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/host_memory.jsonl")
-    p.add_argument("--force", action="store_true", help="run even on a busy machine")
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child)))
-        return
-    from fractalmoe.bench_layer import alternated_children, report
-
-    rows = alternated_children(__file__, [[m] for m in MODES], args.repeats, args.force)
-    keys = [k for k in rows[0] if k != "mode" and k != "repeat"]
-    med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in MODES}
-    summary = {"summary": "median", **{f"{m}_{k}": v for m in MODES for k, v in med[m].items()},
-               "speedup_step": med["returned"]["step_ms"] / med["kept"]["step_ms"]}
-    report(args.out, rows, summary)
-
-
 if __name__ == "__main__":
-    main()
+    from fractalmoe.bench_layer import mode_benchmark
+
+    mode_benchmark(__file__, __doc__, MODES, measure, "benchmarks/results/host_memory.jsonl")

@@ -12,8 +12,6 @@ the run refuses to start while another PyTorch process runs or the load average 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -60,25 +58,7 @@ def measure(mode: str) -> dict[str, object]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results/topk_speed.jsonl")
-    p.add_argument("--force", action="store_true", help="run even on a busy machine")
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child)))
-        return
-    from fractalmoe.bench_layer import alternated_children, report
-
-    rows = alternated_children(__file__, [[m] for m in MODES], args.repeats, args.force)
-    keys = [k for k in rows[0] if k.endswith("_ms")]
-    med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in MODES}
-    summary = {"summary": "median", **{f"{m}_{k}": v for m in MODES for k, v in med[m].items()},
-               **{f"speedup_{m}_{k}": med["torch"][k] / med[m][k] for m in MODES[1:] for k in keys}}
-    report(args.out, rows, summary)
-
-
 if __name__ == "__main__":
-    main()
+    from fractalmoe.bench_layer import mode_benchmark
+
+    mode_benchmark(__file__, __doc__, MODES, measure, "benchmarks/results/topk_speed.jsonl")

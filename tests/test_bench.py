@@ -18,7 +18,7 @@ from fractalmoe import bench_layer
 from fractalmoe.bench import peak_rss_gb
 from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, busy_reason,
                                     headline_ratios, impl_available, run_layer, run_layer_bench,
-                                    schedule, spawn_layer, summarize, torch_processes, validate)
+                                    schedule, spawn_layer, summarize, torch_processes, validate, mode_summary)
 from fractalmoe.roofline import Hardware, Shape, flops_per_token, gather_gbps, step_bytes, step_flops
 
 HW = Hardware(gflops=100.0, gbps=10.0)
@@ -105,6 +105,15 @@ def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) ->
 
 def test_schedule_alternates_round_robin() -> None:
     assert schedule(2, 3) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_mode_summary_takes_medians_and_speedups_over_the_first_mode() -> None:
+    rows = [{"mode": m, "step_ms": t, "faults": f, "repeat": r}
+            for r, (a, b) in enumerate([(10.0, 5.0), (30.0, 4.0), (20.0, 6.0)])
+            for m, t, f in (("old", a, 7), ("new", b, 1))]
+    summary = mode_summary(rows, ("old", "new"))
+    assert summary == {"summary": "median", "old_step_ms": 20.0, "old_faults": 7, "new_step_ms": 5.0,
+                       "new_faults": 1, "speedup_new_step_ms": 4.0}
 
 
 def _fake_row(spec: LayerSpec, step_ms: float) -> dict:

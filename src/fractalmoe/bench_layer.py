@@ -369,6 +369,36 @@ def report(out: str, rows: list[dict], summary: dict) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def mode_summary(rows: list[dict], modes: tuple[str, ...]) -> dict:
+    """Medians over repeats of every numeric measurement per mode, and each later mode's speed-up
+    over the first on every time (``*_ms``)."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and k != "repeat"]
+    med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in modes}
+    return {"summary": "median", **{f"{m}_{k}": v for m in modes for k, v in med[m].items()},
+            **{f"speedup_{m}_{k}": med[modes[0]][k] / med[m][k] for m in modes[1:] for k in keys
+               if k.endswith("_ms")}}
+
+
+def mode_benchmark(script: str, doc: str, modes: tuple[str, ...], measure: Callable[[str], dict],
+                   out: str) -> None:
+    """A benchmark script's command line: ``--child MODE`` prints ``measure(MODE)`` (one fresh
+    process); otherwise every mode alternated over ``--repeats`` rounds (``alternated_children``),
+    rows and ``mode_summary`` written to ``--out``. Each row carries its ``mode``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=out)
+    p.add_argument("--force", action="store_true", help="run even on a busy machine")
+    p.add_argument("--child", choices=modes, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child)))
+        return
+    rows = alternated_children(script, [[m] for m in modes], args.repeats, args.force)
+    report(args.out, rows, mode_summary(rows, modes))
+
+
 _MEDIANS = ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "infer_ms", "peak_rss_gb", "touched_rows",
             "bytes", "floor_ms")
 
