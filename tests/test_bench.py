@@ -17,8 +17,9 @@ import torch
 from fractalmoe import bench_layer
 from fractalmoe.bench import peak_rss_gb
 from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, busy_reason,
-                                    headline_ratios, impl_available, run_layer, run_layer_bench,
-                                    schedule, spawn_layer, summarize, torch_processes, validate, mode_summary)
+                                    headline_ratios, impl_available, mode_summary, run_layer,
+                                    run_layer_bench, schedule, spawn_layer, summarize, torch_processes,
+                                    validate)
 from fractalmoe.roofline import Hardware, Shape, flops_per_token, gather_gbps, step_bytes, step_flops
 
 HW = Hardware(gflops=100.0, gbps=10.0)
