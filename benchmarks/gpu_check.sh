@@ -67,6 +67,9 @@ step sync_error 120 env FRACTALMOE_SYNC_DEBUG=error \
 step sync_error_deferred 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/deferred" --max-steps 5 --quiet --set eval_every=1000 \
     --set expert_optim=rowwise_adagrad --set expert_lr=0.05 --set deferred_table_grads=true $SMALL
+step sync_error_row_sgd 120 env FRACTALMOE_SYNC_DEBUG=error \
+    $F train --device cuda --out "$RUNS/row_sgd" --max-steps 5 --quiet --set eval_every=1000 \
+    --set expert_optim=row_sgd --set expert_lr=100 $SMALL
 step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/three_part" --max-steps 5 --quiet --set eval_every=1000 \
     --set key_parts=3 --set key_dim=24 --set route_once=true $SMALL
