@@ -92,7 +92,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     return {"impl": "fractalmoe-model", "N": spec.num_experts, "tokens": tokens,
             "layers": cfg.n_layers, "params": model.num_params(),
             "train_tok_s": tokens / step, "infer_tok_s": tokens / infer,
-            "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt_t * 1e3,
+            "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt_t * 1e3, "step_ms": step * 1e3,
             "peak_rss_gb": peak_rss_gb(), "roofline_frac": floor / step,
             "peak_gflops": gflops}
 
