@@ -373,6 +373,14 @@ def test_alternated_children_run_round_robin_in_fresh_processes(tmp_path, capsys
     assert len({r["pid"] for r in rows}) == 4 and {r["threads"] for r in rows} == {"1"}
 
 
+def test_alternated_children_keep_the_thread_setting_when_asked(tmp_path, monkeypatch, capsys) -> None:
+    script = tmp_path / "child.py"
+    script.write_text("import json, os\nprint(json.dumps({'threads': os.environ.get('OMP_NUM_THREADS')}))\n")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    rows = bench_layer.alternated_children(str(script), [["a"]], repeats=1, force=True, one_thread=False)
+    assert rows[0]["threads"] is None
+
+
 def test_alternated_children_refuse_a_busy_machine(monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench_layer, "wait_until_idle", lambda max_wait_s: "the machine is busy")
     with pytest.raises(SystemExit) as stop:

@@ -342,16 +342,18 @@ def schedule(configs: int, repeats: int) -> list[tuple[int, int]]:
     return [(r, c) for r in range(repeats) for c in range(configs)]
 
 
-def alternated_children(script: str, children: list[list[str]], repeats: int, force: bool) -> list[dict]:
+def alternated_children(script: str, children: list[list[str]], repeats: int, force: bool,
+                        one_thread: bool = True) -> list[dict]:
     """A benchmark script's measurements: ``script --child ARGS`` for every ARGS of ``children``,
-    each in a fresh single-threaded process, round-robin over ``repeats`` rounds; each child
-    prints one JSON object last. On a busy machine (after waiting up to 3 minutes) it exits with
-    a one-line error (status 2) unless ``force``."""
+    each in a fresh process (single-threaded unless not ``one_thread``: then as a plain process
+    starts), round-robin over ``repeats`` rounds; each child prints one JSON object last. On a
+    busy machine (after waiting up to 3 minutes) it exits with a one-line error (status 2)
+    unless ``force``."""
     reason = None if force else wait_until_idle(max_wait_s=180)
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         raise SystemExit(2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else dict(os.environ)
     rows: list[dict] = []
     for repeat, c in schedule(len(children), repeats):
         proc = subprocess.run([sys.executable, script, "--child", *children[c]], capture_output=True,
@@ -380,7 +382,7 @@ def mode_summary(rows: list[dict], modes: tuple[str, ...]) -> dict:
 
 
 def mode_benchmark(script: str, doc: str, modes: tuple[str, ...], measure: Callable[[str], dict],
-                   out: str) -> None:
+                   out: str, one_thread: bool = True) -> None:
     """A benchmark script's command line: ``--child MODE`` prints ``measure(MODE)`` (one fresh
     process); otherwise every mode alternated over ``--repeats`` rounds (``alternated_children``),
     rows and ``mode_summary`` written to ``--out``. Each row carries its ``mode``."""
@@ -395,7 +397,7 @@ def mode_benchmark(script: str, doc: str, modes: tuple[str, ...], measure: Calla
     if args.child:
         print(json.dumps(measure(args.child)))
         return
-    rows = alternated_children(script, [[m] for m in modes], args.repeats, args.force)
+    rows = alternated_children(script, [[m] for m in modes], args.repeats, args.force, one_thread)
     report(args.out, rows, mode_summary(rows, modes))
 
 
