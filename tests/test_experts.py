@@ -183,3 +183,28 @@ def test_bank_kinds_hold_their_tables(kind: str, tables: tuple[str, ...]) -> Non
     assert tuple(bank.tables()) == tables
     assert [n for n, _ in bank.named_parameters()] == list(tables)
     torch.testing.assert_close(bank.rows(tables[-1], 3, 9), getattr(bank, tables[-1])[3:9])
+
+
+def test_threads_serving_one_layer_get_the_same_outputs_as_one_thread() -> None:
+    """The gathers' reused buffers are per thread: concurrent forwards must not share them."""
+    import threading
+
+    from fractalmoe.fhme import FHME
+
+    torch.manual_seed(0)
+    layer = FHME(64, 4096, depth=2, heads=2, topk=8, key_dim=16).eval()
+    xs = [torch.randn(1, 512, 64) for _ in range(4)]
+    with torch.no_grad():
+        want = [layer(x) for x in xs]
+    wrong = []
+
+    def serve(i: int) -> None:
+        with torch.no_grad():
+            wrong.extend(i for _ in range(20) if not torch.equal(layer(xs[i]), want[i]))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

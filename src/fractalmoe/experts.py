@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -64,18 +65,28 @@ def _activate(a: Tensor, act: str) -> Tensor:
     return F.relu(a) if act == "relu" else F.gelu(a)
 
 
-_workspace: dict[tuple[torch.dtype, torch.device, str], Tensor] = {}
+class _Workspace(threading.local):
+    """The reused buffers of ``scratch``, one set per thread: threads serving one model
+    concurrently must not write into each other's rows (on an accelerator autograd runs
+    backward in its device thread, which then keeps a set of its own)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device, str], Tensor] = {}
+
+
+_workspace = _Workspace()
 
 
 def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, slot: str = "") -> Tensor:
-    """A reused buffer, valid until the next call for the same dtype, device and slot: a fresh
-    (T*M, D) allocation per call costs more in page faults than the work that fills it (on CPU
-    a buffer this large is mapped anew, page by page, on every allocation). Callers (the
-    gathers here, the optimisers' row merge and row state) consume it before the next call."""
+    """A reused buffer, valid in this thread until its next call for the same dtype, device and
+    slot: a fresh (T*M, D) allocation per call costs more in page faults than the work that
+    fills it (on CPU a buffer this large is mapped anew, page by page, on every allocation).
+    Callers (the gathers here, the optimisers' row merge and row state) consume it before the
+    next call."""
     key, need = (dtype, device, slot), shape[0] * shape[1]
-    buf = _workspace.get(key)
+    buf = _workspace.buffers.get(key)
     if buf is None or buf.numel() < need:
-        buf = _workspace[key] = torch.empty(need, dtype=dtype, device=device)
+        buf = _workspace.buffers[key] = torch.empty(need, dtype=dtype, device=device)
     return buf[:need].view(shape)
 
 
