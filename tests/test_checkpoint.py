@@ -110,11 +110,12 @@ def test_nan_is_skipped_and_reported(tmp_path: Path, corpus: str) -> None:
     assert sum(1 for m in lines if m.get("skipped")) == 1
 
 
-@pytest.mark.parametrize("ffn, rule, deferred", [("memplus", "lazy_adam", True), ("fhme", "lazy_adam", False),
-                                                  ("memplus", "dense_adamw", False)])
-def test_a_bank_every_layer_reads_gets_deferred_table_gradients(tmp_path: Path, corpus: str, ffn: str,
-                                                                rule: str, deferred: bool, monkeypatch) -> None:
-    """Summed in autograd one read at a time, a shared bank's row gradients cost 2x the step."""
+@pytest.mark.parametrize("ffn, rule, deferred", [("memplus", "lazy_adam", True), ("fhme", "lazy_adam", True),
+                                                  ("pkm", "lazy_adam", False), ("memplus", "dense_adamw", False)])
+def test_tables_read_more_than_once_a_step_get_deferred_gradients(tmp_path: Path, corpus: str, ffn: str,
+                                                                  rule: str, deferred: bool, monkeypatch) -> None:
+    """Summed in autograd one read at a time, the row gradients of a bank every layer reads cost
+    2x the step, those of a fractal's bank (3 reads at C = 2) 1.1x; a table read once keeps .grad."""
     seen: list[bool] = []
 
     class Recording(train.ModelOptimizer):
