@@ -268,7 +268,8 @@ class TrainConfig(_Config):
     # | dense_adamw. Lazy Adam trains the default model best at 1,200 steps (README).
     expert_optim: str = "lazy_adam"
     # Row-sparse rules only: form the table gradients inside the optimizer step (one row buffer
-    # fewer between backward and step; the same update). Opt-in.
+    # fewer between backward and step; the same update). False: train still does so for tables
+    # read more than once a step (optim.defers_table_grads); true: for every table.
     deferred_table_grads: bool = False
     # lazy_adam only: its elementwise row math as one torch.compile'd kernel (a C++ compiler on
     # CPU): the same update in one pass instead of ten, for accelerators; no faster on CPU. Opt-in.
