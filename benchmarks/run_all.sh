@@ -47,6 +47,12 @@ SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4; wait
 for s in s2 s3; do mkdir -p runs/nanogpt_race_${s}_fair; cp -r runs/nanogpt_race_$s/default runs/nanogpt_race_${s}_fair/; done
 WALL=1332.29 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2_fair &
 WALL=1337.53 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3_fair; wait
+# seeds 1337 and 4 again with the whole-row top-k sort and kept host memory (results/nanogpt_race_seeds/*_fast),
+# then with train deferring the gradients of tables read more than once a step (*_deferred)
+CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_fast &
+SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_fast; wait
+CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_deferred &
+SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_deferred; wait
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
