@@ -260,7 +260,7 @@ class TrainConfig(_Config):
     """Optimisation, schedule, evaluation and checkpointing of one training run."""
 
     batch_size: int = 16  # global batch (sequences per step)
-    max_steps: int = 1200
+    max_steps: int = 2400
     time_budget: float = 0.0  # minutes; 0 = no limit
     lr: float = 3e-3  # AdamW for dense parameters
     expert_lr: float = 0.03  # expert tables (row-sparse optimizer; 0.05 suits rowwise_adagrad)
