@@ -9,9 +9,10 @@ mkdir -p $R runs
 STD=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 
 # Training product: the default run (make train)
-# (recorded with row-wise Adagrad tables, the default then; `fractalmoe train` now uses lazy Adam)
+# (recorded with row-wise Adagrad tables and 1,200 steps, the default then; `fractalmoe train` now
+# uses lazy Adam and 2,400 steps)
 ADAGRAD="--set expert_optim=rowwise_adagrad --set expert_lr=0.05"
-/usr/bin/time -v $F train --out runs/default $ADAGRAD 2> $R/default_train/time.txt
+/usr/bin/time -v $F train --out runs/default --max-steps 1200 $ADAGRAD 2> $R/default_train/time.txt
 $F eval --ckpt runs/default --json > $R/default_train/eval.json
 
 # Quality: the search of equal size per model, then the reported comparison on both corpora
@@ -32,27 +33,34 @@ $F bench layer --experts 16384,1048576 \
 $F bench layer --experts 16384,1048576 --impl fractalmoe-lazy-adam,fractalmoe-lazy-adam-deferred,fractalmoe,\
 fractalmoe-deferred,peer-pytorch-sparse,peer-pytorch --repeats 3 --wait-idle 600 --json \
   > $R/layer_rules.jsonl 2> $R/layer_rules.txt
-bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
+STEPS=1200 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
 # The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
-CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
+STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
 # The block-convolution default, pinned to core 0 while core 1 ran pilots and tests (results/nanogpt_race_block_conv)
-CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
+STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
 # The same default at seeds 2 and 3, side by side (one race per core) (results/nanogpt_race_seeds)
-SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2 &
-SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3; wait
+STEPS=1200 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2 &
+STEPS=1200 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3; wait
 # seeds 1337 and 4 the same way; then the recipe alone at seeds 2 and 3 with the script's 1.1x schedule,
 # against a copy of that seed's default run (its wall-clock from the seed's race.log)
-CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337 &
-SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4; wait
+STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337 &
+STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4; wait
 for s in s2 s3; do mkdir -p runs/nanogpt_race_${s}_fair; cp -r runs/nanogpt_race_$s/default runs/nanogpt_race_${s}_fair/; done
 WALL=1332.29 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2_fair &
 WALL=1337.53 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3_fair; wait
 # seeds 1337 and 4 again with the whole-row top-k sort and kept host memory (results/nanogpt_race_seeds/*_fast),
 # then with train deferring the gradients of tables read more than once a step (*_deferred)
-CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_fast &
-SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_fast; wait
-CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_deferred &
-SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_deferred; wait
+STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_fast &
+STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_fast; wait
+STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_deferred &
+STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_deferred; wait
+# The pilot that chose 2,400 steps for the default (seed 1; results/default_long_pilot)
+$F train --out runs/long_pilot_s1 --seed 1 --max-steps 2400 --quiet
+$F eval --ckpt runs/long_pilot_s1 --json > $R/default_long_pilot/eval.json
+# the races above ran the default of 1,200 steps; the default's 2,400 steps, seeds 1337 and 4 the same way
+# (results/nanogpt_race_seeds/*_long)
+CPU=0 bash benchmarks/nanogpt_recipe.sh runs/race_long_s1337 &
+SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/race_long_s4; wait
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
@@ -141,7 +149,7 @@ METHODS="memory memory-step lora full" STUDIES="single sequential" LR_POINTS="2 
   RESULTS=$R/finetune_memory bash benchmarks/finetune.sh runs/quality/optim/n16384_lazy_adam_s2/runs/fhme-seed2 runs/ft_memory
 STUDIES=gpt2 LR_POINTS="1 2 3 4 5" EVAL_BYTES=262144 RESULTS=$R/finetune_gpt2 bash benchmarks/finetune.sh runs/default runs/ft_memory
 # Memory fine-tuning's rows by plain SGD against lazy Adam, LoRA and full, on a base with today's defaults
-$F train --seed 2 --out runs/ft_base_s2 --quiet
+$F train --seed 2 --max-steps 1200 --out runs/ft_base_s2 --quiet
 for spec in "memory-sgd:1 2 3 4 5 6 7" "memory:2 3 4 5" "lora full:1 2 3 4 5"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_sgd bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_sgd
