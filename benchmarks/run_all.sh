@@ -33,34 +33,38 @@ $F bench layer --experts 16384,1048576 \
 $F bench layer --experts 16384,1048576 --impl fractalmoe-lazy-adam,fractalmoe-lazy-adam-deferred,fractalmoe,\
 fractalmoe-deferred,peer-pytorch-sparse,peer-pytorch --repeats 3 --wait-idle 600 --json \
   > $R/layer_rules.jsonl 2> $R/layer_rules.txt
-STEPS=1200 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
+LAST=1 STEPS=1200 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
 # The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
-STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
+LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
 # The block-convolution default, pinned to core 0 while core 1 ran pilots and tests (results/nanogpt_race_block_conv)
-STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
+LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_bconv
 # The same default at seeds 2 and 3, side by side (one race per core) (results/nanogpt_race_seeds)
-STEPS=1200 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2 &
-STEPS=1200 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3; wait
+LAST=1 STEPS=1200 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2 &
+LAST=1 STEPS=1200 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3; wait
 # seeds 1337 and 4 the same way; then the recipe alone at seeds 2 and 3 with the script's 1.1x schedule,
 # against a copy of that seed's default run (its wall-clock from the seed's race.log)
-STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337 &
-STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4; wait
+LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337 &
+LAST=1 STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4; wait
 for s in s2 s3; do mkdir -p runs/nanogpt_race_${s}_fair; cp -r runs/nanogpt_race_$s/default runs/nanogpt_race_${s}_fair/; done
-WALL=1332.29 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2_fair &
-WALL=1337.53 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3_fair; wait
+LAST=1 WALL=1332.29 SEED=2 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s2_fair &
+LAST=1 WALL=1337.53 SEED=3 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s3_fair; wait
 # seeds 1337 and 4 again with the whole-row top-k sort and kept host memory (results/nanogpt_race_seeds/*_fast),
 # then with train deferring the gradients of tables read more than once a step (*_deferred)
-STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_fast &
-STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_fast; wait
-STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_deferred &
-STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_deferred; wait
+LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_fast &
+LAST=1 STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_fast; wait
+LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s1337_deferred &
+LAST=1 STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_s4_deferred; wait
 # The pilot that chose 2,400 steps for the default (seed 1; results/default_long_pilot)
 $F train --out runs/long_pilot_s1 --seed 1 --max-steps 2400 --quiet
 $F eval --ckpt runs/long_pilot_s1 --json > $R/default_long_pilot/eval.json
-# the races above ran the default of 1,200 steps; the default's 2,400 steps, seeds 1337 and 4 the same way
-# (results/nanogpt_race_seeds/*_long)
-CPU=0 bash benchmarks/nanogpt_recipe.sh runs/race_long_s1337 &
-SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/race_long_s4; wait
+# the races above ran the default of 1,200 steps and scored the recipe at its last step; the
+# default's 2,400 steps, seeds 1337 and 4 the same way (results/nanogpt_race_seeds/*_long), then the
+# recipe alone against those default runs, keeping its best checkpoint (the script's default now; *_long_best)
+LAST=1 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/race_long_s1337 &
+LAST=1 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/race_long_s4; wait
+for s in 1337 4; do mkdir -p runs/race_long_best_s$s; cp -r runs/race_long_s$s/default runs/race_long_best_s$s/; done
+WALL=1446.12 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/race_long_best_s1337 &
+WALL=1462.87 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/race_long_best_s4; wait
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \

@@ -73,6 +73,38 @@ def test_resume_is_bit_exact(tmp_path: Path, corpus: str, expert_optim: str,
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
+def _best_step(run_dir: Path) -> str:
+    evals = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if m.get("val_loss") is not None]
+    return f"step_{min(evals, key=lambda m: m['val_loss'])['step']:06d}"
+
+
+def test_keep_best_keeps_the_lowest_periodic_validation_loss_through_pruning_and_resume(
+        tmp_path: Path, corpus: str, capsys) -> None:
+    cfg = _config(max_steps=12, eval_every=2, keep_last=1, keep_best=True, lr=0.03)
+    run(cfg, out=tmp_path / "full", data_path=corpus, progress=False, log=lambda s: None)
+    run(cfg, out=tmp_path / "split", data_path=corpus, progress=False, stop_at_step=6, log=lambda s: None)
+    run(cfg, resume=tmp_path / "split", progress=False, log=lambda s: None)
+    for name in ("full", "split"):
+        root = tmp_path / name / "checkpoints"
+        assert (root / "best").read_text() == _best_step(tmp_path / name)
+        assert latest_checkpoint(tmp_path / name).name == "step_000012"
+        kept = sorted(p.name for p in root.glob("step_*"))
+        assert kept == sorted({_best_step(tmp_path / name), "step_000012"})  # keep_last = 1 pruned the rest
+    assert _best_step(tmp_path / "full") == _best_step(tmp_path / "split")
+    model, _, ckpt = load_model_from_run(tmp_path / "full", best=True)
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert ckpt.name == _best_step(tmp_path / "full")
+    assert all(torch.equal(t, saved[k]) for k, t in model.state_dict().items() if k in saved)
+    assert main(["eval", "--ckpt", str(tmp_path / "full"), "--best", "--json"]) == 0
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    run(_config(), out=plain, data_path=corpus, progress=False, log=lambda s: None)
+    assert main(["eval", "--ckpt", str(plain), "--best"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "keep_best" in err and len(err.splitlines()) == 1
+
+
 def test_resume_streams_tables_a_few_rows_at_a_time(tmp_path: Path, corpus: str, monkeypatch) -> None:
     """Expert tables load in row chunks (no table-sized copy beside the model): still bit-exact."""
     import fractalmoe.checkpoint as checkpoint

@@ -320,6 +320,24 @@ def load_run_data(run_dir: str | Path, config: RunConfig, path: str | None = Non
                             config.train.val_fraction, config.model.seq_len)
 
 
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``mark_best`` last named (training with ``keep_best``), if any."""
+    pointer = Path(run_dir) / CKPT_DIR / "best"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def mark_best(ckpt: Path) -> None:
+    """Name ``ckpt`` the run's best checkpoint: pruning keeps it, ``--best`` loads it."""
+    tmp = ckpt.parent / "best.tmp"
+    tmp.write_text(ckpt.name)
+    _fsync_path(tmp)
+    os.replace(tmp, ckpt.parent / "best")
+    _fsync_path(ckpt.parent)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpt_root = Path(run_dir) / CKPT_DIR
     latest = ckpt_root / "latest"
@@ -399,8 +417,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dic
         _fsync_path(latest_tmp)
         os.replace(latest_tmp, ckpt_root / "latest")
         _fsync_path(ckpt_root)
+        best = best_checkpoint(run_dir)
         for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
         for stale in ckpt_root.glob(".tmp-*"):  # left by a process killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
     _barrier(world)
@@ -450,9 +470,10 @@ def config_mismatch(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
 
 
-def load_model_from_run(run_dir: str | Path, device: str = "cpu",
-                        ctx: Any = None) -> tuple[nn.Module, RunConfig, Path]:
-    """Build the run's model from config.json and load its latest checkpoint's weights.
+def load_model_from_run(run_dir: str | Path, device: str = "cpu", ctx: Any = None,
+                        best: bool = False) -> tuple[nn.Module, RunConfig, Path]:
+    """Build the run's model from config.json and load its latest checkpoint's weights (``best``:
+    those of its lowest periodic validation loss, kept by training with ``keep_best``).
 
     With an active ``ctx`` (a ``DistContext`` of P ranks) the expert tables are row-sharded
     across ranks (``shard_experts``) and each rank builds and reads only its own rows; "cuda"
@@ -464,9 +485,10 @@ def load_model_from_run(run_dir: str | Path, device: str = "cpu",
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = best_checkpoint(run_dir) if best else latest_checkpoint(run_dir)
     if ckpt is None:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint under {CKPT_DIR}/")
+        kind = "best checkpoint (train with keep_best = true)" if best else "complete checkpoint"
+        raise CheckpointError(f"{run_dir} has no {kind} under {CKPT_DIR}/")
     extra = run_extra(run_dir)
     sharded = ctx is not None and ctx.active
     device = ctx.device_for(device) if sharded else device

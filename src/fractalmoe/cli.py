@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="validation loss and bits per byte of a run")
     e.add_argument("--ckpt", required=True, help="run directory (uses its latest checkpoint)")
+    e.add_argument("--best", action="store_true",
+                   help="the checkpoint of the lowest periodic validation loss (trained with keep_best)")
     e.add_argument("--data", help="corpus to evaluate on (default: the run's own)")
     e.add_argument("--depth", type=_positive_int, help="force every FHME layer to this depth")
     e.add_argument("--usage-choices", type=_positive_int,
@@ -278,7 +280,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model_from_run, load_run_data
     from .evaluate import evaluate
 
-    model, config, _ = load_model_from_run(args.ckpt, args.device)
+    model, config, _ = load_model_from_run(args.ckpt, args.device, best=args.best)
     data = load_run_data(args.ckpt, config, args.data)
     model.set_depth(args.depth)
     result = evaluate(model, data, config.train.batch_size, device=args.device,

@@ -284,6 +284,9 @@ class TrainConfig(_Config):
     log_every: int = 10
     save_every: int = 400
     keep_last: int = 2
+    # also keep the checkpoint of the lowest periodic validation loss (checkpoints/best), as
+    # nanoGPT keeps only improving checkpoints where a small corpus is overfitted
+    keep_best: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping
     seed: int = 1337
     sample_bytes: int = 300

@@ -26,6 +26,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_model_checkpoint,
     load_run_config,
+    mark_best,
     read_optim_state,
     read_run_state,
     restore_rng,
@@ -244,13 +245,14 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     if ctx.active:
         shard_experts(model, ctx)
     model = model.to(device)
-    step, elapsed_before, bad_total = 0, 0.0, 0
+    step, elapsed_before, bad_total, best_val = 0, 0.0, 0, math.inf
     ckpt = latest_checkpoint(run_dir) if resume is not None else None
     rows = table_rows(model)  # this rank's rows of every sharded table (empty at P = 1)
     if ckpt is not None:  # only the rows this rank holds are read
         load_model_checkpoint(model, ckpt, rows)
         state = read_run_state(ckpt)
         step, elapsed_before, bad_total = state["step"], state["elapsed_s"], state["bad_steps"]
+        best_val = math.inf if state.get("best_val") is None else state["best_val"]
     # Adapter runs keep what they asked for (sparse-row fine-tuning masks the sparse .grad).
     deferred = (defers_table_grads(model, tc.deferred_table_grads, tc.expert_optim) if model_factory is None
                 else tc.deferred_table_grads)
@@ -264,11 +266,12 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     forward = wrap_data_parallel(model, device) if ctx.active else model
     sync_debug = os.environ.get(SYNC_DEBUG_ENV, "")
 
-    def checkpoint() -> None:
-        save_checkpoint(run_dir, step, model, opt.state_dict(),
-                        {"elapsed_s": elapsed_before + time.perf_counter() - t0,
-                         "bad_steps": bad_total, "data_position": step}, tc.keep_last,
-                        ctx.rank, ctx.world, rows)
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir, step, model, opt.state_dict(),
+                               {"elapsed_s": elapsed_before + time.perf_counter() - t0,
+                                "bad_steps": bad_total, "data_position": step,
+                                "best_val": best_val if math.isfinite(best_val) else None},
+                               tc.keep_last, ctx.rank, ctx.world, rows)
 
     metrics = (run_dir / "metrics.jsonl").open("a") if ctx.is_main else open(os.devnull, "w")
     tokens_per_step = tc.batch_size * mc.seq_len  # global
@@ -330,7 +333,12 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
                 metrics.flush()
                 bar.set_postfix(loss=f"{line['train_loss'] or float('nan'):.3f}", tok_s=f"{tok_s:.0f}")
                 losses, steps_since_log, t_log = [], 0, time.perf_counter()
-            if step % tc.save_every == 0 and bad_run == 0:  # never save mid-way through a bad run
+            if tc.keep_best and is_eval and bad_run == 0 and last_val is not None and last_val.val_loss < best_val:
+                best_val = last_val.val_loss
+                saved = checkpoint()
+                if ctx.is_main:
+                    mark_best(saved)
+            elif step % tc.save_every == 0 and bad_run == 0:  # never save mid-way through a bad run
                 checkpoint()
             reason = 1 if flag.signum is not None else 2 if time.perf_counter() - t0 >= budget_s else 0
             reason = _any_rank(ctx, reason)
