@@ -320,31 +320,37 @@ def load_run_data(run_dir: str | Path, config: RunConfig, path: str | None = Non
                             config.train.val_fraction, config.model.seq_len)
 
 
+def _write_pointer(ckpt_root: Path, pointer: str, name: str) -> None:
+    """Atomically make the file ``pointer`` (``latest``, ``best``) name the checkpoint ``name``."""
+    tmp = ckpt_root / f"{pointer}.tmp"
+    tmp.write_text(name)
+    _fsync_path(tmp)
+    os.replace(tmp, ckpt_root / pointer)
+    _fsync_path(ckpt_root)
+
+
+def _read_pointer(ckpt_root: Path, pointer: str) -> Path | None:
+    """The checkpoint directory the file ``pointer`` names, if the file exists."""
+    path = ckpt_root / pointer
+    return ckpt_root / path.read_text().strip() if path.is_file() else None
+
+
 def best_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint ``mark_best`` last named (training with ``keep_best``), if any."""
-    pointer = Path(run_dir) / CKPT_DIR / "best"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    path = _read_pointer(Path(run_dir) / CKPT_DIR, "best")
+    return path if path is not None and (path / "state.json").is_file() else None
 
 
 def mark_best(ckpt: Path) -> None:
     """Name ``ckpt`` the run's best checkpoint: pruning keeps it, ``--best`` loads it."""
-    tmp = ckpt.parent / "best.tmp"
-    tmp.write_text(ckpt.name)
-    _fsync_path(tmp)
-    os.replace(tmp, ckpt.parent / "best")
-    _fsync_path(ckpt.parent)
+    _write_pointer(ckpt.parent, "best", ckpt.name)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpt_root = Path(run_dir) / CKPT_DIR
-    latest = ckpt_root / "latest"
-    if latest.is_file():
-        path = ckpt_root / latest.read_text().strip()
-        if path.is_dir():
-            return path
+    path = _read_pointer(ckpt_root, "latest")
+    if path is not None and path.is_dir():
+        return path
     # `latest` lost or stale: fall back to the newest complete directory.
     done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
     return done[-1] if done else None
@@ -412,11 +418,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dic
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_path(ckpt_root)
-        latest_tmp = ckpt_root / "latest.tmp"
-        latest_tmp.write_text(name)
-        _fsync_path(latest_tmp)
-        os.replace(latest_tmp, ckpt_root / "latest")
-        _fsync_path(ckpt_root)
+        _write_pointer(ckpt_root, "latest", name)
         best = best_checkpoint(run_dir)
         for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
             if old != best:
