@@ -1,4 +1,4 @@
-"""Print the README's result tables from the committed JSON under benchmarks/results.
+"""Print the result tables of docs/results.md from the committed JSON under benchmarks/results.
 
     .venv/bin/python benchmarks/make_tables.py
 """

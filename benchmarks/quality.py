@@ -45,7 +45,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py key-parts-heads-pilots # FHME and PKM at 262K: 1 or 3 heads, 400 steps
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
-`python benchmarks/quality_tables.py` turns them into the README's tables.
+`python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def search_jobs() -> list[tuple[str, list[str]]]:
     return jobs
 
 
-# Chosen on the bundled corpus from the search (README "How the settings were chosen"); run
+# Chosen on the bundled corpus from the search (docs/results.md, "How the settings were chosen"); run
 # unchanged on the second corpus. Every routed model reads 40 rows per head at key width 16.
 TUNED = {"fhme": ["--set", "join_bias=0"], "pkm": [], "dense": [], "moe": [], "memplus": [], "peer": []}
 SHAPE = ["--set", "key_dim=16", "--set", "topk=40"]
@@ -155,7 +155,7 @@ def final_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 # and seed.
 OPTIM_TRIALS = {"rowwise_adagrad": ("0.05",), "lazy_adam": ("0.001", "0.003", "0.01", "0.03"),
                 "dense_adamw": ("0.001", "0.003", "0.01", "0.03")}
-# Best pilot lr per optimizer (README "Expert-table optimizers").
+# Best pilot lr per optimizer (docs/results.md, "Expert-table optimizers").
 OPTIM_TUNED = {"rowwise_adagrad": "0.05", "lazy_adam": "0.03", "dense_adamw": "0.03"}
 
 
@@ -369,7 +369,7 @@ def shallow_pilot_jobs() -> list[tuple[str, list[str]]]:
 LAZY_REST = [("stdlib", "fhme"), ("stdlib", "pkm"), ("shakespeare", "memplus"), ("stdlib", "memplus"),
              ("shakespeare", "peer_balance0.01"), ("stdlib", "peer_balance0.01"), ("stdlib", "dense"),
              ("shakespeare", "moe"), ("stdlib", "moe"), ("shakespeare", "peer"), ("stdlib", "peer")]
-# In the order run. PEER with balancing: the balance loss at the weight of the README's
+# In the order run. PEER with balancing: the balance loss at the weight of docs/results.md's
 # routing-balance study (0.01). fhme_c3: C = 3 at the same FFN FLOPs (0.966) with 2 heads x top-8 at key width 12.
 SHALLOW_MODELS = {"fhme": [], "pkm": [], "dense": [], "moe": [], "memplus": [], "peer": [],
                   "peer_balance0.01": ["--set", "balance_loss=0.01"],
@@ -632,7 +632,7 @@ def column_heads_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 def column_heads_seed4_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """A third seed for the standard-library verdict, 1,4 FHME against PKM: the gap (0.006) is below
-    what rounding alone moved same-seed reruns (0.007-0.025, README)."""
+    what rounding alone moved same-seed reruns (0.007-0.025, docs/results.md)."""
     return [*_pair_jobs(stdlib, "gated_conv4_bconv4_h14", [*BCONV_FHME, *HEADS_1_4], [("stdlib", "4")], ("fhme",)),
             *_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, [("stdlib", "4")], ("pkm",))]
 

@@ -31,8 +31,8 @@ DEPTH_RULES = ("ponder", "threshold")
 
 C = TypeVar("C", bound="_Config")
 # Model fields whose default changed after they were introduced: their value in runs saved
-# before they existed (the output gate and the convolutions were off until they won the README's
-# comparison).
+# before they existed (the output gate and the convolutions were off until they won the
+# comparison in docs/results.md).
 SAVED_BEFORE: dict[str, Any] = {"output_gate": False, "ffn_conv": 0, "block_conv": 0}
 
 
@@ -265,7 +265,7 @@ class TrainConfig(_Config):
     lr: float = 3e-3  # AdamW for dense parameters
     expert_lr: float = 0.03  # expert tables (row-sparse optimizer; 0.05 suits rowwise_adagrad)
     # lazy_adam (8 D bytes of state per row) | rowwise_adagrad (4 bytes per row: million-row tables)
-    # | dense_adamw. Lazy Adam trains the default model best at 1,200 steps (README).
+    # | dense_adamw. Lazy Adam trains the default model best at 1,200 steps (docs/results.md).
     expert_optim: str = "lazy_adam"
     # Row-sparse rules only: form the table gradients inside the optimizer step (one row buffer
     # fewer between backward and step; the same update). False: train still does so for tables

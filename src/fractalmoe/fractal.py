@@ -12,7 +12,7 @@ acts like two weight-tied layers: the second application of a router sees nearly
 and reads mostly the same rows again. Untied, every application in the recursion (2**C - 1
 blocks, 2**(C-1) - 1 joins) has its own router and join gate; all still read the one expert
 bank, which holds nearly all the parameters. Untied reads fresh rows everywhere yet trained no
-better than tied in the README's measurement, so tied stays the default.
+better than tied in the measurement in docs/results.md, so tied stays the default.
 
 Route once (tied, ``route_once``): column c's router chooses its experts once per token, for the
 layer input x (the application B_c(x) of stage c); its other 2**(C-c) - 1 applications, on

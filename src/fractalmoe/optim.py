@@ -18,7 +18,7 @@ writes only those rows and their state:
   to its gradient, where the Adam rules and Adagrad normalise it away: sparse memory fine-tuning
   (Lin et al., 2025) found SGD forgets less than AdamW, whose per-coordinate normalisation gives
   a row the new domain barely reads a full-sized step (here it traces the same trade-off as lazy
-  Adam: README, "Fine-tuning and forgetting"). Padding rows are zero: harmless.
+  Adam: docs/results.md, "Fine-tuning and forgetting"). Padding rows are zero: harmless.
 * ``dense_adamw``: torch.optim.AdamW over whole tables, which then get dense gradients
   (``set_grad_layout``): the dense design, O(N * D) per step, for comparisons.
 
