@@ -43,6 +43,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py key-parts           # the experts series with three-part product keys
     python benchmarks/quality.py key-parts-pkm       # PKM with the same three-part keys at 262K, seeds 2, 3
     python benchmarks/quality.py key-parts-heads-pilots # FHME and PKM at 262K: 1 or 3 heads, 400 steps
+    python benchmarks/quality.py default-length      # the block-conv pair at the default's 2,400 steps, seeds 2, 3
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -418,12 +419,12 @@ def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 
 def _pair_jobs(stdlib: str, tag: str, extra: list[str], order: list[tuple[str, str]],
-               models: tuple[str, ...] = ("pkm", "fhme")) -> list[tuple[str, list[str]]]:
-    """PKM and FHME (or ``models``) with ``extra`` at the reported length: lazy-Adam tables,
-    1,200 steps, for each (corpus, seed) of ``order`` in turn."""
+               models: tuple[str, ...] = ("pkm", "fhme"), steps: str = "1200") -> list[tuple[str, list[str]]]:
+    """PKM and FHME (or ``models``) with ``extra`` at the reported length (or ``steps``): lazy-Adam
+    tables, for each (corpus, seed) of ``order`` in turn."""
     return [(f"{corpus}_{model}_{tag}_s{seed}",
              [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *extra, *_data(corpus, stdlib),
-              "--max-steps", "1200", "--seeds", seed])
+              "--max-steps", steps, "--seeds", seed])
             for corpus, seed in order for model in models]
 
 
@@ -612,6 +613,14 @@ def block_conv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             *_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, CORPUS_FIRST, ("pkm",))]
 
 
+def default_length_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The block-conv pair at the default recipe's length, 2,400 steps (twice the reported length,
+    the default since the wall-clock race): does the verdict between the fractal and one wide read
+    move when both train longer? Seeds 2 and 3, both corpora; FHME and PKM of each pair run side
+    by side (worker 0 takes every FHME job, worker 1 every PKM job)."""
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_2400", BCONV_FHME, SEED_FIRST, ("fhme", "pkm"), steps="2400")
+
+
 def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """FHME at C = 2 spends 4 of its 6 head reads on the deep path (B_1 runs twice); PKM, all 6
     on one wide read, wins. With 1 head in column 1 and 4 in column 2 (``column_heads = "1,4"``,
@@ -762,7 +771,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "column-heads": column_heads_jobs, "shallow-heads": shallow_heads_jobs,
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
     "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
-    "key-parts-heads-pilots": key_parts_heads_pilot_jobs,
+    "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "default-length": default_length_jobs,
 }
 
 
