@@ -200,12 +200,12 @@ def shallow_tables(found: list[dict]) -> str:
     return "\n".join(out)
 
 
-def print_per_corpus(found: list[dict], title: str) -> None:
+def print_per_corpus(found: list[dict], title: str, steps: str = "1,200") -> None:
     """The comparison of found's runs on each corpus that has any, under one heading each."""
     for corpus in ("shakespeare", "stdlib"):
         table = final_table(found, corpus)
         if table:
-            print(f"\n### {corpus} (1,200 steps){title}\n")
+            print(f"\n### {corpus} ({steps} steps){title}\n")
             print(table)
 
 
@@ -240,6 +240,12 @@ def main() -> None:
                 for r in rows(root / "block-conv")]
         print_per_corpus(split + even, ", FHME with column_heads = 1,4 (fhme) against the 2,2 default and PKM, "
                          "both with block convolutions, lazy-Adam tables")
+    if (root / "default-length").is_dir():  # the block-conv pair at the default's length
+        long_pair = rows(root / "default-length")
+        print_per_corpus(long_pair, ", the pair with block convolutions at the default length, lazy-Adam tables",
+                         steps="2,400")
+        print("\nPeriodic bpb along the runs:\n")
+        print(curves_table(long_pair))
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
