@@ -56,8 +56,16 @@ def test_hf_models_start_identical_train_and_generate(build) -> None:
     base = {k: v.clone() for k, v in model.state_dict().items()}
     adapters = add_fhme_adapters(model, **ADAPTER)
     assert len(adapters) == 2
+    added: list[torch.Tensor] = []
+    hooks = [a.register_forward_hook(lambda m, args, out: added.append(out)) for a in adapters]
     with torch.no_grad():
-        torch.testing.assert_close(model(idx).logits, before, rtol=0, atol=0)
+        after = model(idx).logits
+    for h in hooks:
+        h.remove()
+    # Each adapter adds exactly zero at init. The logits are compared at float32 tolerance: the
+    # base's own recomputation is not bit-stable on a multi-threaded CPU BLAS from call to call.
+    assert len(added) == 2 and all(torch.count_nonzero(y) == 0 for y in added)
+    torch.testing.assert_close(after, before)
     losses = _train(model, lambda m, x: m(x).logits)
     assert losses[-1] < losses[0]
     state = model.state_dict()
