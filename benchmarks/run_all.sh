@@ -57,8 +57,6 @@ LAST=1 STEPS=1200 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_ra
 # The pilot that chose 2,400 steps for the default (seed 1; results/default_long_pilot)
 $F train --out runs/long_pilot_s1 --seed 1 --max-steps 2400 --quiet
 $F eval --ckpt runs/long_pilot_s1 --json > $R/default_long_pilot/eval.json
-# Can the base tell its own domain from email per token (routing novelty, a linear probe)? Before a gated adapter
-.venv/bin/python benchmarks/domain_separation.py runs/long_pilot_s1 > $R/domain_separation.json
 # the races above ran the default of 1,200 steps and scored the recipe at its last step; the
 # default's 2,400 steps, seeds 1337 and 4 the same way (results/nanogpt_race_seeds/*_long), then the
 # recipe alone against those default runs, keeping its best checkpoint (the script's default now; *_long_best)
@@ -67,6 +65,8 @@ LAST=1 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/race_long_s4; wait
 for s in 1337 4; do mkdir -p runs/race_long_best_s$s; cp -r runs/race_long_s$s/default runs/race_long_best_s$s/; done
 WALL=1446.12 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/race_long_best_s1337 &
 WALL=1462.87 SEED=4 CPU=1 bash benchmarks/nanogpt_recipe.sh runs/race_long_best_s4; wait
+# Can the base tell its own domain from email per token (routing novelty, a linear probe)? Before a gated adapter
+.venv/bin/python benchmarks/domain_separation.py runs/long_pilot_s1 > $R/domain_separation.json
 bash benchmarks/sharded_rss.sh
 /usr/bin/time -v $F train --config configs/million.toml --out runs/million --quiet > $R/million_train.log 2>&1
 /usr/bin/time -v $F train --config configs/million.toml --set deferred_table_grads=false --out runs/million_sparse \
