@@ -14,6 +14,7 @@ tokens, per layer:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sysconfig
 
@@ -37,10 +38,10 @@ def auc(pos: Tensor, neg: Tensor) -> float:
 
 
 def windows(data: ByteDataset, train: bool, batches: int, seq_len: int) -> list[Tensor]:
+    """Training batches 0.. of seed 0, or the validation split's first windows."""
     if train:
         return [data.train_batch(s, BATCH, seq_len, 0)[0] for s in range(batches)]
-    return [data.val[s * BATCH * seq_len:(s + 1) * BATCH * seq_len].long().view(BATCH, seq_len)
-            for s in range(batches)]
+    return [x for x, _ in itertools.islice(data.val_batches(BATCH, seq_len), batches)]
 
 
 def main() -> None:
