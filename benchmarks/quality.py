@@ -44,6 +44,8 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py key-parts-pkm       # PKM with the same three-part keys at 262K, seeds 2, 3
     python benchmarks/quality.py key-parts-heads-pilots # FHME and PKM at 262K: 1 or 3 heads, 400 steps
     python benchmarks/quality.py default-length      # the block-conv pair at the default's 2,400 steps, seeds 2, 3
+    python benchmarks/quality.py small-stdlib        # the same on a 1 MB cut of the second corpus
+    python benchmarks/quality.py kjv                 # the same on the King James Bible (4.3 MB of prose)
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -52,6 +54,7 @@ Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is nev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
 import subprocess
@@ -621,6 +624,49 @@ def default_length_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return _pair_jobs(stdlib, "gated_conv4_bconv4_2400", BCONV_FHME, SEED_FIRST, ("fhme", "pkm"), steps="2400")
 
 
+def small_stdlib_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """default-length's pair on a 1 MB cut of the second corpus (``corpus_subset.py``: Tiny
+    Shakespeare's training size, 16 pieces spread over the standard library's training text; the
+    same validation files). FHME won on Tiny Shakespeare, read ~5 times in 2,400 steps, and PKM on
+    the standard library, read once: is that the corpus's size or its kind of text? Seeds 2 and 3,
+    FHME and PKM side by side."""
+    small = f"{stdlib.rstrip('/')}-1mb"
+    if not Path(small, "train.txt").exists():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("corpus_subset.py")), stdlib, small],
+                       check=True)
+    return [(name.replace("stdlib_", "stdlib1mb_"), args)
+            for name, args in _pair_jobs(small, "gated_conv4_bconv4_2400", BCONV_FHME,
+                                         [("stdlib", "2"), ("stdlib", "3")], ("fhme", "pkm"), steps="2400")]
+
+
+# The King James Bible from Debian's bible-kjv package (-l80 fixes the line width), as in
+# finetune.sh; validation is its last 10%, as for Tiny Shakespeare.
+KJV = Path("data/kjv.txt")
+KJV_SHA256 = "ba7c84a755b5ecc052222311dc2d785cd6cf9c0875ca26fc31de1138501496d5"
+
+
+def _kjv_corpus() -> Path:
+    if not KJV.exists():
+        text = subprocess.run(["bible", "-l80", "Genesis1:1-Revelation22:21"], check=True,
+                              capture_output=True).stdout
+        if hashlib.sha256(text).hexdigest() != KJV_SHA256:
+            sys.exit(f"bible -l80 gave a text other than the one measured (sha256 {KJV_SHA256})")
+        KJV.parent.mkdir(parents=True, exist_ok=True)
+        KJV.write_bytes(text)
+    return KJV
+
+
+def kjv_jobs(_stdlib: str) -> list[tuple[str, list[str]]]:
+    """default-length's pair on English prose of 4.3 MB, read about 1.3 times in 2,400 steps:
+    with small-stdlib, the other two corners of corpus size x kind of text (needs Debian's
+    bible-kjv: ``apt-get install -y bible-kjv``). Seeds 2 and 3, FHME and PKM side by side."""
+    data = ["--data", str(_kjv_corpus())]
+    return [(f"kjv_{model}_gated_conv4_bconv4_2400_s{seed}",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *BCONV_FHME, *data,
+              "--max-steps", "2400", "--seeds", seed])
+            for seed in ("2", "3") for model in ("fhme", "pkm")]
+
+
 def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """FHME at C = 2 spends 4 of its 6 head reads on the deep path (B_1 runs twice); PKM, all 6
     on one wide read, wins. With 1 head in column 1 and 4 in column 2 (``column_heads = "1,4"``,
@@ -772,6 +818,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
     "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
     "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "default-length": default_length_jobs,
+    "small-stdlib": small_stdlib_jobs, "kjv": kjv_jobs,
 }
 
 
