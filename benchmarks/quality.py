@@ -647,8 +647,11 @@ KJV_SHA256 = "ba7c84a755b5ecc052222311dc2d785cd6cf9c0875ca26fc31de1138501496d5"
 
 def _kjv_corpus() -> Path:
     if not KJV.exists():
-        text = subprocess.run(["bible", "-l80", "Genesis1:1-Revelation22:21"], check=True,
-                              capture_output=True).stdout
+        try:
+            text = subprocess.run(["bible", "-l80", "Genesis1:1-Revelation22:21"], check=True,
+                                  capture_output=True).stdout
+        except FileNotFoundError:
+            sys.exit("the kjv phase needs Debian's bible-kjv package: apt-get install -y bible-kjv")
         if hashlib.sha256(text).hexdigest() != KJV_SHA256:
             sys.exit(f"bible -l80 gave a text other than the one measured (sha256 {KJV_SHA256})")
         KJV.parent.mkdir(parents=True, exist_ok=True)

@@ -200,9 +200,10 @@ def shallow_tables(found: list[dict]) -> str:
     return "\n".join(out)
 
 
-def print_per_corpus(found: list[dict], title: str, steps: str = "1,200") -> None:
+def print_per_corpus(found: list[dict], title: str, steps: str = "1,200",
+                     corpora: tuple[str, ...] = ("shakespeare", "stdlib")) -> None:
     """The comparison of found's runs on each corpus that has any, under one heading each."""
-    for corpus in ("shakespeare", "stdlib"):
+    for corpus in corpora:
         table = final_table(found, corpus)
         if table:
             print(f"\n### {corpus} ({steps} steps){title}\n")
@@ -246,6 +247,13 @@ def main() -> None:
                          steps="2,400")
         print("\nPeriodic bpb along the runs:\n")
         print(curves_table(long_pair))
+    # The same pair on the other two corners of corpus size x kind of text: 1 MB of code, 4 MB of prose
+    other = [r for p in ("small-stdlib", "kjv") if (root / p).is_dir() for r in rows(root / p)]
+    if other:
+        print_per_corpus(other, ", the default-length pair on a 1 MB cut of the standard library (stdlib1mb) "
+                         "and on the King James Bible (kjv)", steps="2,400", corpora=("stdlib1mb", "kjv"))
+        print("\nPeriodic bpb along the runs:\n")
+        print(curves_table(other))
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
