@@ -29,6 +29,15 @@ def subset(train: bytes, size: int, pieces: int) -> bytes:
     return b"".join(train[i * step:i * step + n] for i, n in enumerate(lengths))
 
 
+def write_subset(source: Path, out: Path, size: int, pieces: int) -> None:
+    """out/train.txt: ``subset`` of source/train.txt; out/val.txt: source/val.txt."""
+    small = subset((source / "train.txt").read_bytes(), size, pieces)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.txt").write_bytes(small)
+    shutil.copyfile(source / "val.txt", out / "val.txt")
+    print(f"{out}: train {len(small):,} bytes in {pieces} pieces, val as {source}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path, help="a pre-split corpus folder (train.txt, val.txt)")
@@ -36,11 +45,7 @@ def main() -> None:
     p.add_argument("--bytes", type=int, default=SHAKESPEARE_TRAIN_BYTES)
     p.add_argument("--pieces", type=int, default=16)
     args = p.parse_args()
-    small = subset((args.source / "train.txt").read_bytes(), args.bytes, args.pieces)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train.txt").write_bytes(small)
-    shutil.copyfile(args.source / "val.txt", args.out / "val.txt")
-    print(f"{args.out}: train {len(small):,} bytes in {args.pieces} pieces, val as {args.source}")
+    write_subset(args.source, args.out, args.bytes, args.pieces)
 
 
 if __name__ == "__main__":

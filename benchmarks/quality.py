@@ -62,6 +62,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from corpus_subset import SHAKESPEARE_TRAIN_BYTES, write_subset
+
 ROUTED = ("fhme", "pkm", "peer", "memplus")
 # The FHME reference of every comparison: value blocks, C = 2, 2 heads; other models are matched
 # to its FFN FLOPs through their own width knob (heads for routed models, hidden width otherwise).
@@ -422,11 +424,15 @@ def gate_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 
 def _pair_jobs(stdlib: str, tag: str, extra: list[str], order: list[tuple[str, str]],
-               models: tuple[str, ...] = ("pkm", "fhme"), steps: str = "1200") -> list[tuple[str, list[str]]]:
+               models: tuple[str, ...] = ("pkm", "fhme"), steps: str = "1200",
+               paths: dict[str, str] | None = None) -> list[tuple[str, list[str]]]:
     """PKM and FHME (or ``models``) with ``extra`` at the reported length (or ``steps``): lazy-Adam
-    tables, for each (corpus, seed) of ``order`` in turn."""
+    tables, for each (corpus, seed) of ``order`` in turn; ``paths`` names corpora beyond the two."""
+    def data(corpus: str) -> list[str]:
+        return ["--data", paths[corpus]] if paths and corpus in paths else _data(corpus, stdlib)
+
     return [(f"{corpus}_{model}_{tag}_s{seed}",
-             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *extra, *_data(corpus, stdlib),
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *extra, *data(corpus),
               "--max-steps", steps, "--seeds", seed])
             for corpus, seed in order for model in models]
 
@@ -630,13 +636,11 @@ def small_stdlib_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     same validation files). FHME won on Tiny Shakespeare, read ~5 times in 2,400 steps, and PKM on
     the standard library, read once: is that the corpus's size or its kind of text? Seeds 2 and 3,
     FHME and PKM side by side."""
-    small = f"{stdlib.rstrip('/')}-1mb"
-    if not Path(small, "train.txt").exists():
-        subprocess.run([sys.executable, str(Path(__file__).with_name("corpus_subset.py")), stdlib, small],
-                       check=True)
-    return [(name.replace("stdlib_", "stdlib1mb_"), args)
-            for name, args in _pair_jobs(small, "gated_conv4_bconv4_2400", BCONV_FHME,
-                                         [("stdlib", "2"), ("stdlib", "3")], ("fhme", "pkm"), steps="2400")]
+    small = Path(f"{stdlib.rstrip('/')}-1mb")
+    if not (small / "train.txt").exists():
+        write_subset(Path(stdlib), small, SHAKESPEARE_TRAIN_BYTES, pieces=16)
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_2400", BCONV_FHME, [("stdlib1mb", "2"), ("stdlib1mb", "3")],
+                      ("fhme", "pkm"), steps="2400", paths={"stdlib1mb": str(small)})
 
 
 # The King James Bible from Debian's bible-kjv package (-l80 fixes the line width), as in
@@ -659,15 +663,12 @@ def _kjv_corpus() -> Path:
     return KJV
 
 
-def kjv_jobs(_stdlib: str) -> list[tuple[str, list[str]]]:
+def kjv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """default-length's pair on English prose of 4.3 MB, read about 1.3 times in 2,400 steps:
     with small-stdlib, the other two corners of corpus size x kind of text (needs Debian's
     bible-kjv: ``apt-get install -y bible-kjv``). Seeds 2 and 3, FHME and PKM side by side."""
-    data = ["--data", str(_kjv_corpus())]
-    return [(f"kjv_{model}_gated_conv4_bconv4_2400_s{seed}",
-             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *BCONV_FHME, *data,
-              "--max-steps", "2400", "--seeds", seed])
-            for seed in ("2", "3") for model in ("fhme", "pkm")]
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_2400", BCONV_FHME, [("kjv", "2"), ("kjv", "3")],
+                      ("fhme", "pkm"), steps="2400", paths={"kjv": str(_kjv_corpus())})
 
 
 def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
