@@ -46,6 +46,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py default-length      # the block-conv pair at the default's 2,400 steps, seeds 2, 3
     python benchmarks/quality.py small-stdlib        # the same on a 1 MB cut of the second corpus
     python benchmarks/quality.py kjv                 # the same on the King James Bible (4.3 MB of prose)
+    python benchmarks/quality.py value-dropout-pilots  # PKM's value dropout offered to both, seed 1
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -671,6 +672,21 @@ def kjv_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                       ("fhme", "pkm"), steps="2400", paths={"kjv": str(_kjv_corpus())})
 
 
+# PKM's value dropout (Lample et al. 2019): each retrieved slot's gate dropped in training.
+VALUE_DROPOUT = ["--set", "value_dropout=0.2"]
+
+
+def value_dropout_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """Where the text repeats, PKM fits its training text better than FHME and generalises worse
+    (small-stdlib, kjv): does a regulariser aimed at the memory take FHME's small-corpus wins
+    away, or help both? default-length's pair with and without ``value_dropout = 0.2``, seed 1,
+    2,400 steps on the bundled corpus (read ~5 times), FHME and PKM side by side."""
+    return [*_pair_jobs(stdlib, "gated_conv4_bconv4_2400_vd0.2", [*BCONV_FHME, *VALUE_DROPOUT],
+                        [("shakespeare", "1")], ("fhme", "pkm"), steps="2400"),
+            *_pair_jobs(stdlib, "gated_conv4_bconv4_2400", BCONV_FHME, [("shakespeare", "1")],
+                        ("fhme", "pkm"), steps="2400")]
+
+
 def column_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """FHME at C = 2 spends 4 of its 6 head reads on the deep path (B_1 runs twice); PKM, all 6
     on one wide read, wins. With 1 head in column 1 and 4 in column 2 (``column_heads = "1,4"``,
@@ -822,7 +838,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
     "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
     "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "default-length": default_length_jobs,
-    "small-stdlib": small_stdlib_jobs, "kjv": kjv_jobs,
+    "small-stdlib": small_stdlib_jobs, "kjv": kjv_jobs, "value-dropout-pilots": value_dropout_pilot_jobs,
 }
 
 

@@ -173,11 +173,29 @@ def test_memory_output_equals_reference_for_each_gate(gate: str, kind: str) -> N
     torch.testing.assert_close(mem(x), reference)
 
 
+def test_value_dropout_drops_slots_in_training_only() -> None:
+    """Training: each slot's gate is zeroed with probability p and the rest scaled by 1 / (1 - p)
+    (the mask drawn as F.dropout draws it); evaluation reads every slot."""
+    mem = ProductKeyMemory(16, 100, heads=2, topk=4, key_dim=8, kind="value", value_dropout=0.25).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    scores, idx = mem.route(x)
+    gates = torch.softmax(scores, -1)
+    torch.testing.assert_close(mem.eval()(x), (gates.unsqueeze(-1) * mem.bank.values[idx]).sum((2, 3)))
+    torch.manual_seed(0)
+    y = mem.train()(x)
+    torch.manual_seed(0)
+    kept = torch.nn.functional.dropout(torch.ones_like(gates), 0.25)
+    assert 0 < (kept == 0).sum() < kept.numel()
+    torch.testing.assert_close(y, (kept.unsqueeze(-1) * gates.unsqueeze(-1) * mem.bank.values[idx]).sum((2, 3)))
+
+
 def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="perfect square"):
         ProductKeyMemory(16, 1000)
     with pytest.raises(ValueError, match="gate"):
         ProductKeyMemory(16, 256, heads=1, topk=4, key_dim=8, gate="tanh")
+    with pytest.raises(ValueError, match="value_dropout"):
+        ProductKeyMemory(16, 256, heads=1, topk=4, key_dim=8, value_dropout=1.0)
 
 
 @pytest.mark.parametrize("dense_ratio", [8, 1])

@@ -130,6 +130,9 @@ class ModelConfig(_Config):
     # experts score 3 x 64 sub-keys instead of 2 x 512). A perfect square N for 2; e.g. a power of two for 3.
     key_parts: int = 2
     gate: str = "softmax"  # softmax (competing) | sigmoid (non-competing)
+    # Training: each retrieved slot's gate is dropped with this probability (PKM's value dropout,
+    # Lample et al. 2019): a regulariser against a memory storing its training text.
+    value_dropout: float = 0.0
     query_norm: str = "layernorm"  # layernorm | rmsnorm | running | whiten (past batches' stats) | none
     unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
     balance_rate: float = 0.0  # > 0: per-step move of selection-only sub-key / expert biases
@@ -198,7 +201,7 @@ class ModelConfig(_Config):
           "must be 2 with balance_rate or balance_loss")
         r(self.fractal_depth <= 8, "fractal_depth", "must be <= 8 (2**C - 1 blocks per layer)")
         r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
-        for name in ("dropout", "drop_path_local", "drop_path_global", "depth_explore"):
+        for name in ("dropout", "value_dropout", "drop_path_local", "drop_path_global", "depth_explore"):
             r(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         r(0.0 <= self.depth_target <= 1.0, "depth_target", "must be in [0, 1] (0 = fixed penalty)")
         r(self.depth_rule in DEPTH_RULES, "depth_rule", f"must be one of {DEPTH_RULES}")

@@ -86,7 +86,8 @@ class FHME(nn.Module, PastBatchStatistics):
                  balancing: Balancing = Balancing(), block: str = "neuron",
                  bank: ExpertBank | None = None, tied: bool = True,
                  depth_rule: str = "ponder", route_once: bool = False,
-                 output_gate: bool = False, block_conv: int = 0, key_parts: int = 2) -> None:
+                 output_gate: bool = False, block_conv: int = 0, key_parts: int = 2,
+                 value_dropout: float = 0.0) -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
@@ -94,7 +95,7 @@ class FHME(nn.Module, PastBatchStatistics):
         self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
                                      query_norm, act, join_bias, drop_path_local,
                                      drop_path_global, TABLE_DTYPES[expert_dtype], balancing, block, bank,
-                                     tied, route_once, block_conv, key_parts)
+                                     tied, route_once, block_conv, key_parts, value_dropout)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             threshold = depth_rule == "threshold"
@@ -126,7 +127,7 @@ class FHME(nn.Module, PastBatchStatistics):
                    cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
                    cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
                    balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule, cfg.route_once,
-                   cfg.output_gate, cfg.block_conv, cfg.key_parts)
+                   cfg.output_gate, cfg.block_conv, cfg.key_parts, cfg.value_dropout)
 
     @property
     def halting(self) -> bool:

@@ -130,7 +130,7 @@ class FractalExpert(nn.Module):
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
                  balancing: Balancing = Balancing(), kind: str = "neuron",
                  bank: ExpertBank | None = None, tied: bool = True, route_once: bool = False,
-                 block_conv: int = 0, key_parts: int = 2) -> None:
+                 block_conv: int = 0, key_parts: int = 2, value_dropout: float = 0.0) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
@@ -154,7 +154,8 @@ class FractalExpert(nn.Module):
         self.blocks = nn.ModuleList(
             RoutedBlock(dim, ProductKeyMemory(dim, num_experts, column_heads[c - 1], topk, key_dim,
                                               gate, query_norm, act, kind, own_bank=False,
-                                              balancing=balancing, key_parts=key_parts), block_conv)
+                                              balancing=balancing, key_parts=key_parts,
+                                              value_dropout=value_dropout), block_conv)
             for c in module_cols)
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(len(set(self._join_at))))
 

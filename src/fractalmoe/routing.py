@@ -580,13 +580,16 @@ class ProductKeyMemory(nn.Module):
     def __init__(self, dim: int, num_experts: int, heads: int = 8, topk: int = 16,
                  key_dim: int = 128, gate: str = "softmax", query_norm: str = "layernorm",
                  act: str = "gelu", kind: str = "neuron", own_bank: bool = True,
-                 balancing: Balancing = Balancing(), key_parts: int = 2) -> None:
+                 balancing: Balancing = Balancing(), key_parts: int = 2,
+                 value_dropout: float = 0.0) -> None:
         super().__init__()
         if gate not in ("softmax", "sigmoid"):
             raise ValueError(f"gate={gate!r} must be 'softmax' or 'sigmoid'")
+        if not 0.0 <= value_dropout < 1.0:
+            raise ValueError(f"value_dropout={value_dropout} must be in [0, 1)")
         self.router = ProductKeyRouter(dim, num_experts, heads, topk, key_dim, query_norm, balancing,
                                        key_parts)
-        self.gate, self.kind, self.dim = gate, kind, dim
+        self.gate, self.kind, self.dim, self.value_dropout = gate, kind, dim, value_dropout
         self.bank = ExpertBank(num_experts, dim, act, kind=kind) if own_bank else None
         self.silu_gate = nn.Linear(dim, dim, bias=False) if kind == "gated" else None
 
@@ -603,7 +606,7 @@ class ProductKeyMemory(nn.Module):
         ``experts`` (chosen earlier for the same token) re-weighted from x's own query."""
         bank = bank if bank is not None else self.bank
         scores, idx = self.router(x) if experts is None else (self.router.rescore(x, experts), experts)
-        gates = gate_scores(scores, self.gate)
+        gates = F.dropout(gate_scores(scores, self.gate), self.value_dropout, self.training)
         y = _read_experts(bank, x, idx.flatten(-2), gates.flatten(-2))
         return (y * F.silu(self.silu_gate(x)) if self.silu_gate is not None else y), idx
 
