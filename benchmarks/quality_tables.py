@@ -12,29 +12,39 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
 
+TAIL_STEPS = 200  # the training loss is read as its mean over the run's last this many steps
+
+
 def rows(folder: Path) -> list[dict]:
     """Per-seed result rows of every run under folder, with the run's name and (where kept) its
-    training config and periodic validation curve {step: (val bpb, elapsed s)}."""
+    training config, periodic validation curve {step: (val bpb, elapsed s)} and training bpb
+    over its last TAIL_STEPS steps (``train_bpb_tail``, in training mode: with any dropout on)."""
     out = []
     for path in sorted(folder.glob("*/results.jsonl")):
         config = path.parent / "config.json"
         train = json.loads(config.read_text())["train"] if config.exists() else {}
         metrics = path.parent / "metrics.jsonl"
-        curve = {}
+        curve, losses = {}, []
         if metrics.exists():
             for line in metrics.read_text().splitlines():
                 m = json.loads(line)
                 if m.get("val_bpb") is not None:
                     curve[m["step"]] = (m["val_bpb"], m["elapsed_s"])
+                losses.append((m["step"], m["train_loss"]))
+        last = max((s for s, _ in losses), default=0)
+        tail = [loss for s, loss in losses if s > last - TAIL_STEPS]
+        train_tail = sum(tail) / len(tail) / math.log(2) if tail else None
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if "seed" not in row:  # the per-model summary line
                 continue
             row["name"], row["curve"], row["train"] = path.parent.name, curve, train
+            row["train_bpb_tail"] = train_tail
             out.append(row)
     return out
 
@@ -187,6 +197,17 @@ def curves_table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fit_table(found: list[dict]) -> str:
+    """Each run's validation bpb beside its training bpb over the last steps: how much of what a
+    model fits is its training text (the gap), with and without a regulariser."""
+    lines = ["| run | value dropout | val bpb | train bpb, last 200 steps | gap |", "|---|---:|---:|---:|---:|"]
+    for r in sorted(found, key=lambda r: (r["model"], r["config"].get("value_dropout", 0.0), r["seed"])):
+        tail = r["train_bpb_tail"]
+        lines.append(f"| {r['name']} | {r['config'].get('value_dropout', 0.0):g} | {r['val_bpb']:.4f} | "
+                     f"{tail:.4f} | {r['val_bpb'] - tail:.4f} |")
+    return "\n".join(lines)
+
+
 def shallow_tables(found: list[dict]) -> str:
     """The shallow phase (runs named <corpus>_<model>_L<layers>_s<seed>): one comparison per
     corpus and number of layers, models labelled by run name (PEER with and without balancing)."""
@@ -254,6 +275,9 @@ def main() -> None:
                          "and on the King James Bible (kjv)", steps="2,400", corpora=("stdlib1mb", "kjv"))
         print("\nPeriodic bpb along the runs:\n")
         print(curves_table(other))
+    if (root / "value-dropout-pilots").is_dir():
+        print("\n### Value dropout pilots (seed 1, 2,400 steps, bundled corpus)\n")
+        print(fit_table(rows(root / "value-dropout-pilots")))
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
