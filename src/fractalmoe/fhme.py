@@ -92,10 +92,11 @@ class FHME(nn.Module, PastBatchStatistics):
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
         initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3
-        self.fractal = FractalExpert(dim, num_experts, depth, heads, topk, key_dim, gate,
-                                     query_norm, act, join_bias, drop_path_local,
-                                     drop_path_global, TABLE_DTYPES[expert_dtype], balancing, block, bank,
-                                     tied, route_once, block_conv, key_parts, value_dropout)
+        self.fractal = FractalExpert(
+            dim, num_experts, depth, heads, topk, key_dim, gate=gate, query_norm=query_norm, act=act,
+            join_bias=join_bias, drop_path_local=drop_path_local, drop_path_global=drop_path_global,
+            expert_dtype=TABLE_DTYPES[expert_dtype], balancing=balancing, kind=block, bank=bank, tied=tied,
+            route_once=route_once, block_conv=block_conv, key_parts=key_parts, value_dropout=value_dropout)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             threshold = depth_rule == "threshold"
@@ -122,12 +123,15 @@ class FHME(nn.Module, PastBatchStatistics):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, bank: ExpertBank | None = None) -> FHME:
-        return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.heads_per_column, cfg.topk,
-                   cfg.key_dim, cfg.gate, cfg.query_norm, cfg.expert_act, cfg.join_bias,
-                   cfg.drop_path_local, cfg.drop_path_global, cfg.adaptive_depth,
-                   cfg.depth_penalty, cfg.depth_explore, cfg.depth_target, cfg.expert_dtype,
-                   balancing_of(cfg), cfg.block, bank, cfg.tie_blocks, cfg.depth_rule, cfg.route_once,
-                   cfg.output_gate, cfg.block_conv, cfg.key_parts, cfg.value_dropout)
+        return cls(cfg.dim, cfg.num_experts, cfg.fractal_depth, cfg.heads_per_column, cfg.topk, cfg.key_dim,
+                   gate=cfg.gate, query_norm=cfg.query_norm, act=cfg.expert_act, join_bias=cfg.join_bias,
+                   drop_path_local=cfg.drop_path_local, drop_path_global=cfg.drop_path_global,
+                   adaptive_depth=cfg.adaptive_depth, depth_penalty=cfg.depth_penalty,
+                   depth_explore=cfg.depth_explore, depth_target=cfg.depth_target,
+                   expert_dtype=cfg.expert_dtype, balancing=balancing_of(cfg), block=cfg.block, bank=bank,
+                   tied=cfg.tie_blocks, depth_rule=cfg.depth_rule, route_once=cfg.route_once,
+                   output_gate=cfg.output_gate, block_conv=cfg.block_conv, key_parts=cfg.key_parts,
+                   value_dropout=cfg.value_dropout)
 
     @property
     def halting(self) -> bool:
