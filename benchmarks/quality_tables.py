@@ -200,10 +200,14 @@ def curves_table(found: list[dict]) -> str:
 def fit_table(found: list[dict]) -> str:
     """Each run's validation bpb beside its training bpb over the last steps: how much of what a
     model fits is its training text (the gap), with and without a regulariser."""
-    lines = ["| run | value dropout | val bpb | train bpb, last 200 steps | gap |", "|---|---:|---:|---:|---:|"]
-    for r in sorted(found, key=lambda r: (r["model"], r["config"].get("value_dropout", 0.0), r["seed"])):
+    def reg(r: dict) -> tuple[float, float]:
+        return r["config"].get("dropout", 0.0), r["config"].get("value_dropout", 0.0)
+
+    lines = ["| run | dropout, value dropout | val bpb | train bpb, last 200 steps | gap |",
+             "|---|---:|---:|---:|---:|"]
+    for r in sorted(found, key=lambda r: (r["config"]["ffn"], reg(r), r["seed"])):
         tail = r["train_bpb_tail"]
-        lines.append(f"| {r['name']} | {r['config'].get('value_dropout', 0.0):g} | {r['val_bpb']:.4f} | "
+        lines.append(f"| {r['name']} | {reg(r)[0]:g}, {reg(r)[1]:g} | {r['val_bpb']:.4f} | "
                      f"{tail:.4f} | {r['val_bpb'] - tail:.4f} |")
     return "\n".join(lines)
 
@@ -275,6 +279,13 @@ def main() -> None:
                          "and on the King James Bible (kjv)", steps="2,400", corpora=("stdlib1mb", "kjv"))
         print("\nPeriodic bpb along the runs:\n")
         print(curves_table(other))
+    if (root / "dropout").is_dir() and (root / "default-length").is_dir():  # a regulariser on both
+        reg = [dict(r, model=f"{r['model']}, dropout 0.1") for r in rows(root / "dropout")]
+        base = [r for r in rows(root / "default-length") if r["name"].startswith("shakespeare_")]
+        print_per_corpus(reg + base, ", the pair with and without the transformer's dropout (0.1), lazy-Adam "
+                         "tables", steps="2,400", corpora=("shakespeare",))
+        print()
+        print(fit_table(reg + base))
     if (root / "value-dropout-pilots").is_dir():
         print("\n### Value dropout pilots (seed 1, 2,400 steps, bundled corpus)\n")
         print(fit_table(rows(root / "value-dropout-pilots")))
