@@ -40,7 +40,7 @@ def corpus(tmp_path: Path) -> str:
 
 
 def _config(model_extra: dict | None = None, **train) -> RunConfig:
-    model = tiny_model_config(n_layers=1, dropout=0.1, drop_path_local=0.2, adaptive_depth=True,
+    model = tiny_model_config(n_layers=1, dropout=0.1, value_dropout=0.1, drop_path_local=0.2, adaptive_depth=True,
                               depth_penalty=0.01, **(model_extra or {}))
     base = dict(batch_size=4, max_steps=8, eval_every=100, log_every=1, save_every=100,
                 sample_bytes=0, warmup_steps=2)
