@@ -289,11 +289,6 @@ def main() -> None:
     if (root / "value-dropout-pilots").is_dir():
         print("\n### Value dropout pilots (seed 1, 2,400 steps, bundled corpus)\n")
         print(fit_table(rows(root / "value-dropout-pilots")))
-    if (root / "value-dropout-fhme").is_dir() and (root / "default-length").is_dir():
-        reg = [dict(r, model="fhme, value dropout 0.2") for r in rows(root / "value-dropout-fhme")]
-        base = [r for r in rows(root / "default-length") if r["name"].startswith("shakespeare_")]
-        print_per_corpus(reg + base, ", FHME with and without value dropout (0.2), lazy-Adam tables",
-                         steps="2,400", corpora=("shakespeare",))
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():

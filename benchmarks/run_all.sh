@@ -138,13 +138,13 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # the experts series with three-part product keys, PKM with three-part keys at 262K, one or three heads for both,
 # the block-conv pair at the default's 2,400 steps, and on a 1 MB cut of the standard library and the
 # King James Bible (Debian's bible-kjv), and the pair with a regulariser (the memory's value dropout at
-# seed 1, then FHME with it at seeds 2, 3; the transformer's dropout at seeds 2, 3)
+# seed 1; the transformer's dropout at seeds 2, 3)
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
              drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
-             key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots value-dropout-fhme dropout; do
+             key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
