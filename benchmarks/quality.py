@@ -47,7 +47,6 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py small-stdlib        # the same on a 1 MB cut of the second corpus
     python benchmarks/quality.py kjv                 # the same on the King James Bible (4.3 MB of prose)
     python benchmarks/quality.py value-dropout-pilots  # PKM's value dropout offered to both, seed 1
-    python benchmarks/quality.py value-dropout-fhme  # FHME with it at seeds 2, 3
     python benchmarks/quality.py dropout             # the pair with the transformer's dropout 0.1, seeds 2, 3
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
@@ -689,13 +688,6 @@ def value_dropout_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                         ("fhme", "pkm"), steps="2400")]
 
 
-def value_dropout_fhme_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The pilots' one gain, FHME with ``value_dropout = 0.2`` (PKM's was none), at seeds 2 and 3
-    (bundled corpus, 2,400 steps), against default-length's runs without it."""
-    return _pair_jobs(stdlib, "gated_conv4_bconv4_2400_vd0.2", [*BCONV_FHME, *VALUE_DROPOUT],
-                      [("shakespeare", "2"), ("shakespeare", "3")], ("fhme",), steps="2400")
-
-
 # The transformer's own dropout (attention weights, residual branches, embeddings), as nanoGPT's
 # small-corpus recipes use it.
 DROPOUT = ["--set", "dropout=0.1"]
@@ -860,7 +852,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
     "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "default-length": default_length_jobs,
     "small-stdlib": small_stdlib_jobs, "kjv": kjv_jobs, "value-dropout-pilots": value_dropout_pilot_jobs,
-    "value-dropout-fhme": value_dropout_fhme_jobs, "dropout": dropout_jobs,
+    "dropout": dropout_jobs,
 }
 
 
