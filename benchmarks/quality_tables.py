@@ -203,7 +203,7 @@ def fit_table(found: list[dict]) -> str:
     def reg(r: dict) -> tuple[float, float]:
         return r["config"].get("dropout", 0.0), r["config"].get("value_dropout", 0.0)
 
-    lines = ["| run | dropout, value dropout | val bpb | train bpb, last 200 steps | gap |",
+    lines = [f"| run | dropout, value dropout | val bpb | train bpb, last {TAIL_STEPS} steps | gap |",
              "|---|---:|---:|---:|---:|"]
     for r in sorted(found, key=lambda r: (r["config"]["ffn"], reg(r), r["seed"])):
         tail = r["train_bpb_tail"]
