@@ -48,7 +48,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py kjv                 # the same on the King James Bible (4.3 MB of prose)
     python benchmarks/quality.py value-dropout-pilots  # PKM's value dropout offered to both, seed 1
     python benchmarks/quality.py dropout             # the pair with the transformer's dropout 0.1, seeds 2, 3
-    python benchmarks/quality.py balance-65k-stdlib-pilots # FHME at 65K with balance losses, second corpus, seed 1
+    python benchmarks/quality.py balance-65k-stdlib-pilots # FHME at 65K with balancing, second corpus, seed 1
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -812,28 +812,29 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 
 
-# Balance losses tried at 65,536 experts on the second corpus, the lightest first.
-BALANCE_LOSSES = ("0.01", "0.003", "0.03")
+# Balancing measures tried at 65,536 experts on the second corpus: (run-name tag, settings).
+BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.003": ["--set", "balance_loss=0.003"],
+               "rate0.0001": ["--set", "balance_rate=0.0001"]}
 
 
-def _balance_65k_run(stdlib: str, seed: str, loss: str | None) -> tuple[str, list[str]]:
+def _balance_65k_run(stdlib: str, seed: str, measure: str) -> tuple[str, list[str]]:
     """The default FHME (``BCONV_FHME``) at 65,536 experts on the second corpus, 1,200 steps, with
-    the Switch-style balance loss ``loss`` (None: without)."""
-    measure = ["--set", f"balance_loss={loss}"] if loss else []
-    tag = f"_balance{loss}" if loss else ""
+    the balancing measure ``BALANCE_65K[measure]``."""
+    tag = f"_{measure}" if measure else ""
     return (f"stdlib_fhme_gated_conv4_bconv4_n65536{tag}_s{seed}",
             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"]), *BCONV_FHME, "--set", "num_experts=65536",
-             *measure, *_data("stdlib", stdlib), "--max-steps", "1200", "--seeds", seed])
+             *BALANCE_65K[measure], *_data("stdlib", stdlib), "--max-steps", "1200", "--seeds", seed])
 
 
 def balance_65k_stdlib_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """balance-65k ran on the bundled corpus, read ~2.5 times in 1,200 steps, where every measure
     that spread the choices cost bpb. On text read once (the second corpus), where FHME fits its
     training text less closely than PKM, is spreading the choices free? The default FHME at 65K,
-    seed 1, without and with three balance-loss weights; usage from ``fractalmoe eval
-    --usage-choices 1000000``."""
-    return [_balance_65k_run(stdlib, "1", loss) for loss in (None, *BALANCE_LOSSES)]
-
+    seed 1, without a measure and with each of ``BALANCE_65K``: the balance loss at 0.01 (the weight
+    that spread every block at 16K); when that cost bpb, a lighter loss and the selection-only
+    biases at the rate that led through step 600 on the bundled corpus. Usage from ``fractalmoe
+    eval --usage-choices 1000000``."""
+    return [_balance_65k_run(stdlib, "1", measure) for measure in BALANCE_65K]
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
