@@ -213,7 +213,7 @@ def fit_table(found: list[dict]) -> str:
 
 
 
-def balance_table(folder: Path) -> str:
+def balance_table(folders: list[Path]) -> str:
     """Each run of a balancing study beside its expert usage over each block's first 10^6 routing
     choices (``usage_1m_choices.json``, from ``fractalmoe eval --usage-choices 1000000``): the
     share of experts used and KL(usage || uniform), mean over blocks and worst block."""
@@ -221,15 +221,16 @@ def balance_table(folder: Path) -> str:
         named = [f"{k} = {r['config'][k]:g}" for k in ("balance_loss", "balance_rate") if r["config"].get(k)]
         return ", ".join(named) or "none"
 
-    lines = ["| run | measure | val bpb | experts used, mean (worst block) | usage KL, mean (worst block) |",
-             "|---|---|---:|---:|---:|"]
-    for r in sorted(rows(folder), key=lambda r: (r["seed"], r["val_bpb"])):
+    lines = [f"| run | measure | val bpb | train bpb, last {TAIL_STEPS} steps | experts used, mean (worst block) | "
+             "usage KL, mean (worst block) |", "|---|---|---:|---:|---:|---:|"]
+    found = [(folder, r) for folder in folders for r in rows(folder)]
+    for folder, r in sorted(found, key=lambda fr: (fr[1]["seed"], fr[1]["val_bpb"])):
         usage = folder / r["name"] / "usage_1m_choices.json"
         per_layer = json.loads(usage.read_text())["usage_per_block"] if usage.exists() else []
         blocks = [b for layer in per_layer for b in layer]
         used = f"{sum(u for u, _ in blocks) / len(blocks):.1%} ({min(u for u, _ in blocks):.1%})" if blocks else "n/a"
         kl = f"{sum(k for _, k in blocks) / len(blocks):.2f} ({max(k for _, k in blocks):.2f})" if blocks else "n/a"
-        lines.append(f"| {r['name']} | {measure(r)} | {r['val_bpb']:.4f} | {used} | {kl} |")
+        lines.append(f"| {r['name']} | {measure(r)} | {r['val_bpb']:.4f} | {r['train_bpb_tail']:.4f} | {used} | {kl} |")
     return "\n".join(lines)
 
 
@@ -310,10 +311,11 @@ def main() -> None:
     if (root / "value-dropout-pilots").is_dir():
         print("\n### Value dropout pilots (seed 1, 2,400 steps, bundled corpus)\n")
         print(fit_table(rows(root / "value-dropout-pilots")))
-    if (root / "balance-65k-stdlib-pilots").is_dir():
+    balance = [root / p for p in ("balance-65k-stdlib-pilots", "balance-65k-stdlib") if (root / p).is_dir()]
+    if balance:
         print("\n### The default FHME at 65,536 experts with and without balancing (standard library, 1,200 steps, "
-              "seed 1; usage over each block's first 10^6 routing choices)\n")
-        print(balance_table(root / "balance-65k-stdlib-pilots"))
+              "pilots at seed 1; usage over each block's first 10^6 routing choices)\n")
+        print(balance_table(balance))
     if (root / "shallow").is_dir():
         print(shallow_tables(rows(root / "shallow")))
     if (root / "optim").is_dir() or (root / "optim-pilots").is_dir():
