@@ -138,18 +138,25 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # the experts series with three-part product keys, PKM with three-part keys at 262K, one or three heads for both,
 # the block-conv pair at the default's 2,400 steps, and on a 1 MB cut of the standard library and the
 # King James Bible (Debian's bible-kjv), and the pair with a regulariser (the memory's value dropout at
-# seed 1; the transformer's dropout at seeds 2, 3)
+# seed 1; the transformer's dropout at seeds 2, 3), and the default FHME at 65K with balancing on the
+# second corpus
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
              drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
-             key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout; do
+             key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout \
+             balance-65k-stdlib-pilots balance-65k-stdlib; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
 for run in runs/quality/optim/n65536_lazy_adam_s2 runs/quality/balance-65k/*_s2; do
   $F eval --ckpt $run/runs/fhme-seed2 --usage-choices 1000000 --json > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
+done
+# ... and of the default FHME at 65K on the second corpus, with and without balancing
+for run in runs/quality/balance-65k-stdlib-pilots/*_s1 runs/quality/balance-65k-stdlib/*_s2; do
+  $F eval --ckpt $run/runs/fhme-seed${run##*_s} --data data/stdlib --usage-choices 1000000 --json \
+    > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done
 .venv/bin/python benchmarks/quality_tables.py benchmarks/results/quality > $R/quality/tables.md
 # Memory fine-tuning against LoRA and full (base: the optimizer study's lazy-Adam run, seed 2),
