@@ -812,8 +812,7 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             ("pkm_n262144_p3q24_s2_400", pilot("2", model="pkm"))]
 
 
-
-# Balancing measures tried at 65,536 experts on the second corpus: (run-name tag, settings).
+# Balancing measures tried at 65,536 experts on the second corpus: run-name tag -> settings.
 BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.003": ["--set", "balance_loss=0.003"],
                "rate0.0001": ["--set", "balance_rate=0.0001"]}
 
@@ -842,6 +841,7 @@ def balance_65k_stdlib_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The pilots' light balance loss (0.003: within 0.003 bpb of no measure at seed 1, where 0.01
     cost 0.013) at seed 2 against the same model without it, side by side."""
     return [_balance_65k_run(stdlib, "2", measure) for measure in ("", "balance0.003")]
+
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
