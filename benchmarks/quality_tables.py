@@ -212,7 +212,6 @@ def fit_table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
-
 def balance_table(folders: list[Path]) -> str:
     """Each run of a balancing study beside its expert usage over each block's first 10^6 routing
     choices (``usage_1m_choices.json``, from ``fractalmoe eval --usage-choices 1000000``): the
