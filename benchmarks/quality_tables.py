@@ -224,11 +224,13 @@ def balance_table(folders: list[Path]) -> str:
              "usage KL, mean (worst block) |", "|---|---|---:|---:|---:|---:|"]
     found = [(folder, r) for folder in folders for r in rows(folder)]
     for folder, r in sorted(found, key=lambda fr: (fr[1]["seed"], fr[1]["val_bpb"])):
-        usage = folder / r["name"] / "usage_1m_choices.json"
-        per_layer = json.loads(usage.read_text())["usage_per_block"] if usage.exists() else []
-        blocks = [b for layer in per_layer for b in layer]
-        used = f"{sum(u for u, _ in blocks) / len(blocks):.1%} ({min(u for u, _ in blocks):.1%})" if blocks else "n/a"
-        kl = f"{sum(k for _, k in blocks) / len(blocks):.2f} ({max(k for _, k in blocks):.2f})" if blocks else "n/a"
+        path = folder / r["name"] / "usage_1m_choices.json"
+        used = kl = "n/a"
+        if path.exists():  # the eval's own means over blocks, beside the worst block
+            usage = json.loads(path.read_text())
+            blocks = [b for layer in usage["usage_per_block"] for b in layer]
+            used = f"{usage['expert_usage']:.1%} ({min(u for u, _ in blocks):.1%})"
+            kl = f"{usage['usage_kl']:.2f} ({max(k for _, k in blocks):.2f})"
         lines.append(f"| {r['name']} | {measure(r)} | {r['val_bpb']:.4f} | {r['train_bpb_tail']:.4f} | {used} | {kl} |")
     return "\n".join(lines)
 
