@@ -50,6 +50,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py dropout             # the pair with the transformer's dropout 0.1, seeds 2, 3
     python benchmarks/quality.py balance-65k-stdlib-pilots # FHME at 65K with balancing, second corpus, seed 1
     python benchmarks/quality.py balance-65k-stdlib  # the light balance loss against none, seed 2
+    python benchmarks/quality.py balance-65k-layers  # a balance weight per layer, first layer stronger, seed 1
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -814,7 +815,9 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 # Balancing measures tried at 65,536 experts on the second corpus: run-name tag -> settings.
 BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.003": ["--set", "balance_loss=0.003"],
-               "rate0.0001": ["--set", "balance_rate=0.0001"]}
+               "rate0.0001": ["--set", "balance_rate=0.0001"],
+               "layers0.03_0.005": ["--set", "layer_balance_loss=0.03,0.005,0.005,0.005"],
+               "layers0.1_0.005": ["--set", "layer_balance_loss=0.1,0.005,0.005,0.005"]}
 
 
 def _balance_65k_run(stdlib: str, seed: str, measure: str) -> tuple[str, list[str]]:
@@ -834,13 +837,21 @@ def balance_65k_stdlib_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     that spread every block at 16K); when that cost bpb, a lighter loss and the selection-only
     biases at the rate that led through step 600 on the bundled corpus. Usage from ``fractalmoe
     eval --usage-choices 1000000``."""
-    return [_balance_65k_run(stdlib, "1", measure) for measure in BALANCE_65K]
+    return [_balance_65k_run(stdlib, "1", measure) for measure in ("", "balance0.01", "balance0.003", "rate0.0001")]
 
 
 def balance_65k_stdlib_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The pilots' light balance loss (0.003: within 0.003 bpb of no measure at seed 1, where 0.01
     cost 0.013) at seed 2 against the same model without it, side by side."""
     return [_balance_65k_run(stdlib, "2", measure) for measure in ("", "balance0.003")]
+
+
+def balance_65k_layers_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """At one weight the first layer spreads least (72-80% used at 0.003, 87-89% at 0.01, where
+    every other layer passes 90%). Can a weight of its own spread it, and at what cost? Seed 1:
+    the first layer at 0.03 and at 0.1, the others at 0.005 (between the weight that left some of
+    their blocks at 84-89% and the one that cost 0.013 bpb)."""
+    return [_balance_65k_run(stdlib, "1", measure) for measure in ("layers0.03_0.005", "layers0.1_0.005")]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
@@ -886,7 +897,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "default-length": default_length_jobs,
     "small-stdlib": small_stdlib_jobs, "kjv": kjv_jobs, "value-dropout-pilots": value_dropout_pilot_jobs,
     "dropout": dropout_jobs, "balance-65k-stdlib-pilots": balance_65k_stdlib_pilot_jobs,
-    "balance-65k-stdlib": balance_65k_stdlib_jobs,
+    "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
 }
 
 

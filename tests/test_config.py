@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fractalmoe.cli import main
-from fractalmoe.config import ModelConfig, RunConfig, TrainConfig, load_config_file
+from fractalmoe.config import ModelConfig, RunConfig, TrainConfig, load_config_file, tiny_model_config
+from fractalmoe.model import FHMELanguageModel
+from fractalmoe.routing import ProductKeyRouter
 
 
 def test_heads_per_column() -> None:
@@ -27,6 +29,16 @@ def test_layer_config_is_dense_outside_routed_layers() -> None:
     assert all(ModelConfig().layer_config(i).ffn == "fhme" for i in range(4))
 
 
+def test_layer_balance_loss_gives_each_layer_its_weight() -> None:
+    cfg = ModelConfig(balance_loss=0.01, layer_balance_loss="0.03,0,0.005,0.005", routed_layers="0,2,3")
+    assert [cfg.layer_config(i).balance_loss for i in (0, 2, 3)] == [0.03, 0.005, 0.005]
+    assert cfg.layer_config(1).ffn == "dense"
+    assert all(ModelConfig(balance_loss=0.01).layer_config(i).balance_loss == 0.01 for i in range(4))
+    model = FHMELanguageModel(tiny_model_config(n_layers=2, layer_balance_loss="0.02,0.001"))
+    assert [{r.balancing.loss for r in block.modules() if isinstance(r, ProductKeyRouter)}
+            for block in model.blocks] == [{0.02}, {0.001}]
+
+
 def test_round_trip() -> None:
     cfg = ModelConfig(dim=64, ffn="moe", adaptive_depth=True, fractal_depth=3)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -39,7 +51,9 @@ def test_round_trip() -> None:
                                          ("key_dim", 15), ("gate", "tanh"), ("column_heads", "1,x"),
                                          ("column_heads", "0,4"), ("column_heads", "1,2,4"),
                                          ("routed_layers", "4"), ("routed_layers", "1,1"),
-                                         ("routed_layers", "a"), ("key_parts", 1), ("key_parts", 5)])
+                                         ("routed_layers", "a"), ("key_parts", 1), ("key_parts", 5),
+                                         ("layer_balance_loss", "0.1,0.1"), ("layer_balance_loss", "1,-1,0,0"),
+                                         ("layer_balance_loss", "1,nan,0,0"), ("layer_balance_loss", "a,0,0,0")])
 def test_bad_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})
@@ -47,7 +61,9 @@ def test_bad_values_name_the_field(field: str, value: object) -> None:
 
 @pytest.mark.parametrize("settings,field", [(dict(key_parts=3), "key_dim"),  # 16 is no multiple of 3
                                             (dict(key_parts=3, key_dim=24, num_experts=1009), "num_experts"),
-                                            (dict(key_parts=3, key_dim=24, balance_loss=0.01), "key_parts")])
+                                            (dict(key_parts=3, key_dim=24, balance_loss=0.01), "key_parts"),
+                                            (dict(key_parts=3, key_dim=24, layer_balance_loss="0,0,0,0.01"),
+                                             "key_parts")])
 def test_three_key_parts_check_their_settings(settings: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**settings)

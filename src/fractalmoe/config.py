@@ -100,6 +100,14 @@ def parse_scalar(name: str, type_name: Any, text: str) -> Any:
     return text
 
 
+def _is_weight(text: str) -> bool:
+    """A finite number >= 0 (one entry of a comma-separated list of weights)."""
+    try:
+        return math.isfinite(value := float(text)) and value >= 0
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Config):
     """Architecture of an FHME language model (and of its baselines)."""
@@ -137,6 +145,9 @@ class ModelConfig(_Config):
     unit_keys: bool = False  # score against unit-length sub-keys (no key wins by its norm alone)
     balance_rate: float = 0.0  # > 0: per-step move of selection-only sub-key / expert biases
     balance_loss: float = 0.0  # > 0: weight of the Switch-style balance loss on routed choices
+    # balance_loss per layer, "w_1,...,w_L" (empty: balance_loss in each): the first layer, one
+    # attention layer above the byte embeddings, spreads its reads least at a shared weight.
+    layer_balance_loss: str = ""
     balance_router_only: bool = False  # the balance loss trains routers only, not the hidden states
     block: str = "value"  # fhme's routed blocks: value (PKM) | neuron (PEER) | gated (Memory+)
     share_bank: bool = False  # one expert bank for every layer (stored once)
@@ -197,8 +208,13 @@ class ModelConfig(_Config):
           f"must split into key_parts={self.key_parts} equal parts")
         r(self.topk <= self.max_topk, "topk", f"must be <= {self.max_topk} (n_keys = sqrt(num_experts) "
           "for two key parts)")
-        r(self.key_parts == 2 or (self.balance_rate == 0 and self.balance_loss == 0), "key_parts",
-          "must be 2 with balance_rate or balance_loss")
+        weights = self.layer_balance_loss.split(",") if self.layer_balance_loss else []
+        r(all(_is_weight(w) for w in weights), "layer_balance_loss",
+          "must be numbers >= 0 separated by commas, e.g. \"0.03,0.005,0.005,0.005\"")
+        r(not weights or len(weights) == self.n_layers, "layer_balance_loss",
+          f"needs one weight per layer (n_layers={self.n_layers})")
+        balanced = self.balance_rate > 0 or self.balance_loss > 0 or any(float(w) > 0 for w in weights)
+        r(self.key_parts == 2 or not balanced, "key_parts", "must be 2 with balance_rate or balance_loss")
         r(self.fractal_depth <= 8, "fractal_depth", "must be <= 8 (2**C - 1 blocks per layer)")
         r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
         for name in ("dropout", "value_dropout", "drop_path_local", "drop_path_global", "depth_explore"):
@@ -245,8 +261,13 @@ class ModelConfig(_Config):
         return tuple(int(i) for i in self.routed_layers.split(","))
 
     def layer_config(self, layer: int) -> ModelConfig:
-        """The config of layer ``layer``'s FFN: this one, or a dense SwiGLU outside ``routed_layers``."""
-        return self if layer in self.routed_layer_indices else self.replace(ffn="dense", routed_layers="")
+        """The config of layer ``layer``'s FFN: this one with the layer's own balance weight, or a
+        dense SwiGLU outside ``routed_layers``."""
+        if layer not in self.routed_layer_indices:
+            return self.replace(ffn="dense", routed_layers="", layer_balance_loss="")
+        if not self.layer_balance_loss:
+            return self
+        return self.replace(balance_loss=float(self.layer_balance_loss.split(",")[layer]), layer_balance_loss="")
 
     @property
     def max_topk(self) -> int:
