@@ -218,6 +218,8 @@ def balance_table(folders: list[Path]) -> str:
     share of experts used and KL(usage || uniform), mean over blocks and worst block."""
     def measure(r: dict) -> str:
         named = [f"{k} = {r['config'][k]:g}" for k in ("balance_loss", "balance_rate") if r["config"].get(k)]
+        if r["config"].get("layer_balance_loss"):
+            named.append(f"balance_loss per layer {r['config']['layer_balance_loss']}")
         return ", ".join(named) or "none"
 
     lines = [f"| run | measure | val bpb | train bpb, last {TAIL_STEPS} steps | experts used, mean (worst block) | "
@@ -312,7 +314,8 @@ def main() -> None:
     if (root / "value-dropout-pilots").is_dir():
         print("\n### Value dropout pilots (seed 1, 2,400 steps, bundled corpus)\n")
         print(fit_table(rows(root / "value-dropout-pilots")))
-    balance = [root / p for p in ("balance-65k-stdlib-pilots", "balance-65k-stdlib") if (root / p).is_dir()]
+    balance = [root / p for p in ("balance-65k-stdlib-pilots", "balance-65k-stdlib", "balance-65k-layers")
+               if (root / p).is_dir()]
     if balance:
         print("\n### The default FHME at 65,536 experts with and without balancing (standard library, 1,200 steps, "
               "pilots at seed 1; usage over each block's first 10^6 routing choices)\n")
