@@ -222,10 +222,10 @@ def balance_table(folders: list[Path]) -> str:
             named.append(f"balance_loss per layer {r['config']['layer_balance_loss']}")
         return ", ".join(named) or "none"
 
-    lines = [f"| run | measure | val bpb | train bpb, last {TAIL_STEPS} steps | experts used, mean (worst block) | "
-             "usage KL, mean (worst block) |", "|---|---|---:|---:|---:|---:|"]
+    lines = [f"| run | measure | steps | val bpb | train bpb, last {TAIL_STEPS} steps | "
+             "experts used, mean (worst block) | usage KL, mean (worst block) |", "|---|---|---:|---:|---:|---:|---:|"]
     found = [(folder, r) for folder in folders for r in rows(folder)]
-    for folder, r in sorted(found, key=lambda fr: (fr[1]["seed"], fr[1]["val_bpb"])):
+    for folder, r in sorted(found, key=lambda fr: (fr[1]["steps"], fr[1]["seed"], fr[1]["val_bpb"])):
         path = folder / r["name"] / "usage_1m_choices.json"
         used = kl = "n/a"
         if path.exists():  # the eval's own means over blocks, beside the worst block
@@ -233,7 +233,8 @@ def balance_table(folders: list[Path]) -> str:
             blocks = [b for layer in usage["usage_per_block"] for b in layer]
             used = f"{usage['expert_usage']:.1%} ({min(u for u, _ in blocks):.1%})"
             kl = f"{usage['usage_kl']:.2f} ({max(k for _, k in blocks):.2f})"
-        lines.append(f"| {r['name']} | {measure(r)} | {r['val_bpb']:.4f} | {r['train_bpb_tail']:.4f} | {used} | {kl} |")
+        lines.append(f"| {r['name']} | {measure(r)} | {r['steps']:,} | {r['val_bpb']:.4f} | "
+                     f"{r['train_bpb_tail']:.4f} | {used} | {kl} |")
     return "\n".join(lines)
 
 
@@ -314,10 +315,11 @@ def main() -> None:
     if (root / "value-dropout-pilots").is_dir():
         print("\n### Value dropout pilots (seed 1, 2,400 steps, bundled corpus)\n")
         print(fit_table(rows(root / "value-dropout-pilots")))
-    balance = [root / p for p in ("balance-65k-stdlib-pilots", "balance-65k-stdlib", "balance-65k-layers")
+    balance = [root / p for p in ("balance-65k-stdlib-pilots", "balance-65k-stdlib", "balance-65k-layers",
+                                  "balance-65k-long")
                if (root / p).is_dir()]
     if balance:
-        print("\n### The default FHME at 65,536 experts with and without balancing (standard library, 1,200 steps, "
+        print("\n### The default FHME at 65,536 experts with and without balancing (standard library, "
               "pilots at seed 1; usage over each block's first 10^6 routing choices)\n")
         print(balance_table(balance))
     if (root / "shallow").is_dir():

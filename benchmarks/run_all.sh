@@ -146,7 +146,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
              key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout \
-             balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers; do
+             balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
@@ -154,9 +154,9 @@ for run in runs/quality/optim/n65536_lazy_adam_s2 runs/quality/balance-65k/*_s2;
   $F eval --ckpt $run/runs/fhme-seed2 --usage-choices 1000000 --json > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done
 # ... and of the default FHME at 65K on the second corpus, with and without balancing (one weight,
-# or one per layer)
+# or one per layer; 1,200 and 2,400 steps)
 for run in runs/quality/balance-65k-stdlib-pilots/*_s1 runs/quality/balance-65k-stdlib/*_s2 \
-           runs/quality/balance-65k-layers/*_s?; do
+           runs/quality/balance-65k-layers/*_s? runs/quality/balance-65k-long/*_s?; do
   $F eval --ckpt $run/runs/fhme-seed${run##*_s} --data data/stdlib --usage-choices 1000000 --json \
     > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done
