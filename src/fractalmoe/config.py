@@ -213,7 +213,7 @@ class ModelConfig(_Config):
           "must be numbers >= 0 separated by commas, e.g. \"0.03,0.005,0.005,0.005\"")
         r(not weights or len(weights) == self.n_layers, "layer_balance_loss",
           f"needs one weight per layer (n_layers={self.n_layers})")
-        balanced = self.balance_rate > 0 or self.balance_loss > 0 or any(float(w) > 0 for w in weights)
+        balanced = self.balance_rate > 0 or any(w > 0 for w in self.balance_loss_per_layer)
         r(self.key_parts == 2 or not balanced, "key_parts", "must be 2 with balance_rate or balance_loss")
         r(self.fractal_depth <= 8, "fractal_depth", "must be <= 8 (2**C - 1 blocks per layer)")
         r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
@@ -254,6 +254,13 @@ class ModelConfig(_Config):
         return tuple(int(h) for h in self.column_heads.split(","))
 
     @property
+    def balance_loss_per_layer(self) -> tuple[float, ...]:
+        """Each layer's balance-loss weight: ``layer_balance_loss``, or ``balance_loss`` in each."""
+        if not self.layer_balance_loss:
+            return (self.balance_loss,) * self.n_layers
+        return tuple(float(w) for w in self.layer_balance_loss.split(","))
+
+    @property
     def routed_layer_indices(self) -> tuple[int, ...]:
         """Layers whose FFN is ``ffn``: those in ``routed_layers``, or every layer when it is empty."""
         if not self.routed_layers:
@@ -264,10 +271,10 @@ class ModelConfig(_Config):
         """The config of layer ``layer``'s FFN: this one with the layer's own balance weight, or a
         dense SwiGLU outside ``routed_layers``."""
         if layer not in self.routed_layer_indices:
-            return self.replace(ffn="dense", routed_layers="", layer_balance_loss="")
+            return self.replace(ffn="dense", routed_layers="")
         if not self.layer_balance_loss:
             return self
-        return self.replace(balance_loss=float(self.layer_balance_loss.split(",")[layer]), layer_balance_loss="")
+        return self.replace(balance_loss=self.balance_loss_per_layer[layer], layer_balance_loss="")
 
     @property
     def max_topk(self) -> int:
