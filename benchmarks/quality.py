@@ -52,6 +52,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py balance-65k-stdlib  # the light balance loss against none, seed 2
     python benchmarks/quality.py balance-65k-layers  # a balance weight per layer, first layer stronger, seed 1
     python benchmarks/quality.py balance-65k-long    # no measure against balance_loss 0.01 at 2,400 steps, seed 1
+    python benchmarks/quality.py deep-query-pilots   # the deep path's second read queries with what the first found
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -821,6 +822,19 @@ BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.
                "layers0.1_0.005": ["--set", "layer_balance_loss=0.1,0.005,0.005,0.005"]}
 
 
+def deep_query_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The deep path's second read re-reads most of what its first read saw, because both query
+    with (nearly) the same token: x and x + y_1 normalise alike. With ``deep_query = "retrieved"``
+    the second read queries with y_1 alone, what the first read found: a second hop, which one
+    wide read cannot make. Tied (one router for both hops) and untied (each application its own
+    router and convolution); the block-conv pilots' default FHME, 600 steps, seed 1, both corpora,
+    and that default again with today's code (the last bits move between versions)."""
+    hop, untie = ["--set", "deep_query=retrieved"], ["--set", "tie_blocks=false"]
+    return [(f"{corpus}_fhme_gated_conv4_bconv4{name}", _default_pilot("fhme", *BCONV_PILOT, *extra, *_data(corpus, stdlib)))
+            for name, extra in (("_hop", hop), ("_hop_untied", [*hop, *untie]), ("", []))
+            for corpus in ("shakespeare", "stdlib")]
+
+
 def _balance_65k_run(stdlib: str, seed: str, measure: str, steps: int = 1200) -> tuple[str, list[str]]:
     """The default FHME (``BCONV_FHME``) at 65,536 experts on the second corpus, 1,200 steps (or
     ``steps``), with the balancing measure ``BALANCE_65K[measure]``."""
@@ -907,7 +921,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "small-stdlib": small_stdlib_jobs, "kjv": kjv_jobs, "value-dropout-pilots": value_dropout_pilot_jobs,
     "dropout": dropout_jobs, "balance-65k-stdlib-pilots": balance_65k_stdlib_pilot_jobs,
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
-    "balance-65k-long": balance_65k_long_jobs,
+    "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
 }
 
 

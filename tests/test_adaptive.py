@@ -28,9 +28,11 @@ def _layer(rule: str, **kw: object) -> FHME:
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize(("tied", "route_once"), [(True, False), (False, False), (True, True)])
-def test_compacted_layer_equals_masked_full_computation(tied: bool, route_once: bool, rule: str) -> None:
-    layer = _layer(rule, tied=tied, route_once=route_once).eval()
+@pytest.mark.parametrize(("tied", "route_once", "deep_query"), [
+    (True, False, "input"), (False, False, "input"), (True, True, "input"), (True, False, "retrieved")])
+def test_compacted_layer_equals_masked_full_computation(tied: bool, route_once: bool, deep_query: str,
+                                                         rule: str) -> None:
+    layer = _layer(rule, tied=tied, route_once=route_once, deep_query=deep_query).eval()
     _mixed_router(layer)
     x = torch.randn(4, 24, 16)
     depth, _ = layer.choose_depth(x.reshape(-1, 16))

@@ -34,6 +34,11 @@ def test_flops_per_token_match_flop_counter(kind: str, depth: int, route_once: b
     _check_count(layer, monkeypatch)
 
 
+def test_flops_with_retrieved_queries_match_flop_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = FHME(64, 4096, depth=3, heads=2, topk=8, key_dim=32, block="value", deep_query="retrieved").eval()
+    _check_count(layer, monkeypatch)
+
+
 @pytest.mark.parametrize("route_once", [False, True])
 def test_flops_with_three_key_parts_match_flop_counter(route_once: bool,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:

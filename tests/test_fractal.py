@@ -54,8 +54,22 @@ def reference_route_once(fe: FractalExpert, c: int, x: torch.Tensor, x0: torch.T
     return g * deep + (1 - g) * block(c, x)
 
 
-def _fractal(depth: int, tied: bool = True) -> FractalExpert:
-    fe = FractalExpert(16, 256, depth=depth, heads=2, topk=4, key_dim=8, tied=tied).double().eval()
+def reference_retrieved(fe: FractalExpert, c: int, v: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The literal recursion on v, every block applied off the layer input x0 querying with v - x0."""
+    def block(k: int, u: torch.Tensor) -> torch.Tensor:
+        b = fe.blocks[k - 1]
+        return u + b.memory(b.norm(u if u is x0 else u - x0), fe.bank)
+
+    if c == 1:
+        return block(1, v)
+    deep = reference_retrieved(fe, c - 1, reference_retrieved(fe, c - 1, v, x0), x0)
+    g = torch.sigmoid(fe.joins[c - 2].gate(v))
+    return g * deep + (1 - g) * block(c, v)
+
+
+def _fractal(depth: int, tied: bool = True, deep_query: str = "input") -> FractalExpert:
+    fe = FractalExpert(16, 256, depth=depth, heads=2, topk=4, key_dim=8, tied=tied,
+                       deep_query=deep_query).double().eval()
     for j in fe.joins:  # non-trivial gates, so both branches matter
         torch.nn.init.normal_(j.gate.weight, std=0.5)
     return fe
@@ -70,6 +84,18 @@ def test_all_depths_equal_reference_recursion() -> None:
         for c, out in enumerate(outs, start=1):
             torch.testing.assert_close(out, reference_f(fe, c, x.reshape(-1, 16)).view_as(x))
         torch.testing.assert_close(fe(x), outs[-1])
+
+
+def test_retrieved_queries_read_what_the_path_added_to_the_layer_input() -> None:
+    fe = _fractal(3, deep_query="retrieved")
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outs = fe(x, return_all_depths=True)
+        x0 = x.reshape(-1, 16)
+        for c, out in enumerate(outs, start=1):
+            torch.testing.assert_close(out, reference_retrieved(fe, c, x0, x0).view_as(x))
+        torch.testing.assert_close(outs[0], reference_f(fe, 1, x0).view_as(x))  # f_1 reads x itself
+        assert not torch.allclose(outs[1], reference_f(fe, 2, x0).view_as(x))
 
 
 def test_untied_recursion_uses_each_application_once() -> None:

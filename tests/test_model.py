@@ -34,6 +34,7 @@ def _variants():
     yield "pkm-conv", dict(ffn="pkm", ffn_conv=3)
     yield "fhme-block-conv", dict(ffn="fhme", ffn_conv=4, block_conv=3)
     yield "fhme-layer-1-only", dict(ffn="fhme", ffn_conv=4, block_conv=3, routed_layers="1")
+    yield "fhme-retrieved-queries", dict(ffn="fhme", block_conv=3, deep_query="retrieved")
     yield "fhme-3-part-keys", dict(ffn="fhme", key_parts=3, key_dim=12, num_experts=512, route_once=True)
 
 
@@ -62,10 +63,12 @@ def _randomize_convs(model: FHMELanguageModel) -> None:
 
 
 @pytest.mark.parametrize("ffn,conv,block_conv,layers", [(f, 0, 0, "") for f in FFNS] + [
-    ("fhme", 4, 0, ""), ("pkm", 1, 0, ""), ("fhme", 4, 3, ""), ("pkm", 0, 2, ""), ("fhme", 2, 3, "0")])
+    ("fhme", 4, 0, ""), ("pkm", 1, 0, ""), ("fhme", 4, 3, ""), ("pkm", 0, 2, ""), ("fhme", 2, 3, "0"), ("fhme-retrieved", 0, 3, "")])
 def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int, block_conv: int, layers: str) -> None:
-    model = FHMELanguageModel(tiny_model_config(ffn=ffn, seq_len=48, ffn_conv=conv, block_conv=block_conv,
-                                                routed_layers=layers)).eval()
+    deep_query = "retrieved" if ffn.endswith("-retrieved") else "input"
+    model = FHMELanguageModel(tiny_model_config(ffn=ffn.removesuffix("-retrieved"), seq_len=48, ffn_conv=conv,
+                                                block_conv=block_conv, routed_layers=layers,
+                                                deep_query=deep_query)).eval()
     _randomize_convs(model)
     prompt = torch.randint(0, 256, (2, 5))
     out = model.generate(prompt, 32, temperature=0.0)

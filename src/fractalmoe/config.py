@@ -28,6 +28,7 @@ EXPERT_ACTS = ("gelu", "relu")
 EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "row_sgd", "dense_adamw")
 EXPERT_DTYPES = ("float32", "bfloat16")
 DEPTH_RULES = ("ponder", "threshold")
+DEEP_QUERIES = ("input", "retrieved")
 
 C = TypeVar("C", bound="_Config")
 # Model fields whose default changed after they were introduced: their value in runs saved
@@ -159,6 +160,10 @@ class ModelConfig(_Config):
     # Each column's router chooses experts once, for the layer's input; its later applications
     # in the recursion re-weight those experts from their own query (no sub-key scoring). Tied only.
     route_once: bool = False
+    # What a block applied on a path from the layer input x queries with: its input (input), or
+    # what the path has retrieved so far, input - x (retrieved: the deep path's second read is a
+    # second hop from what the first read found, which one wide read cannot express).
+    deep_query: str = "input"
     # A SiLU(W x) gate on the layer's output (Memory+'s gate, once per layer instead of per block).
     output_gate: bool = True
     # > 0: the FFN reads x_t + sum_j w_j * x_(t-j), j < ffn_conv, a causal depthwise convolution
@@ -221,6 +226,7 @@ class ModelConfig(_Config):
             r(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         r(0.0 <= self.depth_target <= 1.0, "depth_target", "must be in [0, 1] (0 = fixed penalty)")
         r(self.depth_rule in DEPTH_RULES, "depth_rule", f"must be one of {DEPTH_RULES}")
+        r(self.deep_query in DEEP_QUERIES, "deep_query", f"must be one of {DEEP_QUERIES}")
         if self.adaptive_depth and self.depth_rule == "threshold":
             floor = 1 / (2**self.fractal_depth - 1)
             r(floor <= self.depth_target, "depth_target",

@@ -87,7 +87,7 @@ class FHME(nn.Module, PastBatchStatistics):
                  bank: ExpertBank | None = None, tied: bool = True,
                  depth_rule: str = "ponder", route_once: bool = False,
                  output_gate: bool = False, block_conv: int = 0, key_parts: int = 2,
-                 value_dropout: float = 0.0) -> None:
+                 value_dropout: float = 0.0, deep_query: str = "input") -> None:
         super().__init__()
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
@@ -96,7 +96,8 @@ class FHME(nn.Module, PastBatchStatistics):
             dim, num_experts, depth, heads, topk, key_dim, gate=gate, query_norm=query_norm, act=act,
             join_bias=join_bias, drop_path_local=drop_path_local, drop_path_global=drop_path_global,
             expert_dtype=TABLE_DTYPES[expert_dtype], balancing=balancing, kind=block, bank=bank, tied=tied,
-            route_once=route_once, block_conv=block_conv, key_parts=key_parts, value_dropout=value_dropout)
+            route_once=route_once, block_conv=block_conv, key_parts=key_parts, value_dropout=value_dropout,
+            deep_query=deep_query)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             threshold = depth_rule == "threshold"
@@ -131,7 +132,7 @@ class FHME(nn.Module, PastBatchStatistics):
                    expert_dtype=cfg.expert_dtype, balancing=balancing_of(cfg), block=cfg.block, bank=bank,
                    tied=cfg.tie_blocks, depth_rule=cfg.depth_rule, route_once=cfg.route_once,
                    output_gate=cfg.output_gate, block_conv=cfg.block_conv, key_parts=cfg.key_parts,
-                   value_dropout=cfg.value_dropout)
+                   value_dropout=cfg.value_dropout, deep_query=cfg.deep_query)
 
     @property
     def halting(self) -> bool:
@@ -293,6 +294,8 @@ class FHME(nn.Module, PastBatchStatistics):
             block = self.fractal.block_of(a)
             blocks += block.memory.flops_per_token(choose=self._choosing(a))
             blocks += block.conv.flops_per_token() if block.conv is not None else 0
+        if self.fractal.retrieved_queries:  # x - origin at the applications off the layer input
+            blocks += (blocks_at_depth(depth) - depth) * self.dim
         dense = 2 * self.dim * self.depth if self.depth_router is not None else 0
         dense += 2 * self.dim * self.dim + self.dim if self.output_gate is not None else 0  # W x, product
         return blocks + joins_at_depth(depth) * 2 * self.dim + dense

@@ -79,9 +79,12 @@ class RoutedBlock(nn.Module):
         self.memory = memory
 
     def forward(self, x: Tensor, bank: nn.Module, experts: Tensor | None = None,
-                seqs: Sequences | None = None, application: int = 0) -> tuple[Tensor, Tensor]:
-        """B(x) and the experts it read (given ``experts``: those, re-weighted). x: (T, D)."""
-        q = self.norm(x)
+                seqs: Sequences | None = None, application: int = 0,
+                origin: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """B(x) and the experts it read (given ``experts``: those, re-weighted). x: (T, D). Given
+        ``origin`` (the layer input x is a path from), the query reads x - origin: what the path
+        has retrieved so far, not the token it started from."""
+        q = self.norm(x if origin is None else x - origin)
         if self.conv is not None:
             if seqs is None:
                 raise ValueError("a block convolution needs whole sequences: x of shape (B, T, D)")
@@ -130,7 +133,8 @@ class FractalExpert(nn.Module):
                  drop_path_global: float = 0.0, expert_dtype: torch.dtype = torch.float32,
                  balancing: Balancing = Balancing(), kind: str = "neuron",
                  bank: ExpertBank | None = None, tied: bool = True, route_once: bool = False,
-                 block_conv: int = 0, key_parts: int = 2, value_dropout: float = 0.0) -> None:
+                 block_conv: int = 0, key_parts: int = 2, value_dropout: float = 0.0,
+                 deep_query: str = "input") -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
@@ -141,6 +145,9 @@ class FractalExpert(nn.Module):
             raise ValueError(f"heads={heads}: one head count per column (depth={depth})")
         self.depth, self.drop_local, self.drop_global = depth, drop_path_local, drop_path_global
         self.tied, self.route_once = tied, route_once
+        if deep_query not in ("input", "retrieved"):
+            raise ValueError(f"deep_query={deep_query!r}: input or retrieved")
+        self.retrieved_queries = deep_query == "retrieved"
         # Module of the p-th block / join application: its column's (tied) or its own (untied).
         block_cols, join_cols = application_columns(depth, 1), application_columns(depth, 2)
         self._block_at = [c - 1 for c in block_cols] if tied else list(range(len(block_cols)))
@@ -182,26 +189,31 @@ class FractalExpert(nn.Module):
         return self.blocks[self._block_at[application]]
 
     def _application(self, application: int, x: Tensor, routes: list[Tensor] | None,
-                     seqs: Sequences | None) -> Tensor:
+                     seqs: Sequences | None, origin: Tensor | None) -> Tensor:
         """The application-th block application on x: with ``routes``, its column's experts."""
         experts = routes[self._block_at[application]] if routes is not None else None
-        return self.block_of(application)(x, self.bank, experts, seqs, application)[0]
+        return self.block_of(application)(x, self.bank, experts, seqs, application, origin)[0]
 
     def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int,
-           routes: list[Tensor] | None, seqs: Sequences | None) -> Tensor:
+           routes: list[Tensor] | None, seqs: Sequences | None, origin: Tensor | None) -> Tensor:
         """f_c(x) by direct recursion (2**c - 1 blocks) from the block-th block application and
-        the join-th join application on."""
+        the join-th join application on; ``origin``: the layer input, when x is a path from it
+        and queries read what was retrieved."""
         if c == 1:
-            return self._application(block, x, routes, seqs)
-        prev = self._f(c - 1, x, column, block, join, routes, seqs)
-        shallow = self._application(block + 2 * blocks_at_depth(c - 1), x, routes, seqs)
+            return self._application(block, x, routes, seqs, origin)
+        prev = self._f(c - 1, x, column, block, join, routes, seqs, origin)
+        shallow = self._application(block + 2 * blocks_at_depth(c - 1), x, routes, seqs, origin)
         return self._extend(c, x, prev, shallow, column, block + blocks_at_depth(c - 1),
-                            join + joins_at_depth(c - 1), routes, seqs)
+                            join + joins_at_depth(c - 1), routes, seqs, origin)
 
     def _extend(self, c: int, x: Tensor, prev: Tensor, shallow: Tensor, column: Tensor | None,
-                block: int, join: int, routes: list[Tensor] | None, seqs: Sequences | None) -> Tensor:
-        """J_c(f_{c-1}(prev), shallow = B_c(x)), applications numbered from block and join on."""
-        deep = self._f(c - 1, prev, column, block, join, routes, seqs)
+                block: int, join: int, routes: list[Tensor] | None, seqs: Sequences | None,
+                origin: Tensor | None = None) -> Tensor:
+        """J_c(f_{c-1}(prev), shallow = B_c(x)), applications numbered from block and join on.
+        prev is a path from the layer input (``origin``, or x itself when None)."""
+        if self.retrieved_queries:
+            origin = x if origin is None else origin
+        deep = self._f(c - 1, prev, column, block, join, routes, seqs, origin)
         gate = self.joins[self._join_at[join + joins_at_depth(c - 1)]]
         return gate(x, deep, shallow, self._keep_masks(c, x, column))
 
