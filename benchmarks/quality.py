@@ -830,7 +830,8 @@ def deep_query_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     router and convolution); the block-conv pilots' default FHME, 600 steps, seed 1, both corpora,
     and that default again with today's code (the last bits move between versions)."""
     hop, untie = ["--set", "deep_query=retrieved"], ["--set", "tie_blocks=false"]
-    return [(f"{corpus}_fhme_gated_conv4_bconv4{name}", _default_pilot("fhme", *BCONV_PILOT, *extra, *_data(corpus, stdlib)))
+    return [(f"{corpus}_fhme_gated_conv4_bconv4{name}",
+             _default_pilot("fhme", *BCONV_PILOT, *extra, *_data(corpus, stdlib)))
             for name, extra in (("_hop", hop), ("_hop_untied", [*hop, *untie]), ("", []))
             for corpus in ("shakespeare", "stdlib")]
 

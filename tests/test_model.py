@@ -63,7 +63,8 @@ def _randomize_convs(model: FHMELanguageModel) -> None:
 
 
 @pytest.mark.parametrize("ffn,conv,block_conv,layers", [(f, 0, 0, "") for f in FFNS] + [
-    ("fhme", 4, 0, ""), ("pkm", 1, 0, ""), ("fhme", 4, 3, ""), ("pkm", 0, 2, ""), ("fhme", 2, 3, "0"), ("fhme-retrieved", 0, 3, "")])
+    ("fhme", 4, 0, ""), ("pkm", 1, 0, ""), ("fhme", 4, 3, ""), ("pkm", 0, 2, ""), ("fhme", 2, 3, "0"),
+    ("fhme-retrieved", 0, 3, "")])
 def test_greedy_generate_with_cache_equals_full_recompute(ffn: str, conv: int, block_conv: int, layers: str) -> None:
     deep_query = "retrieved" if ffn.endswith("-retrieved") else "input"
     model = FHMELanguageModel(tiny_model_config(ffn=ffn.removesuffix("-retrieved"), seq_len=48, ffn_conv=conv,
