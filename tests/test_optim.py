@@ -16,7 +16,7 @@ from fractalmoe.config import TrainConfig, tiny_model_config
 from fractalmoe.experts import ExpertBank, grad_layout, value_mix
 from fractalmoe.model import FHMELanguageModel
 from fractalmoe.optim import LazyAdam, ModelOptimizer, RowSGD, RowwiseAdagrad, merge_rows
-from fractalmoe.train import lr_scale, train_step
+from fractalmoe.train import balance_scale, lr_scale, train_step
 
 N, D = 50, 6
 
@@ -218,6 +218,24 @@ def _train_alike(ffn: str, rule: str, variant: dict[str, bool]) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=name)
         if any(b is t for t in opts[1].tables):
             assert not torch.equal(b, start[name]), f"{name} was never trained"
+
+
+def test_balance_loss_fades_to_nothing_at_balance_steps() -> None:
+    """balance_steps: full weight at step 0, a linear fade, none from that step on; 0 = always on.
+    A step at factor 0 trains like the model without the loss."""
+    fade = TrainConfig(balance_steps=400)
+    assert [balance_scale(s, fade) for s in (0, 100, 400, 1000)] == [1.0, 0.75, 0.0, 0.0]
+    assert balance_scale(1000, TrainConfig()) == 1.0
+    models = []
+    for weight in (0.1, 0.0):
+        torch.manual_seed(0)
+        models.append(FHMELanguageModel(tiny_model_config(balance_loss=weight)))
+    opts = [ModelOptimizer(m, 1e-3, 0.05, 0.0, "lazy_adam") for m in models]
+    x = torch.randint(0, 256, (2, 16))
+    for model, opt in zip(models, opts):
+        train_step(model, opt, x, x, grad_clip=0.5, balance_scale=0.0)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 @pytest.mark.parametrize("merged", [True, False])

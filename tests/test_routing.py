@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fractalmoe import ProductKeyMemory
+from fractalmoe import FHME, ProductKeyMemory
 from fractalmoe.routing import (
     Balancing,
     ProductKeyRouter,
@@ -353,6 +353,22 @@ def test_balance_loss_is_the_switch_loss_over_candidates_and_teaches_spreading()
         stats.aux_loss().backward()
         opt.step()
     assert _expert_kl(idx, 1024) < 0.7 * before
+
+
+def test_balance_scale_multiplies_each_layers_balance_loss() -> None:
+    """The schedule's factor scales the routers' balance losses (in an FHME layer, averaged over
+    its blocks) and nothing else."""
+    torch.manual_seed(0)
+    layer = FHME(32, 1024, depth=2, heads=2, topk=4, key_dim=16, balancing=Balancing(loss=0.1)).train()
+    x = torch.randn(4, 16, 32)
+    losses = []
+    for scale in (1.0, 0.25, 0.0):
+        with collect(layer, balance_scale=scale) as stats:
+            layer(x)
+        losses.append(stats.aux_loss())
+    assert float(losses[0]) > 0
+    torch.testing.assert_close(losses[1], 0.25 * losses[0])
+    assert float(losses[2]) == 0.0
 
 
 def test_router_only_balance_loss_trains_the_router_alone() -> None:

@@ -314,6 +314,9 @@ class TrainConfig(_Config):
     weight_decay: float = 0.1
     beta2: float = 0.95  # AdamW's second-moment decay for dense parameters
     warmup_steps: int = 100
+    # > 0: the routers' balance loss (balance_loss, layer_balance_loss) fades linearly from its
+    # weight at step 0 to nothing at this step: reads spread while the routes form
+    balance_steps: int = 0
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     grad_clip: float = 1.0  # global norm over dense parameters; 0 = off
     eval_every: int = 200
@@ -338,7 +341,7 @@ class TrainConfig(_Config):
         # SGD's step is lr x gradient, and table gradients are ~1e-4 an entry: its rates run to 1,000s
         top = 1e4 if self.expert_optim == "row_sgd" else 10.0
         r(0.0 < self.expert_lr < top, "expert_lr", f"must be in (0, {top:g}) for expert_optim = {self.expert_optim}")
-        for name in ("warmup_steps", "sample_bytes", "seed"):
+        for name in ("warmup_steps", "sample_bytes", "seed", "balance_steps"):
             r(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("weight_decay", "grad_clip", "time_budget"):
             r(getattr(self, name) >= 0.0, name, "must be >= 0")

@@ -500,8 +500,9 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         return self.balancing.loss * self.num_experts * (probs * f_at).sum(-1).mean()
 
     def aux_loss_from(self, stats: Statistics) -> Tensor | None:
-        """Mean balance loss over this router's calls."""
-        return mean_of(stats.values(self, BALANCE_LOSS))
+        """Mean balance loss over this router's calls, times the schedule's factor."""
+        loss = mean_of(stats.values(self, BALANCE_LOSS))
+        return loss * stats.balance_scale if loss is not None else None
 
     def fold_inputs(self, stats: Statistics) -> FoldInputs | None:
         loads = stats.values(self, SUB_KEY_LOAD, training=True)

@@ -44,8 +44,9 @@ class Statistics:
     """The records of one collection block: (module, kind, value, module.training) in call order,
     also indexed by module and kind."""
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: nn.Module, balance_scale: float = 1.0) -> None:
         self.root = root
+        self.balance_scale = balance_scale  # the training schedule's factor on routing balance losses
         self.records: list[tuple[nn.Module, str, Any, bool]] = []
         self._index: dict[tuple[int, str], list[tuple[Any, bool]]] = {}
         self.folded = False
@@ -142,10 +143,11 @@ class PastBatchStatistics(Recorder):
 
 
 @contextlib.contextmanager
-def collect(model: nn.Module) -> Iterator[Statistics]:
+def collect(model: nn.Module, balance_scale: float = 1.0) -> Iterator[Statistics]:
     """Install one collector on every recorder in ``model`` (found now, so modules added after
-    construction take part) and remove it when the block ends."""
-    stats = Statistics(model)
+    construction take part) and remove it when the block ends. ``balance_scale`` multiplies the
+    routers' balance losses (``train``'s schedule for them)."""
+    stats = Statistics(model, balance_scale)
     recorders = [m for m in model.modules() if isinstance(m, Recorder)]
     previous = [vars(m).get("_collector") for m in recorders]
     for m in recorders:

@@ -89,6 +89,14 @@ def allowed_sync() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(old)
 
 
+def balance_scale(step: int, cfg: TrainConfig) -> float:
+    """The routers' balance-loss factor: 1, or with ``balance_steps`` a linear fade to 0 at that
+    step, so reads spread while routes form and fit is free afterwards."""
+    if cfg.balance_steps == 0:
+        return 1.0
+    return max(0.0, 1.0 - step / cfg.balance_steps)
+
+
 def lr_scale(step: int, cfg: TrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_frac at max_steps."""
     if step < cfg.warmup_steps:
@@ -99,7 +107,8 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 
 def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tensor,
                grad_clip: float, loss_hook: Callable[[Tensor], Tensor] | None = None,
-               forward: nn.Module | None = None, ctx: DistContext = DistContext()) -> tuple[float, bool]:
+               forward: nn.Module | None = None, ctx: DistContext = DistContext(),
+               balance_scale: float = 1.0) -> tuple[float, bool]:
     """One optimisation step. Returns (loss, applied); a non-finite step changes nothing.
 
     The model's measurements are collected during forward (``stats.collect``), their aux losses
@@ -107,9 +116,10 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
     The loss and the finiteness flag are read on the host together: the step's one host sync.
     ``forward`` is the module to call (the DDP wrapper when distributed); with several ranks the
     loss is averaged and a step is skipped everywhere if any rank saw a non-finite value.
+    ``balance_scale`` multiplies the routers' balance losses (``balance_scale``'s schedule).
     """
     opt.zero_grad()
-    with collect(model) as stats:
+    with collect(model, balance_scale) as stats:
         _, loss = (model if forward is None else forward)(x, y)
         if loss_hook is not None:
             loss = loss_hook(loss)
@@ -293,7 +303,8 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
             x, y = x.to(device), y.to(device)  # a blocking copy: outside the sync-debugged step
             hook = (lambda loss, s=step: loss_hook(s, loss)) if loss_hook else None
             with cuda_sync_debug(sync_debug, device):
-                loss, ok = train_step(model, opt, x, y, tc.grad_clip, hook, forward, ctx)
+                loss, ok = train_step(model, opt, x, y, tc.grad_clip, hook, forward, ctx,
+                                      balance_scale(step, tc))
             step += 1
             steps_since_log += 1
             if ok:
