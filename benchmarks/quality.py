@@ -835,7 +835,7 @@ def deep_query_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     hop, untie = ["--set", "deep_query=retrieved"], ["--set", "tie_blocks=false"]
     return [(f"{corpus}_fhme_gated_conv4_bconv4{name}",
              _default_pilot("fhme", *BCONV_PILOT, *extra, *_data(corpus, stdlib)))
-            for name, extra in (("_hop", hop), ("_hop_untied", [*hop, *untie]), ("", []))
+            for name, extra in (("_hop", hop), ("_hop_untied", [*hop, *untie]), ("_rerun", []))
             for corpus in ("shakespeare", "stdlib")]
 
 

@@ -220,6 +220,8 @@ def balance_table(folders: list[Path]) -> str:
         named = [f"{k} = {r['config'][k]:g}" for k in ("balance_loss", "balance_rate") if r["config"].get(k)]
         if r["config"].get("layer_balance_loss"):
             named.append(f"balance_loss per layer {r['config']['layer_balance_loss']}")
+        if r["train"].get("balance_steps"):
+            named.append(f"fading out by step {r['train']['balance_steps']}")
         return ", ".join(named) or "none"
 
     lines = [f"| run | measure | steps | val bpb | train bpb, last {TAIL_STEPS} steps | "
@@ -316,7 +318,7 @@ def main() -> None:
         print("\n### Value dropout pilots (seed 1, 2,400 steps, bundled corpus)\n")
         print(fit_table(rows(root / "value-dropout-pilots")))
     balance = [root / p for p in ("balance-65k-stdlib-pilots", "balance-65k-stdlib", "balance-65k-layers",
-                                  "balance-65k-long")
+                                  "balance-65k-long", "balance-65k-fade")
                if (root / p).is_dir()]
     if balance:
         print("\n### The default FHME at 65,536 experts with and without balancing (standard library, "
@@ -351,10 +353,11 @@ def main() -> None:
                            "Adaptive-depth FHME and PKM routing shapes, with the query convolution"),
                           (["table-lr-pilots", "shape-pilots", "conv-width-pilots", "shared-bank-pilots",
                             "drop-path-pilots", "sigmoid-gate-pilots", "block-conv-pilots",
-                            "column-heads-pilots"],
+                            "column-heads-pilots", "deep-query-pilots"],
                            "The default FHME (gate and convolution): table lr 0.1, one head x top-67 per "
                            "block, a convolution over 8 positions, one 65K bank shared by every layer, "
-                           "local drop-path 0.15, sigmoid gates, block convolutions, heads 1,4 per column "
+                           "local drop-path 0.15, sigmoid gates, block convolutions, heads 1,4 per column, "
+                           "deep paths querying with what they retrieved (hop; the default rerun beside it: rerun) "
                            "(and PKM with the gate: convolution 4 and 8, shared, dropout 0.1, sigmoid gates, "
                            "a block convolution)")):
         if (root / phases[0]).is_dir():

@@ -138,15 +138,17 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # the experts series with three-part product keys, PKM with three-part keys at 262K, one or three heads for both,
 # the block-conv pair at the default's 2,400 steps, and on a 1 MB cut of the standard library and the
 # King James Bible (Debian's bible-kjv), and the pair with a regulariser (the memory's value dropout at
-# seed 1; the transformer's dropout at seeds 2, 3), and the default FHME at 65K with balancing on the
-# second corpus
+# seed 1; the transformer's dropout at seeds 2, 3), the default FHME at 65K with balancing on the
+# second corpus (a balance loss that fades out early too), and the deep path's second read querying
+# with what the first read found
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
              drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
              key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout \
-             balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long; do
+             balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long \
+             deep-query-pilots balance-65k-fade; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
@@ -154,9 +156,9 @@ for run in runs/quality/optim/n65536_lazy_adam_s2 runs/quality/balance-65k/*_s2;
   $F eval --ckpt $run/runs/fhme-seed2 --usage-choices 1000000 --json > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done
 # ... and of the default FHME at 65K on the second corpus, with and without balancing (one weight,
-# or one per layer; 1,200 and 2,400 steps)
+# or one per layer, or fading out; 1,200 and 2,400 steps)
 for run in runs/quality/balance-65k-stdlib-pilots/*_s1 runs/quality/balance-65k-stdlib/*_s2 \
-           runs/quality/balance-65k-layers/*_s? runs/quality/balance-65k-long/*_s?; do
+           runs/quality/balance-65k-layers/*_s? runs/quality/balance-65k-long/*_s? runs/quality/balance-65k-fade/*_s?; do
   $F eval --ckpt $run/runs/fhme-seed${run##*_s} --data data/stdlib --usage-choices 1000000 --json \
     > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done
