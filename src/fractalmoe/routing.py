@@ -473,7 +473,8 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
                 i1, i2 = lists[0][1], lists[1][1]
                 self.record(SUB_KEY_LOAD, _counts(torch.cat([i1, i2 + self.n_keys], dim=-1),
                                                   self.heads, 2 * self.n_keys))
-            if self.training and self.balancing.loss > 0 and torch.is_grad_enabled():
+            if (self.training and self.balancing.loss > 0 and torch.is_grad_enabled()
+                    and self.balance_scale_on):  # a schedule that has faded the loss out: not formed
                 (v1, i1), (v2, i2) = lists
                 if self.balancing.router_only:
                     v1, v2 = self._scores_at(x.detach(), [i1, i2])

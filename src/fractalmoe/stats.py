@@ -108,6 +108,12 @@ class Recorder:
     def collecting(self) -> bool:
         return self._collector is not None
 
+    @property
+    def balance_scale_on(self) -> bool:
+        """Whether the collector's schedule still weighs balance losses (a bool, not the factor:
+        one compiled graph before the fade ends and one after)."""
+        return self._collector is not None and self._collector.balance_scale > 0
+
     @torch.compiler.disable  # runs eagerly under torch.compile: no guard on the records so far
     def record(self, kind: str, value: Any) -> None:
         if self._collector is not None:
