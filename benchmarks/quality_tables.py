@@ -294,6 +294,11 @@ def main() -> None:
                 for r in rows(root / "block-conv")]
         print_per_corpus(split + even, ", FHME with column_heads = 1,4 (fhme) against the 2,2 default and PKM, "
                          "both with block convolutions, lazy-Adam tables")
+    if (root / "fade-16k").is_dir():  # the pair with and without an early balance loss, one code, seed 2
+        fade = [dict(r, model=r["model"] + (", balance loss fading out by step 400" if "_fade" in r["name"] else ""))
+                for r in rows(root / "fade-16k")]
+        print_per_corpus(fade, ", FHME and PKM (block convolutions) with and without a balance loss of 0.01 "
+                         "fading out by step 400, seed 2", corpora=("stdlib",))
     if (root / "default-length").is_dir():  # the block-conv pair at the default's length
         long_pair = rows(root / "default-length")
         print_per_corpus(long_pair, ", the pair with block convolutions at the default length, lazy-Adam tables",
