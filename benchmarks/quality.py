@@ -893,7 +893,8 @@ def balance_65k_fade_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     level with or below no measure from step 600 on, their reads narrowing a little once the loss
     was gone (81-87% of the periodic slice's table at step 800); then the same weights fading over
     the whole run, so that a lighter loss holds the reads to the end. Last, seed 2 of 0.01 fading
-    by step 400, which ended below no measure at seed 1 (balance-65k-stdlib has no measure at seed 2)."""
+    by step 400, which ended below no measure at seed 1 (against balance-65k-stdlib's seed-2 run
+    without a measure)."""
     return [*(_balance_65k_run(stdlib, "1", measure)
               for measure in ("fade0.01_400", "fade0.03_400", "fade0.01_1200", "fade0.03_1200")),
             _balance_65k_run(stdlib, "2", "fade0.01_400")]
