@@ -905,8 +905,7 @@ def fade_16k_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     comparison's 16,384 experts, where FHME reads 80-89% of its table and PKM all of it, does it
     lower FHME's bpb against PKM's? Both, with and without it, on the second corpus at seed 2 with
     today's code (block-conv's settings)."""
-    fade = ["--set", "balance_loss=0.01", "--set", "balance_steps=400"]
-    order = [("stdlib", "2")]
+    fade, order = BALANCE_65K["fade0.01_400"], [("stdlib", "2")]
     return [*_pair_jobs(stdlib, "gated_conv4_bconv4_fade0.01_400", [*BCONV_FHME, *fade], order, ("fhme",)),
             *_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, order, ("pkm", "fhme")),
             *_pair_jobs(stdlib, "gated_conv4_bconv4_fade0.01_400", [*BCONV_FHME, *fade], order, ("pkm",))]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import DEEP_QUERIES
 from .conv import CausalConv
 from .experts import ExpertBank
 from .routing import Balancing, ProductKeyMemory
@@ -145,8 +146,8 @@ class FractalExpert(nn.Module):
             raise ValueError(f"heads={heads}: one head count per column (depth={depth})")
         self.depth, self.drop_local, self.drop_global = depth, drop_path_local, drop_path_global
         self.tied, self.route_once = tied, route_once
-        if deep_query not in ("input", "retrieved"):
-            raise ValueError(f"deep_query={deep_query!r}: input or retrieved")
+        if deep_query not in DEEP_QUERIES:
+            raise ValueError(f"deep_query={deep_query!r}: one of {DEEP_QUERIES}")
         self.retrieved_queries = deep_query == "retrieved"
         # Module of the p-th block / join application: its column's (tied) or its own (untied).
         block_cols, join_cols = application_columns(depth, 1), application_columns(depth, 2)
