@@ -55,6 +55,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py deep-query-pilots   # the deep path's second read queries with what the first found
     python benchmarks/quality.py balance-65k-fade    # a balance loss that fades out by step 400 or 1,200
     python benchmarks/quality.py fade-16k            # FHME and PKM at 16K with and without it, seed 2
+    python benchmarks/quality.py fade-pilots         # ... on the bundled corpus, 600 steps, seed 1
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -911,6 +912,16 @@ def fade_16k_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             *_pair_jobs(stdlib, "gated_conv4_bconv4_fade0.01_400", [*BCONV_FHME, *fade], order, ("pkm",))]
 
 
+def fade_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The comparison's settings are chosen on the bundled corpus: the balance loss fading out by
+    step 400, offered to FHME and PKM alike, against each without it (block-conv's settings, 600
+    steps, seed 1, every run by today's code). FHME and PKM of each pair side by side."""
+    fade, order = BALANCE_65K["fade0.01_400"], [("shakespeare", "1")]
+    return [*_pair_jobs(stdlib, "gated_conv4_bconv4_fade0.01_400", [*BCONV_FHME, *fade], order, ("fhme", "pkm"),
+                        steps="600"),
+            *_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, order, ("fhme", "pkm"), steps="600")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -957,6 +968,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
+    "fade-pilots": fade_pilot_jobs,
 }
 
 
