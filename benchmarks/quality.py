@@ -56,6 +56,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py balance-65k-fade    # a balance loss that fades out by step 400 or 1,200
     python benchmarks/quality.py fade-16k            # FHME and PKM at 16K with and without it, seed 2
     python benchmarks/quality.py fade-pilots         # ... on the bundled corpus, 600 steps, seed 1
+    python benchmarks/quality.py fade                # FHME with it against PKM, seeds 2, 3, both corpora
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -922,6 +923,16 @@ def fade_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             *_pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, order, ("fhme", "pkm"), steps="600")]
 
 
+def fade_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The pilots' choices at the reported length: FHME with the fading loss (it was 0.002 lower
+    with it), PKM without (0.014 higher with it); seeds 2 and 3, both corpora, FHME and PKM of each
+    pair side by side. The standard library's seed 2 is fade-16k's pair (the same code)."""
+    fade, order = BALANCE_65K["fade0.01_400"], [("shakespeare", "2"), ("shakespeare", "3"), ("stdlib", "3")]
+    fhme = _pair_jobs(stdlib, "gated_conv4_bconv4_fade0.01_400", [*BCONV_FHME, *fade], order, ("fhme",))
+    pkm = _pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, order, ("pkm",))
+    return [job for pair in zip(fhme, pkm) for job in pair]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -968,7 +979,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
-    "fade-pilots": fade_pilot_jobs,
+    "fade-pilots": fade_pilot_jobs, "fade": fade_jobs,
 }
 
 
