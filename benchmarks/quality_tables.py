@@ -299,6 +299,11 @@ def main() -> None:
                 for r in rows(root / "fade-16k")]
         print_per_corpus(fade, ", FHME and PKM (block convolutions) with and without a balance loss of 0.01 "
                          "fading out by step 400, seed 2", corpora=("stdlib",))
+    if (root / "fade").is_dir() and (root / "fade-16k").is_dir():  # the pilots' choices, seeds 2 and 3
+        seed2 = [r for r in rows(root / "fade-16k") if r["name"] in (
+            "stdlib_fhme_gated_conv4_bconv4_fade0.01_400_s2", "stdlib_pkm_gated_conv4_bconv4_s2")]
+        print_per_corpus(rows(root / "fade") + seed2, ", FHME with a balance loss of 0.01 fading out by step 400 "
+                         "against PKM without it (both with block convolutions), lazy-Adam tables")
     if (root / "default-length").is_dir():  # the block-conv pair at the default's length
         long_pair = rows(root / "default-length")
         print_per_corpus(long_pair, ", the pair with block convolutions at the default length, lazy-Adam tables",
@@ -358,13 +363,14 @@ def main() -> None:
                            "Adaptive-depth FHME and PKM routing shapes, with the query convolution"),
                           (["table-lr-pilots", "shape-pilots", "conv-width-pilots", "shared-bank-pilots",
                             "drop-path-pilots", "sigmoid-gate-pilots", "block-conv-pilots",
-                            "column-heads-pilots", "deep-query-pilots"],
+                            "column-heads-pilots", "deep-query-pilots", "fade-pilots"],
                            "The default FHME (gate and convolution): table lr 0.1, one head x top-67 per "
                            "block, a convolution over 8 positions, one 65K bank shared by every layer, "
                            "local drop-path 0.15, sigmoid gates, block convolutions, heads 1,4 per column, "
-                           "deep paths querying with what they retrieved (hop; the default rerun beside it: rerun) "
+                           "deep paths querying with what they retrieved (hop; the default rerun beside it: rerun), "
+                           "a balance loss fading out by step 400 (fade) "
                            "(and PKM with the gate: convolution 4 and 8, shared, dropout 0.1, sigmoid gates, "
-                           "a block convolution)")):
+                           "a block convolution, the fading loss)")):
         if (root / phases[0]).is_dir():
             print(f"\n### {title} (seed 1, 600 steps, bundled unless the name says stdlib)\n")
             print(search_table([r for p in phases if (root / p).is_dir() for r in rows(root / p)]))
