@@ -57,6 +57,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fade-16k            # FHME and PKM at 16K with and without it, seed 2
     python benchmarks/quality.py fade-pilots         # ... on the bundled corpus, 600 steps, seed 1
     python benchmarks/quality.py fade                # FHME with it against PKM, seeds 2, 3, both corpora
+    python benchmarks/quality.py fade-base           # FHME without it at those seeds, by the same code
     python benchmarks/quality.py heads-fade-pilots   # FHME with heads 1,4 with and without it, seed 1
     python benchmarks/quality.py heads-fade          # ... with it, seeds 2, 3, both corpora
 
@@ -935,6 +936,13 @@ def fade_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return [job for pair in zip(fhme, pkm) for job in pair]
 
 
+def fade_base_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """FHME without the fading loss for the fade phase's other seeds, by the same code (reruns of
+    block-conv's settings move by rounding alone): does the loss lower FHME over both seeds?"""
+    order = [("shakespeare", "2"), ("shakespeare", "3"), ("stdlib", "3")]
+    return _pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, order, ("fhme",))
+
+
 def heads_fade_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The fading loss spread FHME's reads most where they were narrowest; the 1,4 split of heads,
     the best FHME of the column-heads pilots, reads the narrowest (72-80% of the table). The split
@@ -1000,7 +1008,8 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
-    "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "heads-fade-pilots": heads_fade_pilot_jobs,
+    "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
+    "heads-fade-pilots": heads_fade_pilot_jobs,
     "heads-fade": heads_fade_jobs,
 }
 
