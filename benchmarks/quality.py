@@ -58,8 +58,6 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fade-pilots         # ... on the bundled corpus, 600 steps, seed 1
     python benchmarks/quality.py fade                # FHME with it against PKM, seeds 2, 3, both corpora
     python benchmarks/quality.py fade-base           # FHME without it at those seeds, by the same code
-    python benchmarks/quality.py heads-fade-pilots   # FHME with heads 1,4 with and without it, seed 1
-    python benchmarks/quality.py heads-fade          # ... with it, seeds 2, 3, both corpora
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -943,25 +941,6 @@ def fade_base_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return _pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, order, ("fhme",))
 
 
-def heads_fade_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The fading loss spread FHME's reads most where they were narrowest; the 1,4 split of heads,
-    the best FHME of the column-heads pilots, reads the narrowest (72-80% of the table). The split
-    with and without the loss, 600 steps, seed 1, bundled corpus, side by side, against
-    fade-pilots' runs."""
-    fade, order = BALANCE_65K["fade0.01_400"], [("shakespeare", "1")]
-    return [*_pair_jobs(stdlib, "gated_conv4_bconv4_h14_fade0.01_400", [*BCONV_FHME, *HEADS_1_4, *fade], order,
-                        ("fhme",), steps="600"),
-            *_pair_jobs(stdlib, "gated_conv4_bconv4_h14", [*BCONV_FHME, *HEADS_1_4], order, ("fhme",), steps="600")]
-
-
-def heads_fade_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The 1,4 split with the fading loss at the reported length, seeds 2 and 3, both corpora,
-    against the fade phase's PKM runs (the same code)."""
-    fade = BALANCE_65K["fade0.01_400"]
-    return _pair_jobs(stdlib, "gated_conv4_bconv4_h14_fade0.01_400", [*BCONV_FHME, *HEADS_1_4, *fade], SEED_FIRST,
-                      ("fhme",))
-
-
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -1009,8 +988,6 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
-    "heads-fade-pilots": heads_fade_pilot_jobs,
-    "heads-fade": heads_fade_jobs,
 }
 
 

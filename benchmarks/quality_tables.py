@@ -299,11 +299,18 @@ def main() -> None:
                 for r in rows(root / "fade-16k")]
         print_per_corpus(fade, ", FHME and PKM (block convolutions) with and without a balance loss of 0.01 "
                          "fading out by step 400, seed 2", corpora=("stdlib",))
-    if (root / "fade").is_dir() and (root / "fade-16k").is_dir():  # the pilots' choices, seeds 2 and 3
+    if all((root / p).is_dir() for p in ("fade", "fade-base", "fade-16k")):  # seeds 2 and 3, one code
         seed2 = [r for r in rows(root / "fade-16k") if r["name"] in (
-            "stdlib_fhme_gated_conv4_bconv4_fade0.01_400_s2", "stdlib_pkm_gated_conv4_bconv4_s2")]
-        print_per_corpus(rows(root / "fade") + seed2, ", FHME with a balance loss of 0.01 fading out by step 400 "
-                         "against PKM without it (both with block convolutions), lazy-Adam tables")
+            "stdlib_fhme_gated_conv4_bconv4_fade0.01_400_s2", "stdlib_fhme_gated_conv4_bconv4_s2",
+            "stdlib_pkm_gated_conv4_bconv4_s2")]
+        runs = rows(root / "fade") + rows(root / "fade-base") + seed2
+        faded = [dict(r, model=r["model"] if "_fade" in r["name"] or r["model"] != "fhme"
+                      else "fhme without the balance loss") for r in runs]
+        print_per_corpus(faded, ", FHME with a balance loss of 0.01 fading out by step 400 (fhme) against "
+                         "FHME without it and PKM without it (all with block convolutions), lazy-Adam tables")
+        plain = [r for r in runs if "_fade" not in r["name"]]
+        print_per_corpus(plain, ", FHME and PKM as by default (no balance loss, block convolutions), the same "
+                         "code and seeds, lazy-Adam tables")
     if (root / "default-length").is_dir():  # the block-conv pair at the default's length
         long_pair = rows(root / "default-length")
         print_per_corpus(long_pair, ", the pair with block convolutions at the default length, lazy-Adam tables",
