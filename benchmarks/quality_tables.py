@@ -84,7 +84,7 @@ def final_table(found: list[dict], corpus: str) -> str:
 def comparison_table(found: list[dict]) -> str:
     """Models ranked by mean val bpb over their seeds, with FHME's verdict against each."""
     by_model: dict[str, list[dict]] = {}
-    for r in found:
+    for r in sorted(found, key=lambda r: r["seed"]):
         by_model.setdefault(r["model"], []).append(r)
     if not by_model:
         return ""
