@@ -262,13 +262,85 @@ def _compiles() -> bool:
 
 
 @pytest.mark.parametrize("deferred", [False, True])
-def test_fused_lazy_adam_trains_exactly_like_the_unfused_one(deferred: bool, monkeypatch) -> None:
-    """The compiled row math (one kernel) is the same update as the eager passes, chunks of
-    varying row counts included (one dynamic-shape kernel)."""
+def test_fused_row_update_trains_like_the_eager_one(deferred: bool) -> None:
+    """The one-kernel update (gather, row math, write-back) is the same update as the eager
+    passes in the model's training step: LR schedule, clipping, a skipped non-finite step."""
     if not _compiles():
         pytest.skip("torch.compile cannot build CPU kernels here (needs a C++ compiler)")
-    monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)
     _train_alike("fhme", "lazy_adam", {"fused_row_update": True, "deferred_table_grads": deferred})
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fused_row_update_runs_the_kernel_and_equals_the_eager_one(chunked: bool, deferred: bool,
+                                                                   monkeypatch) -> None:
+    """On a table the fused kernel can serve (one chunk, or chunks of c rows with N >= c + S), it
+    runs for every chunk, repeated rows and padding included, and updates as the eager rule does
+    under a changing learning rate."""
+    if not _compiles():
+        pytest.skip("torch.compile cannot build CPU kernels here (needs a C++ compiler)")
+    if chunked:
+        monkeypatch.setattr(experts, "_MERGED_BYTES", 0)
+        monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
+        monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)
+    ran: list[str] = []
+    compiled = optim.fused_kernel
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        kernel = compiled(fn)
+
+        def run(*args):  # type: ignore[no-untyped-def]
+            ran.append(fn.__name__)
+            return kernel(*args)
+        return run
+
+    monkeypatch.setattr(optim, "fused_kernel", counted)
+    rows = 4096
+    banks = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        bank = ExpertBank(rows, 8, kind="value")
+        banks.append((bank, optim.table_optimizer([bank.values], "lazy_adam", 0.05, deferred=deferred,
+                                                  fused=fused)))
+    for step in range(4):
+        x, idx, w = torch.randn(64, 8), torch.randint(0, 300, (64, 5)), torch.rand(64, 5)
+        for bank, opt in banks:
+            for group in opt.param_groups:
+                group["lr"] = 0.05 * (step + 1)
+            bank(x, idx, w).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert ran and len(ran) >= 4
+    torch.testing.assert_close(banks[1][0].values, banks[0][0].values, rtol=1e-5, atol=1e-6)
+
+
+def test_distinct_padding_moves_padding_to_untouched_rows(monkeypatch) -> None:
+    """Every chunk's rows are distinct, real rows stay, padding goes to rows no slot names."""
+    monkeypatch.setattr(experts, "_MERGED_BYTES", 0)
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 16)
+    bank = ExpertBank(500, 4, kind="value")
+    optim.table_optimizer([bank.values], "lazy_adam", 0.01, deferred=True)
+    idx = torch.randint(0, 40, (30, 6))  # 180 slots on 40 rows: long runs, cut by chunk ends
+    bank(torch.randn(30, 4), idx, torch.rand(30, 6)).sum().backward()
+    chunks, distinct = optim.distinct_padding(bank.values)
+    assert distinct
+    seen = torch.zeros(500, dtype=torch.long)
+    for rows, g, real in chunks:
+        assert rows.unique().numel() == rows.numel()
+        assert not torch.isin(rows[~real], idx.reshape(-1)).any()
+        assert g[~real].eq(0).all()
+        seen.index_add_(0, rows[real], torch.ones_like(rows[real]))
+    assert torch.equal(seen.nonzero().flatten(), idx.unique()) and seen.max() == 1
+
+
+def test_fused_row_update_falls_back_where_padding_rows_may_run_out(monkeypatch) -> None:
+    """Chunks of c rows with N < c + S: no guarantee of free rows, so the eager update runs."""
+    monkeypatch.setattr(experts, "_MERGED_BYTES", 0)
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
+    bank = ExpertBank(N, 4, kind="value")
+    optim.table_optimizer([bank.values], "lazy_adam", 0.01, deferred=True)
+    bank(torch.randn(30, 4), torch.randint(0, N, (30, 6)), torch.rand(30, 6)).sum().backward()
+    assert optim.distinct_padding(bank.values)[1] is False
 
 
 def test_fused_row_update_is_for_lazy_adam_only() -> None:

@@ -13,7 +13,8 @@ is paired with an update rule, so that a design and an optimizer rule can be tol
   fractalmoe-deferred            row-wise Adagrad  fractalmoe with deferred table gradients
                                                    (formed in the step: one row buffer fewer)
   fractalmoe-lazy-adam-deferred  lazy Adam         fractalmoe-lazy-adam, deferred the same way
-  fractalmoe-lazy-adam-fused     lazy Adam         fractalmoe-lazy-adam with the row math as one
+  fractalmoe-lazy-adam-fused     lazy Adam         fractalmoe-lazy-adam-deferred, each chunk's
+                                                   row gather, update and write-back as one
                                                    compiled kernel (``fused_row_update``)
   peer-pytorch-sparse            lazy Adam         PEER-pytorch, expert embeddings with
                                                    ``sparse=True``, torch.optim.SparseAdam for
@@ -62,7 +63,7 @@ class ImplInfo:
     tables: int  # expert tables per layer: 2 (down, up) or 1 (PKM values)
     package: str | None  # module an optional dependency provides
     deferred: bool = False  # fractalmoe impls: deferred table gradients
-    fused: bool = False  # fractalmoe impls: lazy Adam's compiled row math
+    fused: bool = False  # fractalmoe impls: the one-kernel row update (fused_row_update)
 
 
 IMPLS = {
@@ -70,7 +71,7 @@ IMPLS = {
     "fractalmoe-lazy-adam": ImplInfo("lazy_adam", 2, None),
     "fractalmoe-deferred": ImplInfo("rowwise_adagrad", 2, None, deferred=True),
     "fractalmoe-lazy-adam-deferred": ImplInfo("lazy_adam", 2, None, deferred=True),
-    "fractalmoe-lazy-adam-fused": ImplInfo("lazy_adam", 2, None, fused=True),
+    "fractalmoe-lazy-adam-fused": ImplInfo("lazy_adam", 2, None, deferred=True, fused=True),
     "peer-pytorch-sparse": ImplInfo("lazy_adam", 2, "PEER_pytorch"),
     "peer-pytorch": ImplInfo("dense_adamw", 2, "PEER_pytorch"),
     "peer-dense": ImplInfo("dense_adamw", 2, None),

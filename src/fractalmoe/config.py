@@ -308,8 +308,9 @@ class TrainConfig(_Config):
     # fewer between backward and step; the same update). False: train still does so for tables
     # read more than once a step (optim.defers_table_grads); true: for every table.
     deferred_table_grads: bool = False
-    # lazy_adam only: its elementwise row math as one torch.compile'd kernel (a C++ compiler on
-    # CPU): the same update in one pass instead of ten, for accelerators; no faster on CPU. Opt-in.
+    # lazy_adam only: each chunk's row gather, update and write-back as one torch.compile'd
+    # kernel (a C++ compiler on CPU), each touched row and its moments read and written once.
+    # Opt-in.
     fused_row_update: bool = False
     weight_decay: float = 0.1
     beta2: float = 0.95  # AdamW's second-moment decay for dense parameters

@@ -218,6 +218,10 @@ class DeferredRowGrad:
         cat = (lambda ts: ts[0]) if len(self.parts) == 1 else torch.cat
         return cat(idx), cat(w), cat(tokens), cat(z)
 
+    def slot_rows(self) -> list[Tensor]:
+        """The row of every slot, one flat tensor per part (rows repeat)."""
+        return [idx_TM.reshape(-1) for idx_TM, _, _ in self.parts]
+
     def touched_rows(self) -> int:
         """Distinct rows (a host read: for benchmarks and tests, not the training step)."""
         return int(self._slots()[0].unique().numel())

@@ -26,6 +26,14 @@ With ``deferred`` table gradients (``experts.DeferredRowGrad``) the row rules fo
 inside their step instead of merging a sparse ``.grad``: the same rows, the same update, without a
 row-sized gradient held from backward to step.
 
+``fused`` (lazy Adam): each chunk's gather, row math and write-back run as one compiled kernel
+(``torch.compile``: C++ on CPU, Triton on CUDA) that reads each touched row of the table and its
+moments once and writes it once, the least the rule can move, where the eager update reads and
+writes them in separate passes (index_select, ten elementwise passes, index_add_ of deltas).
+Plain writes race where a row appears twice in a chunk, so the padding entries are moved to
+distinct rows the step does not touch (``distinct_padding``), which the kernel writes back
+unchanged.
+
 Nothing here reads a tensor on the host, so backward plus optimizer step cost no host sync; the
 trainer reads ``ModelOptimizer.finite_flag()`` together with the loss, once per step.
 """
@@ -97,6 +105,66 @@ def add_rows_(table: Tensor, rows: Tensor, delta: Tensor) -> None:
     table.index_add_(0, rows, delta)
 
 
+def slot_rows(p: Tensor) -> list[Tensor]:
+    """The row of every gradient entry of a table this step (rows repeat); none for a dense grad."""
+    deferred = deferred_grad(p)
+    if deferred is not None:
+        return deferred.slot_rows()
+    if p.grad is not None and p.grad.is_sparse:
+        return [p.grad._indices()[0]]
+    return []
+
+
+def free_rows(used: list[Tensor], num_rows: int, count: int) -> Tensor:
+    """``count`` distinct rows, ascending, that no index in ``used`` names, among the first
+    min(num_rows, count + len(used)) rows; found without a host sync (static sizes). Where fewer
+    are free there, the entries past the free ones are row 0: callers use only as many as
+    ``distinct_padding`` guarantees."""
+    total = sum(u.numel() for u in used)
+    m = min(num_rows, count + total)
+    device = used[0].device
+    taken = torch.zeros(m + 1, dtype=torch.bool, device=device)  # rows >= m land in slot m
+    for u in used:
+        taken.index_fill_(0, u.clamp(max=m), True)
+    free = ~taken[:m]
+    rank = free.cumsum(0) - 1
+    dest = torch.where(free & (rank < count), rank, count)
+    out = torch.zeros(count + 1, dtype=torch.long, device=device)
+    return out.scatter_(0, dest, torch.arange(m, device=device))[:count]
+
+
+def distinct_padding(p: Tensor) -> tuple[Iterator[tuple[Tensor, Tensor, Tensor | None]], bool]:
+    """(``row_gradients(p)``, True) with the entries that are not real (zero gradient) moved to
+    distinct rows the step does not touch, so that no row appears twice in a chunk; or the chunks
+    unchanged and False where that is not certain from the shapes alone (the eager update, which
+    adds deltas, then applies).
+
+    One chunk of min(S, N) rows has min(S, N) - R <= N - R padding entries, as many as there are
+    untouched rows; chunks of c rows need N >= c + S. A padding row written back unchanged by one
+    chunk and updated by another is safe: chunks run one after the other."""
+    chunks = row_gradients(p)
+    first = next(chunks, None)
+    if first is None:
+        return iter(()), True
+    chunks = itertools.chain([first], chunks)
+    rows, _, real = first
+    if real is None:  # every row of a dense gradient, once
+        return chunks, True
+    used = slot_rows(p)
+    s, n, count = sum(u.numel() for u in used), p.shape[0], rows.numel()
+    if count != min(s, n) and count + s > n:
+        return chunks, False
+    free = free_rows(used, n, count)
+
+    def moved(chunk: tuple[Tensor, Tensor, Tensor | None]) -> tuple[Tensor, Tensor, Tensor | None]:
+        rows, g, real = chunk
+        assert real is not None
+        pad = (~real).cumsum(0).sub_(1).clamp_(min=0)  # the k-th padding entry takes free row k
+        return torch.where(real, rows, free.index_select(0, pad)), g, real
+
+    return map(moved, chunks), True
+
+
 def has_row_gradient(p: Tensor) -> bool:
     return p.grad is not None or deferred_grad(p) is not None
 
@@ -160,7 +228,7 @@ def adam_row_math(g: Tensor, m: Tensor, v: Tensor, dv: Tensor, update: Tensor, k
     """Lazy Adam's elementwise work on gathered rows, in place: dv and g become the deltas of
     exp_avg_sq and exp_avg, m and v the new moments, ``update`` the step to add to the rows
     (``step_size`` is negative: -lr times the bias correction; keep: the 0/1 per row
-    that leaves padding rows unchanged). Ten passes eagerly; one kernel under torch.compile."""
+    that leaves padding rows unchanged)."""
     torch.addcmul(v, g, g, value=-1.0, out=dv).mul_(keep * (beta2 - 1.0))  # v += (1 - b2) (g^2 - v)
     v.add_(dv)
     g.sub_(m).mul_(keep * (1.0 - beta1))  # m += (1 - b1) (g - m)
@@ -168,20 +236,32 @@ def adam_row_math(g: Tensor, m: Tensor, v: Tensor, dv: Tensor, update: Tensor, k
     torch.div(m, torch.sqrt(v, out=update).add_(eps), out=update).mul_(keep * step_size)
 
 
+def adam_rows(p: Tensor, m: Tensor, v: Tensor, rows: Tensor, g: Tensor, keep: Tensor,
+              beta1: float, beta2: float, eps: float, step_size: Tensor) -> None:
+    """Lazy Adam on distinct rows in one pass (``fused``): read p, m, v at rows, write them back
+    updated; a row with keep 0 (padding) is written back unchanged."""
+    m_old, v_old = m[rows], v[rows]
+    v_new = v_old + (g * g - v_old) * (keep * (1.0 - beta2))
+    m_new = m_old + (g - m_old) * (keep * (1.0 - beta1))
+    p_new = p[rows].float() + m_new / (v_new.sqrt() + eps) * (keep * step_size)
+    m.index_put_((rows,), m_new)
+    v.index_put_((rows,), v_new)
+    p.index_put_((rows,), p_new.to(p.dtype))
+
+
 @functools.cache
-def fused_adam_row_math() -> Callable[..., None]:
-    """``adam_row_math`` compiled once per process (inductor: C++ on CPU, Triton on CUDA); shapes
-    are dynamic, so chunks of any row count share one kernel."""
-    return torch.compile(adam_row_math, dynamic=True)
+def fused_kernel(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` compiled once per process (inductor: C++ on CPU, Triton on CUDA); shapes are
+    dynamic, so chunks of any row count share one kernel."""
+    return torch.compile(fn, dynamic=True)
 
 
 class LazyAdam(RowOptimizer):
     """Adam whose moments and weights change only on touched rows (SparseAdam semantics).
 
     Moments move by masked deltas added per row, so a padding row never decays a moment; the step
-    count and bias correction stay tensors on the table's device (no host read). ``fused`` runs
-    the elementwise part as one compiled kernel (``fused_adam_row_math``): the same update in one
-    pass instead of ten, for accelerators (on CPU, over cache-sized chunks, it gains nothing)."""
+    count and bias correction stay tensors on the table's device (no host read). ``fused``: one
+    compiled kernel per chunk (``adam_rows``) reads and writes each row and its moments once."""
 
     def __init__(self, params: Iterable[Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = False) -> None:
@@ -208,8 +288,14 @@ class LazyAdam(RowOptimizer):
                 bias2 = torch.expm1(step * math.log(beta2)).neg_()
                 # negative: the row math's update is added to the rows (see add_rows_)
                 step_size = bias2.sqrt_().mul_(-group["lr"]).div_(bias1)
-                for rows, g, real in row_gradients(p):
-                    self._update_rows(p, state, rows, g, real, beta1, beta2, group["eps"], step_size)
+                chunks, distinct = distinct_padding(p) if self.fused else (row_gradients(p), False)
+                for rows, g, real in chunks:
+                    if distinct:
+                        keep = real.unsqueeze(1).float() if real is not None else torch.ones((), device=p.device)
+                        fused_kernel(adam_rows)(p.detach(), state["exp_avg"], state["exp_avg_sq"], rows, g,
+                                                keep, beta1, beta2, group["eps"], step_size)
+                    else:
+                        self._update_rows(p, state, rows, g, real, beta1, beta2, group["eps"], step_size)
 
     def _update_rows(self, p: Tensor, state: dict[str, Tensor], rows: Tensor, g: Tensor,
                      real: Tensor | None, beta1: float, beta2: float, eps: float,
@@ -223,8 +309,7 @@ class LazyAdam(RowOptimizer):
                             for slot in ("m", "v", "dv", "update"))
         torch.index_select(state["exp_avg"], 0, rows, out=m)
         torch.index_select(state["exp_avg_sq"], 0, rows, out=v)
-        row_math = fused_adam_row_math() if self.fused else adam_row_math
-        row_math(g, m, v, dv, update, keep, beta1, beta2, eps, step_size)
+        adam_row_math(g, m, v, dv, update, keep, beta1, beta2, eps, step_size)
         state["exp_avg_sq"].index_add_(0, rows, dv)
         state["exp_avg"].index_add_(0, rows, g)
         add_rows_(p, rows, scratch_cast(update, p.dtype, "update"))
@@ -251,7 +336,8 @@ def table_optimizer(tables: list[Tensor], rule: str, lr: float, deferred: bool =
                     fused: bool = False) -> torch.optim.Optimizer:
     """The optimiser of the expert tables for one of ``config.EXPERT_OPTIMS``; it sets the
     gradient layout the tables' mixes produce: dense for dense_adamw, else row-sparse, or
-    deferred to the step if ``deferred``. ``fused``: lazy Adam's compiled row math."""
+    deferred to the step if ``deferred``. ``fused``: lazy Adam's one compiled gather-update-write
+    kernel per chunk."""
     if rule not in EXPERT_OPTIMS:
         raise ValueError(f"expert_optim={rule!r}: use one of {EXPERT_OPTIMS}")
     if deferred and rule == "dense_adamw":
