@@ -10,7 +10,8 @@
 #               each host-sync site once (FRACTALMOE_SYNC_DEBUG=warn)
 #  4 sync       5 more steps with FRACTALMOE_SYNC_DEBUG=error: passes only if a step has no host
 #               sync beyond the trainer's one deliberate read-back (loss + finiteness); the same
-#               for 5 steps with deferred table gradients, and 5 with three-part keys routed once
+#               for 5 steps with deferred table gradients, 5 with row SGD, 5 with the one-kernel
+#               lazy-Adam update (Triton), and 5 with three-part keys routed once
 #  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint
 #  6 bench      fractalmoe bench layer at 1,048,576 experts, every installed impl (--device cuda
 #               when the command has that option)
@@ -70,6 +71,9 @@ step sync_error_deferred 120 env FRACTALMOE_SYNC_DEBUG=error \
 step sync_error_row_sgd 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/row_sgd" --max-steps 5 --quiet --set eval_every=1000 \
     --set expert_optim=row_sgd --set expert_lr=100 $SMALL
+step sync_error_fused 180 env FRACTALMOE_SYNC_DEBUG=error \
+    $F train --device cuda --out "$RUNS/fused" --max-steps 5 --quiet --set eval_every=1000 \
+    --set fused_row_update=true --set deferred_table_grads=true $SMALL
 step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/three_part" --max-steps 5 --quiet --set eval_every=1000 \
     --set key_parts=3 --set key_dim=24 --set route_once=true $SMALL

@@ -83,6 +83,24 @@ def test_eval_and_generate_on_cuda(ffn: str, corpus: str) -> None:
     assert not _off_device(model)
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fused_lazy_adam_equals_the_eager_one_on_cuda(deferred: bool) -> None:
+    """The one-kernel row update (Triton here) trains as the eager passes do, on the device."""
+    models, opts = [], []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        models.append(FHMELanguageModel(_config("fhme")).cuda().train())
+        opts.append(ModelOptimizer(models[-1], 1e-3, 0.03, 0.0, "lazy_adam", deferred_table_grads=deferred,
+                                   fused_row_update=fused))
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            assert train_step(model, opt, x, x.roll(-1, 1), 1.0)[1]
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=name)
+    assert not _off_device(models[1], opts[1])
+
+
 def test_route_once_trains_on_cuda() -> None:
     model = FHMELanguageModel(_config("fhme", fractal_depth=3, route_once=True)).cuda().train()
     opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)

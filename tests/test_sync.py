@@ -4,6 +4,8 @@ the host, so a training step's only sync is the trainer's one read of loss and f
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,8 +62,13 @@ def test_mix_backwards_never_sync(layout: str) -> None:
 
 
 @pytest.mark.parametrize("deferred", [False, True])
-@pytest.mark.parametrize("rule", [RowwiseAdagrad, LazyAdam])
-def test_row_sparse_steps_never_sync(rule: type[torch.optim.Optimizer], deferred: bool) -> None:
+@pytest.mark.parametrize("rule", [RowwiseAdagrad, LazyAdam, functools.partial(LazyAdam, fused=True)],
+                         ids=["rowwise_adagrad", "lazy_adam", "lazy_adam_fused"])
+def test_row_sparse_steps_never_sync(rule: type[torch.optim.Optimizer], deferred: bool,
+                                     request: pytest.FixtureRequest) -> None:
+    """The fused update finds its padding rows in static sizes too."""
+    if isinstance(rule, functools.partial):
+        request.getfixturevalue("needs_compiler")
     table = torch.nn.Parameter(torch.randn(40, 8))
     set_grad_layout(table, "deferred" if deferred else "sparse")
     opt = rule([table])
