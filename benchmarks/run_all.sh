@@ -39,6 +39,8 @@ $F bench layer --experts 1048576 --impl fractalmoe-lazy-adam-deferred,fractalmoe
 $F bench layer --experts 16384,1048576 --impl fractalmoe-lazy-adam,fractalmoe-lazy-adam-deferred,\
 fractalmoe-lazy-adam-fused,fractalmoe,fractalmoe-deferred,peer-pytorch-sparse,peer-pytorch --repeats 3 --wait-idle 600 \
   --json > $R/layer_fused_rules.jsonl 2> $R/layer_fused_rules.txt
+$F bench layer --experts 16384,1048576 --impl fractalmoe-deferred,fractalmoe-lazy-adam-fused --key-parts 4 \
+  --repeats 3 --wait-idle 600 --json > $R/layer_key_parts.jsonl 2> $R/layer_key_parts.txt
 LAST=1 STEPS=1200 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
 # The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
 LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc

@@ -213,6 +213,19 @@ def test_flops_match_a_hand_count_and_the_layer_own_count() -> None:
     assert flops_per_token(shape) == layer.flops_per_token()
 
 
+@pytest.mark.parametrize("parts", [3, 4])
+def test_flops_of_multi_part_keys_match_the_layer_own_count(parts: int) -> None:
+    """P parts: sum n_p sub-keys of width Q / P per head, and the candidate sums the router counts."""
+    from fractalmoe.experts import meta_expert_tables
+    from fractalmoe.fhme import FHME
+
+    shape = Shape(num_experts=4096, dim=32, heads=4, topk=8, key_dim=24, tokens=7, key_parts=parts)
+    with meta_expert_tables():
+        layer = FHME(32, 4096, depth=1, heads=4, topk=8, key_dim=24, key_parts=parts)
+    assert flops_per_token(shape) == layer.flops_per_token()
+    assert shape.sub_keys == (16 + 16 + 16 if parts == 3 else 8 + 8 + 8 + 8)
+
+
 def test_gather_bandwidth_is_measured() -> None:
     gbps = gather_gbps(dim=16, table_mb=4, gather_mb=1, repeats=1)
     assert math.isfinite(gbps) and gbps > 0
@@ -264,8 +277,18 @@ def test_validate_rejects_mistakes() -> None:
         validate(["fractalmoe"], [63], topk=4, key_dim=8, repeats=3)
     with pytest.raises(ValueError, match="topk"):
         validate(["fractalmoe"], [9], topk=4, key_dim=8, repeats=3)
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="equal parts"):
         validate(["fractalmoe"], [64], topk=4, key_dim=7, repeats=3)
+    validate(["fractalmoe"], [4096], topk=4, key_dim=9, repeats=3, key_parts=3)
+    with pytest.raises(ValueError, match="two key halves"):
+        validate(["peer-pytorch"], [4096], topk=4, key_dim=9, repeats=3, key_parts=3)
+    with pytest.raises(ValueError, match="near-equal"):
+        validate(["fractalmoe"], [4099], topk=4, key_dim=9, repeats=3, key_parts=3)
+
+
+def test_a_multi_part_layer_runs_a_step() -> None:
+    row = run_layer(LayerSpec("fractalmoe", **{**TINY, "key_dim": 12}, key_parts=3), HW)
+    assert row["key_parts"] == 3 and row["train_tok_s"] > 0 and 0 < row["touched_rows"] <= 64
 
 
 def test_one_repeat_runs_in_a_fresh_process() -> None:

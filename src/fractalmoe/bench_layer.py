@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from .bench import peak_rss_gb, spawn
 from .experts import deferred_grad, expert_mix_reference
+from .routing import key_table_sizes
 from .roofline import RULE_NAMES, Hardware, Shape, best_time, floor_seconds, step_bytes, step_flops
 
 
@@ -122,10 +123,12 @@ class LayerSpec:
     steps: int = 5
     expert_dtype: str = "float32"  # fractalmoe impls only; the others keep fp32 tables
     warmup: int = 2
+    key_parts: int = 2  # fractalmoe impls only: product keys of P parts
 
     def shape(self) -> Shape:
         dtype = self.expert_dtype if self.impl.startswith("fractalmoe") else "float32"
-        return Shape(self.num_experts, self.dim, self.heads, self.topk, self.key_dim, self.tokens, dtype)
+        return Shape(self.num_experts, self.dim, self.heads, self.topk, self.key_dim, self.tokens, dtype,
+                     self.key_parts)
 
 
 @dataclass
@@ -149,7 +152,8 @@ def build_impl(spec: LayerSpec) -> Built:
         from .fhme import FHME
         from .optim import ModelOptimizer
 
-        layer: nn.Module = FHME(d, n, depth=1, heads=h, topk=k, key_dim=q, expert_dtype=spec.expert_dtype)
+        layer: nn.Module = FHME(d, n, depth=1, heads=h, topk=k, key_dim=q, expert_dtype=spec.expert_dtype,
+                                key_parts=spec.key_parts)
         info = IMPLS[spec.impl]
         lazy = info.rule == "lazy_adam"
         opt = ModelOptimizer(layer, lr=1e-3, expert_lr=1e-3 if lazy else 0.05, weight_decay=0.0,
@@ -237,6 +241,7 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
     floor = floor_seconds(flops, nbytes.total, hw)
     return {"impl": spec.impl, "rule": info.rule, "N": spec.num_experts, "tokens": spec.tokens,
             "dim": spec.dim, "heads": spec.heads, "topk": spec.topk, "key_dim": spec.key_dim,
+            "key_parts": spec.key_parts,
             "expert_dtype": shape.expert_dtype,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt * 1e3, "step_ms": step * 1e3,
             "infer_ms": infer * 1e3, "train_tok_s": spec.tokens / step, "infer_tok_s": spec.tokens / infer,
@@ -495,7 +500,8 @@ def format_ratio(r: dict[str, Any]) -> str:
             f"(per round {r['round_min']:.2f}-{r['round_max']:.2f}x)")
 
 
-def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repeats: int) -> None:
+def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repeats: int,
+             key_parts: int = 2) -> None:
     """User mistakes, reported before anything is measured (ValueError, one line)."""
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
@@ -506,18 +512,27 @@ def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repe
                          "pip install 'fractalmoe[bench]'")
     if repeats < 3:
         raise ValueError(f"--repeats {repeats}: medians need at least 3 repeats")
-    if key_dim % 2:
-        raise ValueError(f"--key-dim {key_dim} must be even (two sub-key halves)")
+    if key_parts != 2:
+        other = [i for i in impls if not i.startswith("fractalmoe")]
+        if other:
+            raise ValueError(f"--key-parts {key_parts}: {', '.join(other)} route with two key halves only")
+        if key_parts < 2:
+            raise ValueError(f"--key-parts {key_parts} must be >= 2")
+    if key_dim % key_parts:
+        raise ValueError(f"--key-dim {key_dim} must split into --key-parts {key_parts} equal parts")
     for n in experts:
-        root = math.isqrt(n)
-        if root * root != n or topk > root:
-            raise ValueError(f"--experts {n} must be a perfect square n_keys**2 with --topk {topk} <= n_keys")
+        if key_parts == 2:
+            root = math.isqrt(n)
+            if root * root != n or topk > root:
+                raise ValueError(f"--experts {n} must be a perfect square n_keys**2 with --topk {topk} <= n_keys")
+        else:
+            key_table_sizes(n, key_parts)  # raises its own one-line ValueError
 
 
 def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: int, topk: int,
                   key_dim: int, tokens: int, steps: int, expert_dtype: str, repeats: int,
                   as_json: bool, gather_table_mb: int = 1024, force: bool = False,
-                  wait_idle_s: float = 0.0) -> int:
+                  wait_idle_s: float = 0.0, key_parts: int = 2) -> int:
     """The whole ``bench layer`` run: hygiene check, hardware, alternated repeats, the table of
     medians, headline ratios. User mistakes and a busy machine raise ValueError (one line)."""
     if impls is None:  # every implementation whose package is installed
@@ -525,14 +540,14 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
         skipped = [i for i in LAYER_IMPLS if i not in impls]
         if skipped:
             print(f"skipping {', '.join(skipped)} (pip install 'fractalmoe[bench]')", file=sys.stderr)
-    validate(impls, experts, topk, key_dim, repeats)
+    validate(impls, experts, topk, key_dim, repeats, key_parts)
     reason = None if force else wait_until_idle(wait_idle_s)
     if reason is not None:
         raise ValueError(reason)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
     hw = Hardware.measure(dim, expert_dtype, gather_table_mb)
     say(hw.describe(dim, expert_dtype))
-    specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, expert_dtype)
+    specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, expert_dtype, key_parts=key_parts)
              for n in experts for impl in impls]
     rows = run_layer_bench(specs, repeats, hw, progress=lambda s: print(s, file=sys.stderr, flush=True))
     if as_json:
@@ -540,7 +555,7 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
             print(json.dumps(row), flush=True)
     else:
         say(f"medians of {repeats} alternated repeats, {tokens} tokens, width {dim}, "
-            f"{heads} heads x top-{topk}, {steps} timed steps each")
+            f"{heads} heads x top-{topk}, {key_parts}-part keys, {steps} timed steps each")
         say(_HEADER)
         for row in rows:
             say(format_row(row))

@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--dim", type=_positive_int, default=256)
     bl.add_argument("--heads", type=_positive_int, default=8)
     bl.add_argument("--topk", type=_positive_int, default=16)
-    bl.add_argument("--key-dim", type=_positive_int, default=256, help="query width (both halves)")
+    bl.add_argument("--key-dim", type=_positive_int, default=256, help="query width (all key parts)")
+    bl.add_argument("--key-parts", type=_positive_int, default=2,
+                    help="fractalmoe impls: product keys of P parts (3 or 4 score far fewer sub-keys at 1M)")
     bl.add_argument("--tokens", type=_positive_int, default=2048)
     bl.add_argument("--steps", type=_positive_int, default=5, help="timed steps after 2 warm-up")
     bl.add_argument("--expert-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -358,7 +360,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return layer_command(args.impl, args.experts, args.dim, args.heads, args.topk, args.key_dim,
                              args.tokens, args.steps, args.expert_dtype, args.repeats, args.json,
-                             args.gather_table_mb, force=args.force, wait_idle_s=args.wait_idle)
+                             args.gather_table_mb, force=args.force, wait_idle_s=args.wait_idle,
+                             key_parts=args.key_parts)
     if args.config:
         load_config_file(args.config)  # validate before spawning
     if not args.force:

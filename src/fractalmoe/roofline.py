@@ -7,8 +7,8 @@ measured step time.
 * bandwidth: a measured random-row gather of rows as wide as the expert tables' rows
   (``index_select`` of random rows from a table far larger than any cache; the rows' bytes read +
   written per second). That is the access pattern of expert rows, not a streaming copy.
-* FLOPs: query projection, sub-key scoring, the K x K candidate sums, expert dots and mixes
-  (multiply-add = 2); backward = 2x forward.
+* FLOPs: query projection, sub-key scoring, the candidate sums (``routing.candidate_sums``), expert
+  dots and mixes (multiply-add = 2); backward = 2x forward.
 * bytes: the minimum an update rule must move, whatever a design happens to move (legend: S
   routed slots = tokens x heads x topk, R touched rows, N rows, D width, e bytes per table
   element; optimizer state is fp32), per expert table:
@@ -28,12 +28,13 @@ measured step time.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .routing import candidate_sums, key_table_sizes
 
 RULES = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
 RULE_NAMES = {"rowwise_adagrad": "row-wise Adagrad", "lazy_adam": "lazy Adam",
@@ -95,7 +96,7 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Shape:
-    """One routed layer: N experts of width D, H heads x top-K, Q query width (both halves)."""
+    """One routed layer: N experts of width D, H heads x top-K, Q query width (all P key parts)."""
 
     num_experts: int
     dim: int = 256
@@ -104,10 +105,12 @@ class Shape:
     key_dim: int = 256
     tokens: int = 2048
     expert_dtype: str = "float32"
+    key_parts: int = 2
 
     @property
-    def n_keys(self) -> int:
-        return math.isqrt(self.num_experts)
+    def sub_keys(self) -> int:
+        """Sub-keys a head scores, sum of n_p (2 sqrt(N) for two parts), each of width Q / P."""
+        return sum(key_table_sizes(self.num_experts, self.key_parts))
 
     @property
     def slots(self) -> int:
@@ -119,15 +122,16 @@ class Shape:
 
     @property
     def dense_params(self) -> int:
-        """Query projection (D x H Q) and sub-keys (H x 2 x n x Q/2); norms are negligible."""
-        return self.dim * self.heads * self.key_dim + self.heads * self.n_keys * self.key_dim
+        """Query projection (D x H Q) and sub-keys (H x sum n_p x Q/P); norms are negligible."""
+        return self.dim * self.heads * self.key_dim + self.heads * self.sub_keys * self.key_dim // self.key_parts
 
 
 def flops_per_token(shape: Shape, tables: int = 2) -> int:
     """Forward FLOPs per token. ``tables`` = 2: PEER experts (down dot + up mix per slot);
     1: PKM values (mix only)."""
-    h, k, d, q = shape.heads, shape.topk, shape.dim, shape.key_dim
-    routing = 2 * d * h * q + 2 * h * shape.n_keys * q + h * k * k
+    h, k, d, q, p = shape.heads, shape.topk, shape.dim, shape.key_dim, shape.key_parts
+    sums = candidate_sums(key_table_sizes(shape.num_experts, p), k)
+    routing = 2 * d * h * q + 2 * h * shape.sub_keys * q // p + h * sums
     return routing + h * k * tables * 2 * d
 
 

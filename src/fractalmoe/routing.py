@@ -158,6 +158,20 @@ def _pairs_that_can_win(k1: int, k2: int, k: int,
     return i, j, i * k2 + j
 
 
+def candidate_sums(sizes: tuple[int, ...], topk: int) -> int:
+    """Adds per head that fold the parts' top-k lists into the exact top-k, as counted: all K*K
+    sums for two parts (the biased and balance-loss paths sum all of them), the pairs that can
+    win of each combination for more parts (``_pairs_that_can_win``)."""
+    if len(sizes) == 2:
+        return topk * topk
+    sums, kept = 0, min(topk, sizes[0])
+    for size in sizes[1:]:
+        listed = min(topk, size)
+        sums += len(_pairs_that_can_win(kept, listed, topk, torch.device("cpu"))[0])
+        kept = min(topk, kept * listed)
+    return sums
+
+
 def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int,
                  grid_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact top-k of the k1*k2 sums of two top-k lists (..., k1), (..., k2), each sorted in
@@ -545,14 +559,7 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         if not choose:
             return query + 2 * self.heads * self.topk * self.key_dim
         scoring = 2 * self.heads * sum(self.sizes) * (self.key_dim // len(self.sizes))
-        if len(self.sizes) == 2:
-            return query + scoring + self.heads * self.topk * self.topk
-        sums, kept = 0, min(self.topk, self.sizes[0])
-        for size in self.sizes[1:]:
-            listed = min(self.topk, size)
-            sums += len(_pairs_that_can_win(kept, listed, self.topk, torch.device("cpu"))[0])
-            kept = min(self.topk, kept * listed)
-        return query + scoring + self.heads * sums
+        return query + scoring + self.heads * candidate_sums(self.sizes, self.topk)
 
     def params_per_token(self) -> int:
         return self.query.weight.numel() + self.heads * sum(self.sizes) * (self.key_dim // len(self.sizes))
