@@ -281,7 +281,7 @@ def test_validate_rejects_mistakes() -> None:
         validate(["fractalmoe"], [64], topk=4, key_dim=7, repeats=3)
     validate(["fractalmoe"], [4096], topk=4, key_dim=9, repeats=3, key_parts=3)
     with pytest.raises(ValueError, match="two key halves"):
-        validate(["peer-pytorch"], [4096], topk=4, key_dim=9, repeats=3, key_parts=3)
+        validate(["peer-dense"], [4096], topk=4, key_dim=9, repeats=3, key_parts=3)
     with pytest.raises(ValueError, match="near-equal"):
         validate(["fractalmoe"], [4099], topk=4, key_dim=9, repeats=3, key_parts=3)
 
