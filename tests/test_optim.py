@@ -300,6 +300,25 @@ def test_fused_row_update_runs_the_kernel_and_equals_the_eager_one(chunked: bool
     torch.testing.assert_close(banks[1][0].values, banks[0][0].values, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_row_update_on_bfloat16_tables(needs_compiler: None) -> None:
+    """bf16 tables: the fused kernel rounds the updated row once, the eager path its update and
+    then the sum; after one step the two are within a unit in the last place. (Over more steps
+    a one-ulp difference can flip the sign of a near-zero gradient and Adam's step with it.)"""
+    x, idx, w = torch.randn(64, 8), torch.randint(0, 300, (64, 5)), torch.rand(64, 5)
+    tables = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        bank = ExpertBank(4096, 8, dtype=torch.bfloat16, kind="value")
+        opt = optim.table_optimizer([bank.values], "lazy_adam", 0.05, deferred=True, fused=fused)
+        start = bank.values.detach().clone()
+        bank(x, idx, w).float().square().sum().backward()
+        opt.step()
+        assert not torch.equal(bank.values, start)
+        tables.append(bank.values.detach())
+    assert tables[1].dtype == torch.bfloat16
+    torch.testing.assert_close(tables[1].float(), tables[0].float(), rtol=2 ** -8, atol=2 ** -10)
+
+
 def test_distinct_padding_moves_padding_to_untouched_rows(monkeypatch) -> None:
     """Every chunk's rows are distinct, real rows stay, padding goes to rows no slot names."""
     monkeypatch.setattr(experts, "_MERGED_BYTES", 0)
