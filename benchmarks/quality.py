@@ -944,6 +944,26 @@ def fade_base_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return _pair_jobs(stdlib, "gated_conv4_bconv4", BCONV_FHME, FADE_ORDER, ("fhme",))
 
 
+# A budget at which C = 3 keeps 2 heads x top-4 per block (7 block applications): 684,416 FFN FLOPs
+# per token with the default's gate and convolutions, 1.39x the default's. C = 2 fits it with
+# 2 x top-47 (687,384), PKM (C = 1 of the same value blocks) matched to that by the usual rule
+# (9 x top-25, 687,588): all three within 0.5%.
+FRACTAL_BUDGET = {"c3": ["--set", "fractal_depth=3", "--set", "topk=4"],
+                  "c2": ["--set", "fractal_depth=2", "--set", "topk=47"]}
+
+
+def fractal_budget_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The fractal claim at equal FFN FLOPs and block kind: C = 1 (PKM), 2 and 3 at a budget that
+    leaves C = 3 two heads x top-4 per block; the default's gate and convolutions, lazy-Adam
+    tables, 1,200 steps, seeds 2 and 3, the bundled corpus first (where settings are chosen)."""
+    runs = [("fhme", "c3"), ("fhme", "c2"), ("pkm", "c2")]
+    return [(f"{corpus}_{model}_{depth}_s{seed}",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV,
+              "--set", "block_conv=4", *FRACTAL_BUDGET[depth], *_data(corpus, stdlib),
+              "--max-steps", "1200", "--seeds", seed])
+            for corpus, seed in CORPUS_FIRST for model, depth in runs]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -991,6 +1011,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
+    "fractal-budget": fractal_budget_jobs,
 }
 
 
