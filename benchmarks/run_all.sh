@@ -149,7 +149,9 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # seed 1; the transformer's dropout at seeds 2, 3), the default FHME at 65K with balancing on the
 # second corpus (a balance loss that fades out early too, and the pair at 16K with and without it),
 # the deep path's second read querying with what the first read found, and the fading loss offered
-# to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3
+# to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3;
+# last, C = 1, 2, 3 at a budget that fits C = 3 (the standard library's seed-3 runs of C = 2 and PKM
+# were not made)
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
@@ -157,7 +159,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
              key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout \
              balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long \
-             deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base; do
+             deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
