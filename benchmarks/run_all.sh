@@ -150,8 +150,7 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # second corpus (a balance loss that fades out early too, and the pair at 16K with and without it),
 # the deep path's second read querying with what the first read found, and the fading loss offered
 # to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3;
-# last, C = 1, 2, 3 at a budget that fits C = 3 (the standard library's seed-3 runs of C = 2 and PKM
-# were not made)
+# last, C = 1, 2, 3 at a budget that fits C = 3
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
