@@ -313,11 +313,11 @@ def main() -> None:
                          "code and seeds, lazy-Adam tables")
     if (root / "fractal-budget").is_dir():  # C = 1, 2, 3 at a budget that leaves C = 3 2 x top-4
         budget = rows(root / "fractal-budget")
-        for judged, other in (("_c2_", "_c3_"), ("_c3_", "_c2_")):
-            named = [dict(r, model="fhme" if r["model"] == "fhme" and judged in r["name"]
-                          else f"fhme C = {other[2]}" if r["model"] == "fhme" else "pkm (C = 1)")
+        for judged, other in (("2", "3"), ("3", "2")):
+            named = [dict(r, model="fhme" if r["model"] == "fhme" and f"_c{judged}_" in r["name"]
+                          else f"fhme C = {other}" if r["model"] == "fhme" else "pkm (C = 1)")
                      for r in budget]
-            print_per_corpus(named, f", C = 1, 2 and 3 at one budget, FHME at C = {judged[2]} judged "
+            print_per_corpus(named, f", C = 1, 2 and 3 at one budget, FHME at C = {judged} judged "
                              "(2 heads x top-47 at C = 2, top-4 at C = 3; PKM 9 x top-25), lazy-Adam tables")
     if (root / "default-length").is_dir():  # the block-conv pair at the default's length
         long_pair = rows(root / "default-length")

@@ -207,10 +207,9 @@ class DeferredRowGrad:
 
     def _slots(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(row, weight, token) of every slot of every part, and the parts' vectors stacked."""
-        idx, w, tokens, z, offset = [], [], [], [], 0
+        idx, w, tokens, z, offset = self.slot_rows(), [], [], [], 0
         for idx_TM, w_TM, z_TD in self.parts:
             slots = torch.arange(idx_TM.numel(), device=idx_TM.device)
-            idx.append(idx_TM.reshape(-1))
             w.append(w_TM.reshape(-1))
             tokens.append(slots // idx_TM.shape[1] + offset)
             z.append(z_TD)

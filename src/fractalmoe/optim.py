@@ -223,6 +223,11 @@ class RowSGD(RowOptimizer):
                     add_rows_(p, rows, scratch_cast(g.mul_(-group["lr"]), p.dtype, "update"))
 
 
+def keep_factor(real: Tensor | None, device: torch.device) -> Tensor:
+    """1 for a real row, 0 for padding, as a (rows, 1) float factor; a scalar 1 when all are real."""
+    return real.unsqueeze(1).float() if real is not None else torch.ones((), device=device)
+
+
 def adam_row_math(g: Tensor, m: Tensor, v: Tensor, dv: Tensor, update: Tensor, keep: Tensor,
                   beta1: float, beta2: float, eps: float, step_size: Tensor) -> None:
     """Lazy Adam's elementwise work on gathered rows, in place: dv and g become the deltas of
@@ -291,9 +296,9 @@ class LazyAdam(RowOptimizer):
                 chunks, distinct = distinct_padding(p) if self.fused else (row_gradients(p), False)
                 for rows, g, real in chunks:
                     if distinct:
-                        keep = real.unsqueeze(1).float() if real is not None else torch.ones((), device=p.device)
                         fused_kernel(adam_rows)(p.detach(), state["exp_avg"], state["exp_avg_sq"], rows, g,
-                                                keep, beta1, beta2, group["eps"], step_size)
+                                                keep_factor(real, p.device), beta1, beta2, group["eps"],
+                                                step_size)
                     else:
                         self._update_rows(p, state, rows, g, real, beta1, beta2, group["eps"], step_size)
 
@@ -304,7 +309,7 @@ class LazyAdam(RowOptimizer):
         # per row. The moments move by index_add_ of their deltas (a CPU index_add_ beats
         # index_copy_ of the new rows); each moment row is read once. Row buffers are reused
         # (fresh ones cost page faults on every step).
-        keep = real.unsqueeze(1).float() if real is not None else torch.ones((), device=p.device)
+        keep = keep_factor(real, p.device)
         m, v, dv, update = (scratch(g.shape, torch.float32, g.device, f"adam_{slot}")
                             for slot in ("m", "v", "dv", "update"))
         torch.index_select(state["exp_avg"], 0, rows, out=m)
