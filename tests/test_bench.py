@@ -84,7 +84,7 @@ def test_cli_refusal_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(bench_layer, "busy_reason", lambda: "the 1-minute load average is 3.00 (> 0.5)")
     measured = []
-    monkeypatch.setattr(Hardware, "measure", classmethod(lambda cls, *a, **k: measured.append(1)))
+    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda: measured.append(1))
     assert main(["bench", "layer", "--experts", "256", "--impl", "fractalmoe"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: the 1-minute load average") and not measured
@@ -96,7 +96,7 @@ def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) ->
 
     monkeypatch.setattr(bench_layer, "busy_reason", lambda: pytest.fail("checked the machine first"))
     for argv, words in ((["--impl", "nope"], "unknown --impl nope"), (["--experts", "60"], "perfect square"),
-                        (["--repeats", "2"], "at least 3 repeats")):
+                        (["--repeats", "2"], "at least 3 repeats"), (["--expert-dtype", "fp16"], "float32, bfloat16")):
         assert main(["bench", "layer", *argv]) == 2
         assert words in capsys.readouterr().err
 
@@ -133,7 +133,7 @@ def test_runs_alternate_and_report_medians() -> None:
         order.append(spec.impl)
         return _fake_row(spec, next(times[spec.impl]))
 
-    rows = run_layer_bench(specs, 3, HW, runner)
+    rows = run_layer_bench(specs, 3, {"float32": HW}, runner)
     assert order == ["fractalmoe", "peer-dense"] * 3
     ours, dense = rows
     assert ours["step_ms"] == 20.0 and ours["step_ms_runs"] == [10.0, 30.0, 20.0] and ours["repeats"] == 3
@@ -152,7 +152,7 @@ def test_a_failed_configuration_is_not_repeated() -> None:
             return {"impl": spec.impl, "N": 64, "error": "out of memory"}
         return _fake_row(spec, 10.0)
 
-    rows = run_layer_bench(specs, 3, HW, runner)
+    rows = run_layer_bench(specs, 3, {"float32": HW}, runner)
     assert calls.count("peer-dense") == 1 and calls.count("fractalmoe") == 3
     assert rows[1]["error"] == "out of memory" and headline_ratios(rows) == []
 
@@ -175,6 +175,27 @@ def test_headline_ratios_are_labelled_by_rule() -> None:
         "ratio"] == 5.0
     assert got["fractalmoe (row-wise Adagrad): N=64 vs N=16"]["ratio"] == 0.5
     assert len(got) == 5
+
+
+def test_each_table_dtype_has_its_bandwidth_and_ratios() -> None:
+    bf16 = Hardware(gflops=100.0, gbps=20.0)
+    specs = [LayerSpec("fractalmoe", 64), LayerSpec("fractalmoe", 64, expert_dtype="bfloat16"),
+             LayerSpec("peer-pytorch-sparse", 64, expert_dtype="bfloat16")]  # PEER keeps fp32 tables
+    seen = []
+    times = {"fractalmoe": 20.0, "fractalmoe (bfloat16 tables)": 10.0, "peer-pytorch-sparse": 40.0}
+
+    def runner(spec: LayerSpec, hw: Hardware) -> dict:
+        seen.append((spec.name, hw.gbps))
+        return {**_fake_row(spec, times[spec.name]), "expert_dtype": spec.shape().expert_dtype}
+
+    rows = run_layer_bench(specs, 3, {"float32": HW, "bfloat16": bf16}, runner)
+    assert set(seen) == {("fractalmoe", 10.0), ("fractalmoe (bfloat16 tables)", 20.0), ("peer-pytorch-sparse", 10.0)}
+    got = {r["label"]: r["ratio"] for r in headline_ratios(rows)}
+    assert got["fractalmoe: bfloat16 vs float32 tables, N=64"] == 2.0
+    assert got["different rules (row-wise Adagrad vs lazy Adam): fractalmoe (bfloat16 tables) vs "
+               "peer-pytorch-sparse, N=64"] == 4.0
+    assert got["different rules (row-wise Adagrad vs lazy Adam): fractalmoe vs peer-pytorch-sparse, N=64"] == 2.0
+    assert len(got) == 3
 
 
 # --- roofline ----------------------------------------------------------------------------------
@@ -300,7 +321,8 @@ def test_one_repeat_runs_in_a_fresh_process() -> None:
 def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
     from fractalmoe.cli import main
 
-    monkeypatch.setattr(Hardware, "measure", classmethod(lambda cls, *a, **k: HW))
+    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda: HW.gflops)
+    monkeypatch.setattr(bench_layer, "gather_gbps", lambda dim, dtype, mb: HW.gbps)
     monkeypatch.setattr(bench_layer, "spawn_layer", run_layer)  # in-process repeats: fast
     argv = ["bench", "layer", "--experts", "16,64", "--impl", "fractalmoe,peer-dense", "--dim", "16",
             "--heads", "2", "--topk", "4", "--key-dim", "8", "--tokens", "16", "--steps", "1", "--force"]
@@ -315,6 +337,10 @@ def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
                                                    ("fractalmoe", 64), ("peer-dense", 64)]
     assert all(r["repeats"] == 3 and len(r["step_ms_runs"]) == 3 for r in rows)
     assert "headline ratios" in captured.err
+    assert main([*argv, "--experts", "16", "--expert-dtype", "float32,bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "random-row gather of 32-byte rows" in out and "fractalmoe (bfloat16 tables)" in out
+    assert "fractalmoe: bfloat16 vs float32 tables, N=16" in out
 
 
 # --- bench adaptive ----------------------------------------------------------------------------

@@ -25,12 +25,16 @@ is paired with an update rule, so that a design and an optimizer rule can be tol
   pkm-pytorch                    dense AdamW       PKM from product-key-memory (one value table)
   =============================  ================  ==============================================
 
+``--expert-dtype float32,bfloat16`` runs every fractalmoe impl with each table dtype, alternated
+in the same run (the other impls keep fp32 tables).
+
 Hygiene: the run refuses to start while another process has PyTorch loaded or the 1-minute load
 average is above 0.5 (``--force`` skips the check). Every repeat of every configuration is a fresh
 process (2 warm-up steps, then the timed steps), configurations alternate round-robin
 (A B A B ... for ``repeats`` rounds) and the reported numbers are medians over the repeats. Peak
-and bandwidth (see :mod:`fractalmoe.roofline`) are measured once at the start and shared by all
-configurations, so roofline fractions and ratios of one run are comparable.
+and bandwidth (see :mod:`fractalmoe.roofline`) are measured once at the start (the random-row
+bandwidth once per table dtype: rows of that many bytes) and shared by all configurations, so
+roofline fractions and ratios of one run are comparable.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ from torch import Tensor, nn
 from .bench import peak_rss_gb, spawn
 from .experts import deferred_grad, expert_mix_reference
 from .routing import key_table_sizes
-from .roofline import RULE_NAMES, Hardware, Shape, best_time, floor_seconds, step_bytes, step_flops
+from .roofline import (RULE_NAMES, Hardware, Shape, best_time, floor_seconds, gather_gbps, matmul_gflops,
+                       step_bytes, step_flops)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,11 @@ IMPLS = {
 }
 LAYER_IMPLS = tuple(IMPLS)
 MAX_LOAD = 0.5
+
+
+def impl_name(impl: str, expert_dtype: str) -> str:
+    """An impl as tables and ratios name it: with its table dtype where that is not float32."""
+    return impl if expert_dtype == "float32" else f"{impl} ({expert_dtype} tables)"
 
 
 def impl_available(impl: str) -> bool:
@@ -124,6 +134,10 @@ class LayerSpec:
     expert_dtype: str = "float32"  # fractalmoe impls only; the others keep fp32 tables
     warmup: int = 2
     key_parts: int = 2  # fractalmoe impls only: product keys of P parts
+
+    @property
+    def name(self) -> str:
+        return impl_name(self.impl, self.shape().expert_dtype)
 
     def shape(self) -> Shape:
         dtype = self.expert_dtype if self.impl.startswith("fractalmoe") else "float32"
@@ -264,7 +278,8 @@ def spawn_layer(spec: LayerSpec, hw: Hardware, timeout: float = 1800) -> dict[st
     except subprocess.TimeoutExpired:
         row = {"error": f"timed out after {timeout:.0f} s"}
     if "error" in row:
-        return {"impl": spec.impl, "N": spec.num_experts, "error": row["error"]}
+        return {"impl": spec.impl, "N": spec.num_experts, "expert_dtype": spec.shape().expert_dtype,
+                "error": row["error"]}
     return row
 
 
@@ -416,7 +431,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     median step time. A failed repeat makes the configuration an error row."""
     failed = [r for r in runs if "error" in r]
     if failed:
-        return {"impl": failed[0]["impl"], "N": failed[0]["N"], "error": failed[0]["error"],
+        return {**{k: failed[0][k] for k in ("impl", "N", "expert_dtype", "error") if k in failed[0]},
                 "repeats": len(runs)}
     row = {k: v for k, v in runs[0].items() if k not in _MEDIANS}
     for key in _MEDIANS:
@@ -429,12 +444,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def run_layer_bench(specs: list[LayerSpec], repeats: int, hw: Hardware,
+def run_layer_bench(specs: list[LayerSpec], repeats: int, hw: dict[str, Hardware],
                     runner: Callable[[LayerSpec, Hardware], dict[str, Any]] | None = None,
                     progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run every spec ``repeats`` times, alternating; one median row per spec, in spec order.
-    ``runner`` runs one repeat (default: a fresh process each). A configuration that fails is
-    not repeated."""
+    ``hw``: the machine measured with rows of each table dtype the specs use. ``runner`` runs one
+    repeat (default: a fresh process each). A configuration that fails is not repeated."""
     runner = runner or spawn_layer
     runs: list[list[dict[str, Any]]] = [[] for _ in specs]
     order = schedule(len(specs), repeats)
@@ -442,11 +457,11 @@ def run_layer_bench(specs: list[LayerSpec], repeats: int, hw: Hardware,
         spec = specs[c]
         if any("error" in r for r in runs[c]):
             continue
-        row = runner(spec, hw)
+        row = runner(spec, hw[spec.shape().expert_dtype])
         runs[c].append(row)
         if progress is not None:
             what = f"failed: {row['error']}" if "error" in row else f"{row['step_ms']:.1f} ms/step"
-            progress(f"[{n}/{len(order)}] {spec.impl} N={spec.num_experts:,} repeat {rep + 1}/{repeats}: {what}")
+            progress(f"[{n}/{len(order)}] {spec.name} N={spec.num_experts:,} repeat {rep + 1}/{repeats}: {what}")
     return [summarize(r) for r in runs]
 
 
@@ -459,23 +474,29 @@ def _ratio(label: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Same-run ratios of train tok/s: our layer vs PEER-pytorch under the same rule and under
-    different rules, and our layer at the largest N vs the smallest."""
-    ok = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
-    sizes = sorted({n for _, n in ok})
-    ours = [i for i in LAYER_IMPLS if i.startswith("fractalmoe")]
+    different rules, our layer at the largest N vs the smallest, and bfloat16 vs float32 tables."""
+    ok = {(r["impl"], r.get("expert_dtype", "float32"), r["N"]): r for r in rows if "error" not in r}
+    sizes = sorted({n for _, _, n in ok})
+    dtypes = sorted({dt for _, dt, _ in ok}, reverse=True)  # float32 first
+    ours = [(i, dt) for i in LAYER_IMPLS if i.startswith("fractalmoe") for dt in dtypes]
     out = []
-    for a, b in itertools.product(ours, ("peer-pytorch-sparse", "peer-pytorch")):
+    for (a, dt), b in itertools.product(ours, ("peer-pytorch-sparse", "peer-pytorch")):
         ra, rb = RULE_NAMES[IMPLS[a].rule], RULE_NAMES[IMPLS[b].rule]
         kind = f"same rule ({ra})" if ra == rb else f"different rules ({ra} vs {rb})"
         for n in sizes:
-            if (a, n) in ok and (b, n) in ok:
-                out.append(_ratio(f"{kind}: {a} vs {b}, N={n:,}", ok[(a, n)], ok[(b, n)]))
+            if (a, dt, n) in ok and (b, "float32", n) in ok:
+                out.append(_ratio(f"{kind}: {impl_name(a, dt)} vs {b}, N={n:,}", ok[(a, dt, n)],
+                                  ok[(b, "float32", n)]))
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
-        for impl in ours:
-            if (impl, lo) in ok and (impl, hi) in ok:
-                out.append(_ratio(f"{impl} ({RULE_NAMES[IMPLS[impl].rule]}): N={hi:,} vs N={lo:,}",
-                                  ok[(impl, hi)], ok[(impl, lo)]))
+        for impl, dt in ours:
+            if (impl, dt, lo) in ok and (impl, dt, hi) in ok:
+                out.append(_ratio(f"{impl_name(impl, dt)} ({RULE_NAMES[IMPLS[impl].rule]}): N={hi:,} vs N={lo:,}",
+                                  ok[(impl, dt, hi)], ok[(impl, dt, lo)]))
+    for (impl, dt), n in itertools.product(ours, sizes):
+        if dt != "float32" and (impl, dt, n) in ok and (impl, "float32", n) in ok:
+            out.append(_ratio(f"{impl}: {dt} vs float32 tables, N={n:,}", ok[(impl, dt, n)],
+                              ok[(impl, "float32", n)]))
     return out
 
 
@@ -486,10 +507,11 @@ _HEADER = (f"{'impl':>20} {'N':>10} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'
 
 
 def format_row(row: dict[str, Any]) -> str:
+    name = impl_name(row["impl"], row.get("expert_dtype", "float32"))
     if "error" in row:
-        return f"{row['impl']:>20} {row['N']:>10,} failed: {row['error']}"
+        return f"{name:>20} {row['N']:>10,} failed: {row['error']}"
     runs = row["step_ms_runs"]
-    return (f"{row['impl']:>20} {row['N']:>10,} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} "
+    return (f"{name:>20} {row['N']:>10,} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} "
             f"{row['opt_ms']:8.1f} {row['train_tok_s']:11.0f} {row['infer_tok_s']:11.0f} "
             f"{row['peak_rss_gb']:11.2f} {row['roofline_frac']:13.3f}  "
             f"{min(runs):.1f}-{max(runs):.1f} (n={row['repeats']})")
@@ -530,7 +552,7 @@ def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repe
 
 
 def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: int, topk: int,
-                  key_dim: int, tokens: int, steps: int, expert_dtype: str, repeats: int,
+                  key_dim: int, tokens: int, steps: int, expert_dtypes: list[str], repeats: int,
                   as_json: bool, gather_table_mb: int = 1024, force: bool = False,
                   wait_idle_s: float = 0.0, key_parts: int = 2) -> int:
     """The whole ``bench layer`` run: hygiene check, hardware, alternated repeats, the table of
@@ -545,10 +567,13 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
     if reason is not None:
         raise ValueError(reason)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
-    hw = Hardware.measure(dim, expert_dtype, gather_table_mb)
-    say(hw.describe(dim, expert_dtype))
-    specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, expert_dtype, key_parts=key_parts)
-             for n in experts for impl in impls]
+    specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, dtype, key_parts=key_parts)
+             for n in experts for impl in impls
+             for dtype in (expert_dtypes if impl.startswith("fractalmoe") else ["float32"])]
+    peak, hw = matmul_gflops(), {}
+    for dtype in sorted({spec.shape().expert_dtype for spec in specs}, reverse=True):  # float32 first
+        hw[dtype] = Hardware(peak, gather_gbps(dim, dtype, gather_table_mb))
+        say(hw[dtype].describe(dim, dtype))
     rows = run_layer_bench(specs, repeats, hw, progress=lambda s: print(s, file=sys.stderr, flush=True))
     if as_json:
         for row in rows:

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fractalmoe impls: product keys of P parts (3 or 4 score far fewer sub-keys at 1M)")
     bl.add_argument("--tokens", type=_positive_int, default=2048)
     bl.add_argument("--steps", type=_positive_int, default=5, help="timed steps after 2 warm-up")
-    bl.add_argument("--expert-dtype", choices=["float32", "bfloat16"], default="float32")
+    bl.add_argument("--expert-dtype", type=_dtype_list, default=["float32"],
+                    help="fractalmoe impls' table dtype: float32, bfloat16, or both (comma list, alternated)")
     bl.add_argument("--repeats", type=_positive_int, default=3,
                     help="fresh processes per configuration, alternated round-robin (>= 3; medians)")
     bl.add_argument("--force", action="store_true",
@@ -230,6 +231,14 @@ def _int_list_zero(text: str) -> list[int]:
 
 def _str_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _dtype_list(text: str) -> list[str]:
+    dtypes = list(dict.fromkeys(_str_list(text)))
+    bad = [t for t in dtypes if t not in ("float32", "bfloat16")]
+    if bad or not dtypes:
+        raise argparse.ArgumentTypeError(f"expected float32, bfloat16 or both (comma list), got {text!r}")
+    return dtypes
 
 
 def _load_config(args: argparse.Namespace) -> RunConfig:

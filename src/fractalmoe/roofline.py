@@ -84,10 +84,6 @@ class Hardware:
     gflops: float  # fp32 matmul
     gbps: float  # random-row gather, bytes read + written per second
 
-    @classmethod
-    def measure(cls, dim: int = 256, dtype: str = "float32", table_mb: int = 1024) -> Hardware:
-        return cls(matmul_gflops(), gather_gbps(dim, dtype, table_mb))
-
     def describe(self, dim: int = 256, dtype: str = "float32") -> str:
         row = dim * torch.empty((), dtype=_DTYPES[dtype]).element_size()
         return (f"measured peak {self.gflops:.1f} GFLOP/s (fp32 2048^2 matmul), bandwidth "
