@@ -182,17 +182,17 @@ def test_each_table_dtype_has_its_bandwidth_and_ratios() -> None:
     specs = [LayerSpec("fractalmoe", 64), LayerSpec("fractalmoe", 64, expert_dtype="bfloat16"),
              LayerSpec("peer-pytorch-sparse", 64, expert_dtype="bfloat16")]  # PEER keeps fp32 tables
     seen = []
-    times = {"fractalmoe": 20.0, "fractalmoe (bfloat16 tables)": 10.0, "peer-pytorch-sparse": 40.0}
+    times = {"fractalmoe": 20.0, "fractalmoe, bfloat16 tables": 10.0, "peer-pytorch-sparse": 40.0}
 
     def runner(spec: LayerSpec, hw: Hardware) -> dict:
         seen.append((spec.name, hw.gbps))
         return {**_fake_row(spec, times[spec.name]), "expert_dtype": spec.shape().expert_dtype}
 
     rows = run_layer_bench(specs, 3, {"float32": HW, "bfloat16": bf16}, runner)
-    assert set(seen) == {("fractalmoe", 10.0), ("fractalmoe (bfloat16 tables)", 20.0), ("peer-pytorch-sparse", 10.0)}
+    assert set(seen) == {("fractalmoe", 10.0), ("fractalmoe, bfloat16 tables", 20.0), ("peer-pytorch-sparse", 10.0)}
     got = {r["label"]: r["ratio"] for r in headline_ratios(rows)}
     assert got["fractalmoe: bfloat16 vs float32 tables, N=64"] == 2.0
-    assert got["different rules (row-wise Adagrad vs lazy Adam): fractalmoe (bfloat16 tables) vs "
+    assert got["different rules (row-wise Adagrad vs lazy Adam): fractalmoe, bfloat16 tables vs "
                "peer-pytorch-sparse, N=64"] == 4.0
     assert got["different rules (row-wise Adagrad vs lazy Adam): fractalmoe vs peer-pytorch-sparse, N=64"] == 2.0
     assert len(got) == 3
@@ -339,7 +339,7 @@ def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
     assert "headline ratios" in captured.err
     assert main([*argv, "--experts", "16", "--expert-dtype", "float32,bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert "random-row gather of 32-byte rows" in out and "fractalmoe (bfloat16 tables)" in out
+    assert "random-row gather of 32-byte rows" in out and "fractalmoe, bfloat16 tables" in out
     assert "fractalmoe: bfloat16 vs float32 tables, N=16" in out
 
 

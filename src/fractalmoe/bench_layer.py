@@ -89,7 +89,7 @@ MAX_LOAD = 0.5
 
 def impl_name(impl: str, expert_dtype: str) -> str:
     """An impl as tables and ratios name it: with its table dtype where that is not float32."""
-    return impl if expert_dtype == "float32" else f"{impl} ({expert_dtype} tables)"
+    return impl if expert_dtype == "float32" else f"{impl}, {expert_dtype} tables"
 
 
 def impl_available(impl: str) -> bool:
