@@ -41,6 +41,9 @@ fractalmoe-lazy-adam-fused,fractalmoe,fractalmoe-deferred,peer-pytorch-sparse,pe
   --json > $R/layer_fused_rules.jsonl 2> $R/layer_fused_rules.txt
 $F bench layer --experts 16384,1048576 --impl fractalmoe-deferred,fractalmoe-lazy-adam-fused --key-parts 4 \
   --repeats 3 --wait-idle 600 --json > $R/layer_key_parts.jsonl 2> $R/layer_key_parts.txt
+# bfloat16 against float32 tables, alternated in one run
+$F bench layer --experts 16384,1048576 --impl fractalmoe-deferred --key-parts 4 --expert-dtype float32,bfloat16 \
+  --repeats 5 --wait-idle 600 --json > $R/layer_dtype.jsonl 2> $R/layer_dtype.txt
 LAST=1 STEPS=1200 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
 # The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
 LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
