@@ -96,7 +96,8 @@ def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) ->
 
     monkeypatch.setattr(bench_layer, "busy_reason", lambda: pytest.fail("checked the machine first"))
     for argv, words in ((["--impl", "nope"], "unknown --impl nope"), (["--experts", "60"], "perfect square"),
-                        (["--repeats", "2"], "at least 3 repeats"), (["--expert-dtype", "fp16"], "float32, bfloat16")):
+                        (["--repeats", "2"], "at least 3 repeats"),
+                        (["--expert-dtype", "fp16"], "comma list of float32, bfloat16")):
         assert main(["bench", "layer", *argv]) == 2
         assert words in capsys.readouterr().err
 

@@ -18,7 +18,7 @@ import torch
 
 from .adapters import ADAPTER_KINDS
 from .bench_layer import LAYER_IMPLS
-from .config import RunConfig, default_run_config, load_config_file
+from .config import EXPERT_DTYPES, RunConfig, default_run_config, load_config_file
 from .host_memory import keep_freed_memory
 from .train import TrainingStopped
 
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--tokens", type=_positive_int, default=2048)
     bl.add_argument("--steps", type=_positive_int, default=5, help="timed steps after 2 warm-up")
     bl.add_argument("--expert-dtype", type=_dtype_list, default=["float32"],
-                    help="fractalmoe impls' table dtype: float32, bfloat16, or both (comma list, alternated)")
+                    help=f"fractalmoe impls' table dtypes, alternated: a comma list of {', '.join(EXPERT_DTYPES)}")
     bl.add_argument("--repeats", type=_positive_int, default=3,
                     help="fresh processes per configuration, alternated round-robin (>= 3; medians)")
     bl.add_argument("--force", action="store_true",
@@ -235,9 +235,8 @@ def _str_list(text: str) -> list[str]:
 
 def _dtype_list(text: str) -> list[str]:
     dtypes = list(dict.fromkeys(_str_list(text)))
-    bad = [t for t in dtypes if t not in ("float32", "bfloat16")]
-    if bad or not dtypes:
-        raise argparse.ArgumentTypeError(f"expected float32, bfloat16 or both (comma list), got {text!r}")
+    if not dtypes or any(t not in EXPERT_DTYPES for t in dtypes):
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(EXPERT_DTYPES)}, got {text!r}")
     return dtypes
 
 

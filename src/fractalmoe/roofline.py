@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .experts import TABLE_DTYPES
 from .routing import candidate_sums, key_table_sizes
 
 RULES = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
 RULE_NAMES = {"rowwise_adagrad": "row-wise Adagrad", "lazy_adam": "lazy Adam",
               "dense_adamw": "dense AdamW"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -67,11 +67,11 @@ def gather_gbps(dim: int = 256, dtype: str = "float32", table_mb: int = 1024,
     The table is filled (not left as untouched zero pages) and much larger than the caches; the
     gathered rows total ``gather_mb``.
     """
-    elem = torch.empty((), dtype=_DTYPES[dtype]).element_size()
+    elem = TABLE_DTYPES[dtype].itemsize
     row = dim * elem
     rows = max(1, table_mb * 2**20 // row)
     count = max(1, min(rows, gather_mb * 2**20 // row))
-    table = torch.full((rows, dim), 1.0, dtype=_DTYPES[dtype])
+    table = torch.full((rows, dim), 1.0, dtype=TABLE_DTYPES[dtype])
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, rows, (count,), generator=gen)
     out = torch.empty(count, dim, dtype=table.dtype)
@@ -85,7 +85,7 @@ class Hardware:
     gbps: float  # random-row gather, bytes read + written per second
 
     def describe(self, dim: int = 256, dtype: str = "float32") -> str:
-        row = dim * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        row = dim * TABLE_DTYPES[dtype].itemsize
         return (f"measured peak {self.gflops:.1f} GFLOP/s (fp32 2048^2 matmul), bandwidth "
                 f"{self.gbps:.1f} GB/s (random-row gather of {row}-byte rows, read + written)")
 
@@ -114,7 +114,7 @@ class Shape:
 
     @property
     def elem(self) -> int:
-        return 2 if self.expert_dtype == "bfloat16" else 4
+        return TABLE_DTYPES[self.expert_dtype].itemsize
 
     @property
     def dense_params(self) -> int:
