@@ -58,6 +58,8 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fade-pilots         # ... on the bundled corpus, 600 steps, seed 1
     python benchmarks/quality.py fade                # FHME with it against PKM, seeds 2, 3, both corpora
     python benchmarks/quality.py fade-base           # FHME without it at those seeds, by the same code
+    python benchmarks/quality.py fractal-budget      # C = 1, 2, 3 at a budget that fits C = 3, seeds 2, 3
+    python benchmarks/quality.py bf16-tables         # the default FHME with float32 and bfloat16 tables, seed 2
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -964,6 +966,16 @@ def fractal_budget_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for corpus, seed in CORPUS_FIRST for model, depth in runs]
 
 
+def bf16_tables_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """bfloat16 expert tables halve a million-row layer's memory: what do they cost in quality?
+    The default FHME (``BCONV_FHME``) with float32 and with bfloat16 tables (optimizer state stays
+    float32), side by side, 1,200 steps, seed 2, both corpora."""
+    return [(f"{corpus}_fhme_{dtype}_s2",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], "fhme"), *BCONV_FHME,
+              "--set", f"expert_dtype={dtype}", *_data(corpus, stdlib), "--max-steps", "1200", "--seeds", "2"])
+            for corpus in ("shakespeare", "stdlib") for dtype in ("float32", "bfloat16")]
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -1011,7 +1023,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
-    "fractal-budget": fractal_budget_jobs,
+    "fractal-budget": fractal_budget_jobs, "bf16-tables": bf16_tables_jobs,
 }
 
 
