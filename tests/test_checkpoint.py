@@ -54,12 +54,13 @@ def _losses(run_dir: Path) -> list[float]:
 BALANCED = dict(query_norm="whiten", unit_keys=True, balance_rate=0.05, balance_loss=0.01)
 
 
-@pytest.mark.parametrize("expert_optim,model_extra", [("rowwise_adagrad", None), ("lazy_adam", None),
-                                                       ("rowwise_adagrad", BALANCED)],
-                         ids=["rowwise_adagrad", "lazy_adam", "balanced-routing"])
+@pytest.mark.parametrize("expert_optim,model_extra,train_extra", [
+    ("rowwise_adagrad", None, {}), ("lazy_adam", None, {}), ("rowwise_adagrad", BALANCED, {}),
+    ("lazy_adam", dict(expert_dtype="bfloat16"), dict(stochastic_rounding=True))],
+    ids=["rowwise_adagrad", "lazy_adam", "balanced-routing", "bf16-stochastic-rounding"])
 def test_resume_is_bit_exact(tmp_path: Path, corpus: str, expert_optim: str,
-                             model_extra: dict | None) -> None:
-    cfg = _config(model_extra, expert_optim=expert_optim)
+                             model_extra: dict | None, train_extra: dict) -> None:
+    cfg = _config(model_extra, expert_optim=expert_optim, **train_extra)
     full = run(cfg, out=tmp_path / "full", data_path=corpus, progress=False, log=lambda s: None)
     run(cfg, out=tmp_path / "split", data_path=corpus, progress=False, stop_at_step=4, log=lambda s: None)
     resumed = run(cfg, resume=tmp_path / "split", progress=False, log=lambda s: None)

@@ -158,6 +158,21 @@ def test_lazy_adam_resumes_from_its_state_dict() -> None:
     torch.testing.assert_close(a.data, b.data, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rule", [RowwiseAdagrad, LazyAdam])
+def test_row_state_of_a_bfloat16_table_stays_float32_when_loaded(rule: type[optim.RowOptimizer]) -> None:
+    """torch casts loaded optimizer state to the parameter's dtype; the row rules keep theirs."""
+    table = torch.nn.Parameter(torch.randn(N, D).bfloat16())
+    opt = rule([table])
+    table.grad = _sparse_grad([1, 4, 9], 0).bfloat16()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    other = rule([torch.nn.Parameter(table.detach().clone())])
+    other.load_state_dict(saved)
+    for key, value in opt.state[table].items():
+        loaded = next(iter(other.state.values()))[key]
+        assert loaded.dtype == value.dtype and torch.equal(loaded, value), key
+
+
 def test_dense_adamw_is_torch_adamw_over_dense_table_gradients() -> None:
     bank = ExpertBank(N, D, kind="value")
     w0 = bank.values.detach().clone()
@@ -317,6 +332,56 @@ def test_fused_row_update_on_bfloat16_tables(needs_compiler: None) -> None:
         tables.append(bank.values.detach())
     assert tables[1].dtype == torch.bfloat16
     torch.testing.assert_close(tables[1].float(), tables[0].float(), rtol=2 ** -8, atol=2 ** -10)
+
+
+def test_stochastic_round_is_unbiased_between_the_two_bfloat16_neighbours() -> None:
+    torch.manual_seed(0)
+    x = torch.tensor([1.0 + 2 ** -10, -3.0 - 2 ** -9, 0.1, -1e-3, 2.5])
+    draws = optim.stochastic_round(x.expand(20000, -1).contiguous())
+    below = (x.view(torch.int32) & -(1 << 16)).view(torch.float32)  # bfloat16 toward zero
+    above = (below.view(torch.int32) + (1 << 16)).view(torch.float32)  # the next one out
+    assert ((draws == below) | (draws == above)).all()
+    torch.testing.assert_close(draws.double().mean(0), x.double(), rtol=2 ** -12, atol=0)
+    exact = torch.tensor([1.0, -0.5, 0.0, 3.0]).bfloat16().float()
+    assert torch.equal(optim.stochastic_round(exact), exact)
+
+
+@pytest.mark.parametrize("rule, lr", [("rowwise_adagrad", 1e-3), ("lazy_adam", 1e-3), ("row_sgd", 2e-4)])
+def test_stochastic_rounding_keeps_steps_below_half_a_bfloat16_unit(rule: str, lr: float) -> None:
+    """Rows near 1 (a bfloat16 unit of 2^-8 to 2^-7) and steps below half a unit: rounded to
+    nearest the table hardly moves; rounded stochastically it follows the float32 table without
+    bias. Untouched rows stay."""
+    idx = torch.randint(0, 40, (32, 4), generator=torch.Generator().manual_seed(1))
+    w = torch.rand(32, 4, generator=torch.Generator().manual_seed(2))
+    moved = {}
+    for name, dtype, stochastic in (("fp32", torch.float32, False), ("nearest", torch.bfloat16, False),
+                                    ("stochastic", torch.bfloat16, True)):
+        torch.manual_seed(0)
+        bank = ExpertBank(N, 16, dtype=dtype, kind="value")
+        bank.values.data.copy_(bank.values.data.float().add_(1.0).bfloat16())
+        start = bank.values.detach().float().clone()
+        opt = optim.table_optimizer([bank.values], rule, lr, stochastic_rounding=stochastic)
+        for _ in range(400):  # the same gradient every step
+            value_mix(idx, w, bank.values).float().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        moved[name] = bank.values.detach().float() - start
+    used = torch.zeros(N, dtype=torch.bool)
+    used[idx.unique()] = True
+    scale = moved["fp32"][used].abs().mean()
+    err = moved["stochastic"][used] - moved["fp32"][used]
+    assert moved["nearest"][used].abs().mean() < 0.05 * scale
+    assert err.mean().abs() < 0.02 * scale and err.abs().mean() < 0.35 * scale
+    assert moved["stochastic"][~used].eq(0).all()
+
+
+def test_stochastic_rounding_needs_an_eager_row_rule() -> None:
+    table = [torch.nn.Parameter(torch.zeros(4, 2))]
+    for kw in (dict(rule="lazy_adam", fused=True), dict(rule="dense_adamw")):
+        with pytest.raises(ValueError, match="eager row-sparse rule"):
+            optim.table_optimizer(table, lr=0.05, stochastic_rounding=True, **kw)
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        TrainConfig(fused_row_update=True, stochastic_rounding=True)
 
 
 def test_distinct_padding_moves_padding_to_untouched_rows(monkeypatch) -> None:

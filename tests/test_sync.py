@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fractalmoe.config import tiny_model_config
 from fractalmoe.experts import expert_mix, set_grad_layout, value_mix
 from fractalmoe.model import FHMELanguageModel
-from fractalmoe.optim import LazyAdam, ModelOptimizer, RowwiseAdagrad
+from fractalmoe.optim import LazyAdam, ModelOptimizer, RowwiseAdagrad, table_optimizer
 
 DATA_DEPENDENT = {"nonzero", "bincount", "_unique", "_unique2", "unique_dim", "unique_consecutive",
                   "unique_dim_consecutive", "masked_select", "equal", "is_nonzero"}
@@ -75,6 +75,18 @@ def test_row_sparse_steps_never_sync(rule: type[torch.optim.Optimizer], deferred
     for _ in range(2):  # the first step creates the state
         idx = torch.randint(0, 40, (9, 5))
         (value_mix(idx, torch.rand(9, 5), table).sum() + value_mix(idx[:3], torch.rand(3, 5), table).sum()).backward()
+        with SyncCounter() as counter:
+            opt.step()
+        opt.zero_grad()
+        assert counter.syncs == []
+
+
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+def test_stochastic_rounding_never_syncs(rule: str) -> None:
+    table = torch.nn.Parameter(torch.randn(40, 8).bfloat16())
+    opt = table_optimizer([table], rule, 0.01, deferred=True, stochastic_rounding=True)
+    for _ in range(2):
+        value_mix(torch.randint(0, 40, (9, 5)), torch.rand(9, 5), table).float().sum().backward()
         with SyncCounter() as counter:
             opt.step()
         opt.zero_grad()

@@ -66,7 +66,8 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
                          run.train.expert_optim,
                          deferred_table_grads=defers_table_grads(model, run.train.deferred_table_grads,
                                                                  run.train.expert_optim),
-                         fused_row_update=run.train.fused_row_update)
+                         fused_row_update=run.train.fused_row_update,
+                         stochastic_rounding=run.train.stochastic_rounding)
     idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len))
     tokens = idx.numel()
     fwd = bwd = opt_t = 0.0

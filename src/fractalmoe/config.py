@@ -312,6 +312,10 @@ class TrainConfig(_Config):
     # kernel (a C++ compiler on CPU), each touched row and its moments read and written once.
     # Opt-in.
     fused_row_update: bool = False
+    # bfloat16 expert tables (model.expert_dtype): round each updated row stochastically, so the
+    # stored row is right in expectation, instead of to nearest, which drops every step below half
+    # a bfloat16 unit. Eager row-sparse rules only; no effect on float32 tables.
+    stochastic_rounding: bool = False
     weight_decay: float = 0.1
     beta2: float = 0.95  # AdamW's second-moment decay for dense parameters
     warmup_steps: int = 100
@@ -354,6 +358,8 @@ class TrainConfig(_Config):
           "deferred_table_grads", "needs a row-sparse expert_optim (rowwise_adagrad, lazy_adam, row_sgd)")
         r(not self.fused_row_update or self.expert_optim == "lazy_adam", "fused_row_update",
           "exists for expert_optim = lazy_adam only")
+        r(not self.stochastic_rounding or (not self.fused_row_update and self.expert_optim != "dense_adamw"),
+          "stochastic_rounding", "needs an eager row-sparse rule (not fused_row_update, not dense_adamw)")
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,7 @@ def train_lm(model: nn.Module, data: ByteDataset, cfg: TrainConfig, seq_len: int
     from .train import lr_scale
 
     opt = ModelOptimizer(model, cfg.lr, cfg.expert_lr, cfg.weight_decay, cfg.expert_optim, cfg.beta2,
-                         cfg.deferred_table_grads, cfg.fused_row_update)
+                         cfg.deferred_table_grads, cfg.fused_row_update, cfg.stochastic_rounding)
     model.train()
     losses: list[float] = []
     for step in range(cfg.max_steps):

@@ -34,6 +34,11 @@ Plain writes race where a row appears twice in a chunk, so the padding entries a
 distinct rows the step does not touch (``distinct_padding``), which the kernel writes back
 unchanged.
 
+``stochastic_rounding`` (bfloat16 tables): an updated row is rounded to bfloat16 up or down at
+random, in proportion to its distance from the two neighbours, so the stored row equals the exact
+one in expectation; rounded to nearest, a step below half a bfloat16 unit (2^-9 of the row's
+value) is lost every time, and late, small steps stall.
+
 Nothing here reads a tensor on the host, so backward plus optimizer step cost no host sync; the
 trainer reads ``ModelOptimizer.finite_flag()`` together with the loss, once per step.
 """
@@ -96,13 +101,31 @@ def row_gradients(p: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         yield from zip(rows.split(size), g.split(size), reals)
 
 
-def add_rows_(table: Tensor, rows: Tensor, delta: Tensor) -> None:
-    """table[rows] += delta, rows possibly repeated. The rules fold the step's sign and learning
-    rate into ``delta`` and add it with alpha 1: PyTorch's CPU ``index_add_`` with any other alpha
-    adds one row at a time (230,000 rows of 1 KB into a million-row table: 75 against 28 ms on
-    two threads); at a million experts that made row-wise Adagrad's step 1.30x and lazy Adam's
-    1.11x slower (``benchmarks/revision_speed.py``)."""
-    table.index_add_(0, rows, delta)
+def stochastic_round(x: Tensor) -> Tensor:
+    """float32 x rounded to bfloat16 values at random (returned as float32): up with probability
+    equal to x's distance from the value below, in units of their gap, so E[result] = x. Adds 16
+    random bits under the bfloat16 mantissa and drops them: on the magnitude, so negative values
+    round alike. A bfloat16 value comes back unchanged."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    return x.view(torch.int32).add(noise).bitwise_and_(-(1 << 16)).view(torch.float32)
+
+
+def add_rows_(table: Tensor, rows: Tensor, delta: Tensor, stochastic: bool = False) -> None:
+    """table[rows] += delta (float32), rows possibly repeated where their delta is zero (padding).
+
+    The rules fold the step's sign and learning rate into ``delta`` and add it with alpha 1:
+    PyTorch's CPU ``index_add_`` with any other alpha adds one row at a time (230,000 rows of 1 KB
+    into a million-row table: 75 against 28 ms on two threads); at a million experts that made
+    row-wise Adagrad's step 1.30x and lazy Adam's 1.11x slower (``benchmarks/revision_speed.py``).
+
+    ``stochastic`` (bfloat16 tables): the delta becomes the step from the row to its new value
+    rounded stochastically (``stochastic_round``); a padding entry's stays zero. The add is then
+    exact wherever that step fits bfloat16's 8 significant bits, i.e. unless a value moves by more
+    than about its own size in one step, where it is rounded to nearest."""
+    if stochastic and table.dtype == torch.bfloat16:
+        old = table.index_select(0, rows).float()
+        delta = stochastic_round(old.add(delta)).sub_(old)
+    table.index_add_(0, rows, scratch_cast(delta, table.dtype, "update"))
 
 
 def slot_rows(p: Tensor) -> list[Tensor]:
@@ -171,7 +194,21 @@ def has_row_gradient(p: Tensor) -> bool:
 
 class RowOptimizer(torch.optim.Optimizer):
     """A rule that reads and writes only the rows a step touched; ``zero_grad`` also drops the
-    tables' deferred gradients."""
+    tables' deferred gradients. ``stochastic_rounding``: see ``add_rows_``."""
+
+    stochastic_rounding: bool = False
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        """As torch's, but the row state stays float32: torch casts floating state to its
+        parameter's dtype, which would round the moments of a bfloat16 table to bfloat16."""
+        super().load_state_dict(state_dict)
+        groups = state_dict["param_groups"]  # type: ignore[index]
+        ids = [i for group in groups for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():  # type: ignore[index, union-attr]
+                if torch.is_tensor(value) and value.dtype == torch.float32 and key != "step":
+                    self.state[p][key] = value.to(p.device, copy=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -206,7 +243,7 @@ class RowwiseAdagrad(RowOptimizer):
                     acc = state["sum"].index_add_(0, rows, mean_sq)
                     scale = acc.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
                     update = g.mul_(scale.mul_(-group["lr"]).unsqueeze(1))  # signed: see add_rows_
-                    add_rows_(p, rows, scratch_cast(update, p.dtype, "update"))
+                    add_rows_(p, rows, update, self.stochastic_rounding)
 
 
 class RowSGD(RowOptimizer):
@@ -220,7 +257,7 @@ class RowSGD(RowOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 for rows, g, _ in row_gradients(p):  # padding rows are zero: they add nothing
-                    add_rows_(p, rows, scratch_cast(g.mul_(-group["lr"]), p.dtype, "update"))
+                    add_rows_(p, rows, g.mul_(-group["lr"]), self.stochastic_rounding)
 
 
 def keep_factor(real: Tensor | None, device: torch.device) -> Tensor:
@@ -317,7 +354,7 @@ class LazyAdam(RowOptimizer):
         adam_row_math(g, m, v, dv, update, keep, beta1, beta2, eps, step_size)
         state["exp_avg_sq"].index_add_(0, rows, dv)
         state["exp_avg"].index_add_(0, rows, g)
-        add_rows_(p, rows, scratch_cast(update, p.dtype, "update"))
+        add_rows_(p, rows, update, self.stochastic_rounding)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -338,27 +375,33 @@ def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list
 
 
 def table_optimizer(tables: list[Tensor], rule: str, lr: float, deferred: bool = False,
-                    fused: bool = False) -> torch.optim.Optimizer:
+                    fused: bool = False, stochastic_rounding: bool = False) -> torch.optim.Optimizer:
     """The optimiser of the expert tables for one of ``config.EXPERT_OPTIMS``; it sets the
     gradient layout the tables' mixes produce: dense for dense_adamw, else row-sparse, or
     deferred to the step if ``deferred``. ``fused``: lazy Adam's one compiled gather-update-write
-    kernel per chunk."""
+    kernel per chunk. ``stochastic_rounding``: bfloat16 rows rounded at random (``add_rows_``)."""
     if rule not in EXPERT_OPTIMS:
         raise ValueError(f"expert_optim={rule!r}: use one of {EXPERT_OPTIMS}")
     if deferred and rule == "dense_adamw":
         raise ValueError("deferred table gradients need a row-sparse expert_optim, not dense_adamw")
     if fused and rule != "lazy_adam":
         raise ValueError(f"a fused row update exists for lazy_adam only, not {rule}")
+    if stochastic_rounding and (fused or rule == "dense_adamw"):
+        raise ValueError("stochastic rounding needs an eager row-sparse rule (not fused_row_update, not dense_adamw)")
     for p in tables:
         set_grad_layout(p, "dense" if rule == "dense_adamw" else "deferred" if deferred else "sparse")
+    opt: RowOptimizer
     if rule == "rowwise_adagrad":
-        return RowwiseAdagrad(tables, lr=lr)
-    if rule == "lazy_adam":
-        return LazyAdam(tables, lr=lr, fused=fused)
-    if rule == "row_sgd":
-        return RowSGD(tables, lr=lr)
-    # no weight decay, like the row-sparse rules; betas as lazy_adam
-    return torch.optim.AdamW(tables, lr=lr, weight_decay=0.0, fused=True)
+        opt = RowwiseAdagrad(tables, lr=lr)
+    elif rule == "lazy_adam":
+        opt = LazyAdam(tables, lr=lr, fused=fused)
+    elif rule == "row_sgd":
+        opt = RowSGD(tables, lr=lr)
+    else:
+        # no weight decay, like the row-sparse rules; betas as lazy_adam
+        return torch.optim.AdamW(tables, lr=lr, weight_decay=0.0, fused=True)
+    opt.stochastic_rounding = stochastic_rounding
+    return opt
 
 
 def defers_table_grads(model: nn.Module, asked: bool, rule: str) -> bool:
@@ -383,7 +426,8 @@ class ModelOptimizer:
 
     def __init__(self, model: nn.Module, lr: float, expert_lr: float, weight_decay: float,
                  expert_optim: str = "rowwise_adagrad", beta2: float = 0.95,
-                 deferred_table_grads: bool = False, fused_row_update: bool = False) -> None:
+                 deferred_table_grads: bool = False, fused_row_update: bool = False,
+                 stochastic_rounding: bool = False) -> None:
         tables, decay, no_decay = split_parameters(model)
         groups = [dict(params=decay, weight_decay=weight_decay),
                   dict(params=no_decay, weight_decay=0.0)]
@@ -394,7 +438,7 @@ class ModelOptimizer:
         self.sparse: torch.optim.Optimizer | None = None
         if tables:
             self.sparse = table_optimizer(tables, expert_optim, expert_lr, deferred_table_grads,
-                                          fused_row_update)
+                                          fused_row_update, stochastic_rounding)
         self._base_lrs = [(opt, base) for opt, base in ((self.dense, lr), (self.sparse, expert_lr))
                           if opt is not None]
         self.dense_params = decay + no_decay

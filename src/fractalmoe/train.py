@@ -267,7 +267,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     deferred = (defers_table_grads(model, tc.deferred_table_grads, tc.expert_optim) if model_factory is None
                 else tc.deferred_table_grads)
     opt = ModelOptimizer(model, tc.lr, tc.expert_lr, tc.weight_decay, tc.expert_optim, tc.beta2,
-                         deferred, tc.fused_row_update)
+                         deferred, tc.fused_row_update, tc.stochastic_rounding)
     if ckpt is not None:
         owned = {id(p): (b.lo, b.hi) for b in table_shards(model).values() for p in b.tables().values()}
         opt.load_state_dict(read_optim_state(ckpt, state, [owned.get(id(p)) for p in opt.tables]))
