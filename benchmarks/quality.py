@@ -59,7 +59,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fade                # FHME with it against PKM, seeds 2, 3, both corpora
     python benchmarks/quality.py fade-base           # FHME without it at those seeds, by the same code
     python benchmarks/quality.py fractal-budget      # C = 1, 2, 3 at a budget that fits C = 3, seeds 2, 3
-    python benchmarks/quality.py bf16-tables         # the default FHME with float32 and bfloat16 tables, seeds 2, 3
+    python benchmarks/quality.py bf16-tables         # the default FHME with float32 and bfloat16 tables (and rounding), seeds 2, 3
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
@@ -966,14 +966,18 @@ def fractal_budget_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for corpus, seed in CORPUS_FIRST for model, depth in runs]
 
 
+BF16_TABLES = {"float32": ["--set", "expert_dtype=float32"], "bfloat16": ["--set", "expert_dtype=bfloat16"],
+               "bfloat16_sr": ["--set", "expert_dtype=bfloat16", "--set", "stochastic_rounding=true"]}
+
+
 def bf16_tables_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """bfloat16 expert tables halve a million-row layer's memory: what do they cost in quality?
-    The default FHME (``BCONV_FHME``) with float32 and with bfloat16 tables (optimizer state stays
-    float32), side by side, 1,200 steps, seeds 2 and 3, both corpora."""
-    return [(f"{corpus}_fhme_{dtype}_s{seed}",
-             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], "fhme"), *BCONV_FHME,
-              "--set", f"expert_dtype={dtype}", *_data(corpus, stdlib), "--max-steps", "1200", "--seeds", seed])
-            for seed in ("2", "3") for corpus in ("shakespeare", "stdlib") for dtype in ("float32", "bfloat16")]
+    """bfloat16 expert tables halve a million-row layer's memory: what do they cost in quality,
+    rounded to nearest and stochastically? The default FHME (``BCONV_FHME``) with float32 and
+    bfloat16 tables (optimizer state stays float32), 1,200 steps, seeds 2 and 3, both corpora."""
+    return [(f"{corpus}_fhme_{tables}_s{seed}",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], "fhme"), *BCONV_FHME, *BF16_TABLES[tables],
+              *_data(corpus, stdlib), "--max-steps", "1200", "--seeds", seed])
+            for seed in ("2", "3") for corpus in ("shakespeare", "stdlib") for tables in BF16_TABLES]
 
 
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
