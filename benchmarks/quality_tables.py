@@ -319,6 +319,14 @@ def main() -> None:
                      for r in budget]
             print_per_corpus(named, f", C = 1, 2 and 3 at one budget, FHME at C = {judged} judged "
                              "(2 heads x top-47 at C = 2, top-4 at C = 3; PKM 9 x top-25), lazy-Adam tables")
+    if (root / "bf16-tables").is_dir():  # the default FHME with float32 and bfloat16 tables
+        tables = {"float32": "float32 tables", "bfloat16": "bfloat16 tables, rounded to nearest",
+                  "bfloat16_sr": "bfloat16 tables, rounded stochastically"}
+        runs = [dict(r, tables=r["name"].split("_fhme_", 1)[1].rsplit("_s", 1)[0]) for r in rows(root / "bf16-tables")]
+        for judged in ("bfloat16", "bfloat16_sr"):
+            named = [dict(r, model="fhme" if r["tables"] == judged else f"fhme, {tables[r['tables']]}") for r in runs]
+            print_per_corpus(named, f", the default FHME with {tables[judged]} judged (fhme) against the others, "
+                             "lazy-Adam tables")
     if (root / "default-length").is_dir():  # the block-conv pair at the default's length
         long_pair = rows(root / "default-length")
         print_per_corpus(long_pair, ", the pair with block convolutions at the default length, lazy-Adam tables",
