@@ -74,6 +74,9 @@ step sync_error_row_sgd 120 env FRACTALMOE_SYNC_DEBUG=error \
 step sync_error_fused 180 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/fused" --max-steps 5 --quiet --set eval_every=1000 \
     --set fused_row_update=true --set deferred_table_grads=true $SMALL
+step sync_error_bf16_sr 120 env FRACTALMOE_SYNC_DEBUG=error \
+    $F train --device cuda --out "$RUNS/bf16_sr" --max-steps 5 --quiet --set eval_every=1000 \
+    --set expert_dtype=bfloat16 --set stochastic_rounding=true $SMALL
 step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/three_part" --max-steps 5 --quiet --set eval_every=1000 \
     --set key_parts=3 --set key_dim=24 --set route_once=true $SMALL

@@ -101,6 +101,16 @@ def test_fused_lazy_adam_equals_the_eager_one_on_cuda(deferred: bool) -> None:
     assert not _off_device(models[1], opts[1])
 
 
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+def test_bfloat16_tables_with_stochastic_rounding_train_on_cuda(rule: str) -> None:
+    model = FHMELanguageModel(_config("fhme", expert_dtype="bfloat16")).cuda().train()
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, rule, stochastic_rounding=True)
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    losses = [train_step(model, opt, x, x.roll(-1, 1), 1.0) for _ in range(3)]
+    assert all(ok for _, ok in losses) and losses[-1][0] < losses[0][0]
+    assert not _off_device(model, opt)
+
+
 def test_route_once_trains_on_cuda() -> None:
     model = FHMELanguageModel(_config("fhme", fractal_depth=3, route_once=True)).cuda().train()
     opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)
