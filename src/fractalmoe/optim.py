@@ -36,7 +36,7 @@ unchanged.
 
 ``stochastic_rounding`` (bfloat16 tables): an updated row is rounded to bfloat16 up or down at
 random, in proportion to its distance from the two neighbours, so the stored row equals the exact
-one in expectation; rounded to nearest, a step below half a bfloat16 unit (2^-9 of the row's
+one in expectation; rounded to nearest, a step below half a bfloat16 unit (2^-9 to 2^-8 of the
 value) is lost every time, and late, small steps stall.
 
 Nothing here reads a tensor on the host, so backward plus optimizer step cost no host sync; the
