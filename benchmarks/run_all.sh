@@ -161,7 +161,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
              key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout \
              balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long \
-             deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget; do
+             deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
