@@ -199,6 +199,20 @@ def test_each_table_dtype_has_its_bandwidth_and_ratios() -> None:
     assert len(got) == 3
 
 
+def test_stochastic_rounding_impl_needs_bfloat16_and_is_compared_with_nearest() -> None:
+    with pytest.raises(ValueError, match="add --expert-dtype bfloat16"):
+        validate(["fractalmoe-deferred-sr"], [64], 4, 8, 3)
+    validate(["fractalmoe-deferred-sr"], [64], 4, 8, 3, expert_dtypes=("float32", "bfloat16"))
+
+    def row(impl: str, ms: float) -> dict:
+        spec = LayerSpec(impl, 64, expert_dtype="bfloat16")
+        return summarize([{**_fake_row(spec, ms), "expert_dtype": "bfloat16"}] * 3)
+
+    got = {r["label"]: r["ratio"] for r in headline_ratios([row("fractalmoe-deferred", 10.0),
+                                                            row("fractalmoe-deferred-sr", 12.5)])}
+    assert got == {"fractalmoe-deferred-sr vs fractalmoe-deferred: stochastic vs nearest rounding, N=64": 0.8}
+
+
 # --- roofline ----------------------------------------------------------------------------------
 
 

@@ -16,6 +16,8 @@ is paired with an update rule, so that a design and an optimizer rule can be tol
   fractalmoe-lazy-adam-fused     lazy Adam         fractalmoe-lazy-adam-deferred, each chunk's
                                                    row gather, update and write-back as one
                                                    compiled kernel (``fused_row_update``)
+  fractalmoe-deferred-sr         row-wise Adagrad  fractalmoe-deferred on bfloat16 tables with
+                                                   ``stochastic_rounding`` (bfloat16 only)
   peer-pytorch-sparse            lazy Adam         PEER-pytorch, expert embeddings with
                                                    ``sparse=True``, torch.optim.SparseAdam for
                                                    them, AdamW for the rest
@@ -70,6 +72,7 @@ class ImplInfo:
     package: str | None  # module an optional dependency provides
     deferred: bool = False  # fractalmoe impls: deferred table gradients
     fused: bool = False  # fractalmoe impls: the one-kernel row update (fused_row_update)
+    stochastic: bool = False  # fractalmoe impls: bfloat16 rows rounded stochastically (bfloat16 tables only)
 
 
 IMPLS = {
@@ -78,6 +81,7 @@ IMPLS = {
     "fractalmoe-deferred": ImplInfo("rowwise_adagrad", 2, None, deferred=True),
     "fractalmoe-lazy-adam-deferred": ImplInfo("lazy_adam", 2, None, deferred=True),
     "fractalmoe-lazy-adam-fused": ImplInfo("lazy_adam", 2, None, deferred=True, fused=True),
+    "fractalmoe-deferred-sr": ImplInfo("rowwise_adagrad", 2, None, deferred=True, stochastic=True),
     "peer-pytorch-sparse": ImplInfo("lazy_adam", 2, "PEER_pytorch"),
     "peer-pytorch": ImplInfo("dense_adamw", 2, "PEER_pytorch"),
     "peer-dense": ImplInfo("dense_adamw", 2, None),
@@ -172,7 +176,7 @@ def build_impl(spec: LayerSpec) -> Built:
         lazy = info.rule == "lazy_adam"
         opt = ModelOptimizer(layer, lr=1e-3, expert_lr=1e-3 if lazy else 0.05, weight_decay=0.0,
                              expert_optim=info.rule, deferred_table_grads=info.deferred,
-                             fused_row_update=info.fused)
+                             fused_row_update=info.fused, stochastic_rounding=info.stochastic)
         return Built(layer, opt.step, opt.zero_grad, opt.tables)
     if spec.impl.startswith("peer-pytorch"):
         from PEER_pytorch import PEER
@@ -497,6 +501,10 @@ def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if dt != "float32" and (impl, dt, n) in ok and (impl, "float32", n) in ok:
             out.append(_ratio(f"{impl}: {dt} vs float32 tables, N={n:,}", ok[(impl, dt, n)],
                               ok[(impl, "float32", n)]))
+        nearest = impl.removesuffix("-sr")  # the same impl rounding to nearest
+        if IMPLS[impl].stochastic and (impl, dt, n) in ok and (nearest, dt, n) in ok:
+            out.append(_ratio(f"{impl} vs {nearest}: stochastic vs nearest rounding, N={n:,}",
+                              ok[(impl, dt, n)], ok[(nearest, dt, n)]))
     return out
 
 
@@ -523,11 +531,14 @@ def format_ratio(r: dict[str, Any]) -> str:
 
 
 def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repeats: int,
-             key_parts: int = 2) -> None:
+             key_parts: int = 2, expert_dtypes: tuple[str, ...] = ("float32",)) -> None:
     """User mistakes, reported before anything is measured (ValueError, one line)."""
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         raise ValueError(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(LAYER_IMPLS)}")
+    rounding = [i for i in impls if IMPLS[i].stochastic]
+    if rounding and "bfloat16" not in expert_dtypes:
+        raise ValueError(f"--impl {', '.join(rounding)} rounds bfloat16 tables: add --expert-dtype bfloat16")
     missing = [i for i in impls if not impl_available(i)]
     if missing:
         raise ValueError(f"--impl {', '.join(missing)} needs a package that is not installed: "
@@ -557,19 +568,21 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
                   wait_idle_s: float = 0.0, key_parts: int = 2) -> int:
     """The whole ``bench layer`` run: hygiene check, hardware, alternated repeats, the table of
     medians, headline ratios. User mistakes and a busy machine raise ValueError (one line)."""
-    if impls is None:  # every implementation whose package is installed
-        impls = [i for i in LAYER_IMPLS if impl_available(i)]
-        skipped = [i for i in LAYER_IMPLS if i not in impls]
+    if impls is None:  # every implementation whose package is installed (rounding ones: with bfloat16)
+        wanted = [i for i in LAYER_IMPLS if "bfloat16" in expert_dtypes or not IMPLS[i].stochastic]
+        impls = [i for i in wanted if impl_available(i)]
+        skipped = [i for i in wanted if i not in impls]
         if skipped:
             print(f"skipping {', '.join(skipped)} (pip install 'fractalmoe[bench]')", file=sys.stderr)
-    validate(impls, experts, topk, key_dim, repeats, key_parts)
+    validate(impls, experts, topk, key_dim, repeats, key_parts, tuple(expert_dtypes))
     reason = None if force else wait_until_idle(wait_idle_s)
     if reason is not None:
         raise ValueError(reason)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
     specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, dtype, key_parts=key_parts)
              for n in experts for impl in impls
-             for dtype in (expert_dtypes if impl.startswith("fractalmoe") else ["float32"])]
+             for dtype in (expert_dtypes if impl.startswith("fractalmoe") else ["float32"])
+             if dtype == "bfloat16" or not IMPLS[impl].stochastic]
     peak, hw = matmul_gflops(), {}
     for dtype in sorted({spec.shape().expert_dtype for spec in specs}, reverse=True):  # float32 first
         hw[dtype] = Hardware(peak, gather_gbps(dim, dtype, gather_table_mb))
