@@ -44,6 +44,9 @@ $F bench layer --experts 16384,1048576 --impl fractalmoe-deferred,fractalmoe-laz
 # bfloat16 against float32 tables, alternated in one run
 $F bench layer --experts 16384,1048576 --impl fractalmoe-deferred --key-parts 4 --expert-dtype float32,bfloat16 \
   --repeats 5 --wait-idle 600 --json > $R/layer_dtype.jsonl 2> $R/layer_dtype.txt
+# bfloat16 tables rounded stochastically against rounded to nearest
+$F bench layer --experts 16384,1048576 --impl fractalmoe-deferred,fractalmoe-deferred-sr --expert-dtype bfloat16 \
+  --repeats 3 --wait-idle 600 --json > $R/layer_bf16_rounding.jsonl 2> $R/layer_bf16_rounding.txt
 LAST=1 STEPS=1200 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
 # The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
 LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
