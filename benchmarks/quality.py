@@ -59,7 +59,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fade                # FHME with it against PKM, seeds 2, 3, both corpora
     python benchmarks/quality.py fade-base           # FHME without it at those seeds, by the same code
     python benchmarks/quality.py fractal-budget      # C = 1, 2, 3 at a budget that fits C = 3, seeds 2, 3
-    python benchmarks/quality.py bf16-tables         # the default FHME with float32 and bfloat16 tables (and rounding), seeds 2, 3
+    python benchmarks/quality.py bf16-tables         # the default FHME, float32 and bfloat16 tables, two roundings
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
