@@ -96,6 +96,14 @@ def impl_name(impl: str, expert_dtype: str) -> str:
     return impl if expert_dtype == "float32" else f"{impl}, {expert_dtype} tables"
 
 
+def impl_dtypes(impl: str, expert_dtypes: tuple[str, ...] | list[str]) -> list[str]:
+    """The table dtypes an impl runs with: ours each one asked for (those that round stochastically:
+    bfloat16 only), the others float32."""
+    if not impl.startswith("fractalmoe"):
+        return ["float32"]
+    return [d for d in expert_dtypes if d == "bfloat16" or not IMPLS[impl].stochastic]
+
+
 def impl_available(impl: str) -> bool:
     package = IMPLS[impl].package
     return package is None or importlib.util.find_spec(package) is not None
@@ -536,8 +544,8 @@ def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repe
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         raise ValueError(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(LAYER_IMPLS)}")
-    rounding = [i for i in impls if IMPLS[i].stochastic]
-    if rounding and "bfloat16" not in expert_dtypes:
+    rounding = [i for i in impls if not impl_dtypes(i, expert_dtypes)]
+    if rounding:
         raise ValueError(f"--impl {', '.join(rounding)} rounds bfloat16 tables: add --expert-dtype bfloat16")
     missing = [i for i in impls if not impl_available(i)]
     if missing:
@@ -569,7 +577,7 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
     """The whole ``bench layer`` run: hygiene check, hardware, alternated repeats, the table of
     medians, headline ratios. User mistakes and a busy machine raise ValueError (one line)."""
     if impls is None:  # every implementation whose package is installed (rounding ones: with bfloat16)
-        wanted = [i for i in LAYER_IMPLS if "bfloat16" in expert_dtypes or not IMPLS[i].stochastic]
+        wanted = [i for i in LAYER_IMPLS if impl_dtypes(i, expert_dtypes)]
         impls = [i for i in wanted if impl_available(i)]
         skipped = [i for i in wanted if i not in impls]
         if skipped:
@@ -580,9 +588,7 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
         raise ValueError(reason)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
     specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, dtype, key_parts=key_parts)
-             for n in experts for impl in impls
-             for dtype in (expert_dtypes if impl.startswith("fractalmoe") else ["float32"])
-             if dtype == "bfloat16" or not IMPLS[impl].stochastic]
+             for n in experts for impl in impls for dtype in impl_dtypes(impl, expert_dtypes)]
     peak, hw = matmul_gflops(), {}
     for dtype in sorted({spec.shape().expert_dtype for spec in specs}, reverse=True):  # float32 first
         hw[dtype] = Hardware(peak, gather_gbps(dim, dtype, gather_table_mb))
