@@ -203,9 +203,13 @@ def has_row_gradient(p: Tensor) -> bool:
 
 class RowOptimizer(torch.optim.Optimizer):
     """A rule that reads and writes only the rows a step touched; ``zero_grad`` also drops the
-    tables' deferred gradients. ``stochastic_rounding``: see ``add_rows_``."""
+    tables' deferred gradients. ``stochastic_rounding``: bfloat16 rows rounded at random
+    (``add_rows_``)."""
 
-    stochastic_rounding: bool = False
+    def __init__(self, params: Iterable[Tensor], defaults: dict[str, object],
+                 stochastic_rounding: bool = False) -> None:
+        super().__init__(params, defaults)
+        self.stochastic_rounding = stochastic_rounding
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
         """As torch's, but the row state stays float32: torch casts floating state to its
@@ -234,8 +238,9 @@ class RowwiseAdagrad(RowOptimizer):
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.05, eps: float = 1e-8,
-                 initial_accumulator: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator=initial_accumulator))
+                 initial_accumulator: float = 0.0, stochastic_rounding: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator=initial_accumulator),
+                         stochastic_rounding)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[no-untyped-def, override]
@@ -258,8 +263,8 @@ class RowwiseAdagrad(RowOptimizer):
 class RowSGD(RowOptimizer):
     """SGD on touched rows only: w_i -= lr * g_i (no momentum, no state)."""
 
-    def __init__(self, params: Iterable[Tensor], lr: float = 1.0) -> None:
-        super().__init__(params, dict(lr=lr))
+    def __init__(self, params: Iterable[Tensor], lr: float = 1.0, stochastic_rounding: bool = False) -> None:
+        super().__init__(params, dict(lr=lr), stochastic_rounding)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[no-untyped-def, override]
@@ -315,8 +320,9 @@ class LazyAdam(RowOptimizer):
     compiled kernel per chunk (``adam_rows``) reads and writes each row and its moments once."""
 
     def __init__(self, params: Iterable[Tensor], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = False,
+                 stochastic_rounding: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps), stochastic_rounding)
         self.fused = fused
 
     @torch.no_grad()
@@ -399,18 +405,14 @@ def table_optimizer(tables: list[Tensor], rule: str, lr: float, deferred: bool =
         raise ValueError("stochastic rounding needs an eager row-sparse rule (not fused_row_update, not dense_adamw)")
     for p in tables:
         set_grad_layout(p, "dense" if rule == "dense_adamw" else "deferred" if deferred else "sparse")
-    opt: RowOptimizer
     if rule == "rowwise_adagrad":
-        opt = RowwiseAdagrad(tables, lr=lr)
-    elif rule == "lazy_adam":
-        opt = LazyAdam(tables, lr=lr, fused=fused)
-    elif rule == "row_sgd":
-        opt = RowSGD(tables, lr=lr)
-    else:
-        # no weight decay, like the row-sparse rules; betas as lazy_adam
-        return torch.optim.AdamW(tables, lr=lr, weight_decay=0.0, fused=True)
-    opt.stochastic_rounding = stochastic_rounding
-    return opt
+        return RowwiseAdagrad(tables, lr=lr, stochastic_rounding=stochastic_rounding)
+    if rule == "lazy_adam":
+        return LazyAdam(tables, lr=lr, fused=fused, stochastic_rounding=stochastic_rounding)
+    if rule == "row_sgd":
+        return RowSGD(tables, lr=lr, stochastic_rounding=stochastic_rounding)
+    # no weight decay, like the row-sparse rules; betas as lazy_adam
+    return torch.optim.AdamW(tables, lr=lr, weight_decay=0.0, fused=True)
 
 
 def defers_table_grads(model: nn.Module, asked: bool, rule: str) -> bool:
