@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter (needs CUDA PyTorch)
 #
 #  1 env        nvidia-smi -L, torch / CUDA versions
-#  2 pytest     the CUDA-marked tests (pytest -m cuda)
+#  2 pytest     the CUDA-marked tests (pytest -m cuda; 4 workers where pytest-xdist is installed)
 #  3 train      fractalmoe train --device cuda, 50 steps, evaluation every 25, adaptive depth off,
 #               every training step under torch.cuda.set_sync_debug_mode("warn"): the log lists
 #               each host-sync site once (FRACTALMOE_SYNC_DEBUG=warn)
@@ -13,8 +13,9 @@
 #               for 5 steps with deferred table gradients, 5 with row SGD, 5 with the one-kernel
 #               lazy-Adam update (Triton), and 5 with three-part keys routed once
 #  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint
-#  6 bench      fractalmoe bench layer at 1,048,576 experts, every installed impl (--device cuda
-#               when the command has that option)
+#  6 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with row-wise
+#               Adagrad, lazy Adam and the one-kernel lazy Adam; PEER-pytorch with SparseAdam and
+#               with AdamW where it is installed
 #  7 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
 #               the 1-GPU run on 2 ranks (each reads its own rows), then eval of the 2-rank run
 #
@@ -54,7 +55,9 @@ SMALL="--set adaptive_depth=false --set sample_bytes=64 --set eval_batches=4"
 
 step env 60 bash -c "nvidia-smi -L; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
 
-step pytest 240 $PY -m pytest -m cuda -q -p no:cacheprovider tests/
+XDIST=""
+if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 4"; fi
+step pytest 240 $PY -m pytest -m cuda -q -p no:cacheprovider $XDIST tests/
 
 step train 180 env FRACTALMOE_SYNC_DEBUG=warn PYTHONWARNINGS=default \
     $F train --device cuda --out "$RUNS/one" --max-steps 50 --save-every 25 --quiet \
@@ -85,9 +88,9 @@ step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json
 step eval_cpu 60 $F eval --ckpt "$RUNS/one" --device cpu --json
 step generate 60 $F generate --ckpt "$RUNS/one" --device cuda --max-new-tokens 200 --prompt "ROMEO:"
 
-BENCH_DEV=""
-if $F bench layer --help 2>/dev/null | grep -q -- "--device"; then BENCH_DEV="--device cuda"; fi
-step bench_layer 240 $F bench layer --experts 1048576 --steps 3 --repeats 3 --force --json $BENCH_DEV
+IMPLS=fractalmoe,fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused
+if $PY -c "import PEER_pytorch" 2>/dev/null; then IMPLS=$IMPLS,peer-pytorch-sparse,peer-pytorch; fi
+step bench_layer 300 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 10 --repeats 3 --force
 
 if [ "$NGPU" -ge 2 ]; then
     TR="$PY -m torch.distributed.run --standalone --nproc_per_node=2 -m fractalmoe"

@@ -84,7 +84,7 @@ def test_cli_refusal_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(bench_layer, "busy_reason", lambda: "the 1-minute load average is 3.00 (> 0.5)")
     measured = []
-    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda: measured.append(1))
+    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda **_: measured.append(1))
     assert main(["bench", "layer", "--experts", "256", "--impl", "fractalmoe"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: the 1-minute load average") and not measured
@@ -97,9 +97,20 @@ def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) ->
     monkeypatch.setattr(bench_layer, "busy_reason", lambda: pytest.fail("checked the machine first"))
     for argv, words in ((["--impl", "nope"], "unknown --impl nope"), (["--experts", "60"], "perfect square"),
                         (["--repeats", "2"], "at least 3 repeats"),
-                        (["--expert-dtype", "fp16"], "comma list of float32, bfloat16")):
+                        (["--expert-dtype", "fp16"], "comma list of float32, bfloat16"),
+                        (["--device", "meta"], "bench layer runs on cpu or cuda"),
+                        (["--device", "gpu0"], "is not a device")):
         assert main(["bench", "layer", *argv]) == 2
         assert words in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
+def test_cli_refuses_cuda_without_a_device(capsys) -> None:
+    from fractalmoe.cli import main
+
+    assert main(["bench", "layer", "--device", "cuda", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "this PyTorch sees no CUDA device" in err
 
 
 # --- alternation, medians, ratios ------------------------------------------------------------
@@ -336,8 +347,8 @@ def test_one_repeat_runs_in_a_fresh_process() -> None:
 def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
     from fractalmoe.cli import main
 
-    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda: HW.gflops)
-    monkeypatch.setattr(bench_layer, "gather_gbps", lambda dim, dtype, mb: HW.gbps)
+    monkeypatch.setattr(bench_layer, "matmul_gflops", lambda **_: HW.gflops)
+    monkeypatch.setattr(bench_layer, "gather_gbps", lambda dim, dtype, mb, **_: HW.gbps)
     monkeypatch.setattr(bench_layer, "spawn_layer", run_layer)  # in-process repeats: fast
     argv = ["bench", "layer", "--experts", "16,64", "--impl", "fractalmoe,peer-dense", "--dim", "16",
             "--heads", "2", "--topk", "4", "--key-dim", "8", "--tokens", "16", "--steps", "1", "--force"]

@@ -164,6 +164,18 @@ def test_run_checkpoints_on_cuda_and_loads_on_cpu(tmp_path: Path, corpus: str) -
         torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["fractalmoe", "fractalmoe-lazy-adam-fused", "peer-dense"])
+def test_bench_layer_times_on_cuda(impl: str) -> None:
+    from fractalmoe.bench_layer import LayerSpec, build_impl, run_layer
+    from fractalmoe.roofline import Hardware, gather_gbps, matmul_gflops
+
+    spec = LayerSpec(impl, num_experts=64, dim=16, heads=2, topk=4, key_dim=8, tokens=16, steps=2,
+                     device="cuda")
+    assert all(t.is_cuda for t in build_impl(spec).tables)
+    row = run_layer(spec, Hardware(matmul_gflops(256, 2, "cuda"), gather_gbps(16, table_mb=8, device="cuda")))
+    assert row["peak_device_gb"] > 0 and row["touched_rows"] > 0 and row["step_ms"] > 0
+
+
 def test_sync_debug_context_restores_the_mode() -> None:
     before = torch.cuda.get_sync_debug_mode()
     with cuda_sync_debug("warn", "cuda"):

@@ -62,7 +62,7 @@ from .bench import peak_rss_gb, spawn
 from .experts import deferred_grad, expert_mix_reference
 from .routing import key_table_sizes
 from .roofline import (RULE_NAMES, Hardware, Shape, best_time, floor_seconds, gather_gbps, matmul_gflops,
-                       step_bytes, step_flops)
+                       step_bytes, step_flops, synchronize)
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ class LayerSpec:
     expert_dtype: str = "float32"  # fractalmoe impls only; the others keep fp32 tables
     warmup: int = 2
     key_parts: int = 2  # fractalmoe impls only: product keys of P parts
+    device: str = "cpu"
 
     @property
     def name(self) -> str:
@@ -170,10 +171,15 @@ def _adamw(params: list[Tensor]) -> torch.optim.AdamW:
 
 
 def build_impl(spec: LayerSpec) -> Built:
-    """The layer, its optimizer step and zero_grad, for one implementation."""
-    n, d, h, k, q = spec.num_experts, spec.dim, spec.heads, spec.topk, spec.key_dim
+    """The layer, its optimizer step and zero_grad, for one implementation, on ``spec.device``."""
     if spec.impl not in IMPLS:
         raise ValueError(f"unknown impl {spec.impl!r}; choose from {', '.join(LAYER_IMPLS)}")
+    with torch.device(spec.device):  # tables are made where they live: no host copy of 1M rows
+        return _build(spec)
+
+
+def _build(spec: LayerSpec) -> Built:
+    n, d, h, k, q = spec.num_experts, spec.dim, spec.heads, spec.topk, spec.key_dim
     if spec.impl.startswith("fractalmoe"):
         from .fhme import FHME
         from .optim import ModelOptimizer
@@ -235,22 +241,29 @@ def touched_rows(table: Tensor) -> int:
 
 
 def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
-    """Time forward, backward and optimizer of one layer (meant for a fresh process)."""
+    """Time forward, backward and optimizer of one layer (meant for a fresh process). On CUDA the
+    device is synchronized at each phase boundary, so phases are timed without overlap."""
     torch.manual_seed(0)
     built = build_impl(spec)
-    x = torch.randn(1, spec.tokens, spec.dim)
+    device = spec.device
+    x = torch.randn(1, spec.tokens, spec.dim, device=device)
     phases: list[tuple[float, float, float]] = []
     touched = 0
     total = spec.warmup + spec.steps
+
+    def clock() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
     for i in range(total):
-        t0 = time.perf_counter()
+        t0 = clock()
         y = built.layer(x)
         loss = y.float().square().mean()
-        t1 = time.perf_counter()
+        t1 = clock()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = clock()
         built.step()
-        t3 = time.perf_counter()
+        t3 = clock()
         if i == total - 1:
             touched = touched_rows(built.tables[0])
         built.zero_grad()
@@ -259,7 +272,7 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
     fwd, bwd, opt = (sum(p[j] for p in phases) / len(phases) for j in range(3))
     built.layer.eval()
     with torch.no_grad():
-        infer = best_time(lambda: built.layer(x), 3)
+        infer = best_time(lambda: built.layer(x), 3, device)
     info, shape = IMPLS[spec.impl], spec.shape()
     flops = step_flops(shape, info.tables)
     nbytes = step_bytes(shape, info.rule, touched, info.tables)
@@ -271,10 +284,17 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
             "expert_dtype": shape.expert_dtype,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt * 1e3, "step_ms": step * 1e3,
             "infer_ms": infer * 1e3, "train_tok_s": spec.tokens / step, "infer_tok_s": spec.tokens / infer,
-            "peak_rss_gb": peak_rss_gb(), "touched_rows": touched,
+            "peak_rss_gb": peak_rss_gb(), **_device_peak(device), "touched_rows": touched,
             "table_gb": info.tables * shape.num_experts * shape.dim * shape.elem / 1e9,
             "flops": flops, "bytes": nbytes.total, "floor_ms": floor * 1e3, "roofline_frac": floor / step,
             "peak_gflops": hw.gflops, "bandwidth_gbps": hw.gbps}
+
+
+def _device_peak(device: str) -> dict[str, float]:
+    """Peak memory the device's allocator handed out, in GB (CUDA only: on the CPU it is the RSS)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"peak_device_gb": torch.cuda.max_memory_allocated(device) / 1e9}
 
 
 def child_main(payload: dict[str, Any]) -> dict[str, Any]:
@@ -434,8 +454,8 @@ def mode_benchmark(script: str, doc: str, modes: tuple[str, ...], measure: Calla
     report(args.out, rows, mode_summary(rows, modes))
 
 
-_MEDIANS = ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "infer_ms", "peak_rss_gb", "touched_rows",
-            "bytes", "floor_ms")
+_MEDIANS = ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "infer_ms", "peak_rss_gb", "peak_device_gb",
+            "touched_rows", "bytes", "floor_ms")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -447,7 +467,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "repeats": len(runs)}
     row = {k: v for k, v in runs[0].items() if k not in _MEDIANS}
     for key in _MEDIANS:
-        row[key] = statistics.median(r[key] for r in runs)
+        if key in runs[0]:  # peak_device_gb: CUDA runs only
+            row[key] = statistics.median(r[key] for r in runs)
     row["train_tok_s"] = row["tokens"] / (row["step_ms"] / 1e3)
     row["infer_tok_s"] = row["tokens"] / (row["infer_ms"] / 1e3)
     row["roofline_frac"] = row["floor_ms"] / row["step_ms"]
@@ -519,7 +540,7 @@ def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- command line ------------------------------------------------------------------------------
 
 _HEADER = (f"{'impl':>20} {'N':>10} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'train tok/s':>11} "
-           f"{'infer tok/s':>11} {'peak RSS GB':>11} {'roofline_frac':>13}  step ms over repeats")
+           f"{'infer tok/s':>11} {'peak GB':>11} {'roofline_frac':>13}  step ms over repeats")
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -529,7 +550,7 @@ def format_row(row: dict[str, Any]) -> str:
     runs = row["step_ms_runs"]
     return (f"{name:>20} {row['N']:>10,} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} "
             f"{row['opt_ms']:8.1f} {row['train_tok_s']:11.0f} {row['infer_tok_s']:11.0f} "
-            f"{row['peak_rss_gb']:11.2f} {row['roofline_frac']:13.3f}  "
+            f"{row.get('peak_device_gb', row['peak_rss_gb']):11.2f} {row['roofline_frac']:13.3f}  "
             f"{min(runs):.1f}-{max(runs):.1f} (n={row['repeats']})")
 
 
@@ -539,8 +560,16 @@ def format_ratio(r: dict[str, Any]) -> str:
 
 
 def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repeats: int,
-             key_parts: int = 2, expert_dtypes: tuple[str, ...] = ("float32",)) -> None:
+             key_parts: int = 2, expert_dtypes: tuple[str, ...] = ("float32",), device: str = "cpu") -> None:
     """User mistakes, reported before anything is measured (ValueError, one line)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: bench layer runs on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch sees no CUDA device")
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         raise ValueError(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(LAYER_IMPLS)}")
@@ -573,7 +602,7 @@ def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repe
 def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: int, topk: int,
                   key_dim: int, tokens: int, steps: int, expert_dtypes: list[str], repeats: int,
                   as_json: bool, gather_table_mb: int = 1024, force: bool = False,
-                  wait_idle_s: float = 0.0, key_parts: int = 2) -> int:
+                  wait_idle_s: float = 0.0, key_parts: int = 2, device: str = "cpu") -> int:
     """The whole ``bench layer`` run: hygiene check, hardware, alternated repeats, the table of
     medians, headline ratios. User mistakes and a busy machine raise ValueError (one line)."""
     if impls is None:  # every implementation whose package is installed (rounding ones: with bfloat16)
@@ -582,24 +611,26 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
         skipped = [i for i in wanted if i not in impls]
         if skipped:
             print(f"skipping {', '.join(skipped)} (pip install 'fractalmoe[bench]')", file=sys.stderr)
-    validate(impls, experts, topk, key_dim, repeats, key_parts, tuple(expert_dtypes))
+    validate(impls, experts, topk, key_dim, repeats, key_parts, tuple(expert_dtypes), device)
     reason = None if force else wait_until_idle(wait_idle_s)
     if reason is not None:
         raise ValueError(reason)
     say = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
-    specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, dtype, key_parts=key_parts)
+    specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, dtype, key_parts=key_parts,
+                       device=device)
              for n in experts for impl in impls for dtype in impl_dtypes(impl, expert_dtypes)]
-    peak, hw = matmul_gflops(), {}
+    peak, hw = matmul_gflops(device=device), {}
     for dtype in sorted({spec.shape().expert_dtype for spec in specs}, reverse=True):  # float32 first
-        hw[dtype] = Hardware(peak, gather_gbps(dim, dtype, gather_table_mb))
+        hw[dtype] = Hardware(peak, gather_gbps(dim, dtype, gather_table_mb, device=device))
         say(hw[dtype].describe(dim, dtype))
     rows = run_layer_bench(specs, repeats, hw, progress=lambda s: print(s, file=sys.stderr, flush=True))
     if as_json:
         for row in rows:
             print(json.dumps(row), flush=True)
     else:
-        say(f"medians of {repeats} alternated repeats, {tokens} tokens, width {dim}, "
-            f"{heads} heads x top-{topk}, {key_parts}-part keys, {steps} timed steps each")
+        say(f"medians of {repeats} alternated repeats on {device}, {tokens} tokens, width {dim}, "
+            f"{heads} heads x top-{topk}, {key_parts}-part keys, {steps} timed steps each; peak GB: "
+            + ("CUDA memory allocated" if device.startswith("cuda") else "resident set size"))
         say(_HEADER)
         for row in rows:
             say(format_row(row))

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to this long for the machine to become idle before refusing")
     bl.add_argument("--gather-table-mb", type=_positive_int, default=1024,
                     help="table size of the random-row gather that measures bandwidth")
+    bl.add_argument("--device", default="cpu",
+                    help="cpu, cuda or cuda:N (on CUDA each phase is timed after a device synchronize)")
     bl.add_argument("--json", action="store_true",
                     help="one JSON line per configuration on stdout (the rest on stderr)")
     bm = bsub.add_parser("model", help="a whole FHME language model vs number of experts")
@@ -369,7 +371,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return layer_command(args.impl, args.experts, args.dim, args.heads, args.topk, args.key_dim,
                              args.tokens, args.steps, args.expert_dtype, args.repeats, args.json,
                              args.gather_table_mb, force=args.force, wait_idle_s=args.wait_idle,
-                             key_parts=args.key_parts)
+                             key_parts=args.key_parts, device=args.device)
     if args.config:
         load_config_file(args.config)  # validate before spawning
     if not args.force:

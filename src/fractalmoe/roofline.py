@@ -42,26 +42,35 @@ RULE_NAMES = {"rowwise_adagrad": "row-wise Adagrad", "lazy_adam": "lazy Adam",
               "dense_adamw": "dense AdamW"}
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work. CUDA kernels run asynchronously: a host clock read
+    without this times the launches, not the work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], repeats: int, device: str = "cpu") -> float:
     """Fastest of ``repeats`` timed calls after one untimed call, in seconds."""
     fn()
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 GFLOP/s of an n x n matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out), repeats) / 1e9
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured fp32 GFLOP/s of an n x n matmul (on CUDA: TF32 as PyTorch's matmul precision sets it)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    return 2 * n**3 / best_time(lambda: torch.mm(a, b, out=out), repeats, device) / 1e9
 
 
 def gather_gbps(dim: int = 256, dtype: str = "float32", table_mb: int = 1024,
-                gather_mb: int = 64, repeats: int = 5, seed: int = 0) -> float:
+                gather_mb: int = 64, repeats: int = 5, seed: int = 0, device: str = "cpu") -> float:
     """Measured GB/s (bytes read + written) of ``index_select`` of random (dim,) rows.
 
     The table is filled (not left as untouched zero pages) and much larger than the caches; the
@@ -71,11 +80,11 @@ def gather_gbps(dim: int = 256, dtype: str = "float32", table_mb: int = 1024,
     row = dim * elem
     rows = max(1, table_mb * 2**20 // row)
     count = max(1, min(rows, gather_mb * 2**20 // row))
-    table = torch.full((rows, dim), 1.0, dtype=TABLE_DTYPES[dtype])
+    table = torch.full((rows, dim), 1.0, dtype=TABLE_DTYPES[dtype], device=device)
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, rows, (count,), generator=gen)
-    out = torch.empty(count, dim, dtype=table.dtype)
-    seconds = best_time(lambda: torch.index_select(table, 0, idx, out=out), repeats)
+    idx = torch.randint(0, rows, (count,), generator=gen).to(device)
+    out = torch.empty(count, dim, dtype=table.dtype, device=device)
+    seconds = best_time(lambda: torch.index_select(table, 0, idx, out=out), repeats, device)
     return 2 * count * row / seconds / 1e9
 
 
