@@ -164,6 +164,13 @@ def test_run_checkpoints_on_cuda_and_loads_on_cpu(tmp_path: Path, corpus: str) -
         torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("ffn", FFNS)
+def test_a_model_built_in_a_cuda_block_lives_on_cuda(ffn: str) -> None:
+    with torch.device("cuda"):
+        model = FHMELanguageModel(_config(ffn))
+    assert _off_device(model) == []
+
+
 @pytest.mark.parametrize("impl", ["fractalmoe", "fractalmoe-lazy-adam-fused", "peer-dense"])
 def test_bench_layer_times_on_cuda(impl: str) -> None:
     from fractalmoe.bench_layer import LayerSpec, build_impl, run_layer

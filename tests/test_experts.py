@@ -153,6 +153,23 @@ def test_any_row_range_of_a_table_is_built_alone_identically() -> None:
         assert torch.equal(init_rows(7, lo, hi, 150_000, 4, torch.float32), full[lo:hi])
 
 
+def test_tables_follow_a_device_block_like_every_other_parameter() -> None:
+    """``with torch.device("meta")`` (how large models are built before sharding) allocates no
+    table; the rows it would have held are still the seed's."""
+    from fractalmoe.config import tiny_model_config
+    from fractalmoe.model import FHMELanguageModel
+
+    with torch.device("meta"):
+        model = FHMELanguageModel(tiny_model_config(ffn="fhme"))
+    assert all(p.is_meta for p in model.parameters())
+    torch.manual_seed(3)
+    real = ExpertBank(300, 8, kind="value")
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        meta = ExpertBank(300, 8, kind="value")
+    assert meta.values.is_meta and torch.equal(meta.rows("values", 5, 30), real.values.detach()[5:30])
+
+
 def test_no_tokens_is_fine() -> None:
     """A shard may own no slot of a batch (e.g. one token during generation)."""
     x, idx, gates, down, up = _inputs(t=0)

@@ -113,6 +113,16 @@ def test_product_key_topk_small_exhaustive() -> None:
     torch.testing.assert_close(full.gather(-1, idx), scores)
 
 
+@pytest.mark.parametrize("k1,k2,k", [(16, 16, 16), (5, 16, 16), (16, 3, 16), (4, 4, 40), (1, 7, 3), (22, 22, 22)])
+def test_pairs_that_can_win_are_those_with_few_better_pairs(k1: int, k2: int, k: int) -> None:
+    from fractalmoe.routing import _pairs_that_can_win
+
+    i, j, flat = _pairs_that_can_win(k1, k2, k, torch.device("cpu"))
+    want = [(a, b) for a in range(k1) for b in range(k2) if (a + 1) * (b + 1) <= k]
+    assert list(zip(i.tolist(), j.tolist())) == want
+    assert flat.tolist() == [a * k2 + b for a, b in want]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 16, 40])
 def test_combining_only_the_pairs_that_can_win_is_the_full_grid_top_k(k: int) -> None:
     """Summing the ~k ln k pairs with (i+1)(j+1) <= k of two sorted lists gives the top k of all

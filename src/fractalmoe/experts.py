@@ -466,9 +466,11 @@ class ExpertBank(nn.Module):
         return 0 if name == "down" else 1
 
     def _table(self, which: int, dtype: torch.dtype) -> Tensor:
-        if table_device() == "meta":
+        device = torch.get_default_device()  # a ``with torch.device(...)`` block's, as for every other parameter
+        if table_device() == "meta" or device.type == "meta":
             return torch.empty(self.num_experts, self.dim, dtype=dtype, device="meta")
-        return init_rows(2 * self.seed + which, 0, self.num_experts, self.num_experts, self.dim, dtype)
+        # Drawn on the CPU (the same rows whatever the device), then moved where they live.
+        return init_rows(2 * self.seed + which, 0, self.num_experts, self.num_experts, self.dim, dtype).to(device)
 
     def tables(self) -> dict[str, nn.Parameter]:
         """Name -> (N, D) table, in a fixed order."""
