@@ -164,6 +164,27 @@ def test_run_checkpoints_on_cuda_and_loads_on_cpu(tmp_path: Path, corpus: str) -
         torch.testing.assert_close(gpu_model(x.cuda()).cpu(), cpu_model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rule", ["lazy_adam", "rowwise_adagrad"])
+def test_the_first_step_after_a_resume_does_not_sync(rule: str) -> None:
+    """Optimizer state read from a file (on the CPU) is placed beside its tables when loaded,
+    not copied to the device inside the next step."""
+    import io
+
+    model = FHMELanguageModel(_config("fhme")).cuda().train()
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, rule)
+    train_step(model, opt, x, x.roll(-1, 1), 1.0)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    resumed = ModelOptimizer(model, 1e-3, 0.05, 0.0, rule)
+    resumed.load_state_dict(torch.load(buf, map_location="cpu", weights_only=False))
+    assert not _off_device(model, resumed)
+    with cuda_sync_debug("error", "cuda"):
+        _, ok = train_step(model, resumed, x, x.roll(-1, 1), 1.0)
+    assert ok
+
+
 @pytest.mark.parametrize("ffn", FFNS)
 def test_a_model_built_in_a_cuda_block_lives_on_cuda(ffn: str) -> None:
     with torch.device("cuda"):

@@ -212,15 +212,17 @@ class RowOptimizer(torch.optim.Optimizer):
         self.stochastic_rounding = stochastic_rounding
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
-        """As torch's, but the row state stays float32: torch casts floating state to its
-        parameter's dtype, which would round the moments of a bfloat16 table to bfloat16."""
+        """As torch's, but the row state stays float32 (torch casts floating state to its
+        parameter's dtype, which would round the moments of a bfloat16 table to bfloat16), and
+        the step count moves beside its table (torch keeps it on the CPU): the first step after a
+        resume then copies nothing to the device, which would wait for it."""
         super().load_state_dict(state_dict)
         groups = state_dict["param_groups"]  # type: ignore[index]
         ids = [i for group in groups for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p in zip(ids, params):
             for key, value in state_dict["state"].get(i, {}).items():  # type: ignore[index, union-attr]
-                if torch.is_tensor(value) and value.dtype == torch.float32 and key != "step":
+                if torch.is_tensor(value) and value.dtype == torch.float32:
                     self.state[p][key] = value.to(p.device, copy=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -337,8 +339,6 @@ class LazyAdam(RowOptimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                if state["step"].device != p.device:  # a loaded state dict keeps it on the CPU
-                    state["step"] = state["step"].to(p.device)
                 step = state["step"].add_(1)
                 # 1 - beta**t as -expm1(t log beta): exact in float32 even for beta near 1
                 bias1 = torch.expm1(step * math.log(beta1)).neg_()
