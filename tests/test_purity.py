@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from fractalmoe import FHMELanguageModel, routing
@@ -23,6 +22,7 @@ from fractalmoe.optim import ModelOptimizer
 from fractalmoe.routing import Balancing
 from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
 from fractalmoe.train import train_step
+from host_syncs import HostSyncs
 
 VARIANTS = {
     "fhme": {}, "peer": dict(ffn="peer"), "pkm": dict(ffn="pkm"), "memplus": dict(ffn="memplus"),
@@ -242,74 +242,13 @@ def test_fold_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
 # --- host syncs ----------------------------------------------------------------------------------
 
 
-class HostSyncs(TorchDispatchMode):
-    """Counts what makes the host wait for a device: scalar reads (``_local_scalar_dense``: item,
-    float, int, bool), ops whose output size depends on values (nonzero, bincount, unique,
-    masked_select, boolean-mask indexing, repeat_interleave without output_size), value
-    comparisons on the host (equal, allclose), device-to-host copies, and ``tolist``/``numpy``
-    (wrapped here: on CPU they read memory without any op).
-
-    On CPU only the scalar reads, the value-dependent ops and the wrapped read-outs are
-    observable; device-to-host copies appear only with a device. The code is counted on the path a
-    device takes: top-k's numpy selection, which reads CPU tensors only (no sync there), is off."""
-
-    SIZE_FROM_VALUES = ("nonzero", "bincount", "masked_select", "equal", "allclose", "_local_scalar_dense")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: Counter = Counter()
-
-    def __enter__(self) -> HostSyncs:
-        self._select_on_host = routing._select_on_host
-        routing._select_on_host = lambda scores, k: False
-        for name in ("tolist", "numpy"):
-            original = getattr(torch.Tensor, name)
-
-            def counted(t, *a, _original=original, _name=name, **k):  # type: ignore[no-untyped-def]
-                self.found[f"Tensor.{_name}"] += 1
-                return _original(t, *a, **k)
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for name in ("tolist", "numpy"):
-            delattr(torch.Tensor, name)  # back to the C implementation
-        routing._select_on_host = self._select_on_host
-        super().__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.found.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if self._syncs(func, args, kwargs):
-            self.found[str(func)] += 1
-        return func(*args, **kwargs)
-
-    def _syncs(self, func, args, kwargs) -> bool:  # type: ignore[no-untyped-def]
-        name = func.overloadpacket.__name__
-        if name in self.SIZE_FROM_VALUES or name.startswith(("unique", "_unique")):
-            return True
-        if name in ("index", "index_put", "index_put_"):
-            return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1])
-        if name == "repeat_interleave":
-            return str(func) != "aten.repeat_interleave.self_int" and kwargs.get("output_size") is None
-        if name == "_to_copy":
-            device = kwargs.get("device")
-            return args[0].device.type != "cpu" and device is not None and torch.device(device).type == "cpu"
-        if name == "copy_":
-            return args[1].device.type != "cpu" and args[0].device.type == "cpu"
-        return False
-
-
 def test_the_sync_counter_sees_what_it_claims() -> None:
-    t = torch.arange(6.0)
+    t, two, rows = torch.arange(6.0), torch.tensor(2), torch.tensor([1, 2])
     with HostSyncs() as syncs:
-        t.sum().item(), t.nonzero(), t[t > 2], t.tolist(), bool(t.any()), t.repeat_interleave(torch.tensor(2))
-        t.repeat_interleave(2), t[torch.tensor([1, 2])]  # fixed sizes: not counted
-    assert syncs.total == 6, syncs.found
+        t.sum().item(), t.nonzero(), t[t > 2], t.tolist(), bool(t.any()), t.repeat_interleave(two)
+        torch.unique_consecutive(t, return_counts=True), torch.tensor([1.0, 2.0])
+        t.repeat_interleave(2), t[rows], torch.arange(3), torch.full((2,), 1.0)  # fixed sizes, no host data
+    assert syncs.total == 8, syncs.found
 
 
 @pytest.mark.parametrize("name", ["fhme", "fhme-route-once", "peer", "pkm", "memplus", "dense", "pkm-conv",
@@ -331,6 +270,16 @@ def test_no_host_sync_in_forward_and_one_per_training_step(name: str) -> None:
     with HostSyncs() as step:
         train_step(model, opt, x, x, 1.0)  # forward, backward, optimizer step and fold
     assert step.total <= 1, step.found
+
+
+@pytest.mark.parametrize("name", ["fhme", "fhme-3-part-keys"])
+def test_the_first_forward_of_a_process_makes_no_tensor_from_host_data(name: str) -> None:
+    """Constants the router builds once (and caches) are made on the device, not copied there."""
+    model = _model(name).eval()
+    routing._pairs_that_can_win.cache_clear()
+    with HostSyncs() as syncs, torch.no_grad():
+        model(torch.randint(0, 256, (2, 16)))
+    assert syncs.total == 0, syncs.found
 
 
 def test_moe_syncs_once_per_layer_for_its_packed_batch() -> None:
