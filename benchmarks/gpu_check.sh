@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every CUDA path in one pass, under 10 minutes on one GPU (more GPUs add a torchrun check).
+# Every CUDA path in one pass, about 8 minutes on one GPU (more GPUs add a torchrun check); the
+# steps that do not depend on each other run side by side.
 #
 #   benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter (needs CUDA PyTorch)
 #
@@ -8,15 +9,18 @@
 #  3 train      fractalmoe train --device cuda, 50 steps, evaluation every 25, adaptive depth off,
 #               every training step under torch.cuda.set_sync_debug_mode("warn"): the log lists
 #               each host-sync site once (FRACTALMOE_SYNC_DEBUG=warn)
-#  4 sync       5 more steps with FRACTALMOE_SYNC_DEBUG=error: passes only if a step has no host
-#               sync beyond the trainer's one deliberate read-back (loss + finiteness); the same
-#               for 5 steps with deferred table gradients, 5 with row SGD, 5 with the one-kernel
-#               lazy-Adam update (Triton), and 5 with three-part keys routed once
-#  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint
-#  6 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with row-wise
+#  4 sync       side by side: 5 more steps with FRACTALMOE_SYNC_DEBUG=error, passing only if a
+#               step has no host sync beyond the trainer's one deliberate read-back (loss +
+#               finiteness); the same for 5 steps with deferred table gradients, 5 with row SGD,
+#               5 with the one-kernel lazy-Adam update (Triton), 5 with bfloat16 tables rounded
+#               stochastically, and 5 with three-part keys routed once
+#  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint (side by side)
+#  6 profile    benchmarks/gpu_profile.py: device operations, device and host time per step, and the
+#               ops that take the device's time, per impl
+#  7 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with row-wise
 #               Adagrad, lazy Adam and the one-kernel lazy Adam; PEER-pytorch with SparseAdam and
-#               with AdamW where it is installed
-#  7 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
+#               with AdamW where it is installed (one JSON row per impl)
+#  8 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
 #               the 1-GPU run on 2 ranks (each reads its own rows), then eval of the 2-rank run
 #
 # Logs: benchmarks/results/gpu_check/<step>.log and summary.txt (one PASS/FAIL line per step).
@@ -30,7 +34,6 @@ mkdir -p "$OUT"
 rm -rf "$RUNS"
 mkdir -p "$RUNS"
 : > "$OUT/summary.txt"
-FAILED=0
 T0=$(date +%s)
 
 step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, record PASS/FAIL
@@ -41,7 +44,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, record PASS/
     timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
     local rc=$?
     local verdict=PASS
-    [ $rc -eq 0 ] || { verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${limit}s"))"; FAILED=1; }
+    [ $rc -eq 0 ] || verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${limit}s"))"
     echo "$name: $verdict in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt"
 }
 
@@ -67,30 +70,33 @@ echo "host-sync warnings in training steps: $(wc -l < "$OUT/sync_sites.txt") dis
     | tee -a "$OUT/summary.txt"
 
 step sync_error 120 env FRACTALMOE_SYNC_DEBUG=error \
-    $F train --device cuda --resume "$RUNS/one" --max-steps 55 --quiet --set eval_every=1000 $SMALL
+    $F train --device cuda --resume "$RUNS/one" --max-steps 55 --quiet --set eval_every=1000 $SMALL &
 step sync_error_deferred 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/deferred" --max-steps 5 --quiet --set eval_every=1000 \
-    --set expert_optim=rowwise_adagrad --set expert_lr=0.05 --set deferred_table_grads=true $SMALL
+    --set expert_optim=rowwise_adagrad --set expert_lr=0.05 --set deferred_table_grads=true $SMALL &
 step sync_error_row_sgd 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/row_sgd" --max-steps 5 --quiet --set eval_every=1000 \
-    --set expert_optim=row_sgd --set expert_lr=100 $SMALL
+    --set expert_optim=row_sgd --set expert_lr=100 $SMALL &
 step sync_error_fused 180 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/fused" --max-steps 5 --quiet --set eval_every=1000 \
-    --set fused_row_update=true --set deferred_table_grads=true $SMALL
+    --set fused_row_update=true --set deferred_table_grads=true $SMALL &
 step sync_error_bf16_sr 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/bf16_sr" --max-steps 5 --quiet --set eval_every=1000 \
-    --set expert_dtype=bfloat16 --set stochastic_rounding=true $SMALL
+    --set expert_dtype=bfloat16 --set stochastic_rounding=true $SMALL &
 step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error \
     $F train --device cuda --out "$RUNS/three_part" --max-steps 5 --quiet --set eval_every=1000 \
-    --set key_parts=3 --set key_dim=24 --set route_once=true $SMALL
+    --set key_parts=3 --set key_dim=24 --set route_once=true $SMALL &
+wait
 
-step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json
-step eval_cpu 60 $F eval --ckpt "$RUNS/one" --device cpu --json
-step generate 60 $F generate --ckpt "$RUNS/one" --device cuda --max-new-tokens 200 --prompt "ROMEO:"
+step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json &
+step eval_cpu 60 $F eval --ckpt "$RUNS/one" --device cpu --json &
+step generate 60 $F generate --ckpt "$RUNS/one" --device cuda --max-new-tokens 200 --prompt "ROMEO:" &
+wait
 
 IMPLS=fractalmoe,fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused
 if $PY -c "import PEER_pytorch" 2>/dev/null; then IMPLS=$IMPLS,peer-pytorch-sparse,peer-pytorch; fi
-step bench_layer 300 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 10 --repeats 3 --force
+step profile 120 $PY benchmarks/gpu_profile.py --impl $IMPLS --out "$OUT/profile.jsonl"
+step bench_layer 330 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 10 --repeats 3 --force --json
 
 if [ "$NGPU" -ge 2 ]; then
     TR="$PY -m torch.distributed.run --standalone --nproc_per_node=2 -m fractalmoe"
@@ -104,6 +110,7 @@ else
     echo "torchrun: SKIPPED ($NGPU GPU)" | tee -a "$OUT/summary.txt"
 fi
 
-echo "total: $(( $(date +%s) - T0 ))s, $([ $FAILED -eq 0 ] && echo 'all passed' || echo 'FAILURES above')" \
+FAILED=$(grep -c ": FAIL" "$OUT/summary.txt")
+echo "total: $(( $(date +%s) - T0 ))s, $([ "$FAILED" -eq 0 ] && echo 'all passed' || echo "$FAILED FAILED")" \
     | tee -a "$OUT/summary.txt"
-exit $FAILED
+[ "$FAILED" -eq 0 ]
