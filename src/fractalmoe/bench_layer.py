@@ -605,13 +605,14 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
                   wait_idle_s: float = 0.0, key_parts: int = 2, device: str = "cpu") -> int:
     """The whole ``bench layer`` run: hygiene check, hardware, alternated repeats, the table of
     medians, headline ratios. User mistakes and a busy machine raise ValueError (one line)."""
+    skipped: list[str] = []
     if impls is None:  # every implementation whose package is installed (rounding ones: with bfloat16)
         wanted = [i for i in LAYER_IMPLS if impl_dtypes(i, expert_dtypes)]
         impls = [i for i in wanted if impl_available(i)]
         skipped = [i for i in wanted if i not in impls]
-        if skipped:
-            print(f"skipping {', '.join(skipped)} (pip install 'fractalmoe[bench]')", file=sys.stderr)
     validate(impls, experts, topk, key_dim, repeats, key_parts, tuple(expert_dtypes), device)
+    if skipped:  # after validation: a user mistake is the only line printed
+        print(f"skipping {', '.join(skipped)} (pip install 'fractalmoe[bench]')", file=sys.stderr)
     reason = None if force else wait_until_idle(wait_idle_s)
     if reason is not None:
         raise ValueError(reason)
