@@ -17,10 +17,12 @@
 #  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint (side by side)
 #  6 profile    benchmarks/gpu_profile.py: device operations, device and host time per step, and the
 #               ops that take the device's time, per impl
-#  7 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with row-wise
+#  7 model      fractalmoe bench model --device cuda: the default model at 16,384 and 1,048,576
+#               experts per layer, 16 x 128 bytes a step
+#  8 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with row-wise
 #               Adagrad, lazy Adam and the one-kernel lazy Adam; PEER-pytorch with SparseAdam and
 #               with AdamW where it is installed (one JSON row per impl)
-#  8 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
+#  9 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
 #               the 1-GPU run on 2 ranks (each reads its own rows), then eval of the 2-rank run
 #
 # Logs: benchmarks/results/gpu_check/<step>.log and summary.txt (one PASS/FAIL line per step).
@@ -96,6 +98,7 @@ wait
 IMPLS=fractalmoe,fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused
 if $PY -c "import PEER_pytorch" 2>/dev/null; then IMPLS=$IMPLS,peer-pytorch-sparse,peer-pytorch; fi
 step profile 120 $PY benchmarks/gpu_profile.py --impl $IMPLS --out "$OUT/profile.jsonl"
+step bench_model 120 $F bench model --device cuda --experts 16384,1048576 --batch-size 16 --force --json
 step bench_layer 330 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 10 --repeats 3 --force --json
 
 if [ "$NGPU" -ge 2 ]; then

@@ -98,7 +98,7 @@ def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) ->
     for argv, words in ((["--impl", "nope"], "unknown --impl nope"), (["--experts", "60"], "perfect square"),
                         (["--repeats", "2"], "at least 3 repeats"),
                         (["--expert-dtype", "fp16"], "comma list of float32, bfloat16"),
-                        (["--device", "meta"], "bench layer runs on cpu or cuda"),
+                        (["--device", "meta"], "the benchmarks run on cpu or cuda"),
                         (["--device", "gpu0"], "is not a device")):
         assert main(["bench", "layer", *argv]) == 2
         assert words in capsys.readouterr().err
@@ -108,9 +108,18 @@ def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) ->
 def test_cli_refuses_cuda_without_a_device(capsys) -> None:
     from fractalmoe.cli import main
 
-    assert main(["bench", "layer", "--device", "cuda", "--force"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "this PyTorch sees no CUDA device" in err
+    for kind in ("layer", "model"):
+        assert main(["bench", kind, "--device", "cuda", "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "this PyTorch sees no CUDA device" in err
+
+
+def test_model_benchmark_times_the_default_model() -> None:
+    from fractalmoe.bench import ModelSpec, run_model
+
+    row = run_model(ModelSpec(4096, batch_size=2, steps=1))
+    assert row["N"] == 4096 and row["tokens"] == 2 * 128 and "peak_device_gb" not in row
+    assert row["step_ms"] == pytest.approx(row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"])
 
 
 # --- alternation, medians, ratios ------------------------------------------------------------

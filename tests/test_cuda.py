@@ -204,6 +204,13 @@ def test_bench_layer_times_on_cuda(impl: str) -> None:
     assert row["peak_device_gb"] > 0 and row["touched_rows"] > 0 and row["step_ms"] > 0
 
 
+def test_bench_model_times_on_cuda() -> None:
+    from fractalmoe.bench import ModelSpec, run_model
+
+    row = run_model(ModelSpec(4096, batch_size=2, steps=1, device="cuda"))
+    assert row["peak_device_gb"] > 0 and row["step_ms"] > 0
+
+
 def test_sync_debug_context_restores_the_mode() -> None:
     before = torch.cuda.get_sync_debug_mode()
     with cuda_sync_debug("warn", "cuda"):

@@ -24,7 +24,26 @@ from torch import nn
 
 from .host_memory import keep_freed_memory
 from .optim import ModelOptimizer, defers_table_grads
-from .roofline import best_time, matmul_gflops
+from .roofline import best_time, matmul_gflops, synchronize
+
+
+def check_device(device: str) -> None:
+    """A benchmark's --device: cpu, or cuda where this PyTorch sees one (ValueError, one line)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: the benchmarks run on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch sees no CUDA device")
+
+
+def device_peak_gb(device: str) -> dict[str, float]:
+    """Peak memory the device's allocator handed out, in GB (CUDA only: on the CPU it is the RSS)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"peak_device_gb": torch.cuda.max_memory_allocated(device) / 1e9}
 
 
 def peak_rss_gb() -> float:
@@ -49,6 +68,7 @@ class ModelSpec:
     batch_size: int = 8
     steps: int = 5
     overrides: list[str] = field(default_factory=list)  # key=value on top of the config, as --set
+    device: str = "cpu"
 
 
 def run_model(spec: ModelSpec) -> dict[str, Any]:
@@ -58,43 +78,50 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     from .stats import collect, fold_statistics
 
     torch.manual_seed(0)
-    gflops = matmul_gflops()  # the model's floor counts FLOPs only
+    device = spec.device
+    gflops = matmul_gflops(device=device)  # the model's floor counts FLOPs only
     run = (load_config_file(spec.config) if spec.config else default_run_config()).with_overrides(spec.overrides)
     cfg = run.model.replace(num_experts=spec.num_experts)
-    model = FHMELanguageModel(cfg)
+    with torch.device(device):
+        model = FHMELanguageModel(cfg)
     opt = ModelOptimizer(model, run.train.lr, run.train.expert_lr, run.train.weight_decay,
                          run.train.expert_optim,
                          deferred_table_grads=defers_table_grads(model, run.train.deferred_table_grads,
                                                                  run.train.expert_optim),
                          fused_row_update=run.train.fused_row_update,
                          stochastic_rounding=run.train.stochastic_rounding)
-    idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len))
+    idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len), device=device)
     tokens = idx.numel()
     fwd = bwd = opt_t = 0.0
+
+    def clock() -> float:  # on CUDA, after the queued work: phases are timed without overlap
+        synchronize(device)
+        return time.perf_counter()
+
     for i in range(spec.steps + 2):
         opt.zero_grad()
-        t0 = time.perf_counter()
+        t0 = clock()
         with collect(model) as stats:
             _, loss = model(idx, idx)
-            t1 = time.perf_counter()
+            t1 = clock()
             (loss + stats.aux_loss()).backward()
-        t2 = time.perf_counter()
+        t2 = clock()
         opt.step()
         fold_statistics(model, stats)
-        t3 = time.perf_counter()
+        t3 = clock()
         if i >= 2:
             fwd, bwd, opt_t = fwd + t1 - t0, bwd + t2 - t1, opt_t + t3 - t2
     fwd, bwd, opt_t = (v / spec.steps for v in (fwd, bwd, opt_t))
     model.eval()
     with torch.no_grad():
-        infer = best_time(lambda: model(idx), 3)
+        infer = best_time(lambda: model(idx), 3, device)
     step = fwd + bwd + opt_t
     floor = 3 * model.flops_per_token() * tokens / (gflops * 1e9)
     return {"impl": "fractalmoe-model", "N": spec.num_experts, "tokens": tokens,
             "layers": cfg.n_layers, "params": model.num_params(),
             "train_tok_s": tokens / step, "infer_tok_s": tokens / infer,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt_t * 1e3, "step_ms": step * 1e3,
-            "peak_rss_gb": peak_rss_gb(), "roofline_frac": floor / step,
+            "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "roofline_frac": floor / step,
             "peak_gflops": gflops}
 
 

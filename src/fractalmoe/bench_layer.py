@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .bench import peak_rss_gb, spawn
+from .bench import check_device, device_peak_gb, peak_rss_gb, spawn
 from .experts import deferred_grad, expert_mix_reference
 from .routing import key_table_sizes
 from .roofline import (RULE_NAMES, Hardware, Shape, best_time, floor_seconds, gather_gbps, matmul_gflops,
@@ -284,17 +284,10 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
             "expert_dtype": shape.expert_dtype,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt * 1e3, "step_ms": step * 1e3,
             "infer_ms": infer * 1e3, "train_tok_s": spec.tokens / step, "infer_tok_s": spec.tokens / infer,
-            "peak_rss_gb": peak_rss_gb(), **_device_peak(device), "touched_rows": touched,
+            "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "touched_rows": touched,
             "table_gb": info.tables * shape.num_experts * shape.dim * shape.elem / 1e9,
             "flops": flops, "bytes": nbytes.total, "floor_ms": floor * 1e3, "roofline_frac": floor / step,
             "peak_gflops": hw.gflops, "bandwidth_gbps": hw.gbps}
-
-
-def _device_peak(device: str) -> dict[str, float]:
-    """Peak memory the device's allocator handed out, in GB (CUDA only: on the CPU it is the RSS)."""
-    if torch.device(device).type != "cuda":
-        return {}
-    return {"peak_device_gb": torch.cuda.max_memory_allocated(device) / 1e9}
 
 
 def child_main(payload: dict[str, Any]) -> dict[str, Any]:
@@ -562,14 +555,7 @@ def format_ratio(r: dict[str, Any]) -> str:
 def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repeats: int,
              key_parts: int = 2, expert_dtypes: tuple[str, ...] = ("float32",), device: str = "cpu") -> None:
     """User mistakes, reported before anything is measured (ValueError, one line)."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: bench layer runs on cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this PyTorch sees no CUDA device")
+    check_device(device)
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         raise ValueError(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(LAYER_IMPLS)}")

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to this long for the machine to become idle before refusing")
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
+    bm.add_argument("--device", default="cpu",
+                    help="cpu, cuda or cuda:N (on CUDA each phase is timed after a device synchronize)")
     bm.add_argument("--json", action="store_true")
     ft = sub.add_parser("finetune", help="train adapters (FHME, LoRA) or all weights on new text; "
                         "reports bpb on the new and the base domain, before and after")
@@ -361,7 +363,7 @@ def _bench_adaptive(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import spawn
+    from .bench import check_device, spawn
 
     if args.bench == "adaptive":
         return _bench_adaptive(args)
@@ -374,6 +376,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              key_parts=args.key_parts, device=args.device)
     if args.config:
         load_config_file(args.config)  # validate before spawning
+    check_device(args.device)
     if not args.force:
         from .bench_layer import wait_until_idle
 
@@ -381,7 +384,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if reason is not None:
             raise UserError(reason)
     specs = [("model", dict(num_experts=n, config=args.config, batch_size=args.batch_size,
-                            steps=args.steps)) for n in args.experts]
+                            steps=args.steps, device=args.device)) for n in args.experts]
     rows = []
     for kind, spec in specs:
         row = spawn(kind, spec)
