@@ -15,13 +15,14 @@ class HostSyncs(TorchDispatchMode):
     """Counts what makes the host wait for a device: scalar reads (``_local_scalar_dense``: item,
     float, int, bool), ops whose output size depends on values (nonzero, bincount, unique,
     masked_select, boolean-mask indexing, repeat_interleave without output_size), value
-    comparisons on the host (equal, allclose), device-to-host copies, tensors made from host data
-    (``lift_fresh``: ``torch.tensor(...)``, a blocking host-to-device copy on a device), and
-    ``tolist``/``numpy`` (wrapped here: on CPU they read memory without any op).
+    comparisons on the host (equal, allclose), copies between the host and a device (blocking
+    either way), tensors made from host data (``lift_fresh``: ``torch.tensor(...)``, a blocking
+    host-to-device copy on a device), and ``tolist``/``numpy`` (wrapped here: on CPU they read
+    memory without any op).
 
-    On CPU only these are observable; device-to-host copies appear only with a device. The code is
-    counted on the path a device takes: top-k's numpy selection, which reads CPU tensors only (no
-    sync there), is off."""
+    Copies between the host and a device appear only with a device: the meta device stands in
+    for one on a CPU machine (``test_device.py``). The code is counted on the path a device takes:
+    top-k's numpy selection, which reads CPU tensors only (no sync there), is off."""
 
     SIZE_FROM_VALUES = ("nonzero", "bincount", "masked_select", "equal", "allclose", "is_nonzero",
                         "_local_scalar_dense", "lift_fresh")
@@ -67,9 +68,9 @@ class HostSyncs(TorchDispatchMode):
             return any(isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1])
         if name == "repeat_interleave":
             return str(func) != "aten.repeat_interleave.self_int" and kwargs.get("output_size") is None
-        if name == "_to_copy":
+        if name == "_to_copy":  # between the host and a device, either way
             device = kwargs.get("device")
-            return args[0].device.type != "cpu" and device is not None and torch.device(device).type == "cpu"
+            return device is not None and (torch.device(device).type == "cpu") != (args[0].device.type == "cpu")
         if name == "copy_":
-            return args[1].device.type != "cpu" and args[0].device.type == "cpu"
+            return (args[0].device.type == "cpu") != (args[1].device.type == "cpu")
         return False

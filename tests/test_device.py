@@ -1,0 +1,80 @@
+"""Device discipline, checked on a CPU machine: the meta device stands in for an accelerator.
+
+A training step on meta tensors runs every op of the forward, the backward and the row-sparse
+optimizer step without data, so a tensor that a module creates on the CPU and mixes into the
+step fails, and a copy between the host and the device shows in ``HostSyncs``: on a GPU it would
+be a host sync (or a device mismatch). The dense AdamW is torch's own (its fused kernel has no
+meta version); the MoE baseline and adaptive depth read sizes on the host by design
+(``test_purity.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from host_syncs import HostSyncs
+
+from fractalmoe.config import tiny_model_config
+from fractalmoe.model import FHMELanguageModel
+from fractalmoe.optim import LazyAdam, ModelOptimizer, RowwiseAdagrad, RowOptimizer
+from fractalmoe.stats import collect, fold_statistics
+
+MODELS = {"fhme": {}, "fhme-3-part-keys": dict(key_parts=3, key_dim=24, route_once=True),
+          "pkm": dict(ffn="pkm"), "peer": dict(ffn="peer"), "memplus": dict(ffn="memplus"),
+          "dense": dict(ffn="dense")}
+
+
+def _off_meta(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> list[str]:
+    bad = [f"param {n}" for n, p in model.named_parameters() if not p.is_meta]
+    bad += [f"grad {n}" for n, p in model.named_parameters() if p.grad is not None and not p.grad.is_meta]
+    bad += [f"buffer {n}" for n, b in model.named_buffers() if not b.is_meta]
+    if opt is not None:
+        bad += [f"state {k} {tuple(p.shape)}" for p, st in opt.state.items() for k, v in st.items()
+                if isinstance(v, torch.Tensor) and not v.is_meta]
+    return bad
+
+
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam", "rowwise_adagrad+deferred", "row_sgd"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_training_step_stays_on_its_device(name: str, rule: str) -> None:
+    expert_optim, _, deferred = rule.partition("+")
+    with torch.device("meta"):
+        model = FHMELanguageModel(tiny_model_config(**MODELS[name])).train()
+        x = torch.randint(0, 256, (2, 16))
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, expert_optim, deferred_table_grads=bool(deferred))
+    for _ in range(2):  # the first step creates the optimizer state
+        with HostSyncs() as syncs:
+            with collect(model) as stats:
+                _, loss = model(x, x)
+                (loss + stats.aux_loss()).backward()
+            if opt.sparse is not None:
+                opt.sparse.step()
+            fold_statistics(model, stats)
+        assert syncs.total == 0, syncs.found
+        assert loss.is_meta and _off_meta(model, opt.sparse) == []
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("rule", [RowwiseAdagrad, LazyAdam])
+def test_a_resumed_row_optimizer_copies_nothing_to_the_device_in_its_step(rule: type[RowOptimizer]) -> None:
+    """State read from a file is on the host: loading places it beside the table, so the first
+    step after a resume makes no copy (on a GPU, one that waits for the device)."""
+    from fractalmoe.experts import value_mix
+
+    def step(opt: RowOptimizer) -> None:
+        value_mix(idx, torch.ones(4, 3, device="meta"), table).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    table = torch.nn.Parameter(torch.empty(64, 8, device="meta"))
+    idx = torch.randint(0, 64, (4, 3), device="meta")
+    opt = rule([table])
+    step(opt)
+    saved = opt.state_dict()
+    saved["state"] = {i: {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in st.items()}  # as read: on the host
+                      for i, st in saved["state"].items()}
+    resumed = rule([table])
+    resumed.load_state_dict(saved)
+    with HostSyncs() as syncs:
+        step(resumed)
+    assert syncs.total == 0, syncs.found
+    assert all(v.is_meta for v in resumed.state[table].values())
