@@ -52,6 +52,26 @@ def test_a_training_step_stays_on_its_device(name: str, rule: str) -> None:
         assert syncs.total == 0, syncs.found
         assert loss.is_meta and _off_meta(model, opt.sparse) == []
         opt.zero_grad()
+    model.eval()
+    with HostSyncs() as syncs, torch.no_grad():
+        assert model(x).is_meta
+    assert syncs.total == 0, syncs.found
+
+
+@pytest.mark.parametrize("output_gate", [False, True])
+def test_adapters_added_to_a_model_on_a_device_train_there(output_gate: bool) -> None:
+    from fractalmoe.adapters import add_fhme_adapters
+
+    with torch.device("meta"):
+        model = FHMELanguageModel(tiny_model_config(ffn="dense")).train()
+        x = torch.randint(0, 256, (2, 16))
+    add_fhme_adapters(model, num_experts=256, output_gate=output_gate)  # built outside the device block
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, "lazy_adam")
+    with HostSyncs() as syncs:
+        _, loss = model(x, x)
+        loss.backward()
+        opt.sparse.step()
+    assert syncs.total == 0 and loss.is_meta and _off_meta(model, opt.sparse) == [], syncs.found
 
 
 @pytest.mark.parametrize("rule", [RowwiseAdagrad, LazyAdam])

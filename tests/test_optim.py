@@ -440,3 +440,24 @@ def test_a_non_finite_deferred_gradient_is_flagged() -> None:
     opt.zero_grad()
     bank(x, torch.randint(0, N, (4, 3)), torch.rand(4, 3)).sum().backward()
     assert bool(opt.finite_flag())
+
+
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_tables_are_found_however_the_model_was_materialised(how: str) -> None:
+    """Built on the meta device and materialised as large models are (``to_empty``, or
+    ``load_state_dict(..., assign=True)``), the model's parameters are new tensors: the optimizer
+    still gives its tables the row rule."""
+    from fractalmoe.config import tiny_model_config
+    from fractalmoe.model import FHMELanguageModel
+
+    real = FHMELanguageModel(tiny_model_config(ffn="fhme"))
+    with torch.device("meta"):
+        model = FHMELanguageModel(tiny_model_config(ffn="fhme"))
+    if how == "to_empty":
+        model.to_empty(device="cpu")
+    else:
+        model.load_state_dict(real.state_dict(), assign=True)
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, "lazy_adam")
+    banks = [m.fractal.bank for m in model.fhme_layers()]
+    assert [id(t) for t in opt.tables] == [id(t) for b in banks for t in b.tables().values()]
+    assert not any(id(t) in {id(p) for p in opt.dense_params} for t in opt.tables)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig, RunConfig
 from .data import ByteDataset
+from .experts import expert_tables
 
 FORMAT = "fractalmoe-checkpoint-v1"
 CKPT_DIR = "checkpoints"
@@ -264,6 +265,7 @@ def load_model_checkpoint(model: nn.Module, ckpt: Path, rows: RowRanges | None =
     nothing table-sized is materialised beside the model's own tensors."""
     rows = rows or {}
     entries = _model_entries(model, keep_vars=True)
+    table_ids = {id(t) for t in expert_tables(model)}
     expected = {k: ((rows[k][2], *v.shape[1:]) if k in rows else tuple(v.shape))
                 for k, v in entries.items()}
     with open_model_files(ckpt) as files:
@@ -271,7 +273,7 @@ def load_model_checkpoint(model: nn.Module, ckpt: Path, rows: RowRanges | None =
         rest: dict[str, Tensor] = {}
         with torch.no_grad():
             for name, dst in entries.items():
-                if not (isinstance(dst, nn.Parameter) and getattr(dst, "expert_table", False)):
+                if id(dst) not in table_ids:
                     rest[name] = files.read(name)
                     continue
                 lo, hi = rows[name][:2] if name in rows else (0, dst.shape[0])

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
-from .experts import ExpertBank, expert_mix, mark_expert_table, value_mix
+from .experts import ExpertBank, TableBank, expert_mix, value_mix
 from .fhme import FHME
 
 
@@ -89,7 +89,7 @@ def shard_range(num_rows: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (rank < extra)
 
 
-class ShardedExpertBank(nn.Module):
+class ShardedExpertBank(TableBank):
     """Rows [lo, hi) of an expert bank on this rank; same interface as ``ExpertBank``. A forward
     is a collective: every rank calls it, with the same number of tokens."""
 
@@ -97,20 +97,16 @@ class ShardedExpertBank(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.act = bank.num_experts, bank.dim, bank.act
         self.kind = bank.kind
-        self.table_names: tuple[str, ...] = tuple(bank.table_names)
+        self.table_names = tuple(bank.table_names)
         self.world = ctx.world
         self.lo, self.hi = shard_range(bank.num_experts, ctx.rank, ctx.world)
         for name in self.table_names:  # only this rank's rows are ever built (from the bank's seed)
-            p = mark_expert_table(nn.Parameter(bank.rows(name, self.lo, self.hi)))
+            p = nn.Parameter(bank.rows(name, self.lo, self.hi))
             # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
             # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P
             # (applied where the mixes form them, so deferred gradients get it too).
             p.row_grad_scale = 1.0 / self.world  # type: ignore[attr-defined]
             setattr(self, name, p)
-
-    def tables(self) -> dict[str, nn.Parameter]:
-        """Name -> (hi - lo, D) shard, in the bank's order."""
-        return {name: getattr(self, name) for name in self.table_names}
 
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         dim, num_m = x.shape[-1], idx.shape[-1]

@@ -373,16 +373,6 @@ def expert_mix_reference(x: Tensor, idx: Tensor, gates: Tensor, down: Tensor, up
     return torch.einsum("...m,...md->...d", _activate(a, act) * gates, up[idx])
 
 
-def mark_expert_table(p: nn.Parameter) -> nn.Parameter:
-    """Tag a parameter whose gradients are row-sparse, for the row-sparse optimizer."""
-    p.expert_table = True  # type: ignore[attr-defined]
-    return p
-
-
-def is_expert_table(p: Tensor) -> bool:
-    return bool(getattr(p, "expert_table", False))
-
-
 def set_grad_layout(p: Tensor, layout: str) -> None:
     """Choose the layout of a table's gradients (``GRAD_LAYOUTS``): row-sparse (the default, for
     the row-sparse optimisers), dense (for a dense optimiser) or deferred (formed by the row
@@ -440,7 +430,30 @@ def init_rows(seed: int, lo: int, hi: int, num_rows: int, dim: int, dtype: torch
     return out
 
 
-class ExpertBank(nn.Module):
+class TableBank(nn.Module):
+    """A module holding expert tables (row-sparse gradients, row-sparse optimizer) as the
+    parameters named in ``table_names``."""
+
+    table_names: tuple[str, ...]
+
+    def tables(self) -> dict[str, nn.Parameter]:
+        """Name -> table, in a fixed order."""
+        return {name: getattr(self, name) for name in self.table_names}
+
+
+def expert_tables(model: nn.Module) -> list[nn.Parameter]:
+    """Every expert table of a model, each once, found through the banks that hold them rather
+    than through a mark on the tensor: a parameter replaced by ``to_empty``,
+    ``load_state_dict(..., assign=True)`` or a move to another kind of device is still found."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, TableBank):
+            for table in module.tables().values():
+                found.setdefault(id(table), table)
+    return list(found.values())
+
+
+class ExpertBank(TableBank):
     """The (N, D) tables of one layer's experts, shared by every routed block that reads them.
 
     ``kind`` "neuron" keeps ``down`` and ``up``; "value" and "gated" keep ``values`` (the gated
@@ -457,8 +470,8 @@ class ExpertBank(nn.Module):
         self.seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
         names = ("down", "up") if kind == "neuron" else ("values",)
         for name in names:
-            setattr(self, name, mark_expert_table(nn.Parameter(self._table(self._stream(name), dtype))))
-        self.table_names: tuple[str, ...] = names
+            setattr(self, name, nn.Parameter(self._table(self._stream(name), dtype)))
+        self.table_names = names
 
     @staticmethod
     def _stream(name: str) -> int:
@@ -471,10 +484,6 @@ class ExpertBank(nn.Module):
             return torch.empty(self.num_experts, self.dim, dtype=dtype, device="meta")
         # Drawn on the CPU (the same rows whatever the device), then moved where they live.
         return init_rows(2 * self.seed + which, 0, self.num_experts, self.num_experts, self.dim, dtype).to(device)
-
-    def tables(self) -> dict[str, nn.Parameter]:
-        """Name -> (N, D) table, in a fixed order."""
-        return {name: getattr(self, name) for name in self.table_names}
 
     def rows(self, name: str, lo: int, hi: int) -> Tensor:
         """A copy of rows [lo, hi) of table ``name``, built from the seed if the tables were never

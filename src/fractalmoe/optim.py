@@ -58,7 +58,7 @@ from .experts import (
     chunk_slots,
     clear_deferred_grad,
     deferred_grad,
-    is_expert_table,
+    expert_tables,
     scratch,
     scratch_cast,
     set_grad_layout,
@@ -375,12 +375,13 @@ class LazyAdam(RowOptimizer):
 def split_parameters(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """(expert tables, dense weights that decay, dense params that do not: norms, biases)."""
     tables, decay, no_decay = [], [], []
+    table_ids = {id(t) for t in expert_tables(model)}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if is_expert_table(p):
+        if id(p) in table_ids:
             tables.append(p)
         elif p.dim() >= 2:
             decay.append(p)
