@@ -101,12 +101,11 @@ class ShardedExpertBank(TableBank):
         self.world = ctx.world
         self.lo, self.hi = shard_range(bank.num_experts, ctx.rank, ctx.world)
         for name in self.table_names:  # only this rank's rows are ever built (from the bank's seed)
-            p = nn.Parameter(bank.rows(name, self.lo, self.hi))
-            # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
-            # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P
-            # (applied where the mixes form them, so deferred gradients get it too).
-            p.row_grad_scale = 1.0 / self.world  # type: ignore[attr-defined]
-            setattr(self, name, p)
+            setattr(self, name, nn.Parameter(bank.rows(name, self.lo, self.hi)))
+        # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
+        # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P
+        # (applied where the mixes form them, so deferred gradients get it too).
+        self.row_grad_scale = 1.0 / self.world
 
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         dim, num_m = x.shape[-1], idx.shape[-1]
@@ -123,9 +122,10 @@ class ShardedExpertBank(TableBank):
         gate_all = torch.where(owned, gate_all, 0.0)
         if neuron:  # e_i(x) = act(u_i . x) v_i needs every rank's tokens
             x_all = torch.cat(dist_nn.all_gather(x_TD.contiguous()))  # (P*T, D)
-            y_all = expert_mix(x_all, local, gate_all, self.down, self.up, self.act)
+            y_all = expert_mix(x_all, local, gate_all, self.down, self.up, self.act,
+                               grad_scale=self.row_grad_scale)
         else:  # e_i = v_i
-            y_all = value_mix(local, gate_all.to(x.dtype), self.values)
+            y_all = value_mix(local, gate_all.to(x.dtype), self.values, grad_scale=self.row_grad_scale)
         out = dist_nn.reduce_scatter(torch.empty_like(x_TD), list(y_all.to(x.dtype).chunk(self.world)))
         return out.view(x.shape)
 

@@ -264,17 +264,16 @@ class DeferredRowGrad:
 class TableGrads:
     """The gradients of the tables one mix read, in the mix's layout: a row-sparse or dense
     tensor from the slots sorted once (``RowScatter``), or nothing returned and the ingredients
-    added to the table's ``DeferredRowGrad``. A table's ``row_grad_scale`` attribute, if set,
-    scales its gradient (the per-slot weights) in every layout."""
+    added to the table's ``DeferredRowGrad``. ``scale`` multiplies the gradients (the per-slot
+    weights) in every layout: a sharded bank's 1 / ranks."""
 
-    def __init__(self, idx_TM: Tensor, layout: str) -> None:
-        self.idx_TM, self.layout = idx_TM, layout
+    def __init__(self, idx_TM: Tensor, layout: str, scale: float = 1.0) -> None:
+        self.idx_TM, self.layout, self.scale = idx_TM, layout, scale
         self._scatter: RowScatter | None = None
 
     def __call__(self, table: Tensor, w_TM: Tensor, z_TD: Tensor) -> Tensor | None:
-        scale = getattr(table, "row_grad_scale", 1.0)  # a sharded bank's 1 / ranks
-        if scale != 1.0:
-            w_TM = w_TM * scale
+        if self.scale != 1.0:
+            w_TM = w_TM * self.scale
         if self.layout == "deferred":
             grad = deferred_grad(table)
             if grad is None:
@@ -292,14 +291,14 @@ class _ExpertMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD: Tensor, idx_TM: Tensor, gate_TM: Tensor, down_ND: Tensor,
-                up_ND: Tensor, act: str, layout: str) -> Tensor:
+                up_ND: Tensor, act: str, layout: str, grad_scale: float) -> Tensor:
         a_TM = _dots(down_ND, idx_TM, x_TD)
         h_TM = _activate(a_TM, act) * gate_TM
         # embedding_bag sums weighted rows of `up` without materialising the (T, M, D) gather.
         y_TD = F.embedding_bag(idx_TM, up_ND, per_sample_weights=h_TM.to(up_ND.dtype),
                                mode="sum").to(x_TD.dtype)
         ctx.save_for_backward(x_TD, idx_TM, gate_TM, a_TM, down_ND, up_ND)
-        ctx.act, ctx.layout = act, layout
+        ctx.act, ctx.layout, ctx.grad_scale = act, layout, grad_scale
         ctx.tables = (down_ND, up_ND)  # the parameters themselves: a deferred gradient lands on them
         return y_TD
 
@@ -314,23 +313,24 @@ class _ExpertMix(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dL/dx_t = sum_m da_tm u_{i_tm}
             g_x = F.embedding_bag(idx_TM, down_ND, per_sample_weights=ga_TM.to(down_ND.dtype),
                                   mode="sum").to(x_TD.dtype)
-        grads = TableGrads(idx_TM, ctx.layout)
+        grads = TableGrads(idx_TM, ctx.layout, ctx.grad_scale)
         if ctx.needs_input_grad[3]:  # dL/du_i = sum over slots routed to i of da * x
             g_down = grads(ctx.tables[0], ga_TM, x_TD)
         if ctx.needs_input_grad[4]:  # dL/dv_i = sum over slots routed to i of h * dy
             g_up = grads(ctx.tables[1], act_TM * gate_TM, gy_TD)
-        return g_x, None, g_gate, g_down, g_up, None, None
+        return g_x, None, g_gate, g_down, g_up, None, None, None
 
 
 class _ValueMix(torch.autograd.Function):
     """y_t = sum_m g_tm * v_{i_tm}, with a sparse value gradient."""
 
     @staticmethod
-    def forward(ctx, idx_TM: Tensor, gate_TM: Tensor, values_ND: Tensor, layout: str) -> Tensor:
+    def forward(ctx, idx_TM: Tensor, gate_TM: Tensor, values_ND: Tensor, layout: str,
+                grad_scale: float) -> Tensor:
         y_TD = F.embedding_bag(idx_TM, values_ND, per_sample_weights=gate_TM.to(values_ND.dtype),
                                mode="sum").to(gate_TM.dtype)
         ctx.save_for_backward(idx_TM, gate_TM, values_ND)
-        ctx.layout, ctx.table = layout, values_ND
+        ctx.layout, ctx.table, ctx.grad_scale = layout, values_ND, grad_scale
         return y_TD
 
     @staticmethod
@@ -339,30 +339,33 @@ class _ValueMix(torch.autograd.Function):
         g_gate = _dots(values_ND, idx_TM, gy_TD) if ctx.needs_input_grad[1] else None  # v . dy
         g_values = None
         if ctx.needs_input_grad[2]:  # dL/dv_i = sum over slots routed to i of g * dy
-            g_values = TableGrads(idx_TM, ctx.layout)(ctx.table, gate_TM, gy_TD)
-        return None, g_gate, g_values, None
+            g_values = TableGrads(idx_TM, ctx.layout, ctx.grad_scale)(ctx.table, gate_TM, gy_TD)
+        return None, g_gate, g_values, None, None
 
 
-def value_mix(idx: Tensor, gates: Tensor, values: Tensor, layout: str | None = None) -> Tensor:
+def value_mix(idx: Tensor, gates: Tensor, values: Tensor, layout: str | None = None,
+              grad_scale: float = 1.0) -> Tensor:
     """Gated sum of routed value rows (PKM). idx, gates: (..., M) -> (..., D).
 
-    The value gradient takes ``layout`` (default: the table's own, ``grad_layout``)."""
+    The value gradient takes ``layout`` (default: the table's own, ``grad_layout``) and is
+    multiplied by ``grad_scale``."""
     lead = idx.shape[:-1]
     y = _ValueMix.apply(idx.reshape(-1, idx.shape[-1]), gates.reshape(-1, gates.shape[-1]),
-                        values, layout or grad_layout(values))
+                        values, layout or grad_layout(values), grad_scale)
     return y.view(*lead, values.shape[1])
 
 
 def expert_mix(x: Tensor, idx: Tensor, gates: Tensor, down: Tensor, up: Tensor,
-               act: str = "gelu", layout: str | None = None) -> Tensor:
+               act: str = "gelu", layout: str | None = None, grad_scale: float = 1.0) -> Tensor:
     """Fused gather + weighted sum over routed experts. x: (..., D); idx, gates: (..., M).
 
     Table gradients take ``layout`` (see the module docstring; default: the tables' own,
-    ``grad_layout``).
+    ``grad_layout``) and are multiplied by ``grad_scale``.
     """
     lead = x.shape[:-1]
     y = _ExpertMix.apply(x.reshape(-1, x.shape[-1]), idx.reshape(-1, idx.shape[-1]),
-                         gates.reshape(-1, gates.shape[-1]), down, up, act, layout or grad_layout(down))
+                         gates.reshape(-1, gates.shape[-1]), down, up, act, layout or grad_layout(down),
+                         grad_scale)
     return y.view(*lead, x.shape[-1])
 
 
