@@ -58,6 +58,36 @@ def test_a_training_step_stays_on_its_device(name: str, rule: str) -> None:
     assert syncs.total == 0, syncs.found
 
 
+VARIANTS = {"adaptive-masked": dict(adaptive_depth=True, fractal_depth=3, depth_target=0.5),
+            "adaptive-threshold-masked": dict(adaptive_depth=True, fractal_depth=3, depth_target=0.5,
+                                              depth_rule="threshold"),
+            "balance-rate": dict(balance_rate=0.01), "balance-loss": dict(balance_loss=0.01),
+            "running-norm": dict(query_norm="running"), "whitened": dict(query_norm="whiten"),
+            "shared-bank": dict(share_bank=True), "neuron": dict(block="neuron"), "gated": dict(block="gated"),
+            "drop-path": dict(drop_path_local=0.1, drop_path_global=0.1), "bf16": dict(expert_dtype="bfloat16"),
+            "untied": dict(tie_blocks=False)}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_fhme_variant_trains_on_its_device(name: str) -> None:
+    """Adaptive depth on its masked path: compaction reads stage sizes on the host by design."""
+    with torch.device("meta"):
+        model = FHMELanguageModel(tiny_model_config(**VARIANTS[name])).train()
+        x = torch.randint(0, 256, (2, 16))
+    for layer in model.fhme_layers():
+        layer.compact = False
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, "lazy_adam")
+    for _ in range(2):
+        with HostSyncs() as syncs:
+            with collect(model) as stats:
+                _, loss = model(x, x)
+                (loss + stats.aux_loss()).backward()
+            opt.sparse.step()
+            fold_statistics(model, stats)
+        assert syncs.total == 0 and _off_meta(model, opt.sparse) == [], syncs.found
+        opt.zero_grad()
+
+
 @pytest.mark.parametrize("output_gate", [False, True])
 def test_adapters_added_to_a_model_on_a_device_train_there(output_gate: bool) -> None:
     from fractalmoe.adapters import add_fhme_adapters
