@@ -30,13 +30,15 @@ from .roofline import best_time, matmul_gflops, synchronize
 def check_device(device: str) -> None:
     """A benchmark's --device: cpu, or cuda where this PyTorch sees one (ValueError, one line)."""
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
-    if kind not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: the benchmarks run on cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this PyTorch sees no CUDA device")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def device_peak_gb(device: str) -> dict[str, float]:
