@@ -204,6 +204,14 @@ def test_bench_layer_times_on_cuda(impl: str) -> None:
     assert row["peak_device_gb"] > 0 and row["touched_rows"] > 0 and row["step_ms"] > 0
 
 
+def test_benchmarks_refuse_a_cuda_device_this_machine_lacks() -> None:
+    from fractalmoe.bench import check_device
+
+    check_device("cuda:0")
+    with pytest.raises(ValueError, match="CUDA device"):
+        check_device(f"cuda:{torch.cuda.device_count()}")
+
+
 def test_bench_model_times_on_cuda() -> None:
     from fractalmoe.bench import ModelSpec, run_model
 
