@@ -25,6 +25,7 @@
 #  9 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
 #               the 1-GPU run on 2 ranks (each reads its own rows), then eval of the 2-rank run
 #
+# Side by side, the GPU-bound training steps take 2 CPU threads each (OMP_NUM_THREADS=2).
 # Logs: benchmarks/results/gpu_check/<step>.log and summary.txt (one PASS/FAIL line per step).
 # Timings from this script are smoke numbers (a busy machine, --force), not results.
 set -u
@@ -71,27 +72,27 @@ grep -i "synchroniz" "$OUT/train.log" | sort | uniq -c | sort -rn > "$OUT/sync_s
 echo "host-sync warnings in training steps: $(wc -l < "$OUT/sync_sites.txt") distinct lines (sync_sites.txt)" \
     | tee -a "$OUT/summary.txt"
 
-step sync_error 120 env FRACTALMOE_SYNC_DEBUG=error \
+step sync_error 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --resume "$RUNS/one" --max-steps 55 --quiet --set eval_every=1000 $SMALL &
-step sync_error_deferred 120 env FRACTALMOE_SYNC_DEBUG=error \
+step sync_error_deferred 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --out "$RUNS/deferred" --max-steps 5 --quiet --set eval_every=1000 \
     --set expert_optim=rowwise_adagrad --set expert_lr=0.05 --set deferred_table_grads=true $SMALL &
-step sync_error_row_sgd 120 env FRACTALMOE_SYNC_DEBUG=error \
+step sync_error_row_sgd 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --out "$RUNS/row_sgd" --max-steps 5 --quiet --set eval_every=1000 \
     --set expert_optim=row_sgd --set expert_lr=100 $SMALL &
-step sync_error_fused 180 env FRACTALMOE_SYNC_DEBUG=error \
+step sync_error_fused 180 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --out "$RUNS/fused" --max-steps 5 --quiet --set eval_every=1000 \
     --set fused_row_update=true --set deferred_table_grads=true $SMALL &
-step sync_error_bf16_sr 120 env FRACTALMOE_SYNC_DEBUG=error \
+step sync_error_bf16_sr 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --out "$RUNS/bf16_sr" --max-steps 5 --quiet --set eval_every=1000 \
     --set expert_dtype=bfloat16 --set stochastic_rounding=true $SMALL &
-step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error \
+step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --out "$RUNS/three_part" --max-steps 5 --quiet --set eval_every=1000 \
     --set key_parts=3 --set key_dim=24 --set route_once=true $SMALL &
 wait
 
 step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json &
-step eval_cpu 60 $F eval --ckpt "$RUNS/one" --device cpu --json &
+step eval_cpu 120 $F eval --ckpt "$RUNS/one" --device cpu --json &
 step generate 60 $F generate --ckpt "$RUNS/one" --device cuda --max-new-tokens 200 --prompt "ROMEO:" &
 wait
 
