@@ -251,3 +251,8 @@ for k in fhme lora full; do
   $F finetune --base runs/default --data $STD --adapter $k --out runs/ft_$k --max-steps 150 --quiet > $R/finetune_$k.log 2>&1
 done
 .venv/bin/python benchmarks/make_tables.py
+
+# On a GPU (not this machine): every CUDA path, host syncs under the sync debug mode, the layer and
+# model benchmarks with --device cuda, a profile of the layer's GPU step -> benchmarks/results/gpu_check/
+# (the committed logs are from one H200, PyTorch 2.11, run as PYTHON=python3 PYTHONPATH=src)
+# bash benchmarks/gpu_check.sh
