@@ -19,9 +19,9 @@
 #               ops that take the device's time, per impl
 #  7 model      fractalmoe bench model --device cuda: the default model at 16,384 and 1,048,576
 #               experts per layer, 16 x 128 bytes a step
-#  8 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with row-wise
-#               Adagrad, lazy Adam and the one-kernel lazy Adam; PEER-pytorch with SparseAdam and
-#               with AdamW where it is installed (one JSON row per impl)
+#  8 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with lazy Adam
+#               (the default rule), eager and one-kernel; PEER-pytorch with SparseAdam and with
+#               AdamW where it is installed (one JSON row per impl; the profile adds row-wise Adagrad)
 #  9 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
 #               the 1-GPU run on 2 ranks (each reads its own rows), then eval of the 2-rank run
 #
@@ -96,9 +96,9 @@ step eval_cpu 120 $F eval --ckpt "$RUNS/one" --device cpu --json &
 step generate 60 $F generate --ckpt "$RUNS/one" --device cuda --max-new-tokens 200 --prompt "ROMEO:" &
 wait
 
-IMPLS=fractalmoe,fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused
+IMPLS=fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused  # the default rule, eager and one-kernel
 if $PY -c "import PEER_pytorch" 2>/dev/null; then IMPLS=$IMPLS,peer-pytorch-sparse,peer-pytorch; fi
-step profile 120 $PY benchmarks/gpu_profile.py --impl $IMPLS --out "$OUT/profile.jsonl"
+step profile 120 $PY benchmarks/gpu_profile.py --impl fractalmoe,$IMPLS --out "$OUT/profile.jsonl"
 step bench_model 120 $F bench model --device cuda --experts 16384,1048576 --batch-size 16 --force --json
 step bench_layer 330 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 10 --repeats 3 --force --json
 
