@@ -136,6 +136,10 @@ def test_export_hf_round_trip_gives_identical_logits(tmp_path: Path, capsys) -> 
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=0)
     assert hf.model.head.weight is hf.model.embed.weight  # stored once, tied back on load
+    from fractalmoe.optim import split_parameters
+
+    tables = split_parameters(hf)[0]  # however transformers materialised them, the row rule finds them
+    assert len(tables) == len(split_parameters(ours)[0]) > 0
 
 
 def _unique_bytes(model: torch.nn.Module) -> int:
