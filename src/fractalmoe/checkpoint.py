@@ -96,9 +96,10 @@ def _trainable_names(model: nn.Module) -> set[str] | None:
     buffers of modules that own one of these. None when everything trains."""
     if all(p.requires_grad for p in model.parameters()):
         return None
+    frozen = {id(p) for m in model.modules() if getattr(m, "frozen_in_run", False) for p in m.parameters()}
 
     def kept(p: Tensor) -> bool:
-        return p.requires_grad or getattr(p, "frozen_in_run", False)
+        return p.requires_grad or id(p) in frozen
 
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if kept(p)}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
@@ -110,10 +111,10 @@ def _trainable_names(model: nn.Module) -> set[str] | None:
 
 def freeze_in_run(module: nn.Module) -> None:
     """Stop a new (not base) module's parameters from training while still saving them with
-    the run: the base cannot rebuild their random initialisation."""
-    for p in module.parameters():
-        p.requires_grad_(False)
-        p.frozen_in_run = True  # type: ignore[attr-defined]
+    the run: the base cannot rebuild their random initialisation. The mark is on the module, so
+    it holds for whatever tensors the module's parameters are later replaced by."""
+    module.requires_grad_(False)
+    module.frozen_in_run = True
 
 
 def _model_entries(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
