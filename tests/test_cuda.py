@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from placement import off_device
 
 from fractalmoe.checkpoint import latest_checkpoint, load_model_from_run
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
@@ -33,14 +34,7 @@ def _config(ffn: str, **extra) -> object:
 
 def _off_device(model: torch.nn.Module, opt: ModelOptimizer | None = None) -> list[str]:
     """Names of every parameter, gradient, buffer or optimizer state tensor not on CUDA."""
-    bad = [f"param {n}" for n, p in model.named_parameters() if not p.is_cuda]
-    bad += [f"grad {n}" for n, p in model.named_parameters() if p.grad is not None and not p.grad.is_cuda]
-    bad += [f"buffer {n}" for n, b in model.named_buffers() if not b.is_cuda]
-    for o in (opt.optimizers if opt is not None else []):
-        for p, st in o.state.items():
-            bad += [f"state {k} {tuple(p.shape)}" for k, v in st.items()
-                    if isinstance(v, torch.Tensor) and v.dim() > 0 and not v.is_cuda]
-    return bad
+    return off_device(model, opt.optimizers if opt is not None else [], "cuda", scalar_state=False)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from host_syncs import HostSyncs
+from placement import off_device
 
 from fractalmoe.config import tiny_model_config
 from fractalmoe.model import FHMELanguageModel
@@ -21,16 +22,6 @@ from fractalmoe.stats import collect, fold_statistics
 MODELS = {"fhme": {}, "fhme-3-part-keys": dict(key_parts=3, key_dim=24, route_once=True),
           "pkm": dict(ffn="pkm"), "peer": dict(ffn="peer"), "memplus": dict(ffn="memplus"),
           "dense": dict(ffn="dense")}
-
-
-def _off_meta(model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> list[str]:
-    bad = [f"param {n}" for n, p in model.named_parameters() if not p.is_meta]
-    bad += [f"grad {n}" for n, p in model.named_parameters() if p.grad is not None and not p.grad.is_meta]
-    bad += [f"buffer {n}" for n, b in model.named_buffers() if not b.is_meta]
-    if opt is not None:
-        bad += [f"state {k} {tuple(p.shape)}" for p, st in opt.state.items() for k, v in st.items()
-                if isinstance(v, torch.Tensor) and not v.is_meta]
-    return bad
 
 
 def _train_on_meta(model: FHMELanguageModel, opt: ModelOptimizer, x: torch.Tensor) -> None:
@@ -45,7 +36,7 @@ def _train_on_meta(model: FHMELanguageModel, opt: ModelOptimizer, x: torch.Tenso
                 opt.sparse.step()
             fold_statistics(model, stats)
         assert syncs.total == 0, syncs.found
-        assert loss.is_meta and _off_meta(model, opt.sparse) == []
+        assert loss.is_meta and off_device(model, [opt.sparse] if opt.sparse else [], "meta") == []
         opt.zero_grad()
 
 
