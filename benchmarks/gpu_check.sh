@@ -89,6 +89,9 @@ step sync_error_bf16_sr 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
 step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --out "$RUNS/three_part" --max-steps 5 --quiet --set eval_every=1000 \
     --set key_parts=3 --set key_dim=24 --set route_once=true $SMALL &
+step sync_error_autocast 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
+    $F train --device cuda --out "$RUNS/autocast" --max-steps 5 --quiet --set eval_every=1000 \
+    --set autocast=bfloat16 $SMALL &
 wait
 
 step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json &

@@ -220,3 +220,18 @@ def test_sync_debug_context_restores_the_mode() -> None:
     assert torch.cuda.get_sync_debug_mode() == before
     with cuda_sync_debug("error", "cpu"):  # CPU runs are never affected
         assert torch.cuda.get_sync_debug_mode() == before
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_bfloat16_autocast_steps_train_on_cuda_without_a_host_sync(ffn: str) -> None:
+    """As GPU training loops run: forward under bfloat16 autocast, tables and state float32."""
+    model = FHMELanguageModel(_config(ffn)).cuda().train()
+    opt = ModelOptimizer(model, 1e-3, 0.03, 0.0, "lazy_adam")
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    first, ok = train_step(model, opt, x, x.roll(-1, 1), 1.0, autocast=torch.bfloat16)
+    assert ok
+    with cuda_sync_debug("error", "cuda"):
+        last, ok = train_step(model, opt, x, x.roll(-1, 1), 1.0, autocast=torch.bfloat16)
+    assert ok and last < first
+    assert not _off_device(model, opt)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -27,6 +27,7 @@ QUERY_NORMS = ("layernorm", "rmsnorm", "running", "whiten", "none")
 EXPERT_ACTS = ("gelu", "relu")
 EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "row_sgd", "dense_adamw")
 EXPERT_DTYPES = ("float32", "bfloat16")
+AUTOCAST_DTYPES = ("none", "bfloat16")
 DEPTH_RULES = ("ponder", "threshold")
 DEEP_QUERIES = ("input", "retrieved")
 
@@ -316,6 +317,10 @@ class TrainConfig(_Config):
     # stored row is right in expectation, instead of to nearest, which drops every step below half
     # a bfloat16 unit. Eager row-sparse rules only; no effect on float32 tables.
     stochastic_rounding: bool = False
+    # bfloat16: the training forward runs under torch.autocast (matrix products in bfloat16;
+    # weights, expert tables, gradients and optimizer state keep their dtypes; evaluation stays
+    # float32). float16 is not offered: it needs loss scaling. none: float32 throughout.
+    autocast: str = "none"
     weight_decay: float = 0.1
     beta2: float = 0.95  # AdamW's second-moment decay for dense parameters
     warmup_steps: int = 100
@@ -354,6 +359,7 @@ class TrainConfig(_Config):
         r(0.0 < self.beta2 < 1.0, "beta2", "must be in (0, 1)")
         r(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         r(self.expert_optim in EXPERT_OPTIMS, "expert_optim", f"must be one of {EXPERT_OPTIMS}")
+        r(self.autocast in AUTOCAST_DTYPES, "autocast", f"must be one of {AUTOCAST_DTYPES}")
         r(not (self.deferred_table_grads and self.expert_optim == "dense_adamw"),
           "deferred_table_grads", "needs a row-sparse expert_optim (rowwise_adagrad, lazy_adam, row_sgd)")
         r(not self.fused_row_update or self.expert_optim == "lazy_adam", "fused_row_update",

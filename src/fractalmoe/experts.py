@@ -108,8 +108,10 @@ def _gather_rows(table: Tensor, idx_flat: Tensor, dtype: torch.dtype) -> Tensor:
 def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
     """a[t, m] = table[idx[t, m]] . x[t]: the sampled dot products of the routed experts, in
     blocks of tokens, so the gathered rows take a few MB, never a (T*M, D) buffer. A product and
-    a sum over the cached block: 5x faster on CPU than a batched matrix-vector product."""
+    a sum over the cached block: 5x faster on CPU than a batched matrix-vector product. In the
+    wider of the two dtypes: a bfloat16 input (autocast) meets float32 rows unrounded."""
     num_t, num_m = idx_TM.shape
+    x_TD = x_TD.to(torch.promote_types(table.dtype, x_TD.dtype))
     out = x_TD.new_empty(num_t, num_m)
     block = max(1, chunk_slots(table.shape[1], table.device) // max(1, num_m))
     for lo in range(0, num_t, block):
@@ -170,9 +172,11 @@ class RowScatter:
         return self._bags[sparse]
 
     def sums(self, w: Tensor, z_TD: Tensor, sparse: bool = True) -> Tensor:
-        """(bags, D): each bag's sum of w[s] * z[token(s)] over its slots, in z's dtype."""
-        return F.embedding_bag(self.tokens, z_TD, self.bags(sparse)[1], mode="sum",
-                               per_sample_weights=self.sorted(w))
+        """(bags, D): each bag's sum of w[s] * z[token(s)] over its slots, in the wider of w's and
+        z's dtypes (under autocast a block's input may be bfloat16 and its gates float32)."""
+        dtype = torch.promote_types(w.dtype, z_TD.dtype)
+        return F.embedding_bag(self.tokens, z_TD.to(dtype), self.bags(sparse)[1], mode="sum",
+                               per_sample_weights=self.sorted(w).to(dtype))
 
     def __call__(self, w_TM: Tensor, z_TD: Tensor, dtype: torch.dtype, sparse: bool = True) -> Tensor:
         """(num_rows, D) gradient, row i = sum over slots routed to i; sparse (uncoalesced) or dense."""

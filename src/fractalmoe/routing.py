@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .autocast import autocast_dtype, autocast_off
 from .experts import ExpertBank, RowScatter
 from .stats import (
     BALANCE_LOSS,
@@ -94,6 +95,18 @@ class _SubKeyTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_THQ: Tensor, keys_HNQ: Tensor, k: int,
                 bias_HN: Tensor | None) -> tuple[Tensor, Tensor]:
+        ctx.dtypes = q_THQ.dtype, keys_HNQ.dtype
+        dtype = autocast_dtype(q_THQ)  # under autocast, scored as its matrix product would be
+        if dtype is not None:
+            q_THQ, keys_HNQ = q_THQ.to(dtype), keys_HNQ.to(dtype)
+        with autocast_off(q_THQ):
+            vals, idx = _SubKeyTopK._scores(q_THQ, keys_HNQ, k, bias_HN)
+        ctx.save_for_backward(q_THQ, keys_HNQ, idx)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def _scores(q_THQ: Tensor, keys_HNQ: Tensor, k: int, bias_HN: Tensor | None) -> tuple[Tensor, Tensor]:
         # Scored in blocks of tokens: a block's (T_b, H, n) scores stay a few MB where all of
         # them are hundreds of MB at a million experts (n = 1024, 8 heads, 2,048 tokens: 67 MB).
         heads, n = keys_HNQ.shape[:2]
@@ -107,29 +120,31 @@ class _SubKeyTopK(torch.autograd.Function):
                 idx = topk_indices(scores + bias_HN, k)
                 parts.append((scores.gather(-1, idx), idx))
         if len(parts) == 1:
-            vals, idx = parts[0]
-        else:
-            vals, idx = torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
-        ctx.save_for_backward(q_THQ, keys_HNQ, idx)
-        ctx.mark_non_differentiable(idx)
-        return vals, idx
+            return parts[0]
+        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
     @staticmethod
     def backward(ctx, g_vals: Tensor, _g_idx: Tensor):  # type: ignore[override]
         q_THQ, keys_HNQ, idx = ctx.saved_tensors
+        with autocast_off(q_THQ):
+            g_q, g_keys = _SubKeyTopK._grads(q_THQ, keys_HNQ, idx, g_vals.to(q_THQ.dtype))
+        return g_q.to(ctx.dtypes[0]), g_keys.to(ctx.dtypes[1]), None, None
+
+    @staticmethod
+    def _grads(q_THQ: Tensor, keys_HNQ: Tensor, idx: Tensor, g_vals: Tensor) -> tuple[Tensor, Tensor]:
         num_t, heads, k = idx.shape
         n, width = keys_HNQ.shape[1], keys_HNQ.shape[2]
         if n <= _DENSE_SCORE_GRAD * k:  # few sub-keys: two small matrix products, no sort
             g_scores = g_vals.new_zeros(num_t, heads, n).scatter_(-1, idx, g_vals)
             return (torch.einsum("thn,hnq->thq", g_scores, keys_HNQ),
-                    torch.einsum("thn,thq->hnq", g_scores, q_THQ), None, None)
+                    torch.einsum("thn,thq->hnq", g_scores, q_THQ))
         rows = (idx + torch.arange(heads, device=idx.device).view(1, heads, 1) * n).view(-1, k)
         table = keys_HNQ.reshape(heads * n, width)
         g_flat = g_vals.reshape(-1, k)
         g_q = F.embedding_bag(rows, table, per_sample_weights=g_flat, mode="sum")
         g_keys = RowScatter(rows, heads * n)(g_flat, q_THQ.reshape(-1, width), keys_HNQ.dtype,
                                               sparse=False)
-        return g_q.view_as(q_THQ), g_keys.view_as(keys_HNQ), None, None
+        return g_q.view_as(q_THQ), g_keys.view_as(keys_HNQ)
 
 
 def sub_key_topk(q: Tensor, keys: Tensor, k: int,

@@ -108,7 +108,7 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tensor,
                grad_clip: float, loss_hook: Callable[[Tensor], Tensor] | None = None,
                forward: nn.Module | None = None, ctx: DistContext = DistContext(),
-               balance_scale: float = 1.0) -> tuple[float, bool]:
+               balance_scale: float = 1.0, autocast: torch.dtype | None = None) -> tuple[float, bool]:
     """One optimisation step. Returns (loss, applied); a non-finite step changes nothing.
 
     The model's measurements are collected during forward (``stats.collect``), their aux losses
@@ -117,13 +117,18 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
     ``forward`` is the module to call (the DDP wrapper when distributed); with several ranks the
     loss is averaged and a step is skipped everywhere if any rank saw a non-finite value.
     ``balance_scale`` multiplies the routers' balance losses (``balance_scale``'s schedule).
+    ``autocast``: the forward and the loss run under ``torch.autocast`` in that dtype; backward
+    runs outside it, as autocast asks.
     """
     opt.zero_grad()
+    mixed = torch.autocast(x.device.type, autocast) if autocast is not None else contextlib.nullcontext()
     with collect(model, balance_scale) as stats:
-        _, loss = (model if forward is None else forward)(x, y)
-        if loss_hook is not None:
-            loss = loss_hook(loss)
-        (loss + stats.aux_loss()).backward()
+        with mixed:
+            _, loss = (model if forward is None else forward)(x, y)
+            if loss_hook is not None:
+                loss = loss_hook(loss)
+            objective = loss + stats.aux_loss()
+        objective.backward()
     loss = loss.detach().float()
     finite = torch.isfinite(loss) & opt.finite_flag().to(loss.device)
     flags = torch.stack([torch.where(finite, loss, 0.0), finite.float()])
@@ -287,6 +292,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     tokens_per_step = tc.batch_size * mc.seq_len  # global
     t0 = time.perf_counter()
     budget_s = tc.time_budget * 60 if tc.time_budget > 0 else math.inf
+    autocast = None if tc.autocast == "none" else getattr(torch, tc.autocast)
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and ctx.is_main),
                unit="step", dynamic_ncols=True, file=sys.stderr)
     losses: list[float] = []
@@ -304,7 +310,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
             hook = (lambda loss, s=step: loss_hook(s, loss)) if loss_hook else None
             with cuda_sync_debug(sync_debug, device):
                 loss, ok = train_step(model, opt, x, y, tc.grad_clip, hook, forward, ctx,
-                                      balance_scale(step, tc))
+                                      balance_scale(step, tc), autocast)
             step += 1
             steps_since_log += 1
             if ok:
