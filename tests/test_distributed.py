@@ -39,12 +39,14 @@ NUM_EXPERTS, DIM = 4096, 32
 CORPUS = "It is a tale told by an idiot, full of sound and fury, signifying nothing.\n" * 80
 
 
-def _config(max_steps: int = 20, lr: float = 1e-3, deferred: bool = False, **model_extra) -> RunConfig:
+def _config(max_steps: int = 20, lr: float = 1e-3, deferred: bool = False, grad_accum: int = 1,
+            **model_extra) -> RunConfig:
     model = tiny_model_config(**{"num_experts": NUM_EXPERTS, "dim": DIM, "n_layers": 1,  # no dropout
                                  **model_extra})
     return RunConfig(model, TrainConfig(batch_size=4, max_steps=max_steps, eval_every=100, lr=lr,
                                         log_every=1, save_every=100, sample_bytes=0,
-                                        warmup_steps=2, deferred_table_grads=deferred))
+                                        warmup_steps=2, deferred_table_grads=deferred,
+                                        grad_accum=grad_accum))
 
 
 def _free_port() -> int:
@@ -128,7 +130,8 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     run_dir = resume or Path(job["out"])
     reads: Counter = Counter()
     checkpoint.safe_open = _spying(reads)  # what the resume reads, per tensor
-    run(_config(job["max_steps"], job.get("lr", 1e-3), job.get("deferred", False), **job.get("model", {})),
+    run(_config(job["max_steps"], job.get("lr", 1e-3), job.get("deferred", False), job.get("grad_accum", 1),
+                **job.get("model", {})),
         out=None if resume else run_dir, resume=resume, data_path=job["data"], progress=False, ctx=ctx)
     if job.get("reads"):
         Path(job["reads"] + f".{rank}").write_text(json.dumps(reads))
@@ -220,6 +223,17 @@ def test_two_ranks_with_deferred_table_gradients_match_one_rank(runs: dict[str, 
     data = tmp_path / "corpus.txt"
     data.write_text(CORPUS)
     _launch({"out": str(tmp_path / "two"), "data": str(data), "max_steps": 20, "deferred": True})
+    one, two = _losses(runs["single"]), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 20
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+
+
+def test_two_ranks_accumulating_micro_batches_match_one_rank(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Each rank's 2 sequences run as 2 micro-batches of 1, gradients all-reduced once a step."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(CORPUS)
+    _launch({"out": str(tmp_path / "two"), "data": str(data), "max_steps": 20, "grad_accum": 2})
     one, two = _losses(runs["single"]), _losses(tmp_path / "two")
     assert len(one) == len(two) == 20
     for a, b in zip(one, two):

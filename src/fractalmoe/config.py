@@ -298,6 +298,10 @@ class TrainConfig(_Config):
     """Optimisation, schedule, evaluation and checkpointing of one training run."""
 
     batch_size: int = 16  # global batch (sequences per step)
+    # micro-batches per step (gradient accumulation): each rank's batch runs forward and backward
+    # in this many equal parts, so activations take 1 / grad_accum of the memory; the same update
+    # up to rounding, but balance losses are taken per part
+    grad_accum: int = 1
     max_steps: int = 2400
     time_budget: float = 0.0  # minutes; 0 = no limit
     lr: float = 3e-3  # AdamW for dense parameters
@@ -344,9 +348,10 @@ class TrainConfig(_Config):
 
     def __post_init__(self) -> None:
         r = self._require
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batches", "log_every",
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every",
                      "save_every", "keep_last", "max_bad_steps"):
             r(getattr(self, name) >= 1, name, "must be a positive integer")
+        r(self.batch_size % self.grad_accum == 0, "grad_accum", f"must divide batch_size={self.batch_size}")
         r(0.0 < self.lr < 10.0, "lr", "must be in (0, 10)")
         # SGD's step is lr x gradient, and table gradients are ~1e-4 an entry: its rates run to 1,000s
         top = 1e4 if self.expert_optim == "row_sgd" else 10.0

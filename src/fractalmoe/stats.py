@@ -20,7 +20,7 @@ ignored: the forward that ran first already made them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,11 +51,24 @@ class Statistics:
         self._index: dict[tuple[int, str], list[tuple[Any, bool]]] = {}
         self.folded = False
 
+    @classmethod
+    def joined(cls, parts: Sequence[Statistics]) -> Statistics:
+        """One step's records from the collectors of its micro-batches (gradient accumulation),
+        in call order: what one collector around the whole batch would hold."""
+        whole = cls(parts[0].root, parts[0].balance_scale)
+        for part in parts:
+            for module, kind, value, training in part.records:
+                whole._append(module, kind, value, training)
+        return whole
+
     def add(self, module: nn.Module, kind: str, value: Any) -> None:
         if torch._C._current_graph_task_id() != -1:
             return  # a forward re-run inside backward (activation checkpointing): counted already
-        self.records.append((module, kind, value, module.training))
-        self._index.setdefault((id(module), kind), []).append((value, module.training))
+        self._append(module, kind, value, module.training)
+
+    def _append(self, module: nn.Module, kind: str, value: Any, training: bool) -> None:
+        self.records.append((module, kind, value, training))
+        self._index.setdefault((id(module), kind), []).append((value, training))
 
     def values(self, module: nn.Module, kind: str, training: bool | None = None) -> list[Any]:
         """What ``module`` recorded as ``kind``, in call order (only in that mode if ``training``
@@ -193,18 +206,22 @@ def _reduce_over_ranks(inputs: list[FoldInputs], group: Any) -> None:
 
 
 @torch.no_grad()
-def fold_statistics(model: nn.Module, stats: Statistics, group: Any = None) -> None:
+def fold_statistics(model: nn.Module, stats: Statistics | Sequence[Statistics], group: Any = None) -> None:
     """Fold one step's training records into every module of ``model`` that learns from past
     batches (running query norms, routing biases, the depth cost controller), discovered now.
 
-    Call it once after the optimizer step, and not at all for a skipped step. With
-    torch.distributed initialised, sums and counts are all-reduced and chosen indices
+    Call it once after the optimizer step, and not at all for a skipped step; with gradient
+    accumulation, pass the collectors of all the step's micro-batches: they fold as one batch.
+    With torch.distributed initialised, sums and counts are all-reduced and chosen indices
     all-gathered over ``group`` first, so P ranks fold exactly what one process would fold for
     their joint batch.
     """
-    if stats.folded:
+    parts = [stats] if isinstance(stats, Statistics) else list(stats)
+    if any(part.folded for part in parts):
         raise RuntimeError("these statistics were folded already")
-    stats.folded = True
+    for part in parts:
+        part.folded = True
+    stats = parts[0] if len(parts) == 1 else Statistics.joined(parts)
     pending = [(m, inp) for m in model.modules() if isinstance(m, PastBatchStatistics)
                and (inp := m.fold_inputs(stats)) is not None]
     if _distributed(group):

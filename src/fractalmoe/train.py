@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import (
@@ -108,7 +109,8 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tensor,
                grad_clip: float, loss_hook: Callable[[Tensor], Tensor] | None = None,
                forward: nn.Module | None = None, ctx: DistContext = DistContext(),
-               balance_scale: float = 1.0, autocast: torch.dtype | None = None) -> tuple[float, bool]:
+               balance_scale: float = 1.0, autocast: torch.dtype | None = None,
+               micro_batches: int = 1) -> tuple[float, bool]:
     """One optimisation step. Returns (loss, applied); a non-finite step changes nothing.
 
     The model's measurements are collected during forward (``stats.collect``), their aux losses
@@ -118,18 +120,24 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
     loss is averaged and a step is skipped everywhere if any rank saw a non-finite value.
     ``balance_scale`` multiplies the routers' balance losses (``balance_scale``'s schedule).
     ``autocast``: the forward and the loss run under ``torch.autocast`` in that dtype; backward
-    runs outside it, as autocast asks.
+    runs outside it, as autocast asks. ``micro_batches``: the batch runs forward and backward in
+    that many equal parts whose gradients add up (gradient accumulation: the mean loss is the
+    whole batch's; balance losses are taken per part), gradients all-reduced after the last.
     """
     opt.zero_grad()
-    mixed = torch.autocast(x.device.type, autocast) if autocast is not None else contextlib.nullcontext()
-    with collect(model, balance_scale) as stats:
-        with mixed:
-            _, loss = (model if forward is None else forward)(x, y)
-            if loss_hook is not None:
-                loss = loss_hook(loss)
-            objective = loss + stats.aux_loss()
-        objective.backward()
-    loss = loss.detach().float()
+    forward = model if forward is None else forward
+    parts, losses = [], []
+    for i, (x_part, y_part) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches))):
+        with _grads_held(forward, i < micro_batches - 1), collect(model, balance_scale) as stats:
+            with _autocast(x.device.type, autocast):
+                _, loss = forward(x_part, y_part)
+                if loss_hook is not None:
+                    loss = loss_hook(loss)
+                objective = loss + stats.aux_loss()
+            (objective / micro_batches).backward()
+        parts.append(stats)
+        losses.append(loss.detach().float())
+    loss = torch.stack(losses).mean() if micro_batches > 1 else losses[0]
     finite = torch.isfinite(loss) & opt.finite_flag().to(loss.device)
     flags = torch.stack([torch.where(finite, loss, 0.0), finite.float()])
     if ctx.active:  # summed over ranks on the loss's device
@@ -141,8 +149,18 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
         return local, False
     opt.clip_dense(grad_clip)
     opt.step()
-    fold_statistics(model, stats)
+    fold_statistics(model, parts)
     return total / ctx.world, True
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    return torch.autocast(device_type, dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _grads_held(forward: nn.Module, hold: bool) -> contextlib.AbstractContextManager[object]:
+    """DDP's ``no_sync`` for a micro-batch whose gradients the next one adds to: one all-reduce
+    per step, after the last."""
+    return forward.no_sync() if hold and isinstance(forward, DistributedDataParallel) else contextlib.nullcontext()
 
 
 @dataclass
@@ -239,8 +257,9 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     device = ctx.device_for(device)
     tc, mc = config.train, config.model
     if ctx.active:
-        if tc.batch_size % ctx.world:
-            raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {ctx.world} ranks")
+        if tc.batch_size % (ctx.world * tc.grad_accum):
+            raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {ctx.world} ranks "
+                             f"times grad_accum={tc.grad_accum}")
         names = [str(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))]
         dist.broadcast_object_list(names)  # one run directory for every rank
         out = Path(names[0]) if resume is None else out
@@ -310,7 +329,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
             hook = (lambda loss, s=step: loss_hook(s, loss)) if loss_hook else None
             with cuda_sync_debug(sync_debug, device):
                 loss, ok = train_step(model, opt, x, y, tc.grad_clip, hook, forward, ctx,
-                                      balance_scale(step, tc), autocast)
+                                      balance_scale(step, tc), autocast, tc.grad_accum)
             step += 1
             steps_since_log += 1
             if ok:
