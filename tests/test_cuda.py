@@ -235,3 +235,16 @@ def test_bfloat16_autocast_steps_train_on_cuda_without_a_host_sync(ffn: str) -> 
     assert ok and last < first
     assert not _off_device(model, opt)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_model_materialised_from_meta_on_cuda_initialises_there_and_trains() -> None:
+    with torch.device("meta"):
+        model = FHMELanguageModel(_config("fhme"))
+    model.to_empty(device="cuda")
+    model.init_weights()
+    assert not _off_device(model) and model.head.weight is model.embed.weight
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    opt = ModelOptimizer(model.train(), 1e-3, 0.03, 0.0, "lazy_adam")
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    losses = [train_step(model, opt, x, x.roll(-1, 1), 1.0) for _ in range(3)]
+    assert all(ok for _, ok in losses) and losses[-1][0] < losses[0][0]

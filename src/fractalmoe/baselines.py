@@ -53,10 +53,16 @@ class MoEFFN(nn.Module, Recorder):
         self.dim, self.hidden, self.num_experts, self.topk = dim, hidden, num_experts, topk
         self.balance = balance
         self.router = nn.Linear(dim, num_experts, bias=False)
-        scale = dim**-0.5
-        self.w1 = nn.Parameter(torch.randn(num_experts, dim, hidden) * scale)
-        self.w3 = nn.Parameter(torch.randn(num_experts, dim, hidden) * scale)
-        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, dim) * hidden**-0.5)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each expert's projections N(0, 1/fan_in)."""
+        for w in (self.w1, self.w3, self.w2):
+            w.copy_(torch.randn(w.shape, device=w.device) * w.shape[1] ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

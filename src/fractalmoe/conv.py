@@ -20,7 +20,11 @@ class CausalConv(nn.Module):
     def __init__(self, dim: int, width: int) -> None:
         super().__init__()
         self.width = width
-        self.weight = nn.Parameter(torch.zeros(dim, 1, width))
+        self.weight = nn.Parameter(torch.empty(dim, 1, width))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor, seen: Tensor | None = None, pos: int = 0) -> Tensor:
         """x: (B, T, D) at positions pos..pos+T-1; ``seen``: the cache buffer, or None."""

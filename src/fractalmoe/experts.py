@@ -473,24 +473,33 @@ class ExpertBank(TableBank):
         if kind not in BLOCK_KINDS:
             raise ValueError(f"block kind {kind!r} must be one of {BLOCK_KINDS}")
         self.num_experts, self.dim, self.act, self.kind = num_experts, dim, act, kind
-        # u . x has unit variance for unit-RMS x. One draw of the global RNG seeds the tables.
-        self.seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
-        names = ("down", "up") if kind == "neuron" else ("values",)
-        for name in names:
-            setattr(self, name, nn.Parameter(self._table(self._stream(name), dtype)))
-        self.table_names = names
+        self.table_names = ("down", "up") if kind == "neuron" else ("values",)
+        # Where every other parameter goes (a ``with torch.device(...)`` block's), or meta
+        # inside ``meta_expert_tables()``.
+        device = table_device() or torch.get_default_device()
+        for name in self.table_names:
+            setattr(self, name, nn.Parameter(torch.empty(num_experts, dim, dtype=dtype, device=device)))
+        self.reset_parameters()
 
     @staticmethod
     def _stream(name: str) -> int:
         """Which random stream of the bank's seed a table is drawn from."""
         return 0 if name == "down" else 1
 
-    def _table(self, which: int, dtype: torch.dtype) -> Tensor:
-        device = torch.get_default_device()  # a ``with torch.device(...)`` block's, as for every other parameter
-        if table_device() == "meta" or device.type == "meta":
-            return torch.empty(self.num_experts, self.dim, dtype=dtype, device="meta")
-        # Drawn on the CPU (the same rows whatever the device), then moved where they live.
-        return init_rows(2 * self.seed + which, 0, self.num_experts, self.num_experts, self.dim, dtype).to(device)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A new seed (one draw of the global RNG) and N(0, 1/D) rows drawn from it, so that
+        u . x has unit variance for unit-RMS x. Rows are drawn on the CPU (the same rows whatever
+        the device) 64K at a time and copied into the table where it lives; a meta table keeps
+        only the seed (``rows`` draws any range from it)."""
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
+        for name, table in self.tables().items():
+            if table.is_meta:
+                continue
+            for lo in range(0, self.num_experts, _ROW_CHUNK):
+                hi = min(lo + _ROW_CHUNK, self.num_experts)
+                table[lo:hi] = init_rows(2 * self.seed + self._stream(name), lo, hi, self.num_experts,
+                                         self.dim, table.dtype)
 
     def rows(self, name: str, lo: int, hi: int) -> Tensor:
         """A copy of rows [lo, hi) of table ``name``, built from the seed if the tables were never

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .experts import TABLE_DTYPES, ExpertBank
 from .fractal import FractalExpert, blocks_at_depth, joins_at_depth
+from .reset import reset_tree
 from .routing import Balancing
 from .stats import (
     DEPTH_COST,
@@ -100,19 +101,16 @@ class FHME(nn.Module, PastBatchStatistics):
             deep_query=deep_query)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
-            threshold = depth_rule == "threshold"
-            self.depth_router = nn.Linear(dim, depth - 1 if threshold else depth)
-            nn.init.zeros_(self.depth_router.weight)
-            if not threshold:
-                with torch.no_grad():  # start at full depth; the ponder cost pulls tokens shallower
-                    self.depth_router.bias.copy_(torch.linspace(0.0, 1.0, depth))
+            self.depth_router = nn.Linear(dim, depth - 1 if depth_rule == "threshold" else depth)
         # ponder: the cost per block; with a target the fold steers it toward the penalty that
         # uses depth_target of the blocks. threshold: tau_c of stages 2..C, steered so that a
         # share q goes on at each. Both are state from past steps only: causal.
-        self.register_buffer("depth_penalty", torch.tensor(initial_penalty),
+        self.initial_penalty = initial_penalty
+        self.register_buffer("depth_penalty", torch.empty(()),
                              persistent=self.depth_router is not None and not self.halting)
-        self.register_buffer("depth_thresholds", torch.zeros(max(depth - 1, 0)),
+        self.register_buffer("depth_thresholds", torch.empty(max(depth - 1, 0)),
                              persistent=self.depth_router is not None and self.halting)
+        self.reset_parameters()
         if self.halting and not 1 / blocks_at_depth(depth) <= depth_target <= 1:
             raise ValueError(f"depth_target={depth_target}: the threshold rule needs a share of the "
                              f"{blocks_at_depth(depth)} blocks in [1/{blocks_at_depth(depth)}, 1]")
@@ -133,6 +131,23 @@ class FHME(nn.Module, PastBatchStatistics):
                    tied=cfg.tie_blocks, depth_rule=cfg.depth_rule, route_once=cfg.route_once,
                    output_gate=cfg.output_gate, block_conv=cfg.block_conv, key_parts=cfg.key_parts,
                    value_dropout=cfg.value_dropout, deep_query=cfg.deep_query)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The depth controllers' start: the depth router blind to its input (zero weights; the
+        halting gates keep nn.Linear's biases, the ponder router starts at full depth, which the
+        ponder cost pulls shallower), no thresholds yet. Runs after the router's own reset."""
+        self.depth_penalty.fill_(self.initial_penalty)
+        self.depth_thresholds.zero_()
+        if self.depth_router is not None:
+            nn.init.zeros_(self.depth_router.weight)
+            if not self.halting:
+                self.depth_router.bias.copy_(torch.linspace(0.0, 1.0, self.depth, device=self.depth_router.bias.device))
+
+    def init_weights(self) -> None:
+        """Initialise the whole layer in place, where its tensors live (``reset.reset_tree``):
+        for a layer built on the meta device and materialised with ``to_empty``."""
+        reset_tree(self)
 
     @property
     def halting(self) -> bool:

@@ -106,8 +106,13 @@ class HighwayJoin(nn.Module, Recorder):
     def __init__(self, dim: int, bias: float) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, 1)
+        self.initial_bias = bias
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The same gate for every token: sigmoid(b)."""
         nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, bias)
+        nn.init.constant_(self.gate.bias, self.initial_bias)
 
     def forward(self, x: Tensor, deep: Tensor, shallow: Tensor,
                 keep: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from .conv import CausalConv
 from .experts import TABLE_DTYPES, ExpertBank
 from .fhme import FHME, DepthHist
 from .fractal import blocks_at_depth
+from .reset import reset_tree
 
 
 def rope_tables(end: int, head_dim: int, base: float = 10000.0, start: int = 0,
@@ -122,7 +124,32 @@ class FHMELanguageModel(nn.Module):
                                     for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.head.weight = self.embed.weight  # tied input/output embeddings
+        self.tie_weights()
+        self.register_load_state_dict_post_hook(FHMELanguageModel._retie_after_load)
+        self._init_weights()
+
+    def tie_weights(self) -> None:
+        """The output head reads the input embeddings: one parameter. Anything that replaces
+        parameters (``to_empty``, a move between kinds of device, ``load_state_dict(...,
+        assign=True)``) would leave two that train apart; ``_apply`` and loading re-tie them."""
+        self.head.weight = self.embed.weight
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FHMELanguageModel:
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        return self
+
+    @staticmethod
+    def _retie_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+        module.tie_weights()  # type: ignore[operator]
+
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place, where it lives: for a model built on
+        the meta device and materialised with ``to_empty`` (torchtitan's flow). Each module's
+        ``reset_parameters`` (``reset.reset_tree``), then the model's own start for its
+        embeddings and attention. Draws come from the device's global RNG; expert tables from a
+        new seed per bank, 64K rows at a time."""
+        reset_tree(self)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -288,6 +288,19 @@ class RunningQueryNorm(nn.Module, PastBatchStatistics):
         self.weight = nn.Parameter(torch.ones(heads, width))
         self.bias = nn.Parameter(torch.zeros(heads, width))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """No batches seen: zero mean, unit second moment, identity affine map."""
+        self.mean.zero_()
+        self.batches.zero_()
+        self._reset_second()
+        self.weight.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def _reset_second(self) -> None:
+        self.var.fill_(1.0)
+
     def _second_sum(self, centered: Tensor) -> Tensor:
         """Sum over tokens of the second moment this norm keeps, of (T, H, Q) queries."""
         return centered.square().sum(0)
@@ -352,6 +365,11 @@ class RunningQueryWhitening(RunningQueryNorm):
         eye = torch.eye(width).expand(heads, width, width).clone()
         self.register_buffer("cov", eye)
         self.register_buffer("whitener", eye.clone())
+
+    def _reset_second(self) -> None:
+        eye = torch.eye(self.cov.shape[-1], device=self.cov.device)
+        self.cov.copy_(eye)
+        self.whitener.copy_(eye)
 
     def _second_sum(self, centered: Tensor) -> Tensor:
         return torch.einsum("thi,thj->hij", centered, centered)
@@ -468,13 +486,21 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
         self.balancing = balancing
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
         self.norm = make_query_norm(query_norm, heads, key_dim)
-        part = key_dim // key_parts
-        self.sub_keys = nn.Parameter(torch.randn(heads, key_parts, self.n_keys, part) / math.sqrt(part))
+        self.sub_keys = nn.Parameter(torch.empty(heads, key_parts, self.n_keys, key_dim // key_parts))
         # Selection-only biases per sub-key and per expert (persistent only when balancing).
         balanced = balancing.rate > 0
-        self.register_buffer("key_bias", torch.zeros(heads, key_parts, self.n_keys), persistent=balanced)
-        self.register_buffer("expert_bias", torch.zeros(heads, num_experts if balanced else 0),
+        self.register_buffer("key_bias", torch.empty(heads, key_parts, self.n_keys), persistent=balanced)
+        self.register_buffer("expert_bias", torch.empty(heads, num_experts if balanced else 0),
                              persistent=balanced)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sub-keys N(0, 1/width), so that a unit query's scores have unit variance; no biases."""
+        keys = self.sub_keys
+        keys.copy_(torch.randn(keys.shape, device=keys.device).div_(math.sqrt(keys.shape[-1])))
+        self.key_bias.zero_()
+        self.expert_bias.zero_()
 
     def queries(self, x: Tensor) -> Tensor:
         """Normalised queries (..., H, Q)."""
