@@ -203,7 +203,9 @@ def combine_topk(v1: Tensor, i1: Tensor, v2: Tensor, i2: Tensor, n: int, k: int,
     order); the scores returned are always v1 + v2 of the chosen pairs."""
     k2 = v2.shape[-1]
     if grid_bias is None:
-        rows, cols, flat_of = _pairs_that_can_win(v1.shape[-1], k2, k, v1.device)
+        # Traced by torch.compile (its cache is host state that a graph must not bake in).
+        pairs = _pairs_that_can_win.__wrapped__ if torch.compiler.is_compiling() else _pairs_that_can_win
+        rows, cols, flat_of = pairs(v1.shape[-1], k2, k, v1.device)
         scores, pos = sorted_topk(v1.index_select(-1, rows) + v2.index_select(-1, cols), k)
         flat = flat_of[pos]
     else:
