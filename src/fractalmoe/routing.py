@@ -45,7 +45,9 @@ from .stats import (
 )
 
 
-_SCORE_BLOCK = 1 << 21  # sub-key scores per block of tokens (8 MB in float32)
+# Sub-key scores per block of tokens: 8 MB of float32 on a CPU, where a block stays in the caches;
+# 256 MB on an accelerator, whose caches are no help, so that a step launches few kernels.
+_SCORE_BLOCK = {"cpu": 1 << 21, "device": 1 << 26}
 # The sub-key score gradient has k nonzeros in each row of n. Up to n = 8 k it is formed dense
 # and multiplied out (n / k times the FLOPs of summing the k rows, but no sort of the indices:
 # faster on a CPU for the default's 22 of 128); past that (a million experts: 16 of 1,024) only
@@ -107,10 +109,11 @@ class _SubKeyTopK(torch.autograd.Function):
 
     @staticmethod
     def _scores(q_THQ: Tensor, keys_HNQ: Tensor, k: int, bias_HN: Tensor | None) -> tuple[Tensor, Tensor]:
-        # Scored in blocks of tokens: a block's (T_b, H, n) scores stay a few MB where all of
-        # them are hundreds of MB at a million experts (n = 1024, 8 heads, 2,048 tokens: 67 MB).
+        # Scored in blocks of tokens (``_SCORE_BLOCK``): on a CPU a block's (T_b, H, n) scores stay
+        # a few MB where all of them are tens of MB at a million experts (n = 1024, 8 heads,
+        # 2,048 tokens: 67 MB); on an accelerator one block holds them all.
         heads, n = keys_HNQ.shape[:2]
-        block = max(1, _SCORE_BLOCK // (heads * n))
+        block = max(1, _SCORE_BLOCK["cpu" if q_THQ.device.type == "cpu" else "device"] // (heads * n))
         parts = []
         for q in q_THQ.split(block):
             scores = torch.einsum("thq,hnq->thn", q, keys_HNQ)
