@@ -4,6 +4,8 @@ constructor's start (constants equal, random draws of the same spread); tied wei
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -26,17 +28,24 @@ def _config(name: str):
     return tiny_model_config(**({"ffn": "fhme"} | VARIANTS[name]))
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_a_model_materialised_from_meta_initialises_as_an_eager_one(name: str) -> None:
-    eager = FHMELanguageModel(_config(name))
+def _from_meta_as_eager(build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(eager, from meta): one built as usual, one on the meta device and materialised with
+    ``to_empty``; both then ``init_weights()`` from the same RNG state, and must agree bitwise."""
+    eager = build()
     with torch.device("meta"):
-        model = FHMELanguageModel(_config(name))
+        model = build()
     model.to_empty(device="cpu")
     for m in (eager, model):
         torch.manual_seed(5)
         m.init_weights()
     for (key, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key
+    return eager, model
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_model_materialised_from_meta_initialises_as_an_eager_one(name: str) -> None:
+    _from_meta_as_eager(lambda: FHMELanguageModel(_config(name)))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -67,18 +76,9 @@ def test_init_weights_restarts_the_model_as_its_constructor_started_it(name: str
 
 def test_the_layer_alone_initialises_in_place() -> None:
     """A drop-in FHME in someone else's model: ``init_weights`` on the layer after ``to_empty``."""
-    def build() -> FHME:
-        return FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value", adaptive_depth=True,
-                    depth_rule="threshold", depth_target=0.5)
-    eager = build()
-    with torch.device("meta"):
-        layer = build()
-    layer.to_empty(device="cpu")
-    for m in (eager, layer):
-        torch.manual_seed(3)
-        m.init_weights()
-    for (key, a), b in zip(eager.state_dict().items(), layer.state_dict().values()):
-        assert torch.equal(a, b), key
+    eager, layer = _from_meta_as_eager(lambda: FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value",
+                                                     adaptive_depth=True, depth_rule="threshold",
+                                                     depth_target=0.5))
     x = torch.randn(2, 5, 16)
     torch.testing.assert_close(layer(x), eager(x))
 
