@@ -252,6 +252,10 @@ for k in fhme lora full; do
 done
 .venv/bin/python benchmarks/make_tables.py
 
+# bfloat16 autocast against float32: the default recipe at 1,200 steps, seeds 2 and 3 -> results/autocast
+SEED=2 bash benchmarks/autocast_quality.sh runs/autocast
+SEED=3 bash benchmarks/autocast_quality.sh runs/autocast
+
 # On a GPU (not this machine): every CUDA path, host syncs under the sync debug mode, the layer and
 # model benchmarks with --device cuda, a profile of the layer's GPU step -> benchmarks/results/gpu_check/
 # (the committed logs are from one H200, PyTorch 2.11, run as PYTHON=python3 PYTHONPATH=src)
