@@ -18,7 +18,7 @@
 #  6 profile    benchmarks/gpu_profile.py: device operations, device and host time per step, and the
 #               ops that take the device's time, per impl
 #  7 model      fractalmoe bench model --device cuda: the default model at 16,384 and 1,048,576
-#               experts per layer, 16 x 128 bytes a step
+#               experts per layer, 16 x 128 bytes a step, in float32 and under bfloat16 autocast
 #  8 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with lazy Adam
 #               (the default rule), eager and one-kernel; PEER-pytorch with SparseAdam and with
 #               AdamW where it is installed (one JSON row per impl; the profile adds row-wise Adagrad)
@@ -103,6 +103,8 @@ IMPLS=fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused  # the default rule, eager
 if $PY -c "import PEER_pytorch" 2>/dev/null; then IMPLS=$IMPLS,peer-pytorch-sparse,peer-pytorch; fi
 step profile 120 $PY benchmarks/gpu_profile.py --impl fractalmoe,$IMPLS --out "$OUT/profile.jsonl"
 step bench_model 120 $F bench model --device cuda --experts 16384,1048576 --batch-size 16 --force --json
+step bench_model_bf16 120 $F bench model --device cuda --experts 16384,1048576 --batch-size 16 --force --json \
+    --set autocast=bfloat16
 step bench_layer 330 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 10 --repeats 3 --force --json
 
 if [ "$NGPU" -ge 2 ]; then

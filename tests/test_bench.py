@@ -122,6 +122,22 @@ def test_model_benchmark_times_the_default_model() -> None:
     assert row["step_ms"] == pytest.approx(row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"])
 
 
+def test_model_benchmark_runs_the_forward_as_train_would_under_autocast(monkeypatch) -> None:
+    from fractalmoe.bench import ModelSpec, run_model
+    from fractalmoe.model import FHMELanguageModel
+
+    seen: list[bool] = []
+    forward = FHMELanguageModel.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FHMELanguageModel, "forward", recording)
+    row = run_model(ModelSpec(4096, batch_size=2, steps=1, overrides=["autocast=bfloat16"]))
+    assert row["autocast"] == "bfloat16" and seen and all(seen)
+
+
 # --- alternation, medians, ratios ------------------------------------------------------------
 
 

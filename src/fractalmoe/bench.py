@@ -8,6 +8,7 @@ implementations, hygiene, repeats and ratios) lives in :mod:`fractalmoe.bench_la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -95,6 +96,10 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len), device=device)
     tokens = idx.numel()
     fwd = bwd = opt_t = 0.0
+    dtype = None if run.train.autocast == "none" else getattr(torch, run.train.autocast)
+
+    def mixed() -> contextlib.AbstractContextManager[object]:  # the forward as `train` runs it
+        return torch.autocast(idx.device.type, dtype) if dtype is not None else contextlib.nullcontext()
 
     def clock() -> float:  # on CUDA, after the queued work: phases are timed without overlap
         synchronize(device)
@@ -104,7 +109,8 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
         opt.zero_grad()
         t0 = clock()
         with collect(model) as stats:
-            _, loss = model(idx, idx)
+            with mixed():
+                _, loss = model(idx, idx)
             t1 = clock()
             (loss + stats.aux_loss()).backward()
         t2 = clock()
@@ -115,7 +121,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
             fwd, bwd, opt_t = fwd + t1 - t0, bwd + t2 - t1, opt_t + t3 - t2
     fwd, bwd, opt_t = (v / spec.steps for v in (fwd, bwd, opt_t))
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), mixed():
         infer = best_time(lambda: model(idx), 3, device)
     step = fwd + bwd + opt_t
     floor = 3 * model.flops_per_token() * tokens / (gflops * 1e9)
@@ -124,7 +130,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
             "train_tok_s": tokens / step, "infer_tok_s": tokens / infer,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt_t * 1e3, "step_ms": step * 1e3,
             "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "roofline_frac": floor / step,
-            "peak_gflops": gflops}
+            "peak_gflops": gflops, "autocast": run.train.autocast}
 
 
 def spawn(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:

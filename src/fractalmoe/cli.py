@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wait up to this long for the machine to become idle before refusing")
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
+    bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, as for train (e.g. --set autocast=bfloat16)")
     bm.add_argument("--device", default="cpu",
                     help="cpu, cuda or cuda:N (on CUDA each phase is timed after a device synchronize)")
     bm.add_argument("--json", action="store_true")
@@ -374,8 +376,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              args.tokens, args.steps, args.expert_dtype, args.repeats, args.json,
                              args.gather_table_mb, force=args.force, wait_idle_s=args.wait_idle,
                              key_parts=args.key_parts, device=args.device)
-    if args.config:
-        load_config_file(args.config)  # validate before spawning
+    # a bad file or field fails here, in one line, before any process starts
+    (load_config_file(args.config) if args.config else default_run_config()).with_overrides(args.set)
     check_device(args.device)
     if not args.force:
         from .bench_layer import wait_until_idle
@@ -384,7 +386,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if reason is not None:
             raise UserError(reason)
     specs = [("model", dict(num_experts=n, config=args.config, batch_size=args.batch_size,
-                            steps=args.steps, device=args.device)) for n in args.experts]
+                            steps=args.steps, overrides=list(args.set), device=args.device))
+             for n in args.experts]
     rows = []
     for kind, spec in specs:
         row = spawn(kind, spec)
