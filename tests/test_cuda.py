@@ -248,3 +248,14 @@ def test_a_model_materialised_from_meta_on_cuda_initialises_there_and_trains() -
     x = torch.randint(0, 256, (4, 32), device="cuda")
     losses = [train_step(model, opt, x, x.roll(-1, 1), 1.0) for _ in range(3)]
     assert all(ok for _, ok in losses) and losses[-1][0] < losses[0][0]
+
+
+def test_activation_checkpointing_trains_on_cuda_without_a_host_sync() -> None:
+    model = FHMELanguageModel(_config("fhme")).cuda().train()
+    model.checkpoint_blocks = True
+    opt = ModelOptimizer(model, 1e-3, 0.03, 0.0, "lazy_adam")
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    first, ok = train_step(model, opt, x, x.roll(-1, 1), 1.0, autocast=torch.bfloat16)
+    with cuda_sync_debug("error", "cuda"):
+        last, ok = train_step(model, opt, x, x.roll(-1, 1), 1.0, autocast=torch.bfloat16)
+    assert ok and last < first and not _off_device(model, opt)

@@ -325,6 +325,9 @@ class TrainConfig(_Config):
     # weights, expert tables, gradients and optimizer state keep their dtypes; evaluation stays
     # float32). float16 is not offered: it needs loss scaling. none: float32 throughout.
     autocast: str = "none"
+    # recompute each block's activations in backward (non-reentrant activation checkpointing):
+    # activation memory of one block instead of all, for about one more forward per step
+    activation_checkpointing: bool = False
     weight_decay: float = 0.1
     beta2: float = 0.95  # AdamW's second-moment decay for dense parameters
     warmup_steps: int = 100

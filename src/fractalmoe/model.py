@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .adapters import AdaptedFFN
 from .baselines import build_ffn, routed_config
@@ -110,7 +111,12 @@ class FHMETransformerBlock(nn.Module):
 
 
 class FHMELanguageModel(nn.Module):
-    """Byte-level causal LM: embeddings, FHME blocks, tied output head."""
+    """Byte-level causal LM: embeddings, FHME blocks, tied output head.
+
+    ``checkpoint_blocks`` (False): in a training forward that builds a graph, each block keeps
+    only its input and runs again in backward (non-reentrant activation checkpointing), so
+    activations take one block's memory instead of all of them, for a second forward's time.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -127,6 +133,7 @@ class FHMELanguageModel(nn.Module):
         self.tie_weights()
         self.register_load_state_dict_post_hook(FHMELanguageModel._retie_after_load)
         self._init_weights()
+        self.checkpoint_blocks = False
 
     def tie_weights(self) -> None:
         """The output head reads the input embeddings: one parameter. Anything that replaces
@@ -181,8 +188,12 @@ class FHMELanguageModel(nn.Module):
     def _logits(self, idx: Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> Tensor:
         x = self.embed(idx.long())
         cos, sin = rope_tables(pos + idx.shape[1], self.cfg.head_dim, start=pos, device=x.device)
+        recompute = self.checkpoint_blocks and caches is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, None if caches is None else caches[i], pos)
+            if recompute:  # the recompute records nothing (``stats``): the first pass did
+                x = checkpoint(block, x, cos, sin, None, pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None if caches is None else caches[i], pos)
         return self.head(self.norm(x))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:

@@ -279,6 +279,10 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     if ctx.active:
         shard_experts(model, ctx)
     model = model.to(device)
+    if tc.activation_checkpointing:
+        if not isinstance(model, FHMELanguageModel):
+            raise ValueError("activation_checkpointing: only for FractalMoE language models")
+        model.checkpoint_blocks = True
     step, elapsed_before, bad_total, best_val = 0, 0.0, 0, math.inf
     ckpt = latest_checkpoint(run_dir) if resume is not None else None
     rows = table_rows(model)  # this rank's rows of every sharded table (empty at P = 1)
