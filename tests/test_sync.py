@@ -79,3 +79,23 @@ def test_backward_and_optimizer_step_never_sync(ffn: str, expert_optim: str) -> 
                 opt.step()
         opt.zero_grad()
         assert counter.total <= 1 and finite == 1.0 and value > 0, counter.found
+
+
+@pytest.mark.parametrize("setting", ["plain", "autocast", "micro-batches", "recompute", "all"])
+@pytest.mark.parametrize("ffn", ["fhme", "peer", "pkm"])
+def test_a_whole_training_step_reads_the_host_once(ffn: str, setting: str) -> None:
+    """``train_step`` from forward to fold, under each loop setting GPU stacks use: bfloat16
+    autocast, gradient accumulation, activation checkpointing (the recompute runs the forward
+    again, inside backward); the one read is the trainer's loss and finiteness."""
+    from fractalmoe.train import train_step
+
+    model = FHMELanguageModel(tiny_model_config(ffn=ffn)).train()
+    model.checkpoint_blocks = setting in ("recompute", "all")
+    autocast = torch.bfloat16 if setting in ("autocast", "all") else None
+    parts = 2 if setting in ("micro-batches", "all") else 1
+    opt = ModelOptimizer(model, 1e-3, 0.03, 0.0, "lazy_adam")
+    x = torch.randint(0, 256, (4, 32))
+    for _ in range(2):  # the first step creates the optimizer state
+        with HostSyncs() as counter:
+            assert train_step(model, opt, x, x, 1.0, autocast=autocast, micro_batches=parts)[1]
+    assert counter.found == {"Tensor.tolist": 1}, counter.found
