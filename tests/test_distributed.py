@@ -29,9 +29,12 @@ from fractalmoe.distributed import (
     DistContext,
     ShardedExpertBank,
     backend_for,
+    shard_experts,
     shard_range,
     wrap_data_parallel,
 )
+from fractalmoe.experts import expert_tables
+from fractalmoe.model import FHMELanguageModel
 from fractalmoe.optim import ModelOptimizer
 from fractalmoe.train import run, train_step
 
@@ -342,3 +345,54 @@ def test_a_value_bank_shared_by_layers_shards_too(tmp_path: Path) -> None:
     index = json.loads((latest_checkpoint(tmp_path / "two") / "index.json").read_text())
     tables = sorted(index["tables"])
     assert tables == ["shared_bank.values"], tables
+
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    losses = _fsdp_losses(DistContext(rank, world), fsdp=True)
+    if rank == 0:
+        Path(out).write_text(json.dumps(losses))
+    dist.destroy_process_group()
+
+
+def _fsdp_losses(ctx: DistContext, fsdp: bool) -> list[float]:
+    """Five steps of the same global batches, each rank training on its slice. ``fsdp``: FSDP2
+    (``fully_shard``) over each block's dense weights and the rest, expert tables row-sharded by
+    ``shard_experts`` and left to their own optimizer (``ignored_params``)."""
+    torch.manual_seed(0)
+    model = FHMELanguageModel(tiny_model_config(num_experts=NUM_EXPERTS, dim=DIM, n_layers=2)).train()
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        shard_experts(model, ctx)
+        tables, mesh = set(expert_tables(model)), init_device_mesh("cpu", (ctx.world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, ignored_params=tables)
+        fully_shard(model, mesh=mesh, ignored_params=tables)
+    opt = ModelOptimizer(model, 1e-3, 0.03, 0.0, "lazy_adam")
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(5):
+        x = torch.randint(0, 256, (4, 32), generator=gen).tensor_split(ctx.world)[ctx.rank]
+        loss, ok = train_step(model, opt, x, x.roll(-1, 1), 1.0, ctx=ctx)
+        assert ok
+        losses.append(loss)
+    return losses
+
+
+def test_two_ranks_under_fsdp2_match_one_process(tmp_path: Path) -> None:
+    """What a torchtitan-style loop does: ``fully_shard`` on the blocks (dense weights sharded,
+    gradients reduce-scattered), expert tables row-sharded and kept out of FSDP."""
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this PyTorch has no public FSDP2 (torch.distributed.fsdp.fully_shard)")
+    one = _fsdp_losses(DistContext(), fsdp=False)
+    out = tmp_path / "losses.json"
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    two = json.loads(out.read_text())
+    assert len(two) == 5
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * abs(a), (one, two)

@@ -197,6 +197,13 @@ def distinct_padding(p: Tensor) -> tuple[Iterator[tuple[Tensor, Tensor, Tensor |
     return map(moved, chunks), True
 
 
+def _local(grad: Tensor) -> Tensor:
+    """What this process holds of a gradient: a sparse one's rows, a DTensor's local shard."""
+    if grad.is_sparse:
+        return grad._values()
+    return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
 def has_row_gradient(p: Tensor) -> bool:
     return p.grad is not None or deferred_grad(p) is not None
 
@@ -475,10 +482,11 @@ class ModelOptimizer:
 
     def finite_flag(self) -> Tensor:
         """0-d bool tensor, on the parameters' device: is every gradient (dense, and the rows of
-        sparse ones) finite? No host sync: the trainer reads it together with the loss."""
+        sparse ones) finite? No host sync: the trainer reads it together with the loss. A
+        gradient sharded by FSDP (a DTensor) is checked in this rank's shard; the trainer
+        combines the ranks' flags."""
         params = self.dense_params + self.tables
-        flags = [torch.isfinite(p.grad._values() if p.grad.is_sparse else p.grad).all()
-                 for p in params if p.grad is not None]
+        flags = [torch.isfinite(_local(p.grad)).all() for p in params if p.grad is not None]
         flags += [grad.finite() for grad in map(deferred_grad, self.tables) if grad is not None]
         if not flags:
             return torch.ones((), dtype=torch.bool, device=params[0].device if params else None)
