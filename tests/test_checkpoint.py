@@ -56,8 +56,10 @@ BALANCED = dict(query_norm="whiten", unit_keys=True, balance_rate=0.05, balance_
 
 @pytest.mark.parametrize("expert_optim,model_extra,train_extra", [
     ("rowwise_adagrad", None, {}), ("lazy_adam", None, {}), ("rowwise_adagrad", BALANCED, {}),
-    ("lazy_adam", dict(expert_dtype="bfloat16"), dict(stochastic_rounding=True))],
-    ids=["rowwise_adagrad", "lazy_adam", "balanced-routing", "bf16-stochastic-rounding"])
+    ("lazy_adam", dict(expert_dtype="bfloat16"), dict(stochastic_rounding=True)),
+    ("lazy_adam", None, dict(grad_accum=2, autocast="bfloat16", activation_checkpointing=True))],
+    ids=["rowwise_adagrad", "lazy_adam", "balanced-routing", "bf16-stochastic-rounding",
+         "micro-batches-autocast-recompute"])
 def test_resume_is_bit_exact(tmp_path: Path, corpus: str, expert_optim: str,
                              model_extra: dict | None, train_extra: dict) -> None:
     cfg = _config(model_extra, expert_optim=expert_optim, **train_extra)
