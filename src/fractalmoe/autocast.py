@@ -27,6 +27,16 @@ def autocast_dtype(t: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
+def training_autocast(name: str) -> torch.dtype | None:
+    """The dtype of ``train.autocast`` ("none": None)."""
+    return None if name == "none" else getattr(torch, name)
+
+
+def autocast_region(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    """``torch.autocast`` in dtype on that kind of device; nothing where dtype is None."""
+    return torch.autocast(device_type, dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def autocast_off(t: Tensor) -> contextlib.AbstractContextManager[object]:
     """A region where autocast leaves ops on t's device alone."""
     kind = t.device.type

@@ -8,7 +8,6 @@ implementations, hygiene, repeats and ratios) lives in :mod:`fractalmoe.bench_la
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autocast import autocast_region, training_autocast
 from .host_memory import keep_freed_memory
 from .optim import ModelOptimizer, defers_table_grads
 from .roofline import best_time, matmul_gflops, synchronize
@@ -96,10 +96,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len), device=device)
     tokens = idx.numel()
     fwd = bwd = opt_t = 0.0
-    dtype = None if run.train.autocast == "none" else getattr(torch, run.train.autocast)
-
-    def mixed() -> contextlib.AbstractContextManager[object]:  # the forward as `train` runs it
-        return torch.autocast(idx.device.type, dtype) if dtype is not None else contextlib.nullcontext()
+    dtype = training_autocast(run.train.autocast)  # the forward as `train` runs it
 
     def clock() -> float:  # on CUDA, after the queued work: phases are timed without overlap
         synchronize(device)
@@ -109,7 +106,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
         opt.zero_grad()
         t0 = clock()
         with collect(model) as stats:
-            with mixed():
+            with autocast_region(idx.device.type, dtype):
                 _, loss = model(idx, idx)
             t1 = clock()
             (loss + stats.aux_loss()).backward()
@@ -121,7 +118,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
             fwd, bwd, opt_t = fwd + t1 - t0, bwd + t2 - t1, opt_t + t3 - t2
     fwd, bwd, opt_t = (v / spec.steps for v in (fwd, bwd, opt_t))
     model.eval()
-    with torch.no_grad(), mixed():
+    with torch.no_grad(), autocast_region(idx.device.type, dtype):
         infer = best_time(lambda: model(idx), 3, device)
     step = fwd + bwd + opt_t
     floor = 3 * model.flops_per_token() * tokens / (gflops * 1e9)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .autocast import autocast_region, training_autocast
 from .checkpoint import (
     CheckpointError,
     config_mismatch,
@@ -129,7 +130,7 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
     parts, losses = [], []
     for i, (x_part, y_part) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches))):
         with _grads_held(forward, i < micro_batches - 1), collect(model, balance_scale) as stats:
-            with _autocast(x.device.type, autocast):
+            with autocast_region(x.device.type, autocast):
                 _, loss = forward(x_part, y_part)
                 if loss_hook is not None:
                     loss = loss_hook(loss)
@@ -151,10 +152,6 @@ def train_step(model: FHMELanguageModel, opt: ModelOptimizer, x: Tensor, y: Tens
     opt.step()
     fold_statistics(model, parts)
     return total / ctx.world, True
-
-
-def _autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
-    return torch.autocast(device_type, dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _grads_held(forward: nn.Module, hold: bool) -> contextlib.AbstractContextManager[object]:
@@ -315,7 +312,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     tokens_per_step = tc.batch_size * mc.seq_len  # global
     t0 = time.perf_counter()
     budget_s = tc.time_budget * 60 if tc.time_budget > 0 else math.inf
-    autocast = None if tc.autocast == "none" else getattr(torch, tc.autocast)
+    autocast = training_autocast(tc.autocast)
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and ctx.is_main),
                unit="step", dynamic_ncols=True, file=sys.stderr)
     losses: list[float] = []
