@@ -111,3 +111,26 @@ def test_a_resumed_row_optimizer_copies_nothing_to_the_device_in_its_step(rule: 
         step(resumed)
     assert syncs.total == 0, syncs.found
     assert all(v.is_meta for v in resumed.state[table].values())
+
+
+def test_micro_batches_with_recomputed_blocks_stay_on_the_device() -> None:
+    """Gradient accumulation's collectors folded together, and activation checkpointing's
+    recompute inside backward: still no host sync and nothing off the device."""
+    with torch.device("meta"):
+        model = FHMELanguageModel(tiny_model_config(balance_rate=0.01)).train()
+        x = torch.randint(0, 256, (4, 16))
+    model.checkpoint_blocks = True
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, "lazy_adam")
+    for _ in range(2):
+        with HostSyncs() as syncs:
+            parts = []
+            for x_part in x.chunk(2):
+                with collect(model) as stats:
+                    _, loss = model(x_part, x_part)
+                    ((loss + stats.aux_loss()) / 2).backward()
+                parts.append(stats)
+            opt.sparse.step()
+            fold_statistics(model, parts)
+        assert syncs.total == 0, syncs.found
+        assert off_device(model, [opt.sparse], "meta") == []
+        opt.zero_grad()
