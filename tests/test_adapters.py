@@ -140,6 +140,9 @@ def test_export_hf_round_trip_gives_identical_logits(tmp_path: Path, capsys) -> 
 
     tables = split_parameters(hf)[0]  # however transformers materialised them, the row rule finds them
     assert len(tables) == len(split_parameters(ours)[0]) > 0
+    prompt = idx[:, :5]  # transformers' own generate, greedy, within the context: as ours
+    out = hf.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ours.eval().generate(prompt, 12, temperature=0.0))
 
 
 def _unique_bytes(model: torch.nn.Module) -> int:

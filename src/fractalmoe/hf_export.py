@@ -39,6 +39,7 @@ class FractalMoEConfig(PretrainedConfig):
 
     def __init__(self, fractalmoe=None, **kwargs):
         self.fractalmoe = fractalmoe or {}
+        self.num_hidden_layers = self.fractalmoe.get("n_layers", 0)  # what generate's cache set-up reads
         super().__init__(**kwargs)
 
 
@@ -77,6 +78,10 @@ class FractalMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         pass  # weights come from model.safetensors
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        """The whole sequence at every step: the forward keeps no transformers cache."""
+        return {"input_ids": input_ids}
 
     def forward(self, input_ids, labels=None, **kwargs):
         logits = self.model(input_ids[:, -self.model.cfg.seq_len:])
