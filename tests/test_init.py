@@ -96,3 +96,17 @@ def test_materialising_keeps_the_head_tied_to_the_embeddings(how: str) -> None:
         model.load_state_dict(real.state_dict(), assign=True)
     assert model.head.weight is model.embed.weight
     assert len(list(model.parameters())) == len(list(real.parameters()))
+
+
+@pytest.mark.parametrize("rank", [0, 2])  # the last shard crosses a 64K-row chunk of the draw
+def test_a_sharded_bank_redraws_its_rows_from_the_banks_seed(rank: int) -> None:
+    """After ``to_empty`` a row-sharded table holds nothing; its reset draws this rank's rows of
+    the bank's table again (every rank from the same seed, so the shards stay one table)."""
+    from fractalmoe.distributed import DistContext, ShardedExpertBank
+    from fractalmoe.experts import ExpertBank
+
+    bank = ExpertBank(70_000, 2, kind="neuron")
+    shard = ShardedExpertBank(bank, DistContext(rank, 3)).to_empty(device="cpu")
+    shard.reset_parameters()
+    for name, table in shard.tables().items():
+        assert torch.equal(table, getattr(bank, name)[shard.lo:shard.hi]), name

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
-from .experts import ExpertBank, TableBank, expert_mix, value_mix
+from .experts import ExpertBank, TableBank, expert_mix, fill_rows, value_mix
 from .fhme import FHME
 
 
@@ -100,12 +100,20 @@ class ShardedExpertBank(TableBank):
         self.table_names = tuple(bank.table_names)
         self.world = ctx.world
         self.lo, self.hi = shard_range(bank.num_experts, ctx.rank, ctx.world)
+        self.seed, self._stream = bank.seed, bank._stream
         for name in self.table_names:  # only this rank's rows are ever built (from the bank's seed)
             setattr(self, name, nn.Parameter(bank.rows(name, self.lo, self.hi)))
         # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
         # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P
         # (applied where the mixes form them, so deferred gradients get it too).
         self.row_grad_scale = 1.0 / self.world
+
+    def reset_parameters(self) -> None:
+        """This rank's rows drawn again from the bank's seed (every rank the same seed, so the
+        shards stay one table): what ``init_weights`` gives a sharded model after ``to_empty``."""
+        for name, table in self.tables().items():
+            if not table.is_meta:
+                fill_rows(table, 2 * self.seed + self._stream(name), self.lo, self.num_experts)
 
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         dim, num_m = x.shape[-1], idx.shape[-1]

@@ -437,6 +437,15 @@ def init_rows(seed: int, lo: int, hi: int, num_rows: int, dim: int, dtype: torch
     return out
 
 
+@torch.no_grad()
+def fill_rows(table: Tensor, seed: int, lo: int, num_rows: int) -> None:
+    """table[i] = row lo + i of the (num_rows, D) table ``init_rows`` draws from seed, drawn on the
+    CPU 64K rows at a time and copied where the table lives (never a whole table on the host)."""
+    for a in range(0, table.shape[0], _ROW_CHUNK):
+        b = min(a + _ROW_CHUNK, table.shape[0])
+        table[a:b] = init_rows(seed, lo + a, lo + b, num_rows, table.shape[1], table.dtype)
+
+
 class TableBank(nn.Module):
     """A module holding expert tables (row-sparse gradients, row-sparse optimizer) as the
     parameters named in ``table_names``."""
@@ -486,20 +495,14 @@ class ExpertBank(TableBank):
         """Which random stream of the bank's seed a table is drawn from."""
         return 0 if name == "down" else 1
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
         """A new seed (one draw of the global RNG) and N(0, 1/D) rows drawn from it, so that
-        u . x has unit variance for unit-RMS x. Rows are drawn on the CPU (the same rows whatever
-        the device) 64K at a time and copied into the table where it lives; a meta table keeps
-        only the seed (``rows`` draws any range from it)."""
+        u . x has unit variance for unit-RMS x (``fill_rows``: the same rows whatever the
+        device); a meta table keeps only the seed (``rows`` draws any range from it)."""
         self.seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
         for name, table in self.tables().items():
-            if table.is_meta:
-                continue
-            for lo in range(0, self.num_experts, _ROW_CHUNK):
-                hi = min(lo + _ROW_CHUNK, self.num_experts)
-                table[lo:hi] = init_rows(2 * self.seed + self._stream(name), lo, hi, self.num_experts,
-                                         self.dim, table.dtype)
+            if not table.is_meta:
+                fill_rows(table, 2 * self.seed + self._stream(name), 0, self.num_experts)
 
     def rows(self, name: str, lo: int, hi: int) -> Tensor:
         """A copy of rows [lo, hi) of table ``name``, built from the seed if the tables were never
