@@ -100,7 +100,7 @@ class ShardedExpertBank(TableBank):
         self.table_names = tuple(bank.table_names)
         self.world = ctx.world
         self.lo, self.hi = shard_range(bank.num_experts, ctx.rank, ctx.world)
-        self.seed, self._stream = bank.seed, bank._stream
+        self.seed = bank.seed
         for name in self.table_names:  # only this rank's rows are ever built (from the bank's seed)
             setattr(self, name, nn.Parameter(bank.rows(name, self.lo, self.hi)))
         # Each rank's loss is a mean over its own tokens and DDP averages dense gradients over
@@ -113,7 +113,7 @@ class ShardedExpertBank(TableBank):
         shards stay one table): what ``init_weights`` gives a sharded model after ``to_empty``."""
         for name, table in self.tables().items():
             if not table.is_meta:
-                fill_rows(table, 2 * self.seed + self._stream(name), self.lo, self.num_experts)
+                fill_rows(table, ExpertBank.table_seed(self.seed, name), self.lo, self.num_experts)
 
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         dim, num_m = x.shape[-1], idx.shape[-1]

@@ -491,9 +491,9 @@ class ExpertBank(TableBank):
         self.reset_parameters()
 
     @staticmethod
-    def _stream(name: str) -> int:
-        """Which random stream of the bank's seed a table is drawn from."""
-        return 0 if name == "down" else 1
+    def table_seed(seed: int, name: str) -> int:
+        """The seed table ``name`` of a bank seeded with ``seed`` is drawn from (one stream each)."""
+        return 2 * seed + (0 if name == "down" else 1)
 
     def reset_parameters(self) -> None:
         """A new seed (one draw of the global RNG) and N(0, 1/D) rows drawn from it, so that
@@ -502,14 +502,14 @@ class ExpertBank(TableBank):
         self.seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu"))
         for name, table in self.tables().items():
             if not table.is_meta:
-                fill_rows(table, 2 * self.seed + self._stream(name), 0, self.num_experts)
+                fill_rows(table, self.table_seed(self.seed, name), 0, self.num_experts)
 
     def rows(self, name: str, lo: int, hi: int) -> Tensor:
         """A copy of rows [lo, hi) of table ``name``, built from the seed if the tables were never
         allocated."""
         table = getattr(self, name)
         if table.is_meta:
-            return init_rows(2 * self.seed + self._stream(name), lo, hi, self.num_experts, self.dim,
+            return init_rows(self.table_seed(self.seed, name), lo, hi, self.num_experts, self.dim,
                              table.dtype)
         return table.data[lo:hi].clone()
 
