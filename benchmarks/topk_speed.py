@@ -1,5 +1,5 @@
 """Top-k selection on a CPU: ``torch.topk`` against the routing's numpy selection
-(``fractalmoe.routing.topk_indices``) as an argpartition of the row then an argsort of the k
+(``fractalmoe.product_keys.topk_indices``) as an argpartition of the row then an argsort of the k
 (``select``, the route for rows past ``_FULL_SORT``) and as one argsort of the whole row
 (``sort``, the route up to it), per call at the default model's shapes and per training step of
 the default model (16 x 128 bytes, one thread, freed memory kept as the command line does).
@@ -36,7 +36,7 @@ def measure(mode: str) -> dict[str, object]:
     as ``fractalmoe bench model`` times it (``bench.run_model``: 16 x 128 bytes, 5 steps)."""
     import torch
 
-    from fractalmoe import routing
+    from fractalmoe import product_keys
     from fractalmoe.bench import ModelSpec, run_model
     from fractalmoe.config import default_run_config
     from fractalmoe.host_memory import keep_freed_memory
@@ -44,14 +44,14 @@ def measure(mode: str) -> dict[str, object]:
     torch.set_num_threads(1)
     keep_freed_memory()
     if mode == "torch":
-        routing._select_on_host = lambda scores, k: False
+        product_keys._select_on_host = lambda scores, k: False
     if mode == "select":
-        routing._FULL_SORT = 0
+        product_keys._FULL_SORT = 0
     torch.manual_seed(0)
     out: dict[str, object] = {"mode": mode}
     for rows, width, k in SHAPES:
         scores = torch.randn(rows, width)
-        out[f"call_{width}_{k}_ms"] = _median_ms(lambda: routing.sorted_topk(scores, k), 9)
+        out[f"call_{width}_{k}_ms"] = _median_ms(lambda: product_keys.sorted_topk(scores, k), 9)
     run = default_run_config()
     row = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size, steps=5))
     out["step_ms"] = row["step_ms"]

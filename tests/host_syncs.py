@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fractalmoe import routing
+from fractalmoe import product_keys
 
 
 class HostSyncs(TorchDispatchMode):
@@ -32,8 +32,8 @@ class HostSyncs(TorchDispatchMode):
         self.found: Counter = Counter()
 
     def __enter__(self) -> HostSyncs:
-        self._select_on_host = routing._select_on_host
-        routing._select_on_host = lambda scores, k: False
+        self._select_on_host = product_keys._select_on_host
+        product_keys._select_on_host = lambda scores, k: False
         for name in ("tolist", "numpy"):
             original = getattr(torch.Tensor, name)
 
@@ -47,7 +47,7 @@ class HostSyncs(TorchDispatchMode):
     def __exit__(self, *exc: object) -> None:
         for name in ("tolist", "numpy"):
             delattr(torch.Tensor, name)  # back to the C implementation
-        routing._select_on_host = self._select_on_host
+        product_keys._select_on_host = self._select_on_host
         super().__exit__(*exc)
 
     @property

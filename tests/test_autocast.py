@@ -11,7 +11,7 @@ from fractalmoe.config import TrainConfig, tiny_model_config
 from fractalmoe.experts import expert_mix, expert_mix_reference, value_mix
 from fractalmoe.model import FHMELanguageModel
 from fractalmoe.optim import ModelOptimizer
-from fractalmoe.routing import sub_key_topk
+from fractalmoe.product_keys import sub_key_topk
 from fractalmoe.train import train_step
 
 BF16 = dict(rtol=2e-2, atol=2e-2)

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fractalmoe import FHMELanguageModel, routing
+from fractalmoe import FHMELanguageModel, product_keys
 from fractalmoe.adapters import add_fhme_adapters
 from fractalmoe.config import tiny_model_config
 from fractalmoe.optim import ModelOptimizer
@@ -276,7 +276,7 @@ def test_no_host_sync_in_forward_and_one_per_training_step(name: str) -> None:
 def test_the_first_forward_of_a_process_makes_no_tensor_from_host_data(name: str) -> None:
     """Constants the router builds once (and caches) are made on the device, not copied there."""
     model = _model(name).eval()
-    routing._pairs_that_can_win.cache_clear()
+    product_keys._pairs_that_can_win.cache_clear()
     with HostSyncs() as syncs, torch.no_grad():
         model(torch.randint(0, 256, (2, 16)))
     assert syncs.total == 0, syncs.found

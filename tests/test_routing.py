@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from fractalmoe import FHME, ProductKeyMemory
-from fractalmoe.routing import (
-    Balancing,
-    ProductKeyRouter,
+from fractalmoe.product_keys import (
     _select_on_host,
     key_table_sizes,
     product_key_topk,
     sorted_topk,
     split_index,
 )
+from fractalmoe.routing import Balancing, ProductKeyRouter
 from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
 
 
@@ -115,7 +114,7 @@ def test_product_key_topk_small_exhaustive() -> None:
 
 @pytest.mark.parametrize("k1,k2,k", [(16, 16, 16), (5, 16, 16), (16, 3, 16), (4, 4, 40), (1, 7, 3), (22, 22, 22)])
 def test_pairs_that_can_win_are_those_with_few_better_pairs(k1: int, k2: int, k: int) -> None:
-    from fractalmoe.routing import _pairs_that_can_win
+    from fractalmoe.product_keys import _pairs_that_can_win
 
     i, j, flat = _pairs_that_can_win(k1, k2, k, torch.device("cpu"))
     want = [(a, b) for a in range(k1) for b in range(k2) if (a + 1) * (b + 1) <= k]
@@ -211,10 +210,10 @@ def test_bad_arguments_raise_value_error() -> None:
 @pytest.mark.parametrize("dense_ratio", [8, 1])
 def test_sub_key_topk_gradient_equals_dense_autograd(dense_ratio: int, monkeypatch) -> None:
     """Both ways of forming the score gradient: dense products (n <= 8 k) and sorted row sums."""
-    from fractalmoe import routing
-    from fractalmoe.routing import sub_key_topk
+    from fractalmoe import product_keys
+    from fractalmoe.product_keys import sub_key_topk
 
-    monkeypatch.setattr(routing, "_DENSE_SCORE_GRAD", dense_ratio)
+    monkeypatch.setattr(product_keys, "_DENSE_SCORE_GRAD", dense_ratio)
     q = torch.randn(6, 3, 8, dtype=torch.float64, requires_grad=True)
     keys = torch.randn(3, 20, 8, dtype=torch.float64, requires_grad=True)
     vals, idx = sub_key_topk(q, keys, 4)
@@ -306,7 +305,7 @@ def test_expert_bias_fold_is_the_dense_rule_up_to_a_constant_per_head() -> None:
 
 
 def test_whitening_gives_identity_covariance_from_past_batches_only() -> None:
-    from fractalmoe.routing import RunningQueryWhitening
+    from fractalmoe.query_norm import RunningQueryWhitening
 
     torch.manual_seed(0)
     norm = RunningQueryWhitening(heads=2, width=6).train()

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from .bench import check_device, device_peak_gb, peak_rss_gb, spawn
 from .experts import deferred_grad, expert_mix_reference
-from .routing import key_table_sizes
+from .product_keys import key_table_sizes
 from .roofline import (RULE_NAMES, Hardware, Shape, best_time, floor_seconds, gather_gbps, matmul_gflops,
                        step_bytes, step_flops, synchronize)
 

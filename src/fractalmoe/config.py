@@ -205,7 +205,7 @@ class ModelConfig(_Config):
         r(self.dim % self.n_heads == 0, "dim", f"must be divisible by n_heads={self.n_heads}")
         r((self.dim // self.n_heads) % 2 == 0, "n_heads", "dim / n_heads must be even (RoPE)")
         r(2 <= self.key_parts <= 4, "key_parts", "must be 2, 3 or 4")
-        from .routing import key_table_sizes  # routing imports (via experts) this module
+        from .product_keys import key_table_sizes  # product_keys imports (via experts) this module
         try:
             key_table_sizes(self.num_experts, self.key_parts)
         except ValueError as err:

@@ -7,7 +7,7 @@ measured step time.
 * bandwidth: a measured random-row gather of rows as wide as the expert tables' rows
   (``index_select`` of random rows from a table far larger than any cache; the rows' bytes read +
   written per second). That is the access pattern of expert rows, not a streaming copy.
-* FLOPs: query projection, sub-key scoring, the candidate sums (``routing.candidate_sums``), expert
+* FLOPs: query projection, sub-key scoring, the candidate sums (``product_keys.candidate_sums``), expert
   dots and mixes (multiply-add = 2); backward = 2x forward.
 * bytes: the minimum an update rule must move, whatever a design happens to move (legend: S
   routed slots = tokens x heads x topk, R touched rows, N rows, D width, e bytes per table
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .experts import TABLE_DTYPES
-from .routing import candidate_sums, key_table_sizes
+from .product_keys import candidate_sums, key_table_sizes
 
 RULES = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
 RULE_NAMES = {"rowwise_adagrad": "row-wise Adagrad", "lazy_adam": "lazy Adam",
