@@ -17,7 +17,7 @@ STEPS=${STEPS:-1500}
 DATA=${DATA:-data/stdlib}
 .venv/bin/python -c "
 import sys
-from fractalmoe.bench_layer import wait_until_idle
+from fractalmoe.bench_hygiene import wait_until_idle
 reason = wait_until_idle(180)  # a previous step leaves the load average high for a minute or two
 sys.exit(reason and f'this measurement needs the machine to itself: {reason}')"
 # Each run by adaptive_frontier.sh (its flags for fixed_c3 and threshold_t45), pinned to CPU 0.

@@ -43,7 +43,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child)))
         return
-    from fractalmoe.bench_layer import alternated_children, report
+    from fractalmoe.bench_hygiene import alternated_children, report
 
     rows = alternated_children(__file__, [[model] for model in MODELS], args.repeats, args.force)
     summary: dict[str, object] = {"summary": "median ms per training step"}

@@ -41,6 +41,6 @@ def measure(mode: str) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    from fractalmoe.bench_layer import mode_benchmark
+    from fractalmoe.bench_hygiene import mode_benchmark
 
     mode_benchmark(__file__, __doc__, MODES, measure, "benchmarks/results/host_memory.jsonl")

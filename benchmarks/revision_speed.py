@@ -64,7 +64,7 @@ if __name__ == "__main__":
     import atexit
     import shutil
 
-    from fractalmoe.bench_layer import mode_benchmark
+    from fractalmoe.bench_hygiene import mode_benchmark
 
     rev = os.environ.get("REV")
     if not rev:

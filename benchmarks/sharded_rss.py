@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     if not args.force:
-        from fractalmoe.bench_layer import busy_reason
+        from fractalmoe.bench_hygiene import busy_reason
 
         reason = busy_reason()
         if reason:

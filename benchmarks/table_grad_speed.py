@@ -50,7 +50,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(*args.child)))
         return
-    from fractalmoe.bench_layer import alternated_children, report
+    from fractalmoe.bench_hygiene import alternated_children, report
 
     children = [[layout, model] for model in MODELS for layout in LAYOUTS]
     rows = alternated_children(__file__, children, args.repeats, args.force)

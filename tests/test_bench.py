@@ -14,12 +14,11 @@ import time
 import pytest
 import torch
 
-from fractalmoe import bench_layer
+from fractalmoe import bench_hygiene, bench_layer
 from fractalmoe.bench import peak_rss_gb
-from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, busy_reason,
-                                    headline_ratios, impl_available, mode_summary, run_layer,
-                                    run_layer_bench, schedule, spawn_layer, summarize, torch_processes,
-                                    validate)
+from fractalmoe.bench_hygiene import busy_reason, mode_summary, schedule, torch_processes
+from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, headline_ratios, impl_available,
+                                    run_layer, run_layer_bench, spawn_layer, summarize, validate)
 from fractalmoe.roofline import Hardware, Shape, flops_per_token, gather_gbps, step_bytes, step_flops
 
 HW = Hardware(gflops=100.0, gbps=10.0)
@@ -35,27 +34,27 @@ def _needs(impl: str) -> None:
 
 
 def test_refuses_while_another_torch_process_runs(monkeypatch) -> None:
-    monkeypatch.setattr(bench_layer, "torch_processes", lambda: [(4242, "python train.py"), (7, "x")])
-    monkeypatch.setattr(bench_layer, "load_average", lambda: 0.0)
+    monkeypatch.setattr(bench_hygiene, "torch_processes", lambda: [(4242, "python train.py"), (7, "x")])
+    monkeypatch.setattr(bench_hygiene, "load_average", lambda: 0.0)
     reason = busy_reason()
     assert reason is not None and "pid 4242" in reason and "1 more" in reason and "--force" in reason
     assert "\n" not in reason
 
 
 def test_refuses_above_the_load_limit_only(monkeypatch) -> None:
-    monkeypatch.setattr(bench_layer, "torch_processes", lambda: [])
-    monkeypatch.setattr(bench_layer, "load_average", lambda: 0.51)
+    monkeypatch.setattr(bench_hygiene, "torch_processes", lambda: [])
+    monkeypatch.setattr(bench_hygiene, "load_average", lambda: 0.51)
     reason = busy_reason()
     assert reason is not None and "0.51" in reason and "--force" in reason
-    monkeypatch.setattr(bench_layer, "load_average", lambda: 0.5)
+    monkeypatch.setattr(bench_hygiene, "load_average", lambda: 0.5)
     assert busy_reason() is None
 
 
 def test_waiting_for_the_machine_to_become_idle(monkeypatch) -> None:
     states = iter(["busy", "busy", None])
-    monkeypatch.setattr(bench_layer, "busy_reason", lambda: next(states))
-    assert bench_layer.wait_until_idle(0.0, poll_s=0.001) == "busy"  # no wait: refuse at once
-    assert bench_layer.wait_until_idle(5.0, poll_s=0.001) is None
+    monkeypatch.setattr(bench_hygiene, "busy_reason", lambda: next(states))
+    assert bench_hygiene.wait_until_idle(0.0, poll_s=0.001) == "busy"  # no wait: refuse at once
+    assert bench_hygiene.wait_until_idle(5.0, poll_s=0.001) is None
 
 
 def test_process_scan_finds_a_running_torch_process_but_not_itself_or_a_stopped_one() -> None:
@@ -82,7 +81,7 @@ def test_process_scan_finds_a_running_torch_process_but_not_itself_or_a_stopped_
 def test_cli_refusal_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
     from fractalmoe.cli import main
 
-    monkeypatch.setattr(bench_layer, "busy_reason", lambda: "the 1-minute load average is 3.00 (> 0.5)")
+    monkeypatch.setattr(bench_hygiene, "busy_reason", lambda: "the 1-minute load average is 3.00 (> 0.5)")
     measured = []
     monkeypatch.setattr(bench_layer, "matmul_gflops", lambda **_: measured.append(1))
     assert main(["bench", "layer", "--experts", "256", "--impl", "fractalmoe"]) == 2
@@ -94,7 +93,7 @@ def test_cli_refusal_is_one_line_and_exit_2(monkeypatch, capsys) -> None:
 def test_cli_user_mistakes_come_before_the_hygiene_check(monkeypatch, capsys) -> None:
     from fractalmoe.cli import main
 
-    monkeypatch.setattr(bench_layer, "busy_reason", lambda: pytest.fail("checked the machine first"))
+    monkeypatch.setattr(bench_hygiene, "busy_reason", lambda: pytest.fail("checked the machine first"))
     for argv, words in ((["--impl", "nope"], "unknown --impl nope"), (["--experts", "60"], "perfect square"),
                         (["--repeats", "2"], "at least 3 repeats"),
                         (["--expert-dtype", "fp16"], "comma list of float32, bfloat16"),
@@ -468,7 +467,7 @@ def test_alternated_children_run_round_robin_in_fresh_processes(tmp_path, capsys
                       "print('noise')\n"
                       "print(json.dumps({'arg': sys.argv[2], 'pid': os.getpid(),"
                       " 'threads': os.environ['OMP_NUM_THREADS']}))\n")
-    rows = bench_layer.alternated_children(str(script), [["a"], ["b"]], repeats=2, force=True)
+    rows = bench_hygiene.alternated_children(str(script), [["a"], ["b"]], repeats=2, force=True)
     assert [(r["arg"], r["repeat"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     assert len({r["pid"] for r in rows}) == 4 and {r["threads"] for r in rows} == {"1"}
 
@@ -477,12 +476,12 @@ def test_alternated_children_keep_the_thread_setting_when_asked(tmp_path, monkey
     script = tmp_path / "child.py"
     script.write_text("import json, os\nprint(json.dumps({'threads': os.environ.get('OMP_NUM_THREADS')}))\n")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    rows = bench_layer.alternated_children(str(script), [["a"]], repeats=1, force=True, one_thread=False)
+    rows = bench_hygiene.alternated_children(str(script), [["a"]], repeats=1, force=True, one_thread=False)
     assert rows[0]["threads"] is None
 
 
 def test_alternated_children_refuse_a_busy_machine(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench_layer, "wait_until_idle", lambda max_wait_s: "the machine is busy")
+    monkeypatch.setattr(bench_hygiene, "wait_until_idle", lambda max_wait_s: "the machine is busy")
     with pytest.raises(SystemExit) as stop:
-        bench_layer.alternated_children("unused.py", [["a"]], repeats=1, force=False)
+        bench_hygiene.alternated_children("unused.py", [["a"]], repeats=1, force=False)
     assert stop.value.code == 2 and capsys.readouterr().err == "error: the machine is busy\n"

@@ -30,13 +30,13 @@ is paired with an update rule, so that a design and an optimizer rule can be tol
 ``--expert-dtype float32,bfloat16`` runs every fractalmoe impl with each table dtype, alternated
 in the same run (the other impls keep fp32 tables).
 
-Hygiene: the run refuses to start while another process has PyTorch loaded or the 1-minute load
-average is above 0.5 (``--force`` skips the check). Every repeat of every configuration is a fresh
-process (2 warm-up steps, then the timed steps), configurations alternate round-robin
-(A B A B ... for ``repeats`` rounds) and the reported numbers are medians over the repeats. Peak
-and bandwidth (see :mod:`fractalmoe.roofline`) are measured once at the start (the random-row
-bandwidth once per table dtype: rows of that many bytes) and shared by all configurations, so
-roofline fractions and ratios of one run are comparable.
+Hygiene (``bench_hygiene``): the run refuses to start while another process has PyTorch loaded
+or the 1-minute load average is above 0.5 (``--force`` skips the check). Every repeat of every
+configuration is a fresh process (2 warm-up steps, then the timed steps), configurations alternate
+round-robin (A B A B ... for ``repeats`` rounds) and the reported numbers are medians over the
+repeats. Peak and bandwidth (see :mod:`fractalmoe.roofline`) are measured once at the start (the
+random-row bandwidth once per table dtype: rows of that many bytes) and shared by all
+configurations, so roofline fractions and ratios of one run are comparable.
 """
 
 from __future__ import annotations
@@ -45,20 +45,19 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .bench import check_device, device_peak_gb, peak_rss_gb, spawn
+from .bench_hygiene import schedule, wait_until_idle
 from .experts import deferred_grad, expert_mix_reference
 from .product_keys import key_table_sizes
 from .roofline import (RULE_NAMES, Hardware, Shape, best_time, floor_seconds, gather_gbps, matmul_gflops,
@@ -88,7 +87,6 @@ IMPLS = {
     "pkm-pytorch": ImplInfo("dense_adamw", 1, "product_key_memory"),
 }
 LAYER_IMPLS = tuple(IMPLS)
-MAX_LOAD = 0.5
 
 
 def impl_name(impl: str, expert_dtype: str) -> str:
@@ -306,145 +304,6 @@ def spawn_layer(spec: LayerSpec, hw: Hardware, timeout: float = 1800) -> dict[st
         return {"impl": spec.impl, "N": spec.num_experts, "expert_dtype": spec.shape().expert_dtype,
                 "error": row["error"]}
     return row
-
-
-# --- hygiene -----------------------------------------------------------------------------------
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def torch_processes() -> list[tuple[int, str]]:
-    """(pid, command line) of other running processes with libtorch mapped (readable ones only);
-    this process and its ancestors are not "other", nor are stopped processes (``kill -STOP``:
-    they take no CPU or memory bandwidth until continued). Empty where /proc does not exist."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    skip: set[int] = {os.getpid()}
-    pid: int | None = os.getpid()
-    while pid is not None and pid > 1:  # our ancestors wait for us: they are not competition
-        skip.add(pid)
-        pid = _parent(pid)
-    found = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) in skip:
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state in ("Z", "X", "T", "t") or b"libtorch" not in (entry / "maps").read_bytes():
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, IndexError):
-            continue
-        found.append((int(entry.name), cmd))
-    return sorted(found)
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return 0.0
-
-
-def busy_reason(max_load: float = MAX_LOAD) -> str | None:
-    """Why the machine is not fit for a benchmark now (one line), or None."""
-    procs = torch_processes()
-    if procs:
-        pid, cmd = procs[0]
-        more = f" and {len(procs) - 1} more" if len(procs) > 1 else ""
-        cmd = cmd if len(cmd) <= 60 else cmd[:57] + "..."
-        return (f"another PyTorch process is running (pid {pid}: {cmd}){more}; timings would be "
-                "skewed: wait for it to finish or pass --force")
-    load = load_average()
-    if load > max_load:
-        return (f"the 1-minute load average is {load:.2f} (> {max_load}): the machine is busy; "
-                "wait or pass --force")
-    return None
-
-
-def wait_until_idle(max_wait_s: float = 0.0, poll_s: float = 5.0) -> str | None:
-    """``busy_reason()``, polled for up to ``max_wait_s`` seconds until the machine is idle (a
-    script's previous step leaves the load average high for a minute or two)."""
-    deadline = time.monotonic() + max_wait_s
-    reason = busy_reason()
-    while reason is not None and time.monotonic() + poll_s <= deadline:
-        time.sleep(poll_s)
-        reason = busy_reason()
-    return reason
-
-
-# --- repeats, medians, ratios ------------------------------------------------------------------
-
-
-def schedule(configs: int, repeats: int) -> list[tuple[int, int]]:
-    """(repeat, config) in run order: round-robin, every configuration once per round."""
-    return [(r, c) for r in range(repeats) for c in range(configs)]
-
-
-def alternated_children(script: str, children: list[list[str]], repeats: int, force: bool,
-                        one_thread: bool = True) -> list[dict]:
-    """A benchmark script's measurements: ``script --child ARGS`` for every ARGS of ``children``,
-    each in a fresh process (single-threaded unless not ``one_thread``: then as a plain process
-    starts), round-robin over ``repeats`` rounds; each child prints one JSON object last. On a
-    busy machine (after waiting up to 3 minutes) it exits with a one-line error (status 2)
-    unless ``force``."""
-    reason = None if force else wait_until_idle(max_wait_s=180)
-    if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        raise SystemExit(2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else dict(os.environ)
-    rows: list[dict] = []
-    for repeat, c in schedule(len(children), repeats):
-        proc = subprocess.run([sys.executable, script, "--child", *children[c]], capture_output=True,
-                              text=True, env=env, check=True)
-        rows.append({**json.loads(proc.stdout.splitlines()[-1]), "repeat": repeat})
-        print(json.dumps(rows[-1]))
-    return rows
-
-
-def report(out: str, rows: list[dict], summary: dict) -> None:
-    """Print a benchmark script's summary and write its rows and the summary to ``out`` (JSON lines)."""
-    print(json.dumps(summary))
-    with open(out, "w") as f:
-        for r in [*rows, summary]:
-            f.write(json.dumps(r) + "\n")
-
-
-def mode_summary(rows: list[dict], modes: tuple[str, ...]) -> dict:
-    """Medians over repeats of every numeric measurement per mode, and each later mode's speed-up
-    over the first on every time (``*_ms``)."""
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and k != "repeat"]
-    med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in modes}
-    return {"summary": "median", **{f"{m}_{k}": v for m in modes for k, v in med[m].items()},
-            **{f"speedup_{m}_{k}": med[modes[0]][k] / med[m][k] for m in modes[1:] for k in keys
-               if k.endswith("_ms")}}
-
-
-def mode_benchmark(script: str, doc: str, modes: tuple[str, ...], measure: Callable[[str], dict],
-                   out: str, one_thread: bool = True) -> None:
-    """A benchmark script's command line: ``--child MODE`` prints ``measure(MODE)`` (one fresh
-    process); otherwise every mode alternated over ``--repeats`` rounds (``alternated_children``),
-    rows and ``mode_summary`` written to ``--out``. Each row carries its ``mode``."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=out)
-    p.add_argument("--force", action="store_true", help="run even on a busy machine")
-    p.add_argument("--child", choices=modes, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child)))
-        return
-    rows = alternated_children(script, [[m] for m in modes], args.repeats, args.force, one_thread)
-    report(args.out, rows, mode_summary(rows, modes))
 
 
 _MEDIANS = ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "infer_ms", "peak_rss_gb", "peak_device_gb",

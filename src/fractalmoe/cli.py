@@ -380,7 +380,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     (load_config_file(args.config) if args.config else default_run_config()).with_overrides(args.set)
     check_device(args.device)
     if not args.force:
-        from .bench_layer import wait_until_idle
+        from .bench_hygiene import wait_until_idle
 
         reason = wait_until_idle(args.wait_idle)
         if reason is not None:
