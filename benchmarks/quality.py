@@ -830,7 +830,8 @@ BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.
                "fade0.01_400": ["--set", "balance_loss=0.01", "--set", "balance_steps=400"],
                "fade0.03_400": ["--set", "balance_loss=0.03", "--set", "balance_steps=400"],
                "fade0.01_1200": ["--set", "balance_loss=0.01", "--set", "balance_steps=1200"],
-               "fade0.03_1200": ["--set", "balance_loss=0.03", "--set", "balance_steps=1200"]}
+               "fade0.03_1200": ["--set", "balance_loss=0.03", "--set", "balance_steps=1200"],
+               "target0.5": ["--set", "balance_loss=0.003", "--set", "balance_target_kl=0.5"]}
 
 
 def deep_query_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -871,6 +872,15 @@ def balance_65k_stdlib_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """The pilots' light balance loss (0.003: within 0.003 bpb of no measure at seed 1, where 0.01
     cost 0.013) at seed 2 against the same model without it, side by side."""
     return [_balance_65k_run(stdlib, "2", measure) for measure in ("", "balance0.003")]
+
+
+def balance_65k_target_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """One weight over-spreads some routers to spread the one that needs it most (the first
+    layer's), and a weight of its own per layer costs as much. ``balance_target_kl`` steers each
+    router's weight after every step toward the least that holds its usage (the last ~1M choices)
+    at 0.5 nats from uniform, starting from the light 0.003; seed 1, beside no measure rerun by the
+    same code."""
+    return [_balance_65k_run(stdlib, "1", measure) for measure in ("", "target0.5")]
 
 
 def balance_65k_layers_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -1028,6 +1038,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
     "fractal-budget": fractal_budget_jobs, "bf16-tables": bf16_tables_jobs,
+    "balance-65k-target": balance_65k_target_jobs,
 }
 
 

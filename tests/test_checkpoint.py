@@ -51,7 +51,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [m["train_loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-BALANCED = dict(query_norm="whiten", unit_keys=True, balance_rate=0.05, balance_loss=0.01)
+BALANCED = dict(query_norm="whiten", unit_keys=True, balance_rate=0.05, balance_loss=0.01, balance_target_kl=0.5)
 
 
 @pytest.mark.parametrize("expert_optim,model_extra,train_extra", [

@@ -27,7 +27,7 @@ from host_syncs import HostSyncs
 VARIANTS = {
     "fhme": {}, "peer": dict(ffn="peer"), "pkm": dict(ffn="pkm"), "memplus": dict(ffn="memplus"),
     "dense": dict(ffn="dense"), "moe": dict(ffn="moe"), "fhme-route-once": dict(fractal_depth=3, route_once=True),
-    "fhme-balanced": dict(balance_rate=0.1, balance_loss=0.01, query_norm="running"),
+    "fhme-balanced": dict(balance_rate=0.1, balance_loss=0.01, balance_target_kl=0.5, query_norm="running"),
     "fhme-whitened": dict(balance_rate=0.1, query_norm="whiten", unit_keys=True),
     "fhme-adaptive": dict(adaptive_depth=True, fractal_depth=3, depth_penalty=0.01, depth_target=0.5,
                           depth_explore=0.2),
@@ -193,8 +193,8 @@ def _dense(t: Tensor) -> Tensor:
 
 # --- folding over data-parallel ranks ----------------------------------------------------------
 
-FOLDED = dict(balance_rate=0.1, query_norm="whiten", adaptive_depth=True, fractal_depth=3,
-              depth_penalty=0.01, depth_target=0.5)
+FOLDED = dict(balance_rate=0.1, balance_loss=0.01, balance_target_kl=0.5, query_norm="whiten",
+              adaptive_depth=True, fractal_depth=3, depth_penalty=0.01, depth_target=0.5)
 
 
 def _fold_once(model: FHMELanguageModel, x: Tensor) -> dict[str, Tensor]:
@@ -237,6 +237,7 @@ def test_fold_over_two_ranks_equals_one_process(tmp_path: Path) -> None:
             else:
                 torch.testing.assert_close(folded[name], value, rtol=1e-5, atol=1e-6, msg=name)
         assert any(folded[n].abs().sum() > 0 for n in folded if n.endswith("expert_bias"))
+        assert any(folded[n].sum() > 0 for n in folded if n.endswith("usage_ema"))
 
 
 # --- host syncs ----------------------------------------------------------------------------------

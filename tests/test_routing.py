@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -409,3 +411,79 @@ def test_share_of_choices_at_candidates_equals_brute_force(size: int) -> None:
     expected = torch.stack([(chosen[:, h].reshape(-1, 1) == at[:, h].reshape(1, -1)).sum(0).view(50, 16)
                             for h in range(3)], dim=1).float() / (50 * 4)
     torch.testing.assert_close(_share_at(chosen, at, size), expected)
+
+
+def _steer(router: ProductKeyRouter, x: torch.Tensor, steps: int) -> list[float]:
+    """The router's balance weight after each of ``steps`` folds of its choices on x."""
+    weights = []
+    for _ in range(steps):
+        with collect(router) as stats:
+            router(x)
+        fold_statistics(router, stats)
+        weights.append(float(router.balance_weight))
+    return weights
+
+
+def test_steered_balance_weight_follows_the_usage_of_the_last_choices(monkeypatch) -> None:
+    """usage <- usage * (1 - c / W) + counts; once it holds W / 2 choices, weight *=
+    exp(rate * (KL(usage || uniform) - target)): up while the choices crowd, down once they spread."""
+    from fractalmoe import routing
+
+    monkeypatch.setattr(routing, "USAGE_WINDOW", 4096)
+    torch.manual_seed(0)
+    router = ProductKeyRouter(32, 1024, heads=2, topk=4, key_dim=16,
+                              balancing=Balancing(loss=0.01, target_kl=0.5)).train()
+    x = torch.randn(256, 32)  # 2,048 choices a step: the window is half full after the first
+    with collect(router) as stats:
+        _, idx = router(x)
+    fold_statistics(router, stats)
+    counts = torch.bincount(idx.flatten(), minlength=1024).float()
+    torch.testing.assert_close(router.usage_ema, counts)
+    share = counts / counts.sum()
+    kl = float((share[share > 0] * (share[share > 0] * 1024).log()).sum())
+    assert kl > 0.5  # 2,048 choices of 1,024 experts leave many unchosen
+    assert float(router.balance_weight) == pytest.approx(0.01 * math.exp(routing.WEIGHT_RATE * (kl - 0.5)), rel=1e-5)
+    ema = router.usage_ema.clone()
+    with collect(router) as stats:
+        _, idx = router(x)
+    fold_statistics(router, stats)
+    torch.testing.assert_close(router.usage_ema, ema * 0.5 + torch.bincount(idx.flatten(), minlength=1024).float())
+    # the loss is formed with the steered weight
+    with collect(router) as stats:
+        router(x)
+    weight = float(router.balance_weight)
+    router.balancing = Balancing(loss=weight)  # the same loss at a fixed weight
+    with collect(router) as fixed:
+        router(x)
+    torch.testing.assert_close(stats.aux_loss(), fixed.aux_loss())
+
+
+def test_steered_weight_waits_for_the_window_and_falls_when_usage_is_even(monkeypatch) -> None:
+    from fractalmoe import routing
+
+    monkeypatch.setattr(routing, "USAGE_WINDOW", 1 << 20)
+    torch.manual_seed(0)
+    router = ProductKeyRouter(32, 64, heads=1, topk=2, key_dim=8,
+                              balancing=Balancing(loss=0.01, target_kl=0.5)).train()
+    assert _steer(router, torch.randn(64, 32), 3) == pytest.approx([0.01] * 3)  # 384 of 2**20
+    monkeypatch.setattr(routing, "USAGE_WINDOW", 512)
+    router.usage_ema.fill_(100.0)  # even usage: KL 0 < target
+    with collect(router) as stats:
+        router(torch.randn(64, 32))
+    fold_statistics(router, stats)
+    assert float(router.balance_weight) < 0.01
+    router.balance_weight.fill_(routing.WEIGHT_RANGE[0])
+    fold_statistics(router, stats.__class__(router))  # nothing recorded: nothing folded
+    assert float(router.balance_weight) == pytest.approx(routing.WEIGHT_RANGE[0])
+
+
+def test_a_usage_target_needs_a_starting_weight() -> None:
+    from fractalmoe.config import tiny_model_config
+
+    with pytest.raises(ValueError, match="needs loss > 0"):
+        ProductKeyRouter(32, 64, heads=1, topk=2, key_dim=8, balancing=Balancing(target_kl=0.5))
+    with pytest.raises(ValueError, match="balance_target_kl"):
+        tiny_model_config(balance_target_kl=0.5)
+    with pytest.raises(ValueError, match="balance_target_kl"):
+        tiny_model_config(balance_target_kl=-1.0, balance_loss=0.01)
+    assert tiny_model_config(balance_target_kl=0.5, balance_loss=0.01).balance_target_kl == 0.5

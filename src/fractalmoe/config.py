@@ -151,6 +151,9 @@ class ModelConfig(_Config):
     # attention layer above the byte embeddings, spreads its reads least at a shared weight.
     layer_balance_loss: str = ""
     balance_router_only: bool = False  # the balance loss trains routers only, not the hidden states
+    # > 0: each router's balance weight starts at its balance_loss and is steered after every step
+    # toward the least that holds KL(usage of its last ~1M choices || uniform) at this many nats.
+    balance_target_kl: float = 0.0
     block: str = "value"  # fhme's routed blocks: value (PKM) | neuron (PEER) | gated (Memory+)
     share_bank: bool = False  # one expert bank for every layer (stored once)
     expert_act: str = "gelu"
@@ -220,6 +223,9 @@ class ModelConfig(_Config):
         r(not weights or len(weights) == self.n_layers, "layer_balance_loss",
           f"needs one weight per layer (n_layers={self.n_layers})")
         balanced = self.balance_rate > 0 or any(w > 0 for w in self.balance_loss_per_layer)
+        r(self.balance_target_kl >= 0.0, "balance_target_kl", "must be >= 0 nats (try 0.5)")
+        r(self.balance_target_kl == 0 or all(w > 0 for w in self.balance_loss_per_layer), "balance_target_kl",
+          "steers the balance loss: set balance_loss (or every layer_balance_loss) > 0 as its start, e.g. 0.003")
         r(self.key_parts == 2 or not balanced, "key_parts", "must be 2 with balance_rate or balance_loss")
         r(self.fractal_depth <= 8, "fractal_depth", "must be <= 8 (2**C - 1 blocks per layer)")
         r(self.moe_topk <= self.moe_experts, "moe_topk", "must be <= moe_experts")
