@@ -164,7 +164,8 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
              key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout \
              balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long \
-             deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables; do
+             deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables \
+             balance-65k-target; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
@@ -172,9 +173,10 @@ for run in runs/quality/optim/n65536_lazy_adam_s2 runs/quality/balance-65k/*_s2;
   $F eval --ckpt $run/runs/fhme-seed2 --usage-choices 1000000 --json > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done
 # ... and of the default FHME at 65K on the second corpus, with and without balancing (one weight,
-# or one per layer, or fading out; 1,200 and 2,400 steps)
+# or one per layer, or fading out, or steered to a usage target; 1,200 and 2,400 steps)
 for run in runs/quality/balance-65k-stdlib-pilots/*_s1 runs/quality/balance-65k-stdlib/*_s2 \
-           runs/quality/balance-65k-layers/*_s? runs/quality/balance-65k-long/*_s? runs/quality/balance-65k-fade/*_s?; do
+           runs/quality/balance-65k-layers/*_s? runs/quality/balance-65k-long/*_s? runs/quality/balance-65k-fade/*_s? \
+           runs/quality/balance-65k-target/*_s?; do
   $F eval --ckpt $run/runs/fhme-seed${run##*_s} --data data/stdlib --usage-choices 1000000 --json \
     > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done
