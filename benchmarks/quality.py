@@ -880,12 +880,13 @@ def balance_65k_target_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     layer's), and a weight of its own per layer costs as much. ``balance_target_kl`` steers each
     router's weight after every step toward the least that holds its usage (the last ~1M choices)
     at 0.5 nats from uniform, starting from the light 0.003; seed 1, beside no measure rerun by the
-    same code."""
+    same code. Its steered run was made with the rule of commit f47fd22 (a step exp(0.02 (KL - target)),
+    weight <= 0.1); today's rule is balance-65k-target-ratio's."""
     return [_balance_65k_run(stdlib, "1", measure) for measure in ("", "target0.5")]
 
 
 def balance_65k_target_ratio_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The steered weight of balance-65k-target rose ~20x faster than it fell (a step exp(rate *
+    """The steered weight of balance-65k-target rose ~10x faster than it fell (a step exp(rate *
     (KL - target))) and held the reads over-spread (KL 0.37-0.47 against its 0.5 target) for most
     of the run. Steered by the ratio instead, (KL / target) ** 0.05 a step, at most 0.03, toward 0.6
     nats (the bar is 0.7 in every block); seed 1, and no measure at seed 2 beside it."""

@@ -80,7 +80,7 @@ class Balancing:
 # this many choices (the window ``fractalmoe eval --usage-choices`` reads); the weight moves by a
 # factor (KL / target) ** rate per step, within these bounds: as fast down as up for the same
 # ratio (1.07x a step at 2.4 nats against 0.6, 0.98x at 0.4). A step exp(rate * (KL - target))
-# rose ~20x faster than it fell and held the reads over-spread for most of a run.
+# rose ~10x faster than it fell and held the reads over-spread for most of a run.
 USAGE_WINDOW = 1_000_000
 WEIGHT_RATE = 0.05
 WEIGHT_RANGE = (1e-4, 0.03)
