@@ -86,11 +86,15 @@ WEIGHT_RATE = 0.05
 WEIGHT_RANGE = (1e-4, 0.03)
 
 
+def _tally(flat: Tensor, size: int) -> Tensor:
+    """How often each of ``size`` indices appears in flat, as float counts (size,): fixed size,
+    no host read."""
+    return torch.zeros(size, device=flat.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+
+
 def _counts(idx: Tensor, heads: int, size: int) -> Tensor:
     """How often each of ``size`` indices appears per head in idx (..., H, K): (H, size)."""
-    per_head = idx.reshape(-1, heads, idx.shape[-1]).transpose(0, 1).reshape(heads, -1)
-    out = torch.zeros(heads, size, device=idx.device)
-    return out.scatter_add_(1, per_head, torch.ones_like(per_head, dtype=out.dtype))
+    return _tally((idx + _head_offsets(heads, size, idx.device)).flatten(), heads * size).view(heads, size)
 
 
 def _head_offsets(heads: int, size: int, device: torch.device) -> Tensor:
@@ -111,9 +115,7 @@ def _share_at(chosen: Tensor, at: Tensor, size: int) -> Tensor:
     flat = (chosen + offsets).flatten()
     keys = (at + offsets).contiguous()
     if heads * size <= 4 * keys.numel():
-        table = torch.zeros(heads * size, device=chosen.device).index_add_(
-            0, flat, torch.ones(flat.shape, device=chosen.device))
-        count = table[keys]
+        count = _tally(flat, heads * size)[keys]
     else:
         ranked = flat.sort().values
         count = torch.searchsorted(ranked, keys, right=True) - torch.searchsorted(ranked, keys)
@@ -249,10 +251,7 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
             chosen = [(c.reshape(-1, self.heads, self.topk) + offsets).reshape(-1) for c in choices]
             inputs = FoldInputs([torch.stack(loads).sum(0)], [torch.cat(chosen)])
         if self.balancing.target_kl > 0 and choices:
-            flat = torch.cat([c.reshape(-1) for c in choices])
-            counts = torch.zeros(self.num_experts, device=flat.device).index_add_(
-                0, flat, torch.ones(flat.shape, device=flat.device))
-            inputs.sums.append(counts)
+            inputs.sums.append(_tally(torch.cat([c.reshape(-1) for c in choices]), self.num_experts))
         return inputs if inputs.sums else None
 
     def fold(self, inputs: FoldInputs) -> None:
