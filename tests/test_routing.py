@@ -430,7 +430,7 @@ def test_steered_balance_weight_follows_the_usage_of_the_last_choices(monkeypatc
     monkeypatch.setattr(routing, "USAGE_WINDOW", 4096)
     torch.manual_seed(0)
     router = ProductKeyRouter(32, 1024, heads=2, topk=4, key_dim=16,
-                              balancing=Balancing(loss=0.01, target_kl=0.5)).train()
+                              balancing=Balancing(loss=0.01, target_kl=0.5, steer_rate=0.2)).train()
     x = torch.randn(256, 32)  # 2,048 choices a step: the window is half full after the first
     with collect(router) as stats:
         _, idx = router(x)
@@ -440,7 +440,7 @@ def test_steered_balance_weight_follows_the_usage_of_the_last_choices(monkeypatc
     share = counts / counts.sum()
     kl = float((share[share > 0] * (share[share > 0] * 1024).log()).sum())
     assert kl > 0.5  # 2,048 choices of 1,024 experts leave many unchosen
-    assert float(router.balance_weight) == pytest.approx(0.01 * (kl / 0.5) ** routing.WEIGHT_RATE, rel=1e-5)
+    assert float(router.balance_weight) == pytest.approx(0.01 * (kl / 0.5) ** 0.2, rel=1e-5)
     ema = router.usage_ema.clone()
     with collect(router) as stats:
         _, idx = router(x)
@@ -485,3 +485,5 @@ def test_a_usage_target_needs_a_starting_weight() -> None:
     with pytest.raises(ValueError, match="balance_target_kl"):
         tiny_model_config(balance_target_kl=-1.0, balance_loss=0.01)
     assert tiny_model_config(balance_target_kl=0.5, balance_loss=0.01).balance_target_kl == 0.5
+    with pytest.raises(ValueError, match="balance_steer_rate"):
+        tiny_model_config(balance_target_kl=0.5, balance_loss=0.01, balance_steer_rate=0.0)

@@ -154,6 +154,9 @@ class ModelConfig(_Config):
     # > 0: each router's balance weight starts at its balance_loss and is steered after every step
     # toward the least that holds KL(usage of its last ~1M choices || uniform) at this many nats.
     balance_target_kl: float = 0.0
+    # The steered weight's step per optimizer step, (KL / balance_target_kl) ** this: at 0.05 it
+    # reaches its bound within ~30 steps of a narrow start; smaller rates spread the reads slowly.
+    balance_steer_rate: float = 0.05
     block: str = "value"  # fhme's routed blocks: value (PKM) | neuron (PEER) | gated (Memory+)
     share_bank: bool = False  # one expert bank for every layer (stored once)
     expert_act: str = "gelu"
@@ -224,6 +227,7 @@ class ModelConfig(_Config):
           f"needs one weight per layer (n_layers={self.n_layers})")
         balanced = self.balance_rate > 0 or any(w > 0 for w in self.balance_loss_per_layer)
         r(self.balance_target_kl >= 0.0, "balance_target_kl", "must be >= 0 nats (try 0.5)")
+        r(self.balance_steer_rate > 0.0, "balance_steer_rate", "must be > 0 (try 0.05)")
         r(self.balance_target_kl == 0 or all(w > 0 for w in self.balance_loss_per_layer), "balance_target_kl",
           "steers the balance loss: set balance_loss (or every layer_balance_loss) > 0 as its start, e.g. 0.003")
         r(self.key_parts == 2 or not balanced, "key_parts", "must be 2 with balance_rate or balance_loss")

@@ -58,7 +58,7 @@ DepthHist = Tensor | Sequence[float] | None  # tokens (or their share) per depth
 
 def balancing_of(cfg: ModelConfig) -> Balancing:
     return Balancing(cfg.unit_keys, cfg.balance_rate, cfg.balance_loss, cfg.balance_router_only,
-                     cfg.balance_target_kl)
+                     cfg.balance_target_kl, cfg.balance_steer_rate)
 
 
 def continue_share(depth: int, target: float) -> float:

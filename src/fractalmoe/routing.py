@@ -67,6 +67,7 @@ class Balancing:
         ~1M choices) from uniform at ``target_kl`` nats (``ProductKeyRouter.steer_weight``): each
         router gets the pressure it needs, where one shared weight over-spreads some layers to
         spread the one that needs it most.
+    steer_rate: the exponent r of the weight's step (KL / target_kl) ** r after every step.
     """
 
     unit_keys: bool = False
@@ -74,15 +75,16 @@ class Balancing:
     loss: float = 0.0
     router_only: bool = False
     target_kl: float = 0.0
+    steer_rate: float = 0.05
 
 
 # The steered balance weight (``Balancing.target_kl``): usage is an EMA of choice counts over about
 # this many choices (the window ``fractalmoe eval --usage-choices`` reads); the weight moves by a
-# factor (KL / target) ** rate per step, within these bounds: as fast down as up for the same
-# ratio (1.07x a step at 2.4 nats against 0.6, 0.98x at 0.4). A step exp(rate * (KL - target))
-# rose ~10x faster than it fell and held the reads over-spread for most of a run.
+# factor (KL / target) ** steer_rate per step, within these bounds: as fast down as up for the same
+# ratio (at rate 0.05, 1.07x a step at 2.4 nats against 0.6, 0.98x at 0.4). A step
+# exp(rate * (KL - target)) rose ~10x faster than it fell and held the reads over-spread for most
+# of a run.
 USAGE_WINDOW = 1_000_000
-WEIGHT_RATE = 0.05
 WEIGHT_RANGE = (1e-4, 0.03)
 
 
@@ -265,14 +267,14 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
     def steer_weight(self, counts: Tensor) -> None:
         """usage <- usage * (1 - c / W) + counts (c: the step's choices, W = ``USAGE_WINDOW``, so
         usage holds about the last W choices), then, once it holds W / 2 of them, weight *=
-        (KL(usage || uniform) / target_kl) ** WEIGHT_RATE, clamped to ``WEIGHT_RANGE``. On the
+        (KL(usage || uniform) / target_kl) ** steer_rate, clamped to ``WEIGHT_RANGE``. On the
         device throughout: no host read."""
         ema = self.usage_ema
         ema.mul_((1 - counts.sum() / USAGE_WINDOW).clamp_min(0)).add_(counts)
         total = ema.sum()
         share = ema / total.clamp_min(1)
         kl = torch.special.xlogy(share, share * self.num_experts).sum()
-        step = (kl.clamp_min(1e-6) / self.balancing.target_kl) ** WEIGHT_RATE
+        step = (kl.clamp_min(1e-6) / self.balancing.target_kl) ** self.balancing.steer_rate
         self.balance_weight.mul_(torch.where(total >= USAGE_WINDOW / 2, step, torch.ones_like(step)))
         self.balance_weight.clamp_(*WEIGHT_RANGE)
 
