@@ -165,7 +165,8 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              key-parts-heads-pilots default-length small-stdlib kjv value-dropout-pilots dropout \
              balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long \
              deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables \
-             balance-65k-target balance-65k-target-ratio; do
+             balance-65k-target balance-65k-target-ratio balance-65k-target-slow \
+             balance-65k-target-slow-0.5 balance-65k-target-slow-seed3; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
@@ -176,7 +177,8 @@ done
 # or one per layer, or fading out, or steered to a usage target; 1,200 and 2,400 steps)
 for run in runs/quality/balance-65k-stdlib-pilots/*_s1 runs/quality/balance-65k-stdlib/*_s2 \
            runs/quality/balance-65k-layers/*_s? runs/quality/balance-65k-long/*_s? runs/quality/balance-65k-fade/*_s? \
-           runs/quality/balance-65k-target/*_s? runs/quality/balance-65k-target-ratio/*_s?; do
+           runs/quality/balance-65k-target/*_s? runs/quality/balance-65k-target-ratio/*_s? \
+           runs/quality/balance-65k-target-slow*/*_s?; do
   $F eval --ckpt $run/runs/fhme-seed${run##*_s} --data data/stdlib --usage-choices 1000000 --json \
     > $R/quality/$(basename $(dirname $run))/$(basename $run)/usage_1m_choices.json
 done

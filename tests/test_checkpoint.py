@@ -287,6 +287,13 @@ def test_runs_saved_before_the_gate_and_convolution_load_without_them(tmp_path: 
     assert json.loads(capsys.readouterr().out)["val_loss"] == before["val_loss"]
 
 
+def test_runs_saved_before_the_steer_rate_keep_the_rate_they_steered_with() -> None:
+    """Steered runs saved before ``balance_steer_rate`` existed moved their weights at 0.05."""
+    saved = {"model": {"balance_loss": 0.003, "balance_target_kl": 0.6}, "train": {}}
+    assert RunConfig.from_saved(saved).model.balance_steer_rate == 0.05
+    assert RunConfig.from_dict(saved).model.balance_steer_rate == 0.005
+
+
 def test_wrong_architecture_names_the_mismatch(finished_run: Path, capsys) -> None:
     other = FHMELanguageModel(tiny_model_config(n_layers=1, dim=48))
     with pytest.raises(CheckpointError, match=r"shape mismatch embed.weight"):

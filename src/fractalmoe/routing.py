@@ -75,15 +75,15 @@ class Balancing:
     loss: float = 0.0
     router_only: bool = False
     target_kl: float = 0.0
-    steer_rate: float = 0.05
+    steer_rate: float = 0.005
 
 
 # The steered balance weight (``Balancing.target_kl``): usage is an EMA of choice counts over about
 # this many choices (the window ``fractalmoe eval --usage-choices`` reads); the weight moves by a
 # factor (KL / target) ** steer_rate per step, within these bounds: as fast down as up for the same
-# ratio (at rate 0.05, 1.07x a step at 2.4 nats against 0.6, 0.98x at 0.4). A step
+# ratio (at rate 0.005, 1.007x a step at 2.4 nats against 0.6, 0.998x at 0.4). A step
 # exp(rate * (KL - target)) rose ~10x faster than it fell and held the reads over-spread for most
-# of a run.
+# of a run; the ratio at rate 0.05 reached its bound while the routes formed and cost twice the bpb.
 USAGE_WINDOW = 1_000_000
 WEIGHT_RANGE = (1e-4, 0.03)
 
