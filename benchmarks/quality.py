@@ -838,7 +838,9 @@ BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.
                "target0.6_slow": ["--set", "balance_loss=0.003", "--set", "balance_target_kl=0.6",
                                   "--set", "balance_steer_rate=0.005"],
                "target0.5_slow": ["--set", "balance_loss=0.003", "--set", "balance_target_kl=0.5",
-                                  "--set", "balance_steer_rate=0.005"]}
+                                  "--set", "balance_steer_rate=0.005"],
+               "target0.5_slow_layers": ["--set", "layer_balance_loss=0.01,0.002,0.002,0.002",
+                                         "--set", "balance_target_kl=0.5", "--set", "balance_steer_rate=0.005"]}
 
 
 def deep_query_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -923,6 +925,14 @@ def balance_65k_target_slow_seed3_jobs(stdlib: str) -> list[tuple[str, list[str]
     setting move by up to 0.008 with the last bits: a third seed of it and of no measure, side by
     side."""
     return [_balance_65k_run(stdlib, "3", measure) for measure in ("", "target0.6_slow")]
+
+
+def balance_65k_target_slow_layers_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """Steered slowly from 0.003 everywhere, the first layer's weights were still climbing at the
+    end (0.009-0.016; 89.5-90.6% used toward 0.5 nats) while the others, over-spread by that start,
+    fell (KL ~0.45 against 0.5). Each starting nearer where it ended: 0.01 in the first layer, 0.002
+    in the others; toward 0.5 nats, seeds 1 and 2."""
+    return [_balance_65k_run(stdlib, seed, "target0.5_slow_layers") for seed in ("1", "2")]
 
 
 def balance_65k_layers_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -1084,6 +1094,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-target-slow": balance_65k_target_slow_jobs,
     "balance-65k-target-slow-0.5": balance_65k_target_slow_05_jobs,
     "balance-65k-target-slow-seed3": balance_65k_target_slow_seed3_jobs,
+    "balance-65k-target-slow-layers": balance_65k_target_slow_layers_jobs,
 }
 
 

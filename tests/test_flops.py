@@ -77,3 +77,14 @@ def test_moving_heads_to_the_shallow_column_keeps_the_flops() -> None:
     shallow = FHME(64, 4096, depth=2, heads=(1, 4), topk=8, key_dim=32, block="value")
     assert shallow.flops_per_token() == even.flops_per_token()
     assert shallow.active_params_per_token() > even.active_params_per_token()  # 5 router heads, not 4
+
+
+def test_compare_counts_an_ffn_whose_balance_weights_are_set_per_layer() -> None:
+    """``compare`` matches FFN FLOPs on the first routed layer's FFN, which carries that layer's
+    balance weight: a steered weight needs one to start from, and balance_loss alone is 0."""
+    from fractalmoe.compare import ffn_flops
+    from fractalmoe.config import tiny_model_config
+
+    base = tiny_model_config(n_layers=2, balance_loss=0.01, balance_target_kl=0.5)
+    per_layer = base.replace(balance_loss=0.0, layer_balance_loss="0.01,0.002")
+    assert ffn_flops(per_layer) == ffn_flops(base) > 0

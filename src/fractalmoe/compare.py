@@ -23,12 +23,12 @@ MODELS = ("fhme", "dense", "moe", "pkm", "peer", "memplus")
 
 def ffn_flops(cfg: ModelConfig) -> float:
     """Forward FLOPs per token of the FFN cfg describes, as the module reports them (expert
-    tables are not allocated)."""
+    tables are not allocated): that of its first routed layer, built with that layer's settings."""
     from .baselines import build_ffn
     from .experts import meta_expert_tables
 
     with meta_expert_tables():
-        return float(build_ffn(cfg).flops_per_token())
+        return float(build_ffn(cfg.layer_config(cfg.routed_layer_indices[0])).flops_per_token())
 
 
 def matched_config(base: ModelConfig, ffn: str, target: float) -> ModelConfig:
