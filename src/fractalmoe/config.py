@@ -227,7 +227,7 @@ class ModelConfig(_Config):
           f"needs one weight per layer (n_layers={self.n_layers})")
         balanced = self.balance_rate > 0 or any(w > 0 for w in self.balance_loss_per_layer)
         r(self.balance_target_kl >= 0.0, "balance_target_kl", "must be >= 0 nats (try 0.5)")
-        r(self.balance_steer_rate > 0.0, "balance_steer_rate", "must be > 0 (try 0.05)")
+        r(self.balance_steer_rate > 0.0, "balance_steer_rate", "must be > 0 (try 0.005)")
         r(self.balance_target_kl == 0 or all(w > 0 for w in self.balance_loss_per_layer), "balance_target_kl",
           "steers the balance loss: set balance_loss (or every layer_balance_loss) > 0 as its start, e.g. 0.003")
         r(self.key_parts == 2 or not balanced, "key_parts", "must be 2 with balance_rate or balance_loss")
