@@ -822,6 +822,11 @@ def key_parts_heads_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             ("pkm_n262144_p3q24_s2_400", pilot("2", model="pkm"))]
 
 
+def _steered(target: float, rate: float, start: str = "balance_loss=0.003") -> list[str]:
+    """A balance weight steered toward ``target`` nats at ``rate`` a step, starting from ``start``."""
+    return ["--set", start, "--set", f"balance_target_kl={target}", "--set", f"balance_steer_rate={rate}"]
+
+
 # Balancing measures tried at 65,536 experts on the second corpus: run-name tag -> settings.
 BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.003": ["--set", "balance_loss=0.003"],
                "rate0.0001": ["--set", "balance_rate=0.0001"],
@@ -831,16 +836,9 @@ BALANCE_65K = {"": [], "balance0.01": ["--set", "balance_loss=0.01"], "balance0.
                "fade0.03_400": ["--set", "balance_loss=0.03", "--set", "balance_steps=400"],
                "fade0.01_1200": ["--set", "balance_loss=0.01", "--set", "balance_steps=1200"],
                "fade0.03_1200": ["--set", "balance_loss=0.03", "--set", "balance_steps=1200"],
-               "target0.5": ["--set", "balance_loss=0.003", "--set", "balance_target_kl=0.5",
-                             "--set", "balance_steer_rate=0.05"],
-               "target0.6": ["--set", "balance_loss=0.003", "--set", "balance_target_kl=0.6",
-                             "--set", "balance_steer_rate=0.05"],
-               "target0.6_slow": ["--set", "balance_loss=0.003", "--set", "balance_target_kl=0.6",
-                                  "--set", "balance_steer_rate=0.005"],
-               "target0.5_slow": ["--set", "balance_loss=0.003", "--set", "balance_target_kl=0.5",
-                                  "--set", "balance_steer_rate=0.005"],
-               "target0.5_slow_layers": ["--set", "layer_balance_loss=0.01,0.002,0.002,0.002",
-                                         "--set", "balance_target_kl=0.5", "--set", "balance_steer_rate=0.005"]}
+               "target0.5": _steered(0.5, 0.05), "target0.6": _steered(0.6, 0.05),
+               "target0.6_slow": _steered(0.6, 0.005), "target0.5_slow": _steered(0.5, 0.005),
+               "target0.5_slow_layers": _steered(0.5, 0.005, "layer_balance_loss=0.01,0.002,0.002,0.002")}
 
 
 def deep_query_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
