@@ -203,6 +203,7 @@ def test_headline_ratios_are_labelled_by_rule() -> None:
     got = {r["label"]: r for r in headline_ratios(rows)}
     same = got["same rule (lazy Adam): fractalmoe-lazy-adam vs peer-pytorch-sparse, N=16"]
     assert same["ratio"] == 2.0 and same["round_min"] == 2.0 and same["round_max"] == 2.5
+    assert same["floor_ratio"] == 40.0  # the ceiling: PEER's median step (40 ms) over our floor (1 ms)
     assert got["different rules (row-wise Adagrad vs lazy Adam): fractalmoe vs peer-pytorch-sparse, N=16"][
         "ratio"] == 4.0
     assert got["different rules (row-wise Adagrad vs dense AdamW): fractalmoe vs peer-pytorch, N=16"][

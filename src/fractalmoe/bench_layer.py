@@ -351,10 +351,12 @@ def run_layer_bench(specs: list[LayerSpec], repeats: int, hw: dict[str, Hardware
 
 
 def _ratio(label: str, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Train-throughput ratio a / b (= b's step time / a's), and its range over the rounds."""
+    """Train-throughput ratio a / b (= b's step time / a's), its range over the rounds, and the
+    most it could be on this machine: b's step time over a's roofline floor (a at roofline_frac 1).
+    A goal above that ceiling asks a to move fewer bytes than its update rule must."""
     rounds = [tb / ta for ta, tb in zip(a["step_ms_runs"], b["step_ms_runs"])]
     return {"label": label, "ratio": b["step_ms"] / a["step_ms"],
-            "round_min": min(rounds), "round_max": max(rounds)}
+            "round_min": min(rounds), "round_max": max(rounds), "floor_ratio": b["step_ms"] / a["floor_ms"]}
 
 
 def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -408,7 +410,8 @@ def format_row(row: dict[str, Any]) -> str:
 
 def format_ratio(r: dict[str, Any]) -> str:
     return (f"  {r['label']}: {r['ratio']:.2f}x train tok/s "
-            f"(per round {r['round_min']:.2f}-{r['round_max']:.2f}x)")
+            f"(per round {r['round_min']:.2f}-{r['round_max']:.2f}x; at most {r['floor_ratio']:.2f}x "
+            "at the first's roofline floor)")
 
 
 def validate(impls: list[str], experts: list[int], topk: int, key_dim: int, repeats: int,
