@@ -46,7 +46,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py default-length      # the block-conv pair at the default's 2,400 steps, seeds 2, 3
     python benchmarks/quality.py small-stdlib        # the same on a 1 MB cut of the second corpus
     python benchmarks/quality.py kjv                 # the same on the King James Bible (4.3 MB of prose)
-    python benchmarks/quality.py width-256           # the block-conv pair at width 256, second corpus, seeds 2, 3
+    python benchmarks/quality.py width-256           # the block-conv pair at width 256, both corpora, seeds 2, 3
     python benchmarks/quality.py value-dropout-pilots  # PKM's value dropout offered to both, seed 1
     python benchmarks/quality.py dropout             # the pair with the transformer's dropout 0.1, seeds 2, 3
     python benchmarks/quality.py balance-65k-stdlib-pilots # FHME at 65K with balancing, second corpus, seed 1
@@ -660,11 +660,11 @@ def small_stdlib_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 def width_256_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """block-conv's pair at twice the width (dim 256; PKM matched to FHME's FFN FLOPs at that width
-    by the comparison, as at 128) on the second corpus, where PKM leads by 0.011 at width 128: does
-    the gap between the fractal and one wide read move with width? Seeds 2 and 3, FHME and PKM
-    side by side."""
-    return _pair_jobs(stdlib, "gated_conv4_bconv4_d256", [*BCONV_FHME, "--set", "dim=256"],
-                      [("stdlib", "2"), ("stdlib", "3")], ("fhme", "pkm"))
+    by the comparison, as at 128): does the gap between the fractal and one wide read move with
+    width? The second corpus first (PKM leads there by 0.011 at width 128), then the bundled one
+    (level at 128); seeds 2 and 3, FHME and PKM side by side."""
+    order = [("stdlib", "2"), ("stdlib", "3"), ("shakespeare", "2"), ("shakespeare", "3")]
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_d256", [*BCONV_FHME, "--set", "dim=256"], order, ("fhme", "pkm"))
 
 
 # The King James Bible from Debian's bible-kjv package (-l80 fixes the line width), as in
