@@ -47,6 +47,10 @@ $F bench layer --experts 16384,1048576 --impl fractalmoe-deferred --key-parts 4 
 # bfloat16 tables rounded stochastically against rounded to nearest
 $F bench layer --experts 16384,1048576 --impl fractalmoe-deferred,fractalmoe-deferred-sr --expert-dtype bfloat16 \
   --repeats 3 --wait-idle 600 --json > $R/layer_bf16_rounding.jsonl 2> $R/layer_bf16_rounding.txt
+# Every ratio beside its ceiling (the other step over the first's roofline floor): the default rule's
+# paths and row-wise Adagrad against PEER-pytorch with either rule
+$F bench layer --experts 16384,1048576 --impl fractalmoe-deferred,fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused,\
+peer-pytorch-sparse,peer-pytorch --repeats 3 --wait-idle 600 --json > $R/layer_ceilings.jsonl 2> $R/layer_ceilings.txt
 LAST=1 STEPS=1200 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_vs_default   # the earlier default (results/nanogpt_race)
 # The gate + convolution default, pinned to core 0 while core 1 ran shape-pilots (results/nanogpt_race_gate_conv)
 LAST=1 STEPS=1200 CPU=0 bash benchmarks/nanogpt_recipe.sh runs/nanogpt_race_gc
@@ -156,7 +160,7 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # second corpus (a balance loss that fades out early too, and the pair at 16K with and without it),
 # the deep path's second read querying with what the first read found, and the fading loss offered
 # to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3;
-# last, C = 1, 2, 3 at a budget that fits C = 3
+# C = 1, 2, 3 at a budget that fits C = 3; last, the block-conv pair at width 256 on both corpora
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
@@ -166,7 +170,8 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long \
              deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables \
              balance-65k-target balance-65k-target-ratio balance-65k-target-slow \
-             balance-65k-target-slow-0.5 balance-65k-target-slow-seed3 balance-65k-target-slow-layers; do
+             balance-65k-target-slow-0.5 balance-65k-target-slow-seed3 balance-65k-target-slow-layers \
+             width-256; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
