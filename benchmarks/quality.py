@@ -47,6 +47,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py small-stdlib        # the same on a 1 MB cut of the second corpus
     python benchmarks/quality.py kjv                 # the same on the King James Bible (4.3 MB of prose)
     python benchmarks/quality.py width-256           # the block-conv pair at width 256, both corpora, seeds 2, 3
+    python benchmarks/quality.py width-256-lr-pilots # the same pair at dense lr 3e-3 and 1e-3, 600 steps, seed 1
     python benchmarks/quality.py value-dropout-pilots  # PKM's value dropout offered to both, seed 1
     python benchmarks/quality.py dropout             # the pair with the transformer's dropout 0.1, seeds 2, 3
     python benchmarks/quality.py balance-65k-stdlib-pilots # FHME at 65K with balancing, second corpus, seed 1
@@ -667,6 +668,16 @@ def width_256_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return _pair_jobs(stdlib, "gated_conv4_bconv4_d256", [*BCONV_FHME, "--set", "dim=256"], order, ("fhme", "pkm"))
 
 
+def width_256_lr_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """At width 256 FHME gained nothing on the bundled corpus where PKM gained 0.023: is it the
+    dense learning rate, set at width 128? The pair at the default 3e-3 and at 1e-3, 600 steps,
+    seed 1, bundled corpus."""
+    return [job for lr in ("0.003", "0.001")
+            for job in _pair_jobs(stdlib, f"gated_conv4_bconv4_d256_lr{lr}",
+                                  [*BCONV_FHME, "--set", "dim=256", "--set", f"lr={lr}"],
+                                  [("shakespeare", "1")], ("fhme", "pkm"), steps="600")]
+
+
 # The King James Bible from Debian's bible-kjv package (-l80 fixes the line width), as in
 # finetune.sh; validation is its last 10%, as for Tiny Shakespeare.
 KJV = Path("data/kjv.txt")
@@ -1091,7 +1102,8 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "column-heads-seed4": column_heads_seed4_jobs, "routed-layers-pilots": routed_layers_pilot_jobs,
     "key-parts": key_parts_jobs, "key-parts-pkm": key_parts_pkm_jobs,
     "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "default-length": default_length_jobs,
-    "small-stdlib": small_stdlib_jobs, "width-256": width_256_jobs, "kjv": kjv_jobs,
+    "small-stdlib": small_stdlib_jobs, "width-256": width_256_jobs,
+    "width-256-lr-pilots": width_256_lr_pilot_jobs, "kjv": kjv_jobs,
     "value-dropout-pilots": value_dropout_pilot_jobs,
     "dropout": dropout_jobs, "balance-65k-stdlib-pilots": balance_65k_stdlib_pilot_jobs,
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
