@@ -160,7 +160,8 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # second corpus (a balance loss that fades out early too, and the pair at 16K with and without it),
 # the deep path's second read querying with what the first read found, and the fading loss offered
 # to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3;
-# C = 1, 2, 3 at a budget that fits C = 3; last, the block-conv pair at width 256 on both corpora
+# C = 1, 2, 3 at a budget that fits C = 3; last, the block-conv pair at width 256 on both corpora,
+# then at two dense learning rates (600 steps)
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
@@ -171,7 +172,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables \
              balance-65k-target balance-65k-target-ratio balance-65k-target-slow \
              balance-65k-target-slow-0.5 balance-65k-target-slow-seed3 balance-65k-target-slow-layers \
-             width-256; do
+             width-256 width-256-lr-pilots; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
