@@ -659,13 +659,17 @@ def small_stdlib_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
                       ("fhme", "pkm"), steps="2400", paths={"stdlib1mb": str(small)})
 
 
+# The default FHME (and PKM matched to it) at twice the width.
+WIDTH_256 = [*BCONV_FHME, "--set", "dim=256"]
+
+
 def width_256_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """block-conv's pair at twice the width (dim 256; PKM matched to FHME's FFN FLOPs at that width
     by the comparison, as at 128): does the gap between the fractal and one wide read move with
     width? The second corpus first (PKM leads there by 0.011 at width 128), then the bundled one
     (level at 128); seeds 2 and 3, FHME and PKM side by side."""
     order = [("stdlib", "2"), ("stdlib", "3"), ("shakespeare", "2"), ("shakespeare", "3")]
-    return _pair_jobs(stdlib, "gated_conv4_bconv4_d256", [*BCONV_FHME, "--set", "dim=256"], order, ("fhme", "pkm"))
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_d256", WIDTH_256, order, ("fhme", "pkm"))
 
 
 def width_256_lr_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -673,8 +677,7 @@ def width_256_lr_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     dense learning rate, set at width 128? The pair at the default 3e-3 and at 1e-3, 600 steps,
     seed 1, bundled corpus."""
     return [job for lr in ("0.003", "0.001")
-            for job in _pair_jobs(stdlib, f"gated_conv4_bconv4_d256_lr{lr}",
-                                  [*BCONV_FHME, "--set", "dim=256", "--set", f"lr={lr}"],
+            for job in _pair_jobs(stdlib, f"gated_conv4_bconv4_d256_lr{lr}", [*WIDTH_256, "--set", f"lr={lr}"],
                                   [("shakespeare", "1")], ("fhme", "pkm"), steps="600")]
 
 
