@@ -47,7 +47,9 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py small-stdlib        # the same on a 1 MB cut of the second corpus
     python benchmarks/quality.py kjv                 # the same on the King James Bible (4.3 MB of prose)
     python benchmarks/quality.py width-256           # the block-conv pair at width 256, both corpora, seeds 2, 3
-    python benchmarks/quality.py width-256-lr-pilots # the same pair at dense lr 3e-3 and 1e-3, 600 steps, seed 1
+    python benchmarks/quality.py width-256-lr-pilots # the same pair at dense lr 3e-3 down to 2.5e-4, 600 steps, seed 1
+    python benchmarks/quality.py width-256-tuned     # the width-256 pair at the lr both chose (5e-4), seeds 2, 3
+    python benchmarks/quality.py lr-pilots           # the default pair (width 128) at lr 3e-3, 1e-3, 5e-4, seed 1
     python benchmarks/quality.py value-dropout-pilots  # PKM's value dropout offered to both, seed 1
     python benchmarks/quality.py dropout             # the pair with the transformer's dropout 0.1, seeds 2, 3
     python benchmarks/quality.py balance-65k-stdlib-pilots # FHME at 65K with balancing, second corpus, seed 1
@@ -672,14 +674,25 @@ def width_256_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     return _pair_jobs(stdlib, "gated_conv4_bconv4_d256", WIDTH_256, order, ("fhme", "pkm"))
 
 
+def _lr_pilots(stdlib: str, tag: str, extra: list[str], rates: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """FHME and PKM with ``extra`` at each dense learning rate of ``rates``: a search of the same
+    size for both, 600 steps, seed 1, bundled corpus."""
+    return [job for lr in rates
+            for job in _pair_jobs(stdlib, f"{tag}_lr{lr}", [*extra, "--set", f"lr={lr}"],
+                                  [("shakespeare", "1")], ("fhme", "pkm"), steps="600")]
+
+
 def width_256_lr_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """At width 256 FHME gained nothing on the bundled corpus where PKM gained 0.023: is it the
     dense learning rate, set at width 128? The pair at the default 3e-3, then 1e-3, 5e-4 and 2.5e-4
-    (each added while both still fell): a search of the same size for both, 600 steps, seed 1,
-    bundled corpus."""
-    return [job for lr in ("0.003", "0.001", "0.0005", "0.00025")
-            for job in _pair_jobs(stdlib, f"gated_conv4_bconv4_d256_lr{lr}", [*WIDTH_256, "--set", f"lr={lr}"],
-                                  [("shakespeare", "1")], ("fhme", "pkm"), steps="600")]
+    (each added while both still fell)."""
+    return _lr_pilots(stdlib, "gated_conv4_bconv4_d256", WIDTH_256, ("0.003", "0.001", "0.0005", "0.00025"))
+
+
+def lr_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """At width 256 the rate that both chose (5e-4) lowered FHME far more than PKM and put it ahead
+    on the bundled corpus: the default pair at width 128 at the rates that search ran down to it."""
+    return _lr_pilots(stdlib, "gated_conv4_bconv4", BCONV_FHME, ("0.003", "0.001", "0.0005"))
 
 
 def width_256_tuned_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
@@ -1116,6 +1129,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "key-parts-heads-pilots": key_parts_heads_pilot_jobs, "default-length": default_length_jobs,
     "small-stdlib": small_stdlib_jobs, "width-256": width_256_jobs,
     "width-256-lr-pilots": width_256_lr_pilot_jobs, "width-256-tuned": width_256_tuned_jobs,
+    "lr-pilots": lr_pilot_jobs,
     "kjv": kjv_jobs,
     "value-dropout-pilots": value_dropout_pilot_jobs,
     "dropout": dropout_jobs, "balance-65k-stdlib-pilots": balance_65k_stdlib_pilot_jobs,
