@@ -161,7 +161,8 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # the deep path's second read querying with what the first read found, and the fading loss offered
 # to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3;
 # C = 1, 2, 3 at a budget that fits C = 3; last, the block-conv pair at width 256 on both corpora,
-# then at two dense learning rates (600 steps)
+# the same search of dense learning rates for both at width 256 (600 steps), the pair at the rate it
+# chose, and the same search at width 128
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
