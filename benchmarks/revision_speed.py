@@ -37,7 +37,7 @@ def measure(mode: str) -> dict[str, object]:
 
     out: dict[str, object] = {"mode": mode, "code": os.path.dirname(fractalmoe.__file__)}
     for impl in LAYER_IMPLS:  # the floor is not reported here: any Hardware will do
-        row = run_layer(LayerSpec(impl=impl, num_experts=LAYER_EXPERTS), Hardware(1.0, 1.0))
+        row = run_layer(LayerSpec(impl=impl, num_experts=LAYER_EXPERTS), Hardware(1.0, 1.0, 1.0))
         for phase in ("fwd", "bwd", "opt", "step"):
             out[f"{impl}_{phase}_ms"] = row[f"{phase}_ms"]
     keep_freed_memory()  # as bench model's processes (bench layer's do not)

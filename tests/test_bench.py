@@ -19,9 +19,10 @@ from fractalmoe.bench import peak_rss_gb
 from fractalmoe.bench_hygiene import busy_reason, mode_summary, schedule, torch_processes
 from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, headline_ratios, impl_available,
                                     run_layer, run_layer_bench, spawn_layer, summarize, validate)
-from fractalmoe.roofline import Hardware, Shape, flops_per_token, gather_gbps, step_bytes, step_flops
+from fractalmoe.roofline import (Hardware, Shape, copy_gbps, flops_per_token, gather_gbps, step_bytes,
+                                 step_flops)
 
-HW = Hardware(gflops=100.0, gbps=10.0)
+HW = Hardware(gflops=100.0, gbps=10.0, copy_gbps=40.0)
 TINY = dict(num_experts=64, dim=16, heads=2, topk=4, key_dim=8, tokens=16, steps=1, warmup=1)
 
 
@@ -157,7 +158,7 @@ def _fake_row(spec: LayerSpec, step_ms: float) -> dict:
     return {"impl": spec.impl, "rule": IMPLS[spec.impl].rule, "N": spec.num_experts, "tokens": spec.tokens,
             "fwd_ms": step_ms / 2, "bwd_ms": step_ms / 4, "opt_ms": step_ms / 4, "step_ms": step_ms,
             "infer_ms": step_ms / 3, "peak_rss_gb": 1.0, "touched_rows": 10, "bytes": 1e6, "floor_ms": 1.0,
-            "flops": 1e6}
+            "floor_copy_ms": 0.5, "flops": 1e6}
 
 
 def test_runs_alternate_and_report_medians() -> None:
@@ -175,6 +176,7 @@ def test_runs_alternate_and_report_medians() -> None:
     assert ours["step_ms"] == 20.0 and ours["step_ms_runs"] == [10.0, 30.0, 20.0] and ours["repeats"] == 3
     assert ours["train_tok_s"] == pytest.approx(ours["tokens"] / 0.020)
     assert ours["roofline_frac"] == pytest.approx(1.0 / 20.0)
+    assert ours["roofline_frac_copy"] == pytest.approx(0.5 / 20.0)
     assert dense["step_ms"] == 45.0 and dense["fwd_ms"] == 22.5
 
 
@@ -215,7 +217,7 @@ def test_headline_ratios_are_labelled_by_rule() -> None:
 
 
 def test_each_table_dtype_has_its_bandwidth_and_ratios() -> None:
-    bf16 = Hardware(gflops=100.0, gbps=20.0)
+    bf16 = Hardware(gflops=100.0, gbps=20.0, copy_gbps=40.0)
     specs = [LayerSpec("fractalmoe", 64), LayerSpec("fractalmoe", 64, expert_dtype="bfloat16"),
              LayerSpec("peer-pytorch-sparse", 64, expert_dtype="bfloat16")]  # PEER keeps fp32 tables
     seen = []
@@ -298,9 +300,9 @@ def test_flops_of_multi_part_keys_match_the_layer_own_count(parts: int) -> None:
     assert shape.sub_keys == (16 + 16 + 16 if parts == 3 else 8 + 8 + 8 + 8)
 
 
-def test_gather_bandwidth_is_measured() -> None:
-    gbps = gather_gbps(dim=16, table_mb=4, gather_mb=1, repeats=1)
-    assert math.isfinite(gbps) and gbps > 0
+def test_gather_and_copy_bandwidths_are_measured() -> None:
+    for gbps in (gather_gbps(dim=16, table_mb=4, gather_mb=1, repeats=1), copy_gbps(mb=4, repeats=1)):
+        assert math.isfinite(gbps) and gbps > 0
 
 
 # --- the implementations -----------------------------------------------------------------------
@@ -314,6 +316,8 @@ def test_every_impl_runs_a_step(impl: str) -> None:
     assert 0 < row["touched_rows"] <= 64
     for key in ("fwd_ms", "bwd_ms", "opt_ms", "train_tok_s", "peak_rss_gb", "roofline_frac", "floor_ms"):
         assert math.isfinite(row[key]) and row[key] > 0, key
+    # the floor at streaming bandwidth (HW: 4x the random-row one) is lower, so is its fraction
+    assert row["floor_copy_ms"] < row["floor_ms"] and row["roofline_frac_copy"] < row["roofline_frac"]
     shape = LayerSpec(impl, **TINY).shape()
     assert row["bytes"] == step_bytes(shape, IMPLS[impl].rule, row["touched_rows"], IMPLS[impl].tables).total
 
@@ -374,12 +378,14 @@ def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(bench_layer, "matmul_gflops", lambda **_: HW.gflops)
     monkeypatch.setattr(bench_layer, "gather_gbps", lambda dim, dtype, mb, **_: HW.gbps)
+    monkeypatch.setattr(bench_layer, "copy_gbps", lambda **_: HW.copy_gbps)
     monkeypatch.setattr(bench_layer, "spawn_layer", run_layer)  # in-process repeats: fast
     argv = ["bench", "layer", "--experts", "16,64", "--impl", "fractalmoe,peer-dense", "--dim", "16",
             "--heads", "2", "--topk", "4", "--key-dim", "8", "--tokens", "16", "--steps", "1", "--force"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("measured peak 100.0 GFLOP/s") and "random-row gather of 64-byte rows" in out
+    assert "40.0 GB/s (large-tensor copy)" in out
     assert "roofline_frac" in out and "fractalmoe (row-wise Adagrad): N=64 vs N=16" in out
     assert main([*argv, "--json"]) == 0
     captured = capsys.readouterr()

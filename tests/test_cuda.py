@@ -189,12 +189,13 @@ def test_a_model_built_in_a_cuda_block_lives_on_cuda(ffn: str) -> None:
 @pytest.mark.parametrize("impl", ["fractalmoe", "fractalmoe-lazy-adam-fused", "peer-dense"])
 def test_bench_layer_times_on_cuda(impl: str) -> None:
     from fractalmoe.bench_layer import LayerSpec, build_impl, run_layer
-    from fractalmoe.roofline import Hardware, gather_gbps, matmul_gflops
+    from fractalmoe.roofline import Hardware, copy_gbps, gather_gbps, matmul_gflops
 
     spec = LayerSpec(impl, num_experts=64, dim=16, heads=2, topk=4, key_dim=8, tokens=16, steps=2,
                      device="cuda")
     assert all(t.is_cuda for t in build_impl(spec).tables)
-    row = run_layer(spec, Hardware(matmul_gflops(256, 2, "cuda"), gather_gbps(16, table_mb=8, device="cuda")))
+    row = run_layer(spec, Hardware(matmul_gflops(256, 2, "cuda"), gather_gbps(16, table_mb=8, device="cuda"),
+                                   copy_gbps(8, device="cuda")))
     assert row["peak_device_gb"] > 0 and row["touched_rows"] > 0 and row["step_ms"] > 0
 
 

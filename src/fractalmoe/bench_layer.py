@@ -60,8 +60,8 @@ from .bench import check_device, device_peak_gb, peak_rss_gb, spawn
 from .bench_hygiene import schedule, wait_until_idle
 from .experts import deferred_grad, expert_mix_reference
 from .product_keys import key_table_sizes
-from .roofline import (RULE_NAMES, Hardware, Shape, best_time, floor_seconds, gather_gbps, matmul_gflops,
-                       step_bytes, step_flops, synchronize)
+from .roofline import (RULE_NAMES, Hardware, Shape, best_time, copy_gbps, floor_seconds, gather_gbps,
+                       matmul_gflops, step_bytes, step_flops, synchronize)
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
     flops = step_flops(shape, info.tables)
     nbytes = step_bytes(shape, info.rule, touched, info.tables)
     step = fwd + bwd + opt
-    floor = floor_seconds(flops, nbytes.total, hw)
+    floor, floor_copy = (floor_seconds(flops, nbytes.total, hw, streaming) for streaming in (False, True))
     return {"impl": spec.impl, "rule": info.rule, "N": spec.num_experts, "tokens": spec.tokens,
             "dim": spec.dim, "heads": spec.heads, "topk": spec.topk, "key_dim": spec.key_dim,
             "key_parts": spec.key_parts,
@@ -285,7 +285,8 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
             "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "touched_rows": touched,
             "table_gb": info.tables * shape.num_experts * shape.dim * shape.elem / 1e9,
             "flops": flops, "bytes": nbytes.total, "floor_ms": floor * 1e3, "roofline_frac": floor / step,
-            "peak_gflops": hw.gflops, "bandwidth_gbps": hw.gbps}
+            "floor_copy_ms": floor_copy * 1e3, "roofline_frac_copy": floor_copy / step,
+            "peak_gflops": hw.gflops, "bandwidth_gbps": hw.gbps, "copy_gbps": hw.copy_gbps}
 
 
 def child_main(payload: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +308,7 @@ def spawn_layer(spec: LayerSpec, hw: Hardware, timeout: float = 1800) -> dict[st
 
 
 _MEDIANS = ("fwd_ms", "bwd_ms", "opt_ms", "step_ms", "infer_ms", "peak_rss_gb", "peak_device_gb",
-            "touched_rows", "bytes", "floor_ms")
+            "touched_rows", "bytes", "floor_ms", "floor_copy_ms")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -324,6 +325,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row["train_tok_s"] = row["tokens"] / (row["step_ms"] / 1e3)
     row["infer_tok_s"] = row["tokens"] / (row["infer_ms"] / 1e3)
     row["roofline_frac"] = row["floor_ms"] / row["step_ms"]
+    row["roofline_frac_copy"] = row["floor_copy_ms"] / row["step_ms"]
     row["repeats"] = len(runs)
     row["step_ms_runs"] = [r["step_ms"] for r in runs]
     return row
@@ -394,7 +396,7 @@ def headline_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # --- command line ------------------------------------------------------------------------------
 
 _HEADER = (f"{'impl':>20} {'N':>10} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} {'train tok/s':>11} "
-           f"{'infer tok/s':>11} {'peak GB':>11} {'roofline_frac':>13}  step ms over repeats")
+           f"{'infer tok/s':>11} {'peak GB':>11} {'roofline_frac':>13} {'(copy bw)':>9}  step ms over repeats")
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -404,8 +406,8 @@ def format_row(row: dict[str, Any]) -> str:
     runs = row["step_ms_runs"]
     return (f"{name:>20} {row['N']:>10,} {row['fwd_ms']:8.1f} {row['bwd_ms']:8.1f} "
             f"{row['opt_ms']:8.1f} {row['train_tok_s']:11.0f} {row['infer_tok_s']:11.0f} "
-            f"{row.get('peak_device_gb', row['peak_rss_gb']):11.2f} {row['roofline_frac']:13.3f}  "
-            f"{min(runs):.1f}-{max(runs):.1f} (n={row['repeats']})")
+            f"{row.get('peak_device_gb', row['peak_rss_gb']):11.2f} {row['roofline_frac']:13.3f} "
+            f"{row['roofline_frac_copy']:9.3f}  {min(runs):.1f}-{max(runs):.1f} (n={row['repeats']})")
 
 
 def format_ratio(r: dict[str, Any]) -> str:
@@ -468,9 +470,9 @@ def layer_command(impls: list[str] | None, experts: list[int], dim: int, heads: 
     specs = [LayerSpec(impl, n, dim, heads, topk, key_dim, tokens, steps, dtype, key_parts=key_parts,
                        device=device)
              for n in experts for impl in impls for dtype in impl_dtypes(impl, expert_dtypes)]
-    peak, hw = matmul_gflops(device=device), {}
+    peak, copy, hw = matmul_gflops(device=device), copy_gbps(device=device), {}
     for dtype in sorted({spec.shape().expert_dtype for spec in specs}, reverse=True):  # float32 first
-        hw[dtype] = Hardware(peak, gather_gbps(dim, dtype, gather_table_mb, device=device))
+        hw[dtype] = Hardware(peak, gather_gbps(dim, dtype, gather_table_mb, device=device), copy)
         say(hw[dtype].describe(dim, dtype))
     rows = run_layer_bench(specs, repeats, hw, progress=lambda s: print(s, file=sys.stderr, flush=True))
     if as_json:

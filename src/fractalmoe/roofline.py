@@ -6,7 +6,9 @@ measured step time.
 * peak: measured fp32 matmul GFLOP/s (2048 x 2048).
 * bandwidth: a measured random-row gather of rows as wide as the expert tables' rows
   (``index_select`` of random rows from a table far larger than any cache; the rows' bytes read +
-  written per second). That is the access pattern of expert rows, not a streaming copy.
+  written per second). That is the access pattern of expert rows. A large-tensor copy is
+  measured beside it (``copy_gbps``) and gives ``roofline_frac_copy``: the floor at streaming
+  bandwidth, which random rows can approach only as far as the memory system serves them.
 * FLOPs: query projection, sub-key scoring, the candidate sums (``product_keys.candidate_sums``), expert
   dots and mixes (multiply-add = 2); backward = 2x forward.
 * bytes: the minimum an update rule must move, whatever a design happens to move (legend: S
@@ -88,15 +90,24 @@ def gather_gbps(dim: int = 256, dtype: str = "float32", table_mb: int = 1024,
     return 2 * count * row / seconds / 1e9
 
 
+def copy_gbps(mb: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured GB/s (bytes read + written) of copying one large float32 tensor into another."""
+    n = mb * 2**20 // 4
+    src, dst = torch.ones(n, device=device), torch.zeros(n, device=device)
+    return 2 * n * 4 / best_time(lambda: dst.copy_(src), repeats, device) / 1e9
+
+
 @dataclass
 class Hardware:
     gflops: float  # fp32 matmul
     gbps: float  # random-row gather, bytes read + written per second
+    copy_gbps: float  # large-tensor copy, bytes read + written per second
 
     def describe(self, dim: int = 256, dtype: str = "float32") -> str:
         row = dim * TABLE_DTYPES[dtype].itemsize
         return (f"measured peak {self.gflops:.1f} GFLOP/s (fp32 2048^2 matmul), bandwidth "
-                f"{self.gbps:.1f} GB/s (random-row gather of {row}-byte rows, read + written)")
+                f"{self.gbps:.1f} GB/s (random-row gather of {row}-byte rows, read + written), "
+                f"{self.copy_gbps:.1f} GB/s (large-tensor copy)")
 
 
 @dataclass(frozen=True)
@@ -173,5 +184,6 @@ def step_bytes(shape: Shape, rule: str, touched_rows: float, tables: int = 2) ->
                      update=tables * update, dense=8 * 4 * shape.dense_params)
 
 
-def floor_seconds(flops: float, nbytes: float, hw: Hardware) -> float:
-    return flops / (hw.gflops * 1e9) + nbytes / (hw.gbps * 1e9)
+def floor_seconds(flops: float, nbytes: float, hw: Hardware, streaming: bool = False) -> float:
+    """FLOPs at the peak plus bytes at the random-row bandwidth (``streaming``: at the copy's)."""
+    return flops / (hw.gflops * 1e9) + nbytes / ((hw.copy_gbps if streaming else hw.gbps) * 1e9)
