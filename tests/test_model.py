@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fractalmoe import FHMELanguageModel, ModelConfig
-from fractalmoe.baselines import DenseFFN, MoEFFN
+from fractalmoe.baselines import DenseFFN, MoEFFN, pack_blocks
 from fractalmoe.config import tiny_model_config
 from fractalmoe.conv import CausalConv
 from fractalmoe.evaluate import evaluate
@@ -184,11 +184,38 @@ def test_dense_and_moe_flops_match_flop_counter() -> None:
     dense = DenseFFN(d, 32)
     assert _counted_flops(dense, torch.randn(64, d)) == pytest.approx(dense.flops_per_token(), rel=0.05)
     moe = MoEFFN(d, 32, 4, 2, 0.0)
-    with torch.no_grad():  # each token prefers experts t % 4 and (t + 1) % 4: perfectly balanced load
-        moe.router.weight.copy_(torch.eye(4, d))
-    t = torch.arange(64)
-    x = 3.0 * torch.nn.functional.one_hot(t % 4, d) + 2.0 * torch.nn.functional.one_hot((t + 1) % 4, d)
-    assert _counted_flops(moe, x.float()) == pytest.approx(moe.flops_per_token(), rel=0.05)
+    x = torch.randn(64, d)
+    # the routed work, plus the padding rows of the static block count: 64 tokens x top-2 = 128
+    # slots in blocks of 32 rows, (128 + 4 x 31) // 32 = 7 blocks of 32 rows where 128 carry slots
+    b = moe.block_rows(128)
+    assert b == 32
+    expert_flops = moe.flops_per_token() - 2 * d * 4
+    assert _counted_flops(moe, x) == pytest.approx(2 * d * 4 + expert_flops * 7 * b / 128, rel=0.01)
+
+
+@pytest.mark.parametrize("loads", [[3, 0, 5, 1], [9, 0, 0, 0], [0, 0, 0, 1], [2, 2, 2, 2]])
+def test_moe_blocks_hold_one_expert_each_and_every_slot_once(loads: list[int]) -> None:
+    expert_S = torch.tensor([e for e, n in enumerate(loads) for _ in range(n)])
+    expert_S = expert_S[torch.randperm(expert_S.numel(), generator=torch.Generator().manual_seed(0))]
+    b = 2
+    order, row, block_e = pack_blocks(expert_S, torch.tensor(loads), b)
+    assert block_e.numel() == (sum(loads) + 4 * (b - 1)) // b
+    assert sorted(row.tolist()) == sorted(set(row.tolist()))  # every slot its own row
+    assert torch.equal(block_e[row // b], expert_S[order])  # each slot in a block of its expert
+    assert torch.equal(expert_S[order], expert_S.sort(stable=True).values)
+
+
+def test_moe_matches_each_token_through_its_own_experts() -> None:
+    torch.manual_seed(0)
+    moe = MoEFFN(8, 16, 4, 2, 0.0)
+    x = torch.randn(37, 8)
+    probs = torch.softmax(moe.router(x), -1)
+    gate, expert = probs.topk(2, -1)
+    gate = gate / gate.sum(-1, keepdim=True)
+    expected = torch.stack([
+        sum(g * (torch.nn.functional.silu(x[t] @ moe.w1[e]) * (x[t] @ moe.w3[e])) @ moe.w2[e]
+            for g, e in zip(gate[t], expert[t].tolist())) for t in range(37)])
+    torch.testing.assert_close(moe(x), expected)
 
 
 class _OpCounter(TorchDispatchMode):

@@ -39,12 +39,32 @@ class DenseFFN(nn.Module):
         return 3 * self.w1.in_features * self.w1.out_features
 
 
+def pack_blocks(expert_S: Tensor, load_E: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Slots sorted by expert, each expert's run padded to whole blocks of b rows: (the sorting
+    order, the packed row of each sorted slot, the expert of each block). The block count,
+    (S + E (b - 1)) // b >= sum_e ceil(load_e / b), follows from the shapes alone; blocks past
+    the last expert's run are padding (any expert, zero rows)."""
+    order = torch.argsort(expert_S, stable=True)
+    sorted_e = expert_S[order]
+    padded = (load_E + b - 1) // b * b
+    ends = torch.cumsum(padded, 0)
+    rank = torch.arange(expert_S.numel(), device=expert_S.device) - (torch.cumsum(load_E, 0) - load_E)[sorted_e]
+    row = (ends - padded)[sorted_e] + rank
+    blocks = (expert_S.numel() + load_E.numel() * (b - 1)) // b
+    starts = torch.arange(blocks, device=expert_S.device) * b
+    block_e = torch.searchsorted(ends, starts, right=True).clamp_(max=load_E.numel() - 1)
+    return order, row, block_e
+
+
 class MoEFFN(nn.Module, Recorder):
     """Dropless top-k softmax MoE of SwiGLU experts with the Switch load-balancing loss.
 
-    Routed slots are sorted by expert and packed into an (E, capacity, D) batch for three bmm's;
-    capacity is the largest expert load of this call (one host sync: a size must be known).
-    Under a collector it records its choices and, in training with grad on, the balance loss.
+    Routed slots are packed into blocks of one expert each (``pack_blocks``): three bmm's over
+    the blocks with each block's expert weights gathered. The block count follows from the shapes
+    whatever the loads: no host sync, and no dropped token (a capacity would make a token's
+    output depend on the other tokens). Padding rows are zeros and are computed;
+    ``flops_per_token`` counts the routed work. Under a collector it records its choices and, in
+    training with grad on, the balance loss.
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, topk: int,
@@ -79,21 +99,23 @@ class MoEFFN(nn.Module, Recorder):
                 # Switch balance loss: E * sum_e (fraction of slots to e) * (mean router prob of e).
                 frac_E = load_E / (num_t * self.topk)
                 self.record(BALANCE_LOSS, self.balance * self.num_experts * (frac_E * probs_TE.mean(0)).sum())
-        # Pack slots by expert: slot s goes to row `rank within its expert` of expert e.
         expert_S = expert_TK.reshape(-1)
-        order = torch.argsort(expert_S, stable=True)
-        sorted_e = expert_S[order]
-        starts = torch.cumsum(load_E.long(), 0) - load_E.long()
-        rank = torch.arange(order.numel(), device=x.device) - starts[sorted_e]
-        capacity = int(load_E.max())  # host sync: the packed batch's size
+        b = self.block_rows(expert_S.numel())
+        order, row, block_e = pack_blocks(expert_S, load_E.long(), b)
         token_S = order // self.topk
-        packed = x_TD.new_zeros(self.num_experts, capacity, self.dim)
-        packed[sorted_e, rank] = x_TD[token_S]
-        h = F.silu(torch.bmm(packed, self.w1)) * torch.bmm(packed, self.w3)
-        out_ECD = torch.bmm(h, self.w2)
-        y_S = out_ECD[sorted_e, rank] * gate_TK.reshape(-1)[order].unsqueeze(-1)
+        packed = x_TD.new_zeros(block_e.numel() * b, self.dim).index_copy_(0, row, x_TD.index_select(0, token_S))
+        packed = packed.view(-1, b, self.dim)
+        w1, w3, w2 = (w.index_select(0, block_e) for w in (self.w1, self.w3, self.w2))
+        h = F.silu(torch.bmm(packed, w1)) * torch.bmm(packed, w3)
+        out = torch.bmm(h, w2).view(-1, self.dim)
+        y_S = out.index_select(0, row) * gate_TK.reshape(-1)[order].unsqueeze(-1)
         y_TD = x_TD.new_zeros(num_t, self.dim).index_add_(0, token_S, y_S)
         return y_TD.view(*lead, self.dim)
+
+    def block_rows(self, slots: int) -> int:
+        """Rows per block: at most 128 (fewer blocks gather fewer expert weights), and few enough
+        that the E runs' padding adds at most S rows."""
+        return max(1, min(128, slots // self.num_experts))
 
     def flops_per_token(self) -> float:
         return 2 * self.dim * self.num_experts + self.topk * 2 * 3 * self.dim * self.hidden
