@@ -44,6 +44,23 @@ def test_compacted_layer_equals_masked_full_computation(tied: bool, route_once: 
     torch.testing.assert_close(compact, masked, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_compacted_training_keeps_global_drop_path(rule: str) -> None:
+    """Each token trains the single column global drop-path picked for it, compacted or not."""
+    layer = _layer(rule, drop_path_global=0.6).train()
+    _mixed_router(layer)
+    x = torch.randn(4, 24, 16)
+    outs = {}
+    for compact in (True, False):
+        layer.compact = compact
+        torch.manual_seed(3)
+        outs[compact] = layer(x)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    torch.manual_seed(3)
+    layer.fractal.drop_global = 0.0
+    assert not torch.allclose(layer(x), outs[False], atol=1e-4)  # the columns it picked mattered
+
+
 def _adaptive_model(rule: str) -> FHMELanguageModel:
     model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True, depth_rule=rule,
                                                 depth_target=0.5)).eval()

@@ -284,6 +284,8 @@ class FHME(nn.Module, PastBatchStatistics):
         order = torch.argsort(depth_T, descending=True, stable=True)
         reach = (depth_T.unsqueeze(-1) >= self._depths(depth_T)).sum(0).tolist()  # host sync
         x_sorted, w_sorted = x_TD.index_select(0, order), weights_TC.index_select(0, order)
+        column = self.fractal.sample_columns(x_TD.shape[0], x_TD.device)  # global drop-path
+        column = column.index_select(0, order) if column is not None else None
         routes: list[Tensor] | None = [] if self.fractal.route_once else None
         prev = self.fractal.stage(1, x_sorted, None, routes=routes)
         out = prev * w_sorted[:, :1]
@@ -292,7 +294,8 @@ class FHME(nn.Module, PastBatchStatistics):
             if n == 0:
                 break
             routes = [r[:n] for r in routes] if routes is not None else None
-            prev = self.fractal.stage(c, x_sorted[:n], prev[:n], routes=routes)
+            prev = self.fractal.stage(c, x_sorted[:n], prev[:n], column[:n] if column is not None else None,
+                                      routes=routes)
             out[:n] += prev * w_sorted[:n, c - 1:c]
         return torch.zeros_like(out).index_copy(0, order, out)
 
