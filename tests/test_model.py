@@ -307,3 +307,16 @@ def test_block_conv_is_counted_per_block_application() -> None:
     assert conv.ffn_flops_per_token() - plain.ffn_flops_per_token() == layers * 7 * 2 * w * d
     assert conv.active_params_per_token() - plain.active_params_per_token() == layers * 3 * w * d
     assert conv.num_params() - plain.num_params() == layers * 3 * w * d
+
+
+@pytest.mark.parametrize(("make", "name"), [
+    (lambda: FHME(16, 256, depth_rule="pondr"), "depth_rule"),
+    (lambda: FHME(16, 256, act="silu"), "act"),
+    (lambda: FHME(16, 256, query_norm="layer_norm"), "query_norm"),
+    (lambda: FHME(16, 256, gate="relu"), "gate"),
+    (lambda: FHME(16, 256, block="values"), "block kind"),
+])
+def test_layers_built_directly_reject_unknown_names(make, name: str) -> None:
+    """The library's constructors check what ModelConfig checks: a typo is an error, not a default."""
+    with pytest.raises(ValueError, match=name):
+        make()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import BLOCK_KINDS
+from .config import BLOCK_KINDS, EXPERT_ACTS
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -491,6 +491,8 @@ class ExpertBank(TableBank):
         super().__init__()
         if kind not in BLOCK_KINDS:
             raise ValueError(f"block kind {kind!r} must be one of {BLOCK_KINDS}")
+        if act not in EXPERT_ACTS:
+            raise ValueError(f"act={act!r} must be one of {EXPERT_ACTS}")
         self.num_experts, self.dim, self.act, self.kind = num_experts, dim, act, kind
         self.table_names = ("down", "up") if kind == "neuron" else ("values",)
         # Where every other parameter goes (a ``with torch.device(...)`` block's), or meta

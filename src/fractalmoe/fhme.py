@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import DEPTH_RULES, ModelConfig
 from .experts import TABLE_DTYPES, ExpertBank
 from .fractal import FractalExpert, blocks_at_depth, joins_at_depth
 from .reset import reset_tree
@@ -91,6 +91,8 @@ class FHME(nn.Module, PastBatchStatistics):
                  output_gate: bool = False, block_conv: int = 0, key_parts: int = 2,
                  value_dropout: float = 0.0, deep_query: str = "input") -> None:
         super().__init__()
+        if depth_rule not in DEPTH_RULES:
+            raise ValueError(f"depth_rule={depth_rule!r} must be one of {DEPTH_RULES}")
         self.dim, self.depth, self.adaptive = dim, depth, adaptive_depth
         self.depth_explore, self.depth_target, self.rule = depth_explore, depth_target, depth_rule
         initial_penalty = depth_penalty if depth_penalty > 0 or depth_target == 0 else 1e-3

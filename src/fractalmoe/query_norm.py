@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .config import QUERY_NORMS
 from .stats import QUERY_MOMENTS, FoldInputs, PastBatchStatistics, Statistics
 
 class RunningQueryNorm(nn.Module, PastBatchStatistics):
@@ -147,4 +148,6 @@ def make_query_norm(kind: str, heads: int, width: int) -> nn.Module:
         return RunningQueryNorm(heads, width)
     if kind == "whiten":
         return RunningQueryWhitening(heads, width)
-    return nn.Identity()
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"query_norm={kind!r} must be one of {QUERY_NORMS}")
