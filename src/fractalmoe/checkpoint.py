@@ -399,15 +399,14 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dic
         save_file(content, str(tmp / fname))
         _fsync_path(tmp / fname)
     if world > 1:  # every rank says which rows it holds
-        import torch.distributed as dist
+        from .distributed import gather_row_ranges
 
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, table_rows or {})
+        gathered = gather_row_ranges(table_rows) if table_rows else []
     _barrier(world)
     if rank == 0:
         if world > 1:
-            index = {"world": world, "tables": {k: {"num_rows": rows[2], "shards": [g[k][:2] for g in gathered]}
-                                               for k, rows in (table_rows or {}).items()}}
+            index = {"world": world, "tables": {k: {"num_rows": rows[2], "shards": [g[i] for g in gathered]}
+                                               for i, (k, rows) in enumerate((table_rows or {}).items())}}
             (tmp / "index.json").write_text(json.dumps(index, indent=1))
         full_state = {"format": FORMAT, "step": step, "rng": _b64(torch.get_rng_state()),
                       "optim": skeleton, "world": world, **state}

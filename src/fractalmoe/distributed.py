@@ -82,6 +82,25 @@ def init_from_env(device: str = "cpu") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def broadcast_text(text: str) -> str:
+    """Rank 0's text on every rank, as bytes in CPU tensors (no pickled objects between ranks)."""
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()])
+    dist.broadcast(size, 0)
+    data = data if dist.get_rank() == 0 else torch.zeros(int(size), dtype=torch.uint8)
+    dist.broadcast(data, 0)
+    return bytes(data.tolist()).decode()
+
+
+def gather_row_ranges(table_rows: dict[str, tuple[int, int, int]]) -> list[list[list[int]]]:
+    """[rank][table] = [lo, hi) of every rank, tables in ``table_rows``' order (the same on every
+    rank), gathered as CPU tensors."""
+    mine = torch.tensor([list(rows[:2]) for rows in table_rows.values()], dtype=torch.long).view(-1, 2)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [g.tolist() for g in gathered]
+
+
 def shard_range(num_rows: int, rank: int, world: int) -> tuple[int, int]:
     """Contiguous rows [lo, hi) of rank's shard; the first num_rows % world ranks get one more."""
     base, extra = divmod(num_rows, world)

@@ -39,6 +39,7 @@ from .config import RunConfig, TrainConfig
 from .data import ByteDataset, decode, encode
 from .distributed import (
     DistContext,
+    broadcast_text,
     init_from_env,
     shard_experts,
     table_rows,
@@ -257,9 +258,8 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         if tc.batch_size % (ctx.world * tc.grad_accum):
             raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {ctx.world} ranks "
                              f"times grad_accum={tc.grad_accum}")
-        names = [str(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))]
-        dist.broadcast_object_list(names)  # one run directory for every rank
-        out = Path(names[0]) if resume is None else out
+        name = broadcast_text(str(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+        out = Path(name) if resume is None else out  # one run directory for every rank
     config, run_dir, data_path = prepare_run(config, out, resume, data_path, ctx.is_main, extra)
     if ctx.active:
         dist.barrier()
