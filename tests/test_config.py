@@ -98,6 +98,18 @@ def test_toml_file_and_overrides(tmp_path: Path) -> None:
     assert (cfg.train.lr, cfg.train.batch_size) == (0.001, 8)
 
 
+def test_yaml_file_reads_as_its_toml_twin(tmp_path: Path) -> None:
+    toml, yaml = tmp_path / "c.toml", tmp_path / "c.yaml"
+    toml.write_text('[model]\ndim = 64\nffn = "dense"\nadaptive_depth = false\n[train]\nlr = 1e-3\n')
+    yaml.write_text("model:\n  dim: 64\n  ffn: dense\n  adaptive_depth: false\ntrain:\n  lr: 1e-3\n")
+    assert load_config_file(yaml) == load_config_file(toml)
+    for text, match in (("model: [1, 2", "not valid YAML"), ("- 1\n- 2\n", "expected a mapping"),
+                        ("model:\n  dim: wide\n", "dim must be int")):
+        yaml.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_config_file(yaml)
+
+
 def test_shipped_configs_load() -> None:
     for path in Path(__file__).parents[1].glob("configs/*.toml"):
         load_config_file(path)

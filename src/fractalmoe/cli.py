@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a language model (default: FHME on Tiny Shakespeare)")
     t.add_argument("--data", help="text file or folder of text files (default: bundled corpus)")
-    t.add_argument("--config", help="TOML file with [model] and [train] tables")
+    t.add_argument("--config", help="TOML file with [model] and [train] tables, or YAML with model: and train:")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set dim=256 --set train.lr=1e-3")
     t.add_argument("--out", help="run directory to create (default: runs/<timestamp>)")
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one JSON line per configuration on stdout (the rest on stderr)")
     bm = bsub.add_parser("model", help="a whole FHME language model vs number of experts")
     bm.add_argument("--experts", type=_int_list, default=[16384, 262144, 1048576])
-    bm.add_argument("--config", help="TOML model config (default: the training default)")
+    bm.add_argument("--config", help="TOML or YAML model config (default: the training default)")
     bm.add_argument("--force", action="store_true",
                     help="run even while another PyTorch process runs or the load average is > 0.5")
     bm.add_argument("--wait-idle", type=_nonneg_float, default=0.0, metavar="SECONDS",
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train FHME and baselines at equal active FLOPs per token")
     c.add_argument("--data", help="text file or folder (default: bundled corpus)")
     c.add_argument("--models", type=_str_list, default=["fhme", "dense", "moe", "pkm", "peer"])
-    c.add_argument("--config", help="TOML base config (model fields matched per FFN)")
+    c.add_argument("--config", help="TOML or YAML base config (model fields matched per FFN)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--max-steps", type=_positive_int, default=300)
     c.add_argument("--time-budget", type=_nonneg_float, help="minutes per run")

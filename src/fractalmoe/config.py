@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -440,10 +441,26 @@ class RunConfig:
 
 
 def load_config_file(path: str | Path) -> RunConfig:
-    """Read a TOML file with ``[model]`` and ``[train]`` tables."""
+    """Read a TOML file with ``[model]`` and ``[train]`` tables, or a YAML file (``.yaml``,
+    ``.yml``) with ``model:`` and ``train:`` mappings."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        class Loader(yaml.SafeLoader):  # YAML 1.1 reads 1e-3 as a string; YAML 1.2 and TOML: a float
+            pass
+
+        exponent = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # a SafeLoader
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping with model: and train: sections")
+        return RunConfig.from_dict(data)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
