@@ -61,7 +61,7 @@ VARIANTS = {"adaptive-masked": dict(adaptive_depth=True, fractal_depth=3, depth_
             "running-norm": dict(query_norm="running"), "whitened": dict(query_norm="whiten"),
             "shared-bank": dict(share_bank=True), "neuron": dict(block="neuron"), "gated": dict(block="gated"),
             "drop-path": dict(drop_path_local=0.1, drop_path_global=0.1), "bf16": dict(expert_dtype="bfloat16"),
-            "untied": dict(tie_blocks=False)}
+            "fp16": dict(expert_dtype="float16"), "untied": dict(tie_blocks=False)}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -20,7 +20,7 @@ VARIANTS = {
     "running-norm": dict(query_norm="running"), "three-part-keys": dict(key_parts=3, key_dim=12, num_experts=512),
     "halting": dict(adaptive_depth=True, fractal_depth=3, depth_rule="threshold", depth_target=0.45),
     "ponder": dict(adaptive_depth=True, fractal_depth=3, depth_rule="ponder", depth_penalty=0.01),
-    "bf16-tables": dict(expert_dtype="bfloat16"),
+    "bf16-tables": dict(expert_dtype="bfloat16"), "fp16-tables": dict(expert_dtype="float16"),
 }
 
 

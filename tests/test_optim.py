@@ -461,3 +461,22 @@ def test_tables_are_found_however_the_model_was_materialised(how: str) -> None:
     banks = [m.fractal.bank for m in model.fhme_layers()]
     assert [id(t) for t in opt.tables] == [id(t) for b in banks for t in b.tables().values()]
     assert not any(id(t) in {id(p) for p in opt.dense_params} for t in opt.tables)
+
+
+@pytest.mark.parametrize("ffn", ["pkm", "fhme"])
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+def test_float16_tables_train_read_once_or_more_and_over_micro_batches(ffn: str, rule: str) -> None:
+    """CPU PyTorch cannot add float16 sparse gradients, so float16 tables always take the deferred
+    (float32) gradients; their rows move and the loss falls."""
+    from fractalmoe.optim import defers_table_grads
+    from fractalmoe.train import train_step
+
+    torch.manual_seed(0)
+    model = FHMELanguageModel(tiny_model_config(ffn=ffn, expert_dtype="float16"))
+    assert defers_table_grads(model, False, rule)
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, rule, deferred_table_grads=defers_table_grads(model, False, rule))
+    tables = [p for p in model.parameters() if p.dtype == torch.float16]
+    before = [t.detach().clone() for t in tables]
+    x = torch.randint(0, 256, (4, 16))
+    losses = [train_step(model, opt, x, x, 1.0, micro_batches=2)[0] for _ in range(4)]
+    assert all(not torch.equal(t, b) for t, b in zip(tables, before)) and losses[-1] < losses[0]

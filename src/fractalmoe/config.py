@@ -27,7 +27,7 @@ GATES = ("softmax", "sigmoid")
 QUERY_NORMS = ("layernorm", "rmsnorm", "running", "whiten", "none")
 EXPERT_ACTS = ("gelu", "relu")
 EXPERT_OPTIMS = ("rowwise_adagrad", "lazy_adam", "row_sgd", "dense_adamw")
-EXPERT_DTYPES = ("float32", "bfloat16")
+EXPERT_DTYPES = ("float32", "bfloat16", "float16")
 AUTOCAST_DTYPES = ("none", "bfloat16")
 DEPTH_RULES = ("ponder", "threshold")
 DEEP_QUERIES = ("input", "retrieved")
@@ -161,7 +161,7 @@ class ModelConfig(_Config):
     block: str = "value"  # fhme's routed blocks: value (PKM) | neuron (PEER) | gated (Memory+)
     share_bank: bool = False  # one expert bank for every layer (stored once)
     expert_act: str = "gelu"
-    expert_dtype: str = "float32"  # float32 | bfloat16 expert tables
+    expert_dtype: str = "float32"  # float32 | bfloat16 | float16 expert tables
     # Fractal expert (fhme): C columns, 2**C - 1 routed blocks at full depth.
     fractal_depth: int = 2
     tie_blocks: bool = True  # False: every block application has its own router (one bank)
@@ -330,7 +330,7 @@ class TrainConfig(_Config):
     fused_row_update: bool = False
     # bfloat16 expert tables (model.expert_dtype): round each updated row stochastically, so the
     # stored row is right in expectation, instead of to nearest, which drops every step below half
-    # a bfloat16 unit. Eager row-sparse rules only; no effect on float32 tables.
+    # a bfloat16 unit. Eager row-sparse rules only; no effect on float32 or float16 tables.
     stochastic_rounding: bool = False
     # bfloat16: the training forward runs under torch.autocast (matrix products in bfloat16;
     # weights, expert tables, gradients and optimizer state keep their dtypes; evaluation stays

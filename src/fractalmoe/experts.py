@@ -413,7 +413,7 @@ def clear_deferred_grad(p: Tensor) -> None:
     p.deferred_grad = None  # type: ignore[attr-defined]
 
 
-TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ROW_CHUNK = 65536
 _meta_tables = [False]
 

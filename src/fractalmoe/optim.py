@@ -431,13 +431,15 @@ def defers_table_grads(model: nn.Module, asked: bool, rule: str) -> bool:
     row-sparse gradients one read at a time, re-copying the growing sum into a fresh buffer
     whose pages fault in (shared bank: 2x the step of a 4-layer FHME; the default model, C = 2:
     1.10x on two threads); deferred, they are summed once in the step. A table read once keeps
-    the sparse ``.grad`` (a little faster there)."""
+    the sparse ``.grad`` (a little faster there), unless it is float16: PyTorch's CPU cannot add
+    float16 sparse tensors (micro-batches), and deferred sums are float32."""
     if asked:
         return True
     if rule == "dense_adamw":
         return False
     return (getattr(model, "shared_bank", None) is not None
-            or any(isinstance(m, FractalExpert) and m.depth >= 2 for m in model.modules()))
+            or any(isinstance(m, FractalExpert) and m.depth >= 2 for m in model.modules())
+            or any(t.dtype == torch.float16 for t in expert_tables(model)))
 
 
 class ModelOptimizer:
