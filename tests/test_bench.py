@@ -19,8 +19,8 @@ from fractalmoe.bench import peak_rss_gb
 from fractalmoe.bench_hygiene import busy_reason, mode_summary, schedule, torch_processes
 from fractalmoe.bench_layer import (IMPLS, LAYER_IMPLS, LayerSpec, build_impl, headline_ratios, impl_available,
                                     run_layer, run_layer_bench, spawn_layer, summarize, validate)
-from fractalmoe.roofline import (Hardware, Shape, copy_gbps, flops_per_token, gather_gbps, step_bytes,
-                                 step_flops)
+from fractalmoe.roofline import (Hardware, Shape, bytes_per_expert, copy_gbps, flops_per_token, gather_gbps,
+                                 step_bytes, step_flops)
 
 HW = Hardware(gflops=100.0, gbps=10.0, copy_gbps=40.0)
 TINY = dict(num_experts=64, dim=16, heads=2, topk=4, key_dim=8, tokens=16, steps=1, warmup=1)
@@ -319,7 +319,15 @@ def test_every_impl_runs_a_step(impl: str) -> None:
     # the floor at streaming bandwidth (HW: 4x the random-row one) is lower, so is its fraction
     assert row["floor_copy_ms"] < row["floor_ms"] and row["roofline_frac_copy"] < row["roofline_frac"]
     shape = LayerSpec(impl, **TINY).shape()
-    assert row["bytes"] == step_bytes(shape, IMPLS[impl].rule, row["touched_rows"], IMPLS[impl].tables).total
+    nbytes = step_bytes(shape, IMPLS[impl].rule, row["touched_rows"], IMPLS[impl].tables)
+    assert row["bytes"] == nbytes.total and row["bytes_per_token"] == nbytes.gather / shape.tokens
+    assert row["bytes_per_expert"] == bytes_per_expert(shape, IMPLS[impl].rule, IMPLS[impl].tables)
+
+
+def test_bytes_per_expert_by_hand() -> None:
+    shape = Shape(num_experts=64, dim=8, expert_dtype="bfloat16")
+    assert bytes_per_expert(shape, "rowwise_adagrad", tables=2) == 2 * (8 * 2 + 4)
+    assert bytes_per_expert(shape, "lazy_adam", tables=1) == 8 * 2 + 2 * 8 * 4
 
 
 @pytest.mark.parametrize("impl", ["fractalmoe", "fractalmoe-lazy-adam", "peer-pytorch-sparse"])

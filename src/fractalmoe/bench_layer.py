@@ -60,8 +60,8 @@ from .bench import check_device, device_peak_gb, peak_rss_gb, spawn
 from .bench_hygiene import schedule, wait_until_idle
 from .experts import deferred_grad, expert_mix_reference
 from .product_keys import key_table_sizes
-from .roofline import (RULE_NAMES, Hardware, Shape, best_time, copy_gbps, floor_seconds, gather_gbps,
-                       matmul_gflops, step_bytes, step_flops, synchronize)
+from .roofline import (RULE_NAMES, Hardware, Shape, best_time, bytes_per_expert, copy_gbps, floor_seconds,
+                       gather_gbps, matmul_gflops, step_bytes, step_flops, synchronize)
 
 
 @dataclass(frozen=True)
@@ -284,6 +284,8 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
             "infer_ms": infer * 1e3, "train_tok_s": spec.tokens / step, "infer_tok_s": spec.tokens / infer,
             "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "touched_rows": touched,
             "table_gb": info.tables * shape.num_experts * shape.dim * shape.elem / 1e9,
+            "bytes_per_expert": bytes_per_expert(shape, info.rule, info.tables),
+            "bytes_per_token": nbytes.gather / spec.tokens,  # expert rows the forward reads
             "flops": flops, "bytes": nbytes.total, "floor_ms": floor * 1e3, "roofline_frac": floor / step,
             "floor_copy_ms": floor_copy * 1e3, "roofline_frac_copy": floor_copy / step,
             "peak_gflops": hw.gflops, "bandwidth_gbps": hw.gbps, "copy_gbps": hw.copy_gbps}

@@ -184,6 +184,13 @@ def step_bytes(shape: Shape, rule: str, touched_rows: float, tables: int = 2) ->
                      update=tables * update, dense=8 * 4 * shape.dense_params)
 
 
+def bytes_per_expert(shape: Shape, rule: str, tables: int = 2) -> int:
+    """Memory one expert holds: its rows of every table and their optimizer state (fp32: one
+    value per row for row-wise Adagrad, two moments per entry for the Adam rules)."""
+    state = 4 if rule == "rowwise_adagrad" else 2 * shape.dim * 4
+    return tables * (shape.dim * shape.elem + state)
+
+
 def floor_seconds(flops: float, nbytes: float, hw: Hardware, streaming: bool = False) -> float:
     """FLOPs at the peak plus bytes at the random-row bandwidth (``streaming``: at the copy's)."""
     return flops / (hw.gflops * 1e9) + nbytes / ((hw.copy_gbps if streaming else hw.gbps) * 1e9)
