@@ -57,7 +57,10 @@ def test_eval_json_prints_one_object(run_dir: tuple[Path, str], capsys) -> None:
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     result = json.loads(out[0])
-    assert {"val_loss", "val_bpb", "tokens"} <= set(result) and result["tokens"] > 0
+    keys = {"val_loss", "val_bpb", "tokens", "expert_usage", "usage_kl", "mean_depth", "blocks_per_token"}
+    assert keys <= set(result)
+    saved = json.loads((run_dir[0] / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert result["tokens"] > 0 and result["step"] == saved  # the checkpoint evaluated
 
 
 def test_eval_counts_usage_over_a_fixed_number_of_routing_choices(run_dir: tuple[Path, str],
@@ -140,8 +143,9 @@ def test_compare_on_any_corpus_matches_flops_and_writes_results(corpus: Path, tm
     assert {r["model"] for r in rows} == {"fhme", "dense"}
     flops = [r["flops_per_token"] for r in rows]
     assert max(flops) / min(flops) < 1.10  # matched on active FLOPs per token
-    assert {"val_bpb", "params", "active_params_per_token", "train_tok_s", "peak_rss_gb",
-            "expert_usage"} <= set(rows[0])
+    assert {"step", "val_loss", "val_bpb", "tok_s", "params", "active_params_per_token", "peak_rss_gb",
+            "expert_usage", "usage_kl", "mean_depth", "blocks_per_token"} <= set(rows[0])
+    assert all(r["step"] == 2 and r["tok_s"] > 0 for r in rows)
     assert (out / "table.md").is_file() and (out / "bpb_vs_flops.png").is_file()
 
 

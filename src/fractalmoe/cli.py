@@ -293,17 +293,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model_from_run, load_run_data
+    from .checkpoint import load_model_from_run, load_run_data, read_run_state
     from .evaluate import evaluate
 
-    model, config, _ = load_model_from_run(args.ckpt, args.device, best=args.best)
+    model, config, ckpt = load_model_from_run(args.ckpt, args.device, best=args.best)
     data = load_run_data(args.ckpt, config, args.data)
     model.set_depth(args.depth)
     result = evaluate(model, data, config.train.batch_size, device=args.device,
                       usage_choices=args.usage_choices)
     per_block = result.usage_per_block()
-    if args.json:
-        print(json.dumps({**result.summary(), "usage_per_block": per_block}))
+    if args.json:  # step: the checkpoint's
+        print(json.dumps({"step": read_run_state(ckpt)["step"], **result.summary(), "usage_per_block": per_block}))
     else:
         print(f"val_loss {result.val_loss:.4f} nats/byte, val_bpb {result.val_bpb:.4f} "
               f"over {result.tokens} bytes")
@@ -452,11 +452,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             base.with_overrides([f"{key}={v}"])  # validate every value up front
     summary = compare(base, args.models, args.seeds, Path(args.out), args.data, sweep,
                       echo=(lambda s: None) if args.json else print)
-    if args.json:
-        keys = ("model", "val_bpb", "params", "active_params_per_token", "flops_per_token",
-                "train_tok_s", "peak_rss_gb", "expert_usage", "usage_kl", "dead_experts")
+    if args.json:  # the metrics' names (step, tok_s: training) and the comparison's own
+        keys = ("model", "val_loss", "val_bpb", "val_bpb_spread", "params", "active_params_per_token",
+                "flops_per_token", "peak_rss_gb", "expert_usage", "usage_kl", "dead_experts", "mean_depth",
+                "blocks_per_token")
         for row in summary:
-            print(json.dumps({k: row[k] for k in keys} | {"val_bpb_spread": row["val_bpb_spread"]}))
+            print(json.dumps({k: row[k] for k in keys} | {"step": row["steps"], "tok_s": row["train_tok_s"]}))
     else:
         print((Path(args.out) / "table.md").read_text())
     return 0

@@ -92,8 +92,8 @@ def _child(spec: CompareSpec) -> dict[str, Any]:
             "params": model.num_params(), "active_params_per_token": model.active_params_per_token(depth),
             "flops_per_token": ev.flops_per_token, "ffn_flops_per_token": model.ffn_flops_per_token(depth),
             "train_tok_s": result.tok_s, "peak_rss_gb": peak_rss_gb(), "elapsed_s": result.elapsed_s,
-            "expert_usage": ev.expert_usage, "usage_kl": ev.usage_kl,
-            "dead_experts": sum(dead) if dead else None, "steps": result.step,
+            "expert_usage": ev.expert_usage, "usage_kl": ev.usage_kl, "mean_depth": ev.mean_depth,
+            "blocks_per_token": ev.blocks_per_token, "dead_experts": sum(dead) if dead else None, "steps": result.step,
             "usage_per_block": ev.usage_per_block(),
             "config": config.model.to_dict(), "run_dir": spec.out}
 
@@ -156,12 +156,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             return sum(vals) / len(vals) if vals else None
 
         bpbs = [r["val_bpb"] for r in rs]
-        out.append({"model": model, "val_bpb": mean("val_bpb"), "val_bpb_spread": max(bpbs) - min(bpbs),
-                    "seeds": len(rs), "params": mean("params"),
+        out.append({"model": model, "steps": mean("steps"), "val_loss": mean("val_loss"), "val_bpb": mean("val_bpb"),
+                    "val_bpb_spread": max(bpbs) - min(bpbs), "seeds": len(rs), "params": mean("params"),
                     "active_params_per_token": mean("active_params_per_token"),
                     "flops_per_token": mean("flops_per_token"), "train_tok_s": mean("train_tok_s"),
                     "peak_rss_gb": mean("peak_rss_gb"), "expert_usage": mean("expert_usage"),
-                    "usage_kl": mean("usage_kl"), "dead_experts": mean("dead_experts")})
+                    "usage_kl": mean("usage_kl"), "dead_experts": mean("dead_experts"),
+                    "mean_depth": mean("mean_depth"), "blocks_per_token": mean("blocks_per_token")})
     return sorted(out, key=lambda r: r["val_bpb"])
 
 
