@@ -122,6 +122,23 @@ def test_model_benchmark_times_the_default_model() -> None:
     assert row["step_ms"] == pytest.approx(row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"])
 
 
+def test_model_benchmark_prints_peak_and_bandwidth_first_and_floors_at_that_peak(monkeypatch, capsys) -> None:
+    from fractalmoe import bench, roofline
+    from fractalmoe.cli import main
+
+    monkeypatch.setattr(roofline, "matmul_gflops", lambda **_: 123.0)
+    monkeypatch.setattr(roofline, "copy_gbps", lambda **_: 45.0)
+    monkeypatch.setattr(bench, "spawn", lambda kind, spec: bench.run_model(bench.ModelSpec(**spec)))
+    assert main(["bench", "model", "--experts", "4096", "--batch-size", "1", "--steps", "1", "--force"]) == 0
+    first, row = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith("measured peak 123.0 GFLOP/s") and "45.0 GB/s (large-tensor copy" in first
+    assert "N=    4,096" in row
+    assert main(["bench", "model", "--experts", "4096", "--batch-size", "1", "--steps", "1", "--force",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_gflops"] == 123.0
+
+
 def test_model_benchmark_runs_the_forward_as_train_would_under_autocast(monkeypatch) -> None:
     from fractalmoe.bench import ModelSpec, run_model
     from fractalmoe.model import FHMELanguageModel

@@ -72,6 +72,7 @@ class ModelSpec:
     steps: int = 5
     overrides: list[str] = field(default_factory=list)  # key=value on top of the config, as --set
     device: str = "cpu"
+    peak_gflops: float | None = None  # measured fp32 matmul peak (None: measured here)
 
 
 def run_model(spec: ModelSpec) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
 
     torch.manual_seed(0)
     device = spec.device
-    gflops = matmul_gflops(device=device)  # the model's floor counts FLOPs only
+    gflops = spec.peak_gflops or matmul_gflops(device=device)  # the model's floor counts FLOPs only
     run = (load_config_file(spec.config) if spec.config else default_run_config()).with_overrides(spec.overrides)
     cfg = run.model.replace(num_experts=spec.num_experts)
     with torch.device(device):
