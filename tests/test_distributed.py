@@ -36,6 +36,7 @@ from fractalmoe.distributed import (
 from fractalmoe.experts import expert_tables
 from fractalmoe.model import FHMELanguageModel
 from fractalmoe.optim import ModelOptimizer
+from fractalmoe.stats import DEPTH_COUNTS, collect
 from fractalmoe.train import run, train_step
 
 NUM_EXPERTS, DIM = 4096, 32
@@ -346,6 +347,50 @@ def test_a_value_bank_shared_by_layers_shards_too(tmp_path: Path) -> None:
     tables = sorted(index["tables"])
     assert tables == ["shared_bank.values"], tables
 
+
+
+def _adaptive_model() -> FHMELanguageModel:
+    """Adaptive depth with routers that spread tokens over every depth."""
+    torch.manual_seed(0)
+    model = FHMELanguageModel(tiny_model_config(num_experts=NUM_EXPERTS, dim=DIM, fractal_depth=3,
+                                                adaptive_depth=True, depth_rule="threshold",
+                                                depth_target=0.45)).eval()
+    for layer in model.fhme_layers():
+        torch.nn.init.normal_(layer.depth_router.weight, std=2.0)
+    return model
+
+
+def _adaptive_batch(world: int = 1, rank: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1)).tensor_split(world)[rank]
+
+
+def _adaptive_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = _adaptive_model()
+    shard_experts(model, DistContext(rank, world))
+    assert all(layer.compact for layer in model.fhme_layers())
+    with torch.no_grad():
+        save_file({"logits": model(_adaptive_batch(world, rank))}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_sharded_adaptive_layers_still_compact_with_uneven_stages(tmp_path: Path) -> None:
+    """Each rank runs a stage only for its tokens that reach it, so the ranks bring different
+    token counts to each sharded bank: the logits still equal one process's."""
+    model = _adaptive_model()
+    reach = []
+    for rank in range(2):
+        with collect(model) as stats, torch.no_grad():
+            model(_adaptive_batch(2, rank))
+        reach.append([stats.total(layer, DEPTH_COUNTS).tolist() for layer in model.fhme_layers()])
+    assert reach[0] != reach[1]  # the ranks' stages do differ in size
+    with torch.no_grad():
+        expected = model(_adaptive_batch())
+    mp.spawn(_adaptive_worker, args=(2, _free_port(), str(tmp_path / "logits")), nprocs=2, join=True)
+    got = torch.cat([load_file(str(tmp_path / f"logits.{rank}"))["logits"] for rank in range(2)])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:

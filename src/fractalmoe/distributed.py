@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import ExpertBank, TableBank, expert_mix, fill_rows, value_mix
@@ -110,7 +111,11 @@ def shard_range(num_rows: int, rank: int, world: int) -> tuple[int, int]:
 
 class ShardedExpertBank(TableBank):
     """Rows [lo, hi) of an expert bank on this rank; same interface as ``ExpertBank``. A forward
-    is a collective: every rank calls it, with the same number of tokens."""
+    is a collective: every rank calls it. ``uneven``: ranks may bring different numbers of
+    tokens (adaptive depth's compacted stages); each pads to the most any rank brings, learned
+    with one all-reduce and a host read (the compaction's stage sizes are host reads already)."""
+
+    collective = True
 
     def __init__(self, bank: ExpertBank, ctx: DistContext) -> None:
         super().__init__()
@@ -126,6 +131,7 @@ class ShardedExpertBank(TableBank):
         # ranks; the collectives sum row gradients over ranks, so rows take the same 1 / P
         # (applied where the mixes form them, so deferred gradients get it too).
         self.row_grad_scale = 1.0 / self.world
+        self.uneven = False
 
     def reset_parameters(self) -> None:
         """This rank's rows drawn again from the bank's seed (every rank the same seed, so the
@@ -137,6 +143,13 @@ class ShardedExpertBank(TableBank):
     def forward(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         dim, num_m = x.shape[-1], idx.shape[-1]
         x_TD, idx_TM, gate_TM = x.reshape(-1, dim), idx.reshape(-1, num_m), gates.reshape(-1, num_m)
+        num_t = x_TD.shape[0]
+        if self.uneven:  # padding tokens read row lo with gate 0: no output, no gradient
+            most = torch.tensor([num_t], device=x.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            pad = max(int(most), 1) - num_t  # host read
+            x_TD, gate_TM = F.pad(x_TD, (0, 0, 0, pad)), F.pad(gate_TM, (0, 0, 0, pad))
+            idx_TM = F.pad(idx_TM, (0, 0, 0, pad), value=self.lo)
         neuron = self.kind == "neuron"
         gate_all = torch.cat(dist_nn.all_gather(gate_TM.contiguous()))  # (P*T, M)
         idx_parts = [torch.empty_like(idx_TM) for _ in range(self.world)]
@@ -154,7 +167,7 @@ class ShardedExpertBank(TableBank):
         else:  # e_i = v_i
             y_all = value_mix(local, gate_all.to(x.dtype), self.values, grad_scale=self.row_grad_scale)
         out = dist_nn.reduce_scatter(torch.empty_like(x_TD), list(y_all.to(x.dtype).chunk(self.world)))
-        return out.view(x.shape)
+        return out[:num_t].view(x.shape)
 
     def bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.tables().values())
@@ -164,15 +177,15 @@ def shard_experts(model: nn.Module, ctx: DistContext) -> None:
     """Replace every expert bank of the model by this rank's row shard, under every name and
     reference that points at it (a bank shared by several layers stays shared).
 
-    Every rank must then call each bank with the same number of tokens (the collectives run in
-    lockstep), so adaptive-depth layers evaluate with their masked path instead of compaction,
-    whose token counts differ between ranks.
+    Every rank calls each bank in lockstep (the collectives); the banks of adaptive-depth layers,
+    whose compacted stages hold different numbers of tokens on different ranks, pad to the most.
     """
     banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
     sharded = {id(bank): ShardedExpertBank(bank, ctx) for bank in banks}
+    adaptive = [id(m.fractal.bank) for m in model.modules() if isinstance(m, FHME) and m.depth_router is not None]
+    for bank_id in adaptive:
+        sharded[bank_id].uneven = True
     for module in list(model.modules()):
-        if isinstance(module, FHME):
-            module.compact = False
         for name, child in list(module._modules.items()):
             if id(child) in sharded:
                 module._modules[name] = sharded[id(child)]

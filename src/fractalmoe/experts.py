@@ -461,6 +461,9 @@ class TableBank(nn.Module):
     parameters named in ``table_names``."""
 
     table_names: tuple[str, ...]
+    # Every rank must call the bank, whatever its token count (a row-sharded bank's collectives):
+    # a caller with no tokens for it still calls it, with none.
+    collective: bool = False
 
     def tables(self) -> dict[str, nn.Parameter]:
         """Name -> table, in a fixed order."""

@@ -293,7 +293,7 @@ class FHME(nn.Module, PastBatchStatistics):
         out = prev * w_sorted[:, :1]
         for c in range(2, self.depth + 1):
             n = reach[c - 1]  # tokens with d >= c: the first n
-            if n == 0:
+            if n == 0 and not self.fractal.bank.collective:
                 break
             routes = [r[:n] for r in routes] if routes is not None else None
             prev = self.fractal.stage(c, x_sorted[:n], prev[:n], column[:n] if column is not None else None,
