@@ -105,6 +105,19 @@ def test_bfloat16_tables_with_stochastic_rounding_train_on_cuda(rule: str) -> No
     assert not _off_device(model, opt)
 
 
+@pytest.mark.parametrize("ffn", ["fhme", "pkm"])
+def test_float16_tables_train_on_cuda(ffn: str) -> None:
+    from fractalmoe.optim import defers_table_grads
+
+    model = FHMELanguageModel(_config(ffn, expert_dtype="float16")).cuda().train()
+    opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, "lazy_adam",
+                         deferred_table_grads=defers_table_grads(model, False, "lazy_adam"))
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    losses = [train_step(model, opt, x, x.roll(-1, 1), 1.0) for _ in range(3)]
+    assert all(ok for _, ok in losses) and losses[-1][0] < losses[0][0]
+    assert not _off_device(model, opt)
+
+
 def test_route_once_trains_on_cuda() -> None:
     model = FHMELanguageModel(_config("fhme", fractal_depth=3, route_once=True)).cuda().train()
     opt = ModelOptimizer(model, 1e-3, 0.05, 0.0)
