@@ -4,8 +4,8 @@ A training step on meta tensors runs every op of the forward, the backward and t
 optimizer step without data, so a tensor that a module creates on the CPU and mixes into the
 step fails, and a copy between the host and the device shows in ``HostSyncs``: on a GPU it would
 be a host sync (or a device mismatch). The dense AdamW is torch's own (its fused kernel has no
-meta version); the MoE baseline and adaptive depth's compaction read sizes on the host by
-design (``test_purity.py``), so adaptive depth runs its masked path here."""
+meta version); adaptive depth's compaction reads its stage sizes on the host by design
+(``test_purity.py``), so adaptive depth runs its masked path here."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fractalmoe.stats import collect, fold_statistics
 
 MODELS = {"fhme": {}, "fhme-3-part-keys": dict(key_parts=3, key_dim=24, route_once=True),
           "pkm": dict(ffn="pkm"), "peer": dict(ffn="peer"), "memplus": dict(ffn="memplus"),
-          "dense": dict(ffn="dense")}
+          "dense": dict(ffn="dense"), "moe": dict(ffn="moe")}
 
 
 def _train_on_meta(model: FHMELanguageModel, opt: ModelOptimizer, x: torch.Tensor) -> None:
