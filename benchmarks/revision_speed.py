@@ -10,6 +10,9 @@ reported, and the run refuses to start while another PyTorch process runs or the
 above 0.5.
 
     REV=7cb1795 python benchmarks/revision_speed.py [--repeats 3] [--out FILE]
+
+``LAYER=0`` leaves the layer out; ``MODEL_SET="k=v ..."`` changes the model as ``--set`` does
+(e.g. ``MODEL_SET="ffn=moe ffn_hidden=78"``: the comparison's MoE).
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ def measure(mode: str) -> dict[str, object]:
     from fractalmoe.roofline import Hardware
 
     out: dict[str, object] = {"mode": mode, "code": os.path.dirname(fractalmoe.__file__)}
-    for impl in LAYER_IMPLS:  # the floor is not reported here: any Hardware will do
+    for impl in LAYER_IMPLS if os.environ.get("LAYER", "1") != "0" else ():  # any Hardware: no floor here
         row = run_layer(LayerSpec(impl=impl, num_experts=LAYER_EXPERTS), Hardware(1.0, 1.0, 1.0))
         for phase in ("fwd", "bwd", "opt", "step"):
             out[f"{impl}_{phase}_ms"] = row[f"{phase}_ms"]
     keep_freed_memory()  # as bench model's processes (bench layer's do not)
     run = default_run_config()
     out["model_step_ms"] = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size,
-                                               steps=5))["step_ms"]
+                                               steps=5, overrides=os.environ.get("MODEL_SET", "").split()))["step_ms"]
     return out
 
 
