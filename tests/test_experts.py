@@ -134,7 +134,7 @@ def test_deferred_chunks_sum_each_row_once_across_chunk_cuts(chunk: int, merged:
     gradient."""
     import fractalmoe.experts as experts
 
-    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: chunk)
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device, *_: chunk)
     monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)
     torch.manual_seed(0)
     values = torch.randn(12, 4, requires_grad=True)

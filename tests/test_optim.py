@@ -111,7 +111,7 @@ def test_a_table_used_twice_in_a_step_equals_the_dense_rule(rule: str, chunk: in
     touch, and the padding of each, must count once; also when the merged rows are updated in
     chunks of 3 (padding then repeats a row of an earlier chunk)."""
     if chunk is not None:
-        monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: chunk)
+        monkeypatch.setattr(optim, "chunk_slots", lambda dim, device, *_: chunk)
     torch.manual_seed(0)
     w0 = torch.randn(N, D, dtype=torch.float64)
     p, ref_p = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
@@ -260,8 +260,8 @@ def test_deferred_table_grads_train_exactly_like_sparse_ones(ffn: str, rule: str
     """Table gradients merged from a sparse .grad or formed in the step (in one buffer, or in
     small chunks with many runs cut) train the same model (FHME reads each table three times a
     step, Memory+ its one bank once per layer)."""
-    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
-    monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)  # the sparse path's chunks
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device, *_: 37)
+    monkeypatch.setattr(optim, "chunk_slots", lambda dim, device, *_: 37)  # the sparse path's chunks
     monkeypatch.setattr(experts, "_MERGED_BYTES", 1 << 30 if merged else 0)
     _train_alike(ffn, rule, {"deferred_table_grads": True})
 
@@ -282,8 +282,8 @@ def test_fused_row_update_runs_the_kernel_and_equals_the_eager_one(chunked: bool
     under a changing learning rate."""
     if chunked:
         monkeypatch.setattr(experts, "_MERGED_BYTES", 0)
-        monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
-        monkeypatch.setattr(optim, "chunk_slots", lambda dim, device: 37)
+        monkeypatch.setattr(experts, "chunk_slots", lambda dim, device, *_: 37)
+        monkeypatch.setattr(optim, "chunk_slots", lambda dim, device, *_: 37)
     ran: list[str] = []
     compiled = optim.fused_kernel
 
@@ -394,7 +394,7 @@ def test_stochastic_rounding_needs_an_eager_row_rule() -> None:
 def test_distinct_padding_moves_padding_to_untouched_rows(monkeypatch) -> None:
     """Every chunk's rows are distinct, real rows stay, padding goes to rows no slot names."""
     monkeypatch.setattr(experts, "_MERGED_BYTES", 0)
-    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 16)
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device, *_: 16)
     bank = ExpertBank(500, 4, kind="value")
     optim.table_optimizer([bank.values], "lazy_adam", 0.01, deferred=True)
     idx = torch.randint(0, 40, (30, 6))  # 180 slots on 40 rows: long runs, cut by chunk ends
@@ -413,7 +413,7 @@ def test_distinct_padding_moves_padding_to_untouched_rows(monkeypatch) -> None:
 def test_fused_row_update_falls_back_where_padding_rows_may_run_out(monkeypatch) -> None:
     """Chunks of c rows with N < c + S: no guarantee of free rows, so the eager update runs."""
     monkeypatch.setattr(experts, "_MERGED_BYTES", 0)
-    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device: 37)
+    monkeypatch.setattr(experts, "chunk_slots", lambda dim, device, *_: 37)
     bank = ExpertBank(N, 4, kind="value")
     optim.table_optimizer([bank.values], "lazy_adam", 0.01, deferred=True)
     bank(torch.randn(30, 4), torch.randint(0, N, (30, 6)), torch.rand(30, 6)).sum().backward()

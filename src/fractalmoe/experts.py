@@ -42,13 +42,14 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # float32 rows (cache-sized: 1.1x faster than 32 MiB at a million rows, where one (T*M, D)
 # buffer is hundreds of MB); on an accelerator, whose caches are no help here, blocks large
 # enough that a step launches few kernels.
-_CPU_CHUNK_BYTES = 2 << 20
+CPU_CHUNK_BYTES = 2 << 20
 _DEVICE_CHUNK_BYTES = 256 << 20
 _MERGED_BYTES = 64 << 20  # deferred row gradients up to this size are summed in one buffer
 
 
-def chunk_slots(dim: int, device: torch.device) -> int:
-    chunk_bytes = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
+def chunk_slots(dim: int, device: torch.device, cpu_bytes: int = CPU_CHUNK_BYTES) -> int:
+    """Rows of width dim per chunk: ``cpu_bytes`` of float32 rows on a CPU."""
+    chunk_bytes = cpu_bytes if device.type == "cpu" else _DEVICE_CHUNK_BYTES
     return max(64, chunk_bytes // (4 * dim))
 
 
@@ -239,16 +240,16 @@ class DeferredRowGrad:
         """Distinct rows (a host read: for benchmarks and tests, not the training step)."""
         return int(self._slots()[0].unique().numel())
 
-    def chunks(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def chunks(self, cpu_bytes: int = CPU_CHUNK_BYTES) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(rows, float32 row gradients, which rows are real) in chunks of the slots sorted by row:
         every touched row is real in exactly one chunk, with its whole gradient; entries that are
         not real have a zero gradient. Sizes follow from S and N alone: no host read.
 
         While the min(S, N) summed rows fit in ``_MERGED_BYTES`` they come as one chunk (the
         update then touches each row once, however many slots read it). Past that (a million
-        rows) chunks of slots are summed into a few MB each: a run of equal rows cut by a
-        chunk's end is carried (zeroed, not real, there) and finished in the next chunk. Sums
-        are embedding bags over the slots, one bag per run."""
+        rows) chunks of slots are summed into ``cpu_bytes`` each (on a CPU): a run of equal rows
+        cut by a chunk's end is carried (zeroed, not real, there) and finished in the next
+        chunk. Sums are embedding bags over the slots, one bag per run."""
         idx, w, tokens, z = self._slots()
         n, dim = idx.numel(), z.shape[1]
         scatter = RowScatter(idx, self.num_rows, tokens)
@@ -257,7 +258,7 @@ class DeferredRowGrad:
             yield rows, scatter.sums(w, z), starts < n
             return
         sorted_idx, tokens, w = scatter.sorted_idx, scatter.tokens, scatter.sorted(w)
-        chunk = chunk_slots(dim, z.device)
+        chunk = chunk_slots(dim, z.device, cpu_bytes)
         carry = z.new_zeros(1, dim)  # the partial sum of a run that goes on into the next chunk
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
