@@ -901,6 +901,16 @@ def deep_query_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for corpus in ("shakespeare", "stdlib")]
 
 
+def repeat_rows_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """Does the deep path's second read lose by re-reading most of the first read's rows? With
+    ``repeat_rows = "shifted"`` a tied block's second application reads its experts' rows moved
+    by N / 2: rows of its own, the router still shared. The deep-query pilots' default (their
+    rerun is the baseline, same code path), 600 steps, seed 1, both corpora."""
+    return [(f"{corpus}_fhme_gated_conv4_bconv4_shifted",
+             _default_pilot("fhme", *BCONV_PILOT, "--set", "repeat_rows=shifted", *_data(corpus, stdlib)))
+            for corpus in ("shakespeare", "stdlib")]
+
+
 def _balance_65k_run(stdlib: str, seed: str, measure: str, steps: int = 1200) -> tuple[str, list[str]]:
     """The default FHME (``BCONV_FHME``) at 65,536 experts on the second corpus, 1,200 steps (or
     ``steps``), with the balancing measure ``BALANCE_65K[measure]``."""
@@ -1135,6 +1145,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "dropout": dropout_jobs, "balance-65k-stdlib-pilots": balance_65k_stdlib_pilot_jobs,
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
+    "repeat-rows-pilots": repeat_rows_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
     "fractal-budget": fractal_budget_jobs, "bf16-tables": bf16_tables_jobs,

@@ -54,7 +54,7 @@ def test_round_trip() -> None:
                                          ("routed_layers", "a"), ("key_parts", 1), ("key_parts", 5),
                                          ("layer_balance_loss", "0.1,0.1"), ("layer_balance_loss", "1,-1,0,0"),
                                          ("layer_balance_loss", "1,nan,0,0"), ("layer_balance_loss", "a,0,0,0"),
-                                         ("deep_query", "output")])
+                                         ("deep_query", "output"), ("repeat_rows", "fresh")])
 def test_bad_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})

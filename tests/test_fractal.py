@@ -138,6 +138,29 @@ def test_route_once_trains_queries_and_keys_through_the_re_weighted_applications
     assert router.query.weight.grad.abs().sum() > 0 and router.sub_keys.grad.abs().sum() > 0
 
 
+def test_shifted_repeat_rows_read_the_chosen_experts_rows_moved_by_k_n_over_n() -> None:
+    """C = 3 routed once: column 1's four applications read its experts' rows + 0, N/4, N/2,
+    3N/4; column 2's two + 0, N/2; column 3's one as chosen."""
+    fe = FractalExpert(16, 256, depth=3, heads=2, topk=4, key_dim=8, kind="value", route_once=True,
+                       repeat_rows="shifted").eval()
+    read: list[torch.Tensor] = []
+    fe.bank.register_forward_hook(lambda m, inp, out: read.append(inp[1].clone()))
+    with torch.no_grad():
+        fe(torch.randn(10, 16))
+    # calls: stage 1 B_1(x); stage 2 B_2(x), then B_1 on the path; stage 3 B_3(x), then the
+    # deep path's B_1, B_2, B_1 in the order the recursion reaches them
+    applications = dict(zip([0, 2, 1, 6, 3, 5, 4], read))
+    chosen = {0: applications[0], 1: applications[2], 2: applications[6]}  # each column's first: + 0
+    for a, (block, k, n) in enumerate([(0, 0, 4), (0, 1, 4), (1, 0, 2), (0, 2, 4), (0, 3, 4), (1, 1, 2),
+                                       (2, 0, 1)]):
+        assert torch.equal(applications[a], (chosen[block] + k * 256 // n) % 256), a
+
+
+def test_shifted_repeat_rows_need_tied_blocks() -> None:
+    with pytest.raises(ValueError, match="repeat_rows"):
+        FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, tied=False, repeat_rows="shifted")
+
+
 def test_route_once_needs_tied_blocks() -> None:
     with pytest.raises(ValueError, match="route_once"):
         FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, tied=False, route_once=True)

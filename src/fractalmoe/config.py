@@ -31,6 +31,7 @@ EXPERT_DTYPES = ("float32", "bfloat16", "float16")
 AUTOCAST_DTYPES = ("none", "bfloat16")
 DEPTH_RULES = ("ponder", "threshold")
 DEEP_QUERIES = ("input", "retrieved")
+REPEAT_ROWS = ("same", "shifted")
 
 C = TypeVar("C", bound="_Config")
 # Model fields whose default changed after they were introduced: their value in runs saved
@@ -172,6 +173,10 @@ class ModelConfig(_Config):
     # what the path has retrieved so far, input - x (retrieved: the deep path's second read is a
     # second hop from what the first read found, which one wide read cannot express).
     deep_query: str = "input"
+    # Which rows a tied block's later applications read: the ones its router chose (same), or
+    # those shifted by k N / n for its k-th of n applications (shifted: every application reads
+    # rows of its own, the router still shared). Tied only.
+    repeat_rows: str = "same"
     # A SiLU(W x) gate on the layer's output (Memory+'s gate, once per layer instead of per block).
     output_gate: bool = True
     # > 0: the FFN reads x_t + sum_j w_j * x_(t-j), j < ffn_conv, a causal depthwise convolution
@@ -239,6 +244,8 @@ class ModelConfig(_Config):
         r(0.0 <= self.depth_target <= 1.0, "depth_target", "must be in [0, 1] (0 = fixed penalty)")
         r(self.depth_rule in DEPTH_RULES, "depth_rule", f"must be one of {DEPTH_RULES}")
         r(self.deep_query in DEEP_QUERIES, "deep_query", f"must be one of {DEEP_QUERIES}")
+        r(self.repeat_rows in REPEAT_ROWS, "repeat_rows", f"must be one of {REPEAT_ROWS}")
+        r(self.repeat_rows == "same" or self.tie_blocks, "repeat_rows", "shifted needs tied blocks (tie_blocks)")
         if self.adaptive_depth and self.depth_rule == "threshold":
             floor = 1 / (2**self.fractal_depth - 1)
             r(floor <= self.depth_target, "depth_target",

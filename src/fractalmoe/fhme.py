@@ -89,7 +89,7 @@ class FHME(nn.Module, PastBatchStatistics):
                  bank: ExpertBank | None = None, tied: bool = True,
                  depth_rule: str = "ponder", route_once: bool = False,
                  output_gate: bool = False, block_conv: int = 0, key_parts: int = 2,
-                 value_dropout: float = 0.0, deep_query: str = "input") -> None:
+                 value_dropout: float = 0.0, deep_query: str = "input", repeat_rows: str = "same") -> None:
         super().__init__()
         if depth_rule not in DEPTH_RULES:
             raise ValueError(f"depth_rule={depth_rule!r} must be one of {DEPTH_RULES}")
@@ -101,7 +101,7 @@ class FHME(nn.Module, PastBatchStatistics):
             join_bias=join_bias, drop_path_local=drop_path_local, drop_path_global=drop_path_global,
             expert_dtype=TABLE_DTYPES[expert_dtype], balancing=balancing, kind=block, bank=bank, tied=tied,
             route_once=route_once, block_conv=block_conv, key_parts=key_parts, value_dropout=value_dropout,
-            deep_query=deep_query)
+            deep_query=deep_query, repeat_rows=repeat_rows)
         self.depth_router: nn.Linear | None = None
         if adaptive_depth and depth > 1:
             self.depth_router = nn.Linear(dim, depth - 1 if depth_rule == "threshold" else depth)
@@ -133,7 +133,7 @@ class FHME(nn.Module, PastBatchStatistics):
                    expert_dtype=cfg.expert_dtype, balancing=balancing_of(cfg), block=cfg.block, bank=bank,
                    tied=cfg.tie_blocks, depth_rule=cfg.depth_rule, route_once=cfg.route_once,
                    output_gate=cfg.output_gate, block_conv=cfg.block_conv, key_parts=cfg.key_parts,
-                   value_dropout=cfg.value_dropout, deep_query=cfg.deep_query)
+                   value_dropout=cfg.value_dropout, deep_query=cfg.deep_query, repeat_rows=cfg.repeat_rows)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import DEEP_QUERIES
+from .config import DEEP_QUERIES, REPEAT_ROWS
 from .conv import CausalConv
 from .experts import ExpertBank
 from .routing import Balancing, ProductKeyMemory
@@ -81,17 +81,18 @@ class RoutedBlock(nn.Module):
 
     def forward(self, x: Tensor, bank: nn.Module, experts: Tensor | None = None,
                 seqs: Sequences | None = None, application: int = 0,
-                origin: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """B(x) and the experts it read (given ``experts``: those, re-weighted). x: (T, D). Given
+                origin: Tensor | None = None, row_offset: int = 0) -> tuple[Tensor, Tensor]:
+        """B(x) and the experts it chose (given ``experts``: those, re-weighted). x: (T, D). Given
         ``origin`` (the layer input x is a path from), the query reads x - origin: what the path
-        has retrieved so far, not the token it started from."""
+        has retrieved so far, not the token it started from. ``row_offset``: the rows read are
+        the experts' shifted by it (mod N)."""
         q = self.norm(x if origin is None else x - origin)
         if self.conv is not None:
             if seqs is None:
                 raise ValueError("a block convolution needs whole sequences: x of shape (B, T, D)")
             seen = seqs.seen[application] if seqs.seen is not None else None
             q = self.conv(q.view(-1, seqs.length, q.shape[-1]), seen, seqs.pos).view(q.shape)
-        y, idx = self.memory.routed(q, bank, experts)
+        y, idx = self.memory.routed(q, bank, experts, row_offset)
         return x + y, idx
 
 
@@ -140,7 +141,7 @@ class FractalExpert(nn.Module):
                  balancing: Balancing = Balancing(), kind: str = "neuron",
                  bank: ExpertBank | None = None, tied: bool = True, route_once: bool = False,
                  block_conv: int = 0, key_parts: int = 2, value_dropout: float = 0.0,
-                 deep_query: str = "input") -> None:
+                 deep_query: str = "input", repeat_rows: str = "same") -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth={depth} must be >= 1")
@@ -154,6 +155,8 @@ class FractalExpert(nn.Module):
         if deep_query not in DEEP_QUERIES:
             raise ValueError(f"deep_query={deep_query!r}: one of {DEEP_QUERIES}")
         self.retrieved_queries = deep_query == "retrieved"
+        if repeat_rows not in REPEAT_ROWS or (repeat_rows == "shifted" and not tied):
+            raise ValueError(f"repeat_rows={repeat_rows!r}: one of {REPEAT_ROWS}; shifted needs tied blocks")
         # Module of the p-th block / join application: its column's (tied) or its own (untied).
         block_cols, join_cols = application_columns(depth, 1), application_columns(depth, 2)
         self._block_at = [c - 1 for c in block_cols] if tied else list(range(len(block_cols)))
@@ -171,6 +174,12 @@ class FractalExpert(nn.Module):
                                               value_dropout=value_dropout), block_conv)
             for c in module_cols)
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(len(set(self._join_at))))
+        self._row_offset = [0] * len(self._block_at)  # per application: added to the rows it reads
+        if repeat_rows == "shifted":  # the k-th of a block's n applications: rows shifted by k N / n
+            for b in set(self._block_at):
+                uses = [a for a, at in enumerate(self._block_at) if at == b]
+                for k, a in enumerate(uses):
+                    self._row_offset[a] = k * (num_experts // len(uses))
 
     def _keep_masks(self, c: int, x: Tensor, column: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Drop-path masks for join c: local (random branch drop) and global (one column)."""
@@ -198,7 +207,8 @@ class FractalExpert(nn.Module):
                      seqs: Sequences | None, origin: Tensor | None) -> Tensor:
         """The application-th block application on x: with ``routes``, its column's experts."""
         experts = routes[self._block_at[application]] if routes is not None else None
-        return self.block_of(application)(x, self.bank, experts, seqs, application, origin)[0]
+        return self.block_of(application)(x, self.bank, experts, seqs, application, origin,
+                                          self._row_offset[application])[0]
 
     def _f(self, c: int, x: Tensor, column: Tensor | None, block: int, join: int,
            routes: list[Tensor] | None, seqs: Sequences | None, origin: Tensor | None) -> Tensor:
@@ -232,8 +242,8 @@ class FractalExpert(nn.Module):
         tokens) and gains column c's, chosen here by B_c(x)."""
         if self.route_once and routes is None:
             raise ValueError("route_once: stage needs the routes list of the earlier stages")
-        shallow, experts = self.block_of(blocks_at_depth(c) - 1)(x, self.bank, None, seqs,
-                                                                  blocks_at_depth(c) - 1)
+        a = blocks_at_depth(c) - 1  # B_c(x): column c's first application
+        shallow, experts = self.block_of(a)(x, self.bank, None, seqs, a, row_offset=self._row_offset[a])
         if routes is not None:
             routes.append(experts)
         if c == 1:

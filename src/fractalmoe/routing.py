@@ -358,14 +358,16 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x: Tensor, bank: nn.Module | None = None) -> Tensor:
         return self.routed(x, bank)[0]
 
-    def routed(self, x: Tensor, bank: nn.Module | None = None,
-               experts: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The block's output and the experts it read (..., H, K): routed afresh, or the given
-        ``experts`` (chosen earlier for the same token) re-weighted from x's own query."""
+    def routed(self, x: Tensor, bank: nn.Module | None = None, experts: Tensor | None = None,
+               row_offset: int = 0) -> tuple[Tensor, Tensor]:
+        """The block's output and the experts it chose (..., H, K): routed afresh, or the given
+        ``experts`` (chosen earlier for the same token) re-weighted from x's own query. It reads
+        the experts' rows shifted by ``row_offset`` (mod N)."""
         bank = bank if bank is not None else self.bank
         scores, idx = self.router(x) if experts is None else (self.router.rescore(x, experts), experts)
         gates = F.dropout(gate_scores(scores, self.gate), self.value_dropout, self.training)
-        y = _read_experts(bank, x, idx.flatten(-2), gates.flatten(-2))
+        rows = (idx + row_offset) % self.router.num_experts if row_offset else idx
+        y = _read_experts(bank, x, rows.flatten(-2), gates.flatten(-2))
         return (y * F.silu(self.silu_gate(x)) if self.silu_gate is not None else y), idx
 
     def _per_slot(self) -> tuple[int, int]:
