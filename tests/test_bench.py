@@ -117,9 +117,22 @@ def test_cli_refuses_cuda_without_a_device(capsys) -> None:
 def test_model_benchmark_times_the_default_model() -> None:
     from fractalmoe.bench import ModelSpec, run_model
 
-    row = run_model(ModelSpec(4096, batch_size=2, steps=1))
+    row = run_model(ModelSpec(4096, batch_size=2, steps=1, peak_gflops=100.0, copy_gbps=10.0))
     assert row["N"] == 4096 and row["tokens"] == 2 * 128 and "peak_device_gb" not in row
     assert row["step_ms"] == pytest.approx(row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"])
+    # the floor's bytes by hand: the default FHME (C = 2, value rows) reads 3 block calls x 2 heads
+    # x top-22 rows of 128 float32 a token per layer; AdamW moves 32 B per dense parameter
+    from fractalmoe.config import default_run_config
+    from fractalmoe.experts import expert_tables
+    from fractalmoe.model import FHMELanguageModel
+
+    cfg = default_run_config().model.replace(num_experts=4096)
+    model = FHMELanguageModel(cfg)
+    dense = model.num_params() - sum(t.numel() for t in expert_tables(model))
+    rows = cfg.n_layers * 3 * cfg.expert_heads * cfg.topk * cfg.dim * 4
+    assert row["bytes"] == 256 * rows + 32 * dense
+    floor_ms = 3 * model.flops_per_token() * 256 / 100e9 * 1e3 + row["bytes"] / 10e9 * 1e3
+    assert row["roofline_frac"] == pytest.approx(floor_ms / row["step_ms"])
 
 
 def test_model_benchmark_prints_peak_and_bandwidth_first_and_floors_at_that_peak(monkeypatch, capsys) -> None:
@@ -136,7 +149,7 @@ def test_model_benchmark_prints_peak_and_bandwidth_first_and_floors_at_that_peak
     assert main(["bench", "model", "--experts", "4096", "--batch-size", "1", "--steps", "1", "--force",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["peak_gflops"] == 123.0
+    assert out["peak_gflops"] == 123.0 and out["copy_gbps"] == 45.0
 
 
 def test_model_benchmark_runs_the_forward_as_train_would_under_autocast(monkeypatch) -> None:

@@ -120,6 +120,8 @@ def test_flops_and_params_match_hand_counts() -> None:
     assert peer.flops_per_token() == block
     fhme = FHME(d, 256, depth=3, heads=h, topk=k, key_dim=q)
     assert fhme.flops_per_token() == 7 * block + 3 * 2 * d  # 7 blocks, 3 join evaluations
+    assert fhme.row_bytes_at_depth(3) == 7 * h * k * 2 * d * 4  # neurons: a down and an up row
+    assert pkm.row_bytes_per_token() == h * k * d * 4
     router_params = d * h * q + h * 2 * n * (q // 2)
     assert peer.active_params_per_token() == router_params + h * k * 2 * d
     adaptive = FHME(d, 256, depth=3, heads=h, topk=k, key_dim=q, adaptive_depth=True).eval()

@@ -24,8 +24,9 @@ from torch import nn
 
 from .autocast import autocast_region, training_autocast
 from .host_memory import keep_freed_memory
+from .experts import expert_tables
 from .optim import ModelOptimizer, defers_table_grads
-from .roofline import best_time, matmul_gflops, synchronize
+from .roofline import best_time, copy_gbps, matmul_gflops, synchronize
 
 
 def check_device(device: str) -> None:
@@ -73,6 +74,7 @@ class ModelSpec:
     overrides: list[str] = field(default_factory=list)  # key=value on top of the config, as --set
     device: str = "cpu"
     peak_gflops: float | None = None  # measured fp32 matmul peak (None: measured here)
+    copy_gbps: float | None = None  # measured large-tensor copy bandwidth (None: measured here)
 
 
 def run_model(spec: ModelSpec) -> dict[str, Any]:
@@ -83,7 +85,8 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
 
     torch.manual_seed(0)
     device = spec.device
-    gflops = spec.peak_gflops or matmul_gflops(device=device)  # the model's floor counts FLOPs only
+    gflops = spec.peak_gflops or matmul_gflops(device=device)
+    gbps = spec.copy_gbps or copy_gbps(device=device)
     run = (load_config_file(spec.config) if spec.config else default_run_config()).with_overrides(spec.overrides)
     cfg = run.model.replace(num_experts=spec.num_experts)
     with torch.device(device):
@@ -122,13 +125,28 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     with torch.no_grad(), autocast_region(idx.device.type, dtype):
         infer = best_time(lambda: model(idx), 3, device)
     step = fwd + bwd + opt_t
-    floor = 3 * model.flops_per_token() * tokens / (gflops * 1e9)
+    nbytes = step_bytes(model, tokens)
+    floor = 3 * model.flops_per_token() * tokens / (gflops * 1e9) + nbytes / (gbps * 1e9)
     return {"impl": "fractalmoe-model", "N": spec.num_experts, "tokens": tokens,
             "layers": cfg.n_layers, "params": model.num_params(),
             "train_tok_s": tokens / step, "infer_tok_s": tokens / infer,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt_t * 1e3, "step_ms": step * 1e3,
-            "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "roofline_frac": floor / step,
-            "peak_gflops": gflops, "autocast": run.train.autocast}
+            "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "bytes": nbytes,
+            "roofline_frac": floor / step, "peak_gflops": gflops, "copy_gbps": gbps, "autocast": run.train.autocast}
+
+
+def step_bytes(model: nn.Module, tokens: int) -> float:
+    """The least a training step of the model moves: the expert-table rows its forward reads
+    (FHME layers at full depth) and AdamW's traffic over the dense parameters (gradient written
+    and read, weights and two moments read and written: 8 x 4 B each). The expert tables' update
+    is left out (its touched rows are not counted here: ``bench layer`` counts them), so this is
+    a looser floor than the layer's."""
+    from .fhme import FHME
+
+    tables = {id(t) for t in expert_tables(model)}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in tables)
+    rows = sum(m.row_bytes_per_token() for m in model.modules() if isinstance(m, FHME))
+    return tokens * rows + 8 * 4 * dense
 
 
 def spawn(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:

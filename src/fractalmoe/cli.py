@@ -387,14 +387,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(reason)
     from .roofline import copy_gbps, matmul_gflops
 
-    peak = matmul_gflops(device=args.device)  # the model's floor: its FLOPs at this peak
-    print(f"measured peak {peak:.1f} GFLOP/s (fp32 2048^2 matmul), bandwidth "
-          f"{copy_gbps(device=args.device):.1f} GB/s (large-tensor copy; the model's floor counts FLOPs only)",
+    peak, gbps = matmul_gflops(device=args.device), copy_gbps(device=args.device)
+    print(f"measured peak {peak:.1f} GFLOP/s (fp32 2048^2 matmul), bandwidth {gbps:.1f} GB/s (large-tensor "
+          "copy); floor: FLOPs at the peak, expert rows read and dense AdamW traffic at the bandwidth",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     for n in args.experts:
         row = spawn("model", dict(num_experts=n, config=args.config, batch_size=args.batch_size,
                                   steps=args.steps, overrides=list(args.set), device=args.device,
-                                  peak_gflops=peak))
+                                  peak_gflops=peak, copy_gbps=gbps))
         print(json.dumps(row) if args.json else _bench_row(row), flush=True)
     return 0
 

@@ -337,6 +337,15 @@ class FHME(nn.Module, PastBatchStatistics):
         dense += self.output_gate.weight.numel() if self.output_gate is not None else 0
         return total + self.fractal.join_gates_at_depth(depth) * (self.dim + 1) + dense
 
+    def row_bytes_at_depth(self, depth: int) -> int:
+        """Bytes of expert-table rows a token at ``depth`` reads: each block call's slots' rows."""
+        elem = next(iter(self.fractal.bank.tables().values())).element_size()
+        return elem * sum(self.fractal.block_of(a).memory.row_params_per_token()
+                          for a in range(blocks_at_depth(depth)))
+
+    def row_bytes_per_token(self, depth_hist: DepthHist = None) -> float:
+        return self._expected(self.row_bytes_at_depth, depth_hist)
+
     def _expected(self, per_depth: Callable[[int], float], depth_hist: DepthHist) -> float:
         """Mean of per_depth(d) under a measured depth histogram (counts or fractions per depth);
         without one (or an empty one), at the depth the layer runs without a router."""

@@ -383,7 +383,10 @@ class ProductKeyMemory(nn.Module):
         gated = 2 * self.dim * self.dim + self.dim if self.silu_gate is not None else 0
         return self.router.flops_per_token(choose) + slots * self._per_slot()[0] + gated
 
+    def row_params_per_token(self) -> int:
+        """Expert-table entries one call reads: every slot's row (two for neurons)."""
+        return self.router.heads * self.router.topk * self._per_slot()[1]
+
     def params_per_token(self) -> int:
         gated = self.dim * self.dim if self.silu_gate is not None else 0
-        return (self.router.params_per_token() + self.router.heads * self.router.topk * self._per_slot()[1]
-                + gated)
+        return self.router.params_per_token() + self.row_params_per_token() + gated
