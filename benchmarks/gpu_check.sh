@@ -13,7 +13,8 @@
 #               step has no host sync beyond the trainer's one deliberate read-back (loss +
 #               finiteness); the same for 5 steps with deferred table gradients, 5 with row SGD,
 #               5 with the one-kernel lazy-Adam update (Triton), 5 with bfloat16 tables rounded
-#               stochastically, and 5 with three-part keys routed once
+#               stochastically, 5 with three-part keys routed once, 5 under bfloat16 autocast,
+#               5 of the MoE baseline and 5 with float16 tables
 #  5 eval, generate on cuda from that run; eval on cpu of the same checkpoint (side by side)
 #  6 profile    benchmarks/gpu_profile.py: device operations, device and host time per step, and the
 #               ops that take the device's time, per impl
@@ -92,6 +93,12 @@ step sync_error_three_part 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2
 step sync_error_autocast 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
     $F train --device cuda --out "$RUNS/autocast" --max-steps 5 --quiet --set eval_every=1000 \
     --set autocast=bfloat16 $SMALL &
+step sync_error_moe 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=1 \
+    $F train --device cuda --out "$RUNS/moe" --max-steps 5 --quiet --set eval_every=1000 \
+    --set ffn=moe $SMALL &
+step sync_error_fp16 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=1 \
+    $F train --device cuda --out "$RUNS/fp16" --max-steps 5 --quiet --set eval_every=1000 \
+    --set expert_dtype=float16 $SMALL &
 wait
 
 step eval_cuda 60 $F eval --ckpt "$RUNS/one" --device cuda --json &
