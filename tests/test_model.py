@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -195,14 +197,15 @@ def test_dense_and_moe_flops_match_flop_counter() -> None:
     assert _counted_flops(moe, x) == pytest.approx(2 * d * 4 + expert_flops * 7 * b / 128, rel=0.01)
 
 
-@pytest.mark.parametrize("loads", [[3, 0, 5, 1], [9, 0, 0, 0], [0, 0, 0, 1], [2, 2, 2, 2]])
-def test_moe_blocks_hold_one_expert_each_and_every_slot_once(loads: list[int]) -> None:
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=9).filter(lambda loads: sum(loads) > 0),
+       st.integers(1, 8), st.integers(0, 2**16))
+def test_moe_blocks_hold_one_expert_each_and_every_slot_once(loads: list[int], b: int, seed: int) -> None:
     expert_S = torch.tensor([e for e, n in enumerate(loads) for _ in range(n)])
-    expert_S = expert_S[torch.randperm(expert_S.numel(), generator=torch.Generator().manual_seed(0))]
-    b = 2
+    expert_S = expert_S[torch.randperm(expert_S.numel(), generator=torch.Generator().manual_seed(seed))]
     order, row, block_e = pack_blocks(expert_S, torch.tensor(loads), b)
-    assert block_e.numel() == (sum(loads) + 4 * (b - 1)) // b
-    assert sorted(row.tolist()) == sorted(set(row.tolist()))  # every slot its own row
+    assert block_e.numel() == (sum(loads) + len(loads) * (b - 1)) // b
+    assert len(set(row.tolist())) == row.numel() and int(row.max()) < block_e.numel() * b  # a row each
     assert torch.equal(block_e[row // b], expert_S[order])  # each slot in a block of its expert
     assert torch.equal(expert_S[order], expert_S.sort(stable=True).values)
 
