@@ -86,7 +86,6 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     torch.manual_seed(0)
     device = spec.device
     gflops = spec.peak_gflops or matmul_gflops(device=device)
-    gbps = spec.copy_gbps or copy_gbps(device=device)
     run = (load_config_file(spec.config) if spec.config else default_run_config()).with_overrides(spec.overrides)
     cfg = run.model.replace(num_experts=spec.num_experts)
     with torch.device(device):
@@ -125,13 +124,15 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     with torch.no_grad(), autocast_region(idx.device.type, dtype):
         infer = best_time(lambda: model(idx), 3, device)
     step = fwd + bwd + opt_t
+    rss, device_gb = peak_rss_gb(), device_peak_gb(device)  # before a copy measured here adds its buffers
+    gbps = spec.copy_gbps or copy_gbps(device=device)
     nbytes = step_bytes(model, tokens)
     floor = 3 * model.flops_per_token() * tokens / (gflops * 1e9) + nbytes / (gbps * 1e9)
     return {"impl": "fractalmoe-model", "N": spec.num_experts, "tokens": tokens,
             "layers": cfg.n_layers, "params": model.num_params(),
             "train_tok_s": tokens / step, "infer_tok_s": tokens / infer,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt_t * 1e3, "step_ms": step * 1e3,
-            "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "bytes": nbytes,
+            "peak_rss_gb": rss, **device_gb, "bytes": nbytes,
             "roofline_frac": floor / step, "peak_gflops": gflops, "copy_gbps": gbps, "autocast": run.train.autocast}
 
 
