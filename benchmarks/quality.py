@@ -911,6 +911,17 @@ def repeat_rows_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for corpus in ("shakespeare", "stdlib")]
 
 
+def repeat_rows_one_layer_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The same in a 1-layer model, where the fractal's sequential read counted most (it beat one
+    wide read on the bundled corpus in "In shallower models"): FHME with and without the shifted
+    rows, and PKM matched to it; 600 steps, seed 1, both corpora."""
+    one = ["--set", "n_layers=1"]
+    runs = (("fhme", "", []), ("fhme", "_shifted", ["--set", "repeat_rows=shifted"]), ("pkm", "", []))
+    return [(f"{corpus}_{model}_gated_conv4_bconv4_1layer{tag}",
+             _default_pilot(model, *BCONV_PILOT, *one, *extra, *_data(corpus, stdlib)))
+            for corpus in ("shakespeare", "stdlib") for model, tag, extra in runs]
+
+
 def _balance_65k_run(stdlib: str, seed: str, measure: str, steps: int = 1200) -> tuple[str, list[str]]:
     """The default FHME (``BCONV_FHME``) at 65,536 experts on the second corpus, 1,200 steps (or
     ``steps``), with the balancing measure ``BALANCE_65K[measure]``."""
@@ -1145,7 +1156,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "dropout": dropout_jobs, "balance-65k-stdlib-pilots": balance_65k_stdlib_pilot_jobs,
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
-    "repeat-rows-pilots": repeat_rows_pilot_jobs,
+    "repeat-rows-pilots": repeat_rows_pilot_jobs, "repeat-rows-1-layer-pilots": repeat_rows_one_layer_pilot_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
     "fractal-budget": fractal_budget_jobs, "bf16-tables": bf16_tables_jobs,

@@ -173,7 +173,8 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables \
              balance-65k-target balance-65k-target-ratio balance-65k-target-slow \
              balance-65k-target-slow-0.5 balance-65k-target-slow-seed3 balance-65k-target-slow-layers \
-             width-256 width-256-lr-pilots width-256-tuned lr-pilots repeat-rows-pilots; do
+             width-256 width-256-lr-pilots width-256-tuned lr-pilots repeat-rows-pilots \
+             repeat-rows-1-layer-pilots; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
