@@ -922,6 +922,13 @@ def repeat_rows_one_layer_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]
             for corpus in ("shakespeare", "stdlib") for model, tag, extra in runs]
 
 
+def one_layer_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+    """The block-conv pair (today's default FHME and PKM matched to it) in a 1-layer model at the
+    reported length, seeds 2 and 3, both corpora: does the 1-layer pilot's lead for PKM hold?"""
+    return _pair_jobs(stdlib, "gated_conv4_bconv4_1layer", [*BCONV_FHME, "--set", "n_layers=1"], SEED_FIRST,
+                      ("fhme", "pkm"))
+
+
 def _balance_65k_run(stdlib: str, seed: str, measure: str, steps: int = 1200) -> tuple[str, list[str]]:
     """The default FHME (``BCONV_FHME``) at 65,536 experts on the second corpus, 1,200 steps (or
     ``steps``), with the balancing measure ``BALANCE_65K[measure]``."""
@@ -1157,6 +1164,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-stdlib": balance_65k_stdlib_jobs, "balance-65k-layers": balance_65k_layers_jobs,
     "balance-65k-long": balance_65k_long_jobs, "deep-query-pilots": deep_query_pilot_jobs,
     "repeat-rows-pilots": repeat_rows_pilot_jobs, "repeat-rows-1-layer-pilots": repeat_rows_one_layer_pilot_jobs,
+    "one-layer": one_layer_jobs,
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
     "fractal-budget": fractal_budget_jobs, "bf16-tables": bf16_tables_jobs,

@@ -174,7 +174,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              balance-65k-target balance-65k-target-ratio balance-65k-target-slow \
              balance-65k-target-slow-0.5 balance-65k-target-slow-seed3 balance-65k-target-slow-layers \
              width-256 width-256-lr-pilots width-256-tuned lr-pilots repeat-rows-pilots \
-             repeat-rows-1-layer-pilots; do
+             repeat-rows-1-layer-pilots one-layer; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
