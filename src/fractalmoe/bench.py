@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from .autocast import autocast_region, training_autocast
-from .host_memory import keep_freed_memory
 from .experts import expert_tables
+from .host_memory import keep_freed_memory
 from .optim import ModelOptimizer, defers_table_grads
-from .roofline import best_time, copy_gbps, matmul_gflops, synchronize
+from .roofline import ADAMW_BYTES_PER_PARAM, best_time, copy_gbps, matmul_gflops, synchronize
 
 
 def check_device(device: str) -> None:
@@ -126,7 +126,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     step = fwd + bwd + opt_t
     rss, device_gb = peak_rss_gb(), device_peak_gb(device)  # before a copy measured here adds its buffers
     gbps = spec.copy_gbps or copy_gbps(device=device)
-    nbytes = step_bytes(model, tokens)
+    nbytes = model_step_bytes(model, tokens)
     floor = 3 * model.flops_per_token() * tokens / (gflops * 1e9) + nbytes / (gbps * 1e9)
     return {"impl": "fractalmoe-model", "N": spec.num_experts, "tokens": tokens,
             "layers": cfg.n_layers, "params": model.num_params(),
@@ -136,18 +136,17 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
             "roofline_frac": floor / step, "peak_gflops": gflops, "copy_gbps": gbps, "autocast": run.train.autocast}
 
 
-def step_bytes(model: nn.Module, tokens: int) -> float:
+def model_step_bytes(model: nn.Module, tokens: int) -> float:
     """The least a training step of the model moves: the expert-table rows its forward reads
-    (FHME layers at full depth) and AdamW's traffic over the dense parameters (gradient written
-    and read, weights and two moments read and written: 8 x 4 B each). The expert tables' update
-    is left out (its touched rows are not counted here: ``bench layer`` counts them), so this is
-    a looser floor than the layer's."""
+    (FHME layers at full depth) and AdamW's traffic over the dense parameters. The expert tables'
+    update is left out (its touched rows are not counted here: ``roofline.step_bytes`` counts
+    them for one layer), so this is a looser floor than the layer's."""
     from .fhme import FHME
 
     tables = {id(t) for t in expert_tables(model)}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in tables)
     rows = sum(m.row_bytes_per_token() for m in model.modules() if isinstance(m, FHME))
-    return tokens * rows + 8 * 4 * dense
+    return tokens * rows + ADAMW_BYTES_PER_PARAM * dense
 
 
 def spawn(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:

@@ -174,12 +174,11 @@ class FractalExpert(nn.Module):
                                               value_dropout=value_dropout), block_conv)
             for c in module_cols)
         self.joins = nn.ModuleList(HighwayJoin(dim, join_bias) for _ in range(len(set(self._join_at))))
-        self._row_offset = [0] * len(self._block_at)  # per application: added to the rows it reads
-        if repeat_rows == "shifted":  # the k-th of a block's n applications: rows shifted by k N / n
-            for b in set(self._block_at):
-                uses = [a for a, at in enumerate(self._block_at) if at == b]
-                for k, a in enumerate(uses):
-                    self._row_offset[a] = k * (num_experts // len(uses))
+        # Per application, added to the rows it reads: shifted, the k-th of its block's n
+        # applications reads k N / n further on.
+        shifted = repeat_rows == "shifted"
+        self._row_offset = [self._block_at[:a].count(b) * (num_experts // self._block_at.count(b)) if shifted else 0
+                            for a, b in enumerate(self._block_at)]
 
     def _keep_masks(self, c: int, x: Tensor, column: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """Drop-path masks for join c: local (random branch drop) and global (one column)."""

@@ -40,6 +40,9 @@ from .experts import TABLE_DTYPES
 from .product_keys import candidate_sums, key_table_sizes
 
 RULES = ("rowwise_adagrad", "lazy_adam", "dense_adamw")
+# AdamW's least traffic per fp32 parameter: gradient written and read, weights and two moments
+# read and written (8 x 4 B).
+ADAMW_BYTES_PER_PARAM = 8 * 4
 RULE_NAMES = {"rowwise_adagrad": "row-wise Adagrad", "lazy_adam": "lazy Adam",
               "dense_adamw": "dense AdamW"}
 
@@ -181,7 +184,7 @@ def step_bytes(shape: Shape, rule: str, touched_rows: float, tables: int = 2) ->
     else:
         update = r * row + 2 * n * row + 2 * n * 2 * shape.dim * 4
     return StepBytes(gather=tables * shape.slots * row, grad=tables * r * row,
-                     update=tables * update, dense=8 * 4 * shape.dense_params)
+                     update=tables * update, dense=ADAMW_BYTES_PER_PARAM * shape.dense_params)
 
 
 def bytes_per_expert(shape: Shape, rule: str, tables: int = 2) -> int:
