@@ -11,8 +11,10 @@ above 0.5.
 
     REV=7cb1795 python benchmarks/revision_speed.py [--repeats 3] [--out FILE]
 
-``LAYER=0`` leaves the layer out; ``MODEL_SET="k=v ..."`` changes the model as ``--set`` does
-(e.g. ``MODEL_SET="ffn=moe ffn_hidden=78"``: the comparison's MoE).
+``LAYER=0`` leaves the layer out; ``LAYER_EXPERTS=16384,1048576`` times the layer at each N (default
+1,048,576) and ``KEY_PARTS=4`` with product keys of 4 parts (default 2); ``LAYER_IMPLS`` picks the
+impls (comma-separated); ``MODEL=0`` leaves the model out; ``MODEL_SET="k=v ..."`` changes the
+model as ``--set`` does (e.g. ``MODEL_SET="ffn=moe ffn_hidden=78"``: the comparison's MoE).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import sys
 import tempfile
 
 MODES = ("rev", "tree")
-LAYER_IMPLS = ("fractalmoe-deferred", "fractalmoe-lazy-adam")
-LAYER_EXPERTS = 1_048_576
+LAYER_IMPLS = "fractalmoe-deferred,fractalmoe-lazy-adam"
+LAYER_EXPERTS = "1048576"
 
 
 def measure(mode: str) -> dict[str, object]:
@@ -39,10 +41,17 @@ def measure(mode: str) -> dict[str, object]:
     from fractalmoe.roofline import Hardware
 
     out: dict[str, object] = {"mode": mode, "code": os.path.dirname(fractalmoe.__file__)}
-    for impl in LAYER_IMPLS if os.environ.get("LAYER", "1") != "0" else ():  # any Hardware: no floor here
-        row = run_layer(LayerSpec(impl=impl, num_experts=LAYER_EXPERTS), Hardware(1.0, 1.0, 1.0))
-        for phase in ("fwd", "bwd", "opt", "step"):
-            out[f"{impl}_{phase}_ms"] = row[f"{phase}_ms"]
+    impls = os.environ.get("LAYER_IMPLS", LAYER_IMPLS).split(",") if os.environ.get("LAYER", "1") != "0" else []
+    experts = [int(n) for n in os.environ.get("LAYER_EXPERTS", LAYER_EXPERTS).split(",")]
+    parts = int(os.environ.get("KEY_PARTS", "2"))
+    for impl in impls:
+        for n in experts:  # any Hardware: no floor here
+            row = run_layer(LayerSpec(impl=impl, num_experts=n, key_parts=parts), Hardware(1.0, 1.0, 1.0))
+            tag = impl if n == 1_048_576 else f"{impl}_{n}"
+            for phase in ("fwd", "bwd", "opt", "step"):
+                out[f"{tag}_{phase}_ms"] = row[f"{phase}_ms"]
+    if os.environ.get("MODEL", "1") == "0":
+        return out
     keep_freed_memory()  # as bench model's processes (bench layer's do not)
     run = default_run_config()
     out["model_step_ms"] = run_model(ModelSpec(run.model.num_experts, batch_size=run.train.batch_size,
