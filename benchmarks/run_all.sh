@@ -168,7 +168,7 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
              drop-path-pilots sigmoid-gate-pilots block-conv-pilots block-conv experts-long-pilots \
              column-heads-pilots column-heads shallow-heads column-heads-seed4 routed-layers-pilots key-parts key-parts-pkm \
-             key-parts-heads-pilots default-length small-stdlib small-corpus-seed4 kjv value-dropout-pilots dropout \
+             key-parts-heads-pilots default-length small-stdlib small-corpus-seed4 kjv read-once-seed4 value-dropout-pilots dropout \
              balance-65k-stdlib-pilots balance-65k-stdlib balance-65k-layers balance-65k-long \
              deep-query-pilots balance-65k-fade fade-16k fade-pilots fade fade-base fractal-budget bf16-tables \
              balance-65k-target balance-65k-target-ratio balance-65k-target-slow \
