@@ -47,7 +47,7 @@ def measure(mode: str) -> dict[str, object]:
     for impl in impls:
         for n in experts:  # any Hardware: no floor here
             row = run_layer(LayerSpec(impl=impl, num_experts=n, key_parts=parts), Hardware(1.0, 1.0, 1.0))
-            tag = impl if n == 1_048_576 else f"{impl}_{n}"
+            tag = impl if n == 1_048_576 else f"{impl}_{n}"  # 1M keys as in earlier result files
             for phase in ("fwd", "bwd", "opt", "step"):
                 out[f"{tag}_{phase}_ms"] = row[f"{phase}_ms"]
     if os.environ.get("MODEL", "1") == "0":
