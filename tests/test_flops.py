@@ -79,6 +79,16 @@ def test_moving_heads_to_the_shallow_column_keeps_the_flops() -> None:
     assert shallow.active_params_per_token() > even.active_params_per_token()  # 5 router heads, not 4
 
 
+@pytest.mark.parametrize("rule, outputs", [("ponder", 3), ("threshold", 2)])
+def test_the_depth_router_costs_its_outputs(rule: str, outputs: int) -> None:
+    """Ponder scores every depth (C outputs), the threshold rule the C - 1 stages past the first."""
+    fixed = FHME(64, 4096, depth=3, heads=2, topk=8, key_dim=32, block="value")
+    adaptive = FHME(64, 4096, depth=3, heads=2, topk=8, key_dim=32, block="value", adaptive_depth=True,
+                    depth_rule=rule, depth_target=0.5)
+    for depth in (1, 2, 3):
+        assert adaptive.flops_at_depth(depth) - fixed.flops_at_depth(depth) == 2 * 64 * outputs
+
+
 def test_compare_counts_an_ffn_whose_balance_weights_are_set_per_layer() -> None:
     """``compare`` matches FFN FLOPs on the first routed layer's FFN, which carries that layer's
     balance weight: a steered weight needs one to start from, and balance_loss alone is 0."""

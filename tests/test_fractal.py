@@ -242,3 +242,19 @@ def test_global_drop_path_column_c_is_shallow_branch_alone() -> None:
         column = torch.tensor([1] * 6)
         out = fe.stage(2, x, b1(x), column)
         torch.testing.assert_close(out, b1(b1(x)))
+
+
+@pytest.mark.parametrize("bias", [40.0, -40.0])
+def test_drop_path_with_a_saturated_join_keeps_the_branch_it_keeps(bias: float) -> None:
+    """With g = 1 (or 0) exactly, the branch left by drop-path is returned as is, not 0 / 0."""
+    fe = FractalExpert(16, 256, depth=2, heads=2, topk=4, key_dim=8, join_bias=bias,
+                       drop_path_local=0.5).train()
+    x = torch.randn(64, 16, requires_grad=True)
+    out = fe(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        b1, b2 = (lambda v: fe.blocks[0](v, fe.bank)[0]), (lambda v: fe.blocks[1](v, fe.bank)[0])
+        deep, shallow = b1(b1(x)), b2(x)
+    alone = [torch.allclose(o, d) or torch.allclose(o, s) for o, d, s in zip(out, deep, shallow)]
+    assert all(alone)  # a saturated gate leaves one branch, kept or dropped

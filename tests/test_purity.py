@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fractalmoe import FHMELanguageModel, product_keys
+from fractalmoe import FHMELanguageModel, experts, product_keys
 from fractalmoe.adapters import add_fhme_adapters
 from fractalmoe.config import tiny_model_config
 from fractalmoe.optim import ModelOptimizer
@@ -281,6 +281,21 @@ def test_the_first_forward_of_a_process_makes_no_tensor_from_host_data(name: str
     with HostSyncs() as syncs, torch.no_grad():
         model(torch.randint(0, 256, (2, 16)))
     assert syncs.total == 0, syncs.found
+
+
+@pytest.mark.parametrize("name", ["fhme", "fhme-3-part-keys"])
+def test_what_an_inference_mode_forward_caches_serves_training(name: str) -> None:
+    """The router's pair lists and the gathers' scratch buffers outlive the call that made them:
+    made under inference mode, they would break the next training step."""
+    model = _model(name)
+    product_keys._pairs_that_can_win.cache_clear()
+    experts._workspace.buffers.clear()
+    x = torch.randint(0, 256, (2, 16))
+    with torch.inference_mode():
+        model(x, x)
+    _, loss = model(x, x)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("rule", ["ponder", "threshold"])

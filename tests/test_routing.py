@@ -364,6 +364,16 @@ def test_balance_loss_is_the_switch_loss_over_candidates_and_teaches_spreading()
     assert _expert_kl(idx, 1024) < 0.7 * before
 
 
+def test_a_call_with_no_tokens_adds_no_balance_loss() -> None:
+    """A sharded bank's stage that no token of this rank reached still calls the router."""
+    mem = ProductKeyMemory(32, 1024, heads=2, topk=4, key_dim=16, balancing=Balancing(loss=1.0)).train()
+    with collect(mem) as stats:
+        mem.route(torch.randn(0, 32))
+        mem.route(torch.randn(8, 32))
+    assert len(stats.values(mem.router, BALANCE_LOSS)) == 1
+    assert torch.isfinite(stats.aux_loss())
+
+
 def test_balance_scale_multiplies_each_layers_balance_loss() -> None:
     """The schedule's factor scales the routers' balance losses (in an FHME layer, averaged over
     its blocks) and nothing else."""

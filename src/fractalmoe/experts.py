@@ -83,11 +83,13 @@ def scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, sl
     slot: a fresh (T*M, D) allocation per call costs more in page faults than the work that
     fills it (on CPU a buffer this large is mapped anew, page by page, on every allocation).
     Callers (the gathers here, the optimisers' row merge and row state) consume it before the
-    next call."""
+    next call. Allocated outside inference mode, as it outlives the call: an inference tensor
+    could not be written by a later training step."""
     key, need = (dtype, device, slot), shape[0] * shape[1]
     buf = _workspace.buffers.get(key)
     if buf is None or buf.numel() < need:
-        buf = _workspace.buffers[key] = torch.empty(need, dtype=dtype, device=device)
+        with torch.inference_mode(False):
+            buf = _workspace.buffers[key] = torch.empty(need, dtype=dtype, device=device)
     return buf[:need].view(shape)
 
 

@@ -317,7 +317,7 @@ class FHME(nn.Module, PastBatchStatistics):
             blocks += block.conv.flops_per_token() if block.conv is not None else 0
         if self.fractal.retrieved_queries:  # x - origin at the applications off the layer input
             blocks += (blocks_at_depth(depth) - depth) * self.dim
-        dense = 2 * self.dim * self.depth if self.depth_router is not None else 0
+        dense = 2 * self.depth_router.weight.numel() if self.depth_router is not None else 0
         dense += 2 * self.dim * self.dim + self.dim if self.output_gate is not None else 0  # W x, product
         return blocks + joins_at_depth(depth) * 2 * self.dim + dense
 

@@ -100,7 +100,8 @@ class HighwayJoin(nn.Module, Recorder):
     """J(deep, shallow) = g * deep + (1 - g) * shallow with g = sigmoid(w . x + b) per token.
 
     b < 0 at init starts deep paths as small refinements of the shallow one. In training, local
-    drop-path removes each branch with probability p (never both) and renormalises the weights.
+    drop-path removes each branch with probability p (never both); a token keeping one branch
+    gets that branch alone.
     Under a collector it records the sum and count of its gate values (the join level of mixing).
     """
 
@@ -119,11 +120,14 @@ class HighwayJoin(nn.Module, Recorder):
                 keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
         g = torch.sigmoid(self.gate(x))  # (T, 1)
         if self.collecting:
-            self.record(JOIN_GATE, torch.stack([g.detach().sum(), g.new_full((), g.shape[0])]))
+            gates = g.detach().float()  # a count of thousands is not exact in bfloat16
+            self.record(JOIN_GATE, torch.stack([gates.sum(), gates.new_full((), g.shape[0])]))
+        joined = shallow + g * (deep - shallow)
         if keep is None:
-            return shallow + g * (deep - shallow)
-        w_deep, w_shallow = g * keep[0], (1.0 - g) * keep[1]
-        return (w_deep * deep + w_shallow * shallow) / (w_deep + w_shallow)
+            return joined
+        # One branch kept: that branch alone, not g * deep / g, which is 0 / 0 once g saturates.
+        keep_deep, keep_shallow = keep
+        return torch.where(keep_deep & keep_shallow, joined, torch.where(keep_deep, deep, shallow))
 
 
 class FractalExpert(nn.Module):
@@ -181,21 +185,22 @@ class FractalExpert(nn.Module):
                             for a, b in enumerate(self._block_at)]
 
     def _keep_masks(self, c: int, x: Tensor, column: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """Drop-path masks for join c: local (random branch drop) and global (one column)."""
+        """Drop-path masks (bool, (T, 1)) for join c: local (random branch drop) and global (one
+        column). Never both branches dropped."""
         if not self.training or (self.drop_local == 0.0 and column is None):
             return None
         shape = (x.shape[0], 1)
-        keep_deep = (torch.rand(shape, device=x.device) >= self.drop_local).to(x.dtype)
-        keep_shallow = (torch.rand(shape, device=x.device) >= self.drop_local).to(x.dtype)
-        neither = (keep_deep + keep_shallow) == 0
-        coin = (torch.rand(shape, device=x.device) < 0.5).to(x.dtype)
+        keep_deep = torch.rand(shape, device=x.device) >= self.drop_local
+        keep_shallow = torch.rand(shape, device=x.device) >= self.drop_local
+        neither = ~(keep_deep | keep_shallow)
+        coin = torch.rand(shape, device=x.device) < 0.5
         keep_deep = torch.where(neither, coin, keep_deep)
-        keep_shallow = torch.where(neither, 1.0 - coin, keep_shallow)
+        keep_shallow = torch.where(neither, ~coin, keep_shallow)
         if column is not None:  # column k: shallow branch at join k, deep branch above it
             col = column.unsqueeze(-1)
-            keep_deep = torch.where(col == c, 0.0, torch.where((col > 0) & (col < c), 1.0, keep_deep))
-            keep_shallow = torch.where(col == c, 1.0,
-                                       torch.where((col > 0) & (col < c), 0.0, keep_shallow))
+            alone, above = col == c, (col > 0) & (col < c)
+            keep_deep = (keep_deep | above) & ~alone
+            keep_shallow = (keep_shallow | alone) & ~above
         return keep_deep, keep_shallow
 
     def block_of(self, application: int) -> RoutedBlock:

@@ -154,14 +154,17 @@ def _pairs_that_can_win(k1: int, k2: int, k: int,
     With both lists sorted in descending order, pair (i, j) is beaten or tied by every (i', j')
     with i' <= i and j' <= j, (i + 1)(j + 1) - 1 others: past k of them it cannot be in the top k.
     Row i holds j < min(k2, k // (i + 1)). The pairs are built on the device from ``arange`` with
-    the count known on the host: no host data is copied and nothing waits for the device."""
+    the count known on the host: no host data is copied and nothing waits for the device.
+    Built outside inference mode: the cache outlives the call, and inference tensors could not
+    serve a later training step."""
     total = sum(min(k2, k // (i + 1)) for i in range(k1))
-    rows = torch.arange(k1, device=device)
-    per_row = (k // (rows + 1)).clamp_(max=k2)
-    i = torch.repeat_interleave(rows, per_row, output_size=total)
-    starts = torch.repeat_interleave(per_row.cumsum(0) - per_row, per_row, output_size=total)
-    j = torch.arange(total, device=device) - starts
-    return i, j, i * k2 + j
+    with torch.inference_mode(False):
+        rows = torch.arange(k1, device=device)
+        per_row = (k // (rows + 1)).clamp_(max=k2)
+        i = torch.repeat_interleave(rows, per_row, output_size=total)
+        starts = torch.repeat_interleave(per_row.cumsum(0) - per_row, per_row, output_size=total)
+        j = torch.arange(total, device=device) - starts
+        return i, j, i * k2 + j
 
 
 def candidate_sums(sizes: tuple[int, ...], topk: int) -> int:

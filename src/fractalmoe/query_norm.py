@@ -103,7 +103,8 @@ class RunningQueryWhitening(RunningQueryNorm):
     independent of each other; per-coordinate scaling fixes neither a low-rank query nor
     correlated halves. Whitened queries have identity covariance, so both hold to second order.
     There is no learned bias: a shared offset would pull every query toward the same keys.
-    Its fold decomposes the covariance (eigh), which on CUDA waits for the device once per step.
+    Its fold decomposes the covariance (eigh), which on CUDA waits for the device: once per
+    whitened router per step.
     """
 
     def __init__(self, heads: int, width: int, momentum: float = 0.02, eps: float = 1e-5) -> None:

@@ -209,8 +209,10 @@ class ProductKeyRouter(nn.Module, PastBatchStatistics):
                 i1, i2 = lists[0][1], lists[1][1]
                 self.record(SUB_KEY_LOAD, _counts(torch.cat([i1, i2 + self.n_keys], dim=-1),
                                                   self.heads, 2 * self.n_keys))
+            # Not formed when a schedule has faded the loss out, nor for a call with no tokens
+            # (a sharded bank's stage that no token of this rank reached): a mean of nothing.
             if (self.training and self.balancing.loss > 0 and torch.is_grad_enabled()
-                    and self.balance_scale_on):  # a schedule that has faded the loss out: not formed
+                    and self.balance_scale_on and idx.numel() > 0):
                 (v1, i1), (v2, i2) = lists
                 if self.balancing.router_only:
                     v1, v2 = self._scores_at(x.detach(), [i1, i2])
@@ -352,7 +354,8 @@ class ProductKeyMemory(nn.Module):
         self.silu_gate = nn.Linear(dim, dim, bias=False) if kind == "gated" else None
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Scores (sorted, descending) and expert indices, both (..., heads, topk)."""
+        """Scores and expert indices, both (..., heads, topk); the scores sorted in descending
+        order unless selection biases chose them (then in the order of score plus bias)."""
         return self.router(x)
 
     def forward(self, x: Tensor, bank: nn.Module | None = None) -> Tensor:
