@@ -22,6 +22,7 @@ from fractalmoe.checkpoint import (
     load_model_from_run,
     read_model_tensors,
     read_run_state,
+    save_checkpoint,
 )
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
@@ -266,6 +267,8 @@ def test_config_with_wrong_types_fails_in_one_line(finished_run: Path, capsys) -
     assert "dim must be int" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
     (finished_run / "config.json").write_text("{not json")
     assert "not valid JSON" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
+    (finished_run / "config.json").write_text("[1, 2]")
+    assert "JSON list, not an object" in _cli_error(["eval", "--ckpt", str(finished_run)], capsys)
 
 
 def test_runs_saved_before_the_gate_and_convolution_load_without_them(tmp_path: Path, corpus: str,
@@ -300,6 +303,41 @@ def test_wrong_architecture_names_the_mismatch(finished_run: Path, capsys) -> No
         load_model_checkpoint(other, latest_checkpoint(finished_run))
     err = _cli_error(["train", "--resume", str(finished_run), "--set", "dim=48"], capsys)
     assert "dim: 32 -> 48" in err
+
+
+def test_resume_refuses_another_expert_optimizer(finished_run: Path, capsys) -> None:
+    """The checkpoint's optimizer state belongs to its rule (lazy Adam: two moments a row)."""
+    err = _cli_error(["train", "--resume", str(finished_run), "--set", "train.expert_optim=rowwise_adagrad"],
+                     capsys)
+    assert "expert_optim='rowwise_adagrad'" in err and "'lazy_adam'" in err
+
+
+def test_the_run_records_its_corpus_by_absolute_path(tmp_path: Path, corpus: str, monkeypatch) -> None:
+    """So eval, plot and resume find it from any working directory."""
+    monkeypatch.chdir(Path(corpus).parent)
+    run(_config(max_steps=1), out=tmp_path / "rel", data_path=Path(corpus).name, progress=False,
+        log=lambda s: None)
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["data"] == corpus
+
+
+def test_the_last_step_is_saved_once(tmp_path: Path, corpus: str, monkeypatch) -> None:
+    """A run whose last step is a periodic save does not write that checkpoint again."""
+    saves: list[int] = []
+    monkeypatch.setattr(train, "save_checkpoint", lambda run_dir, step, *a, **k: saves.append(step))
+    run(_config(max_steps=4, save_every=2), out=tmp_path / "r", data_path=corpus, progress=False,
+        log=lambda s: None)
+    assert saves == [2, 4]
+
+
+def test_pruning_keeps_the_newest_steps_by_number(finished_run: Path) -> None:
+    """step_1000000 is newer than step_999999 although it sorts before it by name."""
+    root = finished_run / "checkpoints"
+    latest_checkpoint(finished_run).rename(root / "step_999999")
+    model = FHMELanguageModel(_config().model)
+    save_checkpoint(finished_run, 1_000_000, model, {}, {"step": 1_000_000}, keep_last=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_1000000", "step_999999"]
+    (root / "latest").unlink()  # the fallback orders the same way
+    assert latest_checkpoint(finished_run).name == "step_1000000"
 
 
 def test_new_run_refuses_to_overwrite(finished_run: Path, capsys) -> None:

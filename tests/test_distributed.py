@@ -441,3 +441,13 @@ def test_two_ranks_under_fsdp2_match_one_process(tmp_path: Path) -> None:
     assert len(two) == 5
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-4 * abs(a), (one, two)
+
+
+def test_several_ranks_refuse_selection_biases_with_adaptive_depth(tmp_path: Path) -> None:
+    """Past stage 1 each rank routes its own token count, so the biases' fold (the same choices
+    gathered on every rank) cannot run; refused before any rank writes anything."""
+    model = tiny_model_config(adaptive_depth=True, fractal_depth=3, depth_penalty=0.01, balance_rate=0.05)
+    config = RunConfig(model, TrainConfig(batch_size=4, max_steps=2))
+    with pytest.raises(ValueError, match="balance_rate with adaptive_depth"):
+        run(config, out=tmp_path / "r", data_path="unused", progress=False, ctx=DistContext(0, 2))
+    assert not (tmp_path / "r").exists()

@@ -82,12 +82,17 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Written beside, fsynced and renamed over path: a reader sees the old text or the new."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     _fsync_path(tmp)
     os.replace(tmp, path)
     _fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _trainable_names(model: nn.Module) -> set[str] | None:
@@ -285,13 +290,17 @@ def load_model_checkpoint(model: nn.Module, ckpt: Path, rows: RowRanges | None =
         model.load_state_dict(rest, strict=False)
 
 
-def _load_json(path: Path) -> Any:
+def _load_json(path: Path) -> dict[str, Any]:
+    """The JSON object in path (every file of a run holds one)."""
     if not path.is_file():
         raise CheckpointError(f"missing file {path}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 # --- run directory --------------------------------------------------------------------------
@@ -325,11 +334,12 @@ def load_run_data(run_dir: str | Path, config: RunConfig, path: str | None = Non
 
 def _write_pointer(ckpt_root: Path, pointer: str, name: str) -> None:
     """Atomically make the file ``pointer`` (``latest``, ``best``) name the checkpoint ``name``."""
-    tmp = ckpt_root / f"{pointer}.tmp"
-    tmp.write_text(name)
-    _fsync_path(tmp)
-    os.replace(tmp, ckpt_root / pointer)
-    _fsync_path(ckpt_root)
+    write_text_atomic(ckpt_root / pointer, name)
+
+
+def _checkpoint_dirs(ckpt_root: Path) -> list[Path]:
+    """The step_* directories, oldest step first (by number: step_1000000 follows step_999999)."""
+    return sorted(ckpt_root.glob("step_*"), key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def _read_pointer(ckpt_root: Path, pointer: str) -> Path | None:
@@ -339,14 +349,9 @@ def _read_pointer(ckpt_root: Path, pointer: str) -> Path | None:
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``mark_best`` last named (training with ``keep_best``), if any."""
+    """The checkpoint last saved as the best (training with ``keep_best``), if any."""
     path = _read_pointer(Path(run_dir) / CKPT_DIR, "best")
     return path if path is not None and (path / "state.json").is_file() else None
-
-
-def mark_best(ckpt: Path) -> None:
-    """Name ``ckpt`` the run's best checkpoint: pruning keeps it, ``--best`` loads it."""
-    _write_pointer(ckpt.parent, "best", ckpt.name)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -355,7 +360,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if path is not None and path.is_dir():
         return path
     # `latest` lost or stale: fall back to the newest complete directory.
-    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
+    done = [p for p in _checkpoint_dirs(ckpt_root) if (p / "state.json").is_file()]
     return done[-1] if done else None
 
 
@@ -368,8 +373,9 @@ def _barrier(world: int) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dict[str, Any],
                     state: dict[str, Any], keep_last: int, rank: int = 0, world: int = 1,
-                    table_rows: dict[str, tuple[int, int, int]] | None = None) -> Path:
-    """Write step_XXXXXX atomically, point `latest` at it, prune all but the newest keep_last.
+                    table_rows: dict[str, tuple[int, int, int]] | None = None, best: bool = False) -> Path:
+    """Write step_XXXXXX atomically, point `latest` (and, if ``best``, `best`: pruning keeps it,
+    ``--best`` loads it) at it, prune all but the newest keep_last and the best.
 
     With world > 1 every rank writes its own shard files (rank 0 adds the dense tensors) and
     rank 0 writes index.json, state.json and renames: ``table_rows`` maps each sharded table to
@@ -421,9 +427,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optim_state: dic
         os.replace(tmp, final)
         _fsync_path(ckpt_root)
         _write_pointer(ckpt_root, "latest", name)
-        best = best_checkpoint(run_dir)
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep_last]:
-            if old != best:
+        if best:
+            _write_pointer(ckpt_root, "best", name)
+        kept = best_checkpoint(run_dir)
+        for old in _checkpoint_dirs(ckpt_root)[:-keep_last]:
+            if old != kept:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in ckpt_root.glob(".tmp-*"):  # left by a process killed mid-write
             shutil.rmtree(stale, ignore_errors=True)

@@ -169,9 +169,6 @@ class ShardedExpertBank(TableBank):
         out = dist_nn.reduce_scatter(torch.empty_like(x_TD), list(y_all.to(x.dtype).chunk(self.world)))
         return out[:num_t].view(x.shape)
 
-    def bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.tables().values())
-
 
 def shard_experts(model: nn.Module, ctx: DistContext) -> None:
     """Replace every expert bank of the model by this rank's row shard, under every name and

@@ -535,6 +535,3 @@ class ExpertBank(TableBank):
         if self.kind == "neuron":
             return expert_mix(x, idx, gates, self.down, self.up, self.act)
         return value_mix(idx, gates.to(x.dtype), self.values)
-
-    def bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.tables().values())

@@ -160,7 +160,7 @@ def slot_rows(p: Tensor) -> list[Tensor]:
 
 def free_rows(used: list[Tensor], num_rows: int, count: int) -> Tensor:
     """``count`` distinct rows, ascending, that no index in ``used`` names, among the first
-    min(num_rows, count + len(used)) rows; found without a host sync (static sizes). Where fewer
+    min(num_rows, count + the total entries of ``used``) rows; found without a host sync (static sizes). Where fewer
     are free there, the entries past the free ones are row 0: callers use only as many as
     ``distinct_padding`` guarantees."""
     total = sum(u.numel() for u in used)
@@ -506,8 +506,9 @@ class ModelOptimizer:
         return torch.stack(flags).all()
 
     def clip_dense(self, max_norm: float) -> Tensor:
-        """Clip the global gradient norm of dense parameters; expert rows are per-row scaled
-        by their own optimiser."""
+        """Clip the global gradient norm of dense parameters. Expert rows are not clipped: the
+        adaptive rules scale each row's step by its own history; ``row_sgd`` steps lr times the
+        raw row gradient."""
         params = [p for p in self.dense_params if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 

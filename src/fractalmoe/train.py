@@ -28,7 +28,6 @@ from .checkpoint import (
     latest_checkpoint,
     load_model_checkpoint,
     load_run_config,
-    mark_best,
     read_optim_state,
     read_run_state,
     restore_rng,
@@ -210,6 +209,7 @@ def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         if write and (run_dir / "config.json").exists():
             raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        data_path = str(Path(data_path).resolve()) if data_path else None  # eval from anywhere
         if write:
             init_run_dir(run_dir, config, {"data": data_path, **(extra or {})})
         return config, run_dir, data_path
@@ -218,9 +218,11 @@ def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
     if diff:
         raise CheckpointError(f"--resume {resume}: the model differs from the checkpoint's "
                               f"({'; '.join(diff)}); drop those overrides")
+    if saved.train.expert_optim != config.train.expert_optim:  # its state would not fit the rule
+        raise CheckpointError(f"--resume {resume}: expert_optim={config.train.expert_optim!r}, the "
+                              f"checkpoint's optimizer state is {saved.train.expert_optim!r}; drop that override")
     saved_extra = run_extra(resume)
-    if data_path is None:
-        data_path = saved_extra.get("data")
+    data_path = saved_extra.get("data") if data_path is None else str(Path(data_path).resolve())
     if write:
         init_run_dir(resume, config, {**saved_extra, "data": data_path})  # training fields may change (max_steps)
     return config, resume, data_path
@@ -258,6 +260,10 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
         if tc.batch_size % (ctx.world * tc.grad_accum):
             raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {ctx.world} ranks "
                              f"times grad_accum={tc.grad_accum}")
+        if mc.adaptive_depth and mc.balance_rate > 0:
+            raise ValueError("balance_rate with adaptive_depth cannot train on several ranks: ranks "
+                             "route different token counts past stage 1, and the selection biases "
+                             "fold the same choices on every rank; use balance_loss instead")
         name = broadcast_text(str(out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
         out = Path(name) if resume is None else out  # one run directory for every rank
     config, run_dir, data_path = prepare_run(config, out, resume, data_path, ctx.is_main, extra)
@@ -301,12 +307,16 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
     forward = wrap_data_parallel(model, device) if ctx.active else model
     sync_debug = os.environ.get(SYNC_DEBUG_ENV, "")
 
-    def checkpoint() -> Path:
-        return save_checkpoint(run_dir, step, model, opt.state_dict(),
-                               {"elapsed_s": elapsed_before + time.perf_counter() - t0,
-                                "bad_steps": bad_total, "data_position": step,
-                                "best_val": best_val if math.isfinite(best_val) else None},
-                               tc.keep_last, ctx.rank, ctx.world, rows)
+    saved_step = step if ckpt is not None else None  # the step the newest checkpoint holds
+
+    def checkpoint(best: bool = False) -> None:
+        nonlocal saved_step
+        saved_step = step
+        save_checkpoint(run_dir, step, model, opt.state_dict(),
+                        {"elapsed_s": elapsed_before + time.perf_counter() - t0,
+                         "bad_steps": bad_total, "data_position": step,
+                         "best_val": best_val if math.isfinite(best_val) else None},
+                        tc.keep_last, ctx.rank, ctx.world, rows, best)
 
     metrics = (run_dir / "metrics.jsonl").open("a") if ctx.is_main else open(os.devnull, "w")
     tokens_per_step = tc.batch_size * mc.seq_len  # global
@@ -372,9 +382,7 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
                 losses, steps_since_log, t_log = [], 0, time.perf_counter()
             if tc.keep_best and is_eval and bad_run == 0 and last_val is not None and last_val.val_loss < best_val:
                 best_val = last_val.val_loss
-                saved = checkpoint()
-                if ctx.is_main:
-                    mark_best(saved)
+                checkpoint(best=True)
             elif step % tc.save_every == 0 and bad_run == 0:  # never save mid-way through a bad run
                 checkpoint()
             reason = 1 if flag.signum is not None else 2 if time.perf_counter() - t0 >= budget_s else 0
@@ -383,7 +391,8 @@ def run(config: RunConfig, out: Path | None = None, resume: Path | None = None,
                 stopped_by = {0: "stop_at_step", 1: "signal", 2: "time_budget"}[reason]
                 break
         bar.close()
-        checkpoint()
+        if saved_step != step:  # not written again when the last step saved one already
+            checkpoint()
     metrics.close()
     elapsed = elapsed_before + time.perf_counter() - t0
     if stopped_by == "signal":
