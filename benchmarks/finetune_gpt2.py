@@ -65,9 +65,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     info = json.loads(info_path.read_text())
     torch.manual_seed(args.seed)
     model = transformers.GPT2LMHeadModel.from_pretrained(args.base)
-    domains = [Domain("new", args.data, 0.1, load_domain(args.data, 0.1, SEQ_LEN, args.eval_bytes)),
-               Domain("base", info["data"], info["val_fraction"],
-                      load_domain(info["data"], info["val_fraction"], SEQ_LEN, args.eval_bytes))]
+    domains = [Domain(args.data, load_domain(args.data, 0.1, SEQ_LEN, args.eval_bytes)),
+               Domain(info["data"], load_domain(info["data"], info["val_fraction"], SEQ_LEN, args.eval_bytes))]
     cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, expert_lr=args.expert_lr, seed=args.seed,
                       warmup_steps=min(100, args.max_steps // 10))
     row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device)

@@ -107,9 +107,9 @@ def test_finetune_cli_writes_adapter_only_run_and_eval_generate_load_it(tmp_path
     run(cfg, out=base, data_path=str(data), progress=False, log=lambda s: None)
     for kind in ("fhme", "lora", "full"):
         out = tmp_path / kind
+        size = ["--experts", "256"] if kind != "full" else []
         assert main(["finetune", "--base", str(base), "--data", str(other), "--adapter", kind,
-                     "--out", str(out), "--max-steps", "3", "--experts", "256", "--quiet",
-                     "--set", "batch_size=4"]) == 0
+                     "--out", str(out), "--max-steps", "3", *size, "--quiet", "--set", "batch_size=4"]) == 0
         extra = json.loads((out / "config.json").read_text())
         assert extra["base"] == str(base.resolve()) and extra["adapter"]["kind"] == kind
         assert main(["eval", "--ckpt", str(out), "--json"]) == 0
@@ -143,6 +143,35 @@ def test_export_hf_round_trip_gives_identical_logits(tmp_path: Path, capsys) -> 
     prompt = idx[:, :5]  # transformers' own generate, greedy, within the context: as ours
     out = hf.generate(prompt, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, ours.eval().generate(prompt, 12, temperature=0.0))
+
+
+def test_export_hf_refuses_adapter_runs_and_exports_runs_that_tuned_the_base_weights(tmp_path: Path,
+                                                                                   capsys) -> None:
+    """FHME adapters would be dropped on load (NaN logits); memory fine-tuning keeps the plain
+    model's tensors and exports exactly."""
+    data = tmp_path / "a.txt"
+    data.write_text("Friends, Romans, countrymen, lend me your ears.\n" * 40)
+    other = tmp_path / "b.txt"
+    other.write_text("def f(x):\n    return x * 2\n" * 60)
+    cfg = RunConfig(tiny_model_config(), TrainConfig(batch_size=4, max_steps=2, eval_every=2, sample_bytes=0))
+    run(cfg, out=tmp_path / "base", data_path=str(data), progress=False, log=lambda s: None)
+    for kind, extra in (("fhme", ["--experts", "64"]), ("memory", ["--sparse-rows", "4"])):
+        assert main(["finetune", "--base", str(tmp_path / "base"), "--data", str(other), "--adapter", kind,
+                     *extra, "--out", str(tmp_path / kind), "--max-steps", "2", "--quiet",
+                     "--set", "batch_size=4"]) == 0
+    capsys.readouterr()
+    assert main(["export-hf", str(tmp_path / "fhme"), str(tmp_path / "hf_fhme")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be exported" in err and str((tmp_path / "base").resolve()) in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "hf_fhme").exists()
+    assert main(["export-hf", str(tmp_path / "memory"), str(tmp_path / "hf_memory")]) == 0
+    from fractalmoe.checkpoint import load_model_from_run
+
+    ours, _, _ = load_model_from_run(tmp_path / "memory")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_memory"), trust_remote_code=True)
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=0)
 
 
 def _unique_bytes(model: torch.nn.Module) -> int:

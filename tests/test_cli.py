@@ -121,6 +121,47 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path: Path, corpus: Path, cap
     _error(["train", "--config", str(tmp_path / "none.toml")], capsys)
 
 
+def test_depth_map_without_text_and_existing_files_as_outputs_are_one_line_errors(
+        run_dir: tuple[Path, str], corpus: Path, tmp_path: Path, capsys) -> None:
+    plots = tmp_path / "plots"
+    assert "--text" in _error(["plot", str(run_dir[0]), "--out", str(plots), "--depth-map"], capsys)
+    assert not plots.exists()
+    taken = tmp_path / "taken.txt"
+    taken.write_text("a file, not a folder")
+    assert "File exists" in _error(["plot", str(run_dir[0]), "--out", str(taken)], capsys)
+    assert "File exists" in _error(["export-hf", str(run_dir[0]), str(taken)], capsys)
+    tiny = [a for a in TINY if a != "--quiet"]
+    assert "File exists" in _error(["compare", "--data", str(corpus), "--models", "fhme", "--out", str(taken),
+                                    *tiny], capsys)
+
+
+def test_compare_checks_corpus_and_out_before_any_run(corpus: Path, tmp_path: Path, capsys) -> None:
+    tiny = [a for a in TINY if a != "--quiet"]
+    small = tmp_path / "small.txt"
+    small.write_text("0123456789")
+    out = tmp_path / "cmp"
+    assert "corpus has 10 bytes" in _error(["compare", "--data", str(small), "--out", str(out), *tiny], capsys)
+    assert not out.exists()
+    out.mkdir()
+    (out / "results.jsonl").write_text("")
+    err = _error(["compare", "--data", str(corpus), "--out", str(out), *tiny], capsys)
+    assert "already holds a comparison" in err and "--resume" not in err
+    assert not (out / "runs").exists()
+
+
+def test_compare_child_failure_is_one_line(corpus: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run that fails in its child process ends the comparison with its one-line reason."""
+    from fractalmoe import compare
+
+    real = compare.run_child
+    monkeypatch.setattr(compare, "run_child", lambda args: real([args[0], "{}"]))  # a child that fails
+    tiny = [a for a in TINY if a != "--quiet"]
+    code = main(["compare", "--data", str(corpus), "--models", "fhme", "--out", str(tmp_path / "cmp"), *tiny])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: fhme (seed 1) failed: TypeError")
+
+
 def test_any_bytes_are_valid_text(tmp_path: Path) -> None:
     from fractalmoe.data import ByteDataset
 

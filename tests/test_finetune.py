@@ -356,8 +356,8 @@ def test_gpt2_in_memory_finetune_reports_both_domains(corpora) -> None:
     from fractalmoe.finetune import Domain, finetune_in_memory
 
     cfg = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=2)
-    domains = [Domain("new", str(corpora["code"]), 0.1, load_domain(str(corpora["code"]), 0.1, 32)),
-               Domain("base", str(corpora["base"]), 0.1, load_domain(str(corpora["base"]), 0.1, 32))]
+    domains = [Domain(str(corpora["code"]), load_domain(str(corpora["code"]), 0.1, 32)),
+               Domain(str(corpora["base"]), load_domain(str(corpora["base"]), 0.1, 32))]
     for method in ("fhme", "lora", "full"):
         model = transformers.GPT2LMHeadModel(cfg)
         row = finetune_in_memory(model, method, 32, domains, TrainConfig(batch_size=4, max_steps=2), 32)
@@ -407,6 +407,24 @@ def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
                                           "deferred_table_grads=true", "--out", str(out))
     assert "rank" in _err(capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "lora",
                           "--lora-rank", "33", "--out", str(out))
+    assert not out.exists()
+
+
+def test_options_that_do_not_apply_are_one_line_errors_before_any_run(corpora, tmp_path: Path, capsys) -> None:
+    """Layers out of range (every adapter kind), options the adapter would ignore and model
+    overrides fail before a run directory is made."""
+    out = tmp_path / "never"
+    common = ["--base", str(corpora["run"]), "--data", str(corpora["code"]), "--out", str(out)]
+    for kind in (["fhme"], ["fhme", "--match-lora-rank", "4"], ["lora"], ["memory", "--sparse-rows", "4"]):
+        assert "layers [5] out of range" in _err(capsys, *common, "--adapter", *kind, "--layers", "0,5")
+    assert "--layers: not for --adapter full" in _err(capsys, *common, "--adapter", "full", "--layers", "0")
+    assert "training fields only" in _err(capsys, *common, "--set", "model.dim=32")
+    assert "--experts: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
+                                         "--experts", "64")
+    assert "--depth: only for" in _err(capsys, *common, "--adapter", "full", "--depth", "3")
+    assert "without --lora-rank" in _err(capsys, *common, "--adapter", "lora", "--lora-rank", "4", "--experts", "64")
+    err = _err(capsys, *common, "--adapter", "lora", "--lora-targets", "attention", "--lora-rank", "65")
+    assert "1..64" in err and "attention" in err and "width / 2" not in err  # the cap of attention targets
     assert not out.exists()
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from fractalmoe import FHMELanguageModel
@@ -33,3 +36,45 @@ def test_depths_cover_a_text_longer_than_the_context() -> None:
     text = "a longer paragraph than one window of sixteen bytes"
     depth = token_depths(model, text)
     assert depth.shape == (len(text),) and bool(((depth >= 1) & (depth <= 2)).all())
+
+
+def test_depth_map_draws_one_cell_per_byte_with_each_character_on_its_first_byte(monkeypatch, tmp_path) -> None:
+    """Multi-byte characters must not shift the labels against the per-byte depths."""
+    import matplotlib.axes
+
+    from fractalmoe.plots import byte_labels, plot_depth_map
+
+    assert byte_labels("aé 日b") == ["a", "é", "", " ", "日", "", "", "b"]
+    drawn: list[tuple[float, float, str]] = []
+    real_text = matplotlib.axes.Axes.text
+
+    def text_recorded(ax, x, y, s, *args, **kwargs):
+        drawn.append((x, y, s))
+        return real_text(ax, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", text_recorded)
+    model = FHMELanguageModel(tiny_model_config(fractal_depth=2, adaptive_depth=True, seq_len=16))
+    text = "café, naïve"
+    plot_depth_map(model, text, tmp_path)
+    cells = [(x, y, s) for x, y, s in drawn if s]
+    assert len(drawn) == len(text.encode("utf-8")) == token_depths(model, text).numel()
+    assert [s for _, _, s in cells] == list(text)
+    assert cells[4][2] == "," and cells[4][0] == 5.5  # after "é", two bytes: the fifth character sits in cell 5
+
+
+@pytest.mark.parametrize("key, values", [("gate", ["softmax", "sigmoid"]), ("adaptive_depth", ["true", "false"]),
+                                         ("num_experts", ["1024", "256"])])
+def test_sweep_plot_takes_any_values(key: str, values: list[str], tmp_path) -> None:
+    """compare --sweep over a non-numeric field plots the values as categories."""
+    from fractalmoe.plots import plot_comparison
+
+    rows = []
+    for i, value in enumerate(values):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "val_bpb": 2.0 + i, "elapsed_s": 1.0}) + "\n")
+        (run_dir / "config.json").write_text(json.dumps({"train": {"batch_size": 4}}))
+        rows.append({"model": f"fhme {key}={value}", "seed": 1, "val_bpb": 2.0 + i, "flops_per_token": 1e6,
+                     "config": {"seq_len": 16}, "run_dir": str(run_dir)})
+    paths = plot_comparison(rows, tmp_path)
+    assert tmp_path / f"bpb_vs_{key}.png" in paths and (tmp_path / f"bpb_vs_{key}.png").stat().st_size > 0

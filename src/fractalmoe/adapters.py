@@ -71,6 +71,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def chosen_layers(decoder: nn.ModuleList, layers: list[int] | None) -> list[int]:
+    """The decoder layer indices asked for (None: every layer), checked against the model: an
+    index past its last layer is a one-line error before anything is built or written."""
+    if layers is None:
+        return list(range(len(decoder)))
+    bad = [i for i in layers if not 0 <= i < len(decoder)]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {len(decoder)} layers (0..{len(decoder) - 1})")
+    return layers
+
+
 def find_ffn(layer: nn.Module, stack: bool = False) -> str:
     """Attribute name of the feed-forward block inside one decoder layer (with ``stack``, an
     already adapted one: the new adapter set wraps the old)."""
@@ -100,10 +111,7 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
     adaptation: the earlier sets stay in place, frozen and active). ``output_gate``: each
     adapter's output is scaled by a learned per-token gate that starts nearly shut."""
     decoder = decoder_layers(model)
-    chosen = list(range(len(decoder))) if layers is None else layers
-    bad = [i for i in chosen if not 0 <= i < len(decoder)]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {len(decoder)} layers")
+    chosen = chosen_layers(decoder, layers)
     for p in model.parameters():
         p.requires_grad_(False)
     dim = hidden_size(model)
@@ -141,7 +149,7 @@ def experts_for_budget(model: nn.Module, budget: int, layers: list[int] | None =
     whose perfect-square num_experts keeps the trainable count at or below ``budget``."""
     cfg = {**DEFAULT_ADAPTER, **fhme_config}
     cfg.pop("num_experts")
-    dim, count_layers = hidden_size(model), len(decoder_layers(model)) if layers is None else len(layers)
+    dim, count_layers = hidden_size(model), len(chosen_layers(decoder_layers(model), layers))
 
     def count(n_keys: int) -> int:
         return count_layers * fhme_adapter_parameter_count(dim, output_gate, num_experts=n_keys**2, **cfg)
@@ -200,7 +208,7 @@ def base_memories(model: nn.Module, layers: list[int] | None = None) -> list[tup
     """(layer index, FHME) of the base model's own FHME FFNs in the chosen decoder layers (inside
     any adapters added since)."""
     decoder = decoder_layers(model)
-    chosen = list(range(len(decoder))) if layers is None else layers
+    chosen = chosen_layers(decoder, layers)
     found = []
     for i in chosen:
         ffn = getattr(decoder[i], find_ffn(decoder[i], stack=True))
@@ -253,7 +261,7 @@ def lora_targets(model: nn.Module, layers: list[int] | None = None,
     if which not in LORA_TARGETS:
         raise ValueError(f"LoRA targets {which!r} must be one of {LORA_TARGETS}")
     decoder = decoder_layers(model)
-    chosen = list(range(len(decoder))) if layers is None else layers
+    chosen = chosen_layers(decoder, layers)
     prefix = _path_of(model, decoder)
     earlier = {id(m) for a in model.modules() if isinstance(a, AdaptedFFN)
                for part in (a.adapter, a.gate) if part is not None for m in part.modules()}
@@ -283,6 +291,19 @@ def lora_parameter_count(targets: list[tuple[str, nn.Module]], rank: int) -> int
 def max_lora_rank(model: nn.Module) -> int:
     """Width / 2: beyond it a low-rank update is no longer the low-rank baseline."""
     return max(1, hidden_size(model) // 2)
+
+
+def lora_rank_cap(model: nn.Module, targets: list[tuple[str, nn.Module]], which: str) -> int:
+    """The largest LoRA rank: ``max_lora_rank`` on every dense projection, the narrowest
+    target's full rank on attention only (the original baseline's cap, kept for its runs)."""
+    return max_lora_rank(model) if which == "all" else min(min(_shape(m)) for _, m in targets)
+
+
+def check_lora_rank(rank: int, cap: int, which: str) -> None:
+    """A one-line error for a rank outside 1..cap that says where the cap comes from."""
+    if not 1 <= rank <= cap:
+        why = "width / 2" if which == "all" else "the narrowest attention projection's full rank"
+        raise ValueError(f"LoRA rank {rank} must be in 1..{cap} ({cap} = {why})")
 
 
 def lora_rank_for_budget(targets: list[tuple[str, nn.Module]], budget: int, cap: int) -> int:
@@ -322,18 +343,16 @@ def add_lora_adapters(model: nn.Module, budget: int | None = None, layers: list[
     if not found:
         what = "attention" if targets == "attention" else "dense"
         raise ValueError(f"found no {what} projections (Linear / Conv1D) for LoRA")
+    cap = lora_rank_cap(model, found, targets)
     if targets == "attention":  # the original sizing, so that its runs load unchanged
-        cap = min(min(_shape(m)) for _, m in found)
         per_rank = sum(_in_out(m) for _, m in found)
         default = None if budget is None else max(1, min(round(budget / per_rank), cap))
     else:
-        cap = max_lora_rank(model)
         default = None if budget is None else lora_rank_for_budget(found, budget, cap)
     rank = rank if rank is not None else default
     if rank is None:
         raise ValueError("LoRA needs a rank or a trainable-parameter budget")
-    if not 1 <= rank <= cap:
-        raise ValueError(f"LoRA rank {rank} must be in 1..{cap} (width / 2 = {hidden_size(model) // 2})")
+    check_lora_rank(rank, cap, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     narrow = {n: _target_rank(m, rank) for n, m in found if _target_rank(m, rank) != rank}

@@ -149,18 +149,30 @@ def model_step_bytes(model: nn.Module, tokens: int) -> float:
     return tokens * rows + ADAMW_BYTES_PER_PARAM * dense
 
 
-def spawn(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter; returns its JSON line (or an error)."""
+class ChildFailed(RuntimeError):
+    """A configuration's fresh process failed; the message is the last line it wrote on stderr."""
+
+
+def run_child(args: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """``python -m *args`` in a fresh interpreter (peak RSS is then its own); returns the last
+    JSON line it printed, or raises ``ChildFailed``."""
     # Transparent huge pages for large tensors: page faults on fresh multi-GB-per-step buffers
     # otherwise cost as much as the gathers themselves (read by torch at start-up only).
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
-    proc = subprocess.run([sys.executable, "-m", "fractalmoe.bench", kind, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {**spec, "error": tail}
+        raise ChildFailed((proc.stderr.strip().splitlines() or ["no output"])[-1])
     return json.loads(lines[-1])
+
+
+def spawn(kind: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """Run one benchmark configuration in a fresh interpreter; returns its JSON line (or an error
+    row: one failed configuration does not end the benchmark)."""
+    try:
+        return run_child(["fractalmoe.bench", kind, json.dumps(spec)], timeout)
+    except ChildFailed as exc:
+        return {**spec, "error": str(exc)}
 
 
 def fixed_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

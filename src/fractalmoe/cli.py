@@ -1,4 +1,4 @@
-"""Command line: ``fractalmoe train | eval | generate | plot | bench | compare | corpus``.
+"""Command line: ``fractalmoe train | eval | generate | plot | bench | compare | finetune | export-hf | corpus``.
 
 User mistakes print one line on stderr and exit with code 2; no tracebacks.
 """
@@ -17,6 +17,7 @@ from typing import NoReturn
 import torch
 
 from .adapters import ADAPTER_KINDS
+from .bench import ChildFailed
 from .bench_layer import LAYER_IMPLS
 from .config import EXPERT_DTYPES, RunConfig, default_run_config, load_config_file
 from .host_memory import keep_freed_memory
@@ -158,18 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--adapter", choices=ADAPTER_KINDS, default="fhme",
                     help="fhme adapters, memory (the base's own expert rows), LoRA (peft) on every dense "
                          "projection, or full fine-tuning")
-    ft.add_argument("--layers", type=_int_list_zero, help="comma list of layer indices (default: all)")
+    ft.add_argument("--layers", type=_int_list_zero,
+                    help="comma list of layer indices (default: all; not for --adapter full)")
     ft.add_argument("--experts", type=_positive_int, default=None,
-                    help="experts per FHME adapter, a perfect square (default: 1024)")
+                    help="experts per FHME adapter, a perfect square (default: 1024); lora without "
+                         "--lora-rank: those of the FHME adapters whose budget it matches")
     ft.add_argument("--match-lora-rank", type=_positive_int, metavar="R",
                     help="fhme: as many experts (a perfect square) as keep the adapters' trainable "
                          "parameters at or below LoRA's at rank R")
     ft.add_argument("--lora-rank", type=_positive_int, metavar="R",
-                    help="lora: rank, at most width / 2 (default: the FHME adapters' budget at --experts)")
+                    help="lora: rank, at most width / 2 (attention targets: the narrowest projection's "
+                         "rank; default: the FHME adapters' budget at --experts)")
     ft.add_argument("--lora-targets", choices=["all", "attention"], default="all",
                     help="all: every dense projection of the decoder layers (attention, MLP, FHME "
                          "routers' queries; not gates or routers' logits); attention: attention only")
-    ft.add_argument("--depth", type=_positive_int, default=2, help="fractal depth of FHME adapters")
+    ft.add_argument("--depth", type=_positive_int,
+                    help="fractal depth of FHME adapters (fhme, lora's matched budget; default: 2)")
     ft.add_argument("--output-gate", action="store_true",
                     help="fhme: scale each adapter's output by a learned gate sigmoid(w.x + b), b = -4 at start")
     ft.add_argument("--sparse-rows", type=_positive_int, metavar="T",
@@ -182,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate on the first N bytes of each validation split (default: whole splits)")
     ft.add_argument("--out", help="run directory to create")
     ft.add_argument("--max-steps", type=_positive_int, default=300)
-    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training field")
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="training field (KEY or train.KEY; the model is the base's)")
     ft.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or auto")
     ft.add_argument("--json", action="store_true", help="print one JSON object")
     ft.add_argument("--quiet", action="store_true")
@@ -330,6 +336,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import plot_run
 
+    if args.depth_map and args.text is None:
+        raise UserError("--depth-map needs --text TEXT: the text to colour")
     for path in plot_run(Path(args.run), Path(args.out) if args.out else None,
                          depth_text=args.text if args.depth_map else None):
         print(path)
@@ -434,10 +442,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
         raise UserError(f"unknown --models {unknown}; choose from {', '.join(MODELS)}")
-    if args.data is not None:
-        from .data import corpus_files
-
-        corpus_files(args.data)
     base = load_config_file(args.config) if args.config else default_run_config()
     overrides = list(args.set) + [f"train.max_steps={args.max_steps}"]
     if args.time_budget is not None:
@@ -492,11 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
-    except TrainingStopped as exc:
+    except (TrainingStopped, ChildFailed) as exc:  # the run failed, not the command line
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -8,13 +8,12 @@ Each run trains in its own process, so peak RSS is per run.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bench import ChildFailed, run_child
 from .config import ModelConfig, RunConfig
 from .host_memory import keep_freed_memory
 
@@ -99,14 +98,10 @@ def _child(spec: CompareSpec) -> dict[str, Any]:
 
 
 def _spawn(spec: CompareSpec) -> dict[str, Any]:
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
-    proc = subprocess.run([sys.executable, "-m", "fractalmoe.compare", json.dumps(spec.__dict__)],
-                          capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{spec.model} (seed {spec.seed}) failed: {tail}")
-    return json.loads(lines[-1])
+    try:
+        return run_child(["fractalmoe.compare", json.dumps(spec.__dict__)])
+    except ChildFailed as exc:
+        raise ChildFailed(f"{spec.model} (seed {spec.seed}) failed: {exc}") from None
 
 
 def plan(base: RunConfig, models: list[str], sweep: tuple[str, list[str]] | None) -> list[tuple[str, RunConfig]]:
@@ -119,13 +114,26 @@ def plan(base: RunConfig, models: list[str], sweep: tuple[str, list[str]] | None
     return [(m, RunConfig(matched_config(base.model, m, target), base.train)) for m in models]
 
 
+def check_corpus(data: str | None, configs: list[RunConfig]) -> None:
+    """Split the corpus as each run will: one too small for a run fails here, in one line, before
+    any run starts (not in a child, after the runs before it have trained)."""
+    from .data import ByteDataset
+
+    for val_fraction, seq_len in {(c.train.val_fraction, c.model.seq_len) for c in configs}:
+        ByteDataset.load(data, val_fraction, seq_len)
+
+
 def compare(base: RunConfig, models: list[str], seeds: list[int], out: Path, data: str | None,
             sweep: tuple[str, list[str]] | None = None, echo=print) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """Train every (model, seed), write results.jsonl, table.md and plots under out."""
+    if (out / "results.jsonl").exists():
+        raise ValueError(f"{out} already holds a comparison; choose another --out")
+    runs = plan(base, models, sweep)
+    check_corpus(data, [cfg for _, cfg in runs])
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with (out / "results.jsonl").open("a") as fh:
-        for label, cfg in plan(base, models, sweep):
+        for label, cfg in runs:
             for seed in seeds:
                 run_cfg = RunConfig(cfg.model, cfg.train.replace(seed=seed, sample_bytes=0))
                 run_dir = out / "runs" / f"{label.replace(' ', '_').replace('=', '')}-seed{seed}"

@@ -44,17 +44,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import (
+    DEFAULT_ADAPTER,
     add_lora_adapters,
     build_adapted_model,
+    check_lora_rank,
+    chosen_layers,
     decoder_layers,
     experts_for_budget,
     fhme_adapter_parameter_count,
     hidden_size,
     lora_parameter_count,
+    lora_rank_cap,
     lora_rank_for_budget,
     lora_targets,
     mask_rows,
-    max_lora_rank,
     required_memories,
     trainable_parameter_count,
 )
@@ -101,11 +104,10 @@ def load_domain(path: str | None, val_fraction: float, seq_len: int,
 
 @dataclass
 class Domain:
-    """A validation split to report: the new domain, the base run's, or an earlier stage's."""
+    """A validation split to report: the new domain, the base run's, or an earlier stage's (in
+    that order in a run's list)."""
 
-    role: str  # "new" | "base" | "prior"
     path: str | None  # None: the bundled corpus
-    val_fraction: float
     data: ByteDataset = field(repr=False)
 
 
@@ -141,11 +143,11 @@ def kept_domains(chain: list[Path], eval_bytes: int | None) -> list[Domain]:
     from .checkpoint import load_run_config, run_extra
 
     out = []
-    for i, run_dir in enumerate(chain):
+    for run_dir in chain:
         config = load_run_config(run_dir)
         path = run_extra(run_dir).get("data")
         data = load_domain(path, config.train.val_fraction, config.model.seq_len, eval_bytes)
-        out.append(Domain("base" if i == 0 else "prior", path, config.train.val_fraction, data))
+        out.append(Domain(path, data))
     return out
 
 
@@ -348,7 +350,7 @@ class FinetuneRequest:
     adapter: str = "fhme"
     layers: list[int] | None = None
     experts: int | None = None  # None: 1024, or matched with match_lora_rank
-    depth: int = 2
+    depth: int | None = None  # None: DEFAULT_ADAPTER's
     out: str | None = None
     max_steps: int = 300
     overrides: list[str] = field(default_factory=list)
@@ -381,6 +383,13 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("--lora-rank needs --adapter lora (FHME adapters: --match-lora-rank)")
     if req.match_lora_rank is not None and req.experts is not None:
         raise ValueError("give --experts or --match-lora-rank, not both")
+    if req.adapter == "lora" and req.lora_rank is not None and req.experts is not None:
+        raise ValueError("--experts sizes LoRA only without --lora-rank: give one of them")
+    fhme_sizing = [flag for flag, given in (("--experts", req.experts), ("--depth", req.depth)) if given is not None]
+    if req.adapter in ("memory", "full") and fhme_sizing:
+        raise ValueError(f"{', '.join(fhme_sizing)}: only for --adapter fhme or lora (FHME adapters' size)")
+    if req.adapter == "full" and req.layers is not None:
+        raise ValueError("--layers: not for --adapter full, which trains every weight")
 
 
 def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
@@ -391,8 +400,8 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     if req.adapter == "full":
         return Sizing(spec)
     dim = hidden_size(model)
-    layers = req.layers if req.layers is not None else list(range(len(decoder_layers(model))))
-    fhme_cfg = {"depth": req.depth}
+    layers = chosen_layers(decoder_layers(model), req.layers)  # out of range: an error before any run starts
+    fhme_cfg = {"depth": req.depth if req.depth is not None else DEFAULT_ADAPTER["depth"]}
 
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts, **fhme_cfg)
@@ -403,11 +412,10 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         targets = lora_targets(model, req.layers, req.lora_targets)
         if not targets:
             raise ValueError(f"found no LoRA targets ({req.lora_targets}) in the base model")
-        cap = max_lora_rank(model) if req.lora_targets == "all" else min(min(m.weight.shape) for _, m in targets)
+        cap = lora_rank_cap(model, targets, req.lora_targets)
         if rank is None:  # LoRA at the FHME adapters' budget
             rank = lora_rank_for_budget(targets, fhme_count(req.experts or 1024), cap)
-        if not 1 <= rank <= cap:
-            raise ValueError(f"LoRA rank {rank} must be in 1..{cap} (width / 2 = {dim // 2})")
+        check_lora_rank(rank, cap, req.lora_targets)
         sizing.lora_rank, sizing.lora_params = rank, lora_parameter_count(targets, rank)
     if req.adapter == "memory":  # rows x width x tables per layer within LoRA's count
         memories = required_memories(model, req.layers)
@@ -429,7 +437,7 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     else:
         experts = req.experts or 1024
     sizing.fhme_experts, sizing.fhme_params = experts, fhme_count(experts)
-    spec.update(fhme={"num_experts": experts, "depth": req.depth}, output_gate=req.output_gate)
+    spec.update(fhme={"num_experts": experts, **fhme_cfg}, output_gate=req.output_gate)
     if req.sparse_rows is not None:
         spec["sparse_rows"] = req.sparse_rows
     return sizing
@@ -446,6 +454,18 @@ def _metric_line(step: int, phase: str, bpbs: list[float]) -> dict[str, Any]:
             "prior_val_bpb": bpbs[2:]}
 
 
+def train_overrides(overrides: list[str]) -> list[str]:
+    """``--set`` items as training fields (KEY=VALUE means train.KEY): the model is the base's,
+    so a model (or any other) section is a one-line error, not a model the weights do not fit."""
+    out = []
+    for item in overrides:
+        section, dot, _ = item.split("=", 1)[0].rpartition(".")
+        if dot and section != "train":
+            raise ValueError(f"--set {item}: finetune takes training fields only (train.KEY=VALUE or KEY=VALUE)")
+        out.append(item if dot else f"train.{item}")
+    return out
+
+
 def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Adapt ``req.base`` to ``req.data`` and report every domain's bpb before and after."""
     from .checkpoint import load_model_from_run, load_run_config
@@ -456,15 +476,15 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
     chain = lineage(req.base)
     base = str(chain[-1])
     base_cfg = load_run_config(base)
-    train_overrides = [f"train.{item}" if "." not in item.split("=")[0] else item for item in req.overrides]
     config = RunConfig(base_cfg.model, base_cfg.train.replace(
         max_steps=req.max_steps, eval_every=min(base_cfg.train.eval_every, req.max_steps),
-        warmup_steps=min(base_cfg.train.warmup_steps, req.max_steps // 10))).with_overrides(train_overrides)
+        warmup_steps=min(base_cfg.train.warmup_steps, req.max_steps // 10)))
+    config = config.with_overrides(train_overrides(req.overrides))
     if config.train.deferred_table_grads and (req.sparse_rows is not None or req.adapter == "memory"):
         raise ValueError("sparse rows mask table gradients in backward: set deferred_table_grads=false")
     seq_len, batch = config.model.seq_len, config.train.batch_size
     new = load_domain(req.data, config.train.val_fraction, seq_len, req.eval_bytes)
-    domains = [Domain("new", req.data, config.train.val_fraction, new)] + kept_domains(chain, req.eval_bytes)
+    domains = [Domain(req.data, new)] + kept_domains(chain, req.eval_bytes)
 
     before_model, _, _ = load_model_from_run(base, req.device)
     sizing = size_adapters(req, before_model)
@@ -577,7 +597,7 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
     LoRA at ``lora_rank``, LoRA at that rank on every dense projection, or every weight trainable."""
     from .adapters import add_fhme_adapters
 
-    req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=depth,
+    req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=None if method == "full" else depth,
                           output_gate=output_gate,
                           match_lora_rank=lora_rank if method == "fhme" else None,
                           lora_rank=lora_rank if method == "lora" else None)

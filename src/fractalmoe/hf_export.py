@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import load_model_from_run
+from .checkpoint import load_model_from_run, run_extra
 from .config import ModelConfig
+from .model import FHMELanguageModel
 
 MODELING = '''"""transformers wrapper of a FractalMoE language model (pip install fractalmoe)."""
 
@@ -112,7 +114,18 @@ def unique_tensors(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 def export_hf(run_dir: str | Path, out: str | Path) -> Path:
     """Write the transformers directory for a run's latest checkpoint."""
     model, config, _ = load_model_from_run(run_dir)
+    base = run_extra(run_dir).get("base")
+    if base and set(model.state_dict()) != _plain_names(config.model):
+        raise ValueError(f"{run_dir}: fine-tuning runs with adapters (fhme, lora) cannot be exported (their "
+                         f"weights would not load); export the base run {base}")
     return export_model(model, config.model, out)
+
+
+def _plain_names(cfg: ModelConfig) -> set[str]:
+    """State-dict names of the plain model the exported wrapper builds (on the meta device): a
+    fine-tuning run's model has these only when it trained the base's own weights (memory, full)."""
+    with torch.device("meta"):
+        return set(FHMELanguageModel(cfg).state_dict())
 
 
 def export_model(model: nn.Module, model_config: ModelConfig, out: str | Path) -> Path:

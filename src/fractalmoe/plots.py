@@ -109,16 +109,21 @@ def token_depths(model: FHMELanguageModel, text: str) -> torch.Tensor:
     return torch.cat(per_window)
 
 
+def byte_labels(text: str) -> list[str]:
+    """One label per UTF-8 byte of text: a character on its first byte, "" on the rest, so that
+    label i belongs to byte i (the model's position i) even where characters take several bytes."""
+    return [label for ch in text for label in (ch, *[""] * (len(ch.encode("utf-8")) - 1))]
+
+
 def plot_depth_map(model: FHMELanguageModel, text: str, out: Path) -> Path:
     """Each byte of text drawn in a cell coloured by its mean depth over layers."""
     depth = token_depths(model, text)
-    chars = text.encode("utf-8")[: depth.numel()].decode("utf-8", errors="replace")
     max_depth = max(layer.depth for layer in model.fhme_layers())
     cols = 64
-    rows = (len(chars) + cols - 1) // cols
+    rows = (depth.numel() + cols - 1) // cols
     fig, ax = plt.subplots(figsize=(cols * 0.16, rows * 0.3 + 0.8))
     cmap = plt.get_cmap("viridis")
-    for i, ch in enumerate(chars[: depth.numel()]):
+    for i, ch in enumerate(byte_labels(text)):
         r, c = divmod(i, cols)
         level = (float(depth[i]) - 1) / max(max_depth - 1, 1)
         ax.add_patch(plt.Rectangle((c, -r - 1), 1, 1, color=cmap(level)))
@@ -176,6 +181,8 @@ def depth_by_byte_class(model: FHMELanguageModel, text: str) -> str:
 
 def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = None) -> list[Path]:
     """Write the run's plots; returns their paths."""
+    if depth_text == "":
+        raise ValueError("--depth-map needs --text with at least one character")
     metrics = read_metrics(run_dir)
     out = out or run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -186,8 +193,6 @@ def plot_run(run_dir: Path, out: Path | None = None, depth_text: str | None = No
     if usage is not None:
         paths.append(usage)
     if depth_text is not None:
-        if not depth_text:
-            raise ValueError("--depth-map needs --text with at least one character")
         paths.append(plot_depth_map(model, depth_text, out))
         table = out / "depth_by_byte_class.md"
         table.write_text(depth_by_byte_class(model, depth_text))
@@ -248,21 +253,36 @@ def plot_comparison(rows: list[dict], out: Path) -> list[Path]:
         paths.append(out / name)
     swept = [r for r in rows if "=" in r["model"]]
     if swept:
-        key = swept[0]["model"].split(" ")[1].split("=")[0]
-        by_value: dict[float, list[float]] = {}
-        for r in swept:
-            by_value.setdefault(float(r["model"].split("=")[1]), []).append(r["val_bpb"])
-        xs = sorted(by_value)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.errorbar(xs, [sum(by_value[x]) / len(by_value[x]) for x in xs],
-                    yerr=[(max(by_value[x]) - min(by_value[x])) / 2 for x in xs], fmt="o-")
-        if key == "num_experts":
-            ax.set_xscale("log", base=2)
-        ax.set_xlabel(key)
-        ax.set_ylabel("validation bits per byte")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / f"bpb_vs_{key}.png", dpi=120)
-        plt.close(fig)
-        paths.append(out / f"bpb_vs_{key}.png")
+        paths.append(plot_sweep(swept, out))
     return paths
+
+
+def plot_sweep(swept: list[dict], out: Path) -> Path:
+    """Final bpb vs the swept value ("MODEL KEY=VALUE" rows; mean and half-range over seeds): on
+    a numeric axis when every value is a number, else one position per value in sweep order
+    (gate=softmax,sigmoid; true/false fields)."""
+    key = swept[0]["model"].split(" ")[1].split("=")[0]
+    by_value: dict[str, list[float]] = {}
+    for r in swept:
+        by_value.setdefault(r["model"].split("=", 1)[1], []).append(r["val_bpb"])
+    try:
+        numbers = {v: float(v) for v in by_value}
+    except ValueError:
+        numbers = None
+    values = sorted(by_value, key=numbers.__getitem__) if numbers else list(by_value)
+    xs = [numbers[v] for v in values] if numbers else list(range(len(values)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(xs, [sum(by_value[v]) / len(by_value[v]) for v in values],
+                yerr=[(max(by_value[v]) - min(by_value[v])) / 2 for v in values], fmt="o-" if numbers else "o")
+    if numbers is None:
+        ax.set_xticks(xs, values)
+    elif key == "num_experts":
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(key)
+    ax.set_ylabel("validation bits per byte")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"bpb_vs_{key}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
