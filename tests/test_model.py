@@ -17,6 +17,7 @@ from fractalmoe.config import tiny_model_config
 from fractalmoe.conv import CausalConv
 from fractalmoe.evaluate import evaluate
 from fractalmoe.fhme import FHME
+from fractalmoe.model import sample_next
 from fractalmoe.stats import collect
 
 FFNS = ["fhme", "dense", "moe", "pkm", "peer", "memplus"]
@@ -221,6 +222,43 @@ def test_moe_matches_each_token_through_its_own_experts() -> None:
         sum(g * (torch.nn.functional.silu(x[t] @ moe.w1[e]) * (x[t] @ moe.w3[e])) @ moe.w2[e]
             for g, e in zip(gate[t], expert[t].tolist())) for t in range(37)])
     torch.testing.assert_close(moe(x), expected)
+
+
+def test_a_top_1_moe_router_learns_from_the_output() -> None:
+    """Switch routing: the chosen expert's output scaled by its router probability, so the task
+    loss reaches the router (renormalised over one expert the gate would be 1)."""
+    torch.manual_seed(0)
+    moe = MoEFFN(8, 16, 4, 1, 0.0)
+    x = torch.randn(37, 8)
+    probs = torch.softmax(moe.router(x), -1)
+    gate, expert = probs.max(-1)
+    expected = torch.stack([gate[t] * (torch.nn.functional.silu(x[t] @ moe.w1[e]) * (x[t] @ moe.w3[e])) @ moe.w2[e]
+                            for t, e in enumerate(expert.tolist())])
+    out = moe(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    assert moe.router.weight.grad.abs().max() > 1e-3
+
+
+def test_generation_at_a_context_of_one_byte_and_a_tiny_temperature() -> None:
+    model = FHMELanguageModel(tiny_model_config(seq_len=1, ffn_conv=0, block_conv=0)).eval()
+    prompt = torch.randint(0, 256, (2, 3))
+    greedy = model.generate(prompt, 6, temperature=0.0)
+    assert greedy.shape == (2, 9)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-40, generator=gen), greedy)
+
+
+def test_top_k_keeps_exactly_k_candidates_when_logits_tie() -> None:
+    logits = torch.zeros(4, 256)
+    gen = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, 1.0, 1, gen)[r]) for r in range(4) for _ in range(8)}
+    assert len(picks) == 1  # top-1 of all-equal logits is one token, not any of them
+
+
+def test_the_vocabulary_holds_every_byte() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        tiny_model_config(vocab_size=100)
 
 
 class _OpCounter(TorchDispatchMode):

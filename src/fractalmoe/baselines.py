@@ -90,7 +90,9 @@ class MoEFFN(nn.Module, Recorder):
         num_t = x_TD.shape[0]
         probs_TE = F.softmax(self.router(x_TD).float(), dim=-1)
         gate_TK, expert_TK = probs_TE.topk(self.topk, dim=-1)
-        gate_TK = (gate_TK / gate_TK.sum(-1, keepdim=True)).to(x.dtype)
+        if self.topk > 1:  # renormalised over the chosen; at top-1 (Switch) the raw probability,
+            gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)  # else the gate is 1 and has no gradient
+        gate_TK = gate_TK.to(x.dtype)
         load_E = probs_TE.new_zeros(self.num_experts).index_add_(
             0, expert_TK.reshape(-1), probs_TE.new_ones(expert_TK.numel()))
         if self.collecting:

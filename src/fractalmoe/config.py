@@ -206,6 +206,7 @@ class ModelConfig(_Config):
                      "expert_heads", "topk", "key_dim", "fractal_depth", "ffn_hidden",
                      "moe_experts", "moe_topk"):
             r(getattr(self, name) >= 1, name, "must be a positive integer")
+        r(self.vocab_size >= 256, "vocab_size", "must be >= 256: the models read bytes")
         r(self.ffn in FFN_TYPES, "ffn", f"must be one of {FFN_TYPES}")
         r(self.gate in GATES, "gate", f"must be one of {GATES}")
         r(self.block in BLOCK_KINDS, "block", f"must be one of {BLOCK_KINDS}")

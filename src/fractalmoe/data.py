@@ -165,7 +165,9 @@ class ByteDataset:
         With max_windows (the periodic estimate during training: eval_batches * batch_size
         windows) the windows are evenly spaced over the whole split, the same ones at every
         evaluation, so estimates are comparable along a run and cover every part of the split
-        (e.g. 64 x 16 windows of 128 bytes = 128 KiB). Without it: the whole split.
+        (e.g. 64 x 16 windows of 128 bytes = 128 KiB). Without it: the whole split in windows
+        of seq_len targets, bar its last (len - 1) % seq_len bytes, which fill no whole window
+        (fewer than seq_len: at most 127 of a 1 MB split at seq_len 128).
         """
         starts = torch.arange(0, len(self.val) - seq_len, seq_len)
         if max_windows is not None and max_windows < len(starts):

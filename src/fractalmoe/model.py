@@ -239,7 +239,7 @@ class FHMELanguageModel(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Sample continuations with a KV cache; temperature 0 is greedy. idx: (B, T) -> (B, T + n).
 
-        When the cache fills up, it is rebuilt from the last seq_len // 2 tokens.
+        When the cache fills up, it is rebuilt from the last seq_len // 2 tokens (at least one).
         """
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1")
@@ -255,7 +255,8 @@ class FHMELanguageModel(nn.Module):
             if i == max_new_tokens - 1:
                 break
             if pos >= self.cfg.seq_len:
-                keep = torch.cat(out, dim=1)[:, -(self.cfg.seq_len // 2):]
+                seq = torch.cat(out, dim=1)
+                keep = seq[:, seq.shape[1] - max(1, self.cfg.seq_len // 2):]
                 logits = self._logits(keep, caches, 0)[:, -1]
                 pos = keep.shape[1]
             else:
@@ -298,8 +299,10 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None,
     """One token per row from (B, V) logits: greedy at temperature 0, else top-k sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits.float(), dim=-1), 1, generator=generator)
+    logits = logits.float()
+    # The best logit at 0 before dividing: a tiny temperature gives -inf elsewhere, never +inf.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    if top_k is not None:  # exactly k candidates, ties broken by topk
+        kept = torch.topk(logits, min(top_k, logits.shape[-1]))
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, kept.indices, kept.values)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
