@@ -19,27 +19,51 @@ def _jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
+def _rule(row: dict) -> str:
+    """The row's expert-table update rule; rows older than the "rule" key ran the impl's rule,
+    which has not changed for the impls they hold."""
+    from fractalmoe.bench_layer import IMPLS
+    from fractalmoe.roofline import RULE_NAMES
+
+    rule = row.get("rule") or (IMPLS[row["impl"]].rule if row["impl"] in IMPLS else "unknown")
+    return RULE_NAMES.get(rule, rule)
+
+
 def layer_table() -> str:
+    from fractalmoe.bench_layer import impl_name
+
     rows = _jsonl("layer.jsonl") + _jsonl("layer_4m.jsonl")
     if not rows:
         return ""
-    base = {(r["impl"], r["N"]): r for r in rows if "error" not in r}
-    out = ["| impl | N | train tok/s | vs peer-dense | vs peer-pytorch | infer tok/s | fwd / bwd / opt ms | "
-           "peak RSS GB | roofline_frac |",
-           "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    dtype = lambda r: r.get("expert_dtype", "float32")  # noqa: E731 - rows before the key: float32
+    base = {(r["impl"], dtype(r), r["N"]): r for r in rows if "error" not in r}
+    peers = {p: next((_rule(r) for (i, _, _), r in base.items() if i == p), "n/a")
+             for p in ("peer-dense", "peer-pytorch")}
+    out = [f"| impl | expert rule | N | train tok/s | vs peer-dense ({peers['peer-dense']}) | "
+           f"vs peer-pytorch ({peers['peer-pytorch']}) | infer tok/s | fwd / bwd / opt ms | peak RSS GB | "
+           "roofline_frac |",
+           "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         if "error" in r:
             continue
-        dense = base.get(("peer-dense", r["N"]))
-        peer = base.get(("peer-pytorch", r["N"]))
+        dense = base.get(("peer-dense", "float32", r["N"]))  # the peers keep float32 tables
+        peer = base.get(("peer-pytorch", "float32", r["N"]))
         rel = lambda other: f"{r['train_tok_s'] / other['train_tok_s']:.1f}x" if other else "n/a"  # noqa: E731
-        out.append(f"| {r['impl']} | {r['N']:,} | {r['train_tok_s']:.0f} | {rel(dense)} | {rel(peer)} | "
+        out.append(f"| {impl_name(r['impl'], dtype(r))} | {_rule(r)} | {r['N']:,} | {r['train_tok_s']:.0f} | "
+                   f"{rel(dense)} | {rel(peer)} | "
                    f"{r['infer_tok_s']:.0f} | {r['fwd_ms']:.0f} / {r['bwd_ms']:.0f} / {r['opt_ms']:.0f} | "
                    f"{r['peak_rss_gb']:.2f} | {r['roofline_frac']:.2f} |")
     hw = rows[0]
     out.append("")
-    out.append(f"Measured peak {hw['peak_gflops']:.0f} GFLOP/s (fp32 2048² matmul) and "
-               f"{hw['bandwidth_gbps']:.0f} GB/s (copy, read + write) at the start of the first run.")
+    out.append("The peer columns are ratios of whole training steps, each implementation under its own expert "
+               "rule: across different rules they compare design and optimizer together.")
+    if "copy_gbps" in hw:  # bandwidth_gbps: the random-row gather rate (the floor's), copy_gbps: a large copy
+        bandwidth = (f"{hw['bandwidth_gbps']:.0f} GB/s (random-row gather of {dtype(hw)} rows) and "
+                     f"{hw['copy_gbps']:.0f} GB/s (large-tensor copy, read + write)")
+    else:  # rows from before the gather rate was measured: bandwidth_gbps was the copy rate
+        bandwidth = f"{hw['bandwidth_gbps']:.0f} GB/s (copy, read + write)"
+    out.append(f"Measured peak {hw['peak_gflops']:.0f} GFLOP/s (fp32 2048² matmul) and {bandwidth} at the "
+               "start of the first run.")
     return "\n".join(out)
 
 

@@ -67,7 +67,9 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fractal-budget      # C = 1, 2, 3 at a budget that fits C = 3, seeds 2, 3
     python benchmarks/quality.py bf16-tables         # the default FHME, float32 and bfloat16 tables, two roundings
 
-Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run is never rerun.
+Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run (its table.md written,
+after every row) is never rerun, an unfinished one (crashed, killed) is cleared and rerun. The
+command exits non-zero when any run failed.
 `python benchmarks/quality_tables.py` turns them into the tables of docs/results.md.
 """
 
@@ -77,6 +79,7 @@ import argparse
 import hashlib
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -1137,6 +1140,12 @@ def bf16_tables_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for seed in ("2", "3") for corpus in ("shakespeare", "stdlib") for tables in BF16_TABLES]
 
 
+def finished(out: Path) -> bool:
+    """Whether the `compare` run in ``out`` finished: it opens results.jsonl before its first
+    model trains, so only table.md (written after every row) marks a complete run."""
+    return (out / "results.jsonl").is_file() and (out / "table.md").is_file()
+
+
 def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: int | None) -> None:
     if worker is None:  # one single-threaded worker per CPU, worker w takes jobs w, w + len(cpus), ...
         flag = ["--cpus", ",".join(map(str, cpus))]
@@ -1146,14 +1155,22 @@ def run(phase: str, jobs: list[tuple[str, list[str]]], cpus: list[int], worker: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path("runs/quality") / phase
     root.mkdir(parents=True, exist_ok=True)
+    failed = []
     for i, (name, args) in enumerate(jobs):
         out = root / name
-        if i % len(cpus) != worker or out.exists():
+        if i % len(cpus) != worker or finished(out):
             continue
+        if out.exists():  # an unfinished run (`compare` refuses a folder with results.jsonl): start over
+            shutil.rmtree(out)
         cmd = ["taskset", "-c", str(cpus[worker]), sys.executable, "-m", "fractalmoe", "compare", *args,
                "--out", str(out), "--json"]
         with open(f"{out}.log", "w") as log:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        if code != 0 or not finished(out):
+            failed.append(name)
+            print(f"quality.py: {phase}/{name} failed (exit {code}): see {out}.log", file=sys.stderr, flush=True)
+    if failed:
+        sys.exit(1)
 
 
 # Every phase: its jobs, given the second corpus's path.

@@ -5,7 +5,8 @@ shallower models), the expert-table optimizers and the number of experts.
     python benchmarks/quality_tables.py benchmarks/results/quality
 
 A model "wins" against another when it is ahead for every pairing of the two reported seeds
-and the gap of the means exceeds the larger of the two half-ranges.
+and the gap of the means exceeds the larger of the two half-ranges; two sides run at different
+seeds are not judged ("n/a: seeds differ").
 """
 
 from __future__ import annotations
@@ -66,14 +67,32 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return sum(values) / len(values), (max(values) - min(values)) / 2
 
 
-def wins(a: list[float], b: list[float]) -> bool:
-    """a (lower is better) wins against b: ahead for every seed pairing, gap > larger half-range."""
-    (ma, ha), (mb, hb) = _stats(a), _stats(b)
-    return all(x < y for x, y in itertools.product(a, b)) and mb - ma > max(ha, hb)
+Runs = list[tuple[int, float]]  # (seed, val bpb) of each run of one side
 
 
-def _verdict(ours: list[float], theirs: list[float]) -> str:
+def _seeds(runs: Runs) -> list[int]:
+    return sorted(seed for seed, _ in runs)
+
+
+def wins(a: Runs, b: Runs) -> bool:
+    """a (lower is better) wins against b: ahead for every seed pairing, gap > larger half-range.
+    Only sides run at the same seeds are compared (ValueError otherwise)."""
+    if _seeds(a) != _seeds(b):
+        raise ValueError(f"seeds differ: {_seeds(a)} against {_seeds(b)}")
+    va, vb = [v for _, v in a], [v for _, v in b]
+    (ma, ha), (mb, hb) = _stats(va), _stats(vb)
+    return all(x < y for x, y in itertools.product(va, vb)) and mb - ma > max(ha, hb)
+
+
+def _verdict(ours: Runs, theirs: Runs) -> str:
+    if _seeds(ours) != _seeds(theirs):
+        return (f"n/a: seeds differ ({', '.join(map(str, _seeds(ours)))} against "
+                f"{', '.join(map(str, _seeds(theirs)))})")
     return "wins" if wins(ours, theirs) else "loses" if wins(theirs, ours) else "no win either way"
+
+
+def _runs(rs: list[dict]) -> Runs:
+    return [(r["seed"], r["val_bpb"]) for r in rs]
 
 
 def final_table(found: list[dict], corpus: str) -> str:
@@ -89,8 +108,12 @@ def comparison_table(found: list[dict]) -> str:
     if not by_model:
         return ""
     order = sorted(by_model, key=lambda m: _stats([r["val_bpb"] for r in by_model[m]])[0])
-    seeds = ", ".join(str(r["seed"]) for r in by_model[order[0]])
-    lines = [f"| rank | model | val bpb (mean ± half-range, seeds {seeds}) | FFN FLOPs/token | model FLOPs/token "
+    per_model = {m: ", ".join(str(r["seed"]) for r in by_model[m]) for m in order}
+    if len(set(per_model.values())) == 1:
+        seeds = f"seeds {per_model[order[0]]}"
+    else:  # every side's seeds: verdicts between sides run at different seeds are n/a
+        seeds = "seeds " + "; ".join(f"{m}: {v}" for m, v in per_model.items())
+    lines = [f"| rank | model | val bpb (mean ± half-range, {seeds}) | FFN FLOPs/token | model FLOPs/token "
              "| params | experts used | usage KL | train tok/s |",
              "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for rank, m in enumerate(order, 1):
@@ -104,8 +127,8 @@ def comparison_table(found: list[dict]) -> str:
     ffn = [by_model[m][0]["ffn_flops_per_token"] for m in order]
     lines.append(f"\nFFN FLOPs spread {(max(ffn) - min(ffn)) / min(ffn):.1%}.")
     if "fhme" in by_model:
-        fh = [r["val_bpb"] for r in by_model["fhme"]]
-        verdicts = [f"{m}: {_verdict(fh, [r['val_bpb'] for r in by_model[m]])}" for m in order if m != "fhme"]
+        fh = _runs(by_model["fhme"])
+        verdicts = [f"{m}: {_verdict(fh, _runs(by_model[m]))}" for m in order if m != "fhme"]
         lines.append("FHME against " + "; ".join(verdicts) + ".")
     return "\n".join(lines)
 
@@ -178,7 +201,7 @@ def experts_table(found: list[dict]) -> str:
                   if (key in default and label in ("key width", "rows read"))
                   or _experts_series(rs[0]["name"]) == label}
         keys = sorted(series)
-        bpbs = {key: [r["val_bpb"] for r in rs] for key, rs in series.items()}
+        bpbs = {key: _runs(rs) for key, rs in series.items()}
         steps = [f"{a[0]:,} -> {b[0]:,}: {_verdict(bpbs[b], bpbs[a])}" for a, b in zip(keys, keys[1:])]
         if steps:
             lines.append(f"More experts against fewer, FLOPs held by {label}: " + "; ".join(steps) + ".")
@@ -406,9 +429,9 @@ def main() -> None:
     for n in sorted({r["config"]["num_experts"] for r in route_once} & {r["config"]["num_experts"] for r in pkm_rows}):
         print(f"\n### FHME routing once per column at {n:,} experts against the same PKM (standard library)\n")
         print(comparison_table([r for r in route_once + pkm_rows if r["config"]["num_experts"] == n]))
-    pkm: dict[int, list[float]] = {}
+    pkm: dict[int, Runs] = {}
     for r in pkm_rows:
-        pkm.setdefault(r["config"]["num_experts"], []).append(r["val_bpb"])
+        pkm.setdefault(r["config"]["num_experts"], []).append((r["seed"], r["val_bpb"]))
     steps = [f"{a:,} -> {b:,}: {_verdict(pkm[b], pkm[a])}" for a, b in zip(sorted(pkm), sorted(pkm)[1:])]
     if steps:
         print("\nPKM matched to the one-head FHME, more experts against fewer: " + "; ".join(steps) + ".")

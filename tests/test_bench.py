@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +50,35 @@ def test_refuses_above_the_load_limit_only(monkeypatch) -> None:
     assert reason is not None and "0.51" in reason and "--force" in reason
     monkeypatch.setattr(bench_hygiene, "load_average", lambda: 0.5)
     assert busy_reason() is None
+
+
+def test_an_unknown_load_average_counts_as_busy(monkeypatch) -> None:
+    monkeypatch.setattr(bench_hygiene, "torch_processes", lambda: [])
+    monkeypatch.setattr(bench_hygiene, "load_average", lambda: None)
+    reason = busy_reason()
+    assert reason is not None and "cannot be read" in reason and "--force" in reason
+
+
+def test_a_python_process_whose_map_cannot_be_read_counts_as_torch(tmp_path, monkeypatch) -> None:
+    def fake(pid: int, comm: str, maps: str | None, state: str = "S") -> None:
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(f"{pid} ({comm}) {state} 1 0 0")
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes(f"/usr/bin/{comm}\0job.py\0".encode())
+        if maps is None:
+            (d / "maps").mkdir()  # reading it fails (OSError), as another user's map does
+        else:
+            (d / "maps").write_text(maps)
+
+    fake(4001, "python3.12", None)  # unreadable Python: possibly PyTorch
+    fake(4002, "bash", None)  # unreadable, not Python: not counted
+    fake(4003, "python3", "7f00 r-xp /lib/libc.so\n")  # readable, no libtorch
+    fake(4004, "python3", "7f00 r-xp /x/libtorch_cpu.so\n")
+    fake(4005, "python3", None, state="T")  # stopped
+    monkeypatch.setattr(bench_hygiene, "PROC", tmp_path)
+    assert torch_processes() == [(4001, "/usr/bin/python3.12 job.py (maps unreadable)"),
+                                 (4004, "/usr/bin/python3 job.py")]
 
 
 def test_waiting_for_the_machine_to_become_idle(monkeypatch) -> None:
@@ -114,14 +144,23 @@ def test_cli_refuses_cuda_without_a_device(capsys) -> None:
         assert err.count("\n") == 1 and "this PyTorch sees no CUDA device" in err
 
 
-def test_model_benchmark_times_the_default_model() -> None:
+def test_model_benchmark_times_the_default_model(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from fractalmoe import bench
     from fractalmoe.bench import ModelSpec, run_model
 
+    readings = iter(range(0, 10_000, 10))  # every reading of the counters: 10 more faults, 10 ms
+    monkeypatch.setattr(bench.resource, "getrusage",
+                        lambda who: SimpleNamespace(ru_minflt=(f := next(readings)), ru_stime=f / 1e3))
     row = run_model(ModelSpec(4096, batch_size=2, steps=1, peak_gflops=100.0, copy_gbps=10.0))
+    # counted over each timed step alone (two readings a step), not build, warm-up or inference
+    assert row["page_faults_per_step"] == 10 and row["system_ms_per_step"] == pytest.approx(10.0)
     assert row["N"] == 4096 and row["tokens"] == 2 * 128 and "peak_device_gb" not in row
     assert row["step_ms"] == pytest.approx(row["fwd_ms"] + row["bwd_ms"] + row["opt_ms"])
     # the floor's bytes by hand: the default FHME (C = 2, value rows) reads 3 block calls x 2 heads
-    # x top-22 rows of 128 float32 a token per layer; AdamW moves 32 B per dense parameter
+    # x top-22 rows of 128 float32 a token per layer, in the forward and again in the backward;
+    # AdamW moves 32 B per dense parameter
     from fractalmoe.config import default_run_config
     from fractalmoe.experts import expert_tables
     from fractalmoe.model import FHMELanguageModel
@@ -130,7 +169,7 @@ def test_model_benchmark_times_the_default_model() -> None:
     model = FHMELanguageModel(cfg)
     dense = model.num_params() - sum(t.numel() for t in expert_tables(model))
     rows = cfg.n_layers * 3 * cfg.expert_heads * cfg.topk * cfg.dim * 4
-    assert row["bytes"] == 256 * rows + 32 * dense
+    assert row["bytes"] == 2 * 256 * rows + 32 * dense
     floor_ms = 3 * model.flops_per_token() * 256 / 100e9 * 1e3 + row["bytes"] / 10e9 * 1e3
     assert row["roofline_frac"] == pytest.approx(floor_ms / row["step_ms"])
 
@@ -182,6 +221,15 @@ def test_mode_summary_takes_medians_and_speedups_over_the_first_mode() -> None:
     summary = mode_summary(rows, ("old", "new"))
     assert summary == {"summary": "median", "old_step_ms": 20.0, "old_faults": 7, "new_step_ms": 5.0,
                        "new_faults": 1, "speedup_new_step_ms": 4.0}
+
+
+def test_mode_summary_takes_the_union_of_keys_over_rows() -> None:
+    rows = [{"mode": "old", "step_ms": 10.0, "repeat": 0},  # an older revision: no faults, no sys_ms
+            {"mode": "new", "step_ms": 5.0, "faults": 3, "sys_ms": 1.0, "repeat": 0},
+            {"mode": "old", "step_ms": 12.0, "faults": 9, "repeat": 1}]
+    summary = mode_summary(rows, ("old", "new"))
+    assert summary == {"summary": "median", "old_step_ms": 11.0, "old_faults": 9, "new_step_ms": 5.0,
+                       "new_faults": 3, "new_sys_ms": 1.0, "speedup_new_step_ms": 2.2}
 
 
 def _fake_row(spec: LayerSpec, step_ms: float) -> dict:
@@ -286,19 +334,20 @@ def test_stochastic_rounding_impl_needs_bfloat16_and_is_compared_with_nearest() 
 
 def test_step_bytes_match_a_hand_count() -> None:
     # N=64 rows of D=4 fp32 (16 B), S = 5 tokens x 2 heads x top-3 = 30 slots, R = 10 touched rows.
-    # Per table: gather 30*16 = 480, gradient rows 10*16 = 160. Dense parameters: query 4*2*4 = 32
+    # Per table: rows gathered by the forward and again by the backward 2*30*16 = 960, gradient
+    # rows 10*16 = 160. Dense parameters: query 4*2*4 = 32
     # plus sub-keys 2 heads * 8 keys * 4 = 64 -> 96 params, AdamW 8 x 4 B each = 3072.
     shape = Shape(num_experts=64, dim=4, heads=2, topk=3, key_dim=4, tokens=5)
     # row-wise Adagrad update: grad read 160, rows r/w 320, 4-byte state r/w 80 = 560
-    assert step_bytes(shape, "rowwise_adagrad", 10).total == 2 * (480 + 160 + 560) + 3072 == 5472
+    assert step_bytes(shape, "rowwise_adagrad", 10).total == 2 * (960 + 160 + 560) + 3072 == 6432
     # lazy Adam update: 160 + 320 + moments (2 x 16 B per row) read + written 2*10*32 = 640 -> 1120
-    assert step_bytes(shape, "lazy_adam", 10).total == 2 * (480 + 160 + 1120) + 3072 == 6592
+    assert step_bytes(shape, "lazy_adam", 10).total == 2 * (960 + 160 + 1120) + 3072 == 7552
     # dense AdamW update: grad rows read 160, all 64 rows r/w 2048, both moments of all rows 4096
-    assert step_bytes(shape, "dense_adamw", 10).total == 2 * (480 + 160 + 6304) + 3072 == 16960
-    assert step_bytes(shape, "dense_adamw", 10, tables=1).total == 480 + 160 + 6304 + 3072
-    # bf16 rows (8 B), fp32 optimizer state: 2 * (240 + 80 + (80 + 160 + 80)) + 3072
+    assert step_bytes(shape, "dense_adamw", 10).total == 2 * (960 + 160 + 6304) + 3072 == 17920
+    assert step_bytes(shape, "dense_adamw", 10, tables=1).total == 960 + 160 + 6304 + 3072
+    # bf16 rows (8 B), fp32 optimizer state: 2 * (480 + 80 + (80 + 160 + 80)) + 3072
     bf16 = Shape(num_experts=64, dim=4, heads=2, topk=3, key_dim=4, tokens=5, expert_dtype="bfloat16")
-    assert step_bytes(bf16, "rowwise_adagrad", 10).total == 4352
+    assert step_bytes(bf16, "rowwise_adagrad", 10).total == 4832
     with pytest.raises(ValueError, match="unknown update rule"):
         step_bytes(shape, "sgd", 10)
 
@@ -350,7 +399,7 @@ def test_every_impl_runs_a_step(impl: str) -> None:
     assert row["floor_copy_ms"] < row["floor_ms"] and row["roofline_frac_copy"] < row["roofline_frac"]
     shape = LayerSpec(impl, **TINY).shape()
     nbytes = step_bytes(shape, IMPLS[impl].rule, row["touched_rows"], IMPLS[impl].tables)
-    assert row["bytes"] == nbytes.total and row["bytes_per_token"] == nbytes.gather / shape.tokens
+    assert row["bytes"] == nbytes.total and row["bytes_per_token"] == nbytes.gather / 2 / shape.tokens
     assert row["bytes_per_expert"] == bytes_per_expert(shape, IMPLS[impl].rule, IMPLS[impl].tables)
 
 
@@ -441,11 +490,14 @@ def test_cli_layer_run_prints_table_and_ratios(monkeypatch, capsys) -> None:
 # --- bench adaptive ----------------------------------------------------------------------------
 
 
-def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path, capsys) -> None:
+def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path, capsys, monkeypatch) -> None:
+    from fractalmoe import bench, evaluate
     from fractalmoe.bench import run_adaptive
     from fractalmoe.cli import main
     from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
     from fractalmoe.train import run
+
+    monkeypatch.setattr(bench_hygiene, "wait_until_idle", lambda max_wait_s: None)  # this machine may be busy
 
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
@@ -462,14 +514,27 @@ def test_bench_adaptive_reports_every_depth_and_the_router(tmp_path, capsys) -> 
     assert 1 <= rows["adaptive"]["blocks_per_token"] <= 3
     assert all(r["fhme_ms"] > 0 and math.isfinite(r["val_bpb"]) for r in rows.values())
     seq_len = tiny_model_config().seq_len
+    calls, synced = [], []
+    real_evaluate, real_sync = evaluate.evaluate, bench.synchronize
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: calls.append(1) or real_evaluate(*a, **k))
+    monkeypatch.setattr(bench, "synchronize", lambda device: synced.append(device) or real_sync(device))
     short = {r["mode"]: r for r in run_adaptive(str(tmp_path / "r"), eval_bytes=2 * seq_len + 1, passes=1)}
     assert short["depth2"]["tokens"] == 2 * seq_len < rows["depth2"]["tokens"]
+    assert len(calls) == 2 * 3  # an untimed warm-up pass, then the one timed pass, over the 3 modes
+    assert synced and set(synced) == {"cpu"}  # the hooks wait for the device (a no-op on the CPU)
+    monkeypatch.setattr(bench_hygiene, "wait_until_idle", lambda max_wait_s: "the machine is busy")
+    with pytest.raises(ValueError, match="the machine is busy"):
+        run_adaptive(str(tmp_path / "r"), passes=1)
+    assert len(calls) == 6  # refused before any evaluation
+    assert run_adaptive(str(tmp_path / "r"), eval_bytes=2 * seq_len + 1, passes=1, force=True)
+    monkeypatch.setattr(bench_hygiene, "wait_until_idle", lambda max_wait_s: None)
     with pytest.raises(ValueError, match="shorter than one window"):
         run_adaptive(str(tmp_path / "r"), eval_bytes=seq_len, passes=1)
+    monkeypatch.setattr(bench_hygiene, "wait_until_idle", lambda max_wait_s: "the machine is busy")
     capsys.readouterr()
     plot = tmp_path / "frontier.png"
     assert main(["bench", "adaptive", "--ckpt", str(tmp_path / "r"), "--ckpt", str(tmp_path / "fixed"),
-                 "--plot", str(plot), "--json"]) == 0
+                 "--plot", str(plot), "--json", "--force"]) == 0  # the command line can force it too
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # JSON lines only
     assert [(r["run"][-5:], r["mode"]) for r in out] == [
         (str(tmp_path / "r")[-5:], "depth1"), (str(tmp_path / "r")[-5:], "depth2"),
@@ -530,3 +595,93 @@ def test_alternated_children_refuse_a_busy_machine(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         bench_hygiene.alternated_children("unused.py", [["a"]], repeats=1, force=False)
     assert stop.value.code == 2 and capsys.readouterr().err == "error: the machine is busy\n"
+
+
+def _load_benchmark(name: str, monkeypatch):  # noqa: ANN202 - a module loaded from benchmarks/
+    import importlib.util
+
+    folder = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))  # their sibling imports
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_reruns_unfinished_runs_and_exits_non_zero_on_a_failure(tmp_path, monkeypatch, capsys) -> None:
+    quality = _load_benchmark("quality", monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs/quality/p"
+    (root / "done").mkdir(parents=True)
+    for f in ("results.jsonl", "table.md"):
+        (root / "done" / f).write_text("{}\n")
+    (root / "crashed").mkdir()
+    (root / "crashed" / "results.jsonl").write_text("")  # opened before training, then the run died
+    ran = []
+
+    def fake_run(cmd, **kwargs):  # noqa: ANN001, ANN202
+        out = Path(cmd[cmd.index("--out") + 1])
+        ran.append(out.name)
+        assert not out.exists()  # compare refuses a folder holding results.jsonl: cleared first
+        out.mkdir()
+        (out / "results.jsonl").write_text("{}\n")
+        if out.name != "fails":
+            (out / "table.md").write_text("|")
+        return subprocess.CompletedProcess(cmd, 1 if out.name == "fails" else 0)
+
+    monkeypatch.setattr(quality.subprocess, "run", fake_run)
+    jobs = [(name, []) for name in ("done", "crashed", "new")]
+    quality.run("p", jobs, [0], 0)  # every run finished: a normal return
+    assert ran == ["crashed", "new"]
+    ran.clear()
+    quality.run("p", jobs, [0], 0)
+    assert ran == []  # finished runs are never rerun
+    with pytest.raises(SystemExit) as exc:
+        quality.run("p", [*jobs, ("fails", []), ("after", [])], [0], 0)
+    assert exc.value.code == 1 and ran == ["fails", "after"]  # a failure does not stop the others
+    assert "p/fails failed (exit 1)" in capsys.readouterr().err
+
+
+def test_quality_verdicts_need_the_same_seeds_on_both_sides(monkeypatch) -> None:
+    tables = _load_benchmark("quality_tables", monkeypatch)
+    two, other = [(2, 1.00), (3, 1.01)], [(2, 1.10), (3, 1.11)]
+    assert tables._verdict(two, other) == "wins" and tables._verdict(other, two) == "loses"
+    assert tables._verdict(two, [(2, 1.10)]) == "n/a: seeds differ (2, 3 against 2)"
+    with pytest.raises(ValueError, match="seeds differ"):
+        tables.wins(two, [(2, 1.10), (4, 1.11)])
+    row = dict(ffn_flops_per_token=1.0, flops_per_token=2.0, params=1e6, train_tok_s=1.0)
+    found = [dict(row, model="fhme", seed=2, val_bpb=1.0), dict(row, model="fhme", seed=3, val_bpb=1.01),
+             dict(row, model="pkm", seed=2, val_bpb=1.1)]
+    table = tables.comparison_table(found)
+    assert "seeds fhme: 2, 3; pkm: 2" in table and "pkm: n/a: seeds differ" in table
+    assert "seeds 2, 3)" in tables.comparison_table(found[:2])
+
+
+def test_layer_table_labels_rules_and_bandwidths_and_keeps_dtypes_apart(tmp_path, monkeypatch) -> None:
+    tables = _load_benchmark("make_tables", monkeypatch)
+    monkeypatch.setattr(tables, "R", tmp_path)
+    common = dict(N=64, infer_tok_s=1.0, fwd_ms=1.0, bwd_ms=1.0, opt_ms=1.0, peak_rss_gb=1.0, roofline_frac=0.5,
+                  peak_gflops=100.0, bandwidth_gbps=20.0, copy_gbps=40.0)
+    rows = [dict(common, impl="fractalmoe", rule="rowwise_adagrad", expert_dtype="float32", train_tok_s=300.0),
+            dict(common, impl="fractalmoe", rule="rowwise_adagrad", expert_dtype="bfloat16", train_tok_s=400.0),
+            dict(common, impl="peer-dense", rule="dense_adamw", expert_dtype="float32", train_tok_s=100.0)]
+    (tmp_path / "layer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = tables.layer_table()
+    assert "vs peer-dense (dense AdamW)" in table
+    assert "| fractalmoe | row-wise Adagrad | 64 | 300 | 3.0x |" in table
+    assert "| fractalmoe, bfloat16 tables | row-wise Adagrad | 64 | 400 | 4.0x |" in table
+    assert "20 GB/s (random-row gather of float32 rows) and 40 GB/s (large-tensor copy" in table
+    old = [{k: v for k, v in r.items() if k not in ("rule", "expert_dtype", "copy_gbps")} for r in rows[::2]]
+    (tmp_path / "layer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    table = tables.layer_table()  # rows from before those keys: the rule from the impl, the copy rate
+    assert "| fractalmoe | row-wise Adagrad | 64 | 300 | 3.0x |" in table and "20 GB/s (copy, read + write)" in table
+
+
+def test_balance_cost_refuses_a_busy_machine(monkeypatch, capsys) -> None:
+    cost = _load_benchmark("balance_cost", monkeypatch)
+    monkeypatch.setattr(cost, "wait_until_idle", lambda max_wait_s: "the machine is busy")
+    monkeypatch.setattr(cost, "FHME", lambda *a, **k: pytest.fail("built a layer on a busy machine"))
+    monkeypatch.setattr(sys, "argv", ["balance_cost.py"])
+    with pytest.raises(SystemExit) as exc:
+        cost.main()
+    assert exc.value.code == 2 and capsys.readouterr().err == "error: the machine is busy\n"

@@ -99,6 +99,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     idx = torch.randint(0, cfg.vocab_size, (spec.batch_size, cfg.seq_len), device=device)
     tokens = idx.numel()
     fwd = bwd = opt_t = 0.0
+    faults = system_s = 0.0  # host page faults and kernel time over the timed steps
     dtype = training_autocast(run.train.autocast)  # the forward as `train` runs it
 
     def clock() -> float:  # on CUDA, after the queued work: phases are timed without overlap
@@ -108,6 +109,7 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
     for i in range(spec.steps + 2):
         opt.zero_grad()
         t0 = clock()
+        before = resource.getrusage(resource.RUSAGE_SELF)
         with collect(model) as stats:
             with autocast_region(idx.device.type, dtype):
                 _, loss = model(idx, idx)
@@ -117,8 +119,10 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
         opt.step()
         fold_statistics(model, stats)
         t3 = clock()
+        after = resource.getrusage(resource.RUSAGE_SELF)
         if i >= 2:
             fwd, bwd, opt_t = fwd + t1 - t0, bwd + t2 - t1, opt_t + t3 - t2
+            faults, system_s = faults + after.ru_minflt - before.ru_minflt, system_s + after.ru_stime - before.ru_stime
     fwd, bwd, opt_t = (v / spec.steps for v in (fwd, bwd, opt_t))
     model.eval()
     with torch.no_grad(), autocast_region(idx.device.type, dtype):
@@ -133,12 +137,14 @@ def run_model(spec: ModelSpec) -> dict[str, Any]:
             "train_tok_s": tokens / step, "infer_tok_s": tokens / infer,
             "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3, "opt_ms": opt_t * 1e3, "step_ms": step * 1e3,
             "peak_rss_gb": rss, **device_gb, "bytes": nbytes,
+            "page_faults_per_step": faults / spec.steps, "system_ms_per_step": system_s * 1e3 / spec.steps,
             "roofline_frac": floor / step, "peak_gflops": gflops, "copy_gbps": gbps, "autocast": run.train.autocast}
 
 
 def model_step_bytes(model: nn.Module, tokens: int) -> float:
     """The least a training step of the model moves: the expert-table rows its forward reads
-    (FHME layers at full depth) and AdamW's traffic over the dense parameters. The expert tables'
+    (FHME layers at full depth), read again by the backward, and AdamW's traffic over the dense
+    parameters. The expert tables'
     update is left out (its touched rows are not counted here: ``roofline.step_bytes`` counts
     them for one layer), so this is a looser floor than the layer's."""
     from .fhme import FHME
@@ -146,7 +152,7 @@ def model_step_bytes(model: nn.Module, tokens: int) -> float:
     tables = {id(t) for t in expert_tables(model)}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in tables)
     rows = sum(m.row_bytes_per_token() for m in model.modules() if isinstance(m, FHME))
-    return tokens * rows + ADAMW_BYTES_PER_PARAM * dense
+    return 2 * tokens * rows + ADAMW_BYTES_PER_PARAM * dense
 
 
 class ChildFailed(RuntimeError):
@@ -232,10 +238,14 @@ if __name__ == "__main__":
 
 
 def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu",
-                 eval_bytes: int | None = None, passes: int = 3) -> list[dict[str, Any]]:
+                 eval_bytes: int | None = None, passes: int = 3, force: bool = False,
+                 wait_idle_s: float = 0.0) -> list[dict[str, Any]]:
     """Validation bpb and measured FHME inference time at each fixed depth and with the router:
-    modes alternated, the median of ``passes`` passes each (these machines are noisy); over the
-    whole validation split, or its first ``eval_bytes``."""
+    after one untimed warm-up pass over every mode, modes alternated, the median of ``passes``
+    timed passes each (these machines are noisy); over the whole validation split, or its first
+    ``eval_bytes``. On a busy machine (after waiting up to ``wait_idle_s``) a one-line
+    ValueError unless ``force``."""
+    from .bench_hygiene import wait_until_idle
     from .checkpoint import load_model_from_run, load_run_data
     from .evaluate import evaluate
 
@@ -246,13 +256,18 @@ def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu"
     data = load_run_data(run_dir, config, data_path)
     if eval_bytes is not None:
         data = data.val_prefix(eval_bytes, config.model.seq_len)
+    reason = None if force else wait_until_idle(wait_idle_s)  # after the user's mistakes, before timing
+    if reason is not None:
+        raise ValueError(reason)
     spent = [0.0]
     starts: dict[int, float] = {}
 
     def pre(mod: nn.Module, inp: object) -> None:
+        synchronize(device)  # on CUDA: the layer's own work, not the queue before it or its launches
         starts[id(mod)] = time.perf_counter()
 
     def post(mod: nn.Module, inp: object, out: object) -> None:
+        synchronize(device)
         spent[0] += time.perf_counter() - starts[id(mod)]
 
     hooks = [h for layer in layers for h in (layer.register_forward_pre_hook(pre),
@@ -263,12 +278,13 @@ def run_adaptive(run_dir: str, data_path: str | None = None, device: str = "cpu"
         modes.append(("adaptive", None))
     results: dict[str, Any] = {}
     times: dict[str, list[float]] = {mode: [] for mode, _ in modes}
-    for _ in range(passes):
+    for i in range(passes + 1):  # pass 0 warms up (allocator, caches, lazy init): not timed
         for mode, forced in modes:
             model.set_depth(forced)
             spent[0] = 0.0
             results[mode] = evaluate(model, data, config.train.batch_size, device=device)
-            times[mode].append(spent[0])
+            if i > 0:
+                times[mode].append(spent[0])
     rows = []
     for mode, _ in modes:
         result = results[mode]

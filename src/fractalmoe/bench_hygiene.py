@@ -18,21 +18,35 @@ from collections.abc import Callable
 from pathlib import Path
 
 MAX_LOAD = 0.5  # the 1-minute load average above which a benchmark refuses to start
+PROC = Path("/proc")  # where processes are listed (a test points it elsewhere)
 
 
 def _parent(pid: int) -> int | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def _is_python(entry: Path) -> bool:
+    """Whether the process's executable name says Python (its comm, else its argv[0])."""
+    names = []
+    for name in ("comm", "cmdline"):
+        try:
+            names.append((entry / name).read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1])
+        except OSError:
+            pass
+    return any(n.startswith(b"python") for n in names)
+
+
 def torch_processes() -> list[tuple[int, str]]:
-    """(pid, command line) of other running processes with libtorch mapped (readable ones only);
-    this process and its ancestors are not "other", nor are stopped processes (``kill -STOP``:
-    they take no CPU or memory bandwidth until continued). Empty where /proc does not exist."""
-    proc = Path("/proc")
+    """(pid, command line) of other running processes with libtorch mapped, and of Python
+    processes whose memory map cannot be read (another user's: they may run PyTorch, so they
+    count as busy, marked "maps unreadable"); this process and its ancestors are not "other", nor
+    are stopped processes (``kill -STOP``: they take no CPU or memory bandwidth until continued).
+    Empty where /proc does not exist."""
+    proc = PROC
     if not proc.is_dir():
         return []
     skip: set[int] = {os.getpid()}
@@ -46,20 +60,31 @@ def torch_processes() -> list[tuple[int, str]]:
             continue
         try:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state in ("Z", "X", "T", "t") or b"libtorch" not in (entry / "maps").read_bytes():
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, IndexError):
+        except (OSError, IndexError):  # gone, or not a process we can see at all
             continue
+        if state in ("Z", "X", "T", "t"):
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = ""
+        try:
+            if b"libtorch" not in (entry / "maps").read_bytes():
+                continue
+        except OSError:  # not ours to read: a Python process may be running PyTorch
+            if not _is_python(entry):
+                continue
+            cmd = f"{cmd or '?'} (maps unreadable)"
         found.append((int(entry.name), cmd))
     return sorted(found)
 
 
-def load_average() -> float:
+def load_average() -> float | None:
+    """The 1-minute load average; None where this platform does not report it."""
     try:
         return os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return 0.0
+    except (OSError, AttributeError):  # not available on this platform
+        return None
 
 
 def busy_reason(max_load: float = MAX_LOAD) -> str | None:
@@ -72,6 +97,8 @@ def busy_reason(max_load: float = MAX_LOAD) -> str | None:
         return (f"another PyTorch process is running (pid {pid}: {cmd}){more}; timings would be "
                 "skewed: wait for it to finish or pass --force")
     load = load_average()
+    if load is None:
+        return "the load average cannot be read: the machine may be busy; pass --force to run anyway"
     if load > max_load:
         return (f"the 1-minute load average is {load:.2f} (> {max_load}): the machine is busy; "
                 "wait or pass --force")
@@ -128,12 +155,17 @@ def report(out: str, rows: list[dict], summary: dict) -> None:
 
 def mode_summary(rows: list[dict], modes: tuple[str, ...]) -> dict:
     """Medians over repeats of every numeric measurement per mode, and each later mode's speed-up
-    over the first on every time (``*_ms``)."""
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and k != "repeat"]
-    med = {m: {k: statistics.median(r[k] for r in rows if r["mode"] == m) for k in keys} for m in modes}
+    over the first on every time (``*_ms``). The keys are the union over all rows (rows of
+    different revisions may differ): a mode's median of a key is over its rows that have it, and
+    a mode none of whose rows has it gets neither that median nor that speed-up."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # first-seen order
+                              if isinstance(v, (int, float)) and k != "repeat"))
+    med = {m: {k: statistics.median(vals) for k in keys
+               if (vals := [r[k] for r in rows if r["mode"] == m and isinstance(r.get(k), (int, float))])}
+           for m in modes}
     return {"summary": "median", **{f"{m}_{k}": v for m in modes for k, v in med[m].items()},
             **{f"speedup_{m}_{k}": med[modes[0]][k] / med[m][k] for m in modes[1:] for k in keys
-               if k.endswith("_ms")}}
+               if k.endswith("_ms") and k in med[modes[0]] and k in med[m]}}
 
 
 def mode_benchmark(script: str, doc: str, modes: tuple[str, ...], measure: Callable[[str], dict],

@@ -63,6 +63,14 @@ def _device(text: str) -> str:
     return text
 
 
+def _idle_arguments(parser: argparse.ArgumentParser) -> None:
+    """A timing command's refusal of a busy machine, and the ways around it."""
+    parser.add_argument("--force", action="store_true",
+                        help="run even while another PyTorch process runs or the load average is > 0.5")
+    parser.add_argument("--wait-idle", type=_nonneg_float, default=0.0, metavar="SECONDS",
+                        help="wait up to this long for the machine to become idle before refusing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fractalmoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -126,10 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"fractalmoe impls' table dtypes, alternated: a comma list of {', '.join(EXPERT_DTYPES)}")
     bl.add_argument("--repeats", type=_positive_int, default=3,
                     help="fresh processes per configuration, alternated round-robin (>= 3; medians)")
-    bl.add_argument("--force", action="store_true",
-                    help="run even while another PyTorch process runs or the load average is > 0.5")
-    bl.add_argument("--wait-idle", type=_nonneg_float, default=0.0, metavar="SECONDS",
-                    help="wait up to this long for the machine to become idle before refusing")
+    _idle_arguments(bl)
     bl.add_argument("--gather-table-mb", type=_positive_int, default=1024,
                     help="table size of the random-row gather that measures bandwidth")
     bl.add_argument("--device", default="cpu",
@@ -139,10 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bsub.add_parser("model", help="a whole FHME language model vs number of experts")
     bm.add_argument("--experts", type=_int_list, default=[16384, 262144, 1048576])
     bm.add_argument("--config", help="TOML or YAML model config (default: the training default)")
-    bm.add_argument("--force", action="store_true",
-                    help="run even while another PyTorch process runs or the load average is > 0.5")
-    bm.add_argument("--wait-idle", type=_nonneg_float, default=0.0, metavar="SECONDS",
-                    help="wait up to this long for the machine to become idle before refusing")
+    _idle_arguments(bm)
     bm.add_argument("--batch-size", type=_positive_int, default=8)
     bm.add_argument("--steps", type=_positive_int, default=5)
     bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -217,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--passes", type=_positive_int, default=3, help="timed passes per mode (median)")
     ba.add_argument("--json", action="store_true", help="one JSON line per mode")
     ba.add_argument("--device", type=_device, default="cpu")
+    _idle_arguments(ba)
     co = sub.add_parser("corpus", help="build a reproducible corpus that needs no download")
     co.add_argument("name", choices=["stdlib"], help="stdlib: this interpreter's standard-library sources")
     dest = co.add_mutually_exclusive_group(required=True)
@@ -349,7 +352,8 @@ def _bench_adaptive(args: argparse.Namespace) -> int:
 
     rows = []
     for run_dir in args.ckpt:
-        per_run = run_adaptive(run_dir, args.data, args.device, args.eval_bytes, args.passes)
+        per_run = run_adaptive(run_dir, args.data, args.device, args.eval_bytes, args.passes,
+                               args.force, args.wait_idle)
         full = next(r for r in per_run if r["mode"] == f"depth{len(per_run[0]['depth_hist'][0])}")
         rows += [{"run": run_dir, **r, "blocks_share": r["blocks_per_token"] / full["blocks_per_token"],
                   "fhme_share": r["fhme_ms"] / full["fhme_ms"]} for r in per_run]

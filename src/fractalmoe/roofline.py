@@ -15,17 +15,19 @@ measured step time.
   routed slots = tokens x heads x topk, R touched rows, N rows, D width, e bytes per table
   element; optimizer state is fp32), per expert table:
 
-  ==================  ======  ==========  ============================================
-  rule                gather  grad rows   update (grad read, rows and state r/w)
-  ==================  ======  ==========  ============================================
-  rowwise_adagrad     S De    R De        R De + 2 R De + 2 R 4           (4 B/row)
-  lazy_adam           S De    R De        R De + 2 R De + 2 R (2 D 4)     (2x row)
-  dense_adamw         S De    R De        R De + 2 N De + 2 N (2 D 4)     (every row)
-  ==================  ======  ==========  ============================================
+  ==================  ========  ==========  ============================================
+  rule                gather    grad rows   update (grad read, rows and state r/w)
+  ==================  ========  ==========  ============================================
+  rowwise_adagrad     2 S De    R De        R De + 2 R De + 2 R 4           (4 B/row)
+  lazy_adam           2 S De    R De        R De + 2 R De + 2 R (2 D 4)     (2x row)
+  dense_adamw         2 S De    R De        R De + 2 N De + 2 N (2 D 4)     (every row)
+  ==================  ========  ==========  ============================================
 
-  plus AdamW over the dense parameters every design has (query projection and sub-keys:
-  gradient written and read, weights and two moments read and written: 8 x 4 B each).
-  Activations (a few MB) are left out.
+  The rows are gathered twice: by the forward, and again by the backward, whose gate and input
+  gradients need them (v . dy; u for dx) once dy exists. Keeping the forward's copy instead
+  moves as much (written, then read). Plus AdamW over the dense parameters every design has
+  (query projection and sub-keys: gradient written and read, weights and two moments read and
+  written: 8 x 4 B each). Activations other than the rows (a few MB) are left out.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def step_flops(shape: Shape, tables: int = 2) -> int:
 
 @dataclass(frozen=True)
 class StepBytes:
-    gather: float  # expert rows read by the forward
+    gather: float  # expert rows read by the forward, and again by the backward
     grad: float  # gradient rows written
     update: float  # gradient read, rows and optimizer state read and written
     dense: float  # AdamW over the dense parameters
@@ -183,7 +185,7 @@ def step_bytes(shape: Shape, rule: str, touched_rows: float, tables: int = 2) ->
         update = r * row + 2 * r * row + 2 * r * 2 * shape.dim * 4
     else:
         update = r * row + 2 * n * row + 2 * n * 2 * shape.dim * 4
-    return StepBytes(gather=tables * shape.slots * row, grad=tables * r * row,
+    return StepBytes(gather=2 * tables * shape.slots * row, grad=tables * r * row,
                      update=tables * update, dense=ADAMW_BYTES_PER_PARAM * shape.dense_params)
 
 
