@@ -89,25 +89,67 @@ VARIANTS = {
 }
 
 
+def _dense_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient (float32, dense); tables whose gradients the optimizer forms
+    (deferred) have none."""
+    return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).float()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {n: p.grad.dtype for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("deferred", [False, True])
 def test_training_steps_under_autocast_track_float32_ones(name: str, deferred: bool) -> None:
     """The same model, data and optimizer: three bfloat16-autocast steps end within bfloat16's
-    reach of the float32 steps, and every gradient and parameter keeps its dtype."""
+    reach of the float32 steps, and every gradient and parameter keeps its dtype.
+
+    bfloat16 scores move some top-k choices, and AdamW's first steps are about lr * sign(g), so
+    gradients and updates are compared by direction and size per parameter, not element by
+    element: the first step's gradients (both runs start from the same weights) point the same
+    way at the same size, and so do the three steps' updates, over the whole model and (more
+    loosely, Adam amplifying the sign of small entries) per parameter. A join's gate bias (one
+    number, a sum of cancelling per-token terms) is left to the whole-model comparisons."""
     cfg = tiny_model_config(**({"ffn": "fhme", "ffn_conv": 4, "block_conv": 3} | VARIANTS[name]))
     x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    losses, dtypes = {}, {}
+    losses, dtypes, grads, updates = {}, {}, {}, {}
     for autocast in (None, torch.bfloat16):
         torch.manual_seed(0)
         model = FHMELanguageModel(cfg).train()
         opt = ModelOptimizer(model, 3e-3, 0.03, 0.0, "lazy_adam", deferred_table_grads=deferred)
         dtypes[autocast] = {n: p.dtype for n, p in model.named_parameters()}
-        steps = [train_step(model, opt, x, x.roll(-1, 1), 1.0, autocast=autocast) for _ in range(3)]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        steps = []
+        for i in range(3):
+            steps.append(train_step(model, opt, x, x.roll(-1, 1), 1.0, autocast=autocast))
+            got = _grad_dtypes(model)  # the step's gradients, left in place until the next one
+            assert got and got == {n: dtypes[autocast][n] for n in got}
+            if i == 0:
+                grads[autocast] = _dense_grads(model)
         assert all(ok for _, ok in steps)
         losses[autocast] = [loss for loss, _ in steps]
         assert {n: p.dtype for n, p in model.named_parameters()} == dtypes[autocast]
+        updates[autocast] = {n: (p.detach() - before[n]).float() for n, p in model.named_parameters()}
     assert losses[torch.bfloat16][-1] < losses[torch.bfloat16][0]
     torch.testing.assert_close(losses[torch.bfloat16], losses[None], rtol=1e-2, atol=0.0)
+    for kind, (ref, got) in {"gradient": (grads[None], grads[torch.bfloat16]),
+                             "update": (updates[None], updates[torch.bfloat16])}.items():
+        assert ref.keys() == got.keys()
+        assert _cosine(torch.cat([v.flatten() for v in got.values()]),
+                       torch.cat([v.flatten() for v in ref.values()])) > (0.8 if kind == "gradient" else 0.6)
+        for n, want in ref.items():
+            assert bool(want.abs().max() > 0), (kind, n)  # every parameter learns
+            if want.numel() == 1:  # a join's gate bias: left to the whole-model cosine
+                continue
+            assert _cosine(got[n], want) > (0.5 if kind == "gradient" else 0.0), (kind, n)
+            lo, hi = (0.5, 2.0) if kind == "gradient" else (1 / 3, 3.0)
+            assert lo < float(got[n].norm() / want.norm()) < hi, (kind, n)
 
 
 def test_autocast_is_a_train_setting_checked_by_name() -> None:

@@ -72,8 +72,13 @@ def test_eval_and_generate_on_cuda(ffn: str, corpus: str) -> None:
     prompt = torch.randint(0, 256, (2, 5), device="cuda")
     out = model.generate(prompt, 2 * cfg.seq_len, temperature=0.8, top_k=20, generator=gen)
     assert out.is_cuda and out.shape == (2, 5 + 2 * cfg.seq_len)
-    greedy = model.generate(prompt, 4, temperature=0.0)
-    assert torch.equal(greedy, model.generate(prompt, 4, temperature=0.0))
+    model.eval()
+    greedy = model.generate(prompt, 16, temperature=0.0)
+    ref = prompt  # full recompute at every step, no cache (as tests/test_model.py does on the CPU)
+    with torch.no_grad():
+        for _ in range(16):
+            ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy, ref)
     assert not _off_device(model)
 
 
@@ -144,6 +149,18 @@ def test_adaptive_depth_compaction_on_cuda() -> None:
     model = FHMELanguageModel(_config("fhme", fractal_depth=3, adaptive_depth=True)).cuda().eval()
     x = torch.randint(0, 256, (2, 32), device="cuda")
     layers = model.fhme_layers()
+    for layer in layers:  # tokens spread over the depths (at init every token runs full depth)
+        torch.nn.init.normal_(layer.depth_router.weight, std=2.0)
+    depths: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(
+        lambda mod, inp, out: depths.append(mod.choose_depth(inp[0].reshape(-1, mod.dim))[0]))
+        for layer in layers]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    assert len(depths) == len(layers)
+    assert all(len(set(d.tolist())) > 1 for d in depths)  # compaction has stages to skip
     with torch.no_grad():
         compact = model(x)
         for layer in layers:

@@ -19,12 +19,38 @@ def test_byte_classes_mark_word_starts_and_separators() -> None:
     assert got[4] == {"letter", "start of word"} and got[7] == {"newline"} and got[8] == {"digit"}
 
 
-def test_depth_table_averages_the_chosen_depths_per_class() -> None:
-    model = FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True, seq_len=64))
+def _mixed_depths(model: FHMELanguageModel) -> FHMELanguageModel:
+    """Random depth routers, so tokens spread over the depths (at init every token runs full depth)."""
     for layer in model.fhme_layers():
         torch.nn.init.normal_(layer.depth_router.weight, std=2.0)
-    text = "To be, or not to be:\nthat is the question."
+    return model.eval()
+
+
+def _chosen_depths(model: FHMELanguageModel, text: str) -> torch.Tensor:
+    """(layers, T): each FHME layer's own choose_depth on the input it receives, the text read in
+    consecutive windows of the context."""
+    data = torch.tensor(list(text.encode("utf-8")))
+    per_window = []
+    for start in range(0, data.numel(), model.cfg.seq_len):
+        seen: list[torch.Tensor] = []
+        hooks = [layer.register_forward_pre_hook(
+            lambda mod, args: seen.append(mod.choose_depth(args[0].reshape(-1, mod.dim))[0]))
+            for layer in model.fhme_layers()]
+        with torch.no_grad():
+            model(data[start:start + model.cfg.seq_len].unsqueeze(0))
+        for hook in hooks:
+            hook.remove()
+        per_window.append(torch.stack(seen))
+    return torch.cat(per_window, dim=1)
+
+
+def test_depth_table_averages_the_chosen_depths_per_class() -> None:
+    model = _mixed_depths(FHMELanguageModel(tiny_model_config(fractal_depth=3, adaptive_depth=True, seq_len=32)))
+    text = "To be, or not to be:\nthat is the question."  # 42 bytes: two windows
+    chosen = _chosen_depths(model, text)
+    assert chosen.shape == (2, len(text)) and len(set(chosen.flatten().tolist())) == 3
     depth = token_depths(model, text)
+    torch.testing.assert_close(depth, chosen.float().mean(0))
     table = depth_by_byte_class(model, text)
     spaces = [float(depth[i]) for i, ch in enumerate(text) if ch == " "]
     assert f"| space | {len(spaces)} | {sum(spaces) / len(spaces):.2f} |" in table
@@ -32,10 +58,14 @@ def test_depth_table_averages_the_chosen_depths_per_class() -> None:
 
 
 def test_depths_cover_a_text_longer_than_the_context() -> None:
-    model = FHMELanguageModel(tiny_model_config(fractal_depth=2, adaptive_depth=True, seq_len=16))
+    model = _mixed_depths(FHMELanguageModel(tiny_model_config(fractal_depth=2, adaptive_depth=True, seq_len=16)))
     text = "a longer paragraph than one window of sixteen bytes"
     depth = token_depths(model, text)
     assert depth.shape == (len(text),) and bool(((depth >= 1) & (depth <= 2)).all())
+    assert len(set(depth.tolist())) > 1  # the depths vary, in every window
+    assert all(float(w.min()) < float(w.max()) for w in depth.split(16)[:-1])
+    layers = len(model.fhme_layers())  # a mean over layers of whole depths
+    torch.testing.assert_close(depth * layers, (depth * layers).round())
 
 
 def test_depth_map_draws_one_cell_per_byte_with_each_character_on_its_first_byte(monkeypatch, tmp_path) -> None:

@@ -480,9 +480,14 @@ def test_steered_weight_waits_for_the_window_and_falls_when_usage_is_even(monkey
         router(torch.randn(64, 32))
     fold_statistics(router, stats)
     assert float(router.balance_weight) < 0.01
-    router.balance_weight.fill_(routing.WEIGHT_RANGE[0])
-    fold_statistics(router, stats.__class__(router))  # nothing recorded: nothing folded
-    assert float(router.balance_weight) == pytest.approx(routing.WEIGHT_RANGE[0])
+    # nothing recorded: nothing folded. From mid-range, where a fold of empty counts (usage still
+    # even: KL 0 < target) would lower the weight, not from the floor that the clamp holds it at.
+    assert routing.WEIGHT_RANGE[0] < 0.01 < routing.WEIGHT_RANGE[1]
+    router.balance_weight.fill_(0.01)
+    ema = router.usage_ema.clone()
+    fold_statistics(router, stats.__class__(router))
+    assert float(router.balance_weight) == pytest.approx(0.01, rel=1e-6)
+    assert torch.equal(router.usage_ema, ema)
 
 
 def test_a_usage_target_needs_a_starting_weight() -> None:
