@@ -156,6 +156,38 @@ def test_row_mask_leaves_untrained_rows_bit_identical(rule: str) -> None:
     assert changed > 0
 
 
+@pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam"])
+def test_a_mask_that_changes_every_step_moves_only_that_steps_rows(rule: str) -> None:
+    """As with rows chosen at every step: a row that learned before and is read now but not
+    chosen now keeps still, although lazy Adam holds momentum for it."""
+    torch.manual_seed(0)
+    model = FHMELanguageModel(tiny_model_config(ffn="dense"))
+    (adapter,) = add_fhme_adapters(model, layers=[0], num_experts=64, heads=2, topk=4, key_dim=16)
+    adapter.fractal.bank.up.data.normal_()
+    keep = torch.zeros(64, dtype=torch.bool)
+    mask_rows(adapter, keep)
+    opt = ModelOptimizer(model, lr=1e-2, expert_lr=0.1, weight_decay=0.1, expert_optim=rule)
+    idx = torch.randint(0, 256, (4, 32))
+    for step in range(4):
+        keep.copy_(torch.rand(64) < 0.5)
+        before = {n: t.detach().clone() for n, t in adapter.fractal.bank.tables().items()}
+        opt.zero_grad()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        for name, table in adapter.fractal.bank.tables().items():
+            assert torch.equal(table[~keep], before[name][~keep]), (step, name)
+
+
+def test_sparse_rows_refuse_a_bank_shared_by_layers() -> None:
+    from fractalmoe.data import ByteDataset
+
+    model = FHMELanguageModel(tiny_model_config(ffn="pkm", share_bank=True, num_experts=64, topk=4, key_dim=16))
+    data = ByteDataset.from_bytes(b"To be, or not to be. " * 40, 0.1, 16)
+    with pytest.raises(ValueError, match="share one expert bank"):
+        sparse_row_masks(model, data, [data], top=8, seq_len=16, batch_size=4, seed=1)
+
+
 def test_rank_rows_prefers_rows_the_base_domain_rarely_uses() -> None:
     new = torch.tensor([10, 10, 10, 0, 2, 50])
     kept_windows = torch.tensor([90, 0, 10, 0, 0, 100])  # of 100 kept windows

@@ -169,9 +169,10 @@ def experts_for_budget(model: nn.Module, budget: int, layers: list[int] | None =
 
 # --- expert-row masks (sparse memory fine-tuning) -------------------------------------------
 def mask_rows(adapter: FHME, keep: Tensor) -> None:
-    """Let only the expert rows where ``keep`` (N,) is true learn: a hook zeroes every other row
-    of each bank table's gradient (row-sparse or dense), so the project's table optimisers leave
-    those rows, and their state, bit-identical."""
+    """Let only the expert rows where ``keep`` (N,) is true learn: a hook drops every other row
+    from each bank table's row-sparse gradient (the row-sparse rules then leave those rows, and
+    their state, bit-identical, even where ``keep`` changes between steps and lazy Adam holds
+    momentum for them) or zeroes it in a dense one (dense AdamW still moves a row by its momentum)."""
     keep = keep.bool()
     hooks = vars(adapter).setdefault("row_mask_hooks", [])
     for table in adapter.fractal.bank.tables().values():
@@ -187,11 +188,11 @@ def unmask_rows(model: nn.Module) -> None:
 
 def _keep_rows(grad: Tensor, keep: Tensor) -> Tensor:
     keep = keep.to(grad.device)
-    if grad.is_sparse:
+    if grad.is_sparse:  # a listed row counts as touched, even with a zero gradient: drop it
         idx = grad._indices()
-        drop = ~keep.index_select(0, idx[0]).unsqueeze(1)
-        return torch.sparse_coo_tensor(idx, grad._values().masked_fill(drop, 0), grad.shape,
-                                       is_coalesced=grad.is_coalesced(), check_invariants=False)
+        kept = keep.index_select(0, idx[0]).nonzero().squeeze(1)  # a host sync, in fine-tuning only
+        return torch.sparse_coo_tensor(idx.index_select(1, kept), grad._values().index_select(0, kept),
+                                       grad.shape, is_coalesced=grad.is_coalesced(), check_invariants=False)
     return grad.masked_fill(~keep.unsqueeze(1), 0)
 
 

@@ -163,6 +163,18 @@ def trainable_memories(model: nn.Module) -> list[tuple[int, FHME]]:
     return out
 
 
+def row_masked_memories(model: nn.Module) -> list[tuple[int, FHME]]:
+    """``trainable_memories`` for a row mask per layer: each must read a bank of its own (on a
+    bank shared by layers, every layer's mask would zero the rows the others chose)."""
+    found = trainable_memories(model)
+    if not found:
+        raise ValueError("sparse rows need FHME layers to train")
+    if len({id(m.fractal.bank) for _, m in found}) < len(found):
+        raise ValueError("sparse rows: these layers share one expert bank (share_bank), and a row "
+                         "mask per layer would cancel the others'")
+    return found
+
+
 def sample_batches(batch_size: int) -> int:
     """Batches of a domain's sample: ``SAMPLE_WINDOWS`` windows, rounded up to whole batches."""
     return -(-SAMPLE_WINDOWS // batch_size)
@@ -227,9 +239,7 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
                      seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> dict[str, Tensor]:
     """Row masks of the model's trainable FHME tables (``rank_rows``), keyed by layer index, each
     applied (``mask_rows``); new adapters' routers are frozen with them."""
-    found = trainable_memories(model)
-    if not found:
-        raise ValueError("sparse rows need FHME layers to train")
+    found = row_masked_memories(model)
     adapters = [a for _, a in found]
     new = [c for c, _ in choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)]
     kept_windows, windows = _kept_windows(model, adapters, kept, seq_len, batch_size, seed, device)
@@ -282,9 +292,7 @@ class StepRowSelector:
 def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_len: int,
                        batch_size: int, seed: int, device: str = "cpu") -> dict[str, StepRowSelector]:
     """A ``StepRowSelector`` on each trainable FHME layer, keyed by layer index."""
-    found = trainable_memories(model)
-    if not found:
-        raise ValueError("sparse rows need FHME layers to train")
+    found = row_masked_memories(model)
     kept_windows, windows = _kept_windows(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
     return {str(i): StepRowSelector(a, w, windows, top) for (i, a), w in zip(found, kept_windows)}
 
@@ -482,6 +490,9 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
     config = config.with_overrides(train_overrides(req.overrides))
     if config.train.deferred_table_grads and (req.sparse_rows is not None or req.adapter == "memory"):
         raise ValueError("sparse rows mask table gradients in backward: set deferred_table_grads=false")
+    if req.rows_per_step and config.train.grad_accum > 1:
+        raise ValueError("--rows-per-step chooses rows in each backward: with grad_accum > 1 every "
+                         "micro-batch would choose its own; set grad_accum=1")
     seq_len, batch = config.model.seq_len, config.train.batch_size
     new = load_domain(req.data, config.train.val_fraction, seq_len, req.eval_bytes)
     domains = [Domain(req.data, new)] + kept_domains(chain, req.eval_bytes)
