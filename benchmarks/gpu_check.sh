@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CUDA path in one pass, about 8 minutes on one GPU (more GPUs add a torchrun check); the
+# Every CUDA path in one pass, at most 8 minutes on one GPU (more GPUs add a torchrun check); the
 # steps that do not depend on each other run side by side.
 #
 #   benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter (needs CUDA PyTorch)
@@ -19,37 +19,57 @@
 #  6 profile    benchmarks/gpu_profile.py: device operations, device and host time per step, and the
 #               ops that take the device's time, per impl
 #  7 model      fractalmoe bench model --device cuda: the default model at 16,384 and 1,048,576
-#               experts per layer, 16 x 128 bytes a step, in float32 and under bfloat16 autocast
+#               experts per layer, 16 x 128 bytes a step, in float32 (and at 1,048,576 under
+#               bfloat16 autocast)
 #  8 bench      fractalmoe bench layer --device cuda at 1,048,576 experts: our layer with lazy Adam
-#               (the default rule), eager and one-kernel; PEER-pytorch with SparseAdam and with
-#               AdamW where it is installed (one JSON row per impl; the profile adds row-wise Adagrad)
+#               (the default rule) in one kernel, PEER-pytorch with SparseAdam where it is installed
+#               (one JSON row per impl; the profile adds row-wise Adagrad)
 #  9 torchrun   with >= 2 GPUs: 2-rank training (cuda:LOCAL_RANK, cpu:gloo,cuda:nccl), resume of
 #               the 1-GPU run on 2 ranks (each reads its own rows), then eval of the 2-rank run
 #
 # Side by side, the GPU-bound training steps take 2 CPU threads each (OMP_NUM_THREADS=2).
-# Logs: benchmarks/results/gpu_check/<step>.log and summary.txt (one PASS/FAIL line per step).
+# The whole pass keeps to GPU_CHECK_BUDGET seconds (default 480): each step's limit is cut to what
+# is left, and a step with under 20 s left is skipped. Output: $OUT (default
+# benchmarks/results/gpu_check) gets summary.txt (one PASS/FAIL/SKIPPED line per step),
+# logs.tgz (every step's log, refreshed after each step, so a pass cut short keeps what ran) and
+# profile.jsonl; the failed steps' last lines are printed at the end.
+# On a machine without internet, wheels in .whl/ (pip download --no-deps -d .whl ...) are
+# installed into /tmp/site first; PYTHON picks the interpreter (default python3, with CUDA PyTorch).
 # Timings from this script are smoke numbers (a busy machine, --force), not results.
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-OUT=benchmarks/results/gpu_check
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "gpu_check: installing .whl/ failed" >&2; exit 3; }
+fi
+export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-benchmarks/results/gpu_check}
+BUDGET=${GPU_CHECK_BUDGET:-480}
 RUNS=${GPU_CHECK_RUNS:-runs/gpu_check}
-mkdir -p "$OUT"
+LOGS=$RUNS/logs
 rm -rf "$RUNS"
-mkdir -p "$RUNS"
+mkdir -p "$OUT" "$LOGS"
 : > "$OUT/summary.txt"
 T0=$(date +%s)
 
-step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, record PASS/FAIL
+step() {  # step NAME TIMEOUT_S CMD...: run within the budget, log, record PASS/FAIL/SKIPPED
     local name=$1 limit=$2
     shift 2
     local t=$(date +%s)
-    echo "== $name: $*" | tee "$OUT/$name.log"
-    timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+    local left=$(( BUDGET - (t - T0) ))
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 20 ]; then
+        echo "$name: SKIPPED (budget of ${BUDGET}s spent)" | tee -a "$OUT/summary.txt"
+        return
+    fi
+    echo "== $name: $*" | tee "$LOGS/$name.log"
+    timeout --kill-after=10 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
     local rc=$?
     local verdict=PASS
-    [ $rc -eq 0 ] || verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${limit}s"))"
+    [ $rc -eq 0 ] || verdict="FAIL (exit $rc$( { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && echo ", timed out after ${limit}s"))"
     echo "$name: $verdict in $(( $(date +%s) - t ))s" | tee -a "$OUT/summary.txt"
+    tar czf "$OUT/.logs-$name.tgz" -C "$LOGS" . && mv -f "$OUT/.logs-$name.tgz" "$OUT/logs.tgz"
 }
 
 if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -69,8 +89,8 @@ step pytest 240 $PY -m pytest -m cuda -q -p no:cacheprovider $XDIST tests/
 step train 180 env FRACTALMOE_SYNC_DEBUG=warn PYTHONWARNINGS=default \
     $F train --device cuda --out "$RUNS/one" --max-steps 50 --save-every 25 --quiet \
     --set eval_every=25 $SMALL
-grep -i "synchroniz" "$OUT/train.log" | sort | uniq -c | sort -rn > "$OUT/sync_sites.txt" || true
-echo "host-sync warnings in training steps: $(wc -l < "$OUT/sync_sites.txt") distinct lines (sync_sites.txt)" \
+grep "called a synchronizing" "$LOGS/train.log" | sort | uniq -c | sort -rn > "$LOGS/sync_sites.txt" || true
+echo "host-sync warnings in training steps: $(wc -l < "$LOGS/sync_sites.txt") distinct lines (sync_sites.txt in logs.tgz)" \
     | tee -a "$OUT/summary.txt"
 
 step sync_error 120 env FRACTALMOE_SYNC_DEBUG=error OMP_NUM_THREADS=2 \
@@ -106,13 +126,13 @@ step eval_cpu 120 $F eval --ckpt "$RUNS/one" --device cpu --json &
 step generate 60 $F generate --ckpt "$RUNS/one" --device cuda --max-new-tokens 200 --prompt "ROMEO:" &
 wait
 
-IMPLS=fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused  # the default rule, eager and one-kernel
-if $PY -c "import PEER_pytorch" 2>/dev/null; then IMPLS=$IMPLS,peer-pytorch-sparse,peer-pytorch; fi
+IMPLS=fractalmoe-lazy-adam-fused  # the default rule, one-kernel
+if $PY -c "import PEER_pytorch" 2>/dev/null; then IMPLS=$IMPLS,peer-pytorch-sparse; fi
 step profile 120 $PY benchmarks/gpu_profile.py --impl fractalmoe,$IMPLS --out "$OUT/profile.jsonl"
 step bench_model 120 $F bench model --device cuda --experts 16384,1048576 --batch-size 16 --force --json
-step bench_model_bf16 120 $F bench model --device cuda --experts 16384,1048576 --batch-size 16 --force --json \
+step bench_model_bf16 60 $F bench model --device cuda --experts 1048576 --batch-size 16 --force --json \
     --set autocast=bfloat16
-step bench_layer 330 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 10 --repeats 3 --force --json
+step bench_layer 240 $F bench layer --device cuda --experts 1048576 --impl $IMPLS --steps 5 --repeats 3 --force --json
 
 if [ "$NGPU" -ge 2 ]; then
     TR="$PY -m torch.distributed.run --standalone --nproc_per_node=2 -m fractalmoe"
@@ -126,6 +146,10 @@ else
     echo "torchrun: SKIPPED ($NGPU GPU)" | tee -a "$OUT/summary.txt"
 fi
 
+for log in "$LOGS"/*.log; do  # what went wrong, where the returned output shows it
+    name=$(basename "$log" .log)
+    if grep -q "^$name: FAIL" "$OUT/summary.txt"; then echo "--- $name (last lines)"; tail -n 25 "$log"; fi
+done
 FAILED=$(grep -c ": FAIL" "$OUT/summary.txt")
 echo "total: $(( $(date +%s) - T0 ))s, $([ "$FAILED" -eq 0 ] && echo 'all passed' || echo "$FAILED FAILED")" \
     | tee -a "$OUT/summary.txt"

@@ -174,7 +174,7 @@ def test_run_checkpoints_on_cuda_and_loads_on_cpu(tmp_path: Path, corpus: str) -
                                                  save_every=2, sample_bytes=16, warmup_steps=1))
     result = run(cfg, out=tmp_path / "r", data_path=corpus, device="cuda", progress=False,
                  log=lambda s: None)
-    assert result.step == 4 and result.val_loss is not None and len(result.sample) == 16
+    assert result.step == 4 and result.val_loss is not None and 0 < len(result.sample) <= 16  # bytes decoded
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("val_loss") is not None for m in lines)
     resumed = run(RunConfig(cfg.model, cfg.train.replace(max_steps=6)), resume=tmp_path / "r",
