@@ -128,13 +128,7 @@ def test_export_hf_round_trip_gives_identical_logits(tmp_path: Path, capsys) -> 
                                                      sample_bytes=0))
     run(cfg, out=tmp_path / "run", data_path=str(data), progress=False, log=lambda s: None)
     assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
-    from fractalmoe.checkpoint import load_model_from_run
-
-    ours, _, _ = load_model_from_run(tmp_path / "run")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
-    idx = torch.randint(0, 256, (2, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=0)
+    ours, hf, idx = _exported_logits_match(tmp_path / "run", tmp_path / "hf")
     assert hf.model.head.weight is hf.model.embed.weight  # stored once, tied back on load
     from fractalmoe.optim import split_parameters
 
@@ -165,13 +159,19 @@ def test_export_hf_refuses_adapter_runs_and_exports_runs_that_tuned_the_base_wei
     assert "cannot be exported" in err and str((tmp_path / "base").resolve()) in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "hf_fhme").exists()
     assert main(["export-hf", str(tmp_path / "memory"), str(tmp_path / "hf_memory")]) == 0
+    _exported_logits_match(tmp_path / "memory", tmp_path / "hf_memory")
+
+
+def _exported_logits_match(run_dir: Path, hf_dir: Path) -> tuple:
+    """(our model, the exported one, the input) after checking both give the same logits."""
     from fractalmoe.checkpoint import load_model_from_run
 
-    ours, _, _ = load_model_from_run(tmp_path / "memory")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_memory"), trust_remote_code=True)
+    ours, _, _ = load_model_from_run(run_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True)
     idx = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx), rtol=0, atol=0)
+    return ours, hf, idx
 
 
 def _unique_bytes(model: torch.nn.Module) -> int:
