@@ -26,7 +26,7 @@ from .autocast import autocast_region, training_autocast
 from .experts import expert_tables
 from .host_memory import keep_freed_memory
 from .optim import ModelOptimizer, defers_table_grads
-from .roofline import ADAMW_BYTES_PER_PARAM, best_time, copy_gbps, matmul_gflops, synchronize
+from .roofline import ADAMW_BYTES_PER_PARAM, ROW_READS, best_time, copy_gbps, matmul_gflops, synchronize
 
 
 def check_device(device: str) -> None:
@@ -152,7 +152,7 @@ def model_step_bytes(model: nn.Module, tokens: int) -> float:
     tables = {id(t) for t in expert_tables(model)}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in tables)
     rows = sum(m.row_bytes_per_token() for m in model.modules() if isinstance(m, FHME))
-    return 2 * tokens * rows + ADAMW_BYTES_PER_PARAM * dense
+    return ROW_READS * tokens * rows + ADAMW_BYTES_PER_PARAM * dense
 
 
 class ChildFailed(RuntimeError):

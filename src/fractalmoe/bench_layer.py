@@ -285,7 +285,7 @@ def run_layer(spec: LayerSpec, hw: Hardware) -> dict[str, Any]:
             "peak_rss_gb": peak_rss_gb(), **device_peak_gb(device), "touched_rows": touched,
             "table_gb": info.tables * shape.num_experts * shape.dim * shape.elem / 1e9,
             "bytes_per_expert": bytes_per_expert(shape, info.rule, info.tables),
-            "bytes_per_token": nbytes.gather / 2 / spec.tokens,  # expert rows the forward reads
+            "bytes_per_token": nbytes.forward_read / spec.tokens,
             "flops": flops, "bytes": nbytes.total, "floor_ms": floor * 1e3, "roofline_frac": floor / step,
             "floor_copy_ms": floor_copy * 1e3, "roofline_frac_copy": floor_copy / step,
             "peak_gflops": hw.gflops, "bandwidth_gbps": hw.gbps, "copy_gbps": hw.copy_gbps}

@@ -161,6 +161,9 @@ def step_flops(shape: Shape, tables: int = 2) -> int:
     return 3 * flops_per_token(shape, tables) * shape.tokens
 
 
+ROW_READS = 2  # each routed row is read by the forward and again by the backward
+
+
 @dataclass(frozen=True)
 class StepBytes:
     gather: float  # expert rows read by the forward, and again by the backward
@@ -171,6 +174,11 @@ class StepBytes:
     @property
     def total(self) -> float:
         return self.gather + self.grad + self.update + self.dense
+
+    @property
+    def forward_read(self) -> float:
+        """The expert rows one forward reads."""
+        return self.gather / ROW_READS
 
 
 def step_bytes(shape: Shape, rule: str, touched_rows: float, tables: int = 2) -> StepBytes:
@@ -185,7 +193,7 @@ def step_bytes(shape: Shape, rule: str, touched_rows: float, tables: int = 2) ->
         update = r * row + 2 * r * row + 2 * r * 2 * shape.dim * 4
     else:
         update = r * row + 2 * n * row + 2 * n * 2 * shape.dim * 4
-    return StepBytes(gather=2 * tables * shape.slots * row, grad=tables * r * row,
+    return StepBytes(gather=ROW_READS * tables * shape.slots * row, grad=tables * r * row,
                      update=tables * update, dense=ADAMW_BYTES_PER_PARAM * shape.dense_params)
 
 
