@@ -205,11 +205,11 @@ def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
                 data_path: str | None, write: bool = True,
                 extra: dict[str, Any] | None = None) -> tuple[RunConfig, Path, str | None]:
     """Resolve the run directory and config of a new or resumed run (files written if write)."""
+    data_path = str(Path(data_path).resolve()) if data_path else None  # stored absolute: eval from anywhere
     if resume is None:
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         if write and (run_dir / "config.json").exists():
             raise ValueError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-        data_path = str(Path(data_path).resolve()) if data_path else None  # eval from anywhere
         if write:
             init_run_dir(run_dir, config, {"data": data_path, **(extra or {})})
         return config, run_dir, data_path
@@ -222,7 +222,7 @@ def prepare_run(config: RunConfig, out: Path | None, resume: Path | None,
         raise CheckpointError(f"--resume {resume}: expert_optim={config.train.expert_optim!r}, the "
                               f"checkpoint's optimizer state is {saved.train.expert_optim!r}; drop that override")
     saved_extra = run_extra(resume)
-    data_path = saved_extra.get("data") if data_path is None else str(Path(data_path).resolve())
+    data_path = data_path or saved_extra.get("data")
     if write:
         init_run_dir(resume, config, {**saved_extra, "data": data_path})  # training fields may change (max_steps)
     return config, resume, data_path
