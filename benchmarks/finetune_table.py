@@ -1,6 +1,6 @@
 """Markdown tables of the fine-tuning study (benchmarks/finetune.sh): forgetting at matched gain.
 
-    python benchmarks/finetune_table.py benchmarks/results/finetune/finetune.jsonl
+    python benchmarks/finetune_table.py benchmarks/results/finetune/finetune.jsonl [--levels 3.8 3.5]
 
 A method's learning-rate sweep traces a curve of (new-domain bpb, base-domain rise). Comparing
 methods at one learning rate mixes how far each one got with what it cost, so each method's rise is
@@ -9,11 +9,13 @@ reaches), linearly interpolated between the two sweep points around it (seed mea
 untrained start (no rise) counting as a point and points beaten on both axes by another left
 out. A target outside a curve is read at its nearest point (marked *). Rises below 0.01 bpb
 count as 0.01, so the ratios stay finite and noise-sized rises do not dominate them. Learning
-rates print as dense / expert-table lr.
+rates print as dense / expert-table lr. ``--levels`` adds, per domain, each method's rise read
+the same way at those new-domain bpbs, and its ratio to LoRA's and full fine-tuning's there.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -121,11 +123,36 @@ def _key(base: str, runs: dict[str, dict]) -> str | None:
     return next((k for k in runs if base.endswith(k.lstrip("./"))), None)
 
 
+def levels_table(rows: list[dict], title: str, levels: list[float]) -> str:
+    """Each method's rise at each of ``levels`` (seed means), with its ratio to LoRA's and full's."""
+    methods: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        methods[r["method"]].append(r)
+    curves = {m: curve(rs) for m, rs in methods.items()}
+    lines = [f"#### {title}: base rise at new-domain bpb {', '.join(f'{x:g}' for x in levels)}", "",
+             "| method | " + " | ".join(f"rise at {x:g} (x lora, x full)" for x in levels) + " |",
+             "|---|" + "---:|" * len(levels)]
+
+    def read(m: str, level: float) -> tuple[float, bool]:
+        r, clamped = at_bpb(curves[m], level)
+        return max(r, FLOOR), clamped
+
+    for m in sorted(curves):
+        cells = []
+        for level in levels:
+            r, clamped = read(m, level)
+            refs = [f"{r / read(ref, level)[0]:.2f}" if ref in curves else "" for ref in ("lora", "full")]
+            cells.append(f"{r:.3f}{'*' if clamped else ''} ({', '.join(refs)})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
-    rows = load(argv[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="finetune.jsonl written by benchmarks/finetune.sh")
+    p.add_argument("--levels", type=float, nargs="+", default=[], help="new-domain bpbs to read every rise at")
+    args = p.parse_args(argv)
+    rows = load(args.results)
     out = []
     singles = [r for r in rows if r.get("study") == "single"]
     for base_model in ("fractalmoe", "gpt2"):
@@ -133,6 +160,8 @@ def main(argv: list[str]) -> int:
             part = [r for r in singles if r.get("base_model") == base_model and r["domain"] == domain]
             if part:
                 out.append(matched_table(part, f"{base_model} base adapted to {domain}"))
+                if args.levels:
+                    out.append(levels_table(part, f"{base_model} base adapted to {domain}", args.levels))
     seq = [r for r in rows if r.get("study") == "sequential"]
     if seq:
         out.append(sequential_table(seq, [r for r in singles if r.get("base_model") == "fractalmoe"]))

@@ -208,6 +208,13 @@ for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 done
+# The same on a base with 4x the rows a table (65,536 experts, else the same command): do rows the
+# base seldom reads make memory fine-tuning forget less?
+$F train --seed 2 --max-steps 1200 --set num_experts=65536 --out runs/ft_base_65k_s2 --quiet
+for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
+  METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
+    RESULTS=$R/finetune_rows_65k bash benchmarks/finetune.sh runs/ft_base_65k_s2 runs/ft_rows_65k
+done
 # Where FHME's reads go: the first default, the untie pilots (64 windows), then with the query
 # convolution and with block convolutions (pilots and the reported runs), order of reads included,
 # heads per column (1,4) and the 1-layer models

@@ -685,3 +685,39 @@ def test_balance_cost_refuses_a_busy_machine(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         cost.main()
     assert exc.value.code == 2 and capsys.readouterr().err == "error: the machine is busy\n"
+
+
+def test_row_exposure_finds_changed_rows_and_counts_the_reads_on_them(monkeypatch) -> None:
+    """benchmarks/row_exposure.py: the rows a tuned copy changed, and the share of a model's row
+    choices (and of its tokens) that land on them, against a count made choice by choice."""
+    import copy
+
+    from fractalmoe import FHMELanguageModel
+    from fractalmoe.adapters import base_memories
+    from fractalmoe.config import tiny_model_config
+    from fractalmoe.stats import CHOICES, collect
+
+    exposure = _load_benchmark("row_exposure", monkeypatch)
+    torch.manual_seed(0)
+    base = FHMELanguageModel(tiny_model_config(dim=64)).eval()
+    tuned = copy.deepcopy(base)
+    table = next(iter(base_memories(tuned)[0][1].fractal.bank.tables().values()))
+    with torch.no_grad():
+        table[[3, 7]] += 1.0
+    changed = exposure.changed_rows(base, tuned)
+    assert changed[0].nonzero().flatten().tolist() == [3, 7] and not any(c.any() for c in changed[1:])
+
+    x = torch.randint(0, 256, (2, 16))
+    marked = [torch.rand(c.numel()) < 0.3 for c in changed]
+    got = exposure.exposure(base, marked, [x])
+    with collect(base) as stats:
+        base(x)
+    for (_, memory), mask, layer in zip(base_memories(base), marked, got):
+        per_token = [[] for _ in range(x.numel())]
+        for block in memory.fractal.blocks:
+            for idx in stats.values(block.memory.router, CHOICES):
+                for t, rows in enumerate(idx.reshape(x.numel(), -1).tolist()):
+                    per_token[t] += rows
+        hits = sum(bool(mask[r]) for rows in per_token for r in rows)
+        assert layer["choices_on_changed"] == round(hits / sum(map(len, per_token)), 4)
+        assert layer["tokens_touched"] == round(sum(any(mask[r] for r in rows) for rows in per_token) / x.numel(), 4)
