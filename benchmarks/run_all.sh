@@ -215,6 +215,10 @@ for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_65k bash benchmarks/finetune.sh runs/ft_base_65k_s2 runs/ft_rows_65k
 done
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_65k/finetune.jsonl --levels 3.8 3.5 3.2 \
+  > $R/finetune_rows_65k/finetune_tables.md
+.venv/bin/python benchmarks/row_exposure.py runs/ft_rows_fixed/email_memory-step_lr*_s2 \
+  runs/ft_rows_65k/email_memory-step_lr*_s2 > $R/finetune_rows_65k/row_exposure.jsonl
 # Where FHME's reads go: the first default, the untie pilots (64 windows), then with the query
 # convolution and with block convolutions (pilots and the reported runs), order of reads included,
 # heads per column (1,4) and the 1-layer models
