@@ -67,10 +67,15 @@ def at_bpb(pts: list[tuple[tuple[float, float], float, float, float]], target: f
     return nearest[2], True
 
 
-def matched_table(rows: list[dict], title: str) -> str:
+def by_method(rows: list[dict]) -> dict[str, list[dict]]:
     methods: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         methods[r["method"]].append(r)
+    return methods
+
+
+def matched_table(rows: list[dict], title: str) -> str:
+    methods = by_method(rows)
     curves = {m: curve(rs) for m, rs in methods.items()}
     target = max(min(p[1] for p in pts) for pts in curves.values())
     ref = "lora" if "lora" in curves else next(iter(curves))
@@ -103,10 +108,7 @@ def sequential_table(rows: list[dict], singles: list[dict]) -> str:
     lines = ["#### Sequential: email, then kjv (middle learning rate; seed means, then each seed's)", "",
              "| method | kjv bpb | email rise during kjv | base rise during kjv | base rise since the base | "
              "email rise per seed |", "|---|---:|---:|---:|---:|---|"]
-    by_method: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_method[r["method"]].append(r)
-    for m, rs in sorted(by_method.items()):
+    for m, rs in sorted(by_method(rows).items()):
         a_rise = mean(r["prior_val_bpb"][0] - r["prior_val_bpb_before"][0] for r in rs)
         total = [r["base_val_bpb"] - first[_key(r["base"], first)]["base_val_bpb_before"]
                  for r in rs if _key(r["base"], first) is not None]
@@ -125,10 +127,7 @@ def _key(base: str, runs: dict[str, dict]) -> str | None:
 
 def levels_table(rows: list[dict], title: str, levels: list[float]) -> str:
     """Each method's rise at each of ``levels`` (seed means), with its ratio to LoRA's and full's."""
-    methods: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        methods[r["method"]].append(r)
-    curves = {m: curve(rs) for m, rs in methods.items()}
+    curves = {m: curve(rs) for m, rs in by_method(rows).items()}
     lines = [f"#### {title}: base rise at new-domain bpb {', '.join(f'{x:g}' for x in levels)}", "",
              "| method | " + " | ".join(f"rise at {x:g} (x lora, x full)" for x in levels) + " |",
              "|---|" + "---:|" * len(levels)]
