@@ -1,9 +1,13 @@
-"""Shared fixtures: a seconds-scale model config, a fixed seed, and a skip where torch.compile
-cannot build CPU kernels."""
+"""Shared fixtures: a seconds-scale model config, a fixed seed, a skip where torch.compile
+cannot build CPU kernels, and a loader of the scripts under benchmarks/."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -36,3 +40,18 @@ def needs_compiler() -> None:
     """Skips the test where torch.compile cannot build CPU kernels (the fused row update)."""
     if not _compiles():
         pytest.skip("torch.compile cannot build CPU kernels here (needs a C++ compiler)")
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch) -> Callable[[str], ModuleType]:
+    """Loads benchmarks/NAME.py as a module (the folder on sys.path for its sibling imports)."""
+    folder = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

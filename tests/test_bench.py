@@ -597,19 +597,9 @@ def test_alternated_children_refuse_a_busy_machine(monkeypatch, capsys) -> None:
     assert stop.value.code == 2 and capsys.readouterr().err == "error: the machine is busy\n"
 
 
-def _load_benchmark(name: str, monkeypatch):  # noqa: ANN202 - a module loaded from benchmarks/
-    import importlib.util
-
-    folder = Path(__file__).parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(folder))  # their sibling imports
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quality_reruns_unfinished_runs_and_exits_non_zero_on_a_failure(tmp_path, monkeypatch, capsys) -> None:
-    quality = _load_benchmark("quality", monkeypatch)
+def test_quality_reruns_unfinished_runs_and_exits_non_zero_on_a_failure(tmp_path, monkeypatch, capsys,
+                                                                        load_benchmark) -> None:
+    quality = load_benchmark("quality")
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "runs/quality/p"
     (root / "done").mkdir(parents=True)
@@ -642,8 +632,8 @@ def test_quality_reruns_unfinished_runs_and_exits_non_zero_on_a_failure(tmp_path
     assert "p/fails failed (exit 1)" in capsys.readouterr().err
 
 
-def test_quality_verdicts_need_the_same_seeds_on_both_sides(monkeypatch) -> None:
-    tables = _load_benchmark("quality_tables", monkeypatch)
+def test_quality_verdicts_need_the_same_seeds_on_both_sides(load_benchmark) -> None:
+    tables = load_benchmark("quality_tables")
     two, other = [(2, 1.00), (3, 1.01)], [(2, 1.10), (3, 1.11)]
     assert tables._verdict(two, other) == "wins" and tables._verdict(other, two) == "loses"
     assert tables._verdict(two, [(2, 1.10)]) == "n/a: seeds differ (2, 3 against 2)"
@@ -657,8 +647,8 @@ def test_quality_verdicts_need_the_same_seeds_on_both_sides(monkeypatch) -> None
     assert "seeds 2, 3)" in tables.comparison_table(found[:2])
 
 
-def test_layer_table_labels_rules_and_bandwidths_and_keeps_dtypes_apart(tmp_path, monkeypatch) -> None:
-    tables = _load_benchmark("make_tables", monkeypatch)
+def test_layer_table_labels_rules_and_bandwidths_and_keeps_dtypes_apart(tmp_path, monkeypatch, load_benchmark) -> None:
+    tables = load_benchmark("make_tables")
     monkeypatch.setattr(tables, "R", tmp_path)
     common = dict(N=64, infer_tok_s=1.0, fwd_ms=1.0, bwd_ms=1.0, opt_ms=1.0, peak_rss_gb=1.0, roofline_frac=0.5,
                   peak_gflops=100.0, bandwidth_gbps=20.0, copy_gbps=40.0)
@@ -677,8 +667,8 @@ def test_layer_table_labels_rules_and_bandwidths_and_keeps_dtypes_apart(tmp_path
     assert "| fractalmoe | row-wise Adagrad | 64 | 300 | 3.0x |" in table and "20 GB/s (copy, read + write)" in table
 
 
-def test_balance_cost_refuses_a_busy_machine(monkeypatch, capsys) -> None:
-    cost = _load_benchmark("balance_cost", monkeypatch)
+def test_balance_cost_refuses_a_busy_machine(monkeypatch, capsys, load_benchmark) -> None:
+    cost = load_benchmark("balance_cost")
     monkeypatch.setattr(cost, "wait_until_idle", lambda max_wait_s: "the machine is busy")
     monkeypatch.setattr(cost, "FHME", lambda *a, **k: pytest.fail("built a layer on a busy machine"))
     monkeypatch.setattr(sys, "argv", ["balance_cost.py"])
@@ -687,7 +677,7 @@ def test_balance_cost_refuses_a_busy_machine(monkeypatch, capsys) -> None:
     assert exc.value.code == 2 and capsys.readouterr().err == "error: the machine is busy\n"
 
 
-def test_row_exposure_finds_changed_rows_and_counts_the_reads_on_them(monkeypatch) -> None:
+def test_row_exposure_finds_changed_rows_and_counts_the_reads_on_them(load_benchmark) -> None:
     """benchmarks/row_exposure.py: the rows a tuned copy changed, and the share of a model's row
     choices (and of its tokens) that land on them, against a count made choice by choice."""
     import copy
@@ -697,7 +687,7 @@ def test_row_exposure_finds_changed_rows_and_counts_the_reads_on_them(monkeypatc
     from fractalmoe.config import tiny_model_config
     from fractalmoe.stats import CHOICES, collect
 
-    exposure = _load_benchmark("row_exposure", monkeypatch)
+    exposure = load_benchmark("row_exposure")
     torch.manual_seed(0)
     base = FHMELanguageModel(tiny_model_config(dim=64)).eval()
     tuned = copy.deepcopy(base)

@@ -460,25 +460,15 @@ def test_options_that_do_not_apply_are_one_line_errors_before_any_run(corpora, t
     assert not out.exists()
 
 
-def _finetune_table():
-    import importlib.util
-
-    path = Path(__file__).parent.parent / "benchmarks" / "finetune_table.py"
-    spec = importlib.util.spec_from_file_location("finetune_table", path)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    return table
-
-
 def _sweep_point(lr: float, bpb: float, rise: float, method: str = "lora") -> dict:
     return {"lr": lr, "expert_lr": 0.0, "val_bpb": bpb, "val_bpb_before": 6.8, "base_val_bpb": 2.0 + rise,
             "base_val_bpb_before": 2.0, "trainable_params": 10, "method": method, "seed": 2}
 
 
-def test_forgetting_curve_skips_rates_beaten_on_both_axes() -> None:
+def test_forgetting_curve_skips_rates_beaten_on_both_axes(load_benchmark) -> None:
     """A learning rate that learns less and forgets more than a gentler one (here one that
     diverged) must not bend the curve the matched-gain rise is read from."""
-    table, run = _finetune_table(), _sweep_point
+    table, run = load_benchmark("finetune_table"), _sweep_point
     pts = table.curve([run(1e-3, 3.0, 1.0), run(1e-2, 2.8, 1.5), run(3e-2, 4.5, 2.9)])
     assert [p[0][0] for p in pts] == [1e-2, 1e-3, 0.0]
     rise, clamped = table.at_bpb(pts, 4.0)
@@ -488,10 +478,10 @@ def test_forgetting_curve_skips_rates_beaten_on_both_axes() -> None:
     assert len(table.curve([run(1e-3, 3.0, 1.0), run(3e-3, 3.0, 1.0)])) == 3
 
 
-def test_forgetting_read_at_levels() -> None:
+def test_forgetting_read_at_levels(load_benchmark) -> None:
     """Each method's rise at a chosen new-domain bpb is read along its own curve through the
     untrained start, floored at 0.01, and set against LoRA's and full fine-tuning's there."""
-    table, run = _finetune_table(), _sweep_point
+    table, run = load_benchmark("finetune_table"), _sweep_point
     rows = [run(1e-3, 3.8, 0.4), run(1e-2, 3.0, 1.2), run(1e-4, 3.8, 0.1, "full"), run(1e-3, 3.0, 0.3, "full"),
             run(0.1, 4.8, 0.001, "memory"), run(1.0, 3.4, 0.2, "memory")]
     out = table.levels_table(rows, "t", [4.8, 3.4])
