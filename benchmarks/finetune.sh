@@ -21,6 +21,9 @@
 #   memory     the base's own FHME tables, only the rows the new domain uses far more than the
 #              base (as many as LoRA's trainable parameters: --match-lora-rank $RANK)
 #   memory-step  memory with the rows chosen anew at every step from that step's batch (--rows-per-step)
+#   memory-step-rows  memory-step with $ROWS rows a layer learning at each step (--sparse-rows $ROWS)
+#   memory-gain-sgd  memory-step with the rows of most new-domain gradient per base read, each
+#              stepped by plain SGD over its base reads (--rows-by-gain)
 #   memory-sgd   memory with its rows learning by plain SGD (expert_optim = row_sgd) instead of lazy Adam
 #   memory-step-sgd  memory-step with plain SGD
 #   lora       LoRA at rank $RANK (<= width / 2) on every dense projection
@@ -86,6 +89,8 @@ flags() {
     fhme) echo "--adapter fhme --match-lora-rank $RANK" ;;
     memory) echo "--adapter memory --match-lora-rank $RANK" ;;
     memory-step) echo "--adapter memory --match-lora-rank $RANK --rows-per-step" ;;
+    memory-step-rows) echo "--adapter memory --sparse-rows $ROWS --rows-per-step" ;;
+    memory-gain-sgd) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --rows-by-gain --set expert_optim=row_sgd" ;;
     memory-sgd) echo "--adapter memory --match-lora-rank $RANK --set expert_optim=row_sgd" ;;
     memory-step-sgd) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --set expert_optim=row_sgd" ;;
     fhme-gate) echo "--adapter fhme --match-lora-rank $RANK --output-gate" ;;

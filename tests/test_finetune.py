@@ -296,6 +296,38 @@ def test_rows_per_step_train_each_steps_top_rows_by_tf_idf_only() -> None:
     assert not selector.pending and int(selector.counts.sum()) == 0
 
 
+def test_rows_by_gain_keep_the_top_gradient_per_base_read_and_scale_them() -> None:
+    """Each step's kept rows are the ``top`` by |g_r|^2 / (f_r + delta) of that step's own table
+    gradient (made here by a second, unhooked copy of the layer), and each kept row's gradient
+    arrives divided by f_r + delta; every other row gets none."""
+    import copy
+
+    from fractalmoe import FHME
+
+    torch.manual_seed(0)
+    layer = FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value").train()
+    reference = copy.deepcopy(layer)
+    for m in (layer, reference):
+        for p in m.parameters():
+            p.requires_grad_(p is m.fractal.bank.values)
+    share = torch.rand(256) * 3
+    share[::3] = 0.0  # rows the kept domains never read
+    selector = StepRowSelector(layer, torch.zeros(256, dtype=torch.long), 10, top=6, kept_share=share, delta=0.1)
+    x = torch.randn(24, 16)
+    layer(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    g = reference.fractal.bank.values.grad
+    g = g.to_dense() if g.is_sparse else g
+    cost = share + 0.1
+    want = torch.zeros(256, dtype=torch.bool)
+    want[(g.square().sum(1) / cost).topk(6).indices] = True
+    assert torch.equal(selector.keep, want) and torch.equal(selector.trained, want)
+    got = layer.fractal.bank.values.grad
+    got = got.to_dense() if got.is_sparse else got
+    torch.testing.assert_close(got[want], g[want] / cost[want].unsqueeze(1))
+    assert not got[~want].any()
+
+
 def test_sparse_rows_keep_the_routing_the_rows_were_chosen_under() -> None:
     from fractalmoe.data import ByteDataset
 

@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--rows-per-step", action="store_true",
                     help="memory: choose the T rows anew at every step, the ones that step's batch reads "
                          "most above the base domain (Sparse Memory Finetuning); T rows learn per step")
+    ft.add_argument("--rows-by-gain", action="store_true",
+                    help="with --rows-per-step: choose the rows with the most new-domain gradient per "
+                         "base read, and step each by its gradient over its base reads (use with "
+                         "--set expert_optim=row_sgd)")
     ft.add_argument("--eval-bytes", type=_positive_int, metavar="N",
                     help="evaluate on the first N bytes of each validation split (default: whole splits)")
     ft.add_argument("--out", help="run directory to create")
@@ -428,7 +432,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         depth=args.depth, out=args.out, max_steps=args.max_steps, overrides=list(args.set),
         eval_bytes=args.eval_bytes, lora_rank=args.lora_rank, match_lora_rank=args.match_lora_rank,
         lora_targets=args.lora_targets, output_gate=args.output_gate, sparse_rows=args.sparse_rows,
-        rows_per_step=args.rows_per_step, device=args.device, progress=not args.quiet))
+        rows_per_step=args.rows_per_step, rows_by_gain=args.rows_by_gain, device=args.device, progress=not args.quiet))
     print_report(summary, sizing_line(summary), args.json)
     return 0
 

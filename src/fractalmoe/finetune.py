@@ -224,15 +224,18 @@ def rank_rows(new: Tensor, kept_windows: Tensor, windows: int, top: int) -> Tens
     return mask
 
 
-def _kept_windows(model: nn.Module, adapters: list[FHME], kept: list[ByteDataset], seq_len: int,
-                  batch_size: int, seed: int, device: str) -> tuple[list[Tensor], int]:
-    """Per layer, in how many of the kept domains' sampled windows each row was chosen, and how
-    many windows were sampled: the documents of the tf-idf."""
-    kept_windows = [torch.zeros(a.fractal.bank.num_experts, dtype=torch.long) for a in adapters]
+def _kept_choices(model: nn.Module, adapters: list[FHME], kept: list[ByteDataset], seq_len: int,
+                  batch_size: int, seed: int, device: str) -> tuple[list[Tensor], list[Tensor], int]:
+    """Per layer, how often the kept domains' sampled windows chose each row and in how many of
+    them it was chosen, and how many windows were sampled: the documents of the tf-idf."""
+    kept_counts = [torch.zeros(a.fractal.bank.num_experts, dtype=torch.long) for a in adapters]
+    kept_windows = [torch.zeros_like(c) for c in kept_counts]
     for data in kept:
-        for acc, (_, w) in zip(kept_windows, choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
-            acc += w
-    return kept_windows, len(kept) * sample_batches(batch_size) * batch_size
+        for c, w, (n, seen) in zip(kept_counts, kept_windows,
+                                   choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
+            c += n
+            w += seen
+    return kept_counts, kept_windows, len(kept) * sample_batches(batch_size) * batch_size
 
 
 def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDataset], top: int,
@@ -242,7 +245,7 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
     found = row_masked_memories(model)
     adapters = [a for _, a in found]
     new = [c for c, _ in choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)]
-    kept_windows, windows = _kept_windows(model, adapters, kept, seq_len, batch_size, seed, device)
+    _, kept_windows, windows = _kept_choices(model, adapters, kept, seq_len, batch_size, seed, device)
     masks = {}
     for (i, adapter), n, w in zip(found, new, kept_windows):
         masks[str(i)] = rank_rows(n, w, windows, top)
@@ -256,19 +259,35 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
 
 class StepRowSelector:
     """Sparse memory fine-tuning's choice made at every step: of one FHME layer's table rows, only
-    the ``top`` that this step's batch reads most above the kept domains learn (``rank_rows`` with
-    the batch's choices as tf). Forward hooks on the layer's routers count the choices of training
-    forwards; the first table-gradient hook of the backward turns them into the step's mask, which
-    ``mask_rows`` then applies to every table of the bank. ``trained`` gathers every row chosen."""
+    ``top`` learn, chosen anew from this step's batch, and ``mask_rows`` applies the choice to
+    every table of the bank. ``trained`` gathers every row chosen.
 
-    def __init__(self, memory: FHME, kept_windows: Tensor, windows: int, top: int) -> None:
+    Two rules choose them. By default, the rows the batch reads most above the kept domains
+    (``rank_rows`` with the batch's choices as tf): forward hooks on the layer's routers count the
+    choices of training forwards, and the first table-gradient hook of the backward ranks them.
+
+    With ``kept_share`` (each row's share of the kept domains' reads, over its mean: ``f``), the
+    rows that buy the most new-domain loss per unit of kept-domain loss. The kept domains' loss is
+    at a minimum, so moving row r by d_r raises it by about 1/2 sum_r f_r |d_r|^2 (Gauss-Newton:
+    a row's curvature grows with how often the kept domains read it), while the new domain's loss
+    falls by -sum_r g_r . d_r. For a given fall, the cheapest step is d_r = -lr g_r / (f_r + delta)
+    over the rows with the largest |g_r|^2 / (f_r + delta); the gradient hook chooses those rows
+    from the step's table gradient g and scales their rows by 1 / (f_r + delta) (a preconditioner
+    that only ``row_sgd`` keeps: lazy Adam divides it out again). ``delta`` stands for the reads a
+    sample of the kept domains does not see."""
+
+    def __init__(self, memory: FHME, kept_windows: Tensor, windows: int, top: int,
+                 kept_share: Tensor | None = None, delta: float = 0.1) -> None:
         tables = list(memory.fractal.bank.tables().values())
         n, device = memory.fractal.bank.num_experts, tables[0].device
         self.kept_windows, self.windows, self.top = kept_windows.to(device), windows, top
+        self.inverse_cost = None if kept_share is None else (kept_share.to(device).float() + delta).reciprocal()
         self.counts = torch.zeros(n, dtype=torch.long, device=device)
         self.keep = torch.zeros(n, dtype=torch.bool, device=device)
         self.trained = torch.zeros_like(self.keep)
         self.pending = False
+        if self.inverse_cost is not None and len(tables) > 1:
+            raise ValueError("choosing rows by gain per cost needs one table per bank (block = value)")
         for block in memory.fractal.blocks:
             block.memory.router.register_forward_hook(self._count)
         for table in tables:  # before mask_rows' hooks: a parameter's hooks run in order
@@ -281,20 +300,39 @@ class StepRowSelector:
             self.counts.index_add_(0, idx, torch.ones_like(idx))
             self.pending = True
 
-    def _select(self, grad: Tensor) -> None:
-        if self.pending:
+    def _select(self, grad: Tensor) -> Tensor | None:
+        if not self.pending:
+            return None
+        self.pending = False
+        if self.inverse_cost is None:
             self.keep.copy_(rank_rows(self.counts, self.kept_windows, self.windows, self.top))
             self.trained |= self.keep
             self.counts.zero_()
-            self.pending = False
+            return None
+        self.counts.zero_()
+        grad = grad.coalesce() if grad.is_sparse else grad
+        rows, values = (grad.indices()[0], grad.values()) if grad.is_sparse else (None, grad)
+        sq = values.float().pow(2).sum(1)
+        gain = torch.zeros_like(self.inverse_cost).index_add_(0, rows, sq) if rows is not None else sq
+        score = gain * self.inverse_cost
+        best = score.topk(min(self.top, score.numel())).indices
+        self.keep.zero_()
+        self.keep[best] = score[best] > 0
+        self.trained |= self.keep
+        scale = self.inverse_cost if rows is None else self.inverse_cost.index_select(0, rows)
+        scaled = values * scale.unsqueeze(1).to(values.dtype)
+        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, is_coalesced=True) if rows is not None else scaled
 
 
 def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_len: int,
-                       batch_size: int, seed: int, device: str = "cpu") -> dict[str, StepRowSelector]:
-    """A ``StepRowSelector`` on each trainable FHME layer, keyed by layer index."""
+                       batch_size: int, seed: int, device: str = "cpu",
+                       by_gain: bool = False) -> dict[str, StepRowSelector]:
+    """A ``StepRowSelector`` on each trainable FHME layer, keyed by layer index; ``by_gain``: rows
+    by new-domain gain per kept-domain cost, from the kept domains' read shares."""
     found = row_masked_memories(model)
-    kept_windows, windows = _kept_windows(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
-    return {str(i): StepRowSelector(a, w, windows, top) for (i, a), w in zip(found, kept_windows)}
+    counts, kept_windows, windows = _kept_choices(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
+    return {str(i): StepRowSelector(a, w, windows, top, c.double() / c.double().mean().clamp_min(1e-12) if by_gain else None)
+            for (i, a), w, c in zip(found, kept_windows, counts)}
 
 
 # --- a training loop for any causal LM (transformers models included) -----------------------
@@ -369,6 +407,7 @@ class FinetuneRequest:
     output_gate: bool = False
     sparse_rows: int | None = None
     rows_per_step: bool = False
+    rows_by_gain: bool = False
     device: str = "cpu"
     progress: bool = True
 
@@ -385,6 +424,8 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("--adapter memory needs --sparse-rows T or --match-lora-rank R (rows that learn)")
     if req.rows_per_step and req.adapter != "memory":
         raise ValueError("--rows-per-step: only for --adapter memory")
+    if req.rows_by_gain and not req.rows_per_step:
+        raise ValueError("--rows-by-gain chooses the rows of each step: add --rows-per-step")
     if req.adapter == "memory" and req.sparse_rows is not None and req.match_lora_rank is not None:
         raise ValueError("--adapter memory: give --sparse-rows or --match-lora-rank, not both")
     if req.lora_rank is not None and req.adapter != "lora":
@@ -433,6 +474,8 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         spec["sparse_rows"] = rows
         if req.rows_per_step:
             spec["rows_per_step"] = True
+        if req.rows_by_gain:
+            spec["rows_by_gain"] = True
         return sizing
     if req.adapter == "lora":
         spec.update(rank=sizing.lora_rank, targets=req.lora_targets)
@@ -517,7 +560,8 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         model = build_adapted_model(base, {k: v for k, v in spec.items() if k != "row_mask"}, req.device)
         if spec.get("rows_per_step"):
             selectors.update(step_row_selectors(model, [d.data for d in domains[1:]], spec["sparse_rows"],
-                                                seq_len, batch, config.train.seed, req.device))
+                                                seq_len, batch, config.train.seed, req.device,
+                                                by_gain=bool(spec.get("rows_by_gain"))))
         elif spec.get("sparse_rows") is not None:
             from safetensors.torch import save_file
 
@@ -565,7 +609,8 @@ def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
     return {"lora_rank": sizing.lora_rank, "lora_params": sizing.lora_params,
             "fhme_experts": sizing.fhme_experts, "fhme_params": sizing.fhme_params,
             "output_gate": bool(sizing.spec.get("output_gate")), "sparse_rows": sizing.spec.get("sparse_rows"),
-            "rows_per_step": bool(sizing.spec.get("rows_per_step"))}
+            "rows_per_step": bool(sizing.spec.get("rows_per_step")),
+            "rows_by_gain": bool(sizing.spec.get("rows_by_gain"))}
 
 
 def _domain_fields(domains: list[Domain], before: list[float], after: list[float]) -> dict[str, Any]:
