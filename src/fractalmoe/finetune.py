@@ -311,17 +311,20 @@ class StepRowSelector:
             return None
         self.counts.zero_()
         grad = grad.coalesce() if grad.is_sparse else grad
-        rows, values = (grad.indices()[0], grad.values()) if grad.is_sparse else (None, grad)
-        sq = values.float().pow(2).sum(1)
-        gain = torch.zeros_like(self.inverse_cost).index_add_(0, rows, sq) if rows is not None else sq
+        values = grad.values() if grad.is_sparse else grad
+        rows = grad.indices()[0] if grad.is_sparse else None
+        gain = values.float().square().sum(1)
+        if rows is not None:
+            gain = torch.zeros_like(self.inverse_cost).index_add_(0, rows, gain)
         score = gain * self.inverse_cost
         best = score.topk(min(self.top, score.numel())).indices
         self.keep.zero_()
         self.keep[best] = score[best] > 0
         self.trained |= self.keep
-        scale = self.inverse_cost if rows is None else self.inverse_cost.index_select(0, rows)
-        scaled = values * scale.unsqueeze(1).to(values.dtype)
-        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, is_coalesced=True) if rows is not None else scaled
+        if rows is None:
+            return values * self.inverse_cost.unsqueeze(1).to(values.dtype)
+        scaled = values * self.inverse_cost.index_select(0, rows).unsqueeze(1).to(values.dtype)
+        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, is_coalesced=True)
 
 
 def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_len: int,
@@ -331,8 +334,9 @@ def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_
     by new-domain gain per kept-domain cost, from the kept domains' read shares."""
     found = row_masked_memories(model)
     counts, kept_windows, windows = _kept_choices(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
-    return {str(i): StepRowSelector(a, w, windows, top, c.double() / c.double().mean().clamp_min(1e-12) if by_gain else None)
-            for (i, a), w, c in zip(found, kept_windows, counts)}
+    shares = [c.double() / c.double().mean().clamp_min(1e-12) if by_gain else None for c in counts]
+    return {str(i): StepRowSelector(a, w, windows, top, share)
+            for (i, a), w, share in zip(found, kept_windows, shares)}
 
 
 # --- a training loop for any causal LM (transformers models included) -----------------------
