@@ -1,6 +1,6 @@
 """Markdown tables of the fine-tuning study (benchmarks/finetune.sh): forgetting at matched gain.
 
-    python benchmarks/finetune_table.py benchmarks/results/finetune/finetune.jsonl [--levels 3.8 3.5]
+    python benchmarks/finetune_table.py benchmarks/results/finetune/finetune.jsonl [--levels 3.8 email:3.5 kjv:2.3]
 
 A method's learning-rate sweep traces a curve of (new-domain bpb, base-domain rise). Comparing
 methods at one learning rate mixes how far each one got with what it cost, so each method's rise is
@@ -10,7 +10,8 @@ untrained start (no rise) counting as a point and points beaten on both axes by 
 out. A target outside a curve is read at its nearest point (marked *). Rises below 0.01 bpb
 count as 0.01, so the ratios stay finite and noise-sized rises do not dominate them. Learning
 rates print as dense / expert-table lr. ``--levels`` adds, per domain, each method's rise read
-the same way at those new-domain bpbs, and its ratio to LoRA's and full fine-tuning's there.
+the same way at those new-domain bpbs, and its ratio to LoRA's and full fine-tuning's there
+(``DOMAIN:BPB`` reads that domain only: the domains' bpbs lie far apart).
 """
 
 from __future__ import annotations
@@ -146,11 +147,27 @@ def levels_table(rows: list[dict], title: str, levels: list[float]) -> str:
     return "\n".join(lines)
 
 
+def domain_levels(specs: list[str], domain: str) -> list[float]:
+    """The ``--levels`` that apply to ``domain``: plain numbers, and ``DOMAIN:BPB`` of that domain."""
+    out = []
+    for spec in specs:
+        name, colon, value = spec.rpartition(":")
+        if not colon or name == domain:
+            out.append(float(value))
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="finetune.jsonl written by benchmarks/finetune.sh")
-    p.add_argument("--levels", type=float, nargs="+", default=[], help="new-domain bpbs to read every rise at")
+    p.add_argument("--levels", nargs="+", default=[], metavar="[DOMAIN:]BPB",
+                   help="new-domain bpbs to read every rise at (DOMAIN:BPB: that domain only)")
     args = p.parse_args(argv)
+    for spec in args.levels:
+        try:
+            float(spec.rpartition(":")[2])
+        except ValueError:
+            p.error(f"--levels {spec}: expected BPB or DOMAIN:BPB")
     rows = load(args.results)
     out = []
     singles = [r for r in rows if r.get("study") == "single"]
@@ -159,8 +176,8 @@ def main(argv: list[str]) -> int:
             part = [r for r in singles if r.get("base_model") == base_model and r["domain"] == domain]
             if part:
                 out.append(matched_table(part, f"{base_model} base adapted to {domain}"))
-                if args.levels:
-                    out.append(levels_table(part, f"{base_model} base adapted to {domain}", args.levels))
+                if levels := domain_levels(args.levels, domain):
+                    out.append(levels_table(part, f"{base_model} base adapted to {domain}", levels))
     seq = [r for r in rows if r.get("study") == "sequential"]
     if seq:
         out.append(sequential_table(seq, [r for r in singles if r.get("base_model") == "fractalmoe"]))

@@ -208,6 +208,23 @@ for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 done
+# ... and on the second new domain, the King James Bible (learnt faster: memory-step from lr 0.01)
+for spec in "memory-step:1 2 3 4" "lora:1 2 3" "full:1 2"; do
+  METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=kjv STUDIES=single EVAL_BYTES=262144 \
+    RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
+done
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_fixed/finetune.jsonl \
+  --levels email:3.8 email:3.5 kjv:2.4 kjv:2.3 > $R/finetune_rows_fixed/finetune_tables.md
+# Other rules for the rows of each step, on the same base (pilots, seed 2): a quarter as many rows
+# (148 a layer), and the rows of most new-domain gradient per base read, stepped by SGD over their reads
+METHODS=memory-step-rows ROWS=148 LR_POINTS="4" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_t148
+METHODS=memory-gain-sgd LR_POINTS="4 5" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_gain
+cat runs/ft_rows_fixed/json/email_*_s2.json runs/ft_rows_t148/json/*_s2.json runs/ft_rows_gain/json/*_s2.json \
+  > $R/finetune_rows_pilots/finetune.jsonl
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl --levels 4.06 3.97 3.62 \
+  > $R/finetune_rows_pilots/finetune_tables.md
 # The same on a base with 4x the rows a table (65,536 experts, else the same command): do rows the
 # base seldom reads make memory fine-tuning forget less?
 $F train --seed 2 --max-steps 1200 --set num_experts=65536 --out runs/ft_base_65k_s2 --quiet

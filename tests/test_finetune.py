@@ -522,3 +522,10 @@ def test_forgetting_read_at_levels(load_benchmark) -> None:
     assert f"| memory | 0.010 ({0.01 / lora_48:.2f}, {0.01 / full_48:.2f}) | " \
            f"0.200 ({0.2 / lora_34:.2f}, {0.2 / full_34:.2f}) |" in out
     assert f"| lora | {lora_48:.3f} (1.00, {lora_48 / full_48:.2f}) |" in out
+
+
+def test_levels_apply_to_every_domain_or_to_the_one_named(load_benchmark) -> None:
+    table = load_benchmark("finetune_table")
+    specs = ["3.8", "email:3.5", "kjv:2.3"]
+    assert table.domain_levels(specs, "email") == [3.8, 3.5]
+    assert table.domain_levels(specs, "kjv") == [3.8, 2.3]
