@@ -466,6 +466,9 @@ def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
     assert "--rows-per-step: only for --adapter memory" in _err(
         capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "fhme", "--sparse-rows", "4",
         "--rows-per-step")
+    assert "--rows-by-gain chooses the rows of each step: add --rows-per-step" in _err(
+        capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "memory", "--sparse-rows", "4",
+        "--rows-by-gain")
     assert "deferred_table_grads" in _err(capsys, "--base", str(corpora["run"]), "--data", data,
                                           "--adapter", "memory", "--sparse-rows", "4", "--set",
                                           "deferred_table_grads=true", "--out", str(out))
