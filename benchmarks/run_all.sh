@@ -224,7 +224,10 @@ METHODS=memory-step-rows ROWS=148 LR_POINTS="4" SEEDS=2 DOMAINS=email STUDIES=si
   RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_t148
 METHODS=memory-gain-sgd LR_POINTS="4 5" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
   RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_gain
-cat runs/ft_rows_fixed/json/email_*_s2.json runs/ft_rows_t148/json/*_s2.json runs/ft_rows_gain/json/*_s2.json \
+# ... and the byte embeddings learning beside the rows (table lr 0.1, embeddings' lr 1e-4 and 3e-4)
+METHODS=memory-step-embed LR_POINTS="2 3" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_embed
+cat runs/ft_rows_fixed/json/email_*_s2.json runs/ft_rows_{t148,gain,embed}/json/*_s2.json \
   > $R/finetune_rows_pilots/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl --levels 4.06 3.97 3.62 \
   > $R/finetune_rows_pilots/finetune_tables.md

@@ -260,6 +260,24 @@ def test_memory_finetuning_changes_only_the_chosen_rows_of_the_base_tables(corpo
     assert moved > 0
 
 
+def test_memory_with_embeddings_trains_them_within_the_budget(corpora, capsys) -> None:
+    """--with-embeddings: the byte embeddings (and the head tied to them) learn and are stored with
+    the run; rows give way so that rows x width + embeddings stays within LoRA's count."""
+    out = corpora["root"] / "memory_embed"
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--adapter", "memory",
+                  "--match-lora-rank", "32", "--rows-per-step", "--with-embeddings", "--out", str(out),
+                  "--set", "expert_lr=0.1", "--set", "lr=0.01")
+    base, _, _ = load_model_from_run(corpora["run"])
+    tuned, _, _ = load_model_from_run(out)
+    embed = tuned.embed.weight.numel()
+    row_width = sum(t.shape[1] for t in tuned.blocks[0].ffn.fractal.bank.tables().values())
+    assert s["with_embeddings"] and s["trainable_params"] == s["sparse_rows"] * len(tuned.blocks) * row_width + embed
+    assert s["trainable_params"] <= s["lora_params"] < s["trainable_params"] + len(tuned.blocks) * row_width
+    assert not torch.equal(tuned.embed.weight, base.embed.weight) and tuned.head.weight is tuned.embed.weight
+    frozen = [n for n, _ in tuned.named_parameters() if "bank" not in n and "embed" not in n]
+    assert all(torch.equal(dict(tuned.named_parameters())[n], dict(base.named_parameters())[n]) for n in frozen)
+
+
 def test_rows_per_step_train_each_steps_top_rows_by_tf_idf_only() -> None:
     """Each step, exactly the rows ``rank_rows`` ranks first by that step's own choices (counted
     here independently) receive gradient; the kept domains' hub rows come last."""
@@ -466,6 +484,10 @@ def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
     assert "--rows-per-step: only for --adapter memory" in _err(
         capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "fhme", "--sparse-rows", "4",
         "--rows-per-step")
+    assert "do not hold the embeddings" in _err(capsys, "--base", str(corpora["run"]), "--data", data, "--adapter",
+                                                "memory", "--match-lora-rank", "1", "--with-embeddings")
+    assert "--with-embeddings: only for --adapter memory" in _err(
+        capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "lora", "--with-embeddings")
     assert "--rows-by-gain chooses the rows of each step: add --rows-per-step" in _err(
         capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "memory", "--sparse-rows", "4",
         "--rows-by-gain")

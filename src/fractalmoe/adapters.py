@@ -240,6 +240,15 @@ def open_memories(model: nn.Module, layers: list[int] | None = None) -> list[tup
     return memories
 
 
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The byte embeddings of a FractalMoE model (its output head shares them) or a transformers one."""
+    return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
+
+
+def embedding_parameter_count(model: nn.Module) -> int:
+    return input_embeddings(model).weight.numel()
+
+
 # --- LoRA -----------------------------------------------------------------------------------
 LORA_TARGETS = ("all", "attention")
 _NOT_PROJECTIONS = re.compile(r"^(gate|router|depth_router)$")  # routing / gating logits
@@ -400,6 +409,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
     elif spec["kind"] == "memory":
         memories = open_memories(model, spec.get("layers"))
+        if spec.get("embeddings"):
+            input_embeddings(model).weight.requires_grad_(True)
         if spec.get("row_mask"):
             load_row_masks([m for _, m in memories], [i for i, _ in memories], spec["row_mask"])
     elif spec["kind"] == "lora":

@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --rows-per-step: choose the rows with the most new-domain gradient per "
                          "base read, and step each by its gradient over its base reads (use with "
                          "--set expert_optim=row_sgd)")
+    ft.add_argument("--with-embeddings", action="store_true",
+                    help="memory: the byte embeddings (tied to the output head) learn too, at the dense "
+                         "lr, within the same trainable budget")
     ft.add_argument("--eval-bytes", type=_positive_int, metavar="N",
                     help="evaluate on the first N bytes of each validation split (default: whole splits)")
     ft.add_argument("--out", help="run directory to create")
@@ -432,7 +435,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         depth=args.depth, out=args.out, max_steps=args.max_steps, overrides=list(args.set),
         eval_bytes=args.eval_bytes, lora_rank=args.lora_rank, match_lora_rank=args.match_lora_rank,
         lora_targets=args.lora_targets, output_gate=args.output_gate, sparse_rows=args.sparse_rows,
-        rows_per_step=args.rows_per_step, rows_by_gain=args.rows_by_gain, device=args.device, progress=not args.quiet))
+        rows_per_step=args.rows_per_step, rows_by_gain=args.rows_by_gain,
+        with_embeddings=args.with_embeddings, device=args.device, progress=not args.quiet))
     print_report(summary, sizing_line(summary), args.json)
     return 0
 

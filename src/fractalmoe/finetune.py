@@ -50,6 +50,7 @@ from .adapters import (
     check_lora_rank,
     chosen_layers,
     decoder_layers,
+    embedding_parameter_count,
     experts_for_budget,
     fhme_adapter_parameter_count,
     hidden_size,
@@ -412,6 +413,7 @@ class FinetuneRequest:
     sparse_rows: int | None = None
     rows_per_step: bool = False
     rows_by_gain: bool = False
+    with_embeddings: bool = False
     device: str = "cpu"
     progress: bool = True
 
@@ -428,6 +430,8 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("--adapter memory needs --sparse-rows T or --match-lora-rank R (rows that learn)")
     if req.rows_per_step and req.adapter != "memory":
         raise ValueError("--rows-per-step: only for --adapter memory")
+    if req.with_embeddings and req.adapter != "memory":
+        raise ValueError("--with-embeddings: only for --adapter memory")
     if req.rows_by_gain and not req.rows_per_step:
         raise ValueError("--rows-by-gain chooses the rows of each step: add --rows-per-step")
     if req.adapter == "memory" and req.sparse_rows is not None and req.match_lora_rank is not None:
@@ -473,9 +477,15 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     if req.adapter == "memory":  # rows x width x tables per layer within LoRA's count
         memories = required_memories(model, req.layers)
         row_params = len(memories) * sum(t.shape[1] for t in memories[0][1].fractal.bank.tables().values())
-        rows = req.sparse_rows if req.sparse_rows is not None else sizing.lora_params // row_params
-        sizing.fhme_experts, sizing.fhme_params = rows, rows * row_params
+        embeddings = embedding_parameter_count(model) if req.with_embeddings else 0
+        rows = req.sparse_rows if req.sparse_rows is not None else (sizing.lora_params - embeddings) // row_params
+        if rows < 1:
+            raise ValueError(f"--match-lora-rank {rank}: LoRA's {sizing.lora_params:,} parameters do not hold "
+                             f"the embeddings ({embeddings:,}) and a row a layer ({row_params:,}); raise the rank")
+        sizing.fhme_experts, sizing.fhme_params = rows, rows * row_params + embeddings
         spec["sparse_rows"] = rows
+        if req.with_embeddings:
+            spec["embeddings"] = True
         if req.rows_per_step:
             spec["rows_per_step"] = True
         if req.rows_by_gain:
@@ -596,6 +606,7 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         bank = required_memories(model, req.layers)[0][1].fractal.bank
         rows = len(selectors) * spec["sparse_rows"] if selectors else sum(trained_rows.values())
         trainable = rows * sum(t.shape[1] for t in bank.tables().values())
+        trainable += embedding_parameter_count(model) if spec.get("embeddings") else 0
     else:
         trainable = trainable_parameter_count(model)
     return {
@@ -614,7 +625,8 @@ def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
             "fhme_experts": sizing.fhme_experts, "fhme_params": sizing.fhme_params,
             "output_gate": bool(sizing.spec.get("output_gate")), "sparse_rows": sizing.spec.get("sparse_rows"),
             "rows_per_step": bool(sizing.spec.get("rows_per_step")),
-            "rows_by_gain": bool(sizing.spec.get("rows_by_gain"))}
+            "rows_by_gain": bool(sizing.spec.get("rows_by_gain")),
+            "with_embeddings": bool(sizing.spec.get("embeddings"))}
 
 
 def _domain_fields(domains: list[Domain], before: list[float], after: list[float]) -> dict[str, Any]:
