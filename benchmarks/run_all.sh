@@ -204,7 +204,7 @@ for spec in "memory-sgd:1 2 3 4 5 6 7" "memory:2 3 4 5" "lora full:1 2 3 4 5"; d
 done
 # Rows chosen per step, since a row mask drops the rows it leaves out, against LoRA and full on a
 # base of the same command retrained by today's code (runs whose curves bracket memory-step's)
-for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2 3"; do
+for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 done
@@ -213,9 +213,6 @@ for spec in "memory-step:1 2 3 4" "lora:1 2 3" "full:1 2"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=kjv STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 done
-# ... and sequentially: email (middle rate), then the Bible from that run
-METHODS="memory-step lora full" SEEDS=2 STUDIES=sequential EVAL_BYTES=262144 \
-  RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_fixed/finetune.jsonl \
   --levels email:3.8 email:3.5 kjv:2.4 kjv:2.3 > $R/finetune_rows_fixed/finetune_tables.md
 # Other rules for the rows of each step, on the same base (pilots, seed 2): a quarter as many rows
