@@ -226,7 +226,7 @@ METHODS=memory-step-embed LR_POINTS="2 3" SEEDS=2 DOMAINS=email STUDIES=single E
   RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_embed
 cat runs/ft_rows_fixed/json/email_*_s2.json runs/ft_rows_{t148,gain,embed}/json/*_s2.json \
   > $R/finetune_rows_pilots/finetune.jsonl
-.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl --levels 4.06 3.97 3.62 \
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl --levels 4.06 3.97 3.62 3.45 3.26 \
   > $R/finetune_rows_pilots/finetune_tables.md
 # The same on a base with 4x the rows a table (65,536 experts, else the same command): do rows the
 # base seldom reads make memory fine-tuning forget less?
