@@ -209,7 +209,7 @@ for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
     RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 done
 # ... and on the second new domain, the King James Bible (learnt faster: memory-step from lr 0.01)
-for spec in "memory-step:1 2 3 4" "lora:1 2" "full:1 2"; do
+for spec in "memory-step:1 2 3 4" "lora:1 2 3" "full:1 2"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=kjv STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 done
