@@ -263,9 +263,9 @@ class StepRowSelector:
     ``top`` learn, chosen anew from this step's batch, and ``mask_rows`` applies the choice to
     every table of the bank. ``trained`` gathers every row chosen.
 
-    Two rules choose them. By default, the rows the batch reads most above the kept domains
-    (``rank_rows`` with the batch's choices as tf): forward hooks on the layer's routers count the
-    choices of training forwards, and the first table-gradient hook of the backward ranks them.
+    Two rules choose them, in the first table-gradient hook of the backward after a training
+    forward (which forward hooks on the layer's routers mark). By default, the rows the batch reads
+    most above the kept domains (``rank_rows`` with the batch's choices, counted by those hooks, as tf).
 
     With ``kept_share`` (each row's share of the kept domains' reads, over its mean: ``f``), the
     rows that buy the most new-domain loss per unit of kept-domain loss. The kept domains' loss is
@@ -296,21 +296,25 @@ class StepRowSelector:
         mask_rows(memory, self.keep)
 
     def _count(self, router: nn.Module, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
-        if router.training and torch.is_grad_enabled():  # index_add_: no host sync, unlike bincount
-            idx = output[1].reshape(-1)
-            self.counts.index_add_(0, idx, torch.ones_like(idx))
+        if router.training and torch.is_grad_enabled():
+            if self.inverse_cost is None:  # the tf-idf rule's tf (index_add_: no host sync, unlike bincount)
+                idx = output[1].reshape(-1)
+                self.counts.index_add_(0, idx, torch.ones_like(idx))
             self.pending = True
 
-    def _select(self, grad: Tensor) -> Tensor | None:
-        if not self.pending:
-            return None
-        self.pending = False
-        if self.inverse_cost is None:
-            self.keep.copy_(rank_rows(self.counts, self.kept_windows, self.windows, self.top))
+    def _select(self, grad: Tensor) -> Tensor:
+        if self.pending:
+            self.pending = False
+            if self.inverse_cost is None:
+                self.keep.copy_(rank_rows(self.counts, self.kept_windows, self.windows, self.top))
+                self.counts.zero_()
+            else:
+                grad = self._keep_by_gain(grad)
             self.trained |= self.keep
-            self.counts.zero_()
-            return None
-        self.counts.zero_()
+        return grad
+
+    def _keep_by_gain(self, grad: Tensor) -> Tensor:
+        """Keep the top rows by |g_r|^2 / (f_r + delta); the gradient with each row over f_r + delta."""
         grad = grad.coalesce() if grad.is_sparse else grad
         values = grad.values() if grad.is_sparse else grad
         rows = grad.indices()[0] if grad.is_sparse else None
@@ -321,7 +325,6 @@ class StepRowSelector:
         best = score.topk(min(self.top, score.numel())).indices
         self.keep.zero_()
         self.keep[best] = score[best] > 0
-        self.trained |= self.keep
         if rows is None:
             return values * self.inverse_cost.unsqueeze(1).to(values.dtype)
         scaled = values * self.inverse_cost.index_select(0, rows).unsqueeze(1).to(values.dtype)
