@@ -228,6 +228,9 @@ cat runs/ft_rows_fixed/json/email_*_s2.json runs/ft_rows_{t148,gain,embed}/json/
   > $R/finetune_rows_pilots/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl --levels 4.06 3.97 3.62 3.45 3.26 \
   > $R/finetune_rows_pilots/finetune_tables.md
+# Where the embeddings run's gain and loss come from: its tables, the input side, the output head
+.venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
+  > $R/finetune_rows_pilots/embedding_sides.jsonl
 # The same on a base with 4x the rows a table (65,536 experts, else the same command): do rows the
 # base seldom reads make memory fine-tuning forget less?
 $F train --seed 2 --max-steps 1200 --set num_experts=65536 --out runs/ft_base_65k_s2 --quiet

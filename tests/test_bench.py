@@ -711,3 +711,34 @@ def test_row_exposure_finds_changed_rows_and_counts_the_reads_on_them(load_bench
         hits = sum(bool(mask[r]) for rows in per_token for r in rows)
         assert layer["choices_on_changed"] == round(hits / sum(map(len, per_token)), 4)
         assert layer["tokens_touched"] == round(sum(any(mask[r] for r in rows) for rows in per_token) / x.numel(), 4)
+
+
+def test_embedding_sides_keep_each_part_of_a_change_and_revert_the_rest(load_benchmark) -> None:
+    """benchmarks/embedding_sides.py: untying for the evaluation keeps the trained matrix on the
+    side asked for and the base's on the other; reverting the tables leaves the embeddings alone."""
+    import copy
+
+    from fractalmoe import FHMELanguageModel
+    from fractalmoe.adapters import base_memories
+    from fractalmoe.config import tiny_model_config
+
+    def table(m):
+        return next(iter(base_memories(m)[0][1].fractal.bank.tables().values()))
+
+    sides = load_benchmark("embedding_sides")
+    torch.manual_seed(0)
+    base = FHMELanguageModel(tiny_model_config(dim=64)).eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.embed.weight.add_(torch.randn_like(tuned.embed.weight))
+        table(tuned)[5] += 1.0
+    trained, x = tuned.embed.weight.detach().clone(), torch.randint(0, 256, (2, 16))
+    expected = tuned(x)
+
+    for tables, inp, head in [(True, True, True), (True, True, False), (True, False, True), (False, True, True)]:
+        model = sides._with_sides(copy.deepcopy(tuned), base.embed.weight.detach(), tables, inp, head, base)
+        assert torch.equal(model.embed.weight, trained if inp else base.embed.weight)
+        assert torch.equal(model.head.weight, trained if head else base.embed.weight)
+        assert torch.equal(table(model), table(tuned) if tables else table(base))
+    assert torch.allclose(sides._with_sides(copy.deepcopy(tuned), base.embed.weight.detach(), True, True, True,
+                                            base)(x), expected)
