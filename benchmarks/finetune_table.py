@@ -147,27 +147,26 @@ def levels_table(rows: list[dict], title: str, levels: list[float]) -> str:
     return "\n".join(lines)
 
 
-def domain_levels(specs: list[str], domain: str) -> list[float]:
+def level(spec: str) -> tuple[str | None, float]:
+    """``BPB`` (every domain) or ``DOMAIN:BPB`` (that domain only), as (domain or None, bpb)."""
+    name, colon, value = spec.rpartition(":")
+    try:
+        return (name if colon else None), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec}: expected BPB or DOMAIN:BPB") from None
+
+
+def domain_levels(specs: list[tuple[str | None, float]], domain: str) -> list[float]:
     """The ``--levels`` that apply to ``domain``: plain numbers, and ``DOMAIN:BPB`` of that domain."""
-    out = []
-    for spec in specs:
-        name, colon, value = spec.rpartition(":")
-        if not colon or name == domain:
-            out.append(float(value))
-    return out
+    return [bpb for name, bpb in specs if name in (None, domain)]
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="finetune.jsonl written by benchmarks/finetune.sh")
-    p.add_argument("--levels", nargs="+", default=[], metavar="[DOMAIN:]BPB",
+    p.add_argument("--levels", nargs="+", default=[], type=level, metavar="[DOMAIN:]BPB",
                    help="new-domain bpbs to read every rise at (DOMAIN:BPB: that domain only)")
     args = p.parse_args(argv)
-    for spec in args.levels:
-        try:
-            float(spec.rpartition(":")[2])
-        except ValueError:
-            p.error(f"--levels {spec}: expected BPB or DOMAIN:BPB")
     rows = load(args.results)
     out = []
     singles = [r for r in rows if r.get("study") == "single"]

@@ -551,6 +551,9 @@ def test_forgetting_read_at_levels(load_benchmark) -> None:
 
 def test_levels_apply_to_every_domain_or_to_the_one_named(load_benchmark) -> None:
     table = load_benchmark("finetune_table")
-    specs = ["3.8", "email:3.5", "kjv:2.3"]
+    specs = [table.level(s) for s in ("3.8", "email:3.5", "kjv:2.3")]
     assert table.domain_levels(specs, "email") == [3.8, 3.5]
     assert table.domain_levels(specs, "kjv") == [3.8, 2.3]
+    with pytest.raises(SystemExit) as exc:
+        table.main(["finetune.jsonl", "--levels", "email:x"])
+    assert exc.value.code == 2
