@@ -21,7 +21,8 @@
 #   memory     the base's own FHME tables, only the rows the new domain uses far more than the
 #              base (as many as LoRA's trainable parameters: --match-lora-rank $RANK)
 #   memory-step  memory with the rows chosen anew at every step from that step's batch (--rows-per-step)
-#   memory-step-rows  memory-step with $ROWS rows a layer learning at each step (--sparse-rows $ROWS)
+#   memory-step-rows  memory-step with $ROWS rows a layer learning at each step (--sparse-rows $ROWS;
+#              tables name it memory-step-rows-$ROWS)
 #   memory-gain-sgd  memory-step with the rows of most new-domain gradient per base read, each
 #              stepped by plain SGD over its base reads (--rows-by-gain)
 #   memory-step-embed  memory-step with the byte embeddings learning too (--with-embeddings), table
@@ -103,6 +104,9 @@ flags() {
     full) echo "--adapter full" ;;
   esac
 }
+label() {  # the method as the tables name it: memory-step-rows with its row count, one curve per count
+  case $1 in memory-step-rows) echo "$1-$ROWS" ;; *) echo "$1" ;; esac
+}
 tag() {  # add the study's labels to one JSON line
   $PY -c 'import json, sys; r = json.loads(sys.stdin.read().strip().splitlines()[-1]); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' "$1"
 }
@@ -116,7 +120,7 @@ finetune() {
   $F finetune --base "$base" --data "${DATA[$domain]}" $(flags "$method") --max-steps "$STEPS" $EVAL \
     --set lr="$lr" --set expert_lr="$elr" --set seed="$seed" --device "$DEVICE" \
     --out "$OUT/$name" --quiet --json 2> "$OUT/$name.log" |
-    tag "{\"study\": \"$study\", \"base_model\": \"fractalmoe\", \"method\": \"$method\", \"domain\": \"$domain\"}" \
+    tag "{\"study\": \"$study\", \"base_model\": \"fractalmoe\", \"method\": \"$(label "$method")\", \"domain\": \"$domain\"}" \
     > "$OUT/json/$name.json.tmp"
   mv "$OUT/json/$name.json.tmp" "$OUT/json/$name.json"
   brief "$OUT/json/$name.json"

@@ -204,7 +204,7 @@ for spec in "memory-sgd:1 2 3 4 5 6 7" "memory:2 3 4 5" "lora full:1 2 3 4 5"; d
 done
 # Rows chosen per step, since a row mask drops the rows it leaves out, against LoRA and full on a
 # base of the same command retrained by today's code (runs whose curves bracket memory-step's)
-for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
+for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2 3"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_fixed bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_fixed
 done
@@ -224,9 +224,18 @@ METHODS=memory-gain-sgd LR_POINTS="4 5" SEEDS=2 DOMAINS=email STUDIES=single EVA
 # ... and the byte embeddings learning beside the rows (table lr 0.1, embeddings' lr 1e-4 and 3e-4)
 METHODS=memory-step-embed LR_POINTS="2 3" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
   RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_embed
-cat runs/ft_rows_fixed/json/email_*_s2.json runs/ft_rows_{t148,gain,embed}/json/*_s2.json \
+# More rows a step than LoRA's budget allows: 4x (2,368 a layer) on both domains, and every row
+# (16,384) on email
+METHODS=memory-step-rows ROWS=2368 LR_POINTS="1 2 3" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_t2368
+METHODS=memory-step-rows ROWS=2368 LR_POINTS="1 2" SEEDS=2 DOMAINS=kjv STUDIES=single EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_t2368
+METHODS=memory-step-rows ROWS=16384 LR_POINTS="1" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_t16384
+cat runs/ft_rows_fixed/json/*_s2.json runs/ft_rows_{t148,gain,embed,t2368,t16384}/json/*_s2.json \
   > $R/finetune_rows_pilots/finetune.jsonl
-.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl --levels 4.06 3.97 3.62 3.45 3.26 \
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl \
+  --levels email:4.06 email:3.97 email:3.62 email:3.45 email:3.26 email:2.99 email:2.84 kjv:2.4 kjv:2.3 kjv:2.2 \
   > $R/finetune_rows_pilots/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
