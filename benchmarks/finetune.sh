@@ -27,6 +27,7 @@
 #              stepped by plain SGD over its base reads (--rows-by-gain)
 #   memory-step-embed  memory-step with the byte embeddings learning too (--with-embeddings), table
 #              lr 0.1, the grid's lr the embeddings'
+#   memory-step-rows-embed  memory-step-rows with the embeddings learning, table lr 0.03
 #   memory-sgd   memory with its rows learning by plain SGD (expert_optim = row_sgd) instead of lazy Adam
 #   memory-step-sgd  memory-step with plain SGD
 #   lora       LoRA at rank $RANK (<= width / 2) on every dense projection
@@ -80,6 +81,7 @@ grid() {
   case $1 in
     fhme*) echo "3e-4:0.005 1e-3:0.0167 3e-3:0.05 1e-2:0.15 3e-2:0.45" ;;
     memory-step-embed) echo "3e-5:0.1 1e-4:0.1 3e-4:0.1 1e-3:0.1 3e-3:0.1" ;;  # the embeddings' lr varies
+    memory-step-rows-embed) echo "3e-5:0.03 1e-4:0.03 3e-4:0.03 1e-3:0.03 3e-3:0.03" ;;
     *-sgd) echo "3e-4:10 1e-3:30 3e-3:100 1e-2:300 3e-2:1000 1e-1:3000 3e-1:9000" ;;  # steps scale with the gradient (~1e-4 an entry): two more points
     memory*) echo "3e-4:0.01 1e-3:0.03 3e-3:0.1 1e-2:0.3 3e-2:1.0" ;;  # only the expert lr acts: nothing dense trains
     lora) echo "3e-4:0.05 1e-3:0.05 3e-3:0.05 1e-2:0.05 3e-2:0.05" ;;
@@ -95,6 +97,7 @@ flags() {
     memory-step) echo "--adapter memory --match-lora-rank $RANK --rows-per-step" ;;
     memory-step-rows) echo "--adapter memory --sparse-rows $ROWS --rows-per-step" ;;
     memory-step-embed) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --with-embeddings" ;;
+    memory-step-rows-embed) echo "--adapter memory --sparse-rows $ROWS --rows-per-step --with-embeddings" ;;
     memory-gain-sgd) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --rows-by-gain --set expert_optim=row_sgd" ;;
     memory-sgd) echo "--adapter memory --match-lora-rank $RANK --set expert_optim=row_sgd" ;;
     memory-step-sgd) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --set expert_optim=row_sgd" ;;
@@ -105,7 +108,7 @@ flags() {
   esac
 }
 label() {  # the method as the tables name it: memory-step-rows with its row count, one curve per count
-  case $1 in memory-step-rows) echo "$1-$ROWS" ;; *) echo "$1" ;; esac
+  case $1 in memory-step-rows*) echo "$1-$ROWS" ;; *) echo "$1" ;; esac
 }
 tag() {  # add the study's labels to one JSON line
   $PY -c 'import json, sys; r = json.loads(sys.stdin.read().strip().splitlines()[-1]); r.update(json.loads(sys.argv[1])); print(json.dumps(r))' "$1"
