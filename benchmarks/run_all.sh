@@ -235,7 +235,7 @@ METHODS=memory-step-rows ROWS=16384 LR_POINTS="1" SEEDS=2 DOMAINS=email STUDIES=
 cat runs/ft_rows_fixed/json/*_s2.json runs/ft_rows_{t148,gain,embed,t2368,t16384}/json/*_s2.json \
   > $R/finetune_rows_pilots/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl \
-  --levels email:4.06 email:3.97 email:3.62 email:3.45 email:3.26 email:2.99 email:2.84 kjv:2.4 kjv:2.3 kjv:2.2 \
+  --levels email:4.06 email:3.97 email:3.62 email:3.45 email:3.26 email:2.99 email:2.84 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.16 \
   > $R/finetune_rows_pilots/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
