@@ -3,7 +3,8 @@ its input embeddings, or its output head (the same tied matrix, read twice).
 
     python benchmarks/embedding_sides.py RUN [RUN ...] [--eval-bytes N]
 
-For each adapter run, the new domain's and the base domain's validation bpb with each part of the
+For each memory fine-tuning run whose base is a trained model (not another adapter run: its
+changes would be reverted too), the new domain's and the base domain's validation bpb with each part of the
 change kept and the rest reverted to the base, one JSON line per (run, variant):
 
     base       nothing kept (the base model)
@@ -46,7 +47,6 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--eval-bytes", type=int, default=262144)
     args = ap.parse_args()
-    torch.manual_seed(0)
     for run in args.runs:
         chain = lineage(run)
         base_run = chain[0]
