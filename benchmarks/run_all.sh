@@ -240,9 +240,8 @@ cat runs/ft_rows_fixed/json/*_s2.json runs/ft_rows_{t148,gain,embed,t2368,t16384
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_pilots/finetune.jsonl \
   --levels email:4.06 email:3.97 email:3.62 email:3.45 email:3.26 email:3.04 email:2.99 email:2.84 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.16 \
   > $R/finetune_rows_pilots/finetune_tables.md
-# Seed 3 of the email curves the row-count pilots are read against (the same base, fine-tuning seed
-# 3; LoRA at seed 2 only)
-for spec in "memory-step:2 3 4" "memory-step-rows:1 2 3" "memory-step-rows-embed:3" "full:1 2 3"; do
+# Seed 3 of the email curves the row-count pilots are read against (the same base, fine-tuning seed 3)
+for spec in "memory-step:2 3 4" "memory-step-rows:1 2 3" "memory-step-rows-embed:3" "full:1 2 3" "lora:1 2 3"; do
   METHODS="${spec%%:*}" ROWS=2368 LR_POINTS="${spec##*:}" SEEDS=3 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_seeds bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_s3
 done
