@@ -21,19 +21,18 @@ on a side the base domain seldom exercises.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
-import torch
 from torch import nn
 
 from fractalmoe.checkpoint import load_model_from_run, load_run_config, run_extra
 from fractalmoe.finetune import kept_domains, lineage, load_domain, val_bpb
 
 
-def _with_sides(adapted: nn.Module, base_embed: torch.Tensor, tables: bool, inp: bool, head: bool,
-                base_model: nn.Module) -> nn.Module:
-    """``adapted`` with each side either as trained or as in the base (in place; returns it)."""
-    trained = adapted.embed.weight.detach().clone()
+def _with_sides(adapted: nn.Module, base_model: nn.Module, tables: bool, inp: bool, head: bool) -> nn.Module:
+    """``adapted`` with each side either as trained or as in ``base_model`` (in place; returns it)."""
+    trained, base_embed = adapted.embed.weight.detach().clone(), base_model.embed.weight.detach()
     if not tables:  # loading re-ties the head: untie after
         adapted.load_state_dict({k: v for k, v in base_model.state_dict().items()
                                  if k not in ("embed.weight", "head.weight")}, strict=False)
@@ -49,19 +48,16 @@ def main() -> None:
     args = ap.parse_args()
     for run in args.runs:
         chain = lineage(run)
-        base_run = chain[0]
         cfg = load_run_config(run)
         seq, batch = cfg.model.seq_len, cfg.train.batch_size
         new = load_domain(run_extra(run)["data"], cfg.train.val_fraction, seq, args.eval_bytes)
         kept = kept_domains(chain[:1], args.eval_bytes)[0].data
-        base_model, _, _ = load_model_from_run(base_run)
-        base_embed = base_model.embed.weight.detach().clone()
+        base_model, adapted = load_model_from_run(chain[0])[0], load_model_from_run(run)[0]
         variants = {"base": None, "tables": (True, False, False), "input": (True, True, False),
                     "head": (True, False, True), "all": (True, True, True),
                     "embeddings": (False, True, True)}
         for name, sides in variants.items():
-            model = base_model if sides is None else _with_sides(load_model_from_run(run)[0], base_embed,
-                                                                  *sides, base_model)
+            model = base_model if sides is None else _with_sides(copy.deepcopy(adapted), base_model, *sides)
             print(json.dumps({"run": str(run), "variant": name,
                               "val_bpb": round(val_bpb(model, new, seq, batch), 4),
                               "base_val_bpb": round(val_bpb(model, kept, seq, batch), 4)}), flush=True)

@@ -736,9 +736,8 @@ def test_embedding_sides_keep_each_part_of_a_change_and_revert_the_rest(load_ben
     expected = tuned(x)
 
     for tables, inp, head in [(True, True, True), (True, True, False), (True, False, True), (False, True, True)]:
-        model = sides._with_sides(copy.deepcopy(tuned), base.embed.weight.detach(), tables, inp, head, base)
+        model = sides._with_sides(copy.deepcopy(tuned), base, tables, inp, head)
         assert torch.equal(model.embed.weight, trained if inp else base.embed.weight)
         assert torch.equal(model.head.weight, trained if head else base.embed.weight)
         assert torch.equal(table(model), table(tuned) if tables else table(base))
-    assert torch.allclose(sides._with_sides(copy.deepcopy(tuned), base.embed.weight.detach(), True, True, True,
-                                            base)(x), expected)
+    assert torch.allclose(sides._with_sides(copy.deepcopy(tuned), base, True, True, True)(x), expected)
