@@ -107,15 +107,17 @@ def matched_table(rows: list[dict], title: str) -> str:
 def sequential_table(rows: list[dict], singles: list[dict]) -> str:
     first = {r["run_dir"]: r for r in singles if "run_dir" in r}
     lines = ["#### Sequential: email, then kjv (middle learning rate; seed means, then each seed's)", "",
-             "| method | kjv bpb | email rise during kjv | base rise during kjv | base rise since the base | "
-             "email rise per seed |", "|---|---:|---:|---:|---:|---|"]
+             "| method | email bpb after email, after kjv | kjv bpb | email rise during kjv | base rise during kjv | "
+             "base rise since the base | email rise per seed |", "|---|---|---:|---:|---:|---:|---|"]
     for m, rs in sorted(by_method(rows).items()):
         a_rise = mean(r["prior_val_bpb"][0] - r["prior_val_bpb_before"][0] for r in rs)
         total = [r["base_val_bpb"] - first[_key(r["base"], first)]["base_val_bpb_before"]
                  for r in rs if _key(r["base"], first) is not None]
         per_seed = ", ".join(f"{r['prior_val_bpb'][0] - r['prior_val_bpb_before'][0]:.4f} (s{r['seed']})"
                              for r in sorted(rs, key=lambda r: r["seed"]))
-        lines.append(f"| {m} | {mean(r['val_bpb'] for r in rs):.4f} | {max(a_rise, FLOOR):.4f} | "
+        email = (f"{mean(r['prior_val_bpb_before'][0] for r in rs):.4f}, "
+                 f"{mean(r['prior_val_bpb'][0] for r in rs):.4f}")
+        lines.append(f"| {m} | {email} | {mean(r['val_bpb'] for r in rs):.4f} | {max(a_rise, FLOOR):.4f} | "
                      f"{max(mean(rise(r) for r in rs), FLOOR):.4f} | "
                      f"{max(mean(total), FLOOR) if total else float('nan'):.4f} | {per_seed} |")
     return "\n".join(lines)

@@ -557,3 +557,15 @@ def test_levels_apply_to_every_domain_or_to_the_one_named(load_benchmark) -> Non
     with pytest.raises(SystemExit) as exc:
         table.main(["finetune.jsonl", "--levels", "email:x"])
     assert exc.value.code == 2
+
+
+def test_sequential_table_reads_each_stage_from_its_own_run(load_benchmark) -> None:
+    """The second stage's rises come from its own before/after fields, the rise since the base
+    from the first stage's run, and the email bpb at both ends is shown beside them."""
+    table = load_benchmark("finetune_table")
+    first = {"run_dir": "runs/x/email_lora_s2", "base_val_bpb_before": 2.0, "method": "lora", "seed": 2}
+    second = {"base": "/abs/runs/x/email_lora_s2", "method": "lora", "seed": 2, "val_bpb": 2.2,
+              "base_val_bpb_before": 2.5, "base_val_bpb": 2.6,
+              "prior_val_bpb_before": [3.0], "prior_val_bpb": [4.5]}
+    out = table.sequential_table([second], [first])
+    assert "| lora | 3.0000, 4.5000 | 2.2000 | 1.5000 | 0.1000 | 0.6000 | 1.5000 (s2) |" in out
