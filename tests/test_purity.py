@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fractalmoe import FHMELanguageModel, experts, product_keys
-from fractalmoe.adapters import add_fhme_adapters
+from fractalmoe.adapters import add_fhme_adapters, add_lora_adapters, open_memories
 from fractalmoe.config import tiny_model_config
 from fractalmoe.optim import ModelOptimizer
 from fractalmoe.routing import Balancing
-from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics
+from fractalmoe.stats import BALANCE_LOSS, collect, fold_statistics, freeze_statistics
 from fractalmoe.train import train_step
 from host_syncs import HostSyncs
 
@@ -120,6 +120,39 @@ def test_adapters_added_after_construction_are_folded() -> None:
     fold_statistics(model, stats)
     assert int(router.norm.batches) == 1 and router.expert_bias.abs().sum() > 0
     assert router.key_bias.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["fhme", "memory", "lora"])
+def test_a_fine_tuned_base_keeps_its_statistics(kind: str) -> None:
+    """Adapters freeze the base's past-batch statistics (routing biases, running norms, the
+    balance weight) and its balance loss with its weights; the adapters' own still fold, and
+    unfreezing (full fine-tuning) folds the base's again."""
+    model = _model("fhme-balanced").train()
+    base = list(model.modules())
+    adapter = None
+    if kind == "fhme":
+        (adapter,) = add_fhme_adapters(model, layers=[1], num_experts=256, depth=2, heads=2, topk=4,
+                                       key_dim=16, query_norm="running", balancing=Balancing(rate=0.1))
+    elif kind == "memory":
+        open_memories(model)
+    else:
+        add_lora_adapters(model, rank=2)
+    before = [_snapshot(vars(m)) for m in base]
+    x = torch.randint(0, 256, (2, 16))
+    with collect(model) as stats:
+        model(x, x)
+    assert stats.values(model.blocks[0].ffn.fractal.blocks[0].memory.router, BALANCE_LOSS)  # measured ...
+    assert float(stats.aux_loss().detach()) == 0.0  # ... but not trained on
+    fold_statistics(model, stats)
+    assert all(_same(_snapshot(vars(m)), b) for m, b in zip(base, before))
+    if adapter is not None:
+        assert int(adapter.fractal.blocks[0].memory.router.norm.batches) == 1
+    freeze_statistics(model, frozen=False)
+    with collect(model) as stats:
+        model(x, x)
+    assert float(stats.aux_loss().detach()) > 0.0
+    fold_statistics(model, stats)
+    assert int(model.blocks[0].ffn.fractal.blocks[0].memory.router.norm.batches) == 1
 
 
 def test_train_step_folds_and_a_skipped_step_does_not() -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .fhme import FHME
+from .stats import freeze_statistics
 
 _FFN_NAME = re.compile(r"^(mlp|ffn|feed_forward|feedforward)$", re.IGNORECASE)
 _FFN_CLASS = re.compile(r"(MLP|FeedForward|FFN)", re.IGNORECASE)
@@ -105,7 +106,8 @@ def hidden_size(model: nn.Module) -> int:
 
 def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: bool = False,
                       output_gate: bool = False, **fhme_config: Any) -> list[FHME]:
-    """Freeze the model and add a zero-initialised FHME beside the FFN of each chosen layer.
+    """Freeze the model (its weights and its past-batch statistics: ``freeze_statistics``) and add
+    a zero-initialised FHME beside the FFN of each chosen layer.
 
     ``stack``: a layer that already holds adapters gets one more set around them (sequential
     adaptation: the earlier sets stay in place, frozen and active). ``output_gate``: each
@@ -114,6 +116,7 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
     chosen = chosen_layers(decoder, layers)
     for p in model.parameters():
         p.requires_grad_(False)
+    freeze_statistics(model)
     dim = hidden_size(model)
     adapters = []
     for i in chosen:
@@ -234,6 +237,7 @@ def open_memories(model: nn.Module, layers: list[int] | None = None) -> list[tup
     memories = required_memories(model, layers)
     for p in model.parameters():
         p.requires_grad_(False)
+    freeze_statistics(model)  # the routing the rows are read by stays the base's
     for _, fhme in memories:
         for table in fhme.fractal.bank.tables().values():
             table.requires_grad_(True)
@@ -365,6 +369,7 @@ def add_lora_adapters(model: nn.Module, budget: int | None = None, layers: list[
     check_lora_rank(rank, cap, targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    freeze_statistics(model)
     narrow = {n: _target_rank(m, rank) for n, m in found if _target_rank(m, rank) != rank}
     conv1d = all(type(m).__name__ == "Conv1D" for _, m in found)  # GPT-2 stores (in, out) weights
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n, _ in found],
@@ -418,6 +423,7 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
                           spec.get("targets", "attention"))
     elif spec["kind"] == "full":
         unmask_rows(model)
+        freeze_statistics(model, frozen=False)
         for p in model.parameters():
             p.requires_grad_(True)
     return model.to(device)

@@ -97,6 +97,8 @@ class Statistics:
             return
         seen.add(id(module))
         if isinstance(module, Recorder):
+            if module.statistics_frozen:
+                return
             loss = module.aux_loss_from(self)
             if loss is not None:
                 yield loss
@@ -113,9 +115,14 @@ def mean_of(values: list[Tensor]) -> Tensor | None:
 
 class Recorder:
     """Mixin of modules that hand measurements to a collector. ``collect`` sets the collector
-    for the duration of a block; forward only reads it."""
+    for the duration of a block; forward only reads it.
+
+    A recorder with ``statistics_frozen`` (a fine-tuned model's frozen base: ``freeze_statistics``)
+    still records what it measures, but its subtree adds no auxiliary loss and folds nothing, so
+    the base's routing biases, running norms and depth controllers stay as it was trained."""
 
     _collector: Statistics | None = None
+    statistics_frozen: bool = False
 
     @property
     def collecting(self) -> bool:
@@ -181,6 +188,16 @@ def collect(model: nn.Module, balance_scale: float = 1.0) -> Iterator[Statistics
                 m._collector = prev
 
 
+def freeze_statistics(model: nn.Module, frozen: bool = True) -> None:
+    """Mark every recorder in ``model`` (found now: modules added later keep learning) as frozen,
+    or, with ``frozen=False``, as learning again. Fine-tuning calls it on the base before adding
+    adapters: a base whose weights are frozen should not drift through its past-batch statistics
+    or be pushed around by its own balance losses while it reads a new domain."""
+    for m in model.modules():
+        if isinstance(m, Recorder):
+            m.statistics_frozen = frozen
+
+
 def _distributed(group: Any) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
@@ -223,7 +240,7 @@ def fold_statistics(model: nn.Module, stats: Statistics | Sequence[Statistics], 
         part.folded = True
     stats = parts[0] if len(parts) == 1 else Statistics.joined(parts)
     pending = [(m, inp) for m in model.modules() if isinstance(m, PastBatchStatistics)
-               and (inp := m.fold_inputs(stats)) is not None]
+               and not m.statistics_frozen and (inp := m.fold_inputs(stats)) is not None]
     if _distributed(group):
         _reduce_over_ranks([inp for _, inp in pending], group)
     for module, inp in pending:
