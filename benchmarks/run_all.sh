@@ -249,6 +249,21 @@ cat runs/ft_rows_fixed/json/email_{memory-step_lr{1e-3,3e-3,1e-2},full_lr*,lora_
   runs/ft_rows_{t2368,t2368_embed}/json/email_*_s2.json runs/ft_rows_s3/json/*_s3.json > $R/finetune_rows_seeds/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_seeds/finetune.jsonl \
   --levels 3.97 3.62 3.45 3.26 3.04 2.99 2.84 > $R/finetune_rows_seeds/finetune_tables.md
+# Sequentially, email then the Bible, with the row mask fixed: each method's second stage starts
+# from its middle-rate email run above (seeds 2 and 3), 2,368 rows a step from theirs
+for seed in 2 3; do
+  if [ $seed = 2 ]; then O=runs/ft_rows_fixed O2=runs/ft_rows_t2368; else O=runs/ft_rows_s3 O2=runs/ft_rows_s3; fi
+  METHODS="memory-step lora full" SEEDS=$seed STUDIES=sequential EVAL_BYTES=262144 \
+    RESULTS=$R/finetune_rows_sequential bash benchmarks/finetune.sh runs/ft_base_s2 $O
+  METHODS=memory-step-rows ROWS=2368 SEEDS=$seed STUDIES=sequential EVAL_BYTES=262144 \
+    RESULTS=$R/finetune_rows_sequential bash benchmarks/finetune.sh runs/ft_base_s2 $O2
+done
+cat runs/ft_rows_fixed/json/email_{memory-step_lr3e-3,lora_lr3e-3,full_lr3e-4}_s2.json \
+  runs/ft_rows_t2368/json/email_memory-step-rows_lr3e-3_s2.json runs/ft_rows_{fixed,t2368}/json/seq_*_s2.json \
+  runs/ft_rows_s3/json/{email_memory-step_lr3e-3,email_lora_lr3e-3,email_full_lr3e-4,email_memory-step-rows_lr3e-3,seq_*}_s3.json \
+  > $R/finetune_rows_sequential/finetune.jsonl
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_sequential/finetune.jsonl |
+  sed -n '/^#### Sequential/,$p' > $R/finetune_rows_sequential/finetune_tables.md  # one rate each: no curves
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
