@@ -221,9 +221,12 @@ METHODS=memory-step-rows ROWS=148 LR_POINTS="4" SEEDS=2 DOMAINS=email STUDIES=si
   RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_t148
 METHODS=memory-gain-sgd LR_POINTS="4 5" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
   RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_gain
-# ... and the byte embeddings learning beside the rows (table lr 0.1, embeddings' lr 1e-4 and 3e-4)
-METHODS=memory-step-embed LR_POINTS="2 3" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
-  RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_embed
+# ... and the byte embeddings learning beside the rows (table lr 0.1, embeddings' lr 1e-4 … 3e-3),
+# on both domains
+for domain in email kjv; do
+  METHODS=memory-step-embed LR_POINTS="2 3 4 5" SEEDS=2 DOMAINS=$domain STUDIES=single EVAL_BYTES=262144 \
+    RESULTS=$R/finetune_rows_pilots bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_embed
+done
 # More rows a step than LoRA's budget allows: 4x (2,368 a layer) on both domains, and every row
 # (16,384) on email
 METHODS=memory-step-rows ROWS=2368 LR_POINTS="1 2 3" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
@@ -241,12 +244,14 @@ cat runs/ft_rows_fixed/json/*_s2.json runs/ft_rows_{t148,gain,embed,t2368,t16384
   --levels email:4.06 email:3.97 email:3.62 email:3.45 email:3.26 email:3.04 email:2.99 email:2.84 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.16 \
   > $R/finetune_rows_pilots/finetune_tables.md
 # Seed 3 of the email curves the row-count pilots are read against (the same base, fine-tuning seed 3)
-for spec in "memory-step:2 3 4" "memory-step-rows:1 2 3" "memory-step-rows-embed:3" "full:1 2 3" "lora:1 2 3"; do
+for spec in "memory-step:2 3 4" "memory-step-rows:1 2 3" "memory-step-rows-embed:3" "full:1 2 3" "lora:1 2 3" \
+  "memory-step-embed:2 3 4 5"; do
   METHODS="${spec%%:*}" ROWS=2368 LR_POINTS="${spec##*:}" SEEDS=3 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_seeds bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_s3
 done
 cat runs/ft_rows_fixed/json/email_{memory-step_lr{1e-3,3e-3,1e-2},full_lr*,lora_lr*}_s2.json \
-  runs/ft_rows_{t2368,t2368_embed}/json/email_*_s2.json runs/ft_rows_s3/json/*_s3.json > $R/finetune_rows_seeds/finetune.jsonl
+  runs/ft_rows_{t2368,t2368_embed,embed}/json/email_*_s2.json runs/ft_rows_s3/json/email_*_s3.json \
+  > $R/finetune_rows_seeds/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_seeds/finetune.jsonl \
   --levels 3.97 3.62 3.45 3.26 3.04 2.99 2.84 > $R/finetune_rows_seeds/finetune_tables.md
 # Sequentially, email then the Bible, with the row mask fixed: each method's second stage starts
