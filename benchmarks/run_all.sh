@@ -250,11 +250,16 @@ for spec in "memory-step:2 3 4" "memory-step-rows:1 2 3" "memory-step-rows-embed
   METHODS="${spec%%:*}" ROWS=2368 LR_POINTS="${spec##*:}" SEEDS=3 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_seeds bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_s3
 done
+# ... and of the rows with the embeddings on the Bible
+METHODS=memory-step-embed LR_POINTS="5 4 3 2" SEEDS=3 DOMAINS=kjv STUDIES=single EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_rows_seeds bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_rows_s3
 cat runs/ft_rows_fixed/json/email_{memory-step_lr{1e-3,3e-3,1e-2},full_lr*,lora_lr*}_s2.json \
   runs/ft_rows_{t2368,t2368_embed,embed}/json/email_*_s2.json runs/ft_rows_s3/json/email_*_s3.json \
-  > $R/finetune_rows_seeds/finetune.jsonl
+  runs/ft_rows_fixed/json/kjv_{full,lora}_*_s2.json runs/ft_rows_embed/json/kjv_*_s2.json \
+  runs/ft_rows_s3/json/kjv_*_s3.json > $R/finetune_rows_seeds/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_seeds/finetune.jsonl \
-  --levels 3.97 3.62 3.45 3.26 3.04 2.99 2.866 2.84 > $R/finetune_rows_seeds/finetune_tables.md
+  --levels email:3.97 email:3.62 email:3.45 email:3.26 email:3.04 email:2.99 email:2.866 email:2.84 \
+  kjv:2.3 kjv:2.2 kjv:2.16 kjv:2.1 kjv:2.092 > $R/finetune_rows_seeds/finetune_tables.md
 # Sequentially, email then the Bible, with the row mask fixed: each method's second stage starts
 # from its middle-rate email run above (seeds 2 and 3), 2,368 rows a step from theirs
 for seed in 2 3; do
