@@ -104,19 +104,24 @@ def hidden_size(model: nn.Module) -> int:
     raise ValueError("cannot tell the model's hidden size (no dim / hidden_size / n_embd)")
 
 
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every weight of ``model`` and its past-batch statistics and balance losses
+    (``freeze_statistics``): what every fine-tuning method but full fine-tuning starts from."""
+    model.requires_grad_(False)
+    freeze_statistics(model)
+
+
 def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: bool = False,
                       output_gate: bool = False, **fhme_config: Any) -> list[FHME]:
-    """Freeze the model (its weights and its past-batch statistics: ``freeze_statistics``) and add
-    a zero-initialised FHME beside the FFN of each chosen layer.
+    """Freeze the model (``freeze_base``) and add a zero-initialised FHME beside the FFN of each
+    chosen layer.
 
     ``stack``: a layer that already holds adapters gets one more set around them (sequential
     adaptation: the earlier sets stay in place, frozen and active). ``output_gate``: each
     adapter's output is scaled by a learned per-token gate that starts nearly shut."""
     decoder = decoder_layers(model)
     chosen = chosen_layers(decoder, layers)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    freeze_statistics(model)
+    freeze_base(model)
     dim = hidden_size(model)
     adapters = []
     for i in chosen:
@@ -235,9 +240,7 @@ def open_memories(model: nn.Module, layers: list[int] | None = None) -> list[tup
     """Freeze the model except the expert tables of its own FHME FFNs (memory fine-tuning: the
     rows to train are then chosen with ``mask_rows``)."""
     memories = required_memories(model, layers)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    freeze_statistics(model)  # the routing the rows are read by stays the base's
+    freeze_base(model)  # the routing the rows are read by stays the base's
     for _, fhme in memories:
         for table in fhme.fractal.bank.tables().values():
             table.requires_grad_(True)
@@ -367,9 +370,7 @@ def add_lora_adapters(model: nn.Module, budget: int | None = None, layers: list[
     if rank is None:
         raise ValueError("LoRA needs a rank or a trainable-parameter budget")
     check_lora_rank(rank, cap, targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    freeze_statistics(model)
+    freeze_base(model)
     narrow = {n: _target_rank(m, rank) for n, m in found if _target_rank(m, rank) != rank}
     conv1d = all(type(m).__name__ == "Conv1D" for _, m in found)  # GPT-2 stores (in, out) weights
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n, _ in found],
