@@ -12,6 +12,7 @@ from fractalmoe import FHMELanguageModel
 from fractalmoe.adapters import add_fhme_adapters, decoder_layers
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
+from fractalmoe.experts import BLOCK_KINDS
 from fractalmoe.optim import ModelOptimizer
 from fractalmoe.train import run
 
@@ -75,6 +76,18 @@ def test_hf_models_start_identical_train_and_generate(build) -> None:
     model.eval()
     out = model.generate(idx[:, :4], max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 9)
+
+
+@pytest.mark.parametrize("block", BLOCK_KINDS)
+def test_adapters_of_every_block_kind_add_zero_at_init(block: str) -> None:
+    model = _gpt2()
+    idx = torch.randint(0, 256, (2, 16))
+    added: list[torch.Tensor] = []
+    for a in add_fhme_adapters(model, **ADAPTER, block=block):
+        a.register_forward_hook(lambda m, args, out: added.append(out))
+    with torch.no_grad():
+        model(idx)
+    assert len(added) == 2 and all(torch.count_nonzero(y) == 0 for y in added)
 
 
 def test_fractalmoe_model_adapters_change_only_adapter_weights() -> None:

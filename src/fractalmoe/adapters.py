@@ -5,8 +5,9 @@ decoder layers are found as the model's longest ``nn.ModuleList`` of identical b
 feed-forward block inside each layer by its structure (a child called mlp / ffn / feed_forward,
 or whose class name says MLP / FeedForward), not by one model's attribute paths.
 
-The adapter's expert ``up`` table starts at zero, so every routed block is the identity, the
-FHME output f_d(x) - x is exactly 0 and the adapted model starts exactly as the base.
+The adapter's output table (a neuron bank's ``up``, a value bank's ``values``) starts at zero,
+so every routed block is the identity, the FHME output f_d(x) - x is exactly 0 and the adapted
+model starts exactly as the base.
 
 Also here, for fine-tuning (``finetune.py``): adapter sets stacked on an adapted model, an
 optional output gate, expert-row masks, FHME adapters sized to a parameter budget, and the LoRA
@@ -127,8 +128,8 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
     for i in chosen:
         name = find_ffn(decoder[i], stack)
         adapter = FHME(dim, **{**DEFAULT_ADAPTER, **fhme_config})
-        with torch.no_grad():
-            adapter.fractal.bank.up.zero_()
+        with torch.no_grad():  # the output table (neuron: up; value and gated: values)
+            getattr(adapter.fractal.bank, adapter.fractal.bank.table_names[-1]).zero_()
         device = next(decoder[i].parameters()).device
         gate = output_gate_linear(dim).to(device) if output_gate else None
         setattr(decoder[i], name, AdaptedFFN(getattr(decoder[i], name), adapter.to(device), gate))
