@@ -35,7 +35,9 @@
 #   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
 #   fhme-rows  fhme with --sparse-rows $ROWS (only the rows the new domain uses far more than the base)
 # Sequential: email, then kjv starting from the email run (middle learning rate): retention on the
-# base domain and on email. GPT-2: a transformers GPT-2 base trained here, adapted to email.
+# base domain and on email. GPT-2: a transformers GPT-2 base trained here, adapted to email by
+# GPT2_METHODS (default: fhme lora full; also rows: value memories with frozen random routing whose
+# rows no sampled base window read learn, LoRA's count of rows a step), each over its gpt2_grid.
 # Needs `pip install -e .[hf]` (transformers, peft). Environment overrides: STEPS, SEEDS, RANK,
 # ROWS, METHODS, DOMAINS, STUDIES (any of: single sequential gpt2), LR_POINTS (which of the five
 # grid points, default the middle three "2 3 4"), EVAL_BYTES (evaluate on that
@@ -55,6 +57,7 @@ METHODS=${METHODS:-"memory fhme lora full fhme-gate fhme-rows"}
 DOMAINS=${DOMAINS:-"email kjv"}
 STUDIES=${STUDIES:-"single sequential gpt2"}
 GPT2_STEPS=${GPT2_STEPS:-1200}
+GPT2_METHODS=${GPT2_METHODS:-"fhme lora full"}
 LR_POINTS=${LR_POINTS:-"2 3 4"}
 EVAL=${EVAL_BYTES:+--eval-bytes $EVAL_BYTES}
 mkdir -p "$OUT/json" "$OUT/data" "$RESULTS"
@@ -89,6 +92,14 @@ grid() {
   esac
 }
 lrs() { local g; read -ra g <<< "$(grid "$1")"; for i in $LR_POINTS; do echo "${g[i - 1]}"; done; }
+gpt2_grid() {  # the gentle end too, where rows that only the new domain reads land
+  case $1 in
+    rows) echo "1e-3:0.1 1e-3:0.3 1e-3:1.0" ;;  # the table's rate acts (the joins' own at 1e-3)
+    lora) echo "3e-5:0.05 1e-4:0.05 $(lrs lora)" ;;
+    full) echo "1e-5:0.0005 $(lrs full)" ;;
+    *) lrs "$1" ;;
+  esac
+}
 middle() { grid "$1" | cut -d' ' -f3; }
 flags() {
   case $1 in
@@ -158,10 +169,11 @@ done
 G=benchmarks/finetune_gpt2.py
 if [[ " $STUDIES " == *" gpt2 "* ]]; then
 [ -s "$OUT/gpt2_base/fractalmoe_base.json" ] || $PY $G base --out "$OUT/gpt2_base" --steps "$GPT2_STEPS" --device "$DEVICE" > "$OUT/json/gpt2_base.json"
-for method in fhme lora full; do
-  for lr in $(lrs "$method"); do
+for method in $GPT2_METHODS; do
+  for lr in $(gpt2_grid "$method"); do
     for seed in $SEEDS; do
       name="gpt2_email_${method}_lr${lr%%:*}_s$seed"
+      [ "$method" = rows ] && name="gpt2_email_rows_xlr${lr##*:}_s$seed"
       [ -s "$OUT/json/$name.json" ] && continue
       $PY $G finetune --base "$OUT/gpt2_base" --data "$EMAIL" --adapter "$method" --lora-rank "$RANK" \
         --lr "${lr%%:*}" --expert-lr "${lr##*:}" --seed "$seed" --max-steps "$STEPS" $EVAL --device "$DEVICE" \

@@ -2,14 +2,16 @@
 
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
-        --adapter fhme|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
-        [--max-steps 150] [--eval-bytes N]
+        --adapter fhme|rows|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
+        [--max-steps 150] [--eval-bytes N] [--experts 262144] [--max-kept-windows 0]
 
 ``base`` trains a transformers GPT2LMHeadModel (byte vocabulary 256, the shape of the default
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
 schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (its corpus and
-split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank, LoRA at that rank on every
-dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), or trains every weight, and prints
+split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank; ``rows``: value memories of
+--experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
+step, only rows no sampled base window read (``add_row_adapters``); LoRA at that rank on every
+dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); or trains every weight, and prints
 one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
 before and after).
 """
@@ -69,7 +71,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                Domain(info["data"], load_domain(info["data"], info["val_fraction"], SEQ_LEN, args.eval_bytes))]
     cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, expert_lr=args.expert_lr, seed=args.seed,
                       warmup_steps=min(100, args.max_steps // 10))
-    row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device)
+    row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device,
+                             experts=args.experts, max_kept_windows=args.max_kept_windows)
     return {"base": str(args.base), "base_model": "gpt2", "eval_bytes": args.eval_bytes, **row}
 
 
@@ -87,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("finetune", help="adapt the GPT-2 base to new text")
     f.add_argument("--base", required=True)
     f.add_argument("--data", required=True)
-    f.add_argument("--adapter", choices=["fhme", "lora", "full"], default="fhme")
+    f.add_argument("--adapter", choices=["fhme", "rows", "lora", "full"], default="fhme")
     f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)
+    f.add_argument("--experts", type=int, default=262_144, help="rows: rows per layer (a perfect square)")
+    f.add_argument("--max-kept-windows", type=int, default=0,
+                   help="rows: only rows at most this many sampled base windows read may learn")
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--max-steps", type=int, default=150)
     f.add_argument("--eval-bytes", type=int, default=None)

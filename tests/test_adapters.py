@@ -237,3 +237,33 @@ def test_export_hf_deduplicates_aliased_expert_tables(tmp_path: Path) -> None:
     idx = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=0)
+
+
+def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it() -> None:
+    """``add_row_adapters`` on GPT-2: after training on new text, the kept domain's sampled
+    windows (those whose reads rank the rows) give the base's logits, as every row they read was
+    left at zero; rows that learn do, the routing and every base weight stay put."""
+    from fractalmoe.data import ByteDataset
+    from fractalmoe.finetune import add_row_adapters, sample_batches, train_lm
+
+    torch.manual_seed(0)
+    model = _gpt2()
+    kept = ByteDataset.from_bytes(b"To be, or not to be: that is the question. " * 60, 0.1, 16)
+    new = ByteDataset.from_bytes(bytes(range(32, 127)) * 40, 0.1, 16)
+    windows = torch.cat([kept.train_batch(s, 8, 16, 1)[0] for s in range(sample_batches(8))])
+    with torch.no_grad():
+        before = model(windows).logits
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    selectors = add_row_adapters(model, [kept], rows=16, seq_len=16, batch_size=8, seed=1,
+                                 num_experts=4096, heads=1, topk=4, key_dim=16)
+    routing = {k: v.clone() for k, v in model.state_dict().items() if "router" in k or "norm" in k}
+    train_lm(model, new, TrainConfig(max_steps=6, lr=1e-2, expert_lr=0.5, batch_size=8, seed=1), 16)
+    model.eval()
+    with torch.no_grad():
+        after = model(windows).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in routing.items())
+    assert all(torch.equal(state[k if k in state else k.replace("mlp.", "mlp.base.")], v) for k, v in base.items())
+    for sel in selectors.values():
+        assert 0 < int(sel.trained.sum()) and not bool((sel.trained & (sel.kept_windows > 0)).any())

@@ -196,6 +196,9 @@ def test_rank_rows_prefers_rows_the_base_domain_rarely_uses() -> None:
     assert rank_rows(new, kept_windows, 100, 4).tolist() == [True, True, True, False, True, False]
     # a row every kept window reads (the new domain's favourite here) comes last; never one it never chose
     assert rank_rows(new, kept_windows, 100, 10).tolist() == [True, True, True, False, True, True]
+    # with a cap on the kept windows, rows more of them read are never picked
+    capped = [rank_rows(new, kept_windows, 100, 10, max_kept_windows=m).tolist() for m in (0, 10)]
+    assert capped == [[False, True, False, False, True, False], [False, True, True, False, True, False]]
 
 
 def test_choice_counts_count_choices_and_windows() -> None:

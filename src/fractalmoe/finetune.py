@@ -209,13 +209,17 @@ def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq
     return [(c.cpu(), w.cpu()) for c, w in zip(counts, windows)]
 
 
-def rank_rows(new: Tensor, kept_windows: Tensor, windows: int, top: int) -> Tensor:
+def rank_rows(new: Tensor, kept_windows: Tensor, windows: int, top: int,
+              max_kept_windows: int | None = None) -> Tensor:
     """(N,) bool: the ``top`` rows by tf-idf with the kept domains' windows as documents: tf =
     the row's share of the new domain's choices, idf = log((1 + windows) / (1 + kept windows
     that chose the row)). A row every kept window reads has idf 0, however often the new domain
     reads it (counting kept *choices* instead would barely penalise such hub rows): such rows
     come after every other, by tf (``_HUB_IDF``); rows the new domain never chose are never
-    picked."""
+    picked, nor, with ``max_kept_windows``, rows that more kept windows chose (0: only rows no
+    kept window read, which base tokens seldom reach)."""
+    if max_kept_windows is not None:
+        new = new * (kept_windows <= max_kept_windows)
     tf = new.double() / new.sum().clamp_min(1)
     idf = torch.log((1.0 + windows) / (1.0 + kept_windows.double())).clamp_min(0) + _HUB_IDF
     score = tf * idf
@@ -278,10 +282,15 @@ class StepRowSelector:
     sample of the kept domains does not see."""
 
     def __init__(self, memory: FHME, kept_windows: Tensor, windows: int, top: int,
-                 kept_share: Tensor | None = None, delta: float = 0.1) -> None:
+                 kept_share: Tensor | None = None, delta: float = 0.1,
+                 max_kept_windows: int | None = None) -> None:
         tables = list(memory.fractal.bank.tables().values())
         n, device = memory.fractal.bank.num_experts, tables[0].device
         self.kept_windows, self.windows, self.top = kept_windows.to(device), windows, top
+        self.max_kept_windows = max_kept_windows
+        if kept_share is not None and max_kept_windows is not None:
+            raise ValueError("choosing rows by gain per cost already weighs the kept domains' reads: "
+                             "give it no max_kept_windows")
         self.inverse_cost = None if kept_share is None else (kept_share.to(device).float() + delta).reciprocal()
         self.counts = torch.zeros(n, dtype=torch.long, device=device)
         self.keep = torch.zeros(n, dtype=torch.bool, device=device)
@@ -306,7 +315,8 @@ class StepRowSelector:
         if self.pending:
             self.pending = False
             if self.inverse_cost is None:
-                self.keep.copy_(rank_rows(self.counts, self.kept_windows, self.windows, self.top))
+                self.keep.copy_(rank_rows(self.counts, self.kept_windows, self.windows, self.top,
+                                          self.max_kept_windows))
                 self.counts.zero_()
             else:
                 grad = self._keep_by_gain(grad)
@@ -333,14 +343,34 @@ class StepRowSelector:
 
 def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_len: int,
                        batch_size: int, seed: int, device: str = "cpu",
-                       by_gain: bool = False) -> dict[str, StepRowSelector]:
+                       by_gain: bool = False, max_kept_windows: int | None = None) -> dict[str, StepRowSelector]:
     """A ``StepRowSelector`` on each trainable FHME layer, keyed by layer index; ``by_gain``: rows
-    by new-domain gain per kept-domain cost, from the kept domains' read shares."""
+    by new-domain gain per kept-domain cost, from the kept domains' read shares;
+    ``max_kept_windows``: see ``rank_rows``."""
     found = row_masked_memories(model)
     counts, kept_windows, windows = _kept_choices(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
     shares = [c.double() / c.double().mean().clamp_min(1e-12) if by_gain else None for c in counts]
-    return {str(i): StepRowSelector(a, w, windows, top, share)
+    return {str(i): StepRowSelector(a, w, windows, top, share, max_kept_windows=max_kept_windows)
             for (i, a), w, share in zip(found, kept_windows, shares)}
+
+
+def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_len: int, batch_size: int,
+                     seed: int, device: str = "cpu", max_kept_windows: int | None = 0,
+                     layers: list[int] | None = None, **fhme_config: Any) -> dict[str, StepRowSelector]:
+    """Sparse memory fine-tuning for a model without expert tables (GPT-2, Llama, ...): beside each
+    chosen FFN a zero-initialised value memory (``add_fhme_adapters`` with ``block="value"``) whose
+    routing keeps its random initialisation, so that it hashes each token's hidden state to rows,
+    and of whose rows only ``rows`` per layer learn at each step (``StepRowSelector``), by default
+    only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
+    still zero and go on as before. Returns the selectors, keyed by layer index."""
+    from .adapters import add_fhme_adapters
+
+    for adapter in add_fhme_adapters(model, layers, **{**fhme_config, "block": "value"}):
+        for block in adapter.fractal.blocks:
+            for module in (block.norm, block.memory.router):
+                freeze_in_run(module)
+    return step_row_selectors(model, kept, rows, seq_len, batch_size, seed, device,
+                              max_kept_windows=max_kept_windows)
 
 
 # --- a training loop for any causal LM (transformers models included) -----------------------
@@ -690,17 +720,38 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
 
 def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: list[Domain],
                        cfg: TrainConfig, seq_len: int, device: str = "cpu",
-                       output_gate: bool = False) -> dict[str, Any]:
+                       output_gate: bool = False, experts: int = 262_144,
+                       max_kept_windows: int | None = 0) -> dict[str, Any]:
     """``finetune``'s report for a model that is not a FractalMoE run (e.g. the GPT-2 base):
-    adapt (``adapt_in_memory``), train on ``domains[0]`` with ``train_lm``, and measure every
-    domain (new, base, earlier) before and after."""
+    adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
+    and, of them, as many learning per step as fit LoRA's count at ``lora_rank`` beside the
+    adapters' other trainable parameters), train on ``domains[0]`` with ``train_lm``, and measure
+    every domain (new, base, earlier) before and after."""
     model.to(device)
     before = _bpbs(model, domains, seq_len, cfg.batch_size, device)
-    sizing = adapt_in_memory(model, method, lora_rank, output_gate=output_gate)
+    selectors: dict[str, StepRowSelector] = {}
+    if method == "rows":
+        sizing = Sizing({"kind": "rows"}, lora_rank, lora_parameter_count(lora_targets(model), lora_rank))
+        selectors = add_row_adapters(model, [d.data for d in domains[1:]], 1, seq_len, cfg.batch_size, cfg.seed,
+                                     device, max_kept_windows, **{**DEFAULT_ADAPTER, "num_experts": experts})
+        others = trainable_parameter_count(model) - sum(
+            t.numel() for _, a in trainable_memories(model) for t in a.fractal.bank.tables().values())
+        row_width = hidden_size(model) * len(selectors)
+        rows = (sizing.lora_params - others) // row_width
+        for selector in selectors.values():
+            selector.top = rows
+        sizing.fhme_experts, sizing.fhme_params = rows, rows * row_width + others
+        sizing.spec.update(sparse_rows=rows, rows_per_step=True)
+        trainable = sizing.fhme_params
+    else:
+        sizing = adapt_in_memory(model, method, lora_rank, output_gate=output_gate)
+        trainable = trainable_parameter_count(model)
     model.to(device)
-    trainable = trainable_parameter_count(model)
     train_loss = train_lm(model, domains[0].data, cfg, seq_len, device)
     after = _bpbs(model, domains, seq_len, cfg.batch_size, device)
     return {"data": domains[0].path, "adapter": method, "steps": cfg.max_steps, "lr": cfg.lr,
             "expert_lr": cfg.expert_lr, "seed": cfg.seed, "trainable_params": trainable,
-            "train_loss": train_loss, **_sizing_fields(sizing), **_domain_fields(domains, before, after)}
+            "train_loss": train_loss, **_sizing_fields(sizing),
+            "trained_rows": {k: int(sel.trained.sum()) for k, sel in selectors.items()} or None,
+            "max_kept_windows": max_kept_windows if method == "rows" else None,
+            **_domain_fields(domains, before, after)}
