@@ -3,7 +3,7 @@
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
-        [--max-steps 150] [--eval-bytes N] [--experts 262144] [--max-kept-windows 0]
+        [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0]
 
 ``base`` trains a transformers GPT2LMHeadModel (byte vocabulary 256, the shape of the default
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)
-    f.add_argument("--experts", type=int, default=262_144, help="rows: rows per layer (a perfect square)")
+    f.add_argument("--experts", type=int, default=1_048_576, help="rows: rows per layer (a perfect square)")
     f.add_argument("--max-kept-windows", type=int, default=0,
                    help="rows: only rows at most this many sampled base windows read may learn")
     f.add_argument("--seed", type=int, default=1337)

@@ -720,7 +720,7 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
 
 def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: list[Domain],
                        cfg: TrainConfig, seq_len: int, device: str = "cpu",
-                       output_gate: bool = False, experts: int = 262_144,
+                       output_gate: bool = False, experts: int = 1_048_576,
                        max_kept_windows: int | None = 0) -> dict[str, Any]:
     """``finetune``'s report for a model that is not a FractalMoE run (e.g. the GPT-2 base):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
