@@ -275,6 +275,13 @@ cat runs/ft_rows_fixed/json/email_{memory-step_lr3e-3,lora_lr3e-3,full_lr3e-4}_s
   > $R/finetune_rows_sequential/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_sequential/finetune.jsonl |
   sed -n '/^#### Sequential/,$p' > $R/finetune_rows_sequential/finetune_tables.md  # one rate each: no curves
+# Row adapters on a GPT-2 base (retrained by today's code): value memories of a million rows a
+# layer beside each MLP, routing frozen, LoRA's count of rows learning a step, only rows no sampled
+# base window read; against LoRA and full fine-tuning, down to their gentle rates
+STUDIES=gpt2 GPT2_METHODS="rows lora full" LR_POINTS="1 2" EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_gpt2_rows bash benchmarks/finetune.sh runs/default runs/ft_gpt2
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_gpt2_rows/finetune.jsonl --levels 4.3 4.2 4.1 4.0 \
+  > $R/finetune_gpt2_rows/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl

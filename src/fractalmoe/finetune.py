@@ -13,6 +13,10 @@ Methods: FHME adapters (a zero-initialised FHME beside each FFN), LoRA, full fin
 below; the rest of the model, routers included, stays frozen). A base token then changes only
 where it reads one of those rows, which by their choice the kept domains seldom do.
 
+A model without expert tables (GPT-2 and the like) gets the same kind of fine-tuning from
+``add_row_adapters``: fresh value memories beside its FFNs whose random, frozen routing hashes
+hidden states to rows, of which only rows no sampled window of the kept domains read learn.
+
 Options that keep more of the base's behaviour (FHME adapters, off by default):
 
 * ``sparse_rows``: sparse memory fine-tuning. Each new adapter's expert choices are counted on a
