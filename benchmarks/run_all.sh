@@ -280,6 +280,11 @@ cat runs/ft_rows_fixed/json/email_{memory-step_lr3e-3,lora_lr3e-3,full_lr3e-4}_s
 # base window read; against LoRA and full fine-tuning, down to their gentle rates
 STUDIES=gpt2 GPT2_METHODS="rows lora full" LR_POINTS="1 2" EVAL_BYTES=262144 \
   RESULTS=$R/finetune_gpt2_rows bash benchmarks/finetune.sh runs/default runs/ft_gpt2
+for args in "" "--all-rows" "--train-router" "--expert-lr 0.3" "--experts 262144 --max-kept-windows 0" \
+    "--experts 1048576" "--experts 262144" "--experts 1048576 --max-kept-windows 0" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3" "--experts 262144 --max-kept-windows 2"; do
+  .venv/bin/python benchmarks/gpt2_row_pilots.py --base runs/ft_gpt2/gpt2_base $args  # (the pilots that chose the rule)
+done > $R/finetune_gpt2_rows/pilots.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_gpt2_rows/finetune.jsonl --levels 4.3 4.2 4.1 4.0 \
   > $R/finetune_gpt2_rows/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
