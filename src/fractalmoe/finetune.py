@@ -360,16 +360,18 @@ def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_
 
 def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_len: int, batch_size: int,
                      seed: int, device: str = "cpu", max_kept_windows: int | None = 0,
-                     layers: list[int] | None = None, **fhme_config: Any) -> dict[str, StepRowSelector]:
+                     layers: list[int] | None = None, num_experts: int = 1_048_576,
+                     **fhme_config: Any) -> dict[str, StepRowSelector]:
     """Sparse memory fine-tuning for a model without expert tables (GPT-2, Llama, ...): beside each
     chosen FFN a zero-initialised value memory (``add_fhme_adapters`` with ``block="value"``) whose
     routing keeps its random initialisation, so that it hashes each token's hidden state to rows,
     and of whose rows only ``rows`` per layer learn at each step (``StepRowSelector``), by default
     only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
-    still zero and go on as before. Returns the selectors, keyed by layer index."""
+    still zero and go on as before: the more rows a layer, the more of them the kept domains leave
+    unread. Returns the selectors, keyed by layer index."""
     from .adapters import add_fhme_adapters
 
-    for adapter in add_fhme_adapters(model, layers, **{**fhme_config, "block": "value"}):
+    for adapter in add_fhme_adapters(model, layers, **{**fhme_config, "num_experts": num_experts, "block": "value"}):
         for block in adapter.fractal.blocks:
             for module in (block.norm, block.memory.router):
                 freeze_in_run(module)
@@ -737,7 +739,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     if method == "rows":
         sizing = Sizing({"kind": "rows"}, lora_rank, lora_parameter_count(lora_targets(model), lora_rank))
         selectors = add_row_adapters(model, [d.data for d in domains[1:]], 1, seq_len, cfg.batch_size, cfg.seed,
-                                     device, max_kept_windows, **{**DEFAULT_ADAPTER, "num_experts": experts})
+                                     device, max_kept_windows, num_experts=experts,
+                                     **{k: v for k, v in DEFAULT_ADAPTER.items() if k != "num_experts"})
         others = trainable_parameter_count(model) - sum(
             t.numel() for _, a in trainable_memories(model) for t in a.fractal.bank.tables().values())
         row_width = hidden_size(model) * len(selectors)
