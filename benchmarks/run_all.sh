@@ -285,7 +285,7 @@ for args in "" "--all-rows" "--train-router" "--expert-lr 0.3" "--experts 262144
     "--experts 262144 --max-kept-windows 0 --expert-lr 0.3" "--experts 262144 --max-kept-windows 2"; do
   .venv/bin/python benchmarks/gpt2_row_pilots.py --base runs/ft_gpt2/gpt2_base $args  # (the pilots that chose the rule)
 done > $R/finetune_gpt2_rows/pilots.jsonl
-.venv/bin/python benchmarks/finetune_table.py $R/finetune_gpt2_rows/finetune.jsonl --levels 4.3 4.2 4.1 4.0 \
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_gpt2_rows/finetune.jsonl --levels 4.25 4.15 4.08 4.04 \
   > $R/finetune_gpt2_rows/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
