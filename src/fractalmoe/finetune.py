@@ -367,7 +367,7 @@ def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_l
     routing keeps its random initialisation, so that it hashes each token's hidden state to rows,
     and of whose rows only ``rows`` per layer learn at each step (``StepRowSelector``), by default
     only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
-    still zero and go on as before: the more rows a layer, the more of them the kept domains leave
+    still zero and go on as before. The more rows a layer, the more of them the kept domains leave
     unread. Returns the selectors, keyed by layer index."""
     from .adapters import add_fhme_adapters
 
