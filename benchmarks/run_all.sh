@@ -282,7 +282,8 @@ STUDIES=gpt2 GPT2_METHODS="rows lora full" LR_POINTS="1 2" EVAL_BYTES=262144 \
   RESULTS=$R/finetune_gpt2_rows bash benchmarks/finetune.sh runs/default runs/ft_gpt2
 for args in "" "--all-rows" "--train-router" "--expert-lr 0.3" "--experts 262144 --max-kept-windows 0" \
     "--experts 1048576" "--experts 262144" "--experts 1048576 --max-kept-windows 0" \
-    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3" "--experts 262144 --max-kept-windows 2"; do
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3" "--experts 262144 --max-kept-windows 2" \
+    "--experts 2096704 --max-kept-windows 0 --expert-lr 0.3"; do
   .venv/bin/python benchmarks/gpt2_row_pilots.py --base runs/ft_gpt2/gpt2_base $args  # (the pilots that chose the rule)
 done > $R/finetune_gpt2_rows/pilots.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_gpt2_rows/finetune.jsonl --levels 4.25 4.15 4.08 4.04 \
