@@ -24,7 +24,8 @@ import torch
 
 from fractalmoe.adapters import add_fhme_adapters, trainable_parameter_count
 from fractalmoe.config import TrainConfig
-from fractalmoe.finetune import choice_counts, load_domain, step_row_selectors, train_lm, val_bpb
+from fractalmoe.finetune import (choice_counts, freeze_routing, load_domain, step_row_selectors, train_lm,
+                                 val_bpb)
 
 SEQ_LEN, BATCH = 128, 16
 
@@ -60,9 +61,7 @@ def main() -> None:
     adapters = add_fhme_adapters(model, block="value", num_experts=a.experts, depth=2, heads=2, topk=8, key_dim=32)
     if not a.train_router:
         for adapter in adapters:
-            for block in adapter.fractal.blocks:
-                block.norm.requires_grad_(False)
-                block.memory.router.requires_grad_(False)
+            freeze_routing(adapter)
     selectors = {} if a.all_rows else step_row_selectors(model, [base], a.rows, SEQ_LEN, BATCH, a.seed,
                                                          max_kept_windows=a.max_kept_windows)
     cfg = TrainConfig(max_steps=a.steps, lr=a.lr, expert_lr=a.expert_lr, seed=a.seed, warmup_steps=a.steps // 10)

@@ -259,11 +259,17 @@ def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDat
     for (i, adapter), n, w in zip(found, new, kept_windows):
         masks[str(i)] = rank_rows(n, w, windows, top)
         mask_rows(adapter, masks[str(i)])
-        for block in adapter.fractal.blocks:  # keep the routing the rows were chosen under
-            for module in (block.norm, block.memory.router):
-                if any(p.requires_grad for p in module.parameters()):
-                    freeze_in_run(module)
+        freeze_routing(adapter)  # keep the routing the rows were chosen under
     return masks
+
+
+def freeze_routing(memory: FHME) -> None:
+    """Freeze what routes tokens to a memory's rows (each block's norm and router), where it
+    trains: the rows a token reads then stay the ones they were chosen under."""
+    for block in memory.fractal.blocks:
+        for module in (block.norm, block.memory.router):
+            if any(p.requires_grad for p in module.parameters()):
+                freeze_in_run(module)
 
 
 class StepRowSelector:
@@ -369,14 +375,21 @@ def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_l
     only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
     still zero and go on as before. The more rows a layer, the more of them the kept domains leave
     unread. Returns the selectors, keyed by layer index."""
-    from .adapters import add_fhme_adapters
-
-    for adapter in add_fhme_adapters(model, layers, **{**fhme_config, "num_experts": num_experts, "block": "value"}):
-        for block in adapter.fractal.blocks:
-            for module in (block.norm, block.memory.router):
-                freeze_in_run(module)
+    add_hashed_memories(model, layers, num_experts, **fhme_config)
     return step_row_selectors(model, kept, rows, seq_len, batch_size, seed, device,
                               max_kept_windows=max_kept_windows)
+
+
+def add_hashed_memories(model: nn.Module, layers: list[int] | None = None, num_experts: int = 1_048_576,
+                        **fhme_config: Any) -> list[FHME]:
+    """The memories of ``add_row_adapters``, before any row is chosen: zero-initialised value
+    memories beside the chosen FFNs, their routing frozen at its random initialisation."""
+    from .adapters import add_fhme_adapters
+
+    memories = add_fhme_adapters(model, layers, **{**fhme_config, "num_experts": num_experts, "block": "value"})
+    for memory in memories:
+        freeze_routing(memory)
+    return memories
 
 
 # --- a training loop for any causal LM (transformers models included) -----------------------
@@ -738,15 +751,14 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     selectors: dict[str, StepRowSelector] = {}
     if method == "rows":
         sizing = Sizing({"kind": "rows"}, lora_rank, lora_parameter_count(lora_targets(model), lora_rank))
-        selectors = add_row_adapters(model, [d.data for d in domains[1:]], 1, seq_len, cfg.batch_size, cfg.seed,
-                                     device, max_kept_windows, num_experts=experts,
-                                     **{k: v for k, v in DEFAULT_ADAPTER.items() if k != "num_experts"})
+        memories = add_hashed_memories(model, num_experts=experts,
+                                       **{k: v for k, v in DEFAULT_ADAPTER.items() if k != "num_experts"})
         others = trainable_parameter_count(model) - sum(
-            t.numel() for _, a in trainable_memories(model) for t in a.fractal.bank.tables().values())
-        row_width = hidden_size(model) * len(selectors)
+            t.numel() for m in memories for t in m.fractal.bank.tables().values())
+        row_width = hidden_size(model) * len(memories)
         rows = (sizing.lora_params - others) // row_width
-        for selector in selectors.values():
-            selector.top = rows
+        selectors = step_row_selectors(model, [d.data for d in domains[1:]], rows, seq_len, cfg.batch_size,
+                                       cfg.seed, device, max_kept_windows=max_kept_windows)
         sizing.fhme_experts, sizing.fhme_params = rows, rows * row_width + others
         sizing.spec.update(sparse_rows=rows, rows_per_step=True)
         trainable = sizing.fhme_params
