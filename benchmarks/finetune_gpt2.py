@@ -3,14 +3,15 @@
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
-        [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0]
+        [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0] [--fit-keys]
 
 ``base`` trains a transformers GPT2LMHeadModel (byte vocabulary 256, the shape of the default
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
 schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (its corpus and
 split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank; ``rows``: value memories of
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
-step, only rows no sampled base window read (``add_row_adapters``); LoRA at that rank on every
+step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
+first fitted to both domains' queries); LoRA at that rank on every
 dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); or trains every weight, and prints
 one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
 before and after).
@@ -72,7 +73,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, expert_lr=args.expert_lr, seed=args.seed,
                       warmup_steps=min(100, args.max_steps // 10))
     row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device,
-                             experts=args.experts, max_kept_windows=args.max_kept_windows)
+                             experts=args.experts, max_kept_windows=args.max_kept_windows,
+                             fit_keys=args.fit_keys)
     return {"base": str(args.base), "base_model": "gpt2", "eval_bytes": args.eval_bytes, **row}
 
 
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--experts", type=int, default=1_048_576, help="rows: rows per layer (a perfect square)")
     f.add_argument("--max-kept-windows", type=int, default=0,
                    help="rows: only rows at most this many sampled base windows read may learn")
+    f.add_argument("--fit-keys", action="store_true",
+                   help="rows: sub-keys fitted to both domains' queries first (fit_sub_keys)")
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--max-steps", type=int, default=150)
     f.add_argument("--eval-bytes", type=int, default=None)

@@ -8,7 +8,8 @@ An FHME adapter of value blocks (zero values) beside each MLP, 150 steps on Pyth
 package. By default its routing stays frozen and ``--rows`` rows a layer learn at each step, the
 batch's top rows by tf-idf against a sample of the base's corpus (``StepRowSelector``);
 ``--max-kept-windows K`` admits only rows at most K sampled base windows read, ``--all-rows``
-lets every row learn, ``--train-router`` lets the routing learn too. Prints one JSON line: bpb on
+lets every row learn, ``--train-router`` lets the routing learn too, ``--fit-keys`` places the sub-keys on both domains'
+queries first (``fit_sub_keys``). Prints one JSON line: bpb on
 both domains before and after, and per layer the share of each domain's reads (a fresh sample of
 its training windows) that land on rows that learnt.
 """
@@ -24,8 +25,8 @@ import torch
 
 from fractalmoe.adapters import add_fhme_adapters, trainable_parameter_count
 from fractalmoe.config import TrainConfig
-from fractalmoe.finetune import (choice_counts, freeze_routing, load_domain, step_row_selectors, train_lm,
-                                 val_bpb)
+from fractalmoe.finetune import (choice_counts, fit_sub_keys, freeze_routing, load_domain, step_row_selectors,
+                                 train_lm, val_bpb)
 
 SEQ_LEN, BATCH = 128, 16
 
@@ -43,10 +44,13 @@ def main() -> None:
     p.add_argument("--base", required=True, help="a GPT-2 base made by benchmarks/finetune_gpt2.py base")
     p.add_argument("--data", default=sysconfig.get_paths()["stdlib"] + "/email")
     p.add_argument("--experts", type=int, default=65536)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--topk", type=int, default=8)
     p.add_argument("--rows", type=int, default=1024, help="rows a layer learning per step")
     p.add_argument("--max-kept-windows", type=int, default=None)
     p.add_argument("--all-rows", action="store_true")
     p.add_argument("--train-router", action="store_true")
+    p.add_argument("--fit-keys", action="store_true", help="sub-keys fitted to both domains' queries (fit_sub_keys)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--expert-lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=2)
@@ -58,10 +62,13 @@ def main() -> None:
     model = transformers.GPT2LMHeadModel.from_pretrained(a.base)
     new, base = load_domain(a.data, 0.1, SEQ_LEN, a.eval_bytes), load_domain(None, 0.1, SEQ_LEN, a.eval_bytes)
     before = [val_bpb(model, d, SEQ_LEN, BATCH) for d in (new, base)]
-    adapters = add_fhme_adapters(model, block="value", num_experts=a.experts, depth=2, heads=2, topk=8, key_dim=32)
+    adapters = add_fhme_adapters(model, block="value", num_experts=a.experts, depth=2, heads=a.heads, topk=a.topk,
+                                 key_dim=32)
     if not a.train_router:
         for adapter in adapters:
             freeze_routing(adapter)
+    if a.fit_keys:
+        fit_sub_keys(model, adapters, [new, base], SEQ_LEN, BATCH, a.seed)
     selectors = {} if a.all_rows else step_row_selectors(model, [base], a.rows, SEQ_LEN, BATCH, a.seed,
                                                          max_kept_windows=a.max_kept_windows)
     cfg = TrainConfig(max_steps=a.steps, lr=a.lr, expert_lr=a.expert_lr, seed=a.seed, warmup_steps=a.steps // 10)

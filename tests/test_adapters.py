@@ -267,3 +267,46 @@ def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it() -> None
     assert all(torch.equal(state[k if k in state else k.replace("mlp.", "mlp.base.")], v) for k, v in base.items())
     for sel in selectors.values():
         assert 0 < int(sel.trained.sum()) and not bool((sel.trained & (sel.kept_windows > 0)).any())
+
+
+def test_spherical_kmeans_converges_to_the_normalised_means_of_its_clusters() -> None:
+    """Lloyd's fixed point by cosine: every centroid is a unit vector, the normalised mean of the
+    points that pick it; and the fit scores the points better than the random points it starts from."""
+    from fractalmoe.finetune import spherical_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    points = centres.repeat(50, 1) + 0.1 * torch.randn(300, 8, generator=g)
+    start = spherical_kmeans(points, 6, 0, torch.Generator().manual_seed(1))
+    fit = spherical_kmeans(points, 6, 50, torch.Generator().manual_seed(1))
+    units = torch.nn.functional.normalize(points, dim=-1)
+    torch.testing.assert_close(fit.norm(dim=-1), torch.ones(6))
+    best = (units @ fit.T).argmax(-1)
+    for c in best.unique():
+        torch.testing.assert_close(fit[c], torch.nn.functional.normalize(units[best == c].sum(0), dim=0))
+    assert (units @ fit.T).amax(-1).sum() > (units @ start.T).amax(-1).sum()
+
+
+def test_fitted_sub_keys_send_two_domains_to_fewer_shared_rows() -> None:
+    """``fit_sub_keys`` on hashed memories beside GPT-2's MLPs: the share of the new domain's
+    reads that land on rows a kept domain's sample also reads falls below random sub-keys'."""
+    from fractalmoe.data import ByteDataset
+    from fractalmoe.finetune import add_hashed_memories, choice_counts, fit_sub_keys
+
+    kept = ByteDataset.from_bytes(b"To be, or not to be: that is the question. " * 60, 0.1, 16)
+    new = ByteDataset.from_bytes(bytes(range(32, 127)) * 40, 0.1, 16)
+
+    def shared_share(fit: bool) -> float:
+        torch.manual_seed(0)
+        model = _gpt2()
+        memories = add_hashed_memories(model, num_experts=65536, heads=1, topk=4, key_dim=16)
+        if fit:
+            fit_sub_keys(model, memories, [new, kept], seq_len=16, batch_size=8, seed=1)
+        shares = []
+        for (k, _), (n, _) in zip(choice_counts(model, memories, kept, 16, 8, 1),
+                                  choice_counts(model, memories, new, 16, 8, 1)):
+            shares.append(float(n[k > 0].sum() / n.sum()))
+        return sum(shares) / len(shares)
+
+    random_keys, fitted = shared_share(False), shared_share(True)
+    assert fitted < 0.8 * random_keys, (fitted, random_keys)

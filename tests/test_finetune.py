@@ -443,16 +443,19 @@ def test_gpt2_in_memory_finetune_reports_both_domains(corpora) -> None:
     cfg = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=2)
     domains = [Domain(str(corpora["code"]), load_domain(str(corpora["code"]), 0.1, 32)),
                Domain(str(corpora["base"]), load_domain(str(corpora["base"]), 0.1, 32))]
-    for method in ("fhme", "rows", "lora", "full"):
+    for method, fit_keys in (("fhme", False), ("rows", False), ("rows", True), ("lora", False), ("full", False)):
         model = transformers.GPT2LMHeadModel(cfg)
         row = finetune_in_memory(model, method, 32, domains, TrainConfig(batch_size=4, max_steps=2), 32,
-                                 experts=4096)
+                                 experts=4096, fit_keys=fit_keys)
         assert row["val_bpb"] < row["val_bpb_before"] and row["base_val_bpb_before"] > 0
         if method in ("fhme", "rows"):
             assert row["trainable_params"] == row["fhme_params"] <= row["lora_params"]
         if method == "rows":  # rows x width x layers + the joins: the most rows within LoRA's count
             assert row["lora_params"] - row["fhme_params"] < 64 * 2
             assert all(0 < n for n in row["trained_rows"].values()) and row["max_kept_windows"] == 0
+            assert row["fit_keys"] is fit_keys
+            keys = [m.sub_keys for name, m in model.named_modules() if name.endswith("router")]
+            assert keys and all(torch.allclose(k.norm(dim=-1), torch.ones(())) is fit_keys for k in keys)
 
 
 def _err(capsys, *args: str) -> str:

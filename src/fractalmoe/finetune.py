@@ -367,17 +367,66 @@ def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_
 def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_len: int, batch_size: int,
                      seed: int, device: str = "cpu", max_kept_windows: int | None = 0,
                      layers: list[int] | None = None, num_experts: int = 1_048_576,
-                     **fhme_config: Any) -> dict[str, StepRowSelector]:
+                     fit_to: ByteDataset | None = None, **fhme_config: Any) -> dict[str, StepRowSelector]:
     """Sparse memory fine-tuning for a model without expert tables (GPT-2, Llama, ...): beside each
     chosen FFN a zero-initialised value memory (``add_fhme_adapters`` with ``block="value"``) whose
     routing keeps its random initialisation, so that it hashes each token's hidden state to rows,
     and of whose rows only ``rows`` per layer learn at each step (``StepRowSelector``), by default
     only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
     still zero and go on as before. The more rows a layer, the more of them the kept domains leave
-    unread. Returns the selectors, keyed by layer index."""
-    add_hashed_memories(model, layers, num_experts, **fhme_config)
+    unread. ``fit_to``: the new domain, whose queries and the kept domains' place the sub-keys
+    first (``fit_sub_keys``). Returns the selectors, keyed by layer index."""
+    memories = add_hashed_memories(model, layers, num_experts, **fhme_config)
+    if fit_to is not None:
+        fit_sub_keys(model, memories, [fit_to, *kept], seq_len, batch_size, seed, device=device)
     return step_row_selectors(model, kept, rows, seq_len, batch_size, seed, device,
                               max_kept_windows=max_kept_windows)
+
+
+def spherical_kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
+    """(k, d) unit centroids of ``points`` (n, d) by cosine: start from k random points, then
+    ``iters`` rounds of assigning each point to its best centroid and renormalising the means (a
+    centroid nobody chose keeps its place)."""
+    units = F.normalize(points.float(), dim=-1)
+    centroids = units[torch.randperm(len(units), generator=generator)[:k]].clone()
+    for _ in range(iters):
+        best = (units @ centroids.T).argmax(-1)
+        sums = torch.zeros_like(centroids).index_add_(0, best, units)
+        chosen = sums.norm(dim=-1) > 0
+        centroids[chosen] = F.normalize(sums[chosen], dim=-1)
+    return centroids
+
+
+@torch.no_grad()
+def fit_sub_keys(model: nn.Module, memories: list[FHME], domains: list[ByteDataset], seq_len: int,
+                 batch_size: int, seed: int, iters: int = 10, device: str = "cpu") -> None:
+    """Place each router's sub-keys on its queries, read from an equal sample of every domain
+    (``SAMPLE_WINDOWS`` training windows each): per head and key part, the unit centroids of a
+    spherical k-means with one centroid per sub-key. Random sub-keys crowd every domain onto the
+    few keys nearest the queries' main directions; fitted ones give a domain's own regions of
+    query space their own sub-keys, so that the rows it reads are ones other domains seldom do.
+    Run on memories that add nothing yet (zero values): the queries are then the base model's."""
+    routers = [block.memory.router for m in memories for block in m.fractal.blocks]
+    seen: dict[nn.Module, list[Tensor]] = {r: [] for r in routers}
+    hooks = [r.register_forward_pre_hook(lambda r, args: seen[r].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+             for r in routers]
+    was_training = model.training
+    model.eval()
+    try:
+        for data in domains:
+            for step in range(sample_batches(batch_size)):
+                lm_logits(model, data.train_batch(step, batch_size, seq_len, seed)[0].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    generator = torch.Generator().manual_seed(seed)
+    for router in routers:
+        parts = router.query_parts(torch.cat(seen[router]))  # P of (T, H, Q/P)
+        for p, (q, size) in enumerate(zip(parts, router.sizes)):
+            for h in range(router.heads):
+                keys = spherical_kmeans(q[:, h].cpu(), size, iters, generator)
+                router.sub_keys[h, p, :size] = keys.to(router.sub_keys)
 
 
 def add_hashed_memories(model: nn.Module, layers: list[int] | None = None, num_experts: int = 1_048_576,
@@ -740,11 +789,12 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
 def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: list[Domain],
                        cfg: TrainConfig, seq_len: int, device: str = "cpu",
                        output_gate: bool = False, experts: int = 1_048_576,
-                       max_kept_windows: int | None = 0) -> dict[str, Any]:
+                       max_kept_windows: int | None = 0, fit_keys: bool = False) -> dict[str, Any]:
     """``finetune``'s report for a model that is not a FractalMoE run (e.g. the GPT-2 base):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
     and, of them, as many learning per step as fit LoRA's count at ``lora_rank`` beside the
-    adapters' other trainable parameters), train on ``domains[0]`` with ``train_lm``, and measure
+    adapters' other trainable parameters; ``fit_keys``: sub-keys fitted to every domain's queries
+    first), train on ``domains[0]`` with ``train_lm``, and measure
     every domain (new, base, earlier) before and after."""
     model.to(device)
     before = _bpbs(model, domains, seq_len, cfg.batch_size, device)
@@ -753,6 +803,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
         sizing = Sizing({"kind": "rows"}, lora_rank, lora_parameter_count(lora_targets(model), lora_rank))
         memories = add_hashed_memories(model, num_experts=experts,
                                        **{k: v for k, v in DEFAULT_ADAPTER.items() if k != "num_experts"})
+        if fit_keys:
+            fit_sub_keys(model, memories, [d.data for d in domains], seq_len, cfg.batch_size, cfg.seed, device=device)
         others = trainable_parameter_count(model) - sum(
             t.numel() for m in memories for t in m.fractal.bank.tables().values())
         row_width = hidden_size(model) * len(memories)
@@ -773,4 +825,5 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
             "train_loss": train_loss, **_sizing_fields(sizing),
             "trained_rows": {k: int(sel.trained.sum()) for k, sel in selectors.items()} or None,
             "max_kept_windows": max_kept_windows if method == "rows" else None,
+            "fit_keys": fit_keys if method == "rows" else None,
             **_domain_fields(domains, before, after)}
