@@ -387,6 +387,8 @@ def spherical_kmeans(points: Tensor, k: int, iters: int, generator: torch.Genera
     """(k, d) unit centroids of ``points`` (n, d) by cosine: start from k random points, then
     ``iters`` rounds of assigning each point to its best centroid and renormalising the means (a
     centroid nobody chose keeps its place)."""
+    if len(points) < k:
+        raise ValueError(f"{k} centroids need at least as many points, got {len(points)}")
     units = F.normalize(points.float(), dim=-1)
     centroids = units[torch.randperm(len(units), generator=generator)[:k]].clone()
     for _ in range(iters):
@@ -402,14 +404,17 @@ def fit_sub_keys(model: nn.Module, memories: list[FHME], domains: list[ByteDatas
                  batch_size: int, seed: int, iters: int = 10, device: str = "cpu") -> None:
     """Place each router's sub-keys on its queries, read from an equal sample of every domain
     (``SAMPLE_WINDOWS`` training windows each): per head and key part, the unit centroids of a
-    spherical k-means with one centroid per sub-key. Random sub-keys crowd every domain onto the
-    few keys nearest the queries' main directions; fitted ones give a domain's own regions of
-    query space their own sub-keys, so that the rows it reads are ones other domains seldom do.
+    spherical k-means with one centroid per sub-key. Random sub-keys take no account of where
+    the queries lie; fitted ones give each domain's own regions of query space their own
+    sub-keys, so that more of the rows a domain reads are ones the other domains do not.
     Run on memories that add nothing yet (zero values): the queries are then the base model's."""
     routers = [block.memory.router for m in memories for block in m.fractal.blocks]
     seen: dict[nn.Module, list[Tensor]] = {r: [] for r in routers}
-    hooks = [r.register_forward_pre_hook(lambda r, args: seen[r].append(args[0].detach().reshape(-1, args[0].shape[-1])))
-             for r in routers]
+
+    def keep_input(router: nn.Module, args: tuple[Tensor, ...]) -> None:
+        seen[router].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    hooks = [r.register_forward_pre_hook(keep_input) for r in routers]
     was_training = model.training
     model.eval()
     try:
