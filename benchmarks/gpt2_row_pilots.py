@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--max-kept-windows", type=int, default=None)
     p.add_argument("--all-rows", action="store_true")
     p.add_argument("--train-router", action="store_true")
+    p.add_argument("--context", type=int, default=0,
+                   help="queries read the sum of the last N positions' inputs (a frozen block convolution)")
     p.add_argument("--fit-keys", action="store_true", help="sub-keys fitted to both domains' queries (fit_sub_keys)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--expert-lr", type=float, default=0.1)
@@ -63,10 +65,14 @@ def main() -> None:
     new, base = load_domain(a.data, 0.1, SEQ_LEN, a.eval_bytes), load_domain(None, 0.1, SEQ_LEN, a.eval_bytes)
     before = [val_bpb(model, d, SEQ_LEN, BATCH) for d in (new, base)]
     adapters = add_fhme_adapters(model, block="value", num_experts=a.experts, depth=2, heads=a.heads, topk=a.topk,
-                                 key_dim=32)
+                                 key_dim=32, block_conv=a.context)
     if not a.train_router:
         for adapter in adapters:
             freeze_routing(adapter)
+    for adapter in adapters if a.context else []:  # each query sums its last --context inputs
+        for block in adapter.fractal.blocks:
+            block.conv.weight.data.fill_(1.0)
+            block.conv.weight.requires_grad_(False)
     if a.fit_keys:
         fit_sub_keys(model, adapters, [new, base], SEQ_LEN, BATCH, a.seed)
     selectors = {} if a.all_rows else step_row_selectors(model, [base], a.rows, SEQ_LEN, BATCH, a.seed,

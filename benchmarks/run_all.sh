@@ -298,6 +298,8 @@ for spec in "memory-step:2 3 4 5" "lora:1 2 3" "full:1 2"; do
   METHODS="${spec%%:*}" LR_POINTS="${spec##*:}" SEEDS=2 DOMAINS=email STUDIES=single EVAL_BYTES=262144 \
     RESULTS=$R/finetune_rows_65k bash benchmarks/finetune.sh runs/ft_base_65k_s2 runs/ft_rows_65k
 done
+# Where the unused experts of those two bases come from: their sub-keys, or how they are paired
+.venv/bin/python benchmarks/pair_usage.py runs/ft_base_65k_s2 runs/ft_base_s2 > $R/pair_usage.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_rows_65k/finetune.jsonl --levels 3.8 3.5 3.2 \
   > $R/finetune_rows_65k/finetune_tables.md
 .venv/bin/python benchmarks/row_exposure.py runs/ft_rows_fixed/email_memory-step_lr*_s2 \
