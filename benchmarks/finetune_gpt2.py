@@ -15,6 +15,11 @@ first fitted to both domains' queries); LoRA at that rank on every
 dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); or trains every weight, and prints
 one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
 before and after).
+
+``finetune --base`` also takes a FractalMoE run: its latest checkpoint is adapted in memory the
+same way (row adapters beside its FHME layers, LoRA on its attention, or every weight), by the
+same training loop for every method, so that the row adapters, which ``fractalmoe finetune`` does
+not offer, compare with LoRA and full fine-tuning on a FractalMoE base too.
 """
 
 from __future__ import annotations
@@ -58,24 +63,41 @@ def cmd_base(args: argparse.Namespace) -> dict:
     return {"base": str(out), **info}
 
 
-def cmd_finetune(args: argparse.Namespace) -> dict:
+def load_base(args: argparse.Namespace) -> tuple[torch.nn.Module, list[Domain], str]:
+    """The base model, the domains to report (new, then the base's own) and its kind: a GPT-2
+    base made by ``base``, or a FractalMoE run (its latest checkpoint, its corpus split as it was)."""
     import transformers
 
-    info_path = Path(args.base) / "fractalmoe_base.json"
-    if not info_path.is_file():
-        raise SystemExit(f"error: --base {args.base} is not a GPT-2 base made by this script "
-                         f"(no fractalmoe_base.json)")
-    info = json.loads(info_path.read_text())
+    from fractalmoe.checkpoint import load_model_from_run
+    from fractalmoe.finetune import kept_domains, lineage
+
+    base = Path(args.base)
+    info_path = base / "fractalmoe_base.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        model = transformers.GPT2LMHeadModel.from_pretrained(base)
+        return model, [Domain(args.data, load_domain(args.data, 0.1, SEQ_LEN, args.eval_bytes)),
+                       Domain(info["data"], load_domain(info["data"], info["val_fraction"], SEQ_LEN,
+                                                        args.eval_bytes))], "gpt2"
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"error: --base {args.base} is neither a GPT-2 base made by this script "
+                         f"(no fractalmoe_base.json) nor a FractalMoE run (no config.json)")
+    model, config, _ = load_model_from_run(base)
+    if config.model.seq_len != SEQ_LEN:
+        raise SystemExit(f"error: --base {args.base} has context {config.model.seq_len}; this study uses {SEQ_LEN}")
+    new = load_domain(args.data, config.train.val_fraction, SEQ_LEN, args.eval_bytes)
+    return model, [Domain(args.data, new), *kept_domains(lineage(base), args.eval_bytes)], "fractalmoe"
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    model = transformers.GPT2LMHeadModel.from_pretrained(args.base)
-    domains = [Domain(args.data, load_domain(args.data, 0.1, SEQ_LEN, args.eval_bytes)),
-               Domain(info["data"], load_domain(info["data"], info["val_fraction"], SEQ_LEN, args.eval_bytes))]
+    model, domains, kind = load_base(args)
     cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, expert_lr=args.expert_lr, seed=args.seed,
                       warmup_steps=min(100, args.max_steps // 10))
     row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device,
                              experts=args.experts, max_kept_windows=args.max_kept_windows,
                              fit_keys=args.fit_keys)
-    return {"base": str(args.base), "base_model": "gpt2", "eval_bytes": args.eval_bytes, **row}
+    return {"base": str(args.base), "base_model": kind, "eval_bytes": args.eval_bytes, **row}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--heads", type=int, default=4)
     b.add_argument("--seed", type=int, default=1337)
     f = sub.add_parser("finetune", help="adapt the GPT-2 base to new text")
-    f.add_argument("--base", required=True)
+    f.add_argument("--base", required=True, help="a GPT-2 base made by `base`, or a FractalMoE run")
     f.add_argument("--data", required=True)
     f.add_argument("--adapter", choices=["fhme", "rows", "lora", "full"], default="fhme")
     f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
