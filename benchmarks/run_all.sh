@@ -283,11 +283,35 @@ STUDIES=gpt2 GPT2_METHODS="rows lora full" LR_POINTS="1 2" EVAL_BYTES=262144 \
 for args in "" "--all-rows" "--train-router" "--expert-lr 0.3" "--experts 262144 --max-kept-windows 0" \
     "--experts 1048576" "--experts 262144" "--experts 1048576 --max-kept-windows 0" \
     "--experts 262144 --max-kept-windows 0 --expert-lr 0.3" "--experts 262144 --max-kept-windows 2" \
-    "--experts 2096704 --max-kept-windows 0 --expert-lr 0.3"; do
+    "--experts 2096704 --max-kept-windows 0 --expert-lr 0.3" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3 --fit-keys" \
+    "--experts 1048576 --max-kept-windows 0 --expert-lr 0.3 --fit-keys" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3 --fit-keys --topk 4" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3 --fit-keys --rows 262144" \
+    "--experts 1048576 --max-kept-windows 0 --expert-lr 1.0 --fit-keys" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3 --fit-keys --context 4" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3 --seed 3" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 0.3 --seed 3 --fit-keys" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 1.0 --fit-keys" \
+    "--experts 262144 --max-kept-windows 0 --expert-lr 1.0"; do
   .venv/bin/python benchmarks/gpt2_row_pilots.py --base runs/ft_gpt2/gpt2_base $args  # (the pilots that chose the rule)
 done > $R/finetune_gpt2_rows/pilots.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_gpt2_rows/finetune.jsonl --levels 4.25 4.15 4.08 4.04 \
   > $R/finetune_gpt2_rows/finetune_tables.md
+# Row adapters on a FractalMoE base (the 16K base above): the same in-memory loop for every method
+# (benchmarks/finetune_gpt2.py finetune --base RUN), email, seed 2, down to gentle rates
+EMAIL=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
+mkdir -p $R/finetune_fhme_rows
+for spec in rows:1e-3:0.1 rows:1e-3:0.3 rows:1e-3:1.0 full:1e-5:0.0005 full:3e-5:0.0015 full:1e-4:0.005 \
+    lora:3e-5:0.05 lora:1e-4:0.05 lora:3e-4:0.05; do
+  IFS=: read -r method lr xlr <<< "$spec"
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter $method \
+    --lr $lr --expert-lr $xlr --seed 2 --eval-bytes 262144 | .venv/bin/python -c 'import json, sys
+r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain="email", study="single")
+print(json.dumps(r))' $method
+done > $R/finetune_fhme_rows/finetune.jsonl
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_fhme_rows/finetune.jsonl --levels 4.4 4.2 4.0 \
+  > $R/finetune_fhme_rows/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
