@@ -741,3 +741,19 @@ def test_embedding_sides_keep_each_part_of_a_change_and_revert_the_rest(load_ben
         assert torch.equal(model.head.weight, trained if head else base.embed.weight)
         assert torch.equal(table(model), table(tuned) if tables else table(base))
     assert torch.allclose(sides._with_sides(copy.deepcopy(tuned), base, True, True, True)(x), expected)
+
+
+def test_pair_usage_separates_the_sub_keys_share_from_the_pairing(load_benchmark) -> None:
+    """benchmarks/pair_usage.py: choices whose halves pair one to one (i, i) use every sub-key but
+    only the diagonal's experts, where independent halves with the same sub-key shares would
+    use nearly all; choices spread over every pair use what independence predicts."""
+    pairs = load_benchmark("pair_usage")
+    n, m = 16, 10_000
+    diagonal = torch.zeros(n * n, dtype=torch.long)
+    diagonal[torch.arange(n) * n + torch.arange(n)] = m // n
+    got = pairs.pair_usage(diagonal, n)
+    assert got["first_used"] == got["second_used"] == 1.0 and got["first_kl"] < 1e-9
+    assert got["used"] == 1 / n and got["used_if_independent"] > 0.99
+    everywhere = torch.full((n * n,), m // (n * n), dtype=torch.long)
+    got = pairs.pair_usage(everywhere, n)
+    assert got["used"] == 1.0 and abs(got["used_if_independent"] - 1.0) < 1e-6

@@ -458,6 +458,25 @@ def test_gpt2_in_memory_finetune_reports_both_domains(corpora) -> None:
             assert keys and all(torch.allclose(k.norm(dim=-1), torch.ones(())) is fit_keys for k in keys)
 
 
+def test_row_adapters_on_a_fractalmoe_run_in_memory(corpora) -> None:
+    """``finetune_in_memory`` drives a FractalMoE run as it does GPT-2: a hashed memory beside
+    each FHME layer, LoRA's count of rows learning a step (never a row the base's sample read),
+    the base's own split reported."""
+    from fractalmoe.adapters import AdaptedFFN
+    from fractalmoe.finetune import Domain, finetune_in_memory, kept_domains, lineage
+
+    model, config, _ = load_model_from_run(corpora["run"])
+    seq_len = config.model.seq_len
+    domains = [Domain(str(corpora["code"]), load_domain(str(corpora["code"]), 0.1, seq_len)),
+               *kept_domains(lineage(corpora["run"]), None)]
+    row = finetune_in_memory(model, "rows", 16, domains, TrainConfig(batch_size=4, max_steps=3, expert_lr=0.5),
+                             seq_len, experts=4096, fit_keys=True)
+    assert [type(b.ffn) for b in model.blocks] == [AdaptedFFN] * config.model.n_layers
+    assert row["val_bpb"] < row["val_bpb_before"] and row["base_val_bpb_before"] > 0
+    assert row["trainable_params"] == row["fhme_params"] <= row["lora_params"]
+    assert all(0 < n for n in row["trained_rows"].values())
+
+
 def _err(capsys, *args: str) -> str:
     assert main(["finetune", *args]) == 2
     err = capsys.readouterr().err.strip()
