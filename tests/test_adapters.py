@@ -239,10 +239,12 @@ def test_export_hf_deduplicates_aliased_expert_tables(tmp_path: Path) -> None:
         torch.testing.assert_close(hf(idx).logits, model(idx), rtol=0, atol=0)
 
 
-def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it() -> None:
+@pytest.mark.parametrize("fit", [False, True])
+def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it(fit: bool) -> None:
     """``add_row_adapters`` on GPT-2: after training on new text, the kept domain's sampled
     windows (those whose reads rank the rows) give the base's logits, as every row they read was
-    left at zero; rows that learn do, the routing and every base weight stay put."""
+    left at zero; rows that learn do, the routing and every base weight stay put. The same with
+    the sub-keys fitted to both domains first (``fit_to``)."""
     from fractalmoe.data import ByteDataset
     from fractalmoe.finetune import add_row_adapters, sample_batches, train_lm
 
@@ -255,7 +257,7 @@ def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it() -> None
         before = model(windows).logits
     base = {k: v.clone() for k, v in model.state_dict().items()}
     selectors = add_row_adapters(model, [kept], rows=16, seq_len=16, batch_size=8, seed=1,
-                                 num_experts=4096, heads=1, topk=4, key_dim=16)
+                                 num_experts=4096, heads=1, topk=4, key_dim=16, fit_to=new if fit else None)
     routing = {k: v.clone() for k, v in model.state_dict().items() if "router" in k or "norm" in k}
     train_lm(model, new, TrainConfig(max_steps=6, lr=1e-2, expert_lr=0.5, batch_size=8, seed=1), 16)
     model.eval()
