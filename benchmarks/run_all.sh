@@ -311,7 +311,7 @@ r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], 
 print(json.dumps(r))' $method
 done > $R/finetune_fhme_rows/finetune.jsonl
 # ... and the King James Bible (made by the finetune.sh call above), learnt faster: the rows from 0.03
-for spec in rows:1e-3:0.03 rows:1e-3:0.1 rows:1e-3:0.3 full:1e-5:0.0005 full:3e-5:0.0015 \
+for spec in rows:1e-3:0.03 rows:1e-3:0.1 full:1e-5:0.0005 full:3e-5:0.0015 \
     lora:3e-5:0.05 lora:1e-4:0.05; do
   IFS=: read -r method lr xlr <<< "$spec"
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data runs/ft_rows_fixed/data/kjv.txt \
