@@ -368,9 +368,10 @@ def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_l
                      seed: int, device: str = "cpu", max_kept_windows: int | None = 0,
                      layers: list[int] | None = None, num_experts: int = 1_048_576,
                      fit_to: ByteDataset | None = None, **fhme_config: Any) -> dict[str, StepRowSelector]:
-    """Sparse memory fine-tuning for a model without expert tables (GPT-2, Llama, ...): beside each
-    chosen FFN a zero-initialised value memory (``add_fhme_adapters`` with ``block="value"``) whose
-    routing keeps its random initialisation, so that it hashes each token's hidden state to rows,
+    """Sparse memory fine-tuning in fresh memories, for a model without expert tables (GPT-2,
+    Llama, ...) or beside a FractalMoE model's own FHME layers: beside each chosen FFN a
+    zero-initialised value memory (``add_fhme_adapters`` with ``block="value"``) whose routing
+    keeps its random initialisation, so that it hashes each token's hidden state to rows,
     and of whose rows only ``rows`` per layer learn at each step (``StepRowSelector``), by default
     only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
     still zero and go on as before. The more rows a layer, the more of them the kept domains leave
@@ -795,7 +796,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                        cfg: TrainConfig, seq_len: int, device: str = "cpu",
                        output_gate: bool = False, experts: int = 1_048_576,
                        max_kept_windows: int | None = 0, fit_keys: bool = False) -> dict[str, Any]:
-    """``finetune``'s report for a model that is not a FractalMoE run (e.g. the GPT-2 base):
+    """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
+    for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
     and, of them, as many learning per step as fit LoRA's count at ``lora_rank`` beside the
     adapters' other trainable parameters; ``fit_keys``: sub-keys fitted to every domain's queries
