@@ -25,8 +25,8 @@ import torch
 
 from fractalmoe.adapters import add_fhme_adapters, trainable_parameter_count
 from fractalmoe.config import TrainConfig
-from fractalmoe.finetune import (choice_counts, fit_sub_keys, freeze_routing, load_domain, step_row_selectors,
-                                 train_lm, val_bpb)
+from fractalmoe.finetune import (add_hashed_memories, choice_counts, fit_sub_keys, load_domain,
+                                 step_row_selectors, train_lm, val_bpb)
 
 SEQ_LEN, BATCH = 128, 16
 
@@ -64,11 +64,9 @@ def main() -> None:
     model = transformers.GPT2LMHeadModel.from_pretrained(a.base)
     new, base = load_domain(a.data, 0.1, SEQ_LEN, a.eval_bytes), load_domain(None, 0.1, SEQ_LEN, a.eval_bytes)
     before = [val_bpb(model, d, SEQ_LEN, BATCH) for d in (new, base)]
-    adapters = add_fhme_adapters(model, block="value", num_experts=a.experts, depth=2, heads=a.heads, topk=a.topk,
-                                 key_dim=32, block_conv=a.context)
-    if not a.train_router:
-        for adapter in adapters:
-            freeze_routing(adapter)
+    add = add_fhme_adapters if a.train_router else add_hashed_memories  # the latter: routing frozen
+    adapters = add(model, block="value", num_experts=a.experts, depth=2, heads=a.heads, topk=a.topk, key_dim=32,
+                   block_conv=a.context)
     for adapter in adapters if a.context else []:  # each query sums its last --context inputs
         for block in adapter.fractal.blocks:
             block.conv.weight.data.fill_(1.0)

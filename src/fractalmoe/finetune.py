@@ -38,7 +38,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,12 @@ def sample_batches(batch_size: int) -> int:
     return -(-SAMPLE_WINDOWS // batch_size)
 
 
+def sample_windows(data: ByteDataset, seq_len: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """The input batches of a domain's sample: its first ``sample_batches`` training batches."""
+    for step in range(sample_batches(batch_size)):
+        yield data.train_batch(step, batch_size, seq_len, seed)[0]
+
+
 @torch.no_grad()
 def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq_len: int,
                   batch_size: int, seed: int, device: str = "cpu") -> list[tuple[Tensor, Tensor]]:
@@ -197,8 +203,7 @@ def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq
     windows = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
     was_training = model.training
     model.eval()
-    for step in range(sample_batches(batch_size)):
-        x, _ = data.train_batch(step, batch_size, seq_len, seed)
+    for x in sample_windows(data, seq_len, batch_size, seed):
         with collect(model) as stats:
             lm_logits(model, x.to(device))
         for acc, seen, n, rs in zip(counts, windows, sizes, routers):
@@ -420,8 +425,8 @@ def fit_sub_keys(model: nn.Module, memories: list[FHME], domains: list[ByteDatas
     model.eval()
     try:
         for data in domains:
-            for step in range(sample_batches(batch_size)):
-                lm_logits(model, data.train_batch(step, batch_size, seq_len, seed)[0].to(device))
+            for x in sample_windows(data, seq_len, batch_size, seed):
+                lm_logits(model, x.to(device))
     finally:
         for h in hooks:
             h.remove()
