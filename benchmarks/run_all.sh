@@ -405,5 +405,9 @@ SEED=3 bash benchmarks/autocast_quality.sh runs/autocast
 
 # On a GPU (not this machine): every CUDA path, host syncs under the sync debug mode, the layer and
 # model benchmarks with --device cuda, a profile of the layer's GPU step -> benchmarks/results/gpu_check/
-# (the committed logs are from one H200, PyTorch 2.11, run as PYTHON=python3 PYTHONPATH=src)
-# bash benchmarks/gpu_check.sh
+# (committed: gpu_check/ from one H200, gpu_check_h100/ from one H100, PyTorch 2.11)
+# PYTHON=python3 GPU_CHECK_BUDGET=460 bash benchmarks/gpu_check.sh
+# python3 -m fractalmoe bench layer --device cuda --experts 1048576 --steps 5 --repeats 3 --force --json \
+#     --impl fractalmoe,fractalmoe-lazy-adam,fractalmoe-lazy-adam-fused,peer-pytorch-sparse,peer-pytorch
+# python3 -m fractalmoe bench layer --device cuda --experts 16384 --steps 5 --repeats 3 --force --json \
+#     --impl fractalmoe,fractalmoe-lazy-adam-fused
