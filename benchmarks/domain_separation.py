@@ -25,7 +25,8 @@ from torch import Tensor
 from fractalmoe.adapters import base_memories, decoder_layers, find_ffn
 from fractalmoe.checkpoint import load_model_from_run
 from fractalmoe.data import ByteDataset
-from fractalmoe.finetune import lm_logits, load_domain
+from fractalmoe.evaluate import lm_logits
+from fractalmoe.finetune import load_domain
 from fractalmoe.stats import CHOICES, collect
 
 BATCH = 16

@@ -27,7 +27,8 @@ import json
 from torch import nn
 
 from fractalmoe.checkpoint import load_model_from_run, load_run_config, run_extra
-from fractalmoe.finetune import kept_domains, lineage, load_domain, val_bpb
+from fractalmoe.evaluate import val_bpb
+from fractalmoe.finetune import kept_domains, lineage, load_domain
 
 
 def _with_sides(adapted: nn.Module, base_model: nn.Module, tables: bool, inp: bool, head: bool) -> nn.Module:

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from fractalmoe.config import TrainConfig
-from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm, val_bpb
+from fractalmoe.evaluate import val_bpb
+from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm
 
 SEQ_LEN = 128
 

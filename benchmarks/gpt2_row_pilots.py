@@ -25,8 +25,9 @@ import torch
 
 from fractalmoe.adapters import add_fhme_adapters, trainable_parameter_count
 from fractalmoe.config import TrainConfig
-from fractalmoe.finetune import (add_hashed_memories, choice_counts, fit_sub_keys, load_domain,
-                                 step_row_selectors, train_lm, val_bpb)
+from fractalmoe.evaluate import val_bpb
+from fractalmoe.finetune import load_domain, train_lm
+from fractalmoe.sparse_rows import add_hashed_memories, choice_counts, fit_sub_keys, step_row_selectors
 
 SEQ_LEN, BATCH = 128, 16
 

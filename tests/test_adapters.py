@@ -246,7 +246,8 @@ def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it(fit: bool
     left at zero; rows that learn do, the routing and every base weight stay put. The same with
     the sub-keys fitted to both domains first (``fit_to``)."""
     from fractalmoe.data import ByteDataset
-    from fractalmoe.finetune import add_row_adapters, sample_batches, train_lm
+    from fractalmoe.finetune import train_lm
+    from fractalmoe.sparse_rows import add_row_adapters, sample_batches
 
     torch.manual_seed(0)
     model = _gpt2()
@@ -274,7 +275,7 @@ def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it(fit: bool
 def test_spherical_kmeans_converges_to_the_normalised_means_of_its_clusters() -> None:
     """Lloyd's fixed point by cosine: every centroid is a unit vector, the normalised mean of the
     points that pick it; and the fit scores the points better than the random points it starts from."""
-    from fractalmoe.finetune import spherical_kmeans
+    from fractalmoe.sparse_rows import spherical_kmeans
 
     g = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
@@ -293,7 +294,7 @@ def test_fitted_sub_keys_send_two_domains_to_fewer_shared_rows() -> None:
     """``fit_sub_keys`` on hashed memories beside GPT-2's MLPs: the share of the new domain's
     reads that land on rows a kept domain's sample also reads falls below random sub-keys'."""
     from fractalmoe.data import ByteDataset
-    from fractalmoe.finetune import add_hashed_memories, choice_counts, fit_sub_keys
+    from fractalmoe.sparse_rows import add_hashed_memories, choice_counts, fit_sub_keys
 
     kept = ByteDataset.from_bytes(b"To be, or not to be: that is the question. " * 60, 0.1, 16)
     new = ByteDataset.from_bytes(bytes(range(32, 127)) * 40, 0.1, 16)

@@ -133,7 +133,7 @@ def test_route_once_trains_on_cuda() -> None:
 
 def test_per_step_row_selection_on_cuda() -> None:
     from fractalmoe import FHME
-    from fractalmoe.finetune import StepRowSelector
+    from fractalmoe.sparse_rows import StepRowSelector
 
     layer = FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value").cuda().train()
     kept_windows = torch.zeros(256, dtype=torch.long)  # on the host: the selector moves it

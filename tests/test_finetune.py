@@ -25,8 +25,10 @@ from fractalmoe.adapters import (
 from fractalmoe.checkpoint import latest_checkpoint, load_model_from_run
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
-from fractalmoe.finetune import StepRowSelector, load_domain, rank_rows, sparse_row_masks, val_bpb
+from fractalmoe.evaluate import val_bpb
+from fractalmoe.finetune import load_domain
 from fractalmoe.optim import ModelOptimizer
+from fractalmoe.sparse_rows import StepRowSelector, rank_rows, sparse_row_masks
 from fractalmoe.train import run
 
 peft = pytest.importorskip("peft")
@@ -203,7 +205,7 @@ def test_rank_rows_prefers_rows_the_base_domain_rarely_uses() -> None:
 
 def test_choice_counts_count_choices_and_windows() -> None:
     from fractalmoe.data import ByteDataset
-    from fractalmoe.finetune import SAMPLE_WINDOWS, choice_counts
+    from fractalmoe.sparse_rows import choice_counts, SAMPLE_WINDOWS
 
     model = FHMELanguageModel(tiny_model_config(ffn="dense"))
     (adapter,) = add_fhme_adapters(model, layers=[0], num_experts=64, heads=2, topk=4, key_dim=16)

@@ -1,4 +1,5 @@
-"""Validation loss, bits per byte, expert usage and depth statistics of a model.
+"""Validation loss, bits per byte, expert usage and depth statistics of a model; bpb of any causal
+LM (transformers models too: ``val_bpb``).
 
 Losses are in nats per byte (one token = one byte); bpb = nats / ln 2.
 """
@@ -9,6 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .baselines import MoEFFN
@@ -159,3 +161,26 @@ def _shares(counts: Tensor | None, depth: int) -> list[float]:
     if counts is None:
         return [0.0] * depth
     return (counts / counts.sum().clamp_min(1)).tolist()
+
+
+def lm_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """(B, T, V) logits of a FractalMoE model or a transformers causal LM."""
+    out = model(x)
+    return getattr(out, "logits", out)
+
+
+@torch.no_grad()
+def val_bpb(model: nn.Module, data: ByteDataset, seq_len: int, batch_size: int,
+            device: str = "cpu") -> float:
+    """Bits per byte over every non-overlapping window of ``data.val``."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in data.val_batches(batch_size, seq_len):
+        logits = lm_logits(model, x.to(device))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).reshape(-1), reduction="sum")
+        total += loss.double()
+        count += y.numel()
+    model.train(was_training)
+    return float(total) / max(count, 1) / math.log(2)

@@ -1,0 +1,323 @@
+"""Sparse memory fine-tuning: which rows of a memory learn, and fresh memories whose rows can.
+
+A token changes the model only through the rows it reads, so fine-tuning that lets only rows the
+kept domains (the base's corpus, earlier fine-tuning corpora) seldom read learn keeps what the
+base knew. Rows are ranked by tf-idf of expert choices with the kept domains' sampled windows as
+documents (``rank_rows``), once (``sparse_row_masks``) or at every step from the step's batch
+(``StepRowSelector``). ``add_row_adapters`` gives a model without expert tables (GPT-2, Llama, ...)
+or a FractalMoE run fresh million-row memories with frozen, hashing routing to apply this to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import decoder_layers, mask_rows
+from .checkpoint import freeze_in_run
+from .data import ByteDataset
+from .evaluate import lm_logits
+from .fhme import FHME
+from .stats import CHOICES, collect
+
+SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows (at least)
+_HUB_IDF = 1e-9  # orders rows every kept window reads (idf 0) by tf, after all others
+
+
+def trainable_memories(model: nn.Module) -> list[tuple[int, FHME]]:
+    """(layer index, FHME) of each FHME whose expert tables train: the new adapters, or the
+    base's own layers under memory fine-tuning."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for m in layer.modules():
+            if isinstance(m, FHME) and any(t.requires_grad for t in m.fractal.bank.tables().values()):
+                out.append((i, m))
+    return out
+
+
+def row_masked_memories(model: nn.Module) -> list[tuple[int, FHME]]:
+    """``trainable_memories`` for a row mask per layer: each must read a bank of its own (on a
+    bank shared by layers, every layer's mask would zero the rows the others chose)."""
+    found = trainable_memories(model)
+    if not found:
+        raise ValueError("sparse rows need FHME layers to train")
+    if len({id(m.fractal.bank) for _, m in found}) < len(found):
+        raise ValueError("sparse rows: these layers share one expert bank (share_bank), and a row "
+                         "mask per layer would cancel the others'")
+    return found
+
+
+def sample_batches(batch_size: int) -> int:
+    """Batches of a domain's sample: ``SAMPLE_WINDOWS`` windows, rounded up to whole batches."""
+    return -(-SAMPLE_WINDOWS // batch_size)
+
+
+def sample_windows(data: ByteDataset, seq_len: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """The input batches of a domain's sample: its first ``sample_batches`` training batches."""
+    for step in range(sample_batches(batch_size)):
+        yield data.train_batch(step, batch_size, seq_len, seed)[0]
+
+
+@torch.no_grad()
+def choice_counts(model: nn.Module, adapters: list[FHME], data: ByteDataset, seq_len: int,
+                  batch_size: int, seed: int, device: str = "cpu") -> list[tuple[Tensor, Tensor]]:
+    """Per FHME layer, over the first ``SAMPLE_WINDOWS`` training windows of ``data``: how often
+    each expert row was chosen (by any of its routed blocks), and in how many windows it was
+    chosen at least once."""
+    routers = [[block.memory.router for block in a.fractal.blocks] for a in adapters]
+    sizes = [a.fractal.bank.num_experts for a in adapters]
+    counts = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
+    windows = [torch.zeros(n, dtype=torch.long, device=device) for n in sizes]
+    was_training = model.training
+    model.eval()
+    for x in sample_windows(data, seq_len, batch_size, seed):
+        with collect(model) as stats:
+            lm_logits(model, x.to(device))
+        for acc, seen, n, rs in zip(counts, windows, sizes, routers):
+            present = torch.zeros(x.shape[0], n, dtype=torch.bool, device=device)
+            for router in rs:
+                for idx in stats.values(router, CHOICES):
+                    per_window = idx.reshape(x.shape[0], -1)
+                    acc += torch.bincount(per_window.reshape(-1), minlength=n)
+                    present.scatter_(1, per_window, True)
+            seen += present.sum(0)
+    model.train(was_training)
+    return [(c.cpu(), w.cpu()) for c, w in zip(counts, windows)]
+
+
+def rank_rows(new: Tensor, kept_windows: Tensor, windows: int, top: int,
+              max_kept_windows: int | None = None) -> Tensor:
+    """(N,) bool: the ``top`` rows by tf-idf with the kept domains' windows as documents: tf =
+    the row's share of the new domain's choices, idf = log((1 + windows) / (1 + kept windows
+    that chose the row)). A row every kept window reads has idf 0, however often the new domain
+    reads it (counting kept *choices* instead would barely penalise such hub rows): such rows
+    come after every other, by tf (``_HUB_IDF``); rows the new domain never chose are never
+    picked, nor, with ``max_kept_windows``, rows that more kept windows chose (0: only rows no
+    kept window read, which base tokens seldom reach)."""
+    if max_kept_windows is not None:
+        new = new * (kept_windows <= max_kept_windows)
+    tf = new.double() / new.sum().clamp_min(1)
+    idf = torch.log((1.0 + windows) / (1.0 + kept_windows.double())).clamp_min(0) + _HUB_IDF
+    score = tf * idf
+    best = score.topk(min(top, score.numel())).indices
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    mask[best] = score[best] > 0
+    return mask
+
+
+def _kept_choices(model: nn.Module, adapters: list[FHME], kept: list[ByteDataset], seq_len: int,
+                  batch_size: int, seed: int, device: str) -> tuple[list[Tensor], list[Tensor], int]:
+    """Per layer, how often the kept domains' sampled windows chose each row and in how many of
+    them it was chosen, and how many windows were sampled: the documents of the tf-idf."""
+    kept_counts = [torch.zeros(a.fractal.bank.num_experts, dtype=torch.long) for a in adapters]
+    kept_windows = [torch.zeros_like(c) for c in kept_counts]
+    for data in kept:
+        for c, w, (n, seen) in zip(kept_counts, kept_windows,
+                                   choice_counts(model, adapters, data, seq_len, batch_size, seed, device)):
+            c += n
+            w += seen
+    return kept_counts, kept_windows, len(kept) * sample_batches(batch_size) * batch_size
+
+
+def sparse_row_masks(model: nn.Module, new_data: ByteDataset, kept: list[ByteDataset], top: int,
+                     seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> dict[str, Tensor]:
+    """Row masks of the model's trainable FHME tables (``rank_rows``), keyed by layer index, each
+    applied (``mask_rows``); new adapters' routers are frozen with them."""
+    found = row_masked_memories(model)
+    adapters = [a for _, a in found]
+    new = [c for c, _ in choice_counts(model, adapters, new_data, seq_len, batch_size, seed, device)]
+    _, kept_windows, windows = _kept_choices(model, adapters, kept, seq_len, batch_size, seed, device)
+    masks = {}
+    for (i, adapter), n, w in zip(found, new, kept_windows):
+        masks[str(i)] = rank_rows(n, w, windows, top)
+        mask_rows(adapter, masks[str(i)])
+        freeze_routing(adapter)  # keep the routing the rows were chosen under
+    return masks
+
+
+def freeze_routing(memory: FHME) -> None:
+    """Freeze what routes tokens to a memory's rows (each block's norm and router), where it
+    trains: the rows a token reads then stay the ones they were chosen under."""
+    for block in memory.fractal.blocks:
+        for module in (block.norm, block.memory.router):
+            if any(p.requires_grad for p in module.parameters()):
+                freeze_in_run(module)
+
+
+class StepRowSelector:
+    """Sparse memory fine-tuning's choice made at every step: of one FHME layer's table rows, only
+    ``top`` learn, chosen anew from this step's batch, and ``mask_rows`` applies the choice to
+    every table of the bank. ``trained`` gathers every row chosen.
+
+    Two rules choose them, in the first table-gradient hook of the backward after a training
+    forward (which forward hooks on the layer's routers mark). By default, the rows the batch reads
+    most above the kept domains (``rank_rows`` with the batch's choices, counted by those hooks, as tf).
+
+    With ``kept_share`` (each row's share of the kept domains' reads, over its mean: ``f``), the
+    rows that buy the most new-domain loss per unit of kept-domain loss. The kept domains' loss is
+    at a minimum, so moving row r by d_r raises it by about 1/2 sum_r f_r |d_r|^2 (Gauss-Newton:
+    a row's curvature grows with how often the kept domains read it), while the new domain's loss
+    falls by -sum_r g_r . d_r. For a given fall, the cheapest step is d_r = -lr g_r / (f_r + delta)
+    over the rows with the largest |g_r|^2 / (f_r + delta); the gradient hook chooses those rows
+    from the step's table gradient g and scales their rows by 1 / (f_r + delta) (a preconditioner
+    that only ``row_sgd`` keeps: lazy Adam divides it out again). ``delta`` stands for the reads a
+    sample of the kept domains does not see."""
+
+    def __init__(self, memory: FHME, kept_windows: Tensor, windows: int, top: int,
+                 kept_share: Tensor | None = None, delta: float = 0.1,
+                 max_kept_windows: int | None = None) -> None:
+        tables = list(memory.fractal.bank.tables().values())
+        n, device = memory.fractal.bank.num_experts, tables[0].device
+        self.kept_windows, self.windows, self.top = kept_windows.to(device), windows, top
+        self.max_kept_windows = max_kept_windows
+        if kept_share is not None and max_kept_windows is not None:
+            raise ValueError("choosing rows by gain per cost already weighs the kept domains' reads: "
+                             "give it no max_kept_windows")
+        self.inverse_cost = None if kept_share is None else (kept_share.to(device).float() + delta).reciprocal()
+        self.counts = torch.zeros(n, dtype=torch.long, device=device)
+        self.keep = torch.zeros(n, dtype=torch.bool, device=device)
+        self.trained = torch.zeros_like(self.keep)
+        self.pending = False
+        if self.inverse_cost is not None and len(tables) > 1:
+            raise ValueError("choosing rows by gain per cost needs one table per bank (block = value)")
+        for block in memory.fractal.blocks:
+            block.memory.router.register_forward_hook(self._count)
+        for table in tables:  # before mask_rows' hooks: a parameter's hooks run in order
+            table.register_hook(self._select)
+        mask_rows(memory, self.keep)
+
+    def _count(self, router: nn.Module, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+        if router.training and torch.is_grad_enabled():
+            if self.inverse_cost is None:  # the tf-idf rule's tf (index_add_: no host sync, unlike bincount)
+                idx = output[1].reshape(-1)
+                self.counts.index_add_(0, idx, torch.ones_like(idx))
+            self.pending = True
+
+    def _select(self, grad: Tensor) -> Tensor:
+        if self.pending:
+            self.pending = False
+            if self.inverse_cost is None:
+                self.keep.copy_(rank_rows(self.counts, self.kept_windows, self.windows, self.top,
+                                          self.max_kept_windows))
+                self.counts.zero_()
+            else:
+                grad = self._keep_by_gain(grad)
+            self.trained |= self.keep
+        return grad
+
+    def _keep_by_gain(self, grad: Tensor) -> Tensor:
+        """Keep the top rows by |g_r|^2 / (f_r + delta); the gradient with each row over f_r + delta."""
+        grad = grad.coalesce() if grad.is_sparse else grad
+        values = grad.values() if grad.is_sparse else grad
+        rows = grad.indices()[0] if grad.is_sparse else None
+        gain = values.float().square().sum(1)
+        if rows is not None:
+            gain = torch.zeros_like(self.inverse_cost).index_add_(0, rows, gain)
+        score = gain * self.inverse_cost
+        best = score.topk(min(self.top, score.numel())).indices
+        self.keep.zero_()
+        self.keep[best] = score[best] > 0
+        if rows is None:
+            return values * self.inverse_cost.unsqueeze(1).to(values.dtype)
+        scaled = values * self.inverse_cost.index_select(0, rows).unsqueeze(1).to(values.dtype)
+        return torch.sparse_coo_tensor(grad.indices(), scaled, grad.shape, is_coalesced=True)
+
+
+def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_len: int,
+                       batch_size: int, seed: int, device: str = "cpu",
+                       by_gain: bool = False, max_kept_windows: int | None = None) -> dict[str, StepRowSelector]:
+    """A ``StepRowSelector`` on each trainable FHME layer, keyed by layer index; ``by_gain``: rows
+    by new-domain gain per kept-domain cost, from the kept domains' read shares;
+    ``max_kept_windows``: see ``rank_rows``."""
+    found = row_masked_memories(model)
+    counts, kept_windows, windows = _kept_choices(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
+    shares = [c.double() / c.double().mean().clamp_min(1e-12) if by_gain else None for c in counts]
+    return {str(i): StepRowSelector(a, w, windows, top, share, max_kept_windows=max_kept_windows)
+            for (i, a), w, share in zip(found, kept_windows, shares)}
+
+
+def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_len: int, batch_size: int,
+                     seed: int, device: str = "cpu", max_kept_windows: int | None = 0,
+                     layers: list[int] | None = None, num_experts: int = 1_048_576,
+                     fit_to: ByteDataset | None = None, **fhme_config: Any) -> dict[str, StepRowSelector]:
+    """Sparse memory fine-tuning in fresh memories, for a model without expert tables (GPT-2,
+    Llama, ...) or beside a FractalMoE model's own FHME layers: beside each chosen FFN a
+    zero-initialised value memory (``add_fhme_adapters`` with ``block="value"``) whose routing
+    keeps its random initialisation, so that it hashes each token's hidden state to rows,
+    and of whose rows only ``rows`` per layer learn at each step (``StepRowSelector``), by default
+    only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
+    still zero and go on as before. The more rows a layer, the more of them the kept domains leave
+    unread. ``fit_to``: the new domain, whose queries and the kept domains' place the sub-keys
+    first (``fit_sub_keys``). Returns the selectors, keyed by layer index."""
+    memories = add_hashed_memories(model, layers, num_experts, **fhme_config)
+    if fit_to is not None:
+        fit_sub_keys(model, memories, [fit_to, *kept], seq_len, batch_size, seed, device=device)
+    return step_row_selectors(model, kept, rows, seq_len, batch_size, seed, device,
+                              max_kept_windows=max_kept_windows)
+
+
+def spherical_kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
+    """(k, d) unit centroids of ``points`` (n, d) by cosine: start from k random points, then
+    ``iters`` rounds of assigning each point to its best centroid and renormalising the means (a
+    centroid nobody chose keeps its place)."""
+    if len(points) < k:
+        raise ValueError(f"{k} centroids need at least as many points, got {len(points)}")
+    units = F.normalize(points.float(), dim=-1)
+    centroids = units[torch.randperm(len(units), generator=generator)[:k]].clone()
+    for _ in range(iters):
+        best = (units @ centroids.T).argmax(-1)
+        sums = torch.zeros_like(centroids).index_add_(0, best, units)
+        chosen = sums.norm(dim=-1) > 0
+        centroids[chosen] = F.normalize(sums[chosen], dim=-1)
+    return centroids
+
+
+@torch.no_grad()
+def fit_sub_keys(model: nn.Module, memories: list[FHME], domains: list[ByteDataset], seq_len: int,
+                 batch_size: int, seed: int, iters: int = 10, device: str = "cpu") -> None:
+    """Place each router's sub-keys on its queries, read from an equal sample of every domain
+    (``SAMPLE_WINDOWS`` training windows each): per head and key part, the unit centroids of a
+    spherical k-means with one centroid per sub-key. Random sub-keys take no account of where
+    the queries lie; fitted ones give each domain's own regions of query space their own
+    sub-keys, so that more of the rows a domain reads are ones the other domains do not.
+    Run on memories that add nothing yet (zero values): the queries are then the base model's."""
+    routers = [block.memory.router for m in memories for block in m.fractal.blocks]
+    seen: dict[nn.Module, list[Tensor]] = {r: [] for r in routers}
+
+    def keep_input(router: nn.Module, args: tuple[Tensor, ...]) -> None:
+        seen[router].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    hooks = [r.register_forward_pre_hook(keep_input) for r in routers]
+    was_training = model.training
+    model.eval()
+    try:
+        for data in domains:
+            for x in sample_windows(data, seq_len, batch_size, seed):
+                lm_logits(model, x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    generator = torch.Generator().manual_seed(seed)
+    for router in routers:
+        parts = router.query_parts(torch.cat(seen[router]))  # P of (T, H, Q/P)
+        for p, (q, size) in enumerate(zip(parts, router.sizes)):
+            for h in range(router.heads):
+                keys = spherical_kmeans(q[:, h].cpu(), size, iters, generator)
+                router.sub_keys[h, p, :size] = keys.to(router.sub_keys)
+
+
+def add_hashed_memories(model: nn.Module, layers: list[int] | None = None, num_experts: int = 1_048_576,
+                        **fhme_config: Any) -> list[FHME]:
+    """The memories of ``add_row_adapters``, before any row is chosen: zero-initialised value
+    memories beside the chosen FFNs, their routing frozen at its random initialisation."""
+    from .adapters import add_fhme_adapters
+
+    memories = add_fhme_adapters(model, layers, **{**fhme_config, "num_experts": num_experts, "block": "value"})
+    for memory in memories:
+        freeze_routing(memory)
+    return memories
