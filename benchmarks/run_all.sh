@@ -340,10 +340,15 @@ for lr in 3e-5 1e-4; do
 done > $R/finetune_fhme_rows/kjv_lora_gentle_rebuilt_base.jsonl
 # Pilots (fine-tuning seed 1, same rebuilt base, table lr 1.0): the rows as they are, with sub-keys
 # fitted to both domains, and with rows read by up to 2 sampled base windows allowed to learn
-for extra in "" "--fit-keys" "--max-kept-windows 2"; do
+for extra in "" "--fit-keys" "--max-kept-windows 2" "--fit-keys --max-kept-windows 2" "--max-kept-windows 8"; do
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter rows \
     --lr 1e-3 --expert-lr 1.0 --seed 1 --eval-bytes 262144 $extra | tail -1
 done > $R/finetune_fhme_rows/pilots.jsonl
+# ... and the opened rows on the seed-3 replicate, read against its own LoRA and full curves
+for mkw in 8 2; do
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s3 --data "$EMAIL" --adapter rows \
+    --lr 1e-3 --expert-lr 1.0 --seed 3 --eval-bytes 262144 --max-kept-windows $mkw | tail -1
+done >> $R/finetune_fhme_rows/pilots.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_fhme_rows/finetune.jsonl --levels email:4.4 email:4.2 \
   email:4.0 email:3.9 email:3.82 kjv:2.42 kjv:2.39 kjv:2.37 > $R/finetune_fhme_rows/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
