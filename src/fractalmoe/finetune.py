@@ -78,7 +78,7 @@ from .sparse_rows import (
 from .stats import collect, fold_statistics
 
 
-# --- evaluation ---------------------------------------------------------------------------
+# --- domains: the validation splits a run reports -------------------------------------------
 def load_domain(path: str | None, val_fraction: float, seq_len: int,
                 eval_bytes: int | None = None) -> ByteDataset:
     """A corpus split as its run split it; with ``eval_bytes`` only that prefix of validation."""
