@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import decoder_layers, mask_rows
+from .adapters import add_fhme_adapters, decoder_layers, mask_rows
 from .checkpoint import freeze_in_run
 from .data import ByteDataset
 from .evaluate import lm_logits
@@ -315,8 +315,6 @@ def add_hashed_memories(model: nn.Module, layers: list[int] | None = None, num_e
                         **fhme_config: Any) -> list[FHME]:
     """The memories of ``add_row_adapters``, before any row is chosen: zero-initialised value
     memories beside the chosen FFNs, their routing frozen at its random initialisation."""
-    from .adapters import add_fhme_adapters
-
     memories = add_fhme_adapters(model, layers, **{**fhme_config, "num_experts": num_experts, "block": "value"})
     for memory in memories:
         freeze_routing(memory)
