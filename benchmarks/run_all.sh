@@ -302,21 +302,23 @@ done > $R/finetune_gpt2_rows/pilots.jsonl
 # (benchmarks/finetune_gpt2.py finetune --base RUN), email, seed 2, down to gentle rates
 EMAIL=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 mkdir -p $R/finetune_fhme_rows
+fhme_rows_run() {  # BASE SEED DOMAIN METHOD LR XLR: one run, its JSON line tagged for finetune_table.py
+  local data=$EMAIL
+  [ "$3" = kjv ] && data=runs/ft_rows_fixed/data/kjv.txt  # made by the finetune.sh call above
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base "$1" --data "$data" --adapter "$4" --lr "$5" \
+    --expert-lr "$6" --seed "$2" --eval-bytes 262144 | .venv/bin/python -c 'import json, sys
+r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain=sys.argv[2], study="single")
+print(json.dumps(r))' "$4" "$3"
+}
 for spec in rows:1e-3:0.1 rows:1e-3:0.3 rows:1e-3:1.0 full:1e-5:0.0005 full:3e-5:0.0015 full:1e-4:0.005 \
     lora:3e-5:0.05 lora:1e-4:0.05 lora:3e-4:0.05; do
   IFS=: read -r method lr xlr <<< "$spec"
-  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter $method \
-    --lr $lr --expert-lr $xlr --seed 2 --eval-bytes 262144 | .venv/bin/python -c 'import json, sys
-r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain="email", study="single")
-print(json.dumps(r))' $method
+  fhme_rows_run runs/ft_base_s2 2 email $method $lr $xlr
 done > $R/finetune_fhme_rows/finetune.jsonl
-# ... and the King James Bible (made by the finetune.sh call above), learnt faster: the rows from 0.03
+# ... and the King James Bible, learnt faster: the rows from 0.03
 for spec in rows:1e-3:0.03 rows:1e-3:0.1 full:1e-5:0.0005 full:3e-5:0.0015; do
   IFS=: read -r method lr xlr <<< "$spec"
-  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data runs/ft_rows_fixed/data/kjv.txt \
-    --adapter $method --lr $lr --expert-lr $xlr --seed 2 --eval-bytes 262144 | .venv/bin/python -c 'import json, sys
-r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain="kjv", study="single")
-print(json.dumps(r))' $method
+  fhme_rows_run runs/ft_base_s2 2 kjv $method $lr $xlr
 done >> $R/finetune_fhme_rows/finetune.jsonl
 grep '/kjv_lora_lr' $R/finetune_rows_fixed/finetune.jsonl >> $R/finetune_fhme_rows/finetune.jsonl  # LoRA: the CLI's runs
 # A second replicate: a base trained with seed 3, fine-tuned with seed 3, the same rates (LoRA on
@@ -326,11 +328,7 @@ for spec in email:rows:1e-3:0.1 email:rows:1e-3:0.3 email:rows:1e-3:1.0 email:fu
     email:full:1e-4:0.005 email:lora:3e-5:0.05 email:lora:1e-4:0.05 email:lora:3e-4:0.05 kjv:rows:1e-3:0.03 \
     kjv:rows:1e-3:0.1 kjv:full:1e-5:0.0005 kjv:full:3e-5:0.0015 kjv:lora:3e-4:0.05 kjv:lora:1e-3:0.05 kjv:lora:3e-3:0.05; do
   IFS=: read -r domain method lr xlr <<< "$spec"
-  data=$EMAIL; [ "$domain" = kjv ] && data=runs/ft_rows_fixed/data/kjv.txt
-  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s3 --data "$data" --adapter $method \
-    --lr $lr --expert-lr $xlr --seed 3 --eval-bytes 262144 | .venv/bin/python -c 'import json, sys
-r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain=sys.argv[2], study="single")
-print(json.dumps(r))' $method $domain
+  fhme_rows_run runs/ft_base_s3 3 $domain $method $lr $xlr
 done >> $R/finetune_fhme_rows/finetune.jsonl
 # LoRA's gentle end on the Bible, on the seed-2 base as today's code rebuilds it (runs/ft_base_s2
 # retrained by the command above): where LoRA's rise at 2.37 really lies
@@ -339,7 +337,8 @@ for lr in 3e-5 1e-4; do
     --adapter lora --lr $lr --expert-lr 0.05 --seed 2 --eval-bytes 262144 | tail -1
 done > $R/finetune_fhme_rows/kjv_lora_gentle_rebuilt_base.jsonl
 # Pilots (fine-tuning seed 1, same rebuilt base, table lr 1.0): the rows as they are, with sub-keys
-# fitted to both domains, and with rows read by up to 2 sampled base windows allowed to learn
+# fitted to both domains, with rows read by up to 2 or 8 sampled base windows allowed to learn, and
+# fitted sub-keys with up to 2
 for extra in "" "--fit-keys" "--max-kept-windows 2" "--fit-keys --max-kept-windows 2" "--max-kept-windows 8"; do
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter rows \
     --lr 1e-3 --expert-lr 1.0 --seed 1 --eval-bytes 262144 $extra | tail -1

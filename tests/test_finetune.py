@@ -205,7 +205,7 @@ def test_rank_rows_prefers_rows_the_base_domain_rarely_uses() -> None:
 
 def test_choice_counts_count_choices_and_windows() -> None:
     from fractalmoe.data import ByteDataset
-    from fractalmoe.sparse_rows import choice_counts, SAMPLE_WINDOWS
+    from fractalmoe.sparse_rows import SAMPLE_WINDOWS, choice_counts
 
     model = FHMELanguageModel(tiny_model_config(ffn="dense"))
     (adapter,) = add_fhme_adapters(model, layers=[0], num_experts=64, heads=2, topk=4, key_dim=16)
