@@ -3,7 +3,8 @@
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
-        [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0] [--fit-keys]
+        [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
+        [--domain-gate [--gate-off-too]] [--train-queries]
 
 ``base`` trains a transformers GPT2LMHeadModel (byte vocabulary 256, the shape of the default
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
@@ -11,7 +12,8 @@ schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (i
 split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank; ``rows``: value memories of
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
 step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
-first fitted to both domains' queries); LoRA at that rank on every
+first fitted to both domains' queries; ``--domain-gate``: each memory behind a ``DomainGate``;
+``--train-queries``: the memories' query projections learn too); LoRA at that rank on every
 dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); or trains every weight, and prints
 one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
 before and after).
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from fractalmoe.adapters import AdaptedFFN
 from fractalmoe.config import TrainConfig
 from fractalmoe.evaluate import val_bpb
 from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm
@@ -97,7 +100,13 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                       warmup_steps=min(100, args.max_steps // 10))
     row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device,
                              experts=args.experts, max_kept_windows=args.max_kept_windows,
-                             fit_keys=args.fit_keys)
+                             fit_keys=args.fit_keys, domain_gate=args.domain_gate,
+                             train_queries=args.train_queries)
+    if args.gate_off_too:  # the same trained adapters with their gates taken out: what the gate keeps
+        for m in model.modules():
+            if isinstance(m, AdaptedFFN):
+                m.domain_gate = None
+        row["bpb_gate_off"] = [val_bpb(model, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
     return {"base": str(args.base), "base_model": kind, "eval_bytes": args.eval_bytes, **row}
 
 
@@ -120,10 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)
     f.add_argument("--experts", type=int, default=1_048_576, help="rows: rows per layer (a perfect square)")
-    f.add_argument("--max-kept-windows", type=int, default=0,
-                   help="rows: only rows at most this many sampled base windows read may learn")
+    f.add_argument("--max-kept-windows", type=lambda v: None if v == "any" else int(v), default=0,
+                   help="rows: only rows at most this many sampled base windows read may learn (any: no limit)")
     f.add_argument("--fit-keys", action="store_true",
                    help="rows: sub-keys fitted to both domains' queries first (fit_sub_keys)")
+    f.add_argument("--domain-gate", action="store_true",
+                   help="rows: each adapter scaled by a domain gate read from its routing (DomainGate)")
+    f.add_argument("--train-queries", action="store_true", help="rows: the memories' query projections learn too")
+    f.add_argument("--gate-off-too", action="store_true",
+                   help="with --domain-gate: also report every domain's bpb with the gates taken out (bpb_gate_off)")
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--max-steps", type=int, default=150)
     f.add_argument("--eval-bytes", type=int, default=None)

@@ -303,10 +303,12 @@ done > $R/finetune_gpt2_rows/pilots.jsonl
 EMAIL=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 mkdir -p $R/finetune_fhme_rows
 fhme_rows_run() {  # BASE SEED DOMAIN METHOD LR XLR: one run, its JSON line tagged for finetune_table.py
-  local data=$EMAIL
+  # (METHOD gated: row adapters behind domain gates, any row free to learn, queries learning)
+  local data=$EMAIL adapter=$4 extra=""
   [ "$3" = kjv ] && data=runs/ft_rows_fixed/data/kjv.txt  # made by the finetune.sh call above
-  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base "$1" --data "$data" --adapter "$4" --lr "$5" \
-    --expert-lr "$6" --seed "$2" --eval-bytes 262144 | .venv/bin/python -c 'import json, sys
+  [ "$4" = gated ] && adapter=rows extra="--domain-gate --max-kept-windows any --train-queries"
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base "$1" --data "$data" --adapter $adapter --lr "$5" \
+    --expert-lr "$6" --seed "$2" --eval-bytes 262144 $extra | .venv/bin/python -c 'import json, sys
 r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain=sys.argv[2], study="single")
 print(json.dumps(r))' "$4" "$3"
 }
@@ -350,6 +352,37 @@ for mkw in 8 2; do
 done >> $R/finetune_fhme_rows/pilots.jsonl
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_fhme_rows/finetune.jsonl --levels email:4.4 email:4.2 \
   email:4.0 email:3.9 email:3.82 kjv:2.42 kjv:2.39 kjv:2.37 > $R/finetune_fhme_rows/finetune_tables.md
+# Row adapters behind domain gates (sparse_rows.DomainGate: each memory's output times the
+# posterior, read from a frozen copy of its routing, that the text so far is the new domain's).
+# Pilots (fine-tuning seed 1, the rebuilt seed-2 base, email): the gate on the rows as they are,
+# with any row free to learn, at a higher table lr, then with the query projections learning at
+# three dense / table rates (--gate-off-too: the same adapters measured without their gates)
+G=$R/finetune_gated_rows
+mkdir -p $G
+for spec in "1e-3 1.0 --domain-gate" "1e-3 1.0 --domain-gate --max-kept-windows any" \
+    "1e-3 3.0 --domain-gate --max-kept-windows any --gate-off-too" \
+    "1e-3 1.0 --domain-gate --max-kept-windows any --train-queries --gate-off-too" \
+    "1e-3 0.3 --domain-gate --max-kept-windows any --train-queries --gate-off-too" \
+    "3e-3 1.0 --domain-gate --max-kept-windows any --train-queries --gate-off-too" \
+    "1e-2 0.3 --domain-gate --max-kept-windows any --train-queries --gate-off-too"; do
+  read -r lr xlr extra <<< "$spec"
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter rows \
+    --lr $lr --expert-lr $xlr --seed 1 --eval-bytes 262144 $extra | tail -1
+done > $G/pilots.jsonl
+# The study: gated rows at three rates, both replicates (the rebuilt seed-2 base, fine-tuned with
+# seed 2; the seed-3 base); LoRA up to 3e-3 (its best rate on email) and full fine-tuning on the
+# rebuilt seed-2 base, LoRA's two strongest rates on the seed-3 base; its other runs are the ones above
+for spec in s3:email:gated:1e-4:0.1 s3:email:gated:1e-3:0.3 s3:email:gated:1e-2:0.3 s3:email:lora:1e-3:0.05 \
+    s3:email:lora:3e-3:0.05 s2:email:gated:1e-4:0.1 s2:email:gated:1e-3:0.3 s2:email:gated:1e-2:0.3 \
+    s2:email:lora:3e-5:0.05 s2:email:lora:1e-4:0.05 s2:email:lora:3e-4:0.05 s2:email:lora:1e-3:0.05 \
+    s2:email:lora:3e-3:0.05 s2:email:full:1e-5:0.0005 s2:email:full:3e-5:0.0015 s2:email:full:1e-4:0.005 \
+    s3:kjv:gated:1e-4:0.1 s3:kjv:gated:1e-3:0.3 s3:kjv:gated:1e-2:0.3 s2:kjv:gated:1e-4:0.1 s2:kjv:gated:1e-3:0.3 \
+    s2:kjv:gated:1e-2:0.3 s2:kjv:lora:3e-4:0.05 s2:kjv:lora:1e-3:0.05 s2:kjv:lora:3e-3:0.05 \
+    s2:kjv:full:1e-5:0.0005 s2:kjv:full:3e-5:0.0015; do
+  IFS=: read -r s domain method lr xlr <<< "$spec"
+  fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
+done > $G/finetune.jsonl
+grep '"seed": 3' $R/finetune_fhme_rows/finetune.jsonl | grep -v '"method": "rows"' >> $G/finetune.jsonl
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl

@@ -272,6 +272,41 @@ def test_row_adapters_leave_the_kept_sample_exactly_as_the_base_had_it(fit: bool
         assert 0 < int(sel.trained.sum()) and not bool((sel.trained & (sel.kept_windows > 0)).any())
 
 
+def test_gated_row_adapters_learn_their_queries_within_a_budget_and_keep_the_gate_frozen() -> None:
+    """``add_row_adapters(gate_on=new, train_queries=True, budget=B)`` on GPT-2: each memory sits
+    behind a ``DomainGate``; as many rows learn a step as fit B beside the query projections;
+    the queries move in training, the gate's own copy of the routing does not; a cached
+    generation step, which shows the gate one position alone, is refused."""
+    from fractalmoe.data import ByteDataset
+    from fractalmoe.finetune import train_lm
+    from fractalmoe.sparse_rows import add_row_adapters, non_table_trainable
+
+    torch.manual_seed(0)
+    model = _gpt2()
+    kept = ByteDataset.from_bytes(b"To be, or not to be: that is the question. " * 60, 0.1, 16)
+    new = ByteDataset.from_bytes(bytes(range(32, 127)) * 40, 0.1, 16)
+    with pytest.raises(ValueError, match="one of the two"):
+        add_row_adapters(model, [kept], 16, 16, 8, 1, budget=1000)
+    selectors = add_row_adapters(model, [kept], None, 16, 8, 1, max_kept_windows=None, num_experts=4096,
+                                 heads=1, topk=4, key_dim=16, gate_on=new, train_queries=True, budget=20_000)
+    ffns = [b.mlp for b in model.transformer.h]
+    queries = sum(m.numel() for f in ffns for b in f.adapter.fractal.blocks for m in b.memory.router.query.parameters())
+    joins = sum(p.numel() for f in ffns for j in f.adapter.fractal.joins for p in j.parameters())
+    assert non_table_trainable(model) == queries + joins
+    width = sum(f.adapter.fractal.bank.values.shape[1] for f in ffns)
+    assert all(sel.top == (20_000 - queries - joins) // width for sel in selectors.values())
+    gate_state = {k: v.clone() for k, v in model.state_dict().items() if "domain_gate" in k}
+    query_state = {k: v.clone() for k, v in model.state_dict().items()
+                   if k.endswith("router.query.weight") and "domain_gate" not in k}
+    assert gate_state and query_state
+    train_lm(model, new, TrainConfig(max_steps=4, lr=1e-2, expert_lr=0.5, batch_size=8, seed=1), 16)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in gate_state.items())
+    assert all(not torch.equal(state[k], v) for k, v in query_state.items())
+    with pytest.raises(ValueError, match="without a cache"):
+        ffns[0](torch.randn(1, 1, 32), None)
+
+
 def test_spherical_kmeans_converges_to_the_normalised_means_of_its_clusters() -> None:
     """Lloyd's fixed point by cosine: every centroid is a unit vector, the normalised mean of the
     points that pick it; and the fit scores the points better than the random points it starts from."""

@@ -600,3 +600,64 @@ def test_sequential_table_reads_each_stage_from_its_own_run(load_benchmark) -> N
               "prior_val_bpb_before": [3.0], "prior_val_bpb": [4.5]}
     out = table.sequential_table([second], [first])
     assert "| lora | 3.0000, 4.5000 | 2.2000 | 1.5000 | 0.1000 | 0.6000 | 1.5000 (s2) |" in out
+
+
+def test_domain_gate_is_the_causal_posterior_of_the_rows_a_token_reads() -> None:
+    """sigmoid of the running sum of each token's mean row llr over its first block's reads,
+    recomputed here by hand; a later position never moves an earlier gate."""
+    from fractalmoe import FHME
+    from fractalmoe.sparse_rows import DomainGate, freeze_routing
+
+    torch.manual_seed(0)
+    layer = FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value")
+    freeze_routing(layer)
+    llr = torch.randn(256)
+    block = layer.fractal.blocks[0]
+    gate = DomainGate(block.norm, block.memory.router, llr)
+    x = torch.randn(3, 10, 16)
+    g = gate(x)
+    _, idx = block.memory.router(block.norm(x.reshape(-1, 16)))  # (30, heads, topk)
+    evidence = llr[idx].reshape(3, 10, -1).mean(-1)
+    torch.testing.assert_close(g.squeeze(-1), torch.sigmoid(evidence.cumsum(-1)))
+    y = x.clone()
+    y[:, 6:] = torch.randn(3, 4, 16)
+    torch.testing.assert_close(gate(y)[:, :6], g[:, :6], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="whole sequences"):
+        gate(x[0])
+
+
+def test_row_llr_compares_read_shares_with_half_counts_added() -> None:
+    from fractalmoe.sparse_rows import row_llr
+
+    new, kept = torch.tensor([3, 0, 1]), torch.tensor([0, 2, 2])
+    want = [torch.log(torch.tensor((n + 0.5) / 5.5)) - torch.log(torch.tensor((k + 0.5) / 5.5))
+            for n, k in zip(new.tolist(), kept.tolist())]
+    torch.testing.assert_close(row_llr(new, kept), torch.stack(want))
+
+
+def test_domain_gated_row_adapters_open_on_the_new_domain_and_stay_shut_on_the_base(corpora) -> None:
+    """``finetune_in_memory(..., domain_gate=True)``: every row adapter gets a gate, and after
+    training the gates stand wider on the new domain's text than on the base's."""
+    from fractalmoe.adapters import AdaptedFFN
+    from fractalmoe.evaluate import lm_logits
+    from fractalmoe.finetune import Domain, finetune_in_memory, kept_domains, lineage
+
+    model, config, _ = load_model_from_run(corpora["run"])
+    seq_len = config.model.seq_len
+    domains = [Domain(str(corpora["code"]), load_domain(str(corpora["code"]), 0.1, seq_len)),
+               *kept_domains(lineage(corpora["run"]), None)]
+    row = finetune_in_memory(model, "rows", 16, domains, TrainConfig(batch_size=4, max_steps=3, expert_lr=0.5),
+                             seq_len, experts=4096, max_kept_windows=None, domain_gate=True)
+    assert row["domain_gate"] and row["val_bpb"] < row["val_bpb_before"]
+    seen: dict[str, list[float]] = {"new": [], "base": []}
+    for b in model.blocks:
+        assert isinstance(b.ffn, AdaptedFFN) and b.ffn.domain_gate is not None
+    hooks = []
+    for name, d in zip(seen, domains):
+        hooks = [b.ffn.domain_gate.register_forward_hook(lambda m, i, o, n=name: seen[n].append(float(o.mean())))
+                 for b in model.blocks]
+        with torch.no_grad():
+            lm_logits(model.eval(), d.data.train_batch(0, 4, seq_len, 1)[0])
+        for h in hooks:
+            h.remove()
+    assert min(seen["new"]) > 0.5 > max(seen["base"])

@@ -39,12 +39,17 @@ class AdaptedFFN(nn.Module):
         self.base = base
         self.adapter = adapter
         self.gate = gate  # optional output gate sigmoid(w . x + b) (``output_gate_linear``)
+        self.domain_gate: nn.Module | None = None  # x -> (..., 1): ``sparse_rows.DomainGate``
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.domain_gate is not None and (args or kwargs):  # cached generation: x holds new positions alone
+            raise ValueError("a domain gate reads the whole sequence so far: generate without a cache")
         out = self.base(x, *args, **kwargs)
         y = self.adapter(x)
         if self.gate is not None:
             y = torch.sigmoid(self.gate(x)) * y
+        if self.domain_gate is not None:
+            y = self.domain_gate(x) * y
         return out + y.to(out.dtype)
 
 

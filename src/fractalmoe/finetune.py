@@ -70,10 +70,12 @@ from .data import ByteDataset, corpus_files
 from .evaluate import lm_logits, val_bpb
 from .sparse_rows import (
     StepRowSelector,
-    add_hashed_memories,
-    fit_sub_keys,
+    add_row_adapters,
+    non_table_trainable,
+    row_width,
     sparse_row_masks,
     step_row_selectors,
+    trainable_memories,
 )
 from .stats import collect, fold_statistics
 
@@ -483,7 +485,8 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
 def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: list[Domain],
                        cfg: TrainConfig, seq_len: int, device: str = "cpu",
                        output_gate: bool = False, experts: int = 1_048_576,
-                       max_kept_windows: int | None = 0, fit_keys: bool = False) -> dict[str, Any]:
+                       max_kept_windows: int | None = 0, fit_keys: bool = False,
+                       domain_gate: bool = False, train_queries: bool = False) -> dict[str, Any]:
     """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
     for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
@@ -496,17 +499,15 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     selectors: dict[str, StepRowSelector] = {}
     if method == "rows":
         sizing = Sizing({"kind": "rows"}, lora_rank, lora_parameter_count(lora_targets(model), lora_rank))
-        memories = add_hashed_memories(model, num_experts=experts,
-                                       **{k: v for k, v in DEFAULT_ADAPTER.items() if k != "num_experts"})
-        if fit_keys:
-            fit_sub_keys(model, memories, [d.data for d in domains], seq_len, cfg.batch_size, cfg.seed, device=device)
-        others = trainable_parameter_count(model) - sum(
-            t.numel() for m in memories for t in m.fractal.bank.tables().values())
-        row_width = hidden_size(model) * len(memories)
-        rows = (sizing.lora_params - others) // row_width
-        selectors = step_row_selectors(model, [d.data for d in domains[1:]], rows, seq_len, cfg.batch_size,
-                                       cfg.seed, device, max_kept_windows=max_kept_windows)
-        sizing.fhme_experts, sizing.fhme_params = rows, rows * row_width + others
+        new, kept = domains[0].data, [d.data for d in domains[1:]]
+        selectors = add_row_adapters(
+            model, kept, None, seq_len, cfg.batch_size, cfg.seed, device, max_kept_windows,
+            num_experts=experts, fit_to=new if fit_keys else None, gate_on=new if domain_gate else None,
+            train_queries=train_queries, budget=sizing.lora_params,
+            **{k: v for k, v in DEFAULT_ADAPTER.items() if k != "num_experts"})
+        rows = next(iter(selectors.values())).top
+        width = sum(row_width(m) for _, m in trainable_memories(model))
+        sizing.fhme_experts, sizing.fhme_params = rows, rows * width + non_table_trainable(model)
         sizing.spec.update(sparse_rows=rows, rows_per_step=True)
         trainable = sizing.fhme_params
     else:
@@ -521,4 +522,6 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
             "trained_rows": {k: int(sel.trained.sum()) for k, sel in selectors.items()} or None,
             "max_kept_windows": max_kept_windows if method == "rows" else None,
             "fit_keys": fit_keys if method == "rows" else None,
+            "domain_gate": domain_gate if method == "rows" else None,
+            "train_queries": train_queries if method == "rows" else None,
             **_domain_fields(domains, before, after)}

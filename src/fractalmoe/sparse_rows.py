@@ -10,6 +10,7 @@ or a FractalMoE run fresh million-row memories with frozen, hashing routing to a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import add_fhme_adapters, decoder_layers, mask_rows
+from .adapters import AdaptedFFN, add_fhme_adapters, decoder_layers, mask_rows, trainable_parameter_count
 from .checkpoint import freeze_in_run
 from .data import ByteDataset
 from .evaluate import lm_logits
@@ -240,10 +241,12 @@ def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_
             for (i, a), w, share in zip(found, kept_windows, shares)}
 
 
-def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_len: int, batch_size: int,
-                     seed: int, device: str = "cpu", max_kept_windows: int | None = 0,
+def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int | None, seq_len: int,
+                     batch_size: int, seed: int, device: str = "cpu", max_kept_windows: int | None = 0,
                      layers: list[int] | None = None, num_experts: int = 1_048_576,
-                     fit_to: ByteDataset | None = None, **fhme_config: Any) -> dict[str, StepRowSelector]:
+                     fit_to: ByteDataset | None = None, gate_on: ByteDataset | None = None,
+                     train_queries: bool = False, budget: int | None = None,
+                     **fhme_config: Any) -> dict[str, StepRowSelector]:
     """Sparse memory fine-tuning in fresh memories, for a model without expert tables (GPT-2,
     Llama, ...) or beside a FractalMoE model's own FHME layers: beside each chosen FFN a
     zero-initialised value memory (``add_fhme_adapters`` with ``block="value"``) whose routing
@@ -251,13 +254,44 @@ def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int, seq_l
     and of whose rows only ``rows`` per layer learn at each step (``StepRowSelector``), by default
     only rows no sampled window of the ``kept`` domains read: base tokens then read rows that are
     still zero and go on as before. The more rows a layer, the more of them the kept domains leave
-    unread. ``fit_to``: the new domain, whose queries and the kept domains' place the sub-keys
-    first (``fit_sub_keys``). Returns the selectors, keyed by layer index."""
+    unread.
+
+    ``fit_to``: the new domain, whose queries and the kept domains' place the sub-keys first
+    (``fit_sub_keys``). ``gate_on``: the new domain, from whose reads and the kept domains' each
+    memory gets a ``DomainGate`` (then base text reads the memories through a shut gate, and any
+    row may be let learn: ``max_kept_windows=None``). ``train_queries``: the memories' query
+    projections learn too (the gate keeps its own frozen copy of the routing). ``budget``, in
+    place of ``rows``: as many rows a step as fit the trainable parameters beside the tables into
+    it. Returns the selectors, keyed by layer index."""
+    if (rows is None) == (budget is None):
+        raise ValueError("give rows a step or a parameter budget, one of the two")
     memories = add_hashed_memories(model, layers, num_experts, **fhme_config)
     if fit_to is not None:
         fit_sub_keys(model, memories, [fit_to, *kept], seq_len, batch_size, seed, device=device)
+    if gate_on is not None:
+        add_domain_gates(model, memories, gate_on, kept, seq_len, batch_size, seed, device)
+    if train_queries:
+        for memory in memories:
+            for block in memory.fractal.blocks:
+                block.memory.router.query.requires_grad_(True)
+    if budget is not None:
+        rows = (budget - non_table_trainable(model)) // sum(row_width(m) for m in memories)
+        if rows < 1:
+            raise ValueError(f"a budget of {budget} parameters leaves no row to learn")
     return step_row_selectors(model, kept, rows, seq_len, batch_size, seed, device,
                               max_kept_windows=max_kept_windows)
+
+
+def row_width(memory: FHME) -> int:
+    """Parameters in one row of a memory's bank (every table's row)."""
+    return sum(t[0].numel() for t in memory.fractal.bank.tables().values())
+
+
+def non_table_trainable(model: nn.Module) -> int:
+    """Trainable parameters outside the trainable memories' tables (their rows are counted by
+    the rows a step lets learn)."""
+    tables = sum(t.numel() for _, m in trainable_memories(model) for t in m.fractal.bank.tables().values())
+    return trainable_parameter_count(model) - tables
 
 
 def spherical_kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
@@ -319,3 +353,53 @@ def add_hashed_memories(model: nn.Module, layers: list[int] | None = None, num_e
     for memory in memories:
         freeze_routing(memory)
     return memories
+
+
+class DomainGate(nn.Module):
+    """Opens a row adapter on the new domain's text and keeps it shut on the kept domains', with
+    no domain label: a naive-Bayes reading of a frozen hashing router. Row r carries
+    llr_r = log p_new(r) - log p_kept(r), from how often samples of the two read it (add-1/2
+    smoothing); a token's evidence e_t is the mean llr over the rows it reads, and the gate at
+    position t is sigmoid(sum_{s <= t} e_s), the posterior that the text so far is the new
+    domain's from even odds, each token one observation. Causal: position t reads only positions
+    <= t of its own sequence. The router is a frozen copy of the memory's first block's (its
+    norm and router), so that the memory's own routing may go on to learn; nothing here trains.
+    It needs every position so far in each call: a FractalMoE model refuses a cached generation
+    step, and a Hugging Face model must generate with ``use_cache=False``."""
+
+    def __init__(self, norm: nn.Module, router: nn.Module, llr: Tensor) -> None:
+        super().__init__()
+        self.norm, self.router = copy.deepcopy(norm), copy.deepcopy(router)
+        self.requires_grad_(False)
+        self.register_buffer("llr", llr.float())
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 3:
+            raise ValueError("a domain gate needs whole sequences: x of shape (B, T, D)")
+        _, idx = self.router(self.norm(x.reshape(-1, x.shape[-1])))
+        evidence = self.llr[idx].flatten(1).mean(1).view(x.shape[:-1])
+        return torch.sigmoid(evidence.cumsum(-1)).unsqueeze(-1).to(x.dtype)
+
+
+def row_llr(new: Tensor, kept: Tensor) -> Tensor:
+    """Per row, log p_new(r) - log p_kept(r) from read counts (N,), add-1/2 smoothed."""
+    def log_p(c: Tensor) -> Tensor:
+        c = c.double() + 0.5
+        return c.log() - c.sum().log()
+    return (log_p(new) - log_p(kept)).float()
+
+
+def add_domain_gates(model: nn.Module, memories: list[FHME], new: ByteDataset, kept: list[ByteDataset],
+                     seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> None:
+    """A ``DomainGate`` on each of ``memories`` (row adapters: frozen routing), from the reads of
+    ``SAMPLE_WINDOWS`` training windows of the new domain and of each kept domain."""
+    new_counts = [c for c, _ in choice_counts(model, memories, new, seq_len, batch_size, seed, device)]
+    kept_counts = [torch.zeros_like(c) for c in new_counts]
+    for data in kept:
+        for acc, (c, _) in zip(kept_counts, choice_counts(model, memories, data, seq_len, batch_size, seed, device)):
+            acc += c
+    owners = {id(m.adapter): m for m in model.modules() if isinstance(m, AdaptedFFN)}
+    for memory, n, k in zip(memories, new_counts, kept_counts):
+        block = memory.fractal.blocks[0]
+        owners[id(memory)].domain_gate = DomainGate(block.norm, block.memory.router, row_llr(n, k)).to(device)
