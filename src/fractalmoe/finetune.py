@@ -492,7 +492,9 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
     and, of them, as many learning per step as fit LoRA's count at ``lora_rank`` beside the
     adapters' other trainable parameters; ``fit_keys``: sub-keys fitted to every domain's queries
-    first), train on ``domains[0]`` with ``train_lm``, and measure
+    first; ``domain_gate``: each memory behind a ``DomainGate`` for ``domains[0]``;
+    ``train_queries``: the memories' query projections learn), train on ``domains[0]`` with
+    ``train_lm``, and measure
     every domain (new, base, earlier) before and after."""
     model.to(device)
     before = _bpbs(model, domains, seq_len, cfg.batch_size, device)
