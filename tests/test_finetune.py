@@ -652,7 +652,6 @@ def test_domain_gated_row_adapters_open_on_the_new_domain_and_stay_shut_on_the_b
     seen: dict[str, list[float]] = {"new": [], "base": []}
     for b in model.blocks:
         assert isinstance(b.ffn, AdaptedFFN) and b.ffn.domain_gate is not None
-    hooks = []
     for name, d in zip(seen, domains):
         hooks = [b.ffn.domain_gate.register_forward_hook(lambda m, i, o, n=name: seen[n].append(float(o.mean())))
                  for b in model.blocks]

@@ -235,7 +235,14 @@ def step_row_selectors(model: nn.Module, kept: list[ByteDataset], top: int, seq_
     by new-domain gain per kept-domain cost, from the kept domains' read shares;
     ``max_kept_windows``: see ``rank_rows``."""
     found = row_masked_memories(model)
-    counts, kept_windows, windows = _kept_choices(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
+    choices = _kept_choices(model, [a for _, a in found], kept, seq_len, batch_size, seed, device)
+    return _selectors(found, choices, top, by_gain, max_kept_windows)
+
+
+def _selectors(found: list[tuple[int, FHME]], choices: tuple[list[Tensor], list[Tensor], int], top: int,
+               by_gain: bool, max_kept_windows: int | None) -> dict[str, StepRowSelector]:
+    """``step_row_selectors`` from the kept domains' choices (``_kept_choices``) of ``found``."""
+    counts, kept_windows, windows = choices
     shares = [c.double() / c.double().mean().clamp_min(1e-12) if by_gain else None for c in counts]
     return {str(i): StepRowSelector(a, w, windows, top, share, max_kept_windows=max_kept_windows)
             for (i, a), w, share in zip(found, kept_windows, shares)}
@@ -268,8 +275,11 @@ def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int | None
     memories = add_hashed_memories(model, layers, num_experts, **fhme_config)
     if fit_to is not None:
         fit_sub_keys(model, memories, [fit_to, *kept], seq_len, batch_size, seed, device=device)
+    found = row_masked_memories(model)  # the new memories, in layer order: the base is frozen
+    memories = [a for _, a in found]
+    choices = _kept_choices(model, memories, kept, seq_len, batch_size, seed, device)  # rows and gates share them
     if gate_on is not None:
-        add_domain_gates(model, memories, gate_on, kept, seq_len, batch_size, seed, device)
+        add_domain_gates(model, memories, gate_on, choices[0], seq_len, batch_size, seed, device)
     if train_queries:
         for memory in memories:
             for block in memory.fractal.blocks:
@@ -278,8 +288,7 @@ def add_row_adapters(model: nn.Module, kept: list[ByteDataset], rows: int | None
         rows = (budget - non_table_trainable(model)) // sum(row_width(m) for m in memories)
         if rows < 1:
             raise ValueError(f"a budget of {budget} parameters leaves no row to learn")
-    return step_row_selectors(model, kept, rows, seq_len, batch_size, seed, device,
-                              max_kept_windows=max_kept_windows)
+    return _selectors(found, choices, rows, False, max_kept_windows)
 
 
 def row_width(memory: FHME) -> int:
@@ -390,15 +399,12 @@ def row_llr(new: Tensor, kept: Tensor) -> Tensor:
     return (log_p(new) - log_p(kept)).float()
 
 
-def add_domain_gates(model: nn.Module, memories: list[FHME], new: ByteDataset, kept: list[ByteDataset],
+def add_domain_gates(model: nn.Module, memories: list[FHME], new: ByteDataset, kept_counts: list[Tensor],
                      seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> None:
     """A ``DomainGate`` on each of ``memories`` (row adapters: frozen routing), from the reads of
-    ``SAMPLE_WINDOWS`` training windows of the new domain and of each kept domain."""
+    ``SAMPLE_WINDOWS`` training windows of the new domain and the kept domains' read counts
+    (``_kept_choices``)."""
     new_counts = [c for c, _ in choice_counts(model, memories, new, seq_len, batch_size, seed, device)]
-    kept_counts = [torch.zeros_like(c) for c in new_counts]
-    for data in kept:
-        for acc, (c, _) in zip(kept_counts, choice_counts(model, memories, data, seq_len, batch_size, seed, device)):
-            acc += c
     owners = {id(m.adapter): m for m in model.modules() if isinstance(m, AdaptedFFN)}
     for memory, n, k in zip(memories, new_counts, kept_counts):
         block = memory.fractal.blocks[0]
