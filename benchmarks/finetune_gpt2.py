@@ -12,7 +12,7 @@ schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (i
 split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank; ``rows``: value memories of
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
 step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
-first fitted to both domains' queries; ``--domain-gate``: each memory behind a ``DomainGate``;
+first fitted to both domains' queries; ``--domain-gate`` (rows or fhme): each memory behind a ``DomainGate``;
 ``--train-queries``: the memories' query projections learn too); LoRA at that rank on every
 dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); or trains every weight, and prints
 one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--fit-keys", action="store_true",
                    help="rows: sub-keys fitted to both domains' queries first (fit_sub_keys)")
     f.add_argument("--domain-gate", action="store_true",
-                   help="rows: each adapter scaled by a domain gate read from its routing (DomainGate)")
+                   help="rows, fhme: each adapter scaled by a domain gate read from its routing (DomainGate)")
     f.add_argument("--train-queries", action="store_true", help="rows: the memories' query projections learn too")
     f.add_argument("--gate-off-too", action="store_true",
                    help="with --domain-gate: also report every domain's bpb with the gates taken out (bpb_gate_off)")

@@ -465,7 +465,9 @@ def test_row_adapters_on_a_fractalmoe_run_in_memory(corpora) -> None:
     each FHME layer, LoRA's count of rows learning a step (never a row the base's sample read),
     the base's own split reported."""
     from fractalmoe.adapters import AdaptedFFN
+    from fractalmoe.adapters import max_lora_rank
     from fractalmoe.finetune import Domain, finetune_in_memory, kept_domains, lineage
+    from fractalmoe.sparse_rows import GATE_ROUTING
 
     model, config, _ = load_model_from_run(corpora["run"])
     seq_len = config.model.seq_len
@@ -635,23 +637,31 @@ def test_row_llr_compares_read_shares_with_half_counts_added() -> None:
     torch.testing.assert_close(row_llr(new, kept), torch.stack(want))
 
 
-def test_domain_gated_row_adapters_open_on_the_new_domain_and_stay_shut_on_the_base(corpora) -> None:
-    """``finetune_in_memory(..., domain_gate=True)``: every row adapter gets a gate, and after
-    training the gates stand wider on the new domain's text than on the base's."""
+@pytest.mark.parametrize("method", ["rows", "fhme"])
+def test_domain_gated_adapters_open_on_the_new_domain_and_stay_shut_on_the_base(corpora, method) -> None:
+    """``finetune_in_memory(..., domain_gate=True)``: every row adapter or FHME adapter gets a
+    gate, and after training the gates stand wider on the new domain's text than on the base's.
+    An FHME adapter's gate has frozen routing of its own, of a row adapter's size."""
     from fractalmoe.adapters import AdaptedFFN
     from fractalmoe.evaluate import lm_logits
+    from fractalmoe.adapters import max_lora_rank
     from fractalmoe.finetune import Domain, finetune_in_memory, kept_domains, lineage
+    from fractalmoe.sparse_rows import GATE_ROUTING
 
     model, config, _ = load_model_from_run(corpora["run"])
     seq_len = config.model.seq_len
     domains = [Domain(str(corpora["code"]), load_domain(str(corpora["code"]), 0.1, seq_len)),
                *kept_domains(lineage(corpora["run"]), None)]
-    row = finetune_in_memory(model, "rows", 16, domains, TrainConfig(batch_size=4, max_steps=3, expert_lr=0.5),
+    rank = 16 if method == "rows" else max_lora_rank(model)  # an FHME adapter set's smallest count fits
+    row = finetune_in_memory(model, method, rank, domains, TrainConfig(batch_size=4, max_steps=3, expert_lr=0.5),
                              seq_len, experts=4096, max_kept_windows=None, domain_gate=True)
     assert row["domain_gate"] and row["val_bpb"] < row["val_bpb_before"]
     seen: dict[str, list[float]] = {"new": [], "base": []}
     for b in model.blocks:
         assert isinstance(b.ffn, AdaptedFFN) and b.ffn.domain_gate is not None
+        if method == "fhme":
+            assert b.ffn.domain_gate.router.num_experts == GATE_ROUTING["num_experts"]
+            assert not any(p.requires_grad for p in b.ffn.domain_gate.parameters())
     for name, d in zip(seen, domains):
         hooks = [b.ffn.domain_gate.register_forward_hook(lambda m, i, o, n=name: seen[n].append(float(o.mean())))
                  for b in model.blocks]

@@ -71,6 +71,7 @@ from .evaluate import lm_logits, val_bpb
 from .sparse_rows import (
     StepRowSelector,
     add_row_adapters,
+    gate_adapters,
     non_table_trainable,
     row_width,
     sparse_row_masks,
@@ -492,7 +493,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
     and, of them, as many learning per step as fit LoRA's count at ``lora_rank`` beside the
     adapters' other trainable parameters; ``fit_keys``: sub-keys fitted to every domain's queries
-    first; ``domain_gate``: each memory behind a ``DomainGate`` for ``domains[0]``;
+    first; ``domain_gate``: each row memory, or with ``fhme`` each FHME adapter
+    (``gate_adapters``), behind a ``DomainGate`` for ``domains[0]``;
     ``train_queries``: the memories' query projections learn), train on ``domains[0]`` with
     ``train_lm``, and measure
     every domain (new, base, earlier) before and after."""
@@ -514,6 +516,9 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
         trainable = sizing.fhme_params
     else:
         sizing = adapt_in_memory(model, method, lora_rank, output_gate=output_gate)
+        if domain_gate:
+            gate_adapters(model, domains[0].data, [d.data for d in domains[1:]], seq_len, cfg.batch_size,
+                          cfg.seed, device)
         trainable = trainable_parameter_count(model)
     model.to(device)
     train_loss = train_lm(model, domains[0].data, cfg, seq_len, device)
@@ -524,6 +529,6 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
             "trained_rows": {k: int(sel.trained.sum()) for k, sel in selectors.items()} or None,
             "max_kept_windows": max_kept_windows if method == "rows" else None,
             "fit_keys": fit_keys if method == "rows" else None,
-            "domain_gate": domain_gate if method == "rows" else None,
+            "domain_gate": domain_gate if method in ("rows", "fhme") else None,
             "train_queries": train_queries if method == "rows" else None,
             **_domain_fields(domains, before, after)}

@@ -18,11 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import AdaptedFFN, add_fhme_adapters, decoder_layers, mask_rows, trainable_parameter_count
+from .adapters import (
+    AdaptedFFN,
+    add_fhme_adapters,
+    decoder_layers,
+    hidden_size,
+    mask_rows,
+    trainable_parameter_count,
+)
 from .checkpoint import freeze_in_run
 from .data import ByteDataset
 from .evaluate import lm_logits
 from .fhme import FHME
+from .routing import ProductKeyRouter
 from .stats import CHOICES, collect
 
 SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows (at least)
@@ -409,3 +417,63 @@ def add_domain_gates(model: nn.Module, memories: list[FHME], new: ByteDataset, k
     for memory, n, k in zip(memories, new_counts, kept_counts):
         block = memory.fractal.blocks[0]
         owners[id(memory)].domain_gate = DomainGate(block.norm, block.memory.router, row_llr(n, k)).to(device)
+
+
+
+GATE_ROUTING = dict(num_experts=1_048_576, heads=2, topk=8, key_dim=32)  # the row adapters' memories'
+
+
+def hashing_gate(dim: int) -> DomainGate:
+    """A ``DomainGate`` with routing of its own, random and frozen (``GATE_ROUTING``: as many rows
+    as the row adapters' memories, so as fine a reading of the hidden state), llr still zero."""
+    r = GATE_ROUTING
+    return DomainGate(nn.RMSNorm(dim), ProductKeyRouter(dim, r["num_experts"], r["heads"], r["topk"], r["key_dim"]),
+                      torch.zeros(r["num_experts"]))
+
+
+@torch.no_grad()
+def gate_read_counts(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]], data: ByteDataset,
+                     seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> list[Tensor]:
+    """Per (adapted FFN, gate): how often the gate's routing read each row, given the FFN's input
+    over ``data``'s sampled windows (``sample_windows``)."""
+    counts = [torch.zeros(g.llr.numel(), dtype=torch.long, device=device) for _, g in gated]
+
+    def counter(gate: DomainGate, acc: Tensor) -> Any:
+        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0]
+            _, idx = gate.router(gate.norm(x.reshape(-1, x.shape[-1])))
+            acc.index_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+        return hook
+
+    hooks = [ffn.register_forward_pre_hook(counter(g, acc)) for (ffn, g), acc in zip(gated, counts)]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in sample_windows(data, seq_len, batch_size, seed):
+            lm_logits(model, x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [c.cpu() for c in counts]
+
+
+def gate_adapters(model: nn.Module, new: ByteDataset, kept: list[ByteDataset], seq_len: int, batch_size: int,
+                  seed: int, device: str = "cpu") -> None:
+    """Each FHME adapter of the model (``add_fhme_adapters``) behind a ``DomainGate`` for ``new``
+    against ``kept``, with routing of its own (``hashing_gate``): an adapter's own routing has a
+    few hundred rows, too coarse a reading to tell the domains apart, and it learns. The llr
+    comes from the adapters' inputs over sampled windows of every domain, so call it before the
+    adapters train (their outputs are still zero: the inputs are the base model's)."""
+    owners = [m for m in model.modules() if isinstance(m, AdaptedFFN) and m.domain_gate is None]
+    if not owners:
+        raise ValueError("a domain gate needs FHME adapters beside the model's FFNs")
+    gated = [(o, hashing_gate(hidden_size(model)).to(device)) for o in owners]
+    new_counts = gate_read_counts(model, gated, new, seq_len, batch_size, seed, device)
+    kept_counts = [torch.zeros_like(c) for c in new_counts]
+    for data in kept:
+        for acc, c in zip(kept_counts, gate_read_counts(model, gated, data, seq_len, batch_size, seed, device)):
+            acc += c
+    for (owner, gate), n, k in zip(gated, new_counts, kept_counts):
+        gate.llr.copy_(row_llr(n, k))
+        owner.domain_gate = gate
