@@ -303,10 +303,12 @@ done > $R/finetune_gpt2_rows/pilots.jsonl
 EMAIL=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 mkdir -p $R/finetune_fhme_rows
 fhme_rows_run() {  # BASE SEED DOMAIN METHOD LR XLR: one run, its JSON line tagged for finetune_table.py
-  # (METHOD gated: row adapters behind domain gates, any row free to learn, queries learning)
+  # (METHOD gated: row adapters behind domain gates, any row free to learn, queries learning;
+  # gated-fhme: FHME adapters behind domain gates)
   local data=$EMAIL adapter=$4 extra=""
   [ "$3" = kjv ] && data=runs/ft_rows_fixed/data/kjv.txt  # made by the finetune.sh call above
   [ "$4" = gated ] && adapter=rows extra="--domain-gate --max-kept-windows any --train-queries"
+  [ "$4" = gated-fhme ] && adapter=fhme extra="--domain-gate"
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base "$1" --data "$data" --adapter $adapter --lr "$5" \
     --expert-lr "$6" --seed "$2" --eval-bytes 262144 $extra | .venv/bin/python -c 'import json, sys
 r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain=sys.argv[2], study="single")
@@ -385,6 +387,21 @@ for spec in s3:email:gated:1e-4:0.1 s3:email:gated:1e-3:0.3 s3:email:gated:1e-2:
   fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
 done > $G/finetune.jsonl
 grep '"seed": 3' $R/finetune_fhme_rows/finetune.jsonl | grep -v '"method": "rows"' >> $G/finetune.jsonl
+# FHME adapters (LoRA's count, trainable routing) behind domain gates of their own routing
+# (gate_adapters: a frozen million-row hashing router each); pilots, fine-tuning seed 1, email:
+# ungated at 1e-2, 3e-3, 3e-2, behind gates read from a copy of the adapters' own 196-row routing
+# (the code then: add_domain_gates) at 3e-3 and 1e-2, behind their own gates at 3e-3; the study:
+# gated FHME adapters at three rates, both replicates and domains; LoRA at 1e-2 (and 3e-2 on
+# email, where 1e-2 is its best) to find its best rate
+for spec in s3:email:gated-fhme:1e-3:0.0167 s3:email:gated-fhme:3e-3:0.05 s3:email:gated-fhme:1e-2:0.15 \
+    s2:email:gated-fhme:1e-3:0.0167 s2:email:gated-fhme:3e-3:0.05 s2:email:gated-fhme:1e-2:0.15 \
+    s3:kjv:gated-fhme:1e-3:0.0167 s3:kjv:gated-fhme:3e-3:0.05 s3:kjv:gated-fhme:1e-2:0.15 \
+    s2:kjv:gated-fhme:1e-3:0.0167 s2:kjv:gated-fhme:3e-3:0.05 s2:kjv:gated-fhme:1e-2:0.15 \
+    s2:email:lora:1e-2:0.05 s2:kjv:lora:1e-2:0.05 s3:email:lora:1e-2:0.05 s3:kjv:lora:1e-2:0.05 \
+    s2:email:lora:3e-2:0.05 s3:email:lora:3e-2:0.05; do
+  IFS=: read -r s domain method lr xlr <<< "$spec"
+  fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
+done >> $G/finetune.jsonl
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl

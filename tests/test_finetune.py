@@ -465,9 +465,7 @@ def test_row_adapters_on_a_fractalmoe_run_in_memory(corpora) -> None:
     each FHME layer, LoRA's count of rows learning a step (never a row the base's sample read),
     the base's own split reported."""
     from fractalmoe.adapters import AdaptedFFN
-    from fractalmoe.adapters import max_lora_rank
     from fractalmoe.finetune import Domain, finetune_in_memory, kept_domains, lineage
-    from fractalmoe.sparse_rows import GATE_ROUTING
 
     model, config, _ = load_model_from_run(corpora["run"])
     seq_len = config.model.seq_len
@@ -642,9 +640,8 @@ def test_domain_gated_adapters_open_on_the_new_domain_and_stay_shut_on_the_base(
     """``finetune_in_memory(..., domain_gate=True)``: every row adapter or FHME adapter gets a
     gate, and after training the gates stand wider on the new domain's text than on the base's.
     An FHME adapter's gate has frozen routing of its own, of a row adapter's size."""
-    from fractalmoe.adapters import AdaptedFFN
+    from fractalmoe.adapters import AdaptedFFN, max_lora_rank
     from fractalmoe.evaluate import lm_logits
-    from fractalmoe.adapters import max_lora_rank
     from fractalmoe.finetune import Domain, finetune_in_memory, kept_domains, lineage
     from fractalmoe.sparse_rows import GATE_ROUTING
 

@@ -108,7 +108,7 @@ def _trainable_names(model: nn.Module) -> set[str] | None:
 
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if kept(p)}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
-        if any(kept(p) for p in mod.parameters(recurse=False)):
+        if getattr(mod, "frozen_in_run", False) or any(kept(p) for p in mod.parameters(recurse=False)):
             names |= {f"{mod_name}.{b}" for b in mod._buffers
                       if b not in mod._non_persistent_buffers_set}
     return names

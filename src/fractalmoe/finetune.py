@@ -517,7 +517,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     else:
         sizing = adapt_in_memory(model, method, lora_rank, output_gate=output_gate)
         if domain_gate:
-            gate_adapters(model, domains[0].data, [d.data for d in domains[1:]], seq_len, cfg.batch_size,
+            new, kept = domains[0].data, [d.data for d in domains[1:]]
+            gate_adapters(model, [a for _, a in trainable_memories(model)], new, kept, seq_len, cfg.batch_size,
                           cfg.seed, device)
         trainable = trainable_parameter_count(model)
     model.to(device)

@@ -387,7 +387,7 @@ class DomainGate(nn.Module):
     def __init__(self, norm: nn.Module, router: nn.Module, llr: Tensor) -> None:
         super().__init__()
         self.norm, self.router = copy.deepcopy(norm), copy.deepcopy(router)
-        self.requires_grad_(False)
+        freeze_in_run(self)  # trains never, but a run saves it: the base cannot rebuild it
         self.register_buffer("llr", llr.float())
 
     @torch.no_grad()
@@ -431,6 +431,13 @@ def hashing_gate(dim: int) -> DomainGate:
                       torch.zeros(r["num_experts"]))
 
 
+def hashing_gates(model: nn.Module, adapters: list[FHME]) -> list[tuple[AdaptedFFN, DomainGate]]:
+    """A fresh ``hashing_gate`` for the adapted FFN that holds each of ``adapters`` (not attached)."""
+    owners = {id(m.adapter): m for m in model.modules() if isinstance(m, AdaptedFFN)}
+    device = next(model.parameters()).device
+    return [(owners[id(a)], hashing_gate(hidden_size(model)).to(device)) for a in adapters]
+
+
 @torch.no_grad()
 def gate_read_counts(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]], data: ByteDataset,
                      seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> list[Tensor]:
@@ -458,17 +465,12 @@ def gate_read_counts(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]
     return [c.cpu() for c in counts]
 
 
-def gate_adapters(model: nn.Module, new: ByteDataset, kept: list[ByteDataset], seq_len: int, batch_size: int,
-                  seed: int, device: str = "cpu") -> None:
-    """Each FHME adapter of the model (``add_fhme_adapters``) behind a ``DomainGate`` for ``new``
-    against ``kept``, with routing of its own (``hashing_gate``): an adapter's own routing has a
-    few hundred rows, too coarse a reading to tell the domains apart, and it learns. The llr
-    comes from the adapters' inputs over sampled windows of every domain, so call it before the
-    adapters train (their outputs are still zero: the inputs are the base model's)."""
-    owners = [m for m in model.modules() if isinstance(m, AdaptedFFN) and m.domain_gate is None]
-    if not owners:
-        raise ValueError("a domain gate needs FHME adapters beside the model's FFNs")
-    gated = [(o, hashing_gate(hidden_size(model)).to(device)) for o in owners]
+def fit_domain_gates(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]], new: ByteDataset,
+                     kept: list[ByteDataset], seq_len: int, batch_size: int, seed: int,
+                     device: str = "cpu") -> None:
+    """Each gate's llr from its reads of the adapted FFNs' inputs over sampled windows of ``new``
+    and of ``kept``, then the gate put in place. Fit before the adapters train (their outputs
+    are still zero, so the inputs are the base model's) or after, on the trained model's."""
     new_counts = gate_read_counts(model, gated, new, seq_len, batch_size, seed, device)
     kept_counts = [torch.zeros_like(c) for c in new_counts]
     for data in kept:
@@ -477,3 +479,13 @@ def gate_adapters(model: nn.Module, new: ByteDataset, kept: list[ByteDataset], s
     for (owner, gate), n, k in zip(gated, new_counts, kept_counts):
         gate.llr.copy_(row_llr(n, k))
         owner.domain_gate = gate
+
+
+def gate_adapters(model: nn.Module, adapters: list[FHME], new: ByteDataset, kept: list[ByteDataset],
+                  seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> None:
+    """Each of ``adapters`` (``add_fhme_adapters``) behind a ``DomainGate`` for ``new`` against
+    ``kept`` with routing of its own (``hashing_gate``): an adapter's own routing has a few
+    hundred rows, too coarse a reading to tell the domains apart, and it learns."""
+    if not adapters:
+        raise ValueError("a domain gate needs FHME adapters beside the model's FFNs")
+    fit_domain_gates(model, hashing_gates(model, adapters), new, kept, seq_len, batch_size, seed, device)
