@@ -667,3 +667,34 @@ def test_domain_gated_adapters_open_on_the_new_domain_and_stay_shut_on_the_base(
         for h in hooks:
             h.remove()
     assert min(seen["new"]) > 0.5 > max(seen["base"])
+
+
+def test_cli_domain_gate_is_fitted_saved_counted_and_generates_without_a_cache(corpora, capsys) -> None:
+    """``finetune --domain-gate``: each FHME adapter's gate is fitted before training and saved with
+    the run; the reloaded model counts the gates' routing in its FLOPs and generates, re-reading
+    the context at every step, what greedy decoding by hand gives. Other adapters refuse it."""
+    from fractalmoe.sparse_rows import DomainGate
+
+    out = corpora["root"] / "domain_gate"
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--experts", "64",
+                  "--domain-gate", "--out", str(out))
+    assert s["val_bpb"] < s["val_bpb_before"]
+    model, config, _ = load_model_from_run(out)
+    gates = [b.ffn.domain_gate for b in model.blocks]
+    assert all(isinstance(g, DomainGate) and g.llr.abs().sum() > 0 for g in gates)
+    ungated = model.flops_per_token()
+    for b in model.blocks:
+        b.ffn.domain_gate = None
+    assert ungated - model.flops_per_token() == sum(g.router.flops_per_token() for g in gates)
+    for b, g in zip(model.blocks, gates):
+        b.ffn.domain_gate = g
+    model.eval()
+    idx = torch.randint(0, 256, (2, config.model.seq_len - 3), generator=torch.Generator().manual_seed(0))
+    seq = idx
+    with torch.no_grad():
+        for _ in range(6):  # past the context: the window slides
+            seq = torch.cat([seq, model(seq[:, -config.model.seq_len:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(idx, 6, temperature=0), seq)
+    assert "--domain-gate: only for --adapter fhme" in _err(
+        capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--adapter", "lora",
+        "--domain-gate", *FT)

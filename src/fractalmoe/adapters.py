@@ -407,8 +407,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     """The base run's model with the adapters described by ``spec``. The base may itself be an
     adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
 
-    spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate
-    and a row_mask file; memory: the base's own expert tables, a row_mask file of the rows that
+    spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
+    domain_gate and a row_mask file; memory: the base's own expert tables, a row_mask file of the rows that
     learn; lora: rank (or budget) and targets (default ``attention``, as older runs had); full:
     every weight trainable, earlier adapters included."""
     from .checkpoint import load_model_from_run
@@ -419,6 +419,11 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
                                      output_gate=bool(spec.get("output_gate")), **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
+        if spec.get("domain_gate"):  # unfitted: the run's saved llr, or fit_domain_gates, fills them
+            from .sparse_rows import hashing_gates
+
+            for owner, gate in hashing_gates(model, adapters):
+                owner.domain_gate = gate
     elif spec["kind"] == "memory":
         memories = open_memories(model, spec.get("layers"))
         if spec.get("embeddings"):

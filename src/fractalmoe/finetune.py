@@ -71,7 +71,9 @@ from .evaluate import lm_logits, val_bpb
 from .sparse_rows import (
     StepRowSelector,
     add_row_adapters,
+    fit_domain_gates,
     gate_adapters,
+    new_gates,
     non_table_trainable,
     row_width,
     sparse_row_masks,
@@ -212,6 +214,7 @@ class FinetuneRequest:
     rows_per_step: bool = False
     rows_by_gain: bool = False
     with_embeddings: bool = False
+    domain_gate: bool = False
     device: str = "cpu"
     progress: bool = True
 
@@ -220,6 +223,8 @@ def check_request(req: FinetuneRequest) -> None:
     """One-line errors for option combinations that make no sense."""
     if req.output_gate and req.adapter != "fhme":
         raise ValueError("--output-gate: only for --adapter fhme")
+    if req.domain_gate and req.adapter != "fhme":
+        raise ValueError("--domain-gate: only for --adapter fhme")
     routed = [flag for flag, on in (("--sparse-rows", req.sparse_rows is not None),
                                     ("--match-lora-rank", req.match_lora_rank is not None)) if on]
     if req.adapter not in ("fhme", "memory") and routed:
@@ -301,6 +306,8 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         experts = req.experts or 1024
     sizing.fhme_experts, sizing.fhme_params = experts, fhme_count(experts)
     spec.update(fhme={"num_experts": experts, **fhme_cfg}, output_gate=req.output_gate)
+    if req.domain_gate:
+        spec["domain_gate"] = True
     if req.sparse_rows is not None:
         spec["sparse_rows"] = req.sparse_rows
     return sizing
@@ -370,6 +377,9 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
 
     def model_factory() -> nn.Module:
         model = build_adapted_model(base, {k: v for k, v in spec.items() if k != "row_mask"}, req.device)
+        if spec.get("domain_gate"):
+            fit_domain_gates(model, new_gates(model), new, [d.data for d in domains[1:]], seq_len, batch,
+                             config.train.seed, req.device)
         if spec.get("rows_per_step"):
             selectors.update(step_row_selectors(model, [d.data for d in domains[1:]], spec["sparse_rows"],
                                                 seq_len, batch, config.train.seed, req.device,

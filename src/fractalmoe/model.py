@@ -240,11 +240,14 @@ class FHMELanguageModel(nn.Module):
         """Sample continuations with a KV cache; temperature 0 is greedy. idx: (B, T) -> (B, T + n).
 
         When the cache fills up, it is rebuilt from the last seq_len // 2 tokens (at least one).
+        A model with domain gates re-reads the last seq_len tokens at every step instead.
         """
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1")
         self.check_input(idx[:, -self.cfg.seq_len:])
-        caches = self.new_caches(idx.shape[0])
+        # A domain gate (fine-tuning) reads every position so far in each call: no cache then.
+        whole = any(getattr(m, "domain_gate", None) is not None for m in self.modules())
+        caches = None if whole else self.new_caches(idx.shape[0])
         ctx = idx[:, -self.cfg.seq_len:]
         logits = self._logits(ctx, caches, 0)[:, -1]
         pos = ctx.shape[1]
@@ -254,7 +257,9 @@ class FHMELanguageModel(nn.Module):
             out.append(nxt)
             if i == max_new_tokens - 1:
                 break
-            if pos >= self.cfg.seq_len:
+            if whole:
+                logits = self._logits(torch.cat(out, dim=1)[:, -self.cfg.seq_len:])[:, -1]
+            elif pos >= self.cfg.seq_len:
                 seq = torch.cat(out, dim=1)
                 keep = seq[:, seq.shape[1] - max(1, self.cfg.seq_len // 2):]
                 logits = self._logits(keep, caches, 0)[:, -1]
@@ -286,11 +291,12 @@ class FHMELanguageModel(nn.Module):
 
 def ffn_cost(ffn: nn.Module, which: str, depth_hists: Mapping[nn.Module, DepthHist] | None) -> float:
     """``which`` (flops_per_token or active_params_per_token) of an FFN: an FHME layer at its
-    histogram in depth_hists, an adapted FFN as base plus adapter."""
+    histogram in depth_hists, an adapted FFN as base plus adapter (plus its domain gate's routing)."""
     if isinstance(ffn, FHME):
         return getattr(ffn, which)(None if depth_hists is None else depth_hists.get(ffn))
     if isinstance(ffn, AdaptedFFN):
-        return ffn_cost(ffn.base, which, depth_hists) + ffn_cost(ffn.adapter, which, depth_hists)
+        gate = 0 if ffn.domain_gate is None else getattr(ffn.domain_gate, which)()
+        return ffn_cost(ffn.base, which, depth_hists) + ffn_cost(ffn.adapter, which, depth_hists) + gate
     return getattr(ffn, which)()
 
 

@@ -398,6 +398,14 @@ class DomainGate(nn.Module):
         evidence = self.llr[idx].flatten(1).mean(1).view(x.shape[:-1])
         return torch.sigmoid(evidence.cumsum(-1)).unsqueeze(-1).to(x.dtype)
 
+    def flops_per_token(self) -> int:
+        """The routing's (the mean and running sum of llr: a few adds beside it)."""
+        return self.router.flops_per_token()
+
+    def active_params_per_token(self) -> int:
+        """The routing's parameters and the llr of every row read."""
+        return self.router.params_per_token() + self.router.heads * self.router.topk
+
 
 def row_llr(new: Tensor, kept: Tensor) -> Tensor:
     """Per row, log p_new(r) - log p_kept(r) from read counts (N,), add-1/2 smoothed."""
@@ -436,6 +444,12 @@ def hashing_gates(model: nn.Module, adapters: list[FHME]) -> list[tuple[AdaptedF
     owners = {id(m.adapter): m for m in model.modules() if isinstance(m, AdaptedFFN)}
     device = next(model.parameters()).device
     return [(owners[id(a)], hashing_gate(hidden_size(model)).to(device)) for a in adapters]
+
+
+def new_gates(model: nn.Module) -> list[tuple[AdaptedFFN, DomainGate]]:
+    """(adapted FFN, gate) of each domain gate on an adapter that trains: the newest adapter set's."""
+    return [(m, m.domain_gate) for m in model.modules() if isinstance(m, AdaptedFFN)
+            and isinstance(m.domain_gate, DomainGate) and any(p.requires_grad for p in m.adapter.parameters())]
 
 
 @torch.no_grad()
