@@ -4,7 +4,7 @@
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
-        [--domain-gate [--gate-off-too]] [--train-queries]
+        [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after]
 
 ``base`` trains a transformers GPT2LMHeadModel (byte vocabulary 256, the shape of the default
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
@@ -102,6 +102,13 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                              experts=args.experts, max_kept_windows=args.max_kept_windows,
                              fit_keys=args.fit_keys, domain_gate=args.domain_gate,
                              train_queries=args.train_queries)
+    if args.gate_after:  # gates fitted on the trained model, for adapters that trained without them
+        from fractalmoe.sparse_rows import gate_adapters, trainable_memories
+
+        adapters = [a for _, a in trainable_memories(model)]
+        gate_adapters(model, adapters, domains[0].data, [d.data for d in domains[1:]], SEQ_LEN, cfg.batch_size,
+                      args.seed, args.device)
+        row["bpb_gated_after"] = [val_bpb(model, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
     if args.gate_off_too:  # the same trained adapters with their gates taken out: what the gate keeps
         for m in model.modules():
             if isinstance(m, AdaptedFFN):
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--train-queries", action="store_true", help="rows: the memories' query projections learn too")
     f.add_argument("--gate-off-too", action="store_true",
                    help="with --domain-gate: also report every domain's bpb with the gates taken out (bpb_gate_off)")
+    f.add_argument("--gate-after", action="store_true",
+                   help="fhme without --domain-gate: after training, also report every domain's bpb with the "
+                        "adapters behind gates fitted on the trained model (bpb_gated_after)")
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--max-steps", type=int, default=150)
     f.add_argument("--eval-bytes", type=int, default=None)

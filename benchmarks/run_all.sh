@@ -387,12 +387,23 @@ for spec in s3:email:gated:1e-4:0.1 s3:email:gated:1e-3:0.3 s3:email:gated:1e-2:
   fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
 done > $G/finetune.jsonl
 grep '"seed": 3' $R/finetune_fhme_rows/finetune.jsonl | grep -v '"method": "rows"' >> $G/finetune.jsonl
-# FHME adapters (LoRA's count, trainable routing) behind domain gates of their own routing
-# (gate_adapters: a frozen million-row hashing router each); pilots, fine-tuning seed 1, email:
-# ungated at 1e-2, 3e-3, 3e-2, behind gates read from a copy of the adapters' own 196-row routing
-# (the code then: add_domain_gates) at 3e-3 and 1e-2, behind their own gates at 3e-3; the study:
-# gated FHME adapters at three rates, both replicates and domains; LoRA at 1e-2 (and 3e-2 on
-# email, where 1e-2 is its best) to find its best rate
+# More pilots (fine-tuning seed 1, the rebuilt seed-2 base, email): gated rows in memories of
+# 65,536 and 4,096 rows a layer; FHME adapters (LoRA's count, trainable routing) ungated at 1e-2,
+# 3e-3 and 3e-2; behind gates read from a copy of the adapters' own 196-row routing (then
+# add_domain_gates on the adapters; not kept) at 3e-3 and 1e-2; behind gates of their own
+# million-row routing (gate_adapters) at 3e-3; trained ungated, then gated (--gate-after)
+for n in 65536 4096; do
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter rows \
+    --lr 1e-2 --expert-lr 0.3 --seed 1 --eval-bytes 262144 --domain-gate --max-kept-windows any --train-queries \
+    --gate-off-too --experts $n | tail -1
+done >> $G/pilots.jsonl
+for spec in "1e-2 0.15" "3e-3 0.05" "3e-2 0.45" "3e-3 0.05 --domain-gate --gate-off-too" "3e-3 0.05 --gate-after"; do
+  read -r lr xlr extra <<< "$spec"
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter fhme \
+    --lr $lr --expert-lr $xlr --seed 1 --eval-bytes 262144 $extra | tail -1
+done >> $G/pilots.jsonl
+# The study: gated FHME adapters at three rates, both replicates and domains; LoRA at 1e-2 (and
+# 3e-2 on email, where 1e-2 is its best) to find its best rate
 for spec in s3:email:gated-fhme:1e-3:0.0167 s3:email:gated-fhme:3e-3:0.05 s3:email:gated-fhme:1e-2:0.15 \
     s2:email:gated-fhme:1e-3:0.0167 s2:email:gated-fhme:3e-3:0.05 s2:email:gated-fhme:1e-2:0.15 \
     s3:kjv:gated-fhme:1e-3:0.0167 s3:kjv:gated-fhme:3e-3:0.05 s3:kjv:gated-fhme:1e-2:0.15 \

@@ -11,7 +11,7 @@ or a FractalMoE run fresh million-row memories with frozen, hashing routing to a
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -69,6 +69,24 @@ def sample_windows(data: ByteDataset, seq_len: int, batch_size: int, seed: int) 
     """The input batches of a domain's sample: its first ``sample_batches`` training batches."""
     for step in range(sample_batches(batch_size)):
         yield data.train_batch(step, batch_size, seq_len, seed)[0]
+
+
+@torch.no_grad()
+def sample_passes(model: nn.Module, pre_hooks: list[tuple[nn.Module, Callable[..., None]]],
+                  domains: list[ByteDataset], seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> None:
+    """The model in eval mode over each domain's sampled windows (``sample_windows``), with each
+    (module, hook) of ``pre_hooks`` seeing that module's inputs; hooks removed, mode restored."""
+    hooks = [m.register_forward_pre_hook(h) for m, h in pre_hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        for data in domains:
+            for x in sample_windows(data, seq_len, batch_size, seed):
+                lm_logits(model, x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -342,17 +360,7 @@ def fit_sub_keys(model: nn.Module, memories: list[FHME], domains: list[ByteDatas
     def keep_input(router: nn.Module, args: tuple[Tensor, ...]) -> None:
         seen[router].append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
-    hooks = [r.register_forward_pre_hook(keep_input) for r in routers]
-    was_training = model.training
-    model.eval()
-    try:
-        for data in domains:
-            for x in sample_windows(data, seq_len, batch_size, seed):
-                lm_logits(model, x.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    sample_passes(model, [(r, keep_input) for r in routers], domains, seq_len, batch_size, seed, device)
     generator = torch.Generator().manual_seed(seed)
     for router in routers:
         parts = router.query_parts(torch.cat(seen[router]))  # P of (T, H, Q/P)
@@ -466,16 +474,8 @@ def gate_read_counts(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]
             acc.index_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
         return hook
 
-    hooks = [ffn.register_forward_pre_hook(counter(g, acc)) for (ffn, g), acc in zip(gated, counts)]
-    was_training = model.training
-    model.eval()
-    try:
-        for x in sample_windows(data, seq_len, batch_size, seed):
-            lm_logits(model, x.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    sample_passes(model, [(ffn, counter(g, acc)) for (ffn, g), acc in zip(gated, counts)], [data], seq_len,
+                  batch_size, seed, device)
     return [c.cpu() for c in counts]
 
 
