@@ -402,14 +402,21 @@ for spec in "1e-2 0.15" "3e-3 0.05" "3e-2 0.45" "3e-3 0.05 --domain-gate --gate-
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter fhme \
     --lr $lr --expert-lr $xlr --seed 1 --eval-bytes 262144 $extra | tail -1
 done >> $G/pilots.jsonl
-# The study: gated FHME adapters at three rates, both replicates and domains; LoRA at 1e-2 (and
+# How well the gates tell the domains apart, by the size of their routing (the gates alone,
+# before any training): the share of each domain's positions they hold below 1/2
+for domain in "$EMAIL" runs/ft_rows_fixed/data/kjv.txt; do
+  .venv/bin/python benchmarks/gate_separation.py --base runs/ft_base_s2 --data "$domain" --routing \
+    '[{"num_experts": 65536}, {"num_experts": 1048576}, {"num_experts": 4194304}, {"heads": 4, "topk": 16}]'
+done > $G/gate_separation.jsonl
+# The study: gated FHME adapters at four rates, both replicates and domains; LoRA at 1e-2 (and
 # 3e-2 on email, where 1e-2 is its best) to find its best rate
 for spec in s3:email:gated-fhme:1e-3:0.0167 s3:email:gated-fhme:3e-3:0.05 s3:email:gated-fhme:1e-2:0.15 \
     s2:email:gated-fhme:1e-3:0.0167 s2:email:gated-fhme:3e-3:0.05 s2:email:gated-fhme:1e-2:0.15 \
     s3:kjv:gated-fhme:1e-3:0.0167 s3:kjv:gated-fhme:3e-3:0.05 s3:kjv:gated-fhme:1e-2:0.15 \
     s2:kjv:gated-fhme:1e-3:0.0167 s2:kjv:gated-fhme:3e-3:0.05 s2:kjv:gated-fhme:1e-2:0.15 \
     s2:email:lora:1e-2:0.05 s2:kjv:lora:1e-2:0.05 s3:email:lora:1e-2:0.05 s3:kjv:lora:1e-2:0.05 \
-    s2:email:lora:3e-2:0.05 s3:email:lora:3e-2:0.05; do
+    s2:email:lora:3e-2:0.05 s3:email:lora:3e-2:0.05 s3:email:gated-fhme:3e-4:0.005 s2:email:gated-fhme:3e-4:0.005 \
+    s3:kjv:gated-fhme:3e-4:0.005 s2:kjv:gated-fhme:3e-4:0.005; do
   IFS=: read -r s domain method lr xlr <<< "$spec"
   fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
 done >> $G/finetune.jsonl

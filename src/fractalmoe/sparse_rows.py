@@ -387,10 +387,11 @@ class DomainGate(nn.Module):
     smoothing); a token's evidence e_t is the mean llr over the rows it reads, and the gate at
     position t is sigmoid(sum_{s <= t} e_s), the posterior that the text so far is the new
     domain's from even odds, each token one observation. Causal: position t reads only positions
-    <= t of its own sequence. The router is a frozen copy of the memory's first block's (its
-    norm and router), so that the memory's own routing may go on to learn; nothing here trains.
-    It needs every position so far in each call: a FractalMoE model refuses a cached generation
-    step, and a Hugging Face model must generate with ``use_cache=False``."""
+    <= t of its own sequence. The norm and router are frozen copies (a row memory's first
+    block's, so that its own routing may go on to learn, or ``hashing_gate``'s); nothing here
+    trains. It needs every position so far in each call: a FractalMoE model's ``generate``
+    re-reads the context when it holds a gate (a cached step is refused), and a Hugging Face
+    model must generate with ``use_cache=False``."""
 
     def __init__(self, norm: nn.Module, router: nn.Module, llr: Tensor) -> None:
         super().__init__()
