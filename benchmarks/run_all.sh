@@ -420,6 +420,10 @@ for spec in s3:email:gated-fhme:1e-3:0.0167 s3:email:gated-fhme:3e-3:0.05 s3:ema
   IFS=: read -r s domain method lr xlr <<< "$spec"
   fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
 done >> $G/finetune.jsonl
+# The command line's gated FHME adapters on the same base, rate and seed as one study run
+$F finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter fhme --match-lora-rank 64 --domain-gate --max-steps 150 \
+  --set lr=3e-3 --set expert_lr=0.05 --set seed=2 --eval-bytes 262144 --out runs/cli_gated_s2 --json --quiet \
+  | tail -1 > $G/cli_check.jsonl
 .venv/bin/python benchmarks/finetune_table.py $G/finetune.jsonl --levels email:4.4 email:4.0 email:3.6 email:3.4 \
   email:3.25 email:3.15 kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.25 kjv:2.15 > $G/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
