@@ -436,7 +436,6 @@ def add_domain_gates(model: nn.Module, memories: list[FHME], new: ByteDataset, k
         owners[id(memory)].domain_gate = DomainGate(block.norm, block.memory.router, row_llr(n, k)).to(device)
 
 
-
 GATE_ROUTING = dict(num_experts=1_048_576, heads=2, topk=8, key_dim=32)  # the row adapters' memories'
 
 
