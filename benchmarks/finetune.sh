@@ -33,6 +33,7 @@
 #   lora       LoRA at rank $RANK (<= width / 2) on every dense projection
 #   full       every weight
 #   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
+#   fhme-domain-gate  fhme with --domain-gate (each adapter behind a domain gate fitted on both domains)
 #   fhme-rows  fhme with --sparse-rows $ROWS (only the rows the new domain uses far more than the base)
 # Sequential: email, then kjv starting from the email run (middle learning rate): retention on the
 # base domain and on email. GPT-2: a transformers GPT-2 base trained here, adapted to email by
@@ -113,6 +114,7 @@ flags() {
     memory-sgd) echo "--adapter memory --match-lora-rank $RANK --set expert_optim=row_sgd" ;;
     memory-step-sgd) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --set expert_optim=row_sgd" ;;
     fhme-gate) echo "--adapter fhme --match-lora-rank $RANK --output-gate" ;;
+    fhme-domain-gate) echo "--adapter fhme --match-lora-rank $RANK --domain-gate" ;;
     fhme-rows) echo "--adapter fhme --match-lora-rank $RANK --sparse-rows $ROWS" ;;
     lora) echo "--adapter lora --lora-rank $RANK" ;;
     full) echo "--adapter full" ;;

@@ -420,6 +420,13 @@ for spec in s3:email:gated-fhme:1e-3:0.0167 s3:email:gated-fhme:3e-3:0.05 s3:ema
   IFS=: read -r s domain method lr xlr <<< "$spec"
   fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
 done >> $G/finetune.jsonl
+# Stage after stage behind gates: email, then the Bible from that run, by the command line, beside
+# LoRA and full fine-tuning on the same base (the Bible's text copied from runs/ft_rows_fixed)
+mkdir -p runs/ft_gated_seq/data && cp runs/ft_rows_fixed/data/kjv.txt runs/ft_gated_seq/data/
+METHODS="fhme-domain-gate lora full" SEEDS="2 3" STUDIES="single sequential" DOMAINS=email LR_POINTS=3 \
+  EVAL_BYTES=262144 RESULTS=$R/finetune_gated_seq bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_gated_seq
+.venv/bin/python benchmarks/finetune_table.py $R/finetune_gated_seq/finetune.jsonl |
+  sed -n '/^#### Sequential/,$p' > $R/finetune_gated_seq/finetune_tables.md
 # The command line's gated FHME adapters on the same base, rate and seed as one study run
 $F finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter fhme --match-lora-rank 64 --domain-gate --max-steps 150 \
   --set lr=3e-3 --set expert_lr=0.05 --set seed=2 --eval-bytes 262144 --out runs/cli_gated_s2 --json --quiet \
