@@ -403,9 +403,12 @@ class DomainGate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 3:
             raise ValueError("a domain gate needs whole sequences: x of shape (B, T, D)")
-        _, idx = self.router(self.norm(x.reshape(-1, x.shape[-1])))
-        evidence = self.llr[idx].flatten(1).mean(1).view(x.shape[:-1])
+        evidence = self.llr[self.reads(x)].flatten(1).mean(1).view(x.shape[:-1])
         return torch.sigmoid(evidence.cumsum(-1)).unsqueeze(-1).to(x.dtype)
+
+    def reads(self, x: Tensor) -> Tensor:
+        """(tokens, heads, topk): the rows each position of x (..., D) reads."""
+        return self.router(self.norm(x.reshape(-1, x.shape[-1])))[1]
 
     def flops_per_token(self) -> int:
         """The routing's (the mean and running sum of llr: a few adds beside it)."""
@@ -414,6 +417,11 @@ class DomainGate(nn.Module):
     def active_params_per_token(self) -> int:
         """The routing's parameters and the llr of every row read."""
         return self.router.params_per_token() + self.router.heads * self.router.topk
+
+
+def adapter_owners(model: nn.Module) -> dict[int, AdaptedFFN]:
+    """The adapted FFN that holds each adapter, keyed by the adapter's id."""
+    return {id(m.adapter): m for m in model.modules() if isinstance(m, AdaptedFFN)}
 
 
 def row_llr(new: Tensor, kept: Tensor) -> Tensor:
@@ -430,7 +438,7 @@ def add_domain_gates(model: nn.Module, memories: list[FHME], new: ByteDataset, k
     ``SAMPLE_WINDOWS`` training windows of the new domain and the kept domains' read counts
     (``_kept_choices``)."""
     new_counts = [c for c, _ in choice_counts(model, memories, new, seq_len, batch_size, seed, device)]
-    owners = {id(m.adapter): m for m in model.modules() if isinstance(m, AdaptedFFN)}
+    owners = adapter_owners(model)
     for memory, n, k in zip(memories, new_counts, kept_counts):
         block = memory.fractal.blocks[0]
         owners[id(memory)].domain_gate = DomainGate(block.norm, block.memory.router, row_llr(n, k)).to(device)
@@ -449,7 +457,7 @@ def hashing_gate(dim: int) -> DomainGate:
 
 def hashing_gates(model: nn.Module, adapters: list[FHME]) -> list[tuple[AdaptedFFN, DomainGate]]:
     """A fresh ``hashing_gate`` for the adapted FFN that holds each of ``adapters`` (not attached)."""
-    owners = {id(m.adapter): m for m in model.modules() if isinstance(m, AdaptedFFN)}
+    owners = adapter_owners(model)
     device = next(model.parameters()).device
     return [(owners[id(a)], hashing_gate(hidden_size(model)).to(device)) for a in adapters]
 
@@ -469,9 +477,8 @@ def gate_read_counts(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]
 
     def counter(gate: DomainGate, acc: Tensor) -> Any:
         def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0]
-            _, idx = gate.router(gate.norm(x.reshape(-1, x.shape[-1])))
-            acc.index_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+            idx = gate.reads(args[0]).reshape(-1)
+            acc.index_add_(0, idx, torch.ones_like(idx))
         return hook
 
     sample_passes(model, [(ffn, counter(g, acc)) for (ffn, g), acc in zip(gated, counts)], [data], seq_len,
