@@ -4,7 +4,7 @@
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
-        [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after]
+        [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after] [--gate-prior P] [--priors 0,4,8]
 
 ``base`` trains a transformers GPT2LMHeadModel (byte vocabulary 256, the shape of the default
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
@@ -13,7 +13,9 @@ split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank; ``rows``
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
 step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
 first fitted to both domains' queries; ``--domain-gate`` (rows or fhme): each memory behind a ``DomainGate``;
-``--train-queries``: the memories' query projections learn too); LoRA at that rank on every
+``--train-queries``: the memories' query projections learn too; ``--gate-prior``: FHME adapters'
+gates at that prior log-odds, ``--priors``: every domain's bpb after training with the gates moved
+to each prior in turn, ``bpb_by_prior``); LoRA at that rank on every
 dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); or trains every weight, and prints
 one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
 before and after).
@@ -37,6 +39,7 @@ from fractalmoe.adapters import AdaptedFFN
 from fractalmoe.config import TrainConfig
 from fractalmoe.evaluate import val_bpb
 from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm
+from fractalmoe.sparse_rows import gate_adapters, set_gate_prior, trainable_memories
 
 SEQ_LEN = 128
 
@@ -94,6 +97,9 @@ def load_base(args: argparse.Namespace) -> tuple[torch.nn.Module, list[Domain], 
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict:
+    gated = args.domain_gate or args.gate_after
+    if (args.gate_prior or args.priors) and not (args.adapter == "fhme" and gated):
+        raise ValueError("--gate-prior and --priors are for --adapter fhme with --domain-gate or --gate-after")
     torch.manual_seed(args.seed)
     model, domains, kind = load_base(args)
     cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, expert_lr=args.expert_lr, seed=args.seed,
@@ -101,14 +107,20 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device,
                              experts=args.experts, max_kept_windows=args.max_kept_windows,
                              fit_keys=args.fit_keys, domain_gate=args.domain_gate,
-                             train_queries=args.train_queries)
+                             train_queries=args.train_queries, gate_prior=args.gate_prior)
     if args.gate_after:  # gates fitted on the trained model, for adapters that trained without them
-        from fractalmoe.sparse_rows import gate_adapters, trainable_memories
-
         adapters = [a for _, a in trainable_memories(model)]
         gate_adapters(model, adapters, domains[0].data, [d.data for d in domains[1:]], SEQ_LEN, cfg.batch_size,
-                      args.seed, args.device)
-        row["bpb_gated_after"] = [val_bpb(model, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
+                      args.seed, args.device, args.gate_prior)
+        if not args.priors:
+            row["bpb_gated_after"] = [val_bpb(model, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
+    if args.priors:  # one trained model, its gates' prior moved: the trade-off with no step taken
+        row["bpb_by_prior"] = {}
+        for prior in args.priors:
+            set_gate_prior(model, prior)
+            row["bpb_by_prior"][f"{prior:g}"] = [val_bpb(model, d.data, SEQ_LEN, cfg.batch_size, args.device)
+                                                 for d in domains]
+        set_gate_prior(model, args.gate_prior)
     if args.gate_off_too:  # the same trained adapters with their gates taken out: what the gate keeps
         for m in model.modules():
             if isinstance(m, AdaptedFFN):
@@ -148,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--gate-after", action="store_true",
                    help="fhme without --domain-gate: after training, also report every domain's bpb with the "
                         "adapters behind gates fitted on the trained model (bpb_gated_after)")
+    f.add_argument("--gate-prior", type=float, default=0.0,
+                   help="fhme with --domain-gate or --gate-after: the gates' prior log-odds for the new domain")
+    f.add_argument("--priors", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                   help="fhme, gated: also report every domain's bpb with the gates at each of these priors "
+                        "(comma-separated; bpb_by_prior)")
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--max-steps", type=int, default=150)
     f.add_argument("--eval-bytes", type=int, default=None)

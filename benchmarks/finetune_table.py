@@ -1,6 +1,7 @@
 """Markdown tables of the fine-tuning study (benchmarks/finetune.sh): forgetting at matched gain.
 
-    python benchmarks/finetune_table.py benchmarks/results/finetune/finetune.jsonl [--levels 3.8 email:3.5 kjv:2.3]
+    python benchmarks/finetune_table.py benchmarks/results/finetune/finetune.jsonl [MORE.jsonl ...] \
+        [--levels 3.8 email:3.5 kjv:2.3] [--methods lora full gated-fhme]
 
 A method's learning-rate sweep traces a curve of (new-domain bpb, base-domain rise). Comparing
 methods at one learning rate mixes how far each one got with what it cost, so each method's rise is
@@ -27,7 +28,19 @@ FLOOR = 0.01
 
 def load(path: str) -> list[dict]:
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        return [r for line in fh if line.strip() for r in by_prior(json.loads(line))]
+
+
+def by_prior(row: dict) -> list[dict]:
+    """A run read with its domain gates at several priors (``bpb_by_prior``) stands for one row per
+    prior, its method tagged ``+gate@prior``: each prior traces a learning-rate curve of its own. A
+    run whose gates were fitted only after training (``domain_gate`` off) keeps its own row too:
+    the same adapters without gates."""
+    if not row.get("bpb_by_prior"):
+        return [row]
+    own = [] if row.get("domain_gate") else [row]
+    return own + [{**row, "method": f"{row['method']}+gate@{prior}", "val_bpb": bpbs[0], "base_val_bpb": bpbs[1]}
+                  for prior, bpbs in row["bpb_by_prior"].items()]
 
 
 def rise(row: dict) -> float:
@@ -165,11 +178,14 @@ def domain_levels(specs: list[tuple[str | None, float]], domain: str) -> list[fl
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="finetune.jsonl written by benchmarks/finetune.sh")
+    p.add_argument("results", nargs="+", help="finetune.jsonl files written by benchmarks/finetune.sh and the like")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="only these methods (a name matches its gated rows, name+gate@prior, too)")
     p.add_argument("--levels", nargs="+", default=[], type=level, metavar="[DOMAIN:]BPB",
                    help="new-domain bpbs to read every rise at (DOMAIN:BPB: that domain only)")
     args = p.parse_args(argv)
-    rows = load(args.results)
+    rows = [r for path in args.results for r in load(path)
+            if args.methods is None or r["method"].split("+gate@")[0] in args.methods]
     out = []
     singles = [r for r in rows if r.get("study") == "single"]
     for base_model in ("fractalmoe", "gpt2"):

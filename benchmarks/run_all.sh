@@ -302,13 +302,14 @@ done > $R/finetune_gpt2_rows/pilots.jsonl
 # (benchmarks/finetune_gpt2.py finetune --base RUN), email, seed 2, down to gentle rates
 EMAIL=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 mkdir -p $R/finetune_fhme_rows
-fhme_rows_run() {  # BASE SEED DOMAIN METHOD LR XLR: one run, its JSON line tagged for finetune_table.py
+fhme_rows_run() {  # BASE SEED DOMAIN METHOD LR XLR [FLAGS...]: one run, its JSON line tagged for finetune_table.py
   # (METHOD gated: row adapters behind domain gates, any row free to learn, queries learning;
   # gated-fhme: FHME adapters behind domain gates)
   local data=$EMAIL adapter=$4 extra=""
   [ "$3" = kjv ] && data=runs/ft_rows_fixed/data/kjv.txt  # made by the finetune.sh call above
   [ "$4" = gated ] && adapter=rows extra="--domain-gate --max-kept-windows any --train-queries"
   [ "$4" = gated-fhme ] && adapter=fhme extra="--domain-gate"
+  extra="$extra ${*:7}"
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base "$1" --data "$data" --adapter $adapter --lr "$5" \
     --expert-lr "$6" --seed "$2" --eval-bytes 262144 $extra | .venv/bin/python -c 'import json, sys
 r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain=sys.argv[2], study="single")
@@ -433,6 +434,17 @@ $F finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter fhme --match-lora-r
   | tail -1 > $G/cli_check.jsonl
 .venv/bin/python benchmarks/finetune_table.py $G/finetune.jsonl --levels email:4.4 email:4.0 email:3.6 email:3.4 \
   email:3.25 email:3.15 kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.25 kjv:2.15 > $G/finetune_tables.md
+# The gates' prior: FHME adapters trained without gates at three rates (both replicates and
+# domains), then gated on the trained model (--gate-after) and read with the gates at five priors
+# (pilots, seed 1: gates fitted after training beat gates trained behind at prior 0 and at 4)
+P=$R/finetune_gate_prior
+mkdir -p $P
+for s in 2 3; do for domain in email kjv; do for spec in 3e-4:0.005 1e-3:0.0167 3e-3:0.05; do
+  fhme_rows_run runs/ft_base_s$s $s $domain fhme ${spec%%:*} ${spec##*:} --gate-after --priors=-2,0,2,4,8
+done; done; done >> $P/finetune.jsonl
+.venv/bin/python benchmarks/finetune_table.py $P/finetune.jsonl $G/finetune.jsonl --methods fhme gated-fhme lora full \
+  --levels email:4.4 email:4.0 email:3.6 email:3.4 email:3.25 email:3.15 email:3.0 email:2.9 email:2.8 \
+  kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.25 kjv:2.2 kjv:2.15 kjv:2.12 > $P/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl

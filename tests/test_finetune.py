@@ -580,6 +580,20 @@ def test_forgetting_read_at_levels(load_benchmark) -> None:
     assert f"| lora | {lora_48:.3f} (1.00, {lora_48 / full_48:.2f}) |" in out
 
 
+def test_a_run_read_at_several_gate_priors_is_one_row_per_prior(load_benchmark) -> None:
+    """``bpb_by_prior`` (``finetune_gpt2.py --priors``): each prior becomes a method of its own,
+    with that prior's new-domain and base bpb; adapters gated only after training keep their own
+    (ungated) row; a run without priors passes through unchanged."""
+    table = load_benchmark("finetune_table")
+    row = {**_sweep_point(1e-3, 2.7, 1.1, "fhme"), "bpb_by_prior": {"0": [3.1, 2.01], "4": [2.9, 2.08]}}
+    rows = table.by_prior(row)
+    assert [(r["method"], r["val_bpb"], r["base_val_bpb"]) for r in rows] == [
+        ("fhme", 2.7, 3.1), ("fhme+gate@0", 3.1, 2.01), ("fhme+gate@4", 2.9, 2.08)]
+    assert all(r["val_bpb_before"] == 6.8 and r["base_val_bpb_before"] == 2.0 for r in rows)
+    assert [r["method"] for r in table.by_prior({**row, "domain_gate": True})] == ["fhme+gate@0", "fhme+gate@4"]
+    assert table.by_prior(_sweep_point(1e-3, 3.0, 1.0)) == [_sweep_point(1e-3, 3.0, 1.0)]
+
+
 def test_levels_apply_to_every_domain_or_to_the_one_named(load_benchmark) -> None:
     table = load_benchmark("finetune_table")
     specs = [table.level(s) for s in ("3.8", "email:3.5", "kjv:2.3")]
@@ -603,10 +617,10 @@ def test_sequential_table_reads_each_stage_from_its_own_run(load_benchmark) -> N
 
 
 def test_domain_gate_is_the_causal_posterior_of_the_rows_a_token_reads() -> None:
-    """sigmoid of the running sum of each token's mean row llr over its first block's reads,
-    recomputed here by hand; a later position never moves an earlier gate."""
+    """sigmoid of the prior plus the running sum of each token's mean row llr over its first
+    block's reads, recomputed here by hand; a later position never moves an earlier gate."""
     from fractalmoe import FHME
-    from fractalmoe.sparse_rows import DomainGate, freeze_routing
+    from fractalmoe.sparse_rows import DomainGate, freeze_routing, set_gate_prior
 
     torch.manual_seed(0)
     layer = FHME(16, 256, depth=2, heads=2, topk=4, key_dim=8, block="value")
@@ -619,6 +633,9 @@ def test_domain_gate_is_the_causal_posterior_of_the_rows_a_token_reads() -> None
     _, idx = block.memory.router(block.norm(x.reshape(-1, 16)))  # (30, heads, topk)
     evidence = llr[idx].reshape(3, 10, -1).mean(-1)
     torch.testing.assert_close(g.squeeze(-1), torch.sigmoid(evidence.cumsum(-1)))
+    set_gate_prior(torch.nn.Sequential(gate), 1.5)  # prior odds e^1.5 for the new domain, moved after the fact
+    torch.testing.assert_close(gate(x).squeeze(-1), torch.sigmoid(1.5 + evidence.cumsum(-1)))
+    set_gate_prior(gate, 0.0)
     y = x.clone()
     y[:, 6:] = torch.randn(3, 4, 16)
     torch.testing.assert_close(gate(y)[:, :6], g[:, :6], rtol=0, atol=0)
@@ -670,18 +687,34 @@ def test_domain_gated_adapters_open_on_the_new_domain_and_stay_shut_on_the_base(
 
 
 def test_cli_domain_gate_is_fitted_saved_counted_and_generates_without_a_cache(corpora, capsys) -> None:
-    """``finetune --domain-gate``: each FHME adapter's gate is fitted before training and saved with
-    the run; the reloaded model counts the gates' routing in its FLOPs and generates, re-reading
-    the context at every step, what greedy decoding by hand gives. Other adapters refuse it."""
-    from fractalmoe.sparse_rows import DomainGate
+    """``finetune --domain-gate``: the adapters train without gates, then each gets one fitted on
+    the trained model (as ``fit_domain_gates`` fits it by hand here), saved in a file of the run's own
+    beside checkpoints that hold none, at its prior; the reloaded model counts the gates' routing in
+    its FLOPs and generates, re-reading the context at every step, what greedy decoding by hand
+    gives. Other adapters, and a prior without gates, are refused."""
+    from fractalmoe.adapters import build_adapted_model
+    from fractalmoe.checkpoint import latest_checkpoint, load_model_checkpoint, read_model_tensors, run_extra
+    from fractalmoe.data import ByteDataset
+    from fractalmoe.sparse_rows import DomainGate, fit_domain_gates
 
     out = corpora["root"] / "domain_gate"
     s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--experts", "64",
-                  "--domain-gate", "--out", str(out))
+                  "--domain-gate", "--gate-prior", "2.5", "--out", str(out))
     assert s["val_bpb"] < s["val_bpb_before"]
     model, config, _ = load_model_from_run(out)
     gates = [b.ffn.domain_gate for b in model.blocks]
-    assert all(isinstance(g, DomainGate) and g.llr.abs().sum() > 0 for g in gates)
+    assert all(isinstance(g, DomainGate) and g.llr.abs().sum() > 0 and g.prior == 2.5 for g in gates)
+    assert (out / "domain_gates.safetensors").is_file()
+    assert not any("domain_gate" in k for k in read_model_tensors(latest_checkpoint(out)))
+    spec = {k: v for k, v in run_extra(out)["adapter"].items() if k != "domain_gate"}
+    by_hand = build_adapted_model(str(corpora["run"]), spec)
+    load_model_checkpoint(by_hand, latest_checkpoint(out))
+    seq_len, batch, val = config.model.seq_len, config.train.batch_size, config.train.val_fraction
+    refit = [(b.ffn, DomainGate(g.norm, g.router, torch.zeros_like(g.llr))) for b, g in zip(by_hand.blocks, gates)]
+    fit_domain_gates(by_hand, refit, ByteDataset.load(str(corpora["code"]), val, seq_len),
+                     [ByteDataset.load(str(corpora["base"]), val, seq_len)], seq_len, batch, config.train.seed)
+    for g, (_, h) in zip(gates, refit):
+        torch.testing.assert_close(g.llr, h.llr, rtol=0, atol=0)
     ungated = model.flops_per_token()
     for b in model.blocks:
         b.ffn.domain_gate = None
@@ -698,3 +731,7 @@ def test_cli_domain_gate_is_fitted_saved_counted_and_generates_without_a_cache(c
     assert "--domain-gate: only for --adapter fhme" in _err(
         capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--adapter", "lora",
         "--domain-gate", *FT)
+    assert "add --domain-gate" in _err(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]),
+                                       "--gate-prior", "1", *FT)
+    assert "finite" in _err(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]),
+                            "--domain-gate", "--gate-prior", "inf", *FT)

@@ -408,9 +408,10 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
 
     spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
-    domain_gate and a row_mask file; memory: the base's own expert tables, a row_mask file of the rows that
-    learn; lora: rank (or budget) and targets (default ``attention``, as older runs had); full:
-    every weight trainable, earlier adapters included."""
+    a domain_gate file (``save_domain_gates``) and its gate_prior, a row_mask file; memory: the
+    base's own expert tables, a row_mask file of the rows that learn; lora: rank (or budget) and
+    targets (default ``attention``, as older runs had); full: every weight trainable, earlier
+    adapters included."""
     from .checkpoint import load_model_from_run
 
     model, _, _ = load_model_from_run(base_run, device)
@@ -419,11 +420,12 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
                                      output_gate=bool(spec.get("output_gate")), **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
-        if spec.get("domain_gate"):  # unfitted: the run's saved llr, or fit_domain_gates, fills them
-            from .sparse_rows import hashing_gates
+        if spec.get("domain_gate"):  # the gates finetune fitted on the trained adapters, from their file
+            from .sparse_rows import hashing_gates, load_domain_gates
 
-            for owner, gate in hashing_gates(model, adapters):
+            for owner, gate in hashing_gates(model, adapters, float(spec.get("gate_prior", 0.0))):
                 owner.domain_gate = gate
+            load_domain_gates(model, spec["domain_gate"])
     elif spec["kind"] == "memory":
         memories = open_memories(model, spec.get("layers"))
         if spec.get("embeddings"):

@@ -180,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--output-gate", action="store_true",
                     help="fhme: scale each adapter's output by a learned gate sigmoid(w.x + b), b = -4 at start")
     ft.add_argument("--domain-gate", action="store_true",
-                    help="fhme: scale each adapter's output by the posterior that the text so far is the new "
-                         "domain's, read from frozen hashing routing fitted on samples of both (DomainGate); "
-                         "keeps the base domain's bpb, generation re-reads the context at every step")
+                    help="fhme: after training, scale each adapter's output by the posterior that the text so "
+                         "far is the new domain's, read from frozen hashing routing fitted on samples of both "
+                         "(DomainGate); keeps the base domain's bpb, generation re-reads the context at every step")
+    ft.add_argument("--gate-prior", type=float, default=0.0, metavar="P",
+                    help="with --domain-gate: the gates' prior log-odds that text is the new domain's (default 0, "
+                         "even odds); higher learns the new domain further for more rise on the base's")
     ft.add_argument("--sparse-rows", type=_positive_int, metavar="T",
                     help="fhme: train only the T expert rows per adapter that the new domain uses most "
                          "above the base domain (tf-idf of expert choices; sparse memory fine-tuning)")
@@ -440,7 +443,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         eval_bytes=args.eval_bytes, lora_rank=args.lora_rank, match_lora_rank=args.match_lora_rank,
         lora_targets=args.lora_targets, output_gate=args.output_gate, sparse_rows=args.sparse_rows,
         rows_per_step=args.rows_per_step, rows_by_gain=args.rows_by_gain,
-        with_embeddings=args.with_embeddings, domain_gate=args.domain_gate, device=args.device,
+        with_embeddings=args.with_embeddings, domain_gate=args.domain_gate,
+        gate_prior=args.gate_prior, device=args.device,
         progress=not args.quiet))
     print_report(summary, sizing_line(summary), args.json)
     return 0

@@ -71,11 +71,10 @@ from .evaluate import lm_logits, val_bpb
 from .sparse_rows import (
     StepRowSelector,
     add_row_adapters,
-    fit_domain_gates,
     gate_adapters,
-    new_gates,
     non_table_trainable,
     row_width,
+    save_domain_gates,
     sparse_row_masks,
     step_row_selectors,
     trainable_memories,
@@ -215,6 +214,7 @@ class FinetuneRequest:
     rows_by_gain: bool = False
     with_embeddings: bool = False
     domain_gate: bool = False
+    gate_prior: float = 0.0
     device: str = "cpu"
     progress: bool = True
 
@@ -225,6 +225,10 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("--output-gate: only for --adapter fhme")
     if req.domain_gate and req.adapter != "fhme":
         raise ValueError("--domain-gate: only for --adapter fhme")
+    if req.gate_prior and not req.domain_gate:
+        raise ValueError("--gate-prior sets the domain gates' prior: add --domain-gate")
+    if not math.isfinite(req.gate_prior):
+        raise ValueError(f"--gate-prior must be a finite log-odds, got {req.gate_prior}")
     routed = [flag for flag, on in (("--sparse-rows", req.sparse_rows is not None),
                                     ("--match-lora-rank", req.match_lora_rank is not None)) if on]
     if req.adapter not in ("fhme", "memory") and routed:
@@ -307,7 +311,7 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     sizing.fhme_experts, sizing.fhme_params = experts, fhme_count(experts)
     spec.update(fhme={"num_experts": experts, **fhme_cfg}, output_gate=req.output_gate)
     if req.domain_gate:
-        spec["domain_gate"] = True
+        spec.update(domain_gate=True, gate_prior=req.gate_prior)
     if req.sparse_rows is not None:
         spec["sparse_rows"] = req.sparse_rows
     return sizing
@@ -374,12 +378,12 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
     selectors: dict[str, StepRowSelector] = {}
     if spec.get("sparse_rows") is not None and not spec.get("rows_per_step"):
         spec["row_mask"] = str((run_dir / "row_mask.safetensors").resolve())
+    if spec.get("domain_gate"):  # fitted after training, on the trained adapters
+        spec["domain_gate"] = str((run_dir / "domain_gates.safetensors").resolve())
+    built_now = {k: v for k, v in spec.items() if k not in ("row_mask", "domain_gate")}
 
     def model_factory() -> nn.Module:
-        model = build_adapted_model(base, {k: v for k, v in spec.items() if k != "row_mask"}, req.device)
-        if spec.get("domain_gate"):
-            fit_domain_gates(model, new_gates(model), new, [d.data for d in domains[1:]], seq_len, batch,
-                             config.train.seed, req.device)
+        model = build_adapted_model(base, built_now, req.device)
         if spec.get("rows_per_step"):
             selectors.update(step_row_selectors(model, [d.data for d in domains[1:]], spec["sparse_rows"],
                                                 seq_len, batch, config.train.seed, req.device,
@@ -400,6 +404,8 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
                      model_factory=model_factory, extra={"base": base, "adapter": spec},
                      log=lambda s: print(s, file=sys.stderr))
 
+    if spec.get("domain_gate"):
+        _fit_gates_after(run_dir, base, built_now, spec, domains, seq_len, batch, config.train.seed, req.device)
     model, _, _ = load_model_from_run(run_dir, req.device)
     after = _bpbs(model, domains, seq_len, batch, req.device)
     with (run_dir / "metrics.jsonl").open("a") as fh:
@@ -426,6 +432,21 @@ def finetune(req: FinetuneRequest, log: Callable[[str], None] = print) -> dict[s
         **_sizing_fields(sizing), "trained_rows": trained_rows or None,
         **_domain_fields(domains, before, after),
     }
+
+
+def _fit_gates_after(run_dir: Path, base: str, built: dict[str, Any], spec: dict[str, Any], domains: list[Domain],
+                     seq_len: int, batch: int, seed: int, device: str) -> None:
+    """The trained adapters behind domain gates fitted on the trained model's FFN inputs, saved to
+    the run's ``domain_gate`` file. Adapters trained without gates and gated afterwards learn the
+    new domain everywhere, shut positions included, and forget less than ones trained behind their
+    gates (docs/results.md, "The gates' prior")."""
+    from .checkpoint import latest_checkpoint, load_model_checkpoint
+
+    model = build_adapted_model(base, built, device)
+    load_model_checkpoint(model, latest_checkpoint(run_dir))
+    gate_adapters(model, [a for _, a in trainable_memories(model)], domains[0].data, [d.data for d in domains[1:]],
+                  seq_len, batch, seed, device, spec["gate_prior"])
+    save_domain_gates(model, spec["domain_gate"])
 
 
 def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
@@ -497,14 +518,15 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                        cfg: TrainConfig, seq_len: int, device: str = "cpu",
                        output_gate: bool = False, experts: int = 1_048_576,
                        max_kept_windows: int | None = 0, fit_keys: bool = False,
-                       domain_gate: bool = False, train_queries: bool = False) -> dict[str, Any]:
+                       domain_gate: bool = False, train_queries: bool = False,
+                       gate_prior: float = 0.0) -> dict[str, Any]:
     """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
     for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
     and, of them, as many learning per step as fit LoRA's count at ``lora_rank`` beside the
     adapters' other trainable parameters; ``fit_keys``: sub-keys fitted to every domain's queries
     first; ``domain_gate``: each row memory, or with ``fhme`` each FHME adapter
-    (``gate_adapters``), behind a ``DomainGate`` for ``domains[0]``;
+    (``gate_adapters``, at ``gate_prior``), behind a ``DomainGate`` for ``domains[0]``;
     ``train_queries``: the memories' query projections learn), train on ``domains[0]`` with
     ``train_lm``, and measure
     every domain (new, base, earlier) before and after."""
@@ -529,7 +551,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
         if domain_gate:
             new, kept = domains[0].data, [d.data for d in domains[1:]]
             gate_adapters(model, [a for _, a in trainable_memories(model)], new, kept, seq_len, cfg.batch_size,
-                          cfg.seed, device)
+                          cfg.seed, device, gate_prior)
         trainable = trainable_parameter_count(model)
     model.to(device)
     train_loss = train_lm(model, domains[0].data, cfg, seq_len, device)
@@ -541,5 +563,6 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
             "max_kept_windows": max_kept_windows if method == "rows" else None,
             "fit_keys": fit_keys if method == "rows" else None,
             "domain_gate": domain_gate if method in ("rows", "fhme") else None,
+            "gate_prior": gate_prior if domain_gate and method == "fhme" else None,
             "train_queries": train_queries if method == "rows" else None,
             **_domain_fields(domains, before, after)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -385,30 +386,38 @@ class DomainGate(nn.Module):
     no domain label: a naive-Bayes reading of a frozen hashing router. Row r carries
     llr_r = log p_new(r) - log p_kept(r), from how often samples of the two read it (add-1/2
     smoothing); a token's evidence e_t is the mean llr over the rows it reads, and the gate at
-    position t is sigmoid(sum_{s <= t} e_s), the posterior that the text so far is the new
-    domain's from even odds, each token one observation. Causal: position t reads only positions
+    position t is sigmoid(prior + sum_{s <= t} e_s), the posterior that the text so far is the new
+    domain's from prior odds e^prior, each token one observation. The prior is the dial between
+    the two costs of a wrong gate: a shut one costs the new domain's text the adapter's gain, an
+    open one costs the kept domains' text what the adapter changes; kept text piles up evidence
+    against faster than new text does for (``set_gate_prior``), so a prior above even odds buys
+    the new domain more than it costs the kept ones. Causal: position t reads only positions
     <= t of its own sequence. The norm and router are frozen copies (a row memory's first
     block's, so that its own routing may go on to learn, or ``hashing_gate``'s); nothing here
     trains. It needs every position so far in each call: a FractalMoE model's ``generate``
     re-reads the context when it holds a gate (a cached step is refused), and a Hugging Face
     model must generate with ``use_cache=False``."""
 
-    def __init__(self, norm: nn.Module, router: nn.Module, llr: Tensor) -> None:
+    def __init__(self, norm: nn.Module, router: nn.Module, llr: Tensor, prior: float = 0.0) -> None:
         super().__init__()
         self.norm, self.router = copy.deepcopy(norm), copy.deepcopy(router)
-        freeze_in_run(self)  # trains never, but a run saves it: the base cannot rebuild it
+        self.requires_grad_(False)  # trains never; a run keeps its gates in a file of their own
         self.register_buffer("llr", llr.float())
+        self.prior = float(prior)  # log-odds; a run records it in its adapter spec, not its weights
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 3:
             raise ValueError("a domain gate needs whole sequences: x of shape (B, T, D)")
         evidence = self.llr[self.reads(x)].flatten(1).mean(1).view(x.shape[:-1])
-        return torch.sigmoid(evidence.cumsum(-1)).unsqueeze(-1).to(x.dtype)
+        return torch.sigmoid(self.prior + evidence.cumsum(-1)).unsqueeze(-1).to(x.dtype)
 
     def reads(self, x: Tensor) -> Tensor:
         """(tokens, heads, topk): the rows each position of x (..., D) reads."""
         return self.router(self.norm(x.reshape(-1, x.shape[-1])))[1]
+
+    def extra_repr(self) -> str:
+        return f"prior={self.prior:g}"
 
     def flops_per_token(self) -> int:
         """The routing's (the mean and running sum of llr: a few adds beside it)."""
@@ -447,19 +456,28 @@ def add_domain_gates(model: nn.Module, memories: list[FHME], new: ByteDataset, k
 GATE_ROUTING = dict(num_experts=1_048_576, heads=2, topk=8, key_dim=32)  # the row adapters' memories'
 
 
-def hashing_gate(dim: int) -> DomainGate:
+def hashing_gate(dim: int, prior: float = 0.0) -> DomainGate:
     """A ``DomainGate`` with routing of its own, random and frozen (``GATE_ROUTING``: as many rows
     as the row adapters' memories, so as fine a reading of the hidden state), llr still zero."""
     r = GATE_ROUTING
     return DomainGate(nn.RMSNorm(dim), ProductKeyRouter(dim, r["num_experts"], r["heads"], r["topk"], r["key_dim"]),
-                      torch.zeros(r["num_experts"]))
+                      torch.zeros(r["num_experts"]), prior)
 
 
-def hashing_gates(model: nn.Module, adapters: list[FHME]) -> list[tuple[AdaptedFFN, DomainGate]]:
+def hashing_gates(model: nn.Module, adapters: list[FHME], prior: float = 0.0) -> list[tuple[AdaptedFFN, DomainGate]]:
     """A fresh ``hashing_gate`` for the adapted FFN that holds each of ``adapters`` (not attached)."""
     owners = adapter_owners(model)
     device = next(model.parameters()).device
-    return [(owners[id(a)], hashing_gate(hidden_size(model)).to(device)) for a in adapters]
+    return [(owners[id(a)], hashing_gate(hidden_size(model), prior).to(device)) for a in adapters]
+
+
+def set_gate_prior(model: nn.Module, prior: float) -> None:
+    """Every ``DomainGate`` of ``model`` at prior log-odds ``prior``: the gate is a posterior, so
+    its prior can move after training, trading the kept domains' rise for the new domain's gain
+    with no step taken."""
+    for m in model.modules():
+        if isinstance(m, DomainGate):
+            m.prior = float(prior)
 
 
 def new_gates(model: nn.Module) -> list[tuple[AdaptedFFN, DomainGate]]:
@@ -486,6 +504,27 @@ def gate_read_counts(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]
     return [c.cpu() for c in counts]
 
 
+def save_domain_gates(model: nn.Module, path: str | Path) -> None:
+    """The state of every gate ``new_gates`` finds (the newest adapter set's), by module name, to a
+    safetensors file that ``load_domain_gates`` reads back into a model of the same adapters."""
+    from safetensors.torch import save_file
+
+    gates = {id(g) for _, g in new_gates(model)}
+    tensors = {f"{name}.{k}": v.contiguous() for name, m in model.named_modules() if id(m) in gates
+               for k, v in m.state_dict().items()}
+    save_file(tensors, str(path))
+
+
+def load_domain_gates(model: nn.Module, path: str | Path) -> None:
+    """Fill the model's gates from a ``save_domain_gates`` file (every tensor must find its gate)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} tensors match no domain gate here, e.g. {unexpected[0]}")
+
+
 def fit_domain_gates(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]], new: ByteDataset,
                      kept: list[ByteDataset], seq_len: int, batch_size: int, seed: int,
                      device: str = "cpu") -> None:
@@ -503,10 +542,10 @@ def fit_domain_gates(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]
 
 
 def gate_adapters(model: nn.Module, adapters: list[FHME], new: ByteDataset, kept: list[ByteDataset],
-                  seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> None:
+                  seq_len: int, batch_size: int, seed: int, device: str = "cpu", prior: float = 0.0) -> None:
     """Each of ``adapters`` (``add_fhme_adapters``) behind a ``DomainGate`` for ``new`` against
     ``kept`` with routing of its own (``hashing_gate``): an adapter's own routing has a few
     hundred rows, too coarse a reading to tell the domains apart, and it learns."""
     if not adapters:
         raise ValueError("a domain gate needs FHME adapters beside the model's FFNs")
-    fit_domain_gates(model, hashing_gates(model, adapters), new, kept, seq_len, batch_size, seed, device)
+    fit_domain_gates(model, hashing_gates(model, adapters, prior), new, kept, seq_len, batch_size, seed, device)
