@@ -387,14 +387,14 @@ class DomainGate(nn.Module):
     llr_r = log p_new(r) - log p_kept(r), from how often samples of the two read it (add-1/2
     smoothing); a token's evidence e_t is the mean llr over the rows it reads, and the gate at
     position t is sigmoid(prior + sum_{s <= t} e_s), the posterior that the text so far is the new
-    domain's from prior odds e^prior, each token one observation. The prior is the dial between
-    the two costs of a wrong gate: a shut one costs the new domain's text the adapter's gain, an
-    open one costs the kept domains' text what the adapter changes; kept text piles up evidence
-    against faster than new text does for (``set_gate_prior``), so a prior above even odds buys
-    the new domain more than it costs the kept ones. Causal: position t reads only positions
-    <= t of its own sequence. The norm and router are frozen copies (a row memory's first
-    block's, so that its own routing may go on to learn, or ``hashing_gate``'s); nothing here
-    trains. It needs every position so far in each call: a FractalMoE model's ``generate``
+    domain's from prior odds e^prior, each token one observation. The prior trades the two
+    costs of a wrong gate: shut on the new domain's text, it forgoes the adapter's gain; open on
+    the kept domains', it lets the adapter change them. Kept text piles up evidence against the
+    new domain within a few positions, new text for it more slowly, so a prior above even odds
+    (``set_gate_prior``) buys the new domain more than it costs the kept ones. Causal: position t
+    reads only positions <= t of its own sequence. The norm and router are frozen copies (a row
+    memory's first block's, so that its own routing may go on to learn, or ``hashing_gate``'s);
+    nothing here trains. It needs every position so far in each call: a FractalMoE model's ``generate``
     re-reads the context when it holds a gate (a cached step is refused), and a Hugging Face
     model must generate with ``use_cache=False``."""
 
