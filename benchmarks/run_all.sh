@@ -428,10 +428,8 @@ METHODS="fhme-domain-gate lora full" SEEDS="2 3" STUDIES="single sequential" DOM
   EVAL_BYTES=262144 RESULTS=$R/finetune_gated_seq bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_gated_seq
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_gated_seq/finetune.jsonl |
   sed -n '/^#### Sequential/,$p' > $R/finetune_gated_seq/finetune_tables.md
-# The command line's gated FHME adapters on the same base, rate and seed as one study run
-$F finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter fhme --match-lora-rank 64 --domain-gate --max-steps 150 \
-  --set lr=3e-3 --set expert_lr=0.05 --set seed=2 --eval-bytes 262144 --out runs/cli_gated_s2 --json --quiet \
-  | tail -1 > $G/cli_check.jsonl
+# (its first stage at seed 2 is the command line's gated FHME adapters on the base, rate and seed of
+# one run of the gate-prior study below: gates fitted after training, prior 0)
 .venv/bin/python benchmarks/finetune_table.py $G/finetune.jsonl --levels email:4.4 email:4.0 email:3.6 email:3.4 \
   email:3.25 email:3.15 kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.25 kjv:2.15 > $G/finetune_tables.md
 # The gates' prior: FHME adapters trained without gates at three rates (both replicates and
@@ -439,6 +437,16 @@ $F finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter fhme --match-lora-r
 # (pilots, seed 1: gates fitted after training beat gates trained behind at prior 0 and at 4)
 P=$R/finetune_gate_prior
 mkdir -p $P
+for domain in "$EMAIL" runs/ft_rows_fixed/data/kjv.txt; do  # how fast each domain's text moves the gates
+  .venv/bin/python benchmarks/gate_separation.py --base runs/ft_base_s2 --data "$domain" --by-position
+done > $P/gate_positions.jsonl
+for spec in "$EMAIL 3e-3 0.05 --gate-after --priors=0,2,4,6" "$EMAIL 1e-3 0.0167 --gate-after --priors=0,2,4,6,8,12" \
+    "runs/ft_rows_fixed/data/kjv.txt 3e-3 0.05 --gate-after --priors=0,2,4,6,8,12" \
+    "$EMAIL 3e-3 0.05 --domain-gate --priors=0,2,4,6,8,12" "$EMAIL 3e-3 0.05 --domain-gate --gate-prior 4 --priors=0,2,4,6,8,12"; do
+  read -r data lr xlr extra <<< "$spec"
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$data" --adapter fhme \
+    --lr $lr --expert-lr $xlr --seed 1 --eval-bytes 262144 $extra | tail -1
+done > $P/pilots.jsonl
 for s in 2 3; do for domain in email kjv; do for spec in 3e-4:0.005 1e-3:0.0167 3e-3:0.05; do
   fhme_rows_run runs/ft_base_s$s $s $domain fhme ${spec%%:*} ${spec##*:} --gate-after --priors=-2,0,2,4,8
 done; done; done >> $P/finetune.jsonl
