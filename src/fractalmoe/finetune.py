@@ -439,7 +439,7 @@ def _fit_gates_after(run_dir: Path, base: str, built: dict[str, Any], spec: dict
     """The trained adapters behind domain gates fitted on the trained model's FFN inputs, saved to
     the run's ``domain_gate`` file. Adapters trained without gates and gated afterwards learn the
     new domain everywhere, shut positions included, and forget less than ones trained behind their
-    gates (docs/results.md, "The gates' prior")."""
+    gates (docs/results.md, "Gates fitted after training, and their prior")."""
     from .checkpoint import latest_checkpoint, load_model_checkpoint
 
     model = build_adapted_model(base, built, device)
