@@ -39,6 +39,7 @@ from fractalmoe.adapters import AdaptedFFN
 from fractalmoe.config import TrainConfig
 from fractalmoe.evaluate import val_bpb
 from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm
+from fractalmoe.mixture import PosteriorMixture
 from fractalmoe.sparse_rows import gate_adapters, set_gate_prior, trainable_memories
 
 SEQ_LEN = 128
@@ -107,7 +108,11 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device,
                              experts=args.experts, max_kept_windows=args.max_kept_windows,
                              fit_keys=args.fit_keys, domain_gate=args.domain_gate,
-                             train_queries=args.train_queries, gate_prior=args.gate_prior)
+                             train_queries=args.train_queries, gate_prior=args.gate_prior,
+                             heads=args.heads, topk=args.topk)
+    if args.mix:  # the trained model and a fresh copy of its base, weighted by the posterior
+        mixture = PosteriorMixture([load_base(args)[0], model])
+        row["bpb_mixed"] = [val_bpb(mixture, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
     if args.gate_after:  # gates fitted on the trained model, for adapters that trained without them
         adapters = [a for _, a in trainable_memories(model)]
         gate_adapters(model, adapters, domains[0].data, [d.data for d in domains[1:]], SEQ_LEN, cfg.batch_size,
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--data", required=True)
     f.add_argument("--adapter", choices=["fhme", "rows", "lora", "full"], default="fhme")
     f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
+    f.add_argument("--heads", type=int, default=None, help="fhme: heads a block (default: DEFAULT_ADAPTER's)")
+    f.add_argument("--topk", type=int, default=None, help="fhme: experts a head reads (default: DEFAULT_ADAPTER's)")
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)
     f.add_argument("--experts", type=int, default=1_048_576, help="rows: rows per layer (a perfect square)")
@@ -165,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--priors", type=lambda v: [float(x) for x in v.split(",")], default=None,
                    help="fhme, gated: also report every domain's bpb with the gates at each of these priors "
                         "(comma-separated; bpb_by_prior)")
+    f.add_argument("--mix", action="store_true",
+                   help="also report every domain's bpb under the posterior mixture of the trained model and "
+                        "its base at even odds (PosteriorMixture; bpb_mixed)")
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--max-steps", type=int, default=150)
     f.add_argument("--eval-bytes", type=int, default=None)

@@ -28,19 +28,21 @@ FLOOR = 0.01
 
 def load(path: str) -> list[dict]:
     with open(path) as fh:
-        return [r for line in fh if line.strip() for r in by_prior(json.loads(line))]
+        return [r for line in fh if line.strip() for r in readings(json.loads(line))]
 
 
-def by_prior(row: dict) -> list[dict]:
-    """A run read with its domain gates at several priors (``bpb_by_prior``) stands for one row per
-    prior, its method tagged ``+gate@prior``: each prior traces a learning-rate curve of its own. A
-    run whose gates were fitted only after training (``domain_gate`` off) keeps its own row too:
-    the same adapters without gates."""
-    if not row.get("bpb_by_prior"):
-        return [row]
-    own = [] if row.get("domain_gate") else [row]
-    return own + [{**row, "method": f"{row['method']}+gate@{prior}", "val_bpb": bpbs[0], "base_val_bpb": bpbs[1]}
-                  for prior, bpbs in row["bpb_by_prior"].items()]
+def readings(row: dict) -> list[dict]:
+    """A run read several ways stands for one row per reading, each a method of its own that
+    traces a learning-rate curve. With its domain gates at several priors (``bpb_by_prior``):
+    one row per prior, tagged ``+gate@prior``; a run whose gates were fitted only after training
+    (``domain_gate`` off) keeps its own row too, the same adapters without gates. As the posterior
+    mixture of the trained model and its base (``bpb_mixed``): a row tagged ``+mix`` beside its own."""
+    own = [] if row.get("bpb_by_prior") and row.get("domain_gate") else [row]
+    gated = [{**row, "method": f"{row['method']}+gate@{prior}", "val_bpb": bpbs[0], "base_val_bpb": bpbs[1]}
+             for prior, bpbs in (row.get("bpb_by_prior") or {}).items()]
+    mixed = [{**row, "method": f"{row['method']}+mix", "val_bpb": row["bpb_mixed"][0],
+              "base_val_bpb": row["bpb_mixed"][1]}] if row.get("bpb_mixed") else []
+    return own + gated + mixed
 
 
 def rise(row: dict) -> float:

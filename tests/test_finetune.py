@@ -4,6 +4,7 @@ the output gate, LoRA on every dense projection and FHME adapters sized to match
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -394,6 +395,14 @@ def test_matched_sizing_is_the_closest_fhme_count_at_or_below_lora(corpora, caps
     lora = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--adapter", "lora",
                      "--lora-rank", "32", "--out", str(corpora["root"] / "matched_lora"))
     assert lora["trainable_params"] == lora["lora_params"] == budget
+    shaped = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--match-lora-rank",
+                       "32", "--heads", "1", "--topk", "4", "--out", str(corpora["root"] / "matched_h1"))
+    experts, count = experts_for_budget(model, budget, heads=1, topk=4)
+    assert (shaped["fhme_experts"], shaped["fhme_params"]) == (experts, count) and count <= budget
+    assert shaped["fhme_shape"] == {"depth": 2, "heads": 1, "topk": 4}
+    loaded, _, _ = load_model_from_run(corpora["root"] / "matched_h1")  # the shape comes back from the spec
+    router = _adapted_ffns(loaded)[0].adapter.fractal.blocks[0].memory.router
+    assert (router.heads, router.topk) == (1, 4)
 
 
 def _leaf_linears(layer: torch.nn.Module) -> set[str]:
@@ -542,6 +551,8 @@ def test_options_that_do_not_apply_are_one_line_errors_before_any_run(corpora, t
     assert "--experts: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
                                          "--experts", "64")
     assert "--depth: only for" in _err(capsys, *common, "--adapter", "full", "--depth", "3")
+    assert "--heads, --topk: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
+                                                "--heads", "1", "--topk", "4")
     assert "without --lora-rank" in _err(capsys, *common, "--adapter", "lora", "--lora-rank", "4", "--experts", "64")
     err = _err(capsys, *common, "--adapter", "lora", "--lora-targets", "attention", "--lora-rank", "65")
     assert "1..64" in err and "attention" in err and "width / 2" not in err  # the cap of attention targets
@@ -586,12 +597,19 @@ def test_a_run_read_at_several_gate_priors_is_one_row_per_prior(load_benchmark) 
     (ungated) row; a run without priors passes through unchanged."""
     table = load_benchmark("finetune_table")
     row = {**_sweep_point(1e-3, 2.7, 1.1, "fhme"), "bpb_by_prior": {"0": [3.1, 2.01], "4": [2.9, 2.08]}}
-    rows = table.by_prior(row)
+    rows = table.readings(row)
     assert [(r["method"], r["val_bpb"], r["base_val_bpb"]) for r in rows] == [
         ("fhme", 2.7, 3.1), ("fhme+gate@0", 3.1, 2.01), ("fhme+gate@4", 2.9, 2.08)]
     assert all(r["val_bpb_before"] == 6.8 and r["base_val_bpb_before"] == 2.0 for r in rows)
-    assert [r["method"] for r in table.by_prior({**row, "domain_gate": True})] == ["fhme+gate@0", "fhme+gate@4"]
-    assert table.by_prior(_sweep_point(1e-3, 3.0, 1.0)) == [_sweep_point(1e-3, 3.0, 1.0)]
+    assert [r["method"] for r in table.readings({**row, "domain_gate": True})] == ["fhme+gate@0", "fhme+gate@4"]
+    assert table.readings(_sweep_point(1e-3, 3.0, 1.0)) == [_sweep_point(1e-3, 3.0, 1.0)]
+
+
+def test_a_run_read_as_a_mixture_with_its_base_is_a_row_of_its_own(load_benchmark) -> None:
+    table = load_benchmark("finetune_table")
+    row = {**_sweep_point(1e-3, 2.7, 1.1, "lora"), "bpb_mixed": [2.705, 2.004]}
+    assert [(r["method"], r["val_bpb"], r["base_val_bpb"]) for r in table.readings(row)] == [
+        ("lora", 2.7, 3.1), ("lora+mix", 2.705, 2.004)]
 
 
 def test_levels_apply_to_every_domain_or_to_the_one_named(load_benchmark) -> None:
@@ -735,3 +753,29 @@ def test_cli_domain_gate_is_fitted_saved_counted_and_generates_without_a_cache(c
                                        "--gate-prior", "1", *FT)
     assert "finite" in _err(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]),
                             "--domain-gate", "--gate-prior", "inf", *FT)
+
+
+def test_eval_mix_lineage_scores_the_posterior_mixture_of_every_stage(corpora, capsys) -> None:
+    from fractalmoe.checkpoint import load_run_config
+    from fractalmoe.mixture import PosteriorMixture
+
+    a_dir, b_dir = corpora["root"] / "mix_a", corpora["root"] / "mix_b"
+    _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--experts", "64",
+              "--out", str(a_dir))
+    _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--adapter", "lora",
+              "--lora-rank", "8", "--out", str(b_dir))
+    assert main(["eval", "--ckpt", str(b_dir), "--mix-lineage", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    models = [load_model_from_run(r)[0] for r in (corpora["run"], a_dir, b_dir)]
+    config = load_run_config(b_dir)
+    data = load_domain(str(corpora["prose"]), config.train.val_fraction, config.model.seq_len)
+    want = val_bpb(PosteriorMixture(models), data, config.model.seq_len, config.train.batch_size)
+    assert got["val_bpb"] == pytest.approx(want, rel=1e-6) and len(got["mixture"]) == 3
+    assert got["val_bpb"] <= min(val_bpb(m, data, config.model.seq_len, config.train.batch_size)
+                                 for m in models) + math.log2(3) / config.model.seq_len + 1e-6  # a window's bound
+    assert main(["eval", "--ckpt", str(corpora["run"]), "--mix-lineage"]) == 2
+    assert "not a fine-tuning run" in capsys.readouterr().err
+    assert main(["generate", "--ckpt", str(b_dir), "--mix-lineage", "--prompt", "In the", "--max-new-tokens", "8",
+                 "--temperature", "0"]) == 0
+    greedy = PosteriorMixture(models).generate(torch.tensor([list(b"In the")]), 8, temperature=0)
+    assert capsys.readouterr().out == bytes(greedy[0].tolist()).decode("utf-8", "replace") + "\n"

@@ -20,6 +20,7 @@ from .adapters import ADAPTER_KINDS
 from .bench import ChildFailed
 from .bench_layer import LAYER_IMPLS
 from .config import EXPERT_DTYPES, RunConfig, default_run_config, load_config_file
+from .data import ByteDataset
 from .host_memory import keep_freed_memory
 from .train import TrainingStopped
 
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--usage-choices", type=_positive_int,
                    help="expert usage over each routed block's first N routing choices "
                         "(default: all of the validation split's)")
+    e.add_argument("--mix-lineage", action="store_true",
+                   help="a fine-tuning run: score the posterior mixture of it, its base and any earlier stage, "
+                        "each weighted by how well it has predicted the text so far (PosteriorMixture)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", type=_device, default="cpu")
 
@@ -108,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k best")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mix-lineage", action="store_true",
+                   help="a fine-tuning run: sample from the posterior mixture of it, its base and any earlier stage")
     g.add_argument("--device", type=_device, default="cpu")
 
     pl = sub.add_parser("plot", help="PNG plots of a run (loss curves, expert usage, depth map)")
@@ -177,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "routers' queries; not gates or routers' logits); attention: attention only")
     ft.add_argument("--depth", type=_positive_int,
                     help="fractal depth of FHME adapters (fhme, lora's matched budget; default: 2)")
+    ft.add_argument("--heads", type=_positive_int,
+                    help="heads of each FHME adapter block (fhme, lora's matched budget; default: 2)")
+    ft.add_argument("--topk", type=_positive_int,
+                    help="experts each head of an FHME adapter block reads (fhme, lora's matched budget; default: 8)")
     ft.add_argument("--output-gate", action="store_true",
                     help="fhme: scale each adapter's output by a learned gate sigmoid(w.x + b), b = -4 at start")
     ft.add_argument("--domain-gate", action="store_true",
@@ -321,6 +331,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, config, ckpt = load_model_from_run(args.ckpt, args.device, best=args.best)
     data = load_run_data(args.ckpt, config, args.data)
+    if args.mix_lineage:
+        return _eval_mixture(args, config, data, read_run_state(ckpt)["step"])
     model.set_depth(args.depth)
     result = evaluate(model, data, config.train.batch_size, device=args.device,
                       usage_choices=args.usage_choices)
@@ -335,11 +347,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mixture(run: str, device: str) -> tuple[torch.nn.Module, list[Path]]:
+    """``lineage_mixture`` of a fine-tuning run, and its lineage; one-line errors otherwise."""
+    from .finetune import lineage
+    from .mixture import lineage_mixture
+
+    try:
+        chain = lineage(run)
+    except ValueError as e:
+        raise UserError(str(e).replace("--base", "--ckpt")) from None
+    if len(chain) < 2:
+        raise UserError(f"--mix-lineage: {run} is not a fine-tuning run (it has no base)")
+    return lineage_mixture(run, device), chain
+
+
+def _eval_mixture(args: argparse.Namespace, config: RunConfig, data: ByteDataset, step: int) -> int:
+    from .evaluate import val_bpb
+
+    if args.best or args.depth or args.usage_choices:
+        raise UserError("--mix-lineage scores the latest checkpoints as they are: drop --best, --depth "
+                        "and --usage-choices")
+    mixture, chain = _mixture(args.ckpt, args.device)
+    bpb = val_bpb(mixture, data, config.model.seq_len, config.train.batch_size, args.device)
+    if args.json:
+        print(json.dumps({"step": step, "val_bpb": bpb, "mixture": [str(r) for r in chain]}))
+    else:
+        print(f"val_bpb {bpb:.4f} of the posterior mixture of {len(chain)} models ({chain[-1].name} and its "
+              f"{len(chain) - 1} base{'s' if len(chain) > 2 else ''})")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model_from_run
     from .data import decode, encode
 
-    model, _, _ = load_model_from_run(args.ckpt, args.device)
+    model = _mixture(args.ckpt, args.device)[0] if args.mix_lineage else load_model_from_run(args.ckpt, args.device)[0]
     prompt = encode(args.prompt)
     if prompt.numel() == 0:
         raise UserError("--prompt must not be empty")
@@ -439,7 +481,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     summary = finetune(FinetuneRequest(
         base=args.base, data=args.data, adapter=args.adapter, layers=args.layers, experts=args.experts,
-        depth=args.depth, out=args.out, max_steps=args.max_steps, overrides=list(args.set),
+        depth=args.depth, heads=args.heads, topk=args.topk, out=args.out, max_steps=args.max_steps,
+        overrides=list(args.set),
         eval_bytes=args.eval_bytes, lora_rank=args.lora_rank, match_lora_rank=args.match_lora_rank,
         lora_targets=args.lora_targets, output_gate=args.output_gate, sparse_rows=args.sparse_rows,
         rows_per_step=args.rows_per_step, rows_by_gain=args.rows_by_gain,

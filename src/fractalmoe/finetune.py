@@ -200,7 +200,9 @@ class FinetuneRequest:
     adapter: str = "fhme"
     layers: list[int] | None = None
     experts: int | None = None  # None: 1024, or matched with match_lora_rank
-    depth: int | None = None  # None: DEFAULT_ADAPTER's
+    depth: int | None = None  # None: DEFAULT_ADAPTER's (so are heads and topk)
+    heads: int | None = None
+    topk: int | None = None
     out: str | None = None
     max_steps: int = 300
     overrides: list[str] = field(default_factory=list)
@@ -249,7 +251,8 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("give --experts or --match-lora-rank, not both")
     if req.adapter == "lora" and req.lora_rank is not None and req.experts is not None:
         raise ValueError("--experts sizes LoRA only without --lora-rank: give one of them")
-    fhme_sizing = [flag for flag, given in (("--experts", req.experts), ("--depth", req.depth)) if given is not None]
+    fhme_sizing = [flag for flag, given in (("--experts", req.experts), ("--depth", req.depth), ("--heads", req.heads),
+                                            ("--topk", req.topk)) if given is not None]
     if req.adapter in ("memory", "full") and fhme_sizing:
         raise ValueError(f"{', '.join(fhme_sizing)}: only for --adapter fhme or lora (FHME adapters' size)")
     if req.adapter == "full" and req.layers is not None:
@@ -265,7 +268,8 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         return Sizing(spec)
     dim = hidden_size(model)
     layers = chosen_layers(decoder_layers(model), req.layers)  # out of range: an error before any run starts
-    fhme_cfg = {"depth": req.depth if req.depth is not None else DEFAULT_ADAPTER["depth"]}
+    fhme_cfg = {k: DEFAULT_ADAPTER[k] if v is None else v
+                for k, v in (("depth", req.depth), ("heads", req.heads), ("topk", req.topk))}
 
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts, **fhme_cfg)
@@ -452,6 +456,7 @@ def _fit_gates_after(run_dir: Path, base: str, built: dict[str, Any], spec: dict
 def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
     return {"lora_rank": sizing.lora_rank, "lora_params": sizing.lora_params,
             "fhme_experts": sizing.fhme_experts, "fhme_params": sizing.fhme_params,
+            "fhme_shape": {k: v for k, v in sizing.spec.get("fhme", {}).items() if k != "num_experts"} or None,
             "output_gate": bool(sizing.spec.get("output_gate")), "sparse_rows": sizing.spec.get("sparse_rows"),
             "rows_per_step": bool(sizing.spec.get("rows_per_step")),
             "rows_by_gain": bool(sizing.spec.get("rows_by_gain")),
@@ -493,13 +498,16 @@ def sizing_line(s: dict[str, Any]) -> str:
 
 
 def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 2,
-                    output_gate: bool = False, layers: list[int] | None = None) -> Sizing:
+                    output_gate: bool = False, layers: list[int] | None = None,
+                    heads: int | None = None, topk: int | None = None) -> Sizing:
     """Adapters on a model held in memory (a transformers causal LM): FHME adapters matched to
-    LoRA at ``lora_rank``, LoRA at that rank on every dense projection, or every weight trainable."""
+    LoRA at ``lora_rank`` (``heads`` and ``topk`` a block: None, DEFAULT_ADAPTER's), LoRA at that
+    rank on every dense projection, or every weight trainable."""
     from .adapters import add_fhme_adapters
 
+    fhme = method == "fhme"
     req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=None if method == "full" else depth,
-                          output_gate=output_gate,
+                          heads=heads if fhme else None, topk=topk if fhme else None, output_gate=output_gate,
                           match_lora_rank=lora_rank if method == "fhme" else None,
                           lora_rank=lora_rank if method == "lora" else None)
     check_request(req)
@@ -519,7 +527,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                        output_gate: bool = False, experts: int = 1_048_576,
                        max_kept_windows: int | None = 0, fit_keys: bool = False,
                        domain_gate: bool = False, train_queries: bool = False,
-                       gate_prior: float = 0.0) -> dict[str, Any]:
+                       gate_prior: float = 0.0, heads: int | None = None,
+                       topk: int | None = None) -> dict[str, Any]:
     """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
     for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
@@ -547,7 +556,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
         sizing.spec.update(sparse_rows=rows, rows_per_step=True)
         trainable = sizing.fhme_params
     else:
-        sizing = adapt_in_memory(model, method, lora_rank, output_gate=output_gate)
+        sizing = adapt_in_memory(model, method, lora_rank, output_gate=output_gate, heads=heads, topk=topk)
         if domain_gate:
             new, kept = domains[0].data, [d.data for d in domains[1:]]
             gate_adapters(model, [a for _, a in trainable_memories(model)], new, kept, seq_len, cfg.batch_size,
