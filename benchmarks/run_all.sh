@@ -453,6 +453,38 @@ done; done; done >> $P/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $P/finetune.jsonl $G/finetune.jsonl --methods fhme gated-fhme lora full \
   --levels email:4.4 email:4.0 email:3.6 email:3.4 email:3.25 email:3.15 email:3.0 email:2.9 email:2.8 \
   kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.25 kjv:2.2 kjv:2.15 kjv:2.12 > $P/finetune_tables.md
+# The posterior mixture (fractalmoe.mixture.PosteriorMixture): each trained model beside a fresh
+# copy of its base, weighted by how well each has predicted the window so far (--mix: bpb_mixed).
+# Pilots (fine-tuning seed 1, the rebuilt seed-2 base, email at 3e-3 unless marked; pilots.jsonl,
+# the shape variants without a flag read by an equivalent script): FHME adapter shapes at LoRA's
+# count: block convolutions, key width 16, SiLU-gated value blocks, 1 head x top-16 (also at 1e-3
+# and 1e-2, with gated value blocks, and on the Bible beside the default shape); LoRA at 1e-2
+M=$R/finetune_mixture
+mkdir -p $M
+for spec in "$EMAIL 3e-3 0.05 --heads 1 --topk 16" "$EMAIL 1e-3 0.0167 --heads 1 --topk 16" \
+    "$EMAIL 1e-2 0.15 --heads 1 --topk 16" "runs/ft_rows_fixed/data/kjv.txt 3e-3 0.05" \
+    "runs/ft_rows_fixed/data/kjv.txt 3e-3 0.05 --heads 1 --topk 16"; do
+  read -r data lr xlr extra <<< "$spec"
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$data" --adapter fhme \
+    --lr $lr --expert-lr $xlr --seed 1 --eval-bytes 262144 $extra | tail -1
+done > $M/pilots.jsonl
+.venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$EMAIL" --adapter lora \
+  --lr 1e-2 --expert-lr 0.05 --seed 1 --eval-bytes 262144 --mix | tail -1 >> $M/pilots.jsonl
+# The study: FHME adapters of 1 head x top-16 (the pilots' best shape), LoRA and full fine-tuning,
+# each at the two rates around its best, both replicates and domains, each read alone and mixed
+for s in 2 3; do for spec in email:fhme:1e-3:0.0167 email:fhme:3e-3:0.05 email:lora:3e-3:0.05 email:lora:1e-2:0.05 \
+    email:full:3e-5:0.0015 email:full:1e-4:0.005 kjv:fhme:1e-3:0.0167 kjv:fhme:3e-3:0.05 kjv:lora:1e-3:0.05 \
+    kjv:lora:3e-3:0.05 kjv:full:1e-5:0.0005 kjv:full:3e-5:0.0015; do
+  IFS=: read -r domain method lr xlr <<< "$spec"
+  shape=""; [ $method = fhme ] && shape="--heads 1 --topk 16"
+  fhme_rows_run runs/ft_base_s$s $s $domain $method $lr $xlr --mix $shape
+done; done > $M/finetune.jsonl
+# ... and stage after stage: the command line's runs above (email, then the Bible), each alone and
+# as the mixture of its lineage (base, email stage, Bible stage: log2(3) / 128 bpb from the best)
+.venv/bin/python benchmarks/mixture_lineage.py runs/ft_gated_seq/email_*_s[23] runs/ft_gated_seq/seq_kjv_after_email_*_s[23] \
+  --eval-bytes 262144 > $M/lineage.jsonl
+.venv/bin/python benchmarks/finetune_table.py $M/finetune.jsonl --levels email:4.0 email:3.6 email:3.2 email:3.0 \
+  email:2.9 email:2.8 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.15 kjv:2.12 > $M/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
