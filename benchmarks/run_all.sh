@@ -458,11 +458,13 @@ done; done; done >> $P/finetune.jsonl
 # Pilots (fine-tuning seed 1, the rebuilt seed-2 base, email at 3e-3 unless marked; pilots.jsonl,
 # the shape variants without a flag read by an equivalent script): FHME adapter shapes at LoRA's
 # count: block convolutions, key width 16, SiLU-gated value blocks, 1 head x top-16 (also at 1e-3
-# and 1e-2, with gated value blocks, and on the Bible beside the default shape); LoRA at 1e-2
+# and 1e-2, at 3e-3 / 0.15 and 1e-2 / 0.05, with gated value blocks, and on the Bible beside the default
+# shape); LoRA at 1e-2
 M=$R/finetune_mixture
 mkdir -p $M
 for spec in "$EMAIL 3e-3 0.05 --heads 1 --topk 16" "$EMAIL 1e-3 0.0167 --heads 1 --topk 16" \
-    "$EMAIL 1e-2 0.15 --heads 1 --topk 16" "runs/ft_rows_fixed/data/kjv.txt 3e-3 0.05" \
+    "$EMAIL 1e-2 0.15 --heads 1 --topk 16" "$EMAIL 3e-3 0.15 --heads 1 --topk 16" "$EMAIL 1e-2 0.05 --heads 1 --topk 16" \
+    "runs/ft_rows_fixed/data/kjv.txt 3e-3 0.05" \
     "runs/ft_rows_fixed/data/kjv.txt 3e-3 0.05 --heads 1 --topk 16"; do
   read -r data lr xlr extra <<< "$spec"
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/ft_base_s2 --data "$data" --adapter fhme \
