@@ -29,6 +29,7 @@ not offer, compare with LoRA and full fine-tuning on a FractalMoE base too.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -103,6 +104,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
         raise ValueError("--gate-prior and --priors are for --adapter fhme with --domain-gate or --gate-after")
     torch.manual_seed(args.seed)
     model, domains, kind = load_base(args)
+    base = copy.deepcopy(model) if args.mix else None  # the base as it was, for the mixture
     cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, expert_lr=args.expert_lr, seed=args.seed,
                       warmup_steps=min(100, args.max_steps // 10))
     row = finetune_in_memory(model, args.adapter, args.lora_rank, domains, cfg, SEQ_LEN, args.device,
@@ -110,8 +112,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                              fit_keys=args.fit_keys, domain_gate=args.domain_gate,
                              train_queries=args.train_queries, gate_prior=args.gate_prior,
                              heads=args.heads, topk=args.topk)
-    if args.mix:  # the trained model and a fresh copy of its base, weighted by the posterior
-        mixture = PosteriorMixture([load_base(args)[0], model])
+    if base is not None:  # the trained model and its base, weighted by the posterior
+        mixture = PosteriorMixture([base, model])
         row["bpb_mixed"] = [val_bpb(mixture, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
     if args.gate_after:  # gates fitted on the trained model, for adapters that trained without them
         adapters = [a for _, a in trainable_memories(model)]

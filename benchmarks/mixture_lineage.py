@@ -13,24 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from fractalmoe.checkpoint import load_model_from_run, load_run_config, run_extra
+from fractalmoe.checkpoint import load_run_config, run_extra
 from fractalmoe.evaluate import val_bpb
 from fractalmoe.finetune import kept_domains, lineage, load_domain
-from fractalmoe.mixture import PosteriorMixture
+from fractalmoe.mixture import runs_mixture
 
 
 def read_run(run: str, eval_bytes: int | None) -> dict:
     chain = lineage(run)
-    config = load_run_config(chain[-1])
+    config, extra = load_run_config(chain[-1]), run_extra(chain[-1])
     seq_len, batch = config.model.seq_len, config.train.batch_size
-    own = run_extra(chain[-1]).get("data")
-    domains = [load_domain(own, config.train.val_fraction, seq_len, eval_bytes)]
-    domains += [d.data for d in kept_domains(chain[:-1], eval_bytes)]
-    models = [load_model_from_run(r)[0] for r in chain]
-    mixture = PosteriorMixture(models)
-    return {"run": run, "adapter": run_extra(chain[-1]).get("adapter", {}).get("kind"), "seed": config.train.seed,
-            "stages": len(chain) - 1, "domains": [own, *[run_extra(r).get("data") for r in chain[:-1]]],
-            "bpb": [val_bpb(models[-1], d, seq_len, batch) for d in domains],
+    kept = kept_domains(chain[:-1], eval_bytes)
+    domains = [load_domain(extra.get("data"), config.train.val_fraction, seq_len, eval_bytes), *[d.data for d in kept]]
+    mixture = runs_mixture(chain)
+    return {"run": run, "adapter": extra.get("adapter", {}).get("kind"), "seed": config.train.seed,
+            "stages": len(chain) - 1, "domains": [extra.get("data"), *[d.path for d in kept]],
+            "bpb": [val_bpb(mixture.models[-1], d, seq_len, batch) for d in domains],
             "bpb_mixed": [val_bpb(mixture, d, seq_len, batch) for d in domains]}
 
 

@@ -454,7 +454,8 @@ done; done; done >> $P/finetune.jsonl
   --levels email:4.4 email:4.0 email:3.6 email:3.4 email:3.25 email:3.15 email:3.0 email:2.9 email:2.8 \
   kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.25 kjv:2.2 kjv:2.15 kjv:2.12 > $P/finetune_tables.md
 # The posterior mixture (fractalmoe.mixture.PosteriorMixture): each trained model beside a fresh
-# copy of its base, weighted by how well each has predicted the window so far (--mix: bpb_mixed).
+# copy of its base taken before training, weighted by how well each has predicted the window so far
+# (--mix: bpb_mixed).
 # Pilots (fine-tuning seed 1, the rebuilt seed-2 base, email at 3e-3 unless marked; pilots.jsonl,
 # the shape variants without a flag read by an equivalent script): FHME adapter shapes at LoRA's
 # count: block convolutions, key width 16, SiLU-gated value blocks, 1 head x top-16 (also at 1e-3

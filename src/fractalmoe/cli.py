@@ -20,7 +20,6 @@ from .adapters import ADAPTER_KINDS
 from .bench import ChildFailed
 from .bench_layer import LAYER_IMPLS
 from .config import EXPERT_DTYPES, RunConfig, default_run_config, load_config_file
-from .data import ByteDataset
 from .host_memory import keep_freed_memory
 from .train import TrainingStopped
 
@@ -329,10 +328,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model_from_run, load_run_data, read_run_state
     from .evaluate import evaluate
 
+    if args.mix_lineage:
+        return _eval_mixture(args)
     model, config, ckpt = load_model_from_run(args.ckpt, args.device, best=args.best)
     data = load_run_data(args.ckpt, config, args.data)
-    if args.mix_lineage:
-        return _eval_mixture(args, config, data, read_run_state(ckpt)["step"])
     model.set_depth(args.depth)
     result = evaluate(model, data, config.train.batch_size, device=args.device,
                       usage_choices=args.usage_choices)
@@ -348,9 +347,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _mixture(run: str, device: str) -> tuple[torch.nn.Module, list[Path]]:
-    """``lineage_mixture`` of a fine-tuning run, and its lineage; one-line errors otherwise."""
+    """``runs_mixture`` of a fine-tuning run's lineage, and that lineage; one-line errors otherwise."""
     from .finetune import lineage
-    from .mixture import lineage_mixture
+    from .mixture import runs_mixture
 
     try:
         chain = lineage(run)
@@ -358,18 +357,22 @@ def _mixture(run: str, device: str) -> tuple[torch.nn.Module, list[Path]]:
         raise UserError(str(e).replace("--base", "--ckpt")) from None
     if len(chain) < 2:
         raise UserError(f"--mix-lineage: {run} is not a fine-tuning run (it has no base)")
-    return lineage_mixture(run, device), chain
+    return runs_mixture(chain, device), chain
 
 
-def _eval_mixture(args: argparse.Namespace, config: RunConfig, data: ByteDataset, step: int) -> int:
+def _eval_mixture(args: argparse.Namespace) -> int:
+    from .checkpoint import latest_checkpoint, load_run_config, load_run_data, read_run_state
     from .evaluate import val_bpb
 
     if args.best or args.depth or args.usage_choices:
         raise UserError("--mix-lineage scores the latest checkpoints as they are: drop --best, --depth "
                         "and --usage-choices")
     mixture, chain = _mixture(args.ckpt, args.device)
+    config = load_run_config(chain[-1])
+    data = load_run_data(chain[-1], config, args.data)
     bpb = val_bpb(mixture, data, config.model.seq_len, config.train.batch_size, args.device)
-    if args.json:
+    if args.json:  # step: the run's latest checkpoint's
+        step = read_run_state(latest_checkpoint(chain[-1]))["step"]
         print(json.dumps({"step": step, "val_bpb": bpb, "mixture": [str(r) for r in chain]}))
     else:
         print(f"val_bpb {bpb:.4f} of the posterior mixture of {len(chain)} models ({chain[-1].name} and its "

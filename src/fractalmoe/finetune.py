@@ -508,7 +508,7 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
     fhme = method == "fhme"
     req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=None if method == "full" else depth,
                           heads=heads if fhme else None, topk=topk if fhme else None, output_gate=output_gate,
-                          match_lora_rank=lora_rank if method == "fhme" else None,
+                          match_lora_rank=lora_rank if fhme else None,
                           lora_rank=lora_rank if method == "lora" else None)
     check_request(req)
     sizing = size_adapters(req, model)

@@ -80,10 +80,17 @@ class PosteriorMixture(nn.Module):
         return (self.log_prior.view(-1, 1, 1) + evidence).log_softmax(0), logp
 
 
-def lineage_mixture(run: str | Path, device: str = "cpu", log_prior: Sequence[float] | None = None) -> PosteriorMixture:
-    """The mixture of a fine-tuning run with its base and every earlier stage (``lineage``),
-    each loaded from its own latest checkpoint."""
+def runs_mixture(runs: Sequence[str | Path], device: str = "cpu",
+                 log_prior: Sequence[float] | None = None) -> PosteriorMixture:
+    """The mixture of runs (a fine-tuning run's ``lineage``: base first), each loaded from its
+    own latest checkpoint."""
     from .checkpoint import load_model_from_run
+
+    return PosteriorMixture([load_model_from_run(r, device)[0] for r in runs], log_prior).to(device)
+
+
+def lineage_mixture(run: str | Path, device: str = "cpu", log_prior: Sequence[float] | None = None) -> PosteriorMixture:
+    """The mixture of a fine-tuning run with its base and every earlier stage."""
     from .finetune import lineage
 
-    return PosteriorMixture([load_model_from_run(r, device)[0] for r in lineage(run)], log_prior).to(device)
+    return runs_mixture(lineage(run), device, log_prior)
