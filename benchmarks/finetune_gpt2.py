@@ -2,7 +2,7 @@
 
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
-        --adapter fhme|rows|lora|full --lora-rank 64 [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
+        --adapter fhme|rows|lora|full --lora-rank 64 [--depth C] [--heads H] [--topk K] [--reroute] [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
         [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after] [--gate-prior P] [--priors 0,4,8]
 
@@ -111,7 +111,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                              experts=args.experts, max_kept_windows=args.max_kept_windows,
                              fit_keys=args.fit_keys, domain_gate=args.domain_gate,
                              train_queries=args.train_queries, gate_prior=args.gate_prior,
-                             heads=args.heads, topk=args.topk)
+                             depth=args.depth, heads=args.heads, topk=args.topk, reroute=args.reroute)
     if base is not None:  # the trained model and its base, weighted by the posterior
         mixture = PosteriorMixture([base, model])
         row["bpb_mixed"] = [val_bpb(mixture, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--data", required=True)
     f.add_argument("--adapter", choices=["fhme", "rows", "lora", "full"], default="fhme")
     f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
+    f.add_argument("--depth", type=int, default=2, help="fhme: fractal depth C of the adapters (2^C - 1 blocks)")
     f.add_argument("--heads", type=int, default=None, help="fhme: heads a block (default: DEFAULT_ADAPTER's)")
+    f.add_argument("--reroute", action="store_true",
+                   help="fhme on a FractalMoE base: its routers' query projections learn too, within LoRA's count")
     f.add_argument("--topk", type=int, default=None, help="fhme: experts a head reads (default: DEFAULT_ADAPTER's)")
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)

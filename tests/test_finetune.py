@@ -15,6 +15,7 @@ from fractalmoe import FHMELanguageModel
 from fractalmoe.adapters import (
     AdaptedFFN,
     add_fhme_adapters,
+    base_router_queries,
     add_lora_adapters,
     experts_for_budget,
     fhme_adapter_parameter_count,
@@ -405,6 +406,28 @@ def test_matched_sizing_is_the_closest_fhme_count_at_or_below_lora(corpora, caps
     assert (router.heads, router.topk) == (1, 4)
 
 
+def test_reroute_trains_the_base_routers_queries_within_the_matched_count(corpora, capsys) -> None:
+    """--reroute: beside the FHME adapters only the base's own routers' query projections change;
+    they are counted in LoRA's budget, saved with the run and come back on load."""
+    out = corpora["root"] / "rerouted"
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--match-lora-rank", "32",
+                  "--heads", "1", "--topk", "4", "--reroute", "--out", str(out))
+    base, _, _ = load_model_from_run(corpora["run"])
+    queries = base_router_queries(base)
+    rerouted = sum(w.numel() for w in queries)
+    experts, count = experts_for_budget(base, s["lora_params"] - rerouted, heads=1, topk=4)
+    assert s["reroute"] and s["fhme_experts"] == experts and s["fhme_params"] == count + rerouted
+    assert s["trainable_params"] == s["fhme_params"] <= s["lora_params"]
+    loaded, _, _ = load_model_from_run(out)
+    trained = base_router_queries(loaded)
+    assert all(not torch.equal(a, b) for a, b in zip(queries, trained))  # every query projection moved
+    before = dict(base.named_parameters())
+    after = {n.replace(".ffn.base.", ".ffn."): p for n, p in loaded.named_parameters() if ".adapter." not in n}
+    moved = {n for n, p in after.items() if not torch.equal(p, before[n])}
+    assert moved == {n for n, p in after.items() if p.requires_grad}
+    assert moved and all(n.endswith("router.query.weight") for n in moved)
+
+
 def _leaf_linears(layer: torch.nn.Module) -> set[str]:
     return {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
 
@@ -467,6 +490,9 @@ def test_gpt2_in_memory_finetune_reports_both_domains(corpora) -> None:
             assert row["fit_keys"] is fit_keys
             keys = [m.sub_keys for name, m in model.named_modules() if name.endswith("router")]
             assert keys and all(torch.allclose(k.norm(dim=-1), torch.ones(())) is fit_keys for k in keys)
+    with pytest.raises(ValueError, match="--reroute needs a base whose FFNs are FHME layers"):
+        finetune_in_memory(transformers.GPT2LMHeadModel(cfg), "fhme", 32, domains, TrainConfig(batch_size=4), 32,
+                           reroute=True)
 
 
 def test_row_adapters_on_a_fractalmoe_run_in_memory(corpora) -> None:
@@ -551,6 +577,7 @@ def test_options_that_do_not_apply_are_one_line_errors_before_any_run(corpora, t
     assert "--experts: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
                                          "--experts", "64")
     assert "--depth: only for" in _err(capsys, *common, "--adapter", "full", "--depth", "3")
+    assert "--reroute: only for --adapter fhme" in _err(capsys, *common, "--adapter", "lora", "--reroute")
     assert "--heads, --topk: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
                                                 "--heads", "1", "--topk", "4")
     assert "without --lora-rank" in _err(capsys, *common, "--adapter", "lora", "--lora-rank", "4", "--experts", "64")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .fhme import FHME
+from .routing import ProductKeyRouter
 from .stats import freeze_statistics
 
 _FFN_NAME = re.compile(r"^(mlp|ffn|feed_forward|feedforward)$", re.IGNORECASE)
@@ -253,6 +254,17 @@ def open_memories(model: nn.Module, layers: list[int] | None = None) -> list[tup
     return memories
 
 
+def base_router_queries(model: nn.Module, layers: list[int] | None = None) -> list[nn.Parameter]:
+    """The query projections of the routers of the base's own FHME FFNs: what ``--reroute``
+    trains beside FHME adapters. The base memory's rows stay as they are; which of them a token
+    reads may change, and with new rows beside them that learns a new domain further than adapter
+    rows of the same count (docs/results.md, fine-tuning)."""
+    memories = base_memories(model, layers)
+    if not memories:
+        raise ValueError("--reroute needs a base whose FFNs are FHME layers")
+    return [m.query.weight for _, fhme in memories for m in fhme.modules() if isinstance(m, ProductKeyRouter)]
+
+
 def input_embeddings(model: nn.Module) -> nn.Module:
     """The byte embeddings of a FractalMoE model (its output head shares them) or a transformers one."""
     return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
@@ -408,7 +420,7 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
 
     spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
-    a domain_gate file (``save_domain_gates``) and its gate_prior, a row_mask file; memory: the
+    reroute (``base_router_queries`` learn too), a domain_gate file (``save_domain_gates``) and its gate_prior, a row_mask file; memory: the
     base's own expert tables, a row_mask file of the rows that learn; lora: rank (or budget) and
     targets (default ``attention``, as older runs had); full: every weight trainable, earlier
     adapters included."""
@@ -418,6 +430,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     if spec["kind"] == "fhme":
         adapters = add_fhme_adapters(model, spec.get("layers"), stack=True,
                                      output_gate=bool(spec.get("output_gate")), **spec.get("fhme", {}))
+        for weight in base_router_queries(model, spec.get("layers")) if spec.get("reroute") else []:
+            weight.requires_grad_(True)
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
         if spec.get("domain_gate"):  # the gates finetune fitted on the trained adapters, from their file

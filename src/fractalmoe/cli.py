@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="experts each head of an FHME adapter block reads (fhme, lora's matched budget; default: 8)")
     ft.add_argument("--output-gate", action="store_true",
                     help="fhme: scale each adapter's output by a learned gate sigmoid(w.x + b), b = -4 at start")
+    ft.add_argument("--reroute", action="store_true",
+                    help="fhme on a FractalMoE base: the query projections of the base's own routers learn too "
+                         "(which of its rows a token reads), within the same trainable count")
     ft.add_argument("--domain-gate", action="store_true",
                     help="fhme: after training, scale each adapter's output by the posterior that the text so "
                          "far is the new domain's, read from frozen hashing routing fitted on samples of both "
@@ -487,7 +490,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         depth=args.depth, heads=args.heads, topk=args.topk, out=args.out, max_steps=args.max_steps,
         overrides=list(args.set),
         eval_bytes=args.eval_bytes, lora_rank=args.lora_rank, match_lora_rank=args.match_lora_rank,
-        lora_targets=args.lora_targets, output_gate=args.output_gate, sparse_rows=args.sparse_rows,
+        lora_targets=args.lora_targets, output_gate=args.output_gate, reroute=args.reroute,
+        sparse_rows=args.sparse_rows,
         rows_per_step=args.rows_per_step, rows_by_gain=args.rows_by_gain,
         with_embeddings=args.with_embeddings, domain_gate=args.domain_gate,
         gate_prior=args.gate_prior, device=args.device,
