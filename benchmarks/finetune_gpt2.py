@@ -2,7 +2,8 @@
 
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
-        --adapter fhme|rows|lora|full --lora-rank 64 [--depth C] [--heads H] [--topk K] [--reroute] [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
+        --adapter fhme|rows|lora|full --lora-rank 64 [--depth C] [--heads H] [--topk K] [--reroute] \\
+        [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
         [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after] [--gate-prior P] [--priors 0,4,8]
 

@@ -420,10 +420,10 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
 
     spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
-    reroute (``base_router_queries`` learn too), a domain_gate file (``save_domain_gates``) and its gate_prior, a row_mask file; memory: the
-    base's own expert tables, a row_mask file of the rows that learn; lora: rank (or budget) and
-    targets (default ``attention``, as older runs had); full: every weight trainable, earlier
-    adapters included."""
+    reroute (``base_router_queries`` learn too), a domain_gate file (``save_domain_gates``) and its
+    gate_prior, a row_mask file; memory: the base's own expert tables, a row_mask file of the rows
+    that learn; lora: rank (or budget) and targets (default ``attention``, as older runs had);
+    full: every weight trainable, earlier adapters included."""
     from .checkpoint import load_model_from_run
 
     model, _, _ = load_model_from_run(base_run, device)
