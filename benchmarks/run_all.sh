@@ -304,11 +304,13 @@ EMAIL=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdl
 mkdir -p $R/finetune_fhme_rows
 fhme_rows_run() {  # BASE SEED DOMAIN METHOD LR XLR [FLAGS...]: one run, its JSON line tagged for finetune_table.py
   # (METHOD gated: row adapters behind domain gates, any row free to learn, queries learning;
-  # gated-fhme: FHME adapters behind domain gates)
+  # gated-fhme: FHME adapters behind domain gates; fhme-reroute: FHME adapters of 1 x top-15 with the
+  # base's routers' query projections learning too)
   local data=$EMAIL adapter=$4 extra=""
   [ "$3" = kjv ] && data=runs/ft_rows_fixed/data/kjv.txt  # made by the finetune.sh call above
   [ "$4" = gated ] && adapter=rows extra="--domain-gate --max-kept-windows any --train-queries"
   [ "$4" = gated-fhme ] && adapter=fhme extra="--domain-gate"
+  [ "$4" = fhme-reroute ] && adapter=fhme extra="--reroute --heads 1 --topk 15"
   extra="$extra ${*:7}"
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base "$1" --data "$data" --adapter $adapter --lr "$5" \
     --expert-lr "$6" --seed "$2" --eval-bytes 262144 $extra | .venv/bin/python -c 'import json, sys
@@ -488,6 +490,26 @@ done; done > $M/finetune.jsonl
   --eval-bytes 262144 > $M/lineage.jsonl
 .venv/bin/python benchmarks/finetune_table.py $M/finetune.jsonl --levels email:4.0 email:3.6 email:3.2 email:3.0 \
   email:2.9 email:2.8 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.15 kjv:2.12 > $M/finetune_tables.md
+# Re-routing the base's memory beside FHME adapters (--reroute). The pilots (seed 1, email) are in
+# $R/finetune_reroute/pilots.jsonl, each line with its finetune_gpt2.py flags ("args"); lines with
+# "overrides" changed the adapters' config or what trains beyond what a flag offers. The study: FHME
+# adapters of 1 x top-15 with the base's routers' queries learning, both bases, seeds and domains,
+# the two rates around the pilots' best, each read alone and mixed; LoRA, full fine-tuning and the
+# adapters of 1 x 16 are the mixture study's runs above.
+X=$R/finetune_reroute
+for spec in email:3e-3:0.05 email:1e-3:0.0167 kjv:3e-3:0.05 kjv:1e-3:0.0167; do for s in 2 3; do
+  IFS=: read -r domain lr xlr <<< "$spec"
+  fhme_rows_run runs/ft_base_s$s $s $domain fhme-reroute $lr $xlr --mix
+done; done > $X/finetune.jsonl
+.venv/bin/python benchmarks/finetune_table.py $X/finetune.jsonl $M/finetune.jsonl --levels email:4.0 email:3.6 \
+  email:3.2 email:3.0 email:2.9 email:2.8 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.15 kjv:2.12 > $X/finetune_tables.md
+# ... and stage after stage by the command line (email at 3e-3, then the Bible from it), each alone
+# and as the mixture of its lineage
+mkdir -p runs/ft_reroute_seq/data && cp runs/ft_rows_fixed/data/kjv.txt runs/ft_reroute_seq/data/
+METHODS=fhme-reroute SEEDS="2 3" STUDIES="single sequential" DOMAINS=email LR_POINTS=3 EVAL_BYTES=262144 \
+  RESULTS=$R/finetune_reroute_seq bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_reroute_seq
+.venv/bin/python benchmarks/mixture_lineage.py runs/ft_reroute_seq/email_*_s[23] \
+  runs/ft_reroute_seq/seq_kjv_after_email_*_s[23] --eval-bytes 262144 > $R/finetune_reroute_seq/lineage.jsonl
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
