@@ -510,6 +510,27 @@ METHODS=fhme-reroute SEEDS="2 3" STUDIES="single sequential" DOMAINS=email LR_PO
   RESULTS=$R/finetune_reroute_seq bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_reroute_seq
 .venv/bin/python benchmarks/mixture_lineage.py runs/ft_reroute_seq/email_*_s[23] \
   runs/ft_reroute_seq/seq_kjv_after_email_*_s[23] --eval-bytes 262144 > $R/finetune_reroute_seq/lineage.jsonl
+# On a GPT-2 base (rebuilt), mixed: FHME adapters of 1 x 16 and LoRA at two rates each, seed-1
+# pilots first, then seeds 2 and 3, each read alone and mixed with the base
+X=$R/finetune_gpt2_mixture
+.venv/bin/python benchmarks/finetune_gpt2.py base --out runs/gpt2_base > $X/finetune_gpt2_base.json
+gpt2_mix_run() {  # SEED METHOD LR XLR [FLAGS...]
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data "$EMAIL" --adapter "${2%%-*}" \
+    --lr "$3" --expert-lr "$4" --seed "$1" --eval-bytes 262144 --mix "${@:5}" | .venv/bin/python -c 'import json, sys
+r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain="email", study="single")
+print(json.dumps(r))' "$2"
+}
+for spec in "fhme-1x16 1e-3 0.0167" "fhme-1x16 3e-3 0.05" "lora 1e-2 0.05"; do
+  read -r method lr xlr <<< "$spec"
+  shape=""; [ "$method" = fhme-1x16 ] && shape="--heads 1 --topk 16"
+  gpt2_mix_run 1 $method $lr $xlr $shape
+done > $X/pilots.jsonl
+for s in 2 3; do for spec in "fhme-1x16 1e-3 0.0167" "fhme-1x16 3e-3 0.05" "lora 3e-3 0.05" "lora 1e-2 0.05"; do
+  read -r method lr xlr <<< "$spec"
+  shape=""; [ "$method" = fhme-1x16 ] && shape="--heads 1 --topk 16"
+  gpt2_mix_run $s $method $lr $xlr $shape
+done; done > $X/finetune.jsonl
+.venv/bin/python benchmarks/finetune_table.py $X/finetune.jsonl --levels 3.6 3.4 3.2 3.15 > $X/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
