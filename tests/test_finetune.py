@@ -15,8 +15,8 @@ from fractalmoe import FHMELanguageModel
 from fractalmoe.adapters import (
     AdaptedFFN,
     add_fhme_adapters,
-    base_router_queries,
     add_lora_adapters,
+    base_router_queries,
     experts_for_budget,
     fhme_adapter_parameter_count,
     lora_parameter_count,
