@@ -503,12 +503,14 @@ for spec in email:3e-3:0.05 email:1e-3:0.0167 kjv:3e-3:0.05 kjv:1e-3:0.0167; do 
 done; done > $X/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $X/finetune.jsonl $M/finetune.jsonl --levels email:4.0 email:3.6 \
   email:3.2 email:3.0 email:2.9 email:2.8 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.15 kjv:2.12 > $X/finetune_tables.md
-# A third base (seed 4): re-routed adapters and LoRA, each at its best rate of the study above
-$F train --seed 4 --max-steps 1200 --out runs/ft_base_s4 --quiet
-for spec in email:fhme-reroute:3e-3:0.05 email:lora:1e-2:0.05 kjv:fhme-reroute:1e-3:0.0167 kjv:lora:3e-3:0.05; do
-  IFS=: read -r domain method lr xlr <<< "$spec"
-  fhme_rows_run runs/ft_base_s4 4 $domain $method $lr $xlr --mix
-done > $X/third_base.jsonl
+# Two more bases (seeds 4 and 5): re-routed adapters and LoRA, each at its best rate of the study above
+for s in 4 5; do
+  $F train --seed $s --max-steps 1200 --out runs/ft_base_s$s --quiet
+  for spec in email:fhme-reroute:3e-3:0.05 email:lora:1e-2:0.05 kjv:fhme-reroute:1e-3:0.0167 kjv:lora:3e-3:0.05; do
+    IFS=: read -r domain method lr xlr <<< "$spec"
+    fhme_rows_run runs/ft_base_s$s $s $domain $method $lr $xlr --mix
+  done
+done > $X/more_bases.jsonl
 # ... and stage after stage by the command line (email at 3e-3, then the Bible from it), each alone
 # and as the mixture of its lineage
 mkdir -p runs/ft_reroute_seq/data && cp runs/ft_rows_fixed/data/kjv.txt runs/ft_reroute_seq/data/
