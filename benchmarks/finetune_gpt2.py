@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
     f.add_argument("--depth", type=int, default=2, help="fhme: fractal depth C of the adapters (2^C - 1 blocks)")
     f.add_argument("--heads", type=int, default=None, help="fhme: heads a block (default: DEFAULT_ADAPTER's)")
+    f.add_argument("--topk", type=int, default=None, help="fhme: experts a head reads (default: DEFAULT_ADAPTER's)")
     f.add_argument("--reroute", action="store_true",
                    help="fhme on a FractalMoE base: its routers' query projections learn too, within LoRA's count")
-    f.add_argument("--topk", type=int, default=None, help="fhme: experts a head reads (default: DEFAULT_ADAPTER's)")
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)
     f.add_argument("--experts", type=int, default=1_048_576, help="rows: rows per layer (a perfect square)")

@@ -119,13 +119,14 @@ def freeze_base(model: nn.Module) -> None:
 
 
 def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: bool = False,
-                      output_gate: bool = False, **fhme_config: Any) -> list[FHME]:
+                      output_gate: bool = False, reroute: bool = False, **fhme_config: Any) -> list[FHME]:
     """Freeze the model (``freeze_base``) and add a zero-initialised FHME beside the FFN of each
     chosen layer.
 
     ``stack``: a layer that already holds adapters gets one more set around them (sequential
     adaptation: the earlier sets stay in place, frozen and active). ``output_gate``: each
-    adapter's output is scaled by a learned per-token gate that starts nearly shut."""
+    adapter's output is scaled by a learned per-token gate that starts nearly shut. ``reroute``:
+    the base's own routers' query projections stay trainable (``base_router_queries``)."""
     decoder = decoder_layers(model)
     chosen = chosen_layers(decoder, layers)
     freeze_base(model)
@@ -140,6 +141,8 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
         gate = output_gate_linear(dim).to(device) if output_gate else None
         setattr(decoder[i], name, AdaptedFFN(getattr(decoder[i], name), adapter.to(device), gate))
         adapters.append(adapter)
+    for weight in base_router_queries(model, layers) if reroute else []:
+        weight.requires_grad_(True)
     return adapters
 
 
@@ -428,10 +431,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
 
     model, _, _ = load_model_from_run(base_run, device)
     if spec["kind"] == "fhme":
-        adapters = add_fhme_adapters(model, spec.get("layers"), stack=True,
-                                     output_gate=bool(spec.get("output_gate")), **spec.get("fhme", {}))
-        for weight in base_router_queries(model, spec.get("layers")) if spec.get("reroute") else []:
-            weight.requires_grad_(True)
+        adapters = add_fhme_adapters(model, spec.get("layers"), stack=True, output_gate=bool(spec.get("output_gate")),
+                                     reroute=bool(spec.get("reroute")), **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
         if spec.get("domain_gate"):  # the gates finetune fitted on the trained adapters, from their file

@@ -524,9 +524,7 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
     check_request(req)
     sizing = size_adapters(req, model)
     if method == "fhme":
-        add_fhme_adapters(model, layers, output_gate=output_gate, **sizing.spec["fhme"])
-        for weight in base_router_queries(model, layers) if reroute else []:
-            weight.requires_grad_(True)
+        add_fhme_adapters(model, layers, output_gate=output_gate, reroute=reroute, **sizing.spec["fhme"])
     elif method == "lora":
         add_lora_adapters(model, rank=lora_rank, layers=layers, targets="all")
     else:
