@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fractalmoe import FHMELanguageModel
-from fractalmoe.adapters import add_fhme_adapters, decoder_layers
+from fractalmoe.adapters import AdaptedAttention, add_fhme_adapters, decoder_layers
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
 from fractalmoe.experts import BLOCK_KINDS
@@ -107,6 +107,56 @@ def test_fractalmoe_model_adapters_change_only_adapter_weights() -> None:
         assert torch.equal(state[key], v), k
     assert sum(p.requires_grad for p in model.parameters()) > 0
     assert len(decoder_layers(model)) == 2
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_attention_adapters_start_at_zero_then_move_what_attention_reads(build) -> None:
+    """attention(x + FHME(x)) on a transformers model: found under the model's own name, exactly
+    the base at init, then the attention-side adapters learn and the base stays bit-identical."""
+    model = build()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        before = model(idx).logits
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters = add_fhme_adapters(model, **ADAPTER, attention=dict(num_experts=64, topk=2))
+    at_attention = adapters[2:]
+    assert len(adapters) == 4 and all(a.fractal.bank.num_experts == 64 for a in at_attention)
+    attention = [m for m in model.modules() if isinstance(m, AdaptedAttention)]
+    assert [m.adapter for m in attention] == at_attention
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, before)
+    tables = [a.fractal.bank.tables()["up"].detach().clone() for a in at_attention]
+    losses = _train(model, lambda m, x: m(x).logits)
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(a.fractal.bank.tables()["up"], t) for a, t in zip(at_attention, tables))
+    state = model.state_dict()
+    name = ".self_attn." if build is _llama else ".attn."
+    for k, v in base.items():
+        key = k if k in state else k.replace(".mlp.", ".mlp.base.").replace(name, name + "base.")
+        assert torch.equal(state[key], v), k
+    model.eval()
+    assert model.generate(idx[:, :4], max_new_tokens=5, do_sample=False).shape == (2, 9)
+
+
+def test_attention_adapters_keep_cached_generation_exact_and_are_counted() -> None:
+    """On a FractalMoE model the attention-side FHME is position-wise: greedy decoding with the KV
+    cache equals recomputing every prefix; FLOPs and active parameters count each adapter."""
+    model = FHMELanguageModel(tiny_model_config(seq_len=48)).eval()
+    flops, active = model.flops_per_token(), model.active_params_per_token()
+    adapters = add_fhme_adapters(model, **ADAPTER, attention=dict(num_experts=64, topk=2))
+    with torch.no_grad():
+        for a in adapters:
+            a.fractal.bank.tables()["up"].normal_(std=0.5)
+    assert model.flops_per_token() == pytest.approx(flops + sum(a.flops_per_token() for a in adapters))
+    assert model.active_params_per_token() == pytest.approx(
+        active + sum(a.active_params_per_token() for a in adapters))
+    prompt = torch.randint(0, 256, (2, 5))
+    out = model.generate(prompt, 24, temperature=0.0)
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(24):
+            ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ref)
 
 
 def test_finetune_cli_writes_adapter_only_run_and_eval_generate_load_it(tmp_path: Path, capsys) -> None:

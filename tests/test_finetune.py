@@ -13,6 +13,7 @@ import torch
 
 from fractalmoe import FHMELanguageModel
 from fractalmoe.adapters import (
+    AdaptedAttention,
     AdaptedFFN,
     add_fhme_adapters,
     add_lora_adapters,
@@ -428,6 +429,31 @@ def test_reroute_trains_the_base_routers_queries_within_the_matched_count(corpor
     assert moved and all(n.endswith("router.query.weight") for n in moved)
 
 
+def test_attention_adapters_are_sized_in_the_matched_count_saved_and_loaded(corpora, capsys) -> None:
+    """--attention-experts: an FHME of that many experts at each attention input (topk at most its
+    key width), counted in LoRA's budget with the FFN adapters sized to what is left; it trains,
+    is saved with the run and comes back on load, the base untouched."""
+    out = corpora["root"] / "attention"
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--match-lora-rank", "32",
+                  "--heads", "1", "--topk", "6", "--attention-experts", "16", "--out", str(out))
+    base, _, _ = load_model_from_run(corpora["run"])
+    layers, dim = len(base.blocks), base.cfg.dim
+    at_attention = layers * fhme_adapter_parameter_count(dim, heads=1, topk=4, num_experts=16)
+    experts, count = experts_for_budget(base, s["lora_params"] - at_attention, heads=1, topk=6)
+    assert s["attention"] == {"num_experts": 16, "topk": 4}
+    assert s["fhme_experts"] == experts and s["fhme_params"] == count + at_attention
+    assert s["trainable_params"] == s["fhme_params"] <= s["lora_params"]
+    loaded, _, _ = load_model_from_run(out)
+    assert all(isinstance(b.attn, AdaptedAttention) and isinstance(b.ffn, AdaptedFFN) for b in loaded.blocks)
+    assert all(b.attn.adapter.fractal.bank.tables()["up"].abs().sum() > 0 for b in loaded.blocks)  # it learned
+    before = dict(base.named_parameters())
+    after = {n.replace(".ffn.base.", ".ffn.").replace(".attn.base.", ".attn."): p
+             for n, p in loaded.named_parameters() if ".adapter." not in n}
+    assert after.keys() == before.keys() and all(torch.equal(p, before[n]) for n, p in after.items())
+    assert loaded.flops_per_token() == pytest.approx(base.flops_per_token() + sum(
+        a.flops_per_token() for b in loaded.blocks for a in (b.attn.adapter, b.ffn.adapter)))
+
+
 def _leaf_linears(layer: torch.nn.Module) -> set[str]:
     return {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
 
@@ -578,6 +604,10 @@ def test_options_that_do_not_apply_are_one_line_errors_before_any_run(corpora, t
                                          "--experts", "64")
     assert "--depth: only for" in _err(capsys, *common, "--adapter", "full", "--depth", "3")
     assert "--reroute: only for --adapter fhme" in _err(capsys, *common, "--adapter", "lora", "--reroute")
+    assert "--attention-experts: only for --adapter fhme" in _err(capsys, *common, "--adapter", "lora",
+                                                                  "--attention-experts", "16")
+    assert "perfect square" in _err(capsys, *common, "--attention-experts", "20")
+    assert "not with --domain-gate" in _err(capsys, *common, "--attention-experts", "16", "--domain-gate")
     assert "--heads, --topk: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
                                                 "--heads", "1", "--topk", "4")
     assert "without --lora-rank" in _err(capsys, *common, "--adapter", "lora", "--lora-rank", "4", "--experts", "64")

@@ -1,9 +1,11 @@
-"""FHME adapters: an FHME layer in parallel to chosen FFN/MLP blocks of a frozen model.
+"""FHME adapters: an FHME layer in parallel to chosen FFN/MLP blocks of a frozen model, and
+optionally one more at each attention block's input.
 
 Works on ``FHMELanguageModel`` and on Hugging Face causal LMs (GPT-2, Llama family, ...): the
 decoder layers are found as the model's longest ``nn.ModuleList`` of identical blocks, and the
 feed-forward block inside each layer by its structure (a child called mlp / ffn / feed_forward,
-or whose class name says MLP / FeedForward), not by one model's attribute paths.
+or whose class name says MLP / FeedForward), the attention block likewise (attn / self_attn /
+attention, or a class name saying Attention), not by one model's attribute paths.
 
 The adapter's output table (a neuron bank's ``up``, a value bank's ``values``) starts at zero,
 so every routed block is the identity, the FHME output f_d(x) - x is exactly 0 and the adapted
@@ -28,6 +30,7 @@ from .stats import freeze_statistics
 
 _FFN_NAME = re.compile(r"^(mlp|ffn|feed_forward|feedforward)$", re.IGNORECASE)
 _FFN_CLASS = re.compile(r"(MLP|FeedForward|FFN)", re.IGNORECASE)
+_ATTENTION_NAME = re.compile(r"^(attn|self_attn|attention|self_attention)$", re.IGNORECASE)
 DEFAULT_ADAPTER = dict(num_experts=1024, depth=2, heads=2, topk=8, key_dim=32)
 
 
@@ -52,6 +55,27 @@ class AdaptedFFN(nn.Module):
         if self.domain_gate is not None:
             y = self.domain_gate(x) * y
         return out + y.to(out.dtype)
+
+
+class AdaptedAttention(nn.Module):
+    """attention(x + FHME(x)): the frozen attention reads its input moved by a trainable FHME, so
+    its queries, keys and values adapt (as LoRA on the q/k/v projections does), which an adapter
+    beside the FFN cannot reach. The FHME is position-wise, so a KV cache stays valid."""
+
+    def __init__(self, base: nn.Module, adapter: FHME) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            args = (self._moved(args[0]), *args[1:])
+        else:  # transformers' Llama passes its input by name
+            kwargs["hidden_states"] = self._moved(kwargs["hidden_states"])
+        return self.base(*args, **kwargs)
+
+    def _moved(self, x: Tensor) -> Tensor:
+        return x + self.adapter(x).to(x.dtype)
 
 
 GATE_BIAS = -4.0  # sigmoid(-4) = 0.018: a gated adapter starts nearly shut
@@ -103,6 +127,15 @@ def find_ffn(layer: nn.Module, stack: bool = False) -> str:
     raise ValueError(f"no feed-forward block (mlp / ffn / feed_forward) in {type(layer).__name__}")
 
 
+def find_attention(layer: nn.Module) -> str:
+    """Attribute name of the self-attention block inside one decoder layer (adapted or not)."""
+    for name, child in layer.named_children():
+        if isinstance(child, AdaptedAttention) or _ATTENTION_NAME.match(name) \
+                or "Attention" in type(child).__name__:
+            return name
+    raise ValueError(f"no attention block (attn / self_attn / attention) in {type(layer).__name__}")
+
+
 def hidden_size(model: nn.Module) -> int:
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     for key in ("dim", "hidden_size", "n_embd", "d_model"):
@@ -118,32 +151,47 @@ def freeze_base(model: nn.Module) -> None:
     freeze_statistics(model)
 
 
+def zero_adapter(dim: int, **fhme_config: Any) -> FHME:
+    """An FHME (DEFAULT_ADAPTER overridden by ``fhme_config``) whose output table (neuron: up;
+    value and gated: values) is zero, so that it adds exactly nothing until it learns."""
+    adapter = FHME(dim, **{**DEFAULT_ADAPTER, **fhme_config})
+    with torch.no_grad():
+        getattr(adapter.fractal.bank, adapter.fractal.bank.table_names[-1]).zero_()
+    return adapter
+
+
 def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: bool = False,
-                      output_gate: bool = False, reroute: bool = False, **fhme_config: Any) -> list[FHME]:
+                      output_gate: bool = False, reroute: bool = False,
+                      attention: dict[str, Any] | None = None, **fhme_config: Any) -> list[FHME]:
     """Freeze the model (``freeze_base``) and add a zero-initialised FHME beside the FFN of each
-    chosen layer.
+    chosen layer; returns them, then the attention-side ones.
 
     ``stack``: a layer that already holds adapters gets one more set around them (sequential
     adaptation: the earlier sets stay in place, frozen and active). ``output_gate``: each
     adapter's output is scaled by a learned per-token gate that starts nearly shut. ``reroute``:
-    the base's own routers' query projections stay trainable (``base_router_queries``)."""
+    the base's own routers' query projections stay trainable (``base_router_queries``).
+    ``attention``: also an FHME at each chosen layer's attention input (``AdaptedAttention``), of
+    this config over ``fhme_config`` (e.g. its own num_experts and topk)."""
     decoder = decoder_layers(model)
     chosen = chosen_layers(decoder, layers)
     freeze_base(model)
     dim = hidden_size(model)
-    adapters = []
+    adapters, at_attention = [], []
     for i in chosen:
-        name = find_ffn(decoder[i], stack)
-        adapter = FHME(dim, **{**DEFAULT_ADAPTER, **fhme_config})
-        with torch.no_grad():  # the output table (neuron: up; value and gated: values)
-            getattr(adapter.fractal.bank, adapter.fractal.bank.table_names[-1]).zero_()
         device = next(decoder[i].parameters()).device
+        name = find_ffn(decoder[i], stack)
+        adapter = zero_adapter(dim, **fhme_config).to(device)
         gate = output_gate_linear(dim).to(device) if output_gate else None
-        setattr(decoder[i], name, AdaptedFFN(getattr(decoder[i], name), adapter.to(device), gate))
+        setattr(decoder[i], name, AdaptedFFN(getattr(decoder[i], name), adapter, gate))
         adapters.append(adapter)
+        if attention is not None:
+            name = find_attention(decoder[i])
+            adapter = zero_adapter(dim, **{**fhme_config, **attention}).to(device)
+            setattr(decoder[i], name, AdaptedAttention(getattr(decoder[i], name), adapter))
+            at_attention.append(adapter)
     for weight in base_router_queries(model, layers) if reroute else []:
         weight.requires_grad_(True)
-    return adapters
+    return adapters + at_attention
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -301,8 +349,8 @@ def lora_targets(model: nn.Module, layers: list[int] | None = None,
     decoder = decoder_layers(model)
     chosen = chosen_layers(decoder, layers)
     prefix = _path_of(model, decoder)
-    earlier = {id(m) for a in model.modules() if isinstance(a, AdaptedFFN)
-               for part in (a.adapter, a.gate) if part is not None for m in part.modules()}
+    earlier = {id(m) for a in model.modules() if isinstance(a, (AdaptedFFN, AdaptedAttention))
+               for part in (a.adapter, getattr(a, "gate", None)) if part is not None for m in part.modules()}
     out = []
     for i in chosen:
         for name, mod in decoder[i].named_modules():
@@ -423,7 +471,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
 
     spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
-    reroute (``base_router_queries`` learn too), a domain_gate file (``save_domain_gates``) and its
+    attention (the attention-side adapters' config over it, if any), reroute
+    (``base_router_queries`` learn too), a domain_gate file (``save_domain_gates``) and its
     gate_prior, a row_mask file; memory: the base's own expert tables, a row_mask file of the rows
     that learn; lora: rank (or budget) and targets (default ``attention``, as older runs had);
     full: every weight trainable, earlier adapters included."""
@@ -432,7 +481,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     model, _, _ = load_model_from_run(base_run, device)
     if spec["kind"] == "fhme":
         adapters = add_fhme_adapters(model, spec.get("layers"), stack=True, output_gate=bool(spec.get("output_gate")),
-                                     reroute=bool(spec.get("reroute")), **spec.get("fhme", {}))
+                                     reroute=bool(spec.get("reroute")), attention=spec.get("attention"),
+                                     **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
         if spec.get("domain_gate"):  # the gates finetune fitted on the trained adapters, from their file

@@ -213,6 +213,7 @@ class FinetuneRequest:
     lora_targets: str = "all"
     output_gate: bool = False
     reroute: bool = False
+    attention_experts: int | None = None
     sparse_rows: int | None = None
     rows_per_step: bool = False
     rows_by_gain: bool = False
@@ -231,6 +232,15 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("--domain-gate: only for --adapter fhme")
     if req.reroute and req.adapter != "fhme":
         raise ValueError("--reroute: only for --adapter fhme")
+    if req.attention_experts is not None:
+        if req.adapter != "fhme":
+            raise ValueError("--attention-experts: only for --adapter fhme")
+        if req.attention_experts < 4 or math.isqrt(req.attention_experts) ** 2 != req.attention_experts:
+            raise ValueError(f"--attention-experts must be a perfect square >= 4 (product keys), "
+                             f"got {req.attention_experts}")
+        if req.domain_gate or req.sparse_rows is not None:
+            raise ValueError("--attention-experts: not with --domain-gate or --sparse-rows, "
+                             "which act on the FFN adapters alone")
     if req.gate_prior and not req.domain_gate:
         raise ValueError("--gate-prior sets the domain gates' prior: add --domain-gate")
     if not math.isfinite(req.gate_prior):
@@ -275,11 +285,17 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     fhme_cfg = {k: DEFAULT_ADAPTER[k] if v is None else v
                 for k, v in (("depth", req.depth), ("heads", req.heads), ("topk", req.topk))}
 
-    rerouted = sum(w.numel() for w in base_router_queries(model, req.layers)) if req.reroute else 0
+    attention = None  # the attention-side adapters: their own table, topk at most its key width
+    if req.attention_experts is not None:
+        attention = {"num_experts": req.attention_experts,
+                     "topk": min(fhme_cfg["topk"], math.isqrt(req.attention_experts))}
+    # trainable beside the FFN adapters: the base's router queries, the attention-side adapters
+    beside = (sum(w.numel() for w in base_router_queries(model, req.layers)) if req.reroute else 0) + (
+        len(layers) * fhme_adapter_parameter_count(dim, **{**fhme_cfg, **attention}) if attention else 0)
 
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts,
-                                                          **fhme_cfg) + rerouted
+                                                          **fhme_cfg) + beside
 
     rank = req.match_lora_rank if req.adapter in ("fhme", "memory") else req.lora_rank
     sizing = Sizing(spec)
@@ -316,13 +332,15 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
                 model, sizing.lora_params, req.layers, req.output_gate, **fhme_cfg)
         return sizing
     if req.match_lora_rank is not None:
-        experts, _ = experts_for_budget(model, sizing.lora_params - rerouted, req.layers, req.output_gate, **fhme_cfg)
+        experts, _ = experts_for_budget(model, sizing.lora_params - beside, req.layers, req.output_gate, **fhme_cfg)
     else:
         experts = req.experts or 1024
     sizing.fhme_experts, sizing.fhme_params = experts, fhme_count(experts)
     spec.update(fhme={"num_experts": experts, **fhme_cfg}, output_gate=req.output_gate)
     if req.reroute:
         spec["reroute"] = True
+    if attention is not None:
+        spec["attention"] = attention
     if req.domain_gate:
         spec.update(domain_gate=True, gate_prior=req.gate_prior)
     if req.sparse_rows is not None:
@@ -467,6 +485,7 @@ def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
             "fhme_experts": sizing.fhme_experts, "fhme_params": sizing.fhme_params,
             "fhme_shape": {k: v for k, v in sizing.spec.get("fhme", {}).items() if k != "num_experts"} or None,
             "output_gate": bool(sizing.spec.get("output_gate")), "reroute": bool(sizing.spec.get("reroute")),
+            "attention": sizing.spec.get("attention"),
             "sparse_rows": sizing.spec.get("sparse_rows"),
             "rows_per_step": bool(sizing.spec.get("rows_per_step")),
             "rows_by_gain": bool(sizing.spec.get("rows_by_gain")),
@@ -509,22 +528,26 @@ def sizing_line(s: dict[str, Any]) -> str:
 
 def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 2,
                     output_gate: bool = False, layers: list[int] | None = None,
-                    heads: int | None = None, topk: int | None = None, reroute: bool = False) -> Sizing:
+                    heads: int | None = None, topk: int | None = None, reroute: bool = False,
+                    attention_experts: int | None = None) -> Sizing:
     """Adapters on a model held in memory (a transformers causal LM): FHME adapters matched to
     LoRA at ``lora_rank`` (``heads`` and ``topk`` a block: None, DEFAULT_ADAPTER's; ``reroute``:
-    the base's own routers' query projections learn too, within the same count), LoRA at that
-    rank on every dense projection, or every weight trainable."""
+    the base's own routers' query projections learn too, and ``attention_experts``: an FHME of that
+    many experts at each attention input too, both within the same count), LoRA at that rank on
+    every dense projection, or every weight trainable."""
     from .adapters import add_fhme_adapters
 
     fhme = method == "fhme"
     req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=None if method == "full" else depth,
                           heads=heads if fhme else None, topk=topk if fhme else None, output_gate=output_gate,
                           match_lora_rank=lora_rank if fhme else None, reroute=reroute,
+                          attention_experts=attention_experts,
                           lora_rank=lora_rank if method == "lora" else None)
     check_request(req)
     sizing = size_adapters(req, model)
     if method == "fhme":
-        add_fhme_adapters(model, layers, output_gate=output_gate, reroute=reroute, **sizing.spec["fhme"])
+        add_fhme_adapters(model, layers, output_gate=output_gate, reroute=reroute,
+                          attention=sizing.spec.get("attention"), **sizing.spec["fhme"])
     elif method == "lora":
         add_lora_adapters(model, rank=lora_rank, layers=layers, targets="all")
     else:
@@ -539,7 +562,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                        max_kept_windows: int | None = 0, fit_keys: bool = False,
                        domain_gate: bool = False, train_queries: bool = False,
                        gate_prior: float = 0.0, depth: int = 2, heads: int | None = None,
-                       topk: int | None = None, reroute: bool = False) -> dict[str, Any]:
+                       topk: int | None = None, reroute: bool = False,
+                       attention_experts: int | None = None) -> dict[str, Any]:
     """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
     for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
@@ -568,7 +592,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
         trainable = sizing.fhme_params
     else:
         sizing = adapt_in_memory(model, method, lora_rank, depth, output_gate=output_gate, heads=heads, topk=topk,
-                                 reroute=reroute)
+                                 reroute=reroute, attention_experts=attention_experts)
         if domain_gate:
             new, kept = domains[0].data, [d.data for d in domains[1:]]
             gate_adapters(model, [a for _, a in trainable_memories(model)], new, kept, seq_len, cfg.batch_size,

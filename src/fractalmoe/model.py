@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import AdaptedFFN
+from .adapters import AdaptedAttention, AdaptedFFN
 from .baselines import build_ffn, routed_config
 from .config import ROUTED_FFNS, ModelConfig
 from .conv import CausalConv
@@ -108,6 +108,13 @@ class FHMETransformerBlock(nn.Module):
         """``which`` (flops_per_token or active_params_per_token) of the FFN and its input convolution."""
         conv = 0 if self.ffn_conv is None else getattr(self.ffn_conv, which)()
         return conv + ffn_cost(self.ffn, which, depth_hists)
+
+    def attention_adapter_cost(self, which: str) -> float:
+        """``which`` of the FHME adapters at the attention's input (``AdaptedAttention``), if any."""
+        cost, attn = 0.0, self.attn
+        while isinstance(attn, AdaptedAttention):
+            cost, attn = cost + getattr(attn.adapter, which)(None), attn.base
+        return cost
 
 
 class FHMELanguageModel(nn.Module):
@@ -274,16 +281,19 @@ class FHMELanguageModel(nn.Module):
         return sum(b.ffn_cost("flops_per_token", depth_hists) for b in self.blocks)
 
     def flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
-        """Forward FLOPs per token: projections, attention over half the context on average,
-        FFNs (FHME layers at their measured depth, e.g. ``evaluate``'s) and the output head."""
+        """Forward FLOPs per token: projections, attention over half the context on average (and
+        any adapters at its input), FFNs (FHME layers at their measured depth, e.g.
+        ``evaluate``'s) and the output head."""
         cfg = self.cfg
         attn = cfg.n_layers * (2 * 4 * cfg.dim * cfg.dim + 2 * 2 * cfg.dim * cfg.seq_len / 2)
+        attn += sum(b.attention_adapter_cost("flops_per_token") for b in self.blocks)
         return attn + self.ffn_flops_per_token(depth_hists) + 2 * cfg.dim * cfg.vocab_size
 
     def active_params_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         cfg = self.cfg
         dense = cfg.n_layers * 4 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
-        return dense + sum(b.ffn_cost("active_params_per_token", depth_hists) for b in self.blocks)
+        return dense + sum(b.ffn_cost("active_params_per_token", depth_hists)
+                           + b.attention_adapter_cost("active_params_per_token") for b in self.blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
