@@ -539,6 +539,23 @@ for s in 2 3; do for spec in "fhme-1x16 1e-3 0.0167" "fhme-1x16 3e-3 0.05" "lora
   gpt2_mix_run $s $method $lr $xlr $shape
 done; done > $X/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $X/finetune.jsonl --levels 3.6 3.4 3.2 3.15 > $X/finetune_tables.md
+# FHME adapters at the attention input too (--attention-experts): pilots (seed 1) in
+# $R/finetune_attention/pilots.jsonl, each with its finetune_gpt2.py flags ("args"; lines with
+# "overrides" placed or sized the adapters beyond what a flag offers); then on the GPT-2 base,
+# 1 x top-16 beside each MLP and 64 experts at each attention input, seeds 2 and 3, three rates,
+# each read alone and mixed; LoRA's rows are the mixed GPT-2 study's above; full fine-tuning on
+# the same base at four rates, also mixed
+A=$R/finetune_attention
+for s in 2 3; do for spec in "1e-3 0.0167" "3e-3 0.05" "5e-3 0.05"; do
+  read -r lr xlr <<< "$spec"
+  gpt2_mix_run $s fhme-1x16-att64 $lr $xlr --heads 1 --topk 16 --attention-experts 64
+done; done > $A/finetune.jsonl
+for s in 2 3; do for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do
+  read -r lr xlr <<< "$spec"
+  gpt2_mix_run $s full $lr $xlr
+done; done > $A/full.jsonl
+.venv/bin/python benchmarks/finetune_table.py $A/finetune.jsonl $A/full.jsonl $X/finetune.jsonl \
+  --levels 3.6 3.4 3.2 3.1 3.05 3.0 > $A/finetune_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl

@@ -188,7 +188,9 @@ class Sizing:
         if self.lora_params is not None:
             parts.append(f"LoRA rank {self.lora_rank}: {self.lora_params:,} trainable params")
         if self.fhme_params is not None:
-            parts.append(f"FHME adapters with {self.fhme_experts:,} experts: {self.fhme_params:,} trainable params")
+            attention = self.spec.get("attention")
+            at = f" (and {attention['num_experts']:,} at each attention input)" if attention else ""
+            parts.append(f"FHME adapters with {self.fhme_experts:,} experts{at}: {self.fhme_params:,} trainable params")
         return "; ".join(parts)
 
 
