@@ -140,10 +140,13 @@ def test_attention_adapters_start_at_zero_then_move_what_attention_reads(build) 
 
 def test_attention_adapters_keep_cached_generation_exact_and_are_counted() -> None:
     """On a FractalMoE model the attention-side FHME is position-wise: greedy decoding with the KV
-    cache equals recomputing every prefix; FLOPs and active parameters count each adapter."""
+    cache equals recomputing every prefix; FLOPs and active parameters count each adapter, of
+    every stacked set (a second fine-tuning stage wraps the first)."""
     model = FHMELanguageModel(tiny_model_config(seq_len=48)).eval()
     flops, active = model.flops_per_token(), model.active_params_per_token()
     adapters = add_fhme_adapters(model, **ADAPTER, attention=dict(num_experts=64, topk=2))
+    adapters += add_fhme_adapters(model, stack=True, **ADAPTER, attention=dict(num_experts=16, topk=2))
+    assert all(isinstance(b.attn.base, AdaptedAttention) for b in model.blocks)
     with torch.no_grad():
         for a in adapters:
             a.fractal.bank.tables()["up"].normal_(std=0.5)
