@@ -494,10 +494,10 @@ done; done > $M/finetune.jsonl
 # $R/finetune_reroute/pilots.jsonl, each line with its finetune_gpt2.py flags ("args"); lines with
 # "overrides" changed the adapters' config or what trains beyond what a flag offers. The study: FHME
 # adapters of 1 x top-15 with the base's routers' queries learning, both bases, seeds and domains,
-# the two rates around the pilots' best, each read alone and mixed; LoRA, full fine-tuning and the
+# three rates around the pilots' best, each read alone and mixed; LoRA, full fine-tuning and the
 # adapters of 1 x 16 are the mixture study's runs above.
 X=$R/finetune_reroute
-for spec in email:3e-3:0.05 email:1e-3:0.0167 kjv:3e-3:0.05 kjv:1e-3:0.0167; do for s in 2 3; do
+for spec in email:3e-3:0.05 email:1e-3:0.0167 kjv:3e-3:0.05 kjv:1e-3:0.0167 email:1e-2:0.05 kjv:3e-4:0.005; do for s in 2 3; do
   IFS=: read -r domain lr xlr <<< "$spec"
   fhme_rows_run runs/ft_base_s$s $s $domain fhme-reroute $lr $xlr --mix
 done; done > $X/finetune.jsonl
