@@ -2,8 +2,8 @@
 
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
-        --adapter fhme|rows|lora|full --lora-rank 64 [--depth C] [--heads H] [--topk K] [--reroute] \\
-        [--attention-experts N] \\
+        --adapter fhme|rows|lora|full --lora-rank 64 [--lora-targets all|attention|ffn] [--depth C] \\
+        [--heads H] [--topk K] [--reroute] [--attention-experts N] \\
         [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
         [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after] [--gate-prior P] [--priors 0,4,8]
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from fractalmoe.adapters import AdaptedFFN
+from fractalmoe.adapters import LORA_TARGETS, AdaptedFFN
 from fractalmoe.config import TrainConfig
 from fractalmoe.evaluate import val_bpb
 from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm
@@ -117,7 +117,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                              fit_keys=args.fit_keys, domain_gate=args.domain_gate,
                              train_queries=args.train_queries, gate_prior=args.gate_prior,
                              depth=args.depth, heads=args.heads, topk=args.topk, reroute=args.reroute,
-                             attention_experts=args.attention_experts)
+                             attention_experts=args.attention_experts, lora_on=args.lora_targets)
     if base is not None:  # the trained model and its base, weighted by the posterior
         mixture = PosteriorMixture([base, model])
         row["bpb_mixed"] = [val_bpb(mixture, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--data", required=True)
     f.add_argument("--adapter", choices=["fhme", "rows", "lora", "full"], default="fhme")
     f.add_argument("--lora-rank", type=int, default=64, help="LoRA's rank; FHME adapters match its count")
+    f.add_argument("--lora-targets", choices=LORA_TARGETS, default="all",
+                   help="lora: every dense projection, or the attention or FFN block's only")
     f.add_argument("--depth", type=int, default=2, help="fhme: fractal depth C of the adapters (2^C - 1 blocks)")
     f.add_argument("--heads", type=int, default=None, help="fhme: heads a block (default: DEFAULT_ADAPTER's)")
     f.add_argument("--topk", type=int, default=None, help="fhme: experts a head reads (default: DEFAULT_ADAPTER's)")

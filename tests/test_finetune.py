@@ -21,6 +21,7 @@ from fractalmoe.adapters import (
     experts_for_budget,
     fhme_adapter_parameter_count,
     lora_parameter_count,
+    lora_rank_cap,
     lora_targets,
     mask_rows,
     trainable_parameter_count,
@@ -464,6 +465,7 @@ def test_lora_targets_every_dense_projection_of_a_dense_fractalmoe_model() -> No
     projections = ("attn.qkv", "attn.proj", "ffn.w1", "ffn.w2", "ffn.w3")
     assert names == {f"blocks.{i}.{p}" for i in range(2) for p in projections}
     assert names == {f"blocks.{i}.{n}" for i in range(2) for n in _leaf_linears(model.blocks[i])}
+    assert {n for n, _ in lora_targets(model, which="ffn")} == {n for n in names if ".ffn." in n}
     expected = lora_parameter_count(lora_targets(model), 8)
     assert add_lora_adapters(model, rank=8, targets="all") == 8
     assert trainable_parameter_count(model) == expected
@@ -477,6 +479,7 @@ def test_lora_targets_skip_routing_logits_of_fhme_layers() -> None:
     names = {n.split(".", 2)[2] for n, _ in lora_targets(model)}
     assert names == {"attn.qkv", "attn.proj", "ffn.output_gate", "ffn.fractal.blocks.0.memory.router.query",
                      "ffn.fractal.blocks.1.memory.router.query"}  # not joins' gates, not the depth router
+    assert {n.split(".", 2)[2] for n, _ in lora_targets(model, which="ffn")} == {n for n in names if n[:4] == "ffn."}
 
 
 def test_lora_targets_every_dense_projection_of_gpt2() -> None:
@@ -486,6 +489,8 @@ def test_lora_targets_every_dense_projection_of_gpt2() -> None:
     names = {n for n, _ in lora_targets(model)}
     assert names == {f"transformer.h.{i}.{p}" for i in range(2)
                      for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert {n for n, _ in lora_targets(model, which="ffn")} == {n for n in names if ".mlp." in n}
+    assert lora_rank_cap(model, lora_targets(model, which="ffn"), "ffn") == 16  # width / 2, as for all
     expected = lora_parameter_count(lora_targets(model), 16)
     idx = torch.randint(0, 256, (2, 16))
     with torch.no_grad():

@@ -326,7 +326,7 @@ def embedding_parameter_count(model: nn.Module) -> int:
 
 
 # --- LoRA -----------------------------------------------------------------------------------
-LORA_TARGETS = ("all", "attention")
+LORA_TARGETS = ("all", "attention", "ffn")
 _NOT_PROJECTIONS = re.compile(r"^(gate|router|depth_router)$")  # routing / gating logits
 
 
@@ -343,7 +343,8 @@ def lora_targets(model: nn.Module, layers: list[int] | None = None,
     projections and the gated block's SiLU gate) except routing and gating heads (modules called
     gate, router or depth_router: a handful of logits, e.g. highway joins and depth routers) and
     the inside of earlier adapter sets and LoRA layers. ``attention``: the Linear / Conv1D
-    modules of the attention block only (the original baseline, kept for its runs)."""
+    modules of the attention block only (the original baseline, kept for its runs). ``ffn``: those
+    of ``all`` inside the FFN / MLP block (which half of the layer LoRA's gain comes from)."""
     if which not in LORA_TARGETS:
         raise ValueError(f"LoRA targets {which!r} must be one of {LORA_TARGETS}")
     decoder = decoder_layers(model)
@@ -353,13 +354,15 @@ def lora_targets(model: nn.Module, layers: list[int] | None = None,
                for part in (a.adapter, getattr(a, "gate", None)) if part is not None for m in part.modules()}
     out = []
     for i in chosen:
+        ffn = find_ffn(decoder[i], stack=True) if which == "ffn" else None
         for name, mod in decoder[i].named_modules():
             if not _is_dense(mod) or id(mod) in earlier or "lora_" in name:
                 continue
+            block = name.split(".")[0]
             if which == "attention":
-                keep = re.search("attn|attention", name.split(".")[0], re.IGNORECASE) is not None
+                keep = re.search("attn|attention", block, re.IGNORECASE) is not None
             else:
-                keep = not _NOT_PROJECTIONS.match(name.rsplit(".", 1)[-1])
+                keep = not _NOT_PROJECTIONS.match(name.rsplit(".", 1)[-1]) and ffn in (None, block)
             if keep:
                 out.append((f"{prefix}.{i}.{name}", mod))
     return out
@@ -380,15 +383,15 @@ def max_lora_rank(model: nn.Module) -> int:
 
 
 def lora_rank_cap(model: nn.Module, targets: list[tuple[str, nn.Module]], which: str) -> int:
-    """The largest LoRA rank: ``max_lora_rank`` on every dense projection, the narrowest
-    target's full rank on attention only (the original baseline's cap, kept for its runs)."""
-    return max_lora_rank(model) if which == "all" else min(min(_shape(m)) for _, m in targets)
+    """The largest LoRA rank: ``max_lora_rank`` (on every dense projection or the FFN's), the
+    narrowest target's full rank on attention only (the original baseline's cap, kept for its runs)."""
+    return min(min(_shape(m)) for _, m in targets) if which == "attention" else max_lora_rank(model)
 
 
 def check_lora_rank(rank: int, cap: int, which: str) -> None:
     """A one-line error for a rank outside 1..cap that says where the cap comes from."""
     if not 1 <= rank <= cap:
-        why = "width / 2" if which == "all" else "the narrowest attention projection's full rank"
+        why = "the narrowest attention projection's full rank" if which == "attention" else "width / 2"
         raise ValueError(f"LoRA rank {rank} must be in 1..{cap} ({cap} = {why})")
 
 

@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-rank", type=_positive_int, metavar="R",
                     help="lora: rank, at most width / 2 (attention targets: the narrowest projection's "
                          "rank; default: the FHME adapters' budget at --experts)")
-    ft.add_argument("--lora-targets", choices=["all", "attention"], default="all",
+    ft.add_argument("--lora-targets", choices=["all", "attention", "ffn"], default="all",
                     help="all: every dense projection of the decoder layers (attention, MLP, FHME "
-                         "routers' queries; not gates or routers' logits); attention: attention only")
+                         "routers' queries; not gates or routers' logits); attention or ffn: that block only")
     ft.add_argument("--depth", type=_positive_int,
                     help="fractal depth of FHME adapters (fhme, lora's matched budget; default: 2)")
     ft.add_argument("--heads", type=_positive_int,

@@ -531,19 +531,20 @@ def sizing_line(s: dict[str, Any]) -> str:
 def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 2,
                     output_gate: bool = False, layers: list[int] | None = None,
                     heads: int | None = None, topk: int | None = None, reroute: bool = False,
-                    attention_experts: int | None = None) -> Sizing:
+                    attention_experts: int | None = None, lora_on: str = "all") -> Sizing:
     """Adapters on a model held in memory (a transformers causal LM): FHME adapters matched to
     LoRA at ``lora_rank`` (``heads`` and ``topk`` a block: None, DEFAULT_ADAPTER's; ``reroute``:
     the base's own routers' query projections learn too, and ``attention_experts``: an FHME of that
     many experts at each attention input too, both within the same count), LoRA at that rank on
-    every dense projection, or every weight trainable."""
+    every dense projection (``lora_on``: or the attention or FFN block's only, ``LORA_TARGETS``), or
+    every weight trainable."""
     from .adapters import add_fhme_adapters
 
     fhme = method == "fhme"
     req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=None if method == "full" else depth,
                           heads=heads if fhme else None, topk=topk if fhme else None, output_gate=output_gate,
                           match_lora_rank=lora_rank if fhme else None, reroute=reroute,
-                          attention_experts=attention_experts,
+                          attention_experts=attention_experts, lora_targets=lora_on,
                           lora_rank=lora_rank if method == "lora" else None)
     check_request(req)
     sizing = size_adapters(req, model)
@@ -551,7 +552,7 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
         add_fhme_adapters(model, layers, output_gate=output_gate, reroute=reroute,
                           attention=sizing.spec.get("attention"), **sizing.spec["fhme"])
     elif method == "lora":
-        add_lora_adapters(model, rank=lora_rank, layers=layers, targets="all")
+        add_lora_adapters(model, rank=lora_rank, layers=layers, targets=lora_on)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -565,7 +566,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                        domain_gate: bool = False, train_queries: bool = False,
                        gate_prior: float = 0.0, depth: int = 2, heads: int | None = None,
                        topk: int | None = None, reroute: bool = False,
-                       attention_experts: int | None = None) -> dict[str, Any]:
+                       attention_experts: int | None = None, lora_on: str = "all") -> dict[str, Any]:
     """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
     for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
@@ -594,7 +595,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
         trainable = sizing.fhme_params
     else:
         sizing = adapt_in_memory(model, method, lora_rank, depth, output_gate=output_gate, heads=heads, topk=topk,
-                                 reroute=reroute, attention_experts=attention_experts)
+                                 reroute=reroute, attention_experts=attention_experts,
+                                 lora_on=lora_on)
         if domain_gate:
             new, kept = domains[0].data, [d.data for d in domains[1:]]
             gate_adapters(model, [a for _, a in trainable_memories(model)], new, kept, seq_len, cfg.batch_size,
