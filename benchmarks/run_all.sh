@@ -556,6 +556,27 @@ for s in 2 3; do for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; 
 done; done > $A/full.jsonl
 .venv/bin/python benchmarks/finetune_table.py $A/finetune.jsonl $A/full.jsonl $X/finetune.jsonl \
   --levels 3.6 3.4 3.2 3.1 3.05 3.0 > $A/finetune_tables.md
+# ... and the same base adapted to the Bible: attention-side FHME adapters at three rates, LoRA at
+# three, the adapters of 1 x 16 at their best email rate, full fine-tuning at three, each read
+# alone and mixed
+gpt2_kjv_run() {  # SEED METHOD LR XLR [FLAGS...]
+  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data runs/ft_rows_fixed/data/kjv.txt \
+    --adapter "${2%%-*}" --lr "$3" --expert-lr "$4" --seed "$1" --eval-bytes 262144 --mix "${@:5}" |
+    .venv/bin/python -c 'import json, sys
+r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain="kjv", study="single")
+print(json.dumps(r))' "$2"
+}
+for s in 2 3; do
+  for spec in "3e-4 0.005" "1e-3 0.0167" "3e-3 0.05"; do read -r lr xlr <<< "$spec"
+    gpt2_kjv_run $s fhme-1x16-att64 $lr $xlr --heads 1 --topk 16 --attention-experts 64; done
+  for lr in 3e-3 1e-2 2e-2; do gpt2_kjv_run $s lora $lr 0.05; done
+  gpt2_kjv_run $s fhme-1x16 1e-3 0.0167 --heads 1 --topk 16
+done > $A/kjv.jsonl
+for s in 2 3; do for spec in "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do read -r lr xlr <<< "$spec"
+  gpt2_kjv_run $s full $lr $xlr
+done; done > $A/kjv_full.jsonl
+.venv/bin/python benchmarks/finetune_table.py $A/kjv.jsonl $A/kjv_full.jsonl --levels 2.6 2.5 2.45 2.42 \
+  > $A/kjv_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
