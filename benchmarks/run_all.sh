@@ -302,15 +302,16 @@ done > $R/finetune_gpt2_rows/pilots.jsonl
 # (benchmarks/finetune_gpt2.py finetune --base RUN), email, seed 2, down to gentle rates
 EMAIL=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email
 mkdir -p $R/finetune_fhme_rows
-fhme_rows_run() {  # BASE SEED DOMAIN METHOD LR XLR [FLAGS...]: one run, its JSON line tagged for finetune_table.py
-  # (METHOD gated: row adapters behind domain gates, any row free to learn, queries learning;
-  # gated-fhme: FHME adapters behind domain gates; fhme-reroute: FHME adapters of 1 x top-15 with the
-  # base's routers' query projections learning too)
-  local data=$EMAIL adapter=$4 extra=""
+adapt_run() {  # BASE SEED DOMAIN METHOD LR XLR [FLAGS...]: one finetune_gpt2.py run, its JSON line tagged
+  # for finetune_table.py; BASE a FractalMoE run or runs/gpt2_base. METHOD's part before any "-" is
+  # the adapter (fhme-1x16 -> fhme), except gated: row adapters behind domain gates, any row free
+  # to learn, queries learning; gated-fhme: FHME adapters behind domain gates; fhme-reroute: FHME
+  # adapters of 1 x top-15 with the base's routers' query projections learning too
+  local data=$EMAIL adapter=${4%%-*} extra=""
   [ "$3" = kjv ] && data=runs/ft_rows_fixed/data/kjv.txt  # made by the finetune.sh call above
   [ "$4" = gated ] && adapter=rows extra="--domain-gate --max-kept-windows any --train-queries"
   [ "$4" = gated-fhme ] && adapter=fhme extra="--domain-gate"
-  [ "$4" = fhme-reroute ] && adapter=fhme extra="--reroute --heads 1 --topk 15"
+  [ "$4" = fhme-reroute ] && extra="--reroute --heads 1 --topk 15"
   extra="$extra ${*:7}"
   .venv/bin/python benchmarks/finetune_gpt2.py finetune --base "$1" --data "$data" --adapter $adapter --lr "$5" \
     --expert-lr "$6" --seed "$2" --eval-bytes 262144 $extra | .venv/bin/python -c 'import json, sys
@@ -320,12 +321,12 @@ print(json.dumps(r))' "$4" "$3"
 for spec in rows:1e-3:0.1 rows:1e-3:0.3 rows:1e-3:1.0 full:1e-5:0.0005 full:3e-5:0.0015 full:1e-4:0.005 \
     lora:3e-5:0.05 lora:1e-4:0.05 lora:3e-4:0.05; do
   IFS=: read -r method lr xlr <<< "$spec"
-  fhme_rows_run runs/ft_base_s2 2 email $method $lr $xlr
+  adapt_run runs/ft_base_s2 2 email $method $lr $xlr
 done > $R/finetune_fhme_rows/finetune.jsonl
 # ... and the King James Bible, learnt faster: the rows from 0.03
 for spec in rows:1e-3:0.03 rows:1e-3:0.1 full:1e-5:0.0005 full:3e-5:0.0015; do
   IFS=: read -r method lr xlr <<< "$spec"
-  fhme_rows_run runs/ft_base_s2 2 kjv $method $lr $xlr
+  adapt_run runs/ft_base_s2 2 kjv $method $lr $xlr
 done >> $R/finetune_fhme_rows/finetune.jsonl
 grep '/kjv_lora_lr' $R/finetune_rows_fixed/finetune.jsonl >> $R/finetune_fhme_rows/finetune.jsonl  # LoRA: the CLI's runs
 # A second replicate: a base trained with seed 3, fine-tuned with seed 3, the same rates (LoRA on
@@ -335,7 +336,7 @@ for spec in email:rows:1e-3:0.1 email:rows:1e-3:0.3 email:rows:1e-3:1.0 email:fu
     email:full:1e-4:0.005 email:lora:3e-5:0.05 email:lora:1e-4:0.05 email:lora:3e-4:0.05 kjv:rows:1e-3:0.03 \
     kjv:rows:1e-3:0.1 kjv:full:1e-5:0.0005 kjv:full:3e-5:0.0015 kjv:lora:3e-4:0.05 kjv:lora:1e-3:0.05 kjv:lora:3e-3:0.05; do
   IFS=: read -r domain method lr xlr <<< "$spec"
-  fhme_rows_run runs/ft_base_s3 3 $domain $method $lr $xlr
+  adapt_run runs/ft_base_s3 3 $domain $method $lr $xlr
 done >> $R/finetune_fhme_rows/finetune.jsonl
 # LoRA's gentle end on the Bible, on the seed-2 base as today's code rebuilds it (runs/ft_base_s2
 # retrained by the command above): where LoRA's rise at 2.37 really lies
@@ -387,7 +388,7 @@ for spec in s3:email:gated:1e-4:0.1 s3:email:gated:1e-3:0.3 s3:email:gated:1e-2:
     s2:kjv:full:1e-5:0.0005 s2:kjv:full:3e-5:0.0015 s3:email:gated:3e-2:0.3 s2:email:gated:3e-2:0.3 \
     s3:kjv:lora:3e-5:0.05 s3:kjv:lora:1e-4:0.05 s2:kjv:lora:3e-5:0.05 s2:kjv:lora:1e-4:0.05; do
   IFS=: read -r s domain method lr xlr <<< "$spec"
-  fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
+  adapt_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
 done > $G/finetune.jsonl
 grep '"seed": 3' $R/finetune_fhme_rows/finetune.jsonl | grep -v '"method": "rows"' >> $G/finetune.jsonl
 # More pilots (fine-tuning seed 1, the rebuilt seed-2 base, email): gated rows in memories of
@@ -421,7 +422,7 @@ for spec in s3:email:gated-fhme:1e-3:0.0167 s3:email:gated-fhme:3e-3:0.05 s3:ema
     s2:email:lora:3e-2:0.05 s3:email:lora:3e-2:0.05 s3:email:gated-fhme:3e-4:0.005 s2:email:gated-fhme:3e-4:0.005 \
     s3:kjv:gated-fhme:3e-4:0.005 s2:kjv:gated-fhme:3e-4:0.005; do
   IFS=: read -r s domain method lr xlr <<< "$spec"
-  fhme_rows_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
+  adapt_run runs/ft_base_$s ${s#s} $domain $method $lr $xlr
 done >> $G/finetune.jsonl
 # Stage after stage behind gates: email, then the Bible from that run, by the command line, beside
 # LoRA and full fine-tuning on the same base (the Bible's text copied from runs/ft_rows_fixed)
@@ -450,7 +451,7 @@ for spec in "$EMAIL 3e-3 0.05 --gate-after --priors=0,2,4,6" "$EMAIL 1e-3 0.0167
     --lr $lr --expert-lr $xlr --seed 1 --eval-bytes 262144 $extra | tail -1
 done > $P/pilots.jsonl
 for s in 2 3; do for domain in email kjv; do for spec in 3e-4:0.005 1e-3:0.0167 3e-3:0.05; do
-  fhme_rows_run runs/ft_base_s$s $s $domain fhme ${spec%%:*} ${spec##*:} --gate-after --priors=-2,0,2,4,8
+  adapt_run runs/ft_base_s$s $s $domain fhme ${spec%%:*} ${spec##*:} --gate-after --priors=-2,0,2,4,8
 done; done; done >> $P/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $P/finetune.jsonl $G/finetune.jsonl --methods fhme gated-fhme lora full \
   --levels email:4.4 email:4.0 email:3.6 email:3.4 email:3.25 email:3.15 email:3.0 email:2.9 email:2.8 \
@@ -482,7 +483,7 @@ for s in 2 3; do for spec in email:fhme:1e-3:0.0167 email:fhme:3e-3:0.05 email:l
     kjv:lora:3e-3:0.05 kjv:full:1e-5:0.0005 kjv:full:3e-5:0.0015; do
   IFS=: read -r domain method lr xlr <<< "$spec"
   shape=""; [ $method = fhme ] && shape="--heads 1 --topk 16"
-  fhme_rows_run runs/ft_base_s$s $s $domain $method $lr $xlr --mix $shape
+  adapt_run runs/ft_base_s$s $s $domain $method $lr $xlr --mix $shape
 done; done > $M/finetune.jsonl
 # ... and stage after stage: the command line's runs above (email, then the Bible), each alone and
 # as the mixture of its lineage (base, email stage, Bible stage: log2(3) / 128 bpb from the best)
@@ -499,7 +500,7 @@ done; done > $M/finetune.jsonl
 X=$R/finetune_reroute
 for spec in email:3e-3:0.05 email:1e-3:0.0167 kjv:3e-3:0.05 kjv:1e-3:0.0167 email:1e-2:0.05 kjv:3e-4:0.005; do for s in 2 3; do
   IFS=: read -r domain lr xlr <<< "$spec"
-  fhme_rows_run runs/ft_base_s$s $s $domain fhme-reroute $lr $xlr --mix
+  adapt_run runs/ft_base_s$s $s $domain fhme-reroute $lr $xlr --mix
 done; done > $X/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $X/finetune.jsonl $M/finetune.jsonl --levels email:4.0 email:3.6 \
   email:3.2 email:3.0 email:2.9 email:2.8 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.15 kjv:2.12 > $X/finetune_tables.md
@@ -508,7 +509,7 @@ for s in 4 5; do
   $F train --seed $s --max-steps 1200 --out runs/ft_base_s$s --quiet
   for spec in email:fhme-reroute:3e-3:0.05 email:lora:1e-2:0.05 kjv:fhme-reroute:1e-3:0.0167 kjv:lora:3e-3:0.05; do
     IFS=: read -r domain method lr xlr <<< "$spec"
-    fhme_rows_run runs/ft_base_s$s $s $domain $method $lr $xlr --mix
+    adapt_run runs/ft_base_s$s $s $domain $method $lr $xlr --mix
   done
 done > $X/more_bases.jsonl
 # ... and stage after stage by the command line (email at 3e-3, then the Bible from it), each alone
@@ -522,21 +523,15 @@ METHODS=fhme-reroute SEEDS="2 3" STUDIES="single sequential" DOMAINS=email LR_PO
 # pilots first, then seeds 2 and 3, each read alone and mixed with the base
 X=$R/finetune_gpt2_mixture
 .venv/bin/python benchmarks/finetune_gpt2.py base --out runs/gpt2_base > $X/finetune_gpt2_base.json
-gpt2_mix_run() {  # SEED METHOD LR XLR [FLAGS...]
-  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data "$EMAIL" --adapter "${2%%-*}" \
-    --lr "$3" --expert-lr "$4" --seed "$1" --eval-bytes 262144 --mix "${@:5}" | .venv/bin/python -c 'import json, sys
-r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain="email", study="single")
-print(json.dumps(r))' "$2"
-}
 for spec in "fhme-1x16 1e-3 0.0167" "fhme-1x16 3e-3 0.05" "lora 1e-2 0.05"; do
   read -r method lr xlr <<< "$spec"
   shape=""; [ "$method" = fhme-1x16 ] && shape="--heads 1 --topk 16"
-  gpt2_mix_run 1 $method $lr $xlr $shape
+  adapt_run runs/gpt2_base 1 email $method $lr $xlr --mix $shape
 done > $X/pilots.jsonl
 for s in 2 3; do for spec in "fhme-1x16 1e-3 0.0167" "fhme-1x16 3e-3 0.05" "lora 3e-3 0.05" "lora 1e-2 0.05"; do
   read -r method lr xlr <<< "$spec"
   shape=""; [ "$method" = fhme-1x16 ] && shape="--heads 1 --topk 16"
-  gpt2_mix_run $s $method $lr $xlr $shape
+  adapt_run runs/gpt2_base $s email $method $lr $xlr --mix $shape
 done; done > $X/finetune.jsonl
 .venv/bin/python benchmarks/finetune_table.py $X/finetune.jsonl --levels 3.6 3.4 3.2 3.15 > $X/finetune_tables.md
 # FHME adapters at the attention input too (--attention-experts): pilots (seed 1) in
@@ -548,32 +543,25 @@ done; done > $X/finetune.jsonl
 A=$R/finetune_attention
 for s in 2 3; do for spec in "1e-3 0.0167" "3e-3 0.05" "5e-3 0.05"; do
   read -r lr xlr <<< "$spec"
-  gpt2_mix_run $s fhme-1x16-att64 $lr $xlr --heads 1 --topk 16 --attention-experts 64
+  adapt_run runs/gpt2_base $s email fhme-1x16-att64 $lr $xlr --mix --heads 1 --topk 16 --attention-experts 64
 done; done > $A/finetune.jsonl
 for s in 2 3; do for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do
   read -r lr xlr <<< "$spec"
-  gpt2_mix_run $s full $lr $xlr
+  adapt_run runs/gpt2_base $s email full $lr $xlr --mix
 done; done > $A/full.jsonl
 .venv/bin/python benchmarks/finetune_table.py $A/finetune.jsonl $A/full.jsonl $X/finetune.jsonl \
   --levels 3.6 3.4 3.2 3.1 3.05 3.0 > $A/finetune_tables.md
 # ... and the same base adapted to the Bible: attention-side FHME adapters at three rates, LoRA at
 # three, the adapters of 1 x 16 at their best email rate, full fine-tuning at three, each read
 # alone and mixed
-gpt2_kjv_run() {  # SEED METHOD LR XLR [FLAGS...]
-  .venv/bin/python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data runs/ft_rows_fixed/data/kjv.txt \
-    --adapter "${2%%-*}" --lr "$3" --expert-lr "$4" --seed "$1" --eval-bytes 262144 --mix "${@:5}" |
-    .venv/bin/python -c 'import json, sys
-r = json.loads(sys.stdin.read().splitlines()[-1]); r.update(method=sys.argv[1], domain="kjv", study="single")
-print(json.dumps(r))' "$2"
-}
 for s in 2 3; do
   for spec in "3e-4 0.005" "1e-3 0.0167" "3e-3 0.05"; do read -r lr xlr <<< "$spec"
-    gpt2_kjv_run $s fhme-1x16-att64 $lr $xlr --heads 1 --topk 16 --attention-experts 64; done
-  for lr in 3e-3 1e-2 2e-2; do gpt2_kjv_run $s lora $lr 0.05; done
-  gpt2_kjv_run $s fhme-1x16 1e-3 0.0167 --heads 1 --topk 16
+    adapt_run runs/gpt2_base $s kjv fhme-1x16-att64 $lr $xlr --mix --heads 1 --topk 16 --attention-experts 64; done
+  for lr in 3e-3 1e-2 2e-2; do adapt_run runs/gpt2_base $s kjv lora $lr 0.05 --mix; done
+  adapt_run runs/gpt2_base $s kjv fhme-1x16 1e-3 0.0167 --mix --heads 1 --topk 16
 done > $A/kjv.jsonl
 for s in 2 3; do for spec in "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do read -r lr xlr <<< "$spec"
-  gpt2_kjv_run $s full $lr $xlr
+  adapt_run runs/gpt2_base $s kjv full $lr $xlr --mix
 done; done > $A/kjv_full.jsonl
 .venv/bin/python benchmarks/finetune_table.py $A/kjv.jsonl $A/kjv_full.jsonl --levels 2.6 2.5 2.45 2.42 \
   > $A/kjv_tables.md
