@@ -3,7 +3,7 @@
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lora-targets all|attention|ffn] [--depth C] \\
-        [--heads H] [--topk K] [--reroute] [--attention-experts N] \\
+        [--heads H] [--topk K] [--reroute] [--attention-experts N | --attention-lora R] \\
         [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
         [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after] [--gate-prior P] [--priors 0,4,8]
@@ -12,7 +12,8 @@
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
 schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (its corpus and
 split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank (``--attention-experts``: and
-one of N experts at each attention input, within the same count); ``rows``: value memories of
+one of N experts at each attention input, ``--attention-lora``: or LoRA on the attention
+projections, within the same count); ``rows``: value memories of
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
 step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
 first fitted to both domains' queries; ``--domain-gate`` (rows or fhme): each memory behind a ``DomainGate``;
@@ -105,8 +106,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     gated = args.domain_gate or args.gate_after
     if (args.gate_prior or args.priors) and not (args.adapter == "fhme" and gated):
         raise ValueError("--gate-prior and --priors are for --adapter fhme with --domain-gate or --gate-after")
-    if args.attention_experts and args.gate_after:
-        raise ValueError("--attention-experts: not with --gate-after, whose gates sit beside FFN adapters")
+    if (args.attention_experts or args.attention_lora) and args.gate_after:
+        raise ValueError("--attention-experts / --attention-lora: not with --gate-after, whose gates sit "
+                         "beside FFN adapters")
     torch.manual_seed(args.seed)
     model, domains, kind = load_base(args)
     base = copy.deepcopy(model) if args.mix else None  # the base as it was, for the mixture
@@ -117,7 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                              fit_keys=args.fit_keys, domain_gate=args.domain_gate,
                              train_queries=args.train_queries, gate_prior=args.gate_prior,
                              depth=args.depth, heads=args.heads, topk=args.topk, reroute=args.reroute,
-                             attention_experts=args.attention_experts, lora_on=args.lora_targets)
+                             attention_experts=args.attention_experts, attention_lora=args.attention_lora,
+                             lora_on=args.lora_targets)
     if base is not None:  # the trained model and its base, weighted by the posterior
         mixture = PosteriorMixture([base, model])
         row["bpb_mixed"] = [val_bpb(mixture, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="fhme on a FractalMoE base: its routers' query projections learn too, within LoRA's count")
     f.add_argument("--attention-experts", type=int, default=None, metavar="N",
                    help="fhme: also an FHME of N experts at each attention input, within LoRA's count")
+    f.add_argument("--attention-lora", type=int, default=None, metavar="R",
+                   help="fhme: also LoRA of rank R on the attention projections, within LoRA's count")
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)
     f.add_argument("--experts", type=int, default=1_048_576, help="rows: rows per layer (a perfect square)")

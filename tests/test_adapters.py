@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fractalmoe import FHMELanguageModel
-from fractalmoe.adapters import AdaptedAttention, add_fhme_adapters, decoder_layers
+from fractalmoe.adapters import (
+    AdaptedAttention,
+    add_fhme_adapters,
+    decoder_layers,
+    lora_parameter_count,
+    lora_targets,
+    trainable_parameter_count,
+)
 from fractalmoe.cli import main
 from fractalmoe.config import RunConfig, TrainConfig, tiny_model_config
 from fractalmoe.experts import BLOCK_KINDS
@@ -136,6 +143,35 @@ def test_attention_adapters_start_at_zero_then_move_what_attention_reads(build) 
         assert torch.equal(state[key], v), k
     model.eval()
     assert model.generate(idx[:, :4], max_new_tokens=5, do_sample=False).shape == (2, 9)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_attention_lora_beside_fhme_adapters_keeps_both_learning(build) -> None:
+    """FHME adapters beside the MLP and LoRA on the attention projections: exactly the base at
+    init; both sets learn (peft's injection freezes nothing that was learning), with exactly
+    their own trainable counts; the base stays bit-identical."""
+    model = build()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        before = model(idx).logits
+    base = [(p, p.detach().clone()) for p in model.parameters()]  # peft keeps them, moved under base_layer
+    targets = lora_targets(model, which="attention")
+    adapters = add_fhme_adapters(model, **ADAPTER, attention_lora=4)
+    assert len(adapters) == 2
+    fhme = sum(p.numel() for a in adapters for p in a.parameters())
+    assert all(p.requires_grad for a in adapters for p in a.parameters())
+    assert trainable_parameter_count(model) == fhme + lora_parameter_count(targets, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, before)
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    tables = [a.fractal.bank.tables()["up"].detach().clone() for a in adapters]
+    losses = _train(model, lambda m, x: m(x).logits)
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(a.fractal.bank.tables()["up"], t) for a, t in zip(adapters, tables))
+    assert all(not torch.equal(dict(model.named_parameters())[n], p) for n, p in lora_b.items())
+    assert all(torch.equal(p, was) for p, was in base)
+    with pytest.raises(ValueError, match="width / 2"):
+        add_fhme_adapters(build(), **ADAPTER, attention_lora=17)
 
 
 def test_attention_adapters_keep_cached_generation_exact_and_are_counted() -> None:

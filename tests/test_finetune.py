@@ -455,6 +455,33 @@ def test_attention_adapters_are_sized_in_the_matched_count_saved_and_loaded(corp
         a.flops_per_token() for b in loaded.blocks for a in (b.attn.adapter, b.ffn.adapter)))
 
 
+def test_attention_lora_is_sized_in_the_matched_count_saved_and_loaded(corpora, capsys) -> None:
+    """--attention-lora: LoRA of that rank on the attention projections beside the FHME adapters
+    (here with --attention-experts too), counted in LoRA's budget with the FFN adapters sized to
+    what is left; all of them learn, the run reloads with them and the base untouched."""
+    out = corpora["root"] / "attention_lora"
+    s = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), "--match-lora-rank", "32",
+                  "--heads", "1", "--topk", "6", "--attention-experts", "16", "--attention-lora", "8",
+                  "--out", str(out))
+    base, _, _ = load_model_from_run(corpora["run"])
+    beside = (lora_parameter_count(lora_targets(base, which="attention"), 8)
+              + len(base.blocks) * fhme_adapter_parameter_count(base.cfg.dim, heads=1, topk=4, num_experts=16))
+    experts, count = experts_for_budget(base, s["lora_params"] - beside, heads=1, topk=6)
+    assert s["attention_lora"] == 8 and s["attention"] == {"num_experts": 16, "topk": 4}
+    assert s["fhme_experts"] == experts and s["fhme_params"] == count + beside
+    assert s["trainable_params"] == s["fhme_params"] <= s["lora_params"]
+    loaded, _, _ = load_model_from_run(out)
+    adapters = [a for b in loaded.blocks for a in (b.ffn.adapter, b.attn.adapter)]
+    assert all(isinstance(b.attn, AdaptedAttention) for b in loaded.blocks)
+    assert all(a.fractal.bank.tables()["up"].abs().sum() > 0 for a in adapters)  # they learned
+    lora_b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 2 * len(loaded.blocks) and all(p.abs().sum() > 0 for p in lora_b)  # qkv and proj learned
+    before = dict(base.named_parameters())
+    after = {n.replace(".ffn.base.", ".ffn.").replace(".attn.base.", ".attn.").replace(".base_layer.", "."): p
+             for n, p in loaded.named_parameters() if ".adapter." not in n and "lora_" not in n}
+    assert after.keys() == before.keys() and all(torch.equal(p, before[n]) for n, p in after.items())
+
+
 def _leaf_linears(layer: torch.nn.Module) -> set[str]:
     return {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
 
@@ -613,6 +640,10 @@ def test_options_that_do_not_apply_are_one_line_errors_before_any_run(corpora, t
                                                                   "--attention-experts", "16")
     assert "perfect square" in _err(capsys, *common, "--attention-experts", "20")
     assert "not with --domain-gate" in _err(capsys, *common, "--attention-experts", "16", "--domain-gate")
+    assert "--attention-lora: only for --adapter fhme" in _err(capsys, *common, "--adapter", "lora",
+                                                               "--attention-lora", "4")
+    assert "not with --domain-gate" in _err(capsys, *common, "--attention-lora", "4", "--domain-gate")
+    assert "width / 2" in _err(capsys, *common, "--match-lora-rank", "4", "--attention-lora", "65")
     assert "--heads, --topk: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
                                                 "--heads", "1", "--topk", "4")
     assert "without --lora-rank" in _err(capsys, *common, "--adapter", "lora", "--lora-rank", "4", "--experts", "64")

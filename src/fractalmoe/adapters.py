@@ -162,7 +162,8 @@ def zero_adapter(dim: int, **fhme_config: Any) -> FHME:
 
 def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: bool = False,
                       output_gate: bool = False, reroute: bool = False,
-                      attention: dict[str, Any] | None = None, **fhme_config: Any) -> list[FHME]:
+                      attention: dict[str, Any] | None = None, attention_lora: int | None = None,
+                      **fhme_config: Any) -> list[FHME]:
     """Freeze the model (``freeze_base``) and add a zero-initialised FHME beside the FFN of each
     chosen layer; returns them, then the attention-side ones.
 
@@ -171,7 +172,10 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
     adapter's output is scaled by a learned per-token gate that starts nearly shut. ``reroute``:
     the base's own routers' query projections stay trainable (``base_router_queries``).
     ``attention``: also an FHME at each chosen layer's attention input (``AdaptedAttention``), of
-    this config over ``fhme_config`` (e.g. its own num_experts and topk)."""
+    this config over ``fhme_config`` (e.g. its own num_experts and topk). ``attention_lora``:
+    also LoRA of this rank (at most width / 2) on the chosen layers' attention projections: one
+    dense low-rank update for every token, which the few rows a routed adapter reads per token do
+    not give attention as well per parameter (docs/results.md)."""
     decoder = decoder_layers(model)
     chosen = chosen_layers(decoder, layers)
     freeze_base(model)
@@ -191,7 +195,10 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
             at_attention.append(adapter)
     for weight in base_router_queries(model, layers) if reroute else []:
         weight.requires_grad_(True)
+    if attention_lora is not None:
+        add_attention_lora(model, attention_lora, layers)
     return adapters + at_attention
+
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -425,8 +432,6 @@ def add_lora_adapters(model: nn.Module, budget: int | None = None, layers: list[
     ``rank``, or at the rank whose trainable count comes closest to ``budget``. LoRA layers
     already in the model (an earlier adaptation) are merged into their weights first. Returns
     the rank (alpha = rank; a target narrower than it gets its full rank)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     merge_lora(model)
     found = lora_targets(model, layers, targets)
     if not found:
@@ -443,12 +448,35 @@ def add_lora_adapters(model: nn.Module, budget: int | None = None, layers: list[
         raise ValueError("LoRA needs a rank or a trainable-parameter budget")
     check_lora_rank(rank, cap, targets)
     freeze_base(model)
+    inject_lora(model, found, rank)
+    return rank
+
+
+def add_attention_lora(model: nn.Module, rank: int, layers: list[int] | None = None) -> None:
+    """LoRA at ``rank`` on the chosen layers' attention projections, beside what already learns
+    (an earlier set's LoRA is merged into its weights first, and stays frozen)."""
+    merge_lora(model)
+    found = lora_targets(model, layers, "attention")
+    if not found:
+        raise ValueError("found no attention projections (Linear / Conv1D) for LoRA")
+    check_lora_rank(rank, max_lora_rank(model), "all")
+    inject_lora(model, found, rank)
+
+
+def inject_lora(model: nn.Module, found: list[tuple[str, nn.Module]], rank: int) -> None:
+    """LoRA (peft, alpha = rank) on the ``found`` targets; a target narrower than ``rank`` gets
+    its full rank. The new LoRA weights learn; every other weight keeps its flag (peft would
+    freeze them all, adapters added before included)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    learning = [p for p in model.parameters() if p.requires_grad]
     narrow = {n: _target_rank(m, rank) for n, m in found if _target_rank(m, rank) != rank}
     conv1d = all(type(m).__name__ == "Conv1D" for _, m in found)  # GPT-2 stores (in, out) weights
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n, _ in found],
                                        rank_pattern=narrow, alpha_pattern=narrow, fan_in_fan_out=conv1d),
                             model)
-    return rank
+    for p in learning:
+        p.requires_grad_(True)
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str:
@@ -474,7 +502,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     adapter run (sequential adaptation): its adapters stay active and frozen under the new ones.
 
     spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
-    attention (the attention-side adapters' config over it, if any), reroute
+    attention (the attention-side adapters' config over it, if any), attention_lora (the rank
+    of LoRA on the attention projections, if any), reroute
     (``base_router_queries`` learn too), a domain_gate file (``save_domain_gates``) and its
     gate_prior, a row_mask file; memory: the base's own expert tables, a row_mask file of the rows
     that learn; lora: rank (or budget) and targets (default ``attention``, as older runs had);
@@ -485,7 +514,7 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     if spec["kind"] == "fhme":
         adapters = add_fhme_adapters(model, spec.get("layers"), stack=True, output_gate=bool(spec.get("output_gate")),
                                      reroute=bool(spec.get("reroute")), attention=spec.get("attention"),
-                                     **spec.get("fhme", {}))
+                                     attention_lora=spec.get("attention_lora"), **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
         if spec.get("domain_gate"):  # the gates finetune fitted on the trained adapters, from their file

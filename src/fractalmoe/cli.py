@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fhme: also an FHME adapter of N experts (a perfect square) at each layer's attention "
                          "input, attention(x + FHME(x)), so its queries, keys and values adapt; within the "
                          "same trainable count")
+    ft.add_argument("--attention-lora", type=_positive_int, metavar="R",
+                    help="fhme: also LoRA of rank R (at most width / 2) on each layer's attention projections, "
+                         "within the same trainable count: the FHME adapters beside the FFN, LoRA on attention")
     ft.add_argument("--domain-gate", action="store_true",
                     help="fhme: after training, scale each adapter's output by the posterior that the text so "
                          "far is the new domain's, read from frozen hashing routing fitted on samples of both "
@@ -495,7 +498,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         overrides=list(args.set),
         eval_bytes=args.eval_bytes, lora_rank=args.lora_rank, match_lora_rank=args.match_lora_rank,
         lora_targets=args.lora_targets, output_gate=args.output_gate, reroute=args.reroute,
-        attention_experts=args.attention_experts, sparse_rows=args.sparse_rows,
+        attention_experts=args.attention_experts, attention_lora=args.attention_lora,
+        sparse_rows=args.sparse_rows,
         rows_per_step=args.rows_per_step, rows_by_gain=args.rows_by_gain,
         with_embeddings=args.with_embeddings, domain_gate=args.domain_gate,
         gate_prior=args.gate_prior, device=args.device,

@@ -63,6 +63,7 @@ from .adapters import (
     lora_rank_cap,
     lora_rank_for_budget,
     lora_targets,
+    max_lora_rank,
     required_memories,
     trainable_parameter_count,
 )
@@ -190,6 +191,8 @@ class Sizing:
         if self.fhme_params is not None:
             attention = self.spec.get("attention")
             at = f" (and {attention['num_experts']:,} at each attention input)" if attention else ""
+            if self.spec.get("attention_lora"):
+                at += f" (and LoRA rank {self.spec['attention_lora']} on attention)"
             parts.append(f"FHME adapters with {self.fhme_experts:,} experts{at}: {self.fhme_params:,} trainable params")
         return "; ".join(parts)
 
@@ -216,6 +219,7 @@ class FinetuneRequest:
     output_gate: bool = False
     reroute: bool = False
     attention_experts: int | None = None
+    attention_lora: int | None = None
     sparse_rows: int | None = None
     rows_per_step: bool = False
     rows_by_gain: bool = False
@@ -242,6 +246,12 @@ def check_request(req: FinetuneRequest) -> None:
                              f"got {req.attention_experts}")
         if req.domain_gate or req.sparse_rows is not None:
             raise ValueError("--attention-experts: not with --domain-gate or --sparse-rows, "
+                             "which act on the FFN adapters alone")
+    if req.attention_lora is not None:
+        if req.adapter != "fhme":
+            raise ValueError("--attention-lora: only for --adapter fhme (LoRA alone: --adapter lora)")
+        if req.domain_gate or req.sparse_rows is not None:
+            raise ValueError("--attention-lora: not with --domain-gate or --sparse-rows, "
                              "which act on the FFN adapters alone")
     if req.gate_prior and not req.domain_gate:
         raise ValueError("--gate-prior sets the domain gates' prior: add --domain-gate")
@@ -291,9 +301,13 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     if req.attention_experts is not None:
         attention = {"num_experts": req.attention_experts,
                      "topk": min(fhme_cfg["topk"], math.isqrt(req.attention_experts))}
-    # trainable beside the FFN adapters: the base's router queries, the attention-side adapters
+    if req.attention_lora is not None:
+        check_lora_rank(req.attention_lora, max_lora_rank(model), "all")
+    # trainable beside the FFN adapters: the base's router queries, the attention-side adapters or LoRA
     beside = (sum(w.numel() for w in base_router_queries(model, req.layers)) if req.reroute else 0) + (
-        len(layers) * fhme_adapter_parameter_count(dim, **{**fhme_cfg, **attention}) if attention else 0)
+        len(layers) * fhme_adapter_parameter_count(dim, **{**fhme_cfg, **attention}) if attention else 0) + (
+        lora_parameter_count(lora_targets(model, req.layers, "attention"), req.attention_lora)
+        if req.attention_lora is not None else 0)
 
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts,
@@ -343,6 +357,8 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         spec["reroute"] = True
     if attention is not None:
         spec["attention"] = attention
+    if req.attention_lora is not None:
+        spec["attention_lora"] = req.attention_lora
     if req.domain_gate:
         spec.update(domain_gate=True, gate_prior=req.gate_prior)
     if req.sparse_rows is not None:
@@ -487,7 +503,7 @@ def _sizing_fields(sizing: Sizing) -> dict[str, Any]:
             "fhme_experts": sizing.fhme_experts, "fhme_params": sizing.fhme_params,
             "fhme_shape": {k: v for k, v in sizing.spec.get("fhme", {}).items() if k != "num_experts"} or None,
             "output_gate": bool(sizing.spec.get("output_gate")), "reroute": bool(sizing.spec.get("reroute")),
-            "attention": sizing.spec.get("attention"),
+            "attention": sizing.spec.get("attention"), "attention_lora": sizing.spec.get("attention_lora"),
             "sparse_rows": sizing.spec.get("sparse_rows"),
             "rows_per_step": bool(sizing.spec.get("rows_per_step")),
             "rows_by_gain": bool(sizing.spec.get("rows_by_gain")),
@@ -531,11 +547,13 @@ def sizing_line(s: dict[str, Any]) -> str:
 def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 2,
                     output_gate: bool = False, layers: list[int] | None = None,
                     heads: int | None = None, topk: int | None = None, reroute: bool = False,
-                    attention_experts: int | None = None, lora_on: str = "all") -> Sizing:
+                    attention_experts: int | None = None, attention_lora: int | None = None,
+                    lora_on: str = "all") -> Sizing:
     """Adapters on a model held in memory (a transformers causal LM): FHME adapters matched to
     LoRA at ``lora_rank`` (``heads`` and ``topk`` a block: None, DEFAULT_ADAPTER's; ``reroute``:
-    the base's own routers' query projections learn too, and ``attention_experts``: an FHME of that
-    many experts at each attention input too, both within the same count), LoRA at that rank on
+    the base's own routers' query projections learn too, ``attention_experts``: an FHME of that
+    many experts at each attention input too, ``attention_lora``: or LoRA of that rank on the
+    attention projections, all within the same count), LoRA at that rank on
     every dense projection (``lora_on``: or the attention or FFN block's only, ``LORA_TARGETS``), or
     every weight trainable."""
     from .adapters import add_fhme_adapters
@@ -544,13 +562,15 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
     req = FinetuneRequest(base="", data="", adapter=method, layers=layers, depth=None if method == "full" else depth,
                           heads=heads if fhme else None, topk=topk if fhme else None, output_gate=output_gate,
                           match_lora_rank=lora_rank if fhme else None, reroute=reroute,
-                          attention_experts=attention_experts, lora_targets=lora_on,
+                          attention_experts=attention_experts, attention_lora=attention_lora,
+                          lora_targets=lora_on,
                           lora_rank=lora_rank if method == "lora" else None)
     check_request(req)
     sizing = size_adapters(req, model)
     if method == "fhme":
         add_fhme_adapters(model, layers, output_gate=output_gate, reroute=reroute,
-                          attention=sizing.spec.get("attention"), **sizing.spec["fhme"])
+                          attention=sizing.spec.get("attention"),
+                          attention_lora=sizing.spec.get("attention_lora"), **sizing.spec["fhme"])
     elif method == "lora":
         add_lora_adapters(model, rank=lora_rank, layers=layers, targets=lora_on)
     else:
@@ -566,7 +586,8 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                        domain_gate: bool = False, train_queries: bool = False,
                        gate_prior: float = 0.0, depth: int = 2, heads: int | None = None,
                        topk: int | None = None, reroute: bool = False,
-                       attention_experts: int | None = None, lora_on: str = "all") -> dict[str, Any]:
+                       attention_experts: int | None = None, attention_lora: int | None = None,
+                       lora_on: str = "all") -> dict[str, Any]:
     """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
     for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
@@ -596,7 +617,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     else:
         sizing = adapt_in_memory(model, method, lora_rank, depth, output_gate=output_gate, heads=heads, topk=topk,
                                  reroute=reroute, attention_experts=attention_experts,
-                                 lora_on=lora_on)
+                                 attention_lora=attention_lora, lora_on=lora_on)
         if domain_gate:
             new, kept = domains[0].data, [d.data for d in domains[1:]]
             gate_adapters(model, [a for _, a in trainable_memories(model)], new, kept, seq_len, cfg.batch_size,
