@@ -565,6 +565,26 @@ for s in 2 3; do for spec in "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do read -r lr
 done; done > $A/kjv_full.jsonl
 .venv/bin/python benchmarks/finetune_table.py $A/kjv.jsonl $A/kjv_full.jsonl --levels 2.6 2.5 2.45 2.42 \
   > $A/kjv_tables.md
+# LoRA on the attention projections beside FHME adapters (--attention-lora): pilots (seed 1, then
+# seed 4) in $A/attention_lora_pilots.jsonl. The study: on the GPT-2 base rank 32 with the
+# attention-side FHME adapters (64 experts) and 1 x top-16 beside each MLP; on the FractalMoE bases
+# rank 16 with --reroute and 1 x top-12; both domains, seeds 2 and 3, the rates of the studies they
+# extend, each read alone and mixed
+for s in 2 3; do for spec in email:1e-3:0.0167 email:3e-3:0.05 email:5e-3:0.05 kjv:3e-4:0.005 kjv:1e-3:0.0167 kjv:3e-3:0.05; do
+  IFS=: read -r domain lr xlr <<< "$spec"
+  adapt_run runs/gpt2_base $s $domain fhme-1x16-att64-lora32 $lr $xlr --mix --heads 1 --topk 16 --attention-experts 64 \
+    --attention-lora 32
+done; done > $A/attention_lora.jsonl
+.venv/bin/python benchmarks/finetune_table.py $A/attention_lora.jsonl $A/finetune.jsonl $A/full.jsonl $X/finetune.jsonl \
+  $A/kjv.jsonl $A/kjv_full.jsonl --levels email:3.6 email:3.4 email:3.2 email:3.1 email:3.0 email:2.95 kjv:2.6 kjv:2.5 \
+  kjv:2.45 kjv:2.42 kjv:2.41 > $A/attention_lora_tables.md
+for s in 2 3; do for spec in email:1e-3:0.0167 email:3e-3:0.05 email:1e-2:0.05 kjv:3e-4:0.005 kjv:1e-3:0.0167 kjv:3e-3:0.05; do
+  IFS=: read -r domain lr xlr <<< "$spec"
+  adapt_run runs/ft_base_s$s $s $domain fhme-reroute-lora16 $lr $xlr --mix --reroute --heads 1 --topk 12 --attention-lora 16
+done; done > $A/reroute_lora.jsonl
+.venv/bin/python benchmarks/finetune_table.py $A/reroute_lora.jsonl $R/finetune_reroute/finetune.jsonl $M/finetune.jsonl \
+  --levels email:4.0 email:3.6 email:3.2 email:3.0 email:2.9 email:2.8 email:2.72 email:2.7 kjv:2.4 kjv:2.3 kjv:2.2 \
+  kjv:2.15 kjv:2.12 kjv:2.09 > $A/reroute_lora_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
