@@ -585,6 +585,12 @@ done; done > $A/reroute_lora.jsonl
 .venv/bin/python benchmarks/finetune_table.py $A/reroute_lora.jsonl $R/finetune_reroute/finetune.jsonl $M/finetune.jsonl \
   --levels email:4.0 email:3.6 email:3.2 email:3.0 email:2.9 email:2.8 email:2.72 email:2.7 kjv:2.4 kjv:2.3 kjv:2.2 \
   kjv:2.15 kjv:2.12 kjv:2.09 > $A/reroute_lora_tables.md
+# ... and on the two more bases (seeds 4 and 5) at the study's best rates, beside the re-routed
+# adapters and LoRA there ($R/finetune_reroute/more_bases.jsonl)
+for s in 4 5; do for spec in email:1e-2:0.05 kjv:1e-3:0.0167; do
+  IFS=: read -r domain lr xlr <<< "$spec"
+  adapt_run runs/ft_base_s$s $s $domain fhme-reroute-lora16 $lr $xlr --mix --reroute --heads 1 --topk 12 --attention-lora 16
+done; done > $A/reroute_lora_more_bases.jsonl
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
