@@ -3,7 +3,7 @@
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lora-targets all|attention|ffn] [--depth C] \\
-        [--heads H] [--topk K] [--reroute] [--attention-experts N | --attention-lora R] \\
+        [--heads H] [--topk K] [--reroute] [--attention-experts N] [--attention-lora R] \\
         [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
         [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after] [--gate-prior P] [--priors 0,4,8]
@@ -12,8 +12,8 @@
 FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's optimiser and
 schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (its corpus and
 split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank (``--attention-experts``: and
-one of N experts at each attention input, ``--attention-lora``: or LoRA on the attention
-projections, within the same count); ``rows``: value memories of
+one of N experts at each attention input, ``--attention-lora``: LoRA on the attention projections,
+each within the same count); ``rows``: value memories of
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
 step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
 first fitted to both domains' queries; ``--domain-gate`` (rows or fhme): each memory behind a ``DomainGate``;

@@ -200,7 +200,6 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
     return adapters + at_attention
 
 
-
 def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

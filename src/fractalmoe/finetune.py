@@ -303,7 +303,7 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
                      "topk": min(fhme_cfg["topk"], math.isqrt(req.attention_experts))}
     if req.attention_lora is not None:
         check_lora_rank(req.attention_lora, max_lora_rank(model), "all")
-    # trainable beside the FFN adapters: the base's router queries, the attention-side adapters or LoRA
+    # trainable beside the FFN adapters: the base's router queries, the attention-side adapters, LoRA on attention
     beside = (sum(w.numel() for w in base_router_queries(model, req.layers)) if req.reroute else 0) + (
         len(layers) * fhme_adapter_parameter_count(dim, **{**fhme_cfg, **attention}) if attention else 0) + (
         lora_parameter_count(lora_targets(model, req.layers, "attention"), req.attention_lora)
