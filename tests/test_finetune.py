@@ -18,6 +18,7 @@ from fractalmoe.adapters import (
     add_fhme_adapters,
     add_lora_adapters,
     base_router_queries,
+    build_adapted_model,
     experts_for_budget,
     fhme_adapter_parameter_count,
     lora_parameter_count,
@@ -135,6 +136,26 @@ def test_sequential_lora_merges_the_first_and_full_continues(corpora, capsys) ->
     c = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--adapter", "full",
                   "--out", str(corpora["root"] / "lora_full"))
     assert c["trainable_params"] > a["trainable_params"] and c["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"])
+
+
+def test_sequential_attention_lora_merges_the_first_stage_under_the_second(corpora, capsys) -> None:
+    """A second stage of FHME adapters with LoRA on attention over a first: the first stage's
+    LoRA is merged into its weights and stays active, and only the new set trains."""
+    a_dir = corpora["root"] / "attention_lora_a"
+    args = ["--adapter", "fhme", "--match-lora-rank", "16", "--heads", "1", "--topk", "4", "--attention-lora", "4"]
+    a = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), *args, "--out", str(a_dir))
+    b = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), *args,
+                  "--out", str(corpora["root"] / "attention_lora_b"))
+    assert b["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"], abs=1e-4)
+    assert b["trainable_params"] == a["trainable_params"]
+    first, _, _ = load_model_from_run(a_dir)
+    spec = {"kind": "fhme", "fhme": {"num_experts": b["fhme_experts"], "heads": 1, "topk": 4}, "attention_lora": 4}
+    stacked = build_adapted_model(str(a_dir), spec)  # the second stage before it learns
+    assert trainable_parameter_count(stacked) == b["trainable_params"]
+    assert sum("lora_A" in n for n, _ in stacked.named_parameters()) == 2 * len(first.blocks)  # the first merged
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(idx), first(idx), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["rowwise_adagrad", "lazy_adam", "dense_adamw"])
