@@ -238,21 +238,17 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("--domain-gate: only for --adapter fhme")
     if req.reroute and req.adapter != "fhme":
         raise ValueError("--reroute: only for --adapter fhme")
-    if req.attention_experts is not None:
+    for flag, given in (("--attention-experts", req.attention_experts), ("--attention-lora", req.attention_lora)):
+        if given is None:
+            continue
         if req.adapter != "fhme":
-            raise ValueError("--attention-experts: only for --adapter fhme")
-        if req.attention_experts < 4 or math.isqrt(req.attention_experts) ** 2 != req.attention_experts:
-            raise ValueError(f"--attention-experts must be a perfect square >= 4 (product keys), "
-                             f"got {req.attention_experts}")
+            raise ValueError(f"{flag}: only for --adapter fhme")
         if req.domain_gate or req.sparse_rows is not None:
-            raise ValueError("--attention-experts: not with --domain-gate or --sparse-rows, "
-                             "which act on the FFN adapters alone")
-    if req.attention_lora is not None:
-        if req.adapter != "fhme":
-            raise ValueError("--attention-lora: only for --adapter fhme (LoRA alone: --adapter lora)")
-        if req.domain_gate or req.sparse_rows is not None:
-            raise ValueError("--attention-lora: not with --domain-gate or --sparse-rows, "
-                             "which act on the FFN adapters alone")
+            raise ValueError(f"{flag}: not with --domain-gate or --sparse-rows, which act on the FFN adapters alone")
+    if req.attention_experts is not None and (
+            req.attention_experts < 4 or math.isqrt(req.attention_experts) ** 2 != req.attention_experts):
+        raise ValueError(f"--attention-experts must be a perfect square >= 4 (product keys), "
+                         f"got {req.attention_experts}")
     if req.gate_prior and not req.domain_gate:
         raise ValueError("--gate-prior sets the domain gates' prior: add --domain-gate")
     if not math.isfinite(req.gate_prior):
@@ -301,13 +297,14 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     if req.attention_experts is not None:
         attention = {"num_experts": req.attention_experts,
                      "topk": min(fhme_cfg["topk"], math.isqrt(req.attention_experts))}
+    beside = 0  # trainable beside the FFN adapters, within the same count
+    if req.reroute:  # the base's router queries
+        beside += sum(w.numel() for w in base_router_queries(model, req.layers))
+    if attention is not None:
+        beside += len(layers) * fhme_adapter_parameter_count(dim, **{**fhme_cfg, **attention})
     if req.attention_lora is not None:
         check_lora_rank(req.attention_lora, max_lora_rank(model), "all")
-    # trainable beside the FFN adapters: the base's router queries, the attention-side adapters, LoRA on attention
-    beside = (sum(w.numel() for w in base_router_queries(model, req.layers)) if req.reroute else 0) + (
-        len(layers) * fhme_adapter_parameter_count(dim, **{**fhme_cfg, **attention}) if attention else 0) + (
-        lora_parameter_count(lora_targets(model, req.layers, "attention"), req.attention_lora)
-        if req.attention_lora is not None else 0)
+        beside += lora_parameter_count(lora_targets(model, req.layers, "attention"), req.attention_lora)
 
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts,
@@ -552,8 +549,8 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
     """Adapters on a model held in memory (a transformers causal LM): FHME adapters matched to
     LoRA at ``lora_rank`` (``heads`` and ``topk`` a block: None, DEFAULT_ADAPTER's; ``reroute``:
     the base's own routers' query projections learn too, ``attention_experts``: an FHME of that
-    many experts at each attention input too, ``attention_lora``: or LoRA of that rank on the
-    attention projections, all within the same count), LoRA at that rank on
+    many experts at each attention input too, ``attention_lora``: LoRA of that rank on the
+    attention projections too, all within the same count), LoRA at that rank on
     every dense projection (``lora_on``: or the attention or FFN block's only, ``LORA_TARGETS``), or
     every weight trainable."""
     from .adapters import add_fhme_adapters
