@@ -17,8 +17,9 @@ each within the same count); ``rows``: value memories of
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
 step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
 first fitted to both domains' queries; ``--domain-gate`` (rows or fhme): each memory behind a ``DomainGate``;
-``--train-queries``: the memories' query projections learn too; ``--gate-prior``: FHME adapters'
-gates at that prior log-odds, ``--priors``: every domain's bpb after training with the gates moved
+``--train-queries``: the memories' query projections learn too; ``--gate-after``: every update
+that trained, FHME adapters and LoRA alike, behind a gate fitted on the trained model;
+``--gate-prior``: the gates at that prior log-odds, ``--priors``: every domain's bpb after training with the gates moved
 to each prior in turn, ``bpb_by_prior``); LoRA at that rank on every
 dense projection (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj); or trains every weight, and prints
 one JSON line with the keys of ``fractalmoe finetune --json`` (bpb on the new and the base domain,
@@ -45,7 +46,7 @@ from fractalmoe.config import TrainConfig
 from fractalmoe.evaluate import val_bpb
 from fractalmoe.finetune import Domain, finetune_in_memory, load_domain, train_lm
 from fractalmoe.mixture import PosteriorMixture
-from fractalmoe.sparse_rows import gate_adapters, set_gate_prior, trainable_memories
+from fractalmoe.sparse_rows import gate_adapters, set_gate_prior
 
 SEQ_LEN = 128
 
@@ -103,12 +104,11 @@ def load_base(args: argparse.Namespace) -> tuple[torch.nn.Module, list[Domain], 
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict:
-    gated = args.domain_gate or args.gate_after
-    if (args.gate_prior or args.priors) and not (args.adapter == "fhme" and gated):
-        raise ValueError("--gate-prior and --priors are for --adapter fhme with --domain-gate or --gate-after")
-    if (args.attention_experts or args.attention_lora) and args.gate_after:
-        raise ValueError("--attention-experts / --attention-lora: not with --gate-after, whose gates sit "
-                         "beside FFN adapters")
+    gated = (args.adapter == "fhme" and args.domain_gate) or args.gate_after
+    if (args.gate_prior or args.priors) and not gated:
+        raise ValueError("--gate-prior and --priors are for --adapter fhme with --domain-gate, or --gate-after")
+    if args.gate_after and args.adapter not in ("fhme", "lora"):
+        raise ValueError("--gate-after: for --adapter fhme or lora")
     torch.manual_seed(args.seed)
     model, domains, kind = load_base(args)
     base = copy.deepcopy(model) if args.mix else None  # the base as it was, for the mixture
@@ -124,10 +124,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     if base is not None:  # the trained model and its base, weighted by the posterior
         mixture = PosteriorMixture([base, model])
         row["bpb_mixed"] = [val_bpb(mixture, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
-    if args.gate_after:  # gates fitted on the trained model, for adapters that trained without them
-        adapters = [a for _, a in trainable_memories(model)]
-        gate_adapters(model, adapters, domains[0].data, [d.data for d in domains[1:]], SEQ_LEN, cfg.batch_size,
-                      args.seed, args.device, args.gate_prior)
+    if args.gate_after:  # gates fitted on the trained model, for updates that trained without them
+        row["gates"] = gate_adapters(model, domains[0].data, [d.data for d in domains[1:]], SEQ_LEN,
+                                     cfg.batch_size, args.seed, args.device, args.gate_prior)
         if not args.priors:
             row["bpb_gated_after"] = [val_bpb(model, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
     if args.priors:  # one trained model, its gates' prior moved: the trade-off with no step taken
@@ -185,12 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--gate-off-too", action="store_true",
                    help="with --domain-gate: also report every domain's bpb with the gates taken out (bpb_gate_off)")
     f.add_argument("--gate-after", action="store_true",
-                   help="fhme without --domain-gate: after training, also report every domain's bpb with the "
-                        "adapters behind gates fitted on the trained model (bpb_gated_after)")
+                   help="fhme without --domain-gate, or lora: after training, also report every domain's bpb "
+                        "with every trained update (FHME adapters, LoRA) behind a gate fitted on the trained "
+                        "model (bpb_gated_after)")
     f.add_argument("--gate-prior", type=float, default=0.0,
-                   help="fhme with --domain-gate or --gate-after: the gates' prior log-odds for the new domain")
+                   help="fhme with --domain-gate, or --gate-after: the gates' prior log-odds for the new domain")
     f.add_argument("--priors", type=lambda v: [float(x) for x in v.split(",")], default=None,
-                   help="fhme, gated: also report every domain's bpb with the gates at each of these priors "
+                   help="gated: also report every domain's bpb with the gates at each of these priors "
                         "(comma-separated; bpb_by_prior)")
     f.add_argument("--mix", action="store_true",
                    help="also report every domain's bpb under the posterior mixture of the trained model and "

@@ -45,8 +45,7 @@ def main() -> None:
         new = load_domain(args.data, config.train.val_fraction, SEQ_LEN, args.eval_bytes)
         kept = [d.data for d in kept_domains(lineage(args.base), args.eval_bytes)]
         adapt_in_memory(model, "fhme", 64)
-        adapters = [a for _, a in sparse_rows.trainable_memories(model)]
-        sparse_rows.gate_adapters(model, adapters, new, kept, SEQ_LEN, BATCH, 1)
+        sparse_rows.gate_adapters(model, new, kept, SEQ_LEN, BATCH, 1)
         gates = [m.domain_gate for m in model.modules() if isinstance(m, AdaptedFFN)]
         row = {"base": args.base, "data": args.data, "routing": sparse_rows.GATE_ROUTING.copy()}
         for name, data in (("new", new), ("base", kept[0])):

@@ -437,3 +437,58 @@ def test_fitted_sub_keys_send_two_domains_to_fewer_shared_rows() -> None:
 
     random_keys, fitted = shared_share(False), shared_share(True)
     assert fitted < 0.8 * random_keys, (fitted, random_keys)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_gates_on_every_update_reach_from_the_base_to_the_ungated_model(build) -> None:
+    """``gate_adapters`` on FHME adapters (beside the MLP and at the attention input) and LoRA:
+    each site gets a gate of its own, LoRA inside a ``GatedLoRA`` that without a gate computes what
+    peft's layer does; a prior far below the evidence shuts every gate (the base model's logits),
+    one far above opens them all (the ungated model's)."""
+    from fractalmoe.adapters import AdaptedFFN, GatedLoRA
+    from fractalmoe.data import ByteDataset
+    from fractalmoe.sparse_rows import DomainGate, gate_adapters, set_gate_prior
+
+    torch.manual_seed(0)
+    model = build()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        base = model(idx).logits
+    add_fhme_adapters(model, **ADAPTER, attention=dict(num_experts=64, topk=2), attention_lora=4)
+    _train(model, lambda m, x: m(x).logits, steps=3)
+    model.eval()
+    with torch.no_grad():
+        ungated = model(idx).logits
+    kept = ByteDataset.from_bytes(b"To be, or not to be: that is the question. " * 40, 0.1, 16)
+    new = ByteDataset.from_bytes(bytes(range(32, 127)) * 30, 0.1, 16)
+    layers = decoder_layers(model)
+    placed = gate_adapters(model, new, [kept], 16, 4, 1)
+    wrapped = [m for m in model.modules() if isinstance(m, GatedLoRA)]
+    assert placed == 2 * len(layers) + len(wrapped) and len(wrapped) >= 2 * len(layers)
+    sites = [m for m in model.modules() if isinstance(m, (AdaptedFFN, AdaptedAttention, GatedLoRA))]
+    assert all(isinstance(m.domain_gate, DomainGate) for m in sites)
+    gates = [m.domain_gate for m in sites]
+    for m in sites:
+        m.domain_gate = None
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, ungated, rtol=0, atol=1e-6)  # the wrappers alone
+    for m, g in zip(sites, gates):
+        m.domain_gate = g
+    for prior, want in ((-1e4, base), (1e4, ungated)):
+        set_gate_prior(model, prior)
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx).logits, want, rtol=0, atol=1e-5)
+
+
+def test_lora_on_flattened_tokens_cannot_be_gated() -> None:
+    """LoRA on an FHME layer's router queries sees tokens without their sequence, which a domain
+    gate needs: refused with a one-line reason."""
+    from fractalmoe.adapters import add_lora_adapters
+    from fractalmoe.data import ByteDataset
+    from fractalmoe.sparse_rows import gate_adapters
+
+    model = FHMELanguageModel(tiny_model_config())
+    add_lora_adapters(model, rank=4, targets="all")
+    data = ByteDataset.from_bytes(b"abc " * 200, 0.1, 16)
+    with pytest.raises(ValueError, match="flattened tokens"):
+        gate_adapters(model, data, [data], 16, 4, 1)

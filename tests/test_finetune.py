@@ -660,10 +660,10 @@ def test_options_that_do_not_apply_are_one_line_errors_before_any_run(corpora, t
     assert "--attention-experts: only for --adapter fhme" in _err(capsys, *common, "--adapter", "lora",
                                                                   "--attention-experts", "16")
     assert "perfect square" in _err(capsys, *common, "--attention-experts", "20")
-    assert "not with --domain-gate" in _err(capsys, *common, "--attention-experts", "16", "--domain-gate")
+    assert "not with --sparse-rows" in _err(capsys, *common, "--attention-experts", "16", "--sparse-rows", "4")
     assert "--attention-lora: only for --adapter fhme" in _err(capsys, *common, "--adapter", "lora",
                                                                "--attention-lora", "4")
-    assert "not with --domain-gate" in _err(capsys, *common, "--attention-lora", "4", "--domain-gate")
+    assert "not with --sparse-rows" in _err(capsys, *common, "--attention-lora", "4", "--sparse-rows", "4")
     assert "width / 2" in _err(capsys, *common, "--match-lora-rank", "4", "--attention-lora", "65")
     assert "--heads, --topk: only for" in _err(capsys, *common, "--adapter", "memory", "--sparse-rows", "4",
                                                 "--heads", "1", "--topk", "4")
@@ -867,6 +867,49 @@ def test_cli_domain_gate_is_fitted_saved_counted_and_generates_without_a_cache(c
                                        "--gate-prior", "1", *FT)
     assert "finite" in _err(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]),
                             "--domain-gate", "--gate-prior", "inf", *FT)
+
+
+def test_cli_domain_gate_covers_attention_experts_and_lora_and_a_later_stage(corpora, capsys) -> None:
+    """``finetune --domain-gate`` with ``--attention-experts`` and ``--attention-lora``: every update
+    that trained (FFN adapter, attention-input adapter, LoRA on each attention projection) sits
+    behind a gate of its own, counted in the FLOPs; the reloaded run at a prior below all evidence
+    is the base, far above it the ungated run. A second stage with LoRA on attention over it keeps
+    the first stage's gated LoRA unmerged and starts exactly at the first stage's model."""
+    from fractalmoe.adapters import GatedLoRA
+    from fractalmoe.checkpoint import load_model_checkpoint, run_extra
+    from fractalmoe.sparse_rows import DomainGate, set_gate_prior
+
+    a_dir = corpora["root"] / "gated_attention_lora"
+    args = ["--match-lora-rank", "32", "--heads", "1", "--topk", "6", "--attention-experts", "16",
+            "--attention-lora", "8", "--domain-gate"]
+    a = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), *args, "--out", str(a_dir))
+    model, config, _ = load_model_from_run(a_dir)
+    lora = [m for m in model.modules() if isinstance(m, GatedLoRA)]
+    sites = [b.ffn for b in model.blocks] + [b.attn for b in model.blocks] + lora
+    assert len(lora) == 2 * len(model.blocks)  # qkv and the output projection
+    assert all(isinstance(m.domain_gate, DomainGate) and m.domain_gate.llr.abs().sum() > 0 for m in sites)
+    gated_flops = model.flops_per_token()
+    spec = {k: v for k, v in run_extra(a_dir)["adapter"].items() if k != "domain_gate"}
+    ungated_model = build_adapted_model(str(corpora["run"]), spec)
+    load_model_checkpoint(ungated_model, latest_checkpoint(a_dir))
+    assert gated_flops - ungated_model.eval().flops_per_token() == sum(
+        m.domain_gate.router.flops_per_token() for m in sites)
+    base, _, _ = load_model_from_run(corpora["run"])
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for prior, want in ((-1e4, base(idx)), (1e4, ungated_model(idx))):
+            set_gate_prior(model, prior)
+            torch.testing.assert_close(model(idx), want, rtol=0, atol=1e-5)
+    b = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--match-lora-rank", "32",
+                  "--heads", "1", "--topk", "6", "--attention-lora", "4", "--out", str(corpora["root"] / "over_gated"))
+    assert b["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"], abs=1e-4)
+    first, _, _ = load_model_from_run(a_dir)
+    stacked = build_adapted_model(str(a_dir), {"kind": "fhme", "fhme": {"num_experts": b["fhme_experts"], "heads": 1,
+                                                                        "topk": 6}, "attention_lora": 4})
+    assert sum(isinstance(m, GatedLoRA) for m in stacked.modules()) == len(lora)  # kept, not merged
+    assert trainable_parameter_count(stacked) == b["trainable_params"]
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(idx), first(idx), rtol=0, atol=1e-5)
 
 
 def test_eval_mix_lineage_scores_the_posterior_mixture_of_every_stage(corpora, capsys) -> None:

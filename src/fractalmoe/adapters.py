@@ -66,6 +66,7 @@ class AdaptedAttention(nn.Module):
         super().__init__()
         self.base = base
         self.adapter = adapter
+        self.domain_gate: nn.Module | None = None  # x -> (..., 1): ``sparse_rows.DomainGate``
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -75,7 +76,56 @@ class AdaptedAttention(nn.Module):
         return self.base(*args, **kwargs)
 
     def _moved(self, x: Tensor) -> Tensor:
-        return x + self.adapter(x).to(x.dtype)
+        y = self.adapter(x)
+        if self.domain_gate is not None:
+            y = self.domain_gate(x) * y
+        return x + y.to(x.dtype)
+
+
+class GatedLoRA(nn.Module):
+    """A peft LoRA layer whose update reaches the output through a per-token domain gate:
+    base(x) + gate(x) * B A x * scaling. LoRA behind a gate cannot be merged into its weight,
+    so the wrapper keeps the two apart; with no gate set it computes what the LoRA layer does."""
+
+    def __init__(self, lora: nn.Module) -> None:
+        super().__init__()
+        self.lora = lora
+        self.domain_gate: nn.Module | None = None  # x -> (..., 1): ``sparse_rows.DomainGate``
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        lora = self.lora
+        out = lora.base_layer(x, *args, **kwargs)
+        delta = sum(lora.lora_B[n](lora.lora_A[n](lora.lora_dropout[n](x))) * lora.scaling[n]
+                    for n in lora.active_adapters)
+        if self.domain_gate is not None:
+            delta = self.domain_gate(x) * delta
+        return out + delta.to(out.dtype)
+
+    @property
+    def in_features(self) -> int:
+        return _shape(self.lora.get_base_layer())[0]
+
+
+def gate_lora_layers(model: nn.Module) -> list[GatedLoRA]:
+    """Every trainable peft LoRA layer of ``model`` put inside a ``GatedLoRA`` (no gate yet), in
+    module order; returns the wrappers. A domain gate reads whole sequences, so LoRA on a
+    projection that sees flattened tokens (an FHME layer's router queries) is refused."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # without peft there is no LoRA layer to gate
+        return []
+    inside_fhme = {id(m) for f in model.modules() if isinstance(f, FHME) for m in f.modules()}
+    wrapped = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer) and any(p.requires_grad for n, p in mod.named_parameters() if "lora_" in n):
+            if id(mod) in inside_fhme:
+                raise ValueError(f"LoRA on {name} reads flattened tokens, and a domain gate reads whole "
+                                 f"sequences: put LoRA on the attention projections only")
+            parent, _, attr = name.rpartition(".")
+            wrapper = GatedLoRA(mod)
+            setattr(model.get_submodule(parent) if parent else model, attr, wrapper)
+            wrapped.append(wrapper)
+    return wrapped
 
 
 GATE_BIAS = -4.0  # sigmoid(-4) = 0.018: a gated adapter starts nearly shut
@@ -408,14 +458,16 @@ def lora_rank_for_budget(targets: list[tuple[str, nn.Module]], budget: int, cap:
 
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA layer into its base weight and put the base layer back: an earlier
-    adaptation stays active (and frozen) under a new one. Returns how many were merged."""
+    adaptation stays active (and frozen) under a new one. LoRA behind a domain gate
+    (``GatedLoRA``) cannot be folded and stays as it is. Returns how many were merged."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # without peft there is no LoRA layer to merge
         return 0
+    gated = {id(m.lora) for m in model.modules() if isinstance(m, GatedLoRA)}
     merged = 0
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer):
+        if isinstance(mod, LoraLayer) and id(mod) not in gated:
             mod.merge()
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, mod.get_base_layer())
@@ -502,11 +554,12 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
 
     spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
     attention (the attention-side adapters' config over it, if any), attention_lora (the rank
-    of LoRA on the attention projections, if any), reroute
-    (``base_router_queries`` learn too), a domain_gate file (``save_domain_gates``) and its
-    gate_prior, a row_mask file; memory: the base's own expert tables, a row_mask file of the rows
-    that learn; lora: rank (or budget) and targets (default ``attention``, as older runs had);
-    full: every weight trainable, earlier adapters included."""
+    of LoRA on the attention projections, if any), reroute (``base_router_queries`` learn too), a
+    row_mask file; memory: the base's own expert tables, a row_mask file of the rows that learn;
+    lora: rank (or budget) and targets (default ``attention``, as older runs had); full: every
+    weight trainable, earlier adapters included. A domain_gate file (with its gate_prior) is not
+    read here: the gates go on after the run's weights are loaded (``sparse_rows.attach_saved_gates``),
+    since gating LoRA moves its weights into a wrapper."""
     from .checkpoint import load_model_from_run
 
     model, _, _ = load_model_from_run(base_run, device)
@@ -516,12 +569,6 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
                                      attention_lora=spec.get("attention_lora"), **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
-        if spec.get("domain_gate"):  # the gates finetune fitted on the trained adapters, from their file
-            from .sparse_rows import hashing_gates, load_domain_gates
-
-            for owner, gate in hashing_gates(model, adapters, float(spec.get("gate_prior", 0.0))):
-                owner.domain_gate = gate
-            load_domain_gates(model, spec["domain_gate"])
     elif spec["kind"] == "memory":
         memories = open_memories(model, spec.get("layers"))
         if spec.get("embeddings"):

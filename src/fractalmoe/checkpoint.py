@@ -515,4 +515,8 @@ def load_model_from_run(run_dir: str | Path, device: str = "cpu", ctx: Any = Non
         shard_experts(model, ctx)
     model = model.to(device)
     load_model_checkpoint(model, ckpt, table_rows(model))
+    if extra.get("adapter", {}).get("domain_gate"):  # fitted after training, kept in a file of their own
+        from .sparse_rows import attach_saved_gates
+
+        attach_saved_gates(model, extra["adapter"])
     return model.eval(), config, ckpt

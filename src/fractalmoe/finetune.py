@@ -243,8 +243,8 @@ def check_request(req: FinetuneRequest) -> None:
             continue
         if req.adapter != "fhme":
             raise ValueError(f"{flag}: only for --adapter fhme")
-        if req.domain_gate or req.sparse_rows is not None:
-            raise ValueError(f"{flag}: not with --domain-gate or --sparse-rows, which act on the FFN adapters alone")
+        if req.sparse_rows is not None:
+            raise ValueError(f"{flag}: not with --sparse-rows, which acts on the FFN adapters alone")
     if req.attention_experts is not None and (
             req.attention_experts < 4 or math.isqrt(req.attention_experts) ** 2 != req.attention_experts):
         raise ValueError(f"--attention-experts must be a perfect square >= 4 (product keys), "
@@ -490,8 +490,8 @@ def _fit_gates_after(run_dir: Path, base: str, built: dict[str, Any], spec: dict
 
     model = build_adapted_model(base, built, device)
     load_model_checkpoint(model, latest_checkpoint(run_dir))
-    gate_adapters(model, [a for _, a in trainable_memories(model)], domains[0].data, [d.data for d in domains[1:]],
-                  seq_len, batch, seed, device, spec["gate_prior"])
+    gate_adapters(model, domains[0].data, [d.data for d in domains[1:]], seq_len, batch, seed, device,
+                  spec["gate_prior"])
     save_domain_gates(model, spec["domain_gate"])
 
 
@@ -617,8 +617,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                                  attention_lora=attention_lora, lora_on=lora_on)
         if domain_gate:
             new, kept = domains[0].data, [d.data for d in domains[1:]]
-            gate_adapters(model, [a for _, a in trainable_memories(model)], new, kept, seq_len, cfg.batch_size,
-                          cfg.seed, device, gate_prior)
+            gate_adapters(model, new, kept, seq_len, cfg.batch_size, cfg.seed, device, gate_prior)
         trainable = trainable_parameter_count(model)
     model.to(device)
     train_loss = train_lm(model, domains[0].data, cfg, seq_len, device)

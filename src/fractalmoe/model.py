@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import AdaptedAttention, AdaptedFFN
+from .adapters import AdaptedAttention, AdaptedFFN, GatedLoRA
 from .baselines import build_ffn, routed_config
 from .config import ROUTED_FFNS, ModelConfig
 from .conv import CausalConv
@@ -110,8 +110,11 @@ class FHMETransformerBlock(nn.Module):
         return conv + ffn_cost(self.ffn, which, depth_hists)
 
     def attention_adapter_cost(self, which: str) -> float:
-        """``which`` of the FHME adapters at the attention's input (``AdaptedAttention``), if any."""
-        cost, attn = 0.0, self.attn
+        """``which`` of the FHME adapters at the attention's input (``AdaptedAttention``), if any, and
+        of the domain gates on the attention side (on those adapters or on LoRA's projections)."""
+        cost = sum(getattr(m.domain_gate, which)() for m in self.attn.modules()
+                   if isinstance(m, (AdaptedAttention, GatedLoRA)) and m.domain_gate is not None)
+        attn = self.attn
         while isinstance(attn, AdaptedAttention):
             cost, attn = cost + getattr(attn.adapter, which)(None), attn.base
         return cost

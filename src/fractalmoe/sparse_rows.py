@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import (
+    AdaptedAttention,
     AdaptedFFN,
+    GatedLoRA,
     add_fhme_adapters,
     decoder_layers,
-    hidden_size,
+    gate_lora_layers,
     mask_rows,
     trainable_parameter_count,
 )
@@ -34,6 +36,7 @@ from .fhme import FHME
 from .routing import ProductKeyRouter
 from .stats import CHOICES, collect
 
+GatedSite = AdaptedFFN | AdaptedAttention | GatedLoRA  # where a domain gate may sit (``gate_sites``)
 SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows (at least)
 _HUB_IDF = 1e-9  # orders rows every kept window reads (idf 0) by tf, after all others
 
@@ -76,8 +79,9 @@ def sample_windows(data: ByteDataset, seq_len: int, batch_size: int, seed: int) 
 def sample_passes(model: nn.Module, pre_hooks: list[tuple[nn.Module, Callable[..., None]]],
                   domains: list[ByteDataset], seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> None:
     """The model in eval mode over each domain's sampled windows (``sample_windows``), with each
-    (module, hook) of ``pre_hooks`` seeing that module's inputs; hooks removed, mode restored."""
-    hooks = [m.register_forward_pre_hook(h) for m, h in pre_hooks]
+    (module, hook) of ``pre_hooks`` seeing that module's inputs (hook(module, args, kwargs)); hooks
+    removed, mode restored."""
+    hooks = [m.register_forward_pre_hook(h, with_kwargs=True) for m, h in pre_hooks]
     was_training = model.training
     model.eval()
     try:
@@ -358,7 +362,7 @@ def fit_sub_keys(model: nn.Module, memories: list[FHME], domains: list[ByteDatas
     routers = [block.memory.router for m in memories for block in m.fractal.blocks]
     seen: dict[nn.Module, list[Tensor]] = {r: [] for r in routers}
 
-    def keep_input(router: nn.Module, args: tuple[Tensor, ...]) -> None:
+    def keep_input(router: nn.Module, args: tuple[Tensor, ...], _: dict[str, Any]) -> None:
         seen[router].append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
     sample_passes(model, [(r, keep_input) for r in routers], domains, seq_len, batch_size, seed, device)
@@ -464,11 +468,28 @@ def hashing_gate(dim: int, prior: float = 0.0) -> DomainGate:
                       torch.zeros(r["num_experts"]), prior)
 
 
-def hashing_gates(model: nn.Module, adapters: list[FHME], prior: float = 0.0) -> list[tuple[AdaptedFFN, DomainGate]]:
-    """A fresh ``hashing_gate`` for the adapted FFN that holds each of ``adapters`` (not attached)."""
-    owners = adapter_owners(model)
+def gate_sites(model: nn.Module) -> list[tuple[GatedSite, int]]:
+    """(module, input width) of every place a trainable update enters the model, in module order:
+    FHME adapters beside an FFN or at an attention input, and LoRA layers (put in a ``GatedLoRA``
+    first, ``gate_lora_layers``). Each takes a ``domain_gate`` on its own input."""
+    gate_lora_layers(model)
+    sites = []
+    for m in model.modules():
+        if isinstance(m, (AdaptedFFN, AdaptedAttention)) and _trains(m.adapter):
+            sites.append((m, m.adapter.dim))
+        elif isinstance(m, GatedLoRA) and _trains(m.lora):
+            sites.append((m, m.in_features))
+    return sites
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def hashing_gates(model: nn.Module, prior: float = 0.0) -> list[tuple[GatedSite, DomainGate]]:
+    """A fresh ``hashing_gate`` for each of ``gate_sites(model)`` (not attached)."""
     device = next(model.parameters()).device
-    return [(owners[id(a)], hashing_gate(hidden_size(model), prior).to(device)) for a in adapters]
+    return [(site, hashing_gate(dim, prior).to(device)) for site, dim in gate_sites(model)]
 
 
 def set_gate_prior(model: nn.Module, prior: float) -> None:
@@ -480,26 +501,28 @@ def set_gate_prior(model: nn.Module, prior: float) -> None:
             m.prior = float(prior)
 
 
-def new_gates(model: nn.Module) -> list[tuple[AdaptedFFN, DomainGate]]:
-    """(adapted FFN, gate) of each domain gate on an adapter that trains: the newest adapter set's."""
-    return [(m, m.domain_gate) for m in model.modules() if isinstance(m, AdaptedFFN)
-            and isinstance(m.domain_gate, DomainGate) and any(p.requires_grad for p in m.adapter.parameters())]
+def new_gates(model: nn.Module) -> list[tuple[GatedSite, DomainGate]]:
+    """(site, gate) of each domain gate on an update that trains: the newest adapter set's."""
+    return [(m, m.domain_gate) for m in model.modules() if isinstance(m, GatedSite)
+            and isinstance(m.domain_gate, DomainGate)
+            and _trains(m.lora if isinstance(m, GatedLoRA) else m.adapter)]
 
 
 @torch.no_grad()
-def gate_read_counts(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]], data: ByteDataset,
+def gate_read_counts(model: nn.Module, gated: list[tuple[GatedSite, DomainGate]], data: ByteDataset,
                      seq_len: int, batch_size: int, seed: int, device: str = "cpu") -> list[Tensor]:
-    """Per (adapted FFN, gate): how often the gate's routing read each row, given the FFN's input
-    over ``data``'s sampled windows (``sample_windows``)."""
+    """Per (site, gate): how often the gate's routing read each row, given the site's input over
+    ``data``'s sampled windows (``sample_windows``)."""
     counts = [torch.zeros(g.llr.numel(), dtype=torch.long, device=device) for _, g in gated]
 
     def counter(gate: DomainGate, acc: Tensor) -> Any:
-        def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
-            idx = gate.reads(args[0]).reshape(-1)
+        def hook(_: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["hidden_states"]  # transformers' Llama passes it by name
+            idx = gate.reads(x).reshape(-1)
             acc.index_add_(0, idx, torch.ones_like(idx))
         return hook
 
-    sample_passes(model, [(ffn, counter(g, acc)) for (ffn, g), acc in zip(gated, counts)], [data], seq_len,
+    sample_passes(model, [(site, counter(g, acc)) for (site, g), acc in zip(gated, counts)], [data], seq_len,
                   batch_size, seed, device)
     return [c.cpu() for c in counts]
 
@@ -525,27 +548,38 @@ def load_domain_gates(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: {len(unexpected)} tensors match no domain gate here, e.g. {unexpected[0]}")
 
 
-def fit_domain_gates(model: nn.Module, gated: list[tuple[AdaptedFFN, DomainGate]], new: ByteDataset,
+def attach_saved_gates(model: nn.Module, spec: dict[str, Any]) -> None:
+    """The gates ``finetune`` fitted on a trained adapter set (its spec's domain_gate file, at its
+    gate_prior) put back on the sites they were fitted on."""
+    for site, gate in hashing_gates(model, float(spec.get("gate_prior", 0.0))):
+        site.domain_gate = gate
+    load_domain_gates(model, spec["domain_gate"])
+
+
+def fit_domain_gates(model: nn.Module, gated: list[tuple[GatedSite, DomainGate]], new: ByteDataset,
                      kept: list[ByteDataset], seq_len: int, batch_size: int, seed: int,
                      device: str = "cpu") -> None:
-    """Each gate's llr from its reads of the adapted FFNs' inputs over sampled windows of ``new``
-    and of ``kept``, then the gate put in place. Fit before the adapters train (their outputs
-    are still zero, so the inputs are the base model's) or after, on the trained model's."""
+    """Each gate's llr from its reads of its site's inputs over sampled windows of ``new`` and of
+    ``kept``, then the gate put in place. Fit before the updates train (adapters and LoRA add
+    nothing yet, so the inputs are the base model's) or after, on the trained model's."""
     new_counts = gate_read_counts(model, gated, new, seq_len, batch_size, seed, device)
     kept_counts = [torch.zeros_like(c) for c in new_counts]
     for data in kept:
         for acc, c in zip(kept_counts, gate_read_counts(model, gated, data, seq_len, batch_size, seed, device)):
             acc += c
-    for (owner, gate), n, k in zip(gated, new_counts, kept_counts):
+    for (site, gate), n, k in zip(gated, new_counts, kept_counts):
         gate.llr.copy_(row_llr(n, k))
-        owner.domain_gate = gate
+        site.domain_gate = gate
 
 
-def gate_adapters(model: nn.Module, adapters: list[FHME], new: ByteDataset, kept: list[ByteDataset],
-                  seq_len: int, batch_size: int, seed: int, device: str = "cpu", prior: float = 0.0) -> None:
-    """Each of ``adapters`` (``add_fhme_adapters``) behind a ``DomainGate`` for ``new`` against
-    ``kept`` with routing of its own (``hashing_gate``): an adapter's own routing has a few
-    hundred rows, too coarse a reading to tell the domains apart, and it learns."""
-    if not adapters:
-        raise ValueError("a domain gate needs FHME adapters beside the model's FFNs")
-    fit_domain_gates(model, hashing_gates(model, adapters, prior), new, kept, seq_len, batch_size, seed, device)
+def gate_adapters(model: nn.Module, new: ByteDataset, kept: list[ByteDataset], seq_len: int, batch_size: int,
+                  seed: int, device: str = "cpu", prior: float = 0.0) -> int:
+    """Every update that trains (``gate_sites``: FHME adapters, LoRA) behind a ``DomainGate`` for
+    ``new`` against ``kept``, each with routing of its own (``hashing_gate``): an adapter's own
+    routing has a few hundred rows, too coarse a reading to tell the domains apart, and it learns.
+    Returns how many gates were placed."""
+    gated = hashing_gates(model, prior)
+    if not gated:
+        raise ValueError("a domain gate needs FHME adapters or LoRA that train")
+    fit_domain_gates(model, gated, new, kept, seq_len, batch_size, seed, device)
+    return len(gated)
