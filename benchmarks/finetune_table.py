@@ -34,12 +34,16 @@ def load(path: str) -> list[dict]:
 def readings(row: dict) -> list[dict]:
     """A run read several ways stands for one row per reading, each a method of its own that
     traces a learning-rate curve. With its domain gates at several priors (``bpb_by_prior``):
-    one row per prior, tagged ``+gate@prior``; a run whose gates were fitted only after training
-    (``domain_gate`` off) keeps its own row too, the same adapters without gates. As the posterior
-    mixture of the trained model and its base (``bpb_mixed``): a row tagged ``+mix`` beside its own."""
+    one row per prior, tagged ``+gate@prior``, and each again tagged ``+gates``, a method whose
+    curve runs over every (learning rate, prior) pair: the prior is set after training, so it is
+    read as a second rate (the best prior at each level); a run whose gates were fitted only after
+    training (``domain_gate`` off) keeps its own row too, the same adapters without gates. As the
+    posterior mixture of the trained model and its base (``bpb_mixed``): a row tagged ``+mix``
+    beside its own."""
     own = [] if row.get("bpb_by_prior") and row.get("domain_gate") else [row]
-    gated = [{**row, "method": f"{row['method']}+gate@{prior}", "val_bpb": bpbs[0], "base_val_bpb": bpbs[1]}
-             for prior, bpbs in (row.get("bpb_by_prior") or {}).items()]
+    gated = [{**row, "method": f"{row['method']}{tag}", "val_bpb": bpbs[0], "base_val_bpb": bpbs[1],
+              "read_prior": float(prior)}
+             for prior, bpbs in (row.get("bpb_by_prior") or {}).items() for tag in (f"+gate@{prior}", "+gates")]
     mixed = [{**row, "method": f"{row['method']}+mix", "val_bpb": row["bpb_mixed"][0],
               "base_val_bpb": row["bpb_mixed"][1]}] if row.get("bpb_mixed") else []
     return own + gated + mixed
@@ -49,8 +53,9 @@ def rise(row: dict) -> float:
     return row["base_val_bpb"] - row["base_val_bpb_before"]
 
 
-def curve(rows: list[dict]) -> list[tuple[tuple[float, float], float, float, float]]:
-    """(lr, mean new bpb, mean base rise, mean trainable) per learning rate, by new bpb, ending
+def curve(rows: list[dict]) -> list[tuple[tuple[float, ...], float, float, float]]:
+    """(lr, mean new bpb, mean base rise, mean trainable) per learning rate (with the gates' prior
+    where a row was read at one), by new bpb, ending
     with the untrained start (lr 0: the base's new-domain bpb, no rise), which every method's
     curve passes through: a level between the start and a method's gentlest point is then
     interpolated, not read at that point.
@@ -58,9 +63,9 @@ def curve(rows: list[dict]) -> list[tuple[tuple[float, float], float, float, flo
     Points another point beats on both axes (or the start does: a rate so high it learns less
     than a gentler one, or diverges) are dropped: they trace no trade-off, and interpolating
     through them would charge the method a rise that a gentler rate of its own avoids."""
-    by_lr: dict[tuple[float, float], list[dict]] = defaultdict(list)
+    by_lr: dict[tuple[float, ...], list[dict]] = defaultdict(list)
     for r in rows:
-        by_lr[(r["lr"], r["expert_lr"])].append(r)
+        by_lr[(r["lr"], r["expert_lr"], *(() if r.get("read_prior") is None else (r["read_prior"],)))].append(r)
     pts = [(lr, mean(r["val_bpb"] for r in rs), mean(rise(r) for r in rs),
             mean(r["trainable_params"] for r in rs)) for lr, rs in by_lr.items()]
     start = ((0.0, 0.0), mean(r["val_bpb_before"] for r in rows), 0.0, pts[0][3])
@@ -73,7 +78,7 @@ def _beats(q: tuple, p: tuple) -> bool:
     return q[1] <= p[1] and q[2] <= p[2] and (q[1] < p[1] or q[2] < p[2])
 
 
-def at_bpb(pts: list[tuple[tuple[float, float], float, float, float]], target: float) -> tuple[float, bool]:
+def at_bpb(pts: list[tuple[tuple[float, ...], float, float, float]], target: float) -> tuple[float, bool]:
     """Rise at new-domain bpb ``target`` (linear between sweep points); True if clamped."""
     for (_, b0, r0, _), (_, b1, r1, _) in zip(pts, pts[1:]):
         if b0 <= target <= b1:

@@ -707,16 +707,25 @@ def test_forgetting_read_at_levels(load_benchmark) -> None:
 
 def test_a_run_read_at_several_gate_priors_is_one_row_per_prior(load_benchmark) -> None:
     """``bpb_by_prior`` (``finetune_gpt2.py --priors``): each prior becomes a method of its own,
-    with that prior's new-domain and base bpb; adapters gated only after training keep their own
-    (ungated) row; a run without priors passes through unchanged."""
+    with that prior's new-domain and base bpb, and every prior a point of one more method,
+    ``+gates``, whose curve is the best (rate, prior) pair at each level; adapters gated only
+    after training keep their own (ungated) row; a run without priors passes through unchanged."""
     table = load_benchmark("finetune_table")
     row = {**_sweep_point(1e-3, 2.7, 1.1, "fhme"), "bpb_by_prior": {"0": [3.1, 2.01], "4": [2.9, 2.08]}}
     rows = table.readings(row)
     assert [(r["method"], r["val_bpb"], r["base_val_bpb"]) for r in rows] == [
-        ("fhme", 2.7, 3.1), ("fhme+gate@0", 3.1, 2.01), ("fhme+gate@4", 2.9, 2.08)]
+        ("fhme", 2.7, 3.1), ("fhme+gate@0", 3.1, 2.01), ("fhme+gates", 3.1, 2.01),
+        ("fhme+gate@4", 2.9, 2.08), ("fhme+gates", 2.9, 2.08)]
     assert all(r["val_bpb_before"] == 6.8 and r["base_val_bpb_before"] == 2.0 for r in rows)
-    assert [r["method"] for r in table.readings({**row, "domain_gate": True})] == ["fhme+gate@0", "fhme+gate@4"]
+    assert [r["method"] for r in table.readings({**row, "domain_gate": True})] == [
+        "fhme+gate@0", "fhme+gates", "fhme+gate@4", "fhme+gates"]
     assert table.readings(_sweep_point(1e-3, 3.0, 1.0)) == [_sweep_point(1e-3, 3.0, 1.0)]
+    other = {**_sweep_point(3e-3, 2.6, 1.2, "fhme"), "bpb_by_prior": {"0": [3.0, 2.005], "4": [2.7, 2.3]}}
+    both = table.by_method([r for x in (row, other) for r in table.readings(x)])
+    pts = table.curve(both["fhme+gates"])  # 3e-3 at prior 0 beats 1e-3 at prior 0 on both axes
+    assert [(p[0], p[1], round(p[2], 6)) for p in pts] == [
+        ((3e-3, 0.0, 4.0), 2.7, 0.3), ((1e-3, 0.0, 4.0), 2.9, 0.08), ((3e-3, 0.0, 0.0), 3.0, 0.005),
+        ((0.0, 0.0), 6.8, 0.0)]
 
 
 def test_a_run_read_as_a_mixture_with_its_base_is_a_row_of_its_own(load_benchmark) -> None:
