@@ -591,6 +591,31 @@ for s in 4 5; do for spec in email:1e-2:0.05 kjv:1e-3:0.0167; do
   IFS=: read -r domain lr xlr <<< "$spec"
   adapt_run runs/ft_base_s$s $s $domain fhme-reroute-lora16 $lr $xlr --mix --reroute --heads 1 --topk 12 --attention-lora 16
 done; done > $A/reroute_lora_more_bases.jsonl
+# Every update behind a domain gate (--gate-after): FHME adapters of 1 x top-12 beside each FFN and
+# LoRA of rank 16 on attention (no --reroute: the base routers' query weights cannot sit behind a
+# gate), trained as they are, then each FFN adapter and each LoRA'd projection behind a gate fitted
+# on the trained model, read at priors 0, 4 and 12; the FractalMoE bases, both domains, seeds 2 and
+# 3, the rates of the study above; LoRA and full fine-tuning from the gated-rows study (same bases).
+# Then the GPT-2 base's shape (64 experts at the attention input, LoRA of rank 32) on email, and
+# LoRA itself behind gates (seed 2, its two best rates). A seed-1 pilot of each is in pilots.jsonl.
+G=$R/finetune_gated_all
+for s in 2 3; do for spec in email:1e-3:0.0167 email:3e-3:0.05 email:1e-2:0.05 kjv:3e-4:0.005 kjv:1e-3:0.0167 kjv:3e-3:0.05; do
+  IFS=: read -r domain lr xlr <<< "$spec"
+  adapt_run runs/ft_base_s$s $s $domain fhme-lora16-gated $lr $xlr --heads 1 --topk 12 --attention-lora 16 \
+    --gate-after --priors 0,4,12
+done; done > $G/finetune.jsonl
+.venv/bin/python benchmarks/finetune_table.py $G/finetune.jsonl $R/finetune_gated_rows/finetune.jsonl \
+  --methods fhme-lora16-gated lora full --levels email:4.0 email:3.6 email:3.2 email:3.0 email:2.9 email:2.8 \
+  email:2.73 kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.23 kjv:2.15 kjv:2.1 > $G/finetune_tables.md
+for s in 2 3; do for spec in "1e-3 0.0167" "3e-3 0.05" "5e-3 0.05"; do read -r lr xlr <<< "$spec"
+  adapt_run runs/gpt2_base $s email fhme-1x16-att64-lora32-gated $lr $xlr --heads 1 --topk 16 --attention-experts 64 \
+    --attention-lora 32 --gate-after --priors 0,4,12
+done; done > $G/gpt2.jsonl
+for lr in 3e-3 1e-2; do adapt_run runs/gpt2_base 2 email lora-gated $lr 0.05 --gate-after --priors 0,4,12; done \
+  >> $G/gpt2.jsonl
+.venv/bin/python benchmarks/finetune_table.py $G/gpt2.jsonl $R/finetune_gpt2_mixture/finetune.jsonl \
+  $A/full.jsonl --methods fhme-1x16-att64-lora32-gated lora-gated lora full \
+  --levels 3.6 3.4 3.2 3.1 3.0 2.99 > $G/gpt2_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
