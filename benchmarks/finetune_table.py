@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from statistics import mean
@@ -118,7 +119,7 @@ def matched_table(rows: list[dict], title: str) -> str:
         r = max(r, FLOOR)
         per_seed = [(seed_rise(m, s), seed_rise(ref, s)) for s in seeds]
         ratios = ", ".join(f"{a / b:.2f}" for a, b in per_seed if a is not None and b is not None)
-        lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({lr[0]:g} / {lr[1]:g}) | {best_rise:+.4f} | "
+        lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({lr[0]:g} / {lr[1]:g}{f", prior {lr[2]:g}" if len(lr) > 2 else ""}) | {best_rise:+.4f} | "
                      f"{r:.4f}{'*' if clamped else ''} | {r / ref_rise:.2f} | {ratios} | "
                      f"{f'{r / full_rise:.2f}' if full_rise else ''} |")
     return "\n".join(lines)
@@ -187,12 +188,12 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="finetune.jsonl files written by benchmarks/finetune.sh and the like")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="only these methods (a name matches its gated rows, name+gate@prior, too)")
+                   help="only these methods (a name matches its gated rows, name+gate@prior and name+gates, too)")
     p.add_argument("--levels", nargs="+", default=[], type=level, metavar="[DOMAIN:]BPB",
                    help="new-domain bpbs to read every rise at (DOMAIN:BPB: that domain only)")
     args = p.parse_args(argv)
     rows = [r for path in args.results for r in load(path)
-            if args.methods is None or r["method"].split("+gate@")[0] in args.methods]
+            if args.methods is None or re.sub(r"\+gate(s|@.*)$", "", r["method"]) in args.methods]
     out = []
     singles = [r for r in rows if r.get("study") == "single"]
     for base_model in ("fractalmoe", "gpt2"):
