@@ -117,9 +117,10 @@ def matched_table(rows: list[dict], title: str) -> str:
         lr, best, best_rise, trainable = pts[0]
         r, clamped = at_bpb(pts, target)
         r = max(r, FLOOR)
+        rates = f"{lr[0]:g} / {lr[1]:g}" + (f", prior {lr[2]:g}" if len(lr) > 2 else "")
         per_seed = [(seed_rise(m, s), seed_rise(ref, s)) for s in seeds]
         ratios = ", ".join(f"{a / b:.2f}" for a, b in per_seed if a is not None and b is not None)
-        lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({lr[0]:g} / {lr[1]:g}{f", prior {lr[2]:g}" if len(lr) > 2 else ""}) | {best_rise:+.4f} | "
+        lines.append(f"| {m} | {trainable:,.0f} | {best:.4f} ({rates}) | {best_rise:+.4f} | "
                      f"{r:.4f}{'*' if clamped else ''} | {r / ref_rise:.2f} | {ratios} | "
                      f"{f'{r / full_rise:.2f}' if full_rise else ''} |")
     return "\n".join(lines)
