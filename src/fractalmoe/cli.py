@@ -199,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fhme: also LoRA of rank R (at most width / 2) on each layer's attention projections, "
                          "within the same trainable count: the FHME adapters beside the FFN, LoRA on attention")
     ft.add_argument("--domain-gate", action="store_true",
-                    help="fhme: after training, scale each adapter's output by the posterior that the text so "
-                         "far is the new domain's, read from frozen hashing routing fitted on samples of both "
-                         "(DomainGate); keeps the base domain's bpb, generation re-reads the context at every step")
+                    help="fhme: after training, scale each update (FFN and attention-input adapters, LoRA on "
+                         "attention) by the posterior that the text so far is the new domain's, read from frozen "
+                         "hashing routing fitted on samples of both (DomainGate); keeps the base domain's bpb, "
+                         "generation re-reads the context at every step")
     ft.add_argument("--gate-prior", type=float, default=0.0, metavar="P",
                     help="with --domain-gate: the gates' prior log-odds that text is the new domain's (default 0, "
                          "even odds); higher learns the new domain further for more rise on the base's")
