@@ -34,6 +34,7 @@
 #   full       every weight
 #   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
 #   fhme-domain-gate  fhme with --domain-gate (each adapter behind a domain gate fitted on both domains)
+#   fhme-lora16-gate  fhme of 1 x top-12 with LoRA of rank 16 on attention, every update behind a gate
 #   fhme-reroute      fhme of 1 head x top-15 with --reroute (the base's routers' query projections learn too)
 #   fhme-rows  fhme with --sparse-rows $ROWS (only the rows the new domain uses far more than the base)
 # Sequential: email, then kjv starting from the email run (middle learning rate): retention on the
@@ -116,6 +117,7 @@ flags() {
     memory-step-sgd) echo "--adapter memory --match-lora-rank $RANK --rows-per-step --set expert_optim=row_sgd" ;;
     fhme-gate) echo "--adapter fhme --match-lora-rank $RANK --output-gate" ;;
     fhme-domain-gate) echo "--adapter fhme --match-lora-rank $RANK --domain-gate" ;;
+    fhme-lora16-gate) echo "--adapter fhme --match-lora-rank $RANK --heads 1 --topk 12 --attention-lora 16 --domain-gate" ;;
     fhme-reroute) echo "--adapter fhme --match-lora-rank $RANK --reroute --heads 1 --topk 15" ;;
     fhme-rows) echo "--adapter fhme --match-lora-rank $RANK --sparse-rows $ROWS" ;;
     lora) echo "--adapter lora --lora-rank $RANK" ;;
