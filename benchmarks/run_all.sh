@@ -427,8 +427,8 @@ done >> $G/finetune.jsonl
 # Stage after stage behind gates: email, then the Bible from that run, by the command line, beside
 # LoRA and full fine-tuning on the same base (the Bible's text copied from runs/ft_rows_fixed)
 mkdir -p runs/ft_gated_seq/data && cp runs/ft_rows_fixed/data/kjv.txt runs/ft_gated_seq/data/
-METHODS="fhme-domain-gate lora full" SEEDS="2 3" STUDIES="single sequential" DOMAINS=email LR_POINTS=3 \
-  EVAL_BYTES=262144 RESULTS=$R/finetune_gated_seq bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_gated_seq
+METHODS="fhme-domain-gate fhme-lora16-gate lora full" SEEDS="2 3" STUDIES="single sequential" DOMAINS=email \
+  LR_POINTS=3 EVAL_BYTES=262144 RESULTS=$R/finetune_gated_seq bash benchmarks/finetune.sh runs/ft_base_s2 runs/ft_gated_seq
 .venv/bin/python benchmarks/finetune_table.py $R/finetune_gated_seq/finetune.jsonl |
   sed -n '/^#### Sequential/,$p' > $R/finetune_gated_seq/finetune_tables.md
 # (its first stage at seed 2 is the command line's gated FHME adapters on the base, rate and seed of
