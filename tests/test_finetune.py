@@ -882,8 +882,9 @@ def test_cli_domain_gate_covers_attention_experts_and_lora_and_a_later_stage(cor
     """``finetune --domain-gate`` with ``--attention-experts`` and ``--attention-lora``: every update
     that trained (FFN adapter, attention-input adapter, LoRA on each attention projection) sits
     behind a gate of its own, counted in the FLOPs; the reloaded run at a prior below all evidence
-    is the base, far above it the ungated run. A second stage with LoRA on attention over it keeps
-    the first stage's gated LoRA unmerged and starts exactly at the first stage's model."""
+    is the base, far above it the ungated run. A second gated stage over it keeps the first stage's
+    gated LoRA unmerged and starts exactly at the first stage's model; LoRA there again is refused,
+    since gated LoRA cannot be merged."""
     from fractalmoe.adapters import GatedLoRA
     from fractalmoe.checkpoint import load_model_checkpoint, run_extra
     from fractalmoe.sparse_rows import DomainGate, set_gate_prior
@@ -909,16 +910,24 @@ def test_cli_domain_gate_covers_attention_experts_and_lora_and_a_later_stage(cor
         for prior, want in ((-1e4, base(idx)), (1e4, ungated_model(idx))):
             set_gate_prior(model, prior)
             torch.testing.assert_close(model(idx), want, rtol=0, atol=1e-5)
+    b_dir = corpora["root"] / "over_gated"
     b = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--match-lora-rank", "32",
-                  "--heads", "1", "--topk", "6", "--attention-lora", "4", "--out", str(corpora["root"] / "over_gated"))
+                  "--heads", "1", "--topk", "6", "--domain-gate", "--out", str(b_dir))
     assert b["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"], abs=1e-4)
+    second, _, _ = load_model_from_run(b_dir)  # the first stage's gated LoRA kept, the new set gated too
+    assert sum(isinstance(m, GatedLoRA) for m in second.modules()) == len(lora)
+    assert all(isinstance(b.ffn.domain_gate, DomainGate) and isinstance(b.ffn.base.domain_gate, DomainGate)
+               for b in second.blocks)
     first, _, _ = load_model_from_run(a_dir)
     stacked = build_adapted_model(str(a_dir), {"kind": "fhme", "fhme": {"num_experts": b["fhme_experts"], "heads": 1,
-                                                                        "topk": 6}, "attention_lora": 4})
-    assert sum(isinstance(m, GatedLoRA) for m in stacked.modules()) == len(lora)  # kept, not merged
+                                                                        "topk": 6}})
     assert trainable_parameter_count(stacked) == b["trainable_params"]
     with torch.no_grad():
         torch.testing.assert_close(stacked(idx), first(idx), rtol=0, atol=1e-5)
+    assert "cannot be merged" in _err(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]),
+                                      "--match-lora-rank", "32", "--heads", "1", "--topk", "6", "--attention-lora", "4",
+                                      "--out", str(corpora["root"] / "never_gated"), *FT)
+    assert not (corpora["root"] / "never_gated").exists()
 
 
 def test_eval_mix_lineage_scores_the_posterior_mixture_of_every_stage(corpora, capsys) -> None:

@@ -103,7 +103,16 @@ class GatedLoRA(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return _shape(self.lora.get_base_layer())[0]
+        return next(iter(self.lora.lora_A.values())).in_features
+
+    def trains(self) -> bool:
+        """Whether its own LoRA weights learn (a later stage's LoRA may sit inside its base layer)."""
+        return lora_trains(self.lora)
+
+
+def lora_trains(lora: nn.Module) -> bool:
+    """Whether a peft LoRA layer's own A and B learn, not counting LoRA nested in its base layer."""
+    return any(p.requires_grad for part in (lora.lora_A, lora.lora_B) for p in part.parameters())
 
 
 def gate_lora_layers(model: nn.Module) -> list[GatedLoRA]:
@@ -115,9 +124,10 @@ def gate_lora_layers(model: nn.Module) -> list[GatedLoRA]:
     except ImportError:  # without peft there is no LoRA layer to gate
         return []
     inside_fhme = {id(m) for f in model.modules() if isinstance(f, FHME) for m in f.modules()}
+    gated = {id(m.lora) for m in model.modules() if isinstance(m, GatedLoRA)}
     wrapped = []
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer) and any(p.requires_grad for n, p in mod.named_parameters() if "lora_" in n):
+        if isinstance(mod, LoraLayer) and id(mod) not in gated and lora_trains(mod):
             if id(mod) in inside_fhme:
                 raise ValueError(f"LoRA on {name} reads flattened tokens, and a domain gate reads whole "
                                  f"sequences: put LoRA on the attention projections only")
@@ -398,7 +408,8 @@ def lora_targets(model: nn.Module, layers: list[int] | None = None,
     (attention q/k/v/o or a fused qkv, the MLP's linears, an FHME layer's routers' query
     projections and the gated block's SiLU gate) except routing and gating heads (modules called
     gate, router or depth_router: a handful of logits, e.g. highway joins and depth routers) and
-    the inside of earlier adapter sets and LoRA layers. ``attention``: the Linear / Conv1D
+    the inside of earlier adapter sets, their domain gates and LoRA layers (a projection whose
+    LoRA sits behind a gate, ``GatedLoRA``, takes no more). ``attention``: the Linear / Conv1D
     modules of the attention block only (the original baseline, kept for its runs). ``ffn``: those
     of ``all`` inside the FFN / MLP block (which half of the layer LoRA's gain comes from)."""
     if which not in LORA_TARGETS:
@@ -408,6 +419,9 @@ def lora_targets(model: nn.Module, layers: list[int] | None = None,
     prefix = _path_of(model, decoder)
     earlier = {id(m) for a in model.modules() if isinstance(a, (AdaptedFFN, AdaptedAttention))
                for part in (a.adapter, getattr(a, "gate", None)) if part is not None for m in part.modules()}
+    earlier |= {id(m) for a in model.modules() if getattr(a, "domain_gate", None) is not None
+                for m in a.domain_gate.modules()}  # an earlier set's gates: frozen routing, never a target
+    earlier |= {id(m) for a in model.modules() if isinstance(a, GatedLoRA) for m in a.modules()}  # unmergeable
     out = []
     for i in chosen:
         ffn = find_ffn(decoder[i], stack=True) if which == "ffn" else None
@@ -507,11 +521,19 @@ def add_attention_lora(model: nn.Module, rank: int, layers: list[int] | None = N
     """LoRA at ``rank`` on the chosen layers' attention projections, beside what already learns
     (an earlier set's LoRA is merged into its weights first, and stays frozen)."""
     merge_lora(model)
+    check_lora_rank(rank, max_lora_rank(model), "all")
+    inject_lora(model, attention_lora_targets(model, layers), rank)
+
+
+def attention_lora_targets(model: nn.Module, layers: list[int] | None = None) -> list[tuple[str, nn.Module]]:
+    """``lora_targets(model, layers, "attention")``, or a one-line reason why there are none."""
     found = lora_targets(model, layers, "attention")
+    if not found and any(isinstance(m, GatedLoRA) for m in model.modules()):
+        raise ValueError("the base's LoRA on attention sits behind domain gates and cannot be merged: "
+                         "a later stage cannot add LoRA there (leave out --attention-lora)")
     if not found:
         raise ValueError("found no attention projections (Linear / Conv1D) for LoRA")
-    check_lora_rank(rank, max_lora_rank(model), "all")
-    inject_lora(model, found, rank)
+    return found
 
 
 def inject_lora(model: nn.Module, found: list[tuple[str, nn.Module]], rank: int) -> None:

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from .adapters import (
     DEFAULT_ADAPTER,
     add_lora_adapters,
+    attention_lora_targets,
     base_router_queries,
     build_adapted_model,
     check_lora_rank,
@@ -304,7 +305,7 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         beside += len(layers) * fhme_adapter_parameter_count(dim, **{**fhme_cfg, **attention})
     if req.attention_lora is not None:
         check_lora_rank(req.attention_lora, max_lora_rank(model), "all")
-        beside += lora_parameter_count(lora_targets(model, req.layers, "attention"), req.attention_lora)
+        beside += lora_parameter_count(attention_lora_targets(model, req.layers), req.attention_lora)
 
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts,

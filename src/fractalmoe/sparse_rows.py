@@ -477,7 +477,7 @@ def gate_sites(model: nn.Module) -> list[tuple[GatedSite, int]]:
     for m in model.modules():
         if isinstance(m, (AdaptedFFN, AdaptedAttention)) and _trains(m.adapter):
             sites.append((m, m.adapter.dim))
-        elif isinstance(m, GatedLoRA) and _trains(m.lora):
+        elif isinstance(m, GatedLoRA) and m.trains():
             sites.append((m, m.in_features))
     return sites
 
@@ -505,7 +505,7 @@ def new_gates(model: nn.Module) -> list[tuple[GatedSite, DomainGate]]:
     """(site, gate) of each domain gate on an update that trains: the newest adapter set's."""
     return [(m, m.domain_gate) for m in model.modules() if isinstance(m, GatedSite)
             and isinstance(m.domain_gate, DomainGate)
-            and _trains(m.lora if isinstance(m, GatedLoRA) else m.adapter)]
+            and (m.trains() if isinstance(m, GatedLoRA) else _trains(m.adapter))]
 
 
 @torch.no_grad()
