@@ -35,6 +35,7 @@
 #   fhme-gate  fhme with --output-gate (learned gate on each adapter's output, shut at start)
 #   fhme-domain-gate  fhme with --domain-gate (each adapter behind a domain gate fitted on both domains)
 #   fhme-lora16-gate  fhme of 1 x top-12 with LoRA of rank 16 on attention, every update behind a gate
+#                     (a second stage: the FFN adapters alone, gated; gated LoRA takes no more LoRA)
 #   fhme-reroute      fhme of 1 head x top-15 with --reroute (the base's routers' query projections learn too)
 #   fhme-rows  fhme with --sparse-rows $ROWS (only the rows the new domain uses far more than the base)
 # Sequential: email, then kjv starting from the email run (middle learning rate): retention on the
@@ -124,6 +125,12 @@ flags() {
     full) echo "--adapter full" ;;
   esac
 }
+stage_flags() {  # STUDY METHOD: a second stage cannot add LoRA where the first stage's sits behind gates
+  case "$1:$2" in
+    sequential:fhme-lora16-gate) echo "--adapter fhme --match-lora-rank $RANK --heads 1 --topk 12 --domain-gate" ;;
+    *) flags "$2" ;;
+  esac
+}
 label() {  # the method as the tables name it: memory-step-rows with its row count, one curve per count
   case $1 in memory-step-rows*) echo "$1-$ROWS" ;; *) echo "$1" ;; esac
 }
@@ -137,7 +144,7 @@ finetune() {
   [ -s "$OUT/json/$name.json" ] && return 0
   rm -rf "${OUT:?}/$name"
   # shellcheck disable=SC2046
-  $F finetune --base "$base" --data "${DATA[$domain]}" $(flags "$method") --max-steps "$STEPS" $EVAL \
+  $F finetune --base "$base" --data "${DATA[$domain]}" $(stage_flags "$study" "$method") --max-steps "$STEPS" $EVAL \
     --set lr="$lr" --set expert_lr="$elr" --set seed="$seed" --device "$DEVICE" \
     --out "$OUT/$name" --quiet --json 2> "$OUT/$name.log" |
     tag "{\"study\": \"$study\", \"base_model\": \"fractalmoe\", \"method\": \"$(label "$method")\", \"domain\": \"$domain\"}" \
