@@ -127,7 +127,7 @@ flags() {
 }
 stage_flags() {  # STUDY METHOD: a second stage cannot add LoRA where the first stage's sits behind gates
   case "$1:$2" in
-    sequential:fhme-lora16-gate) echo "--adapter fhme --match-lora-rank $RANK --heads 1 --topk 12 --domain-gate" ;;
+    sequential:fhme-lora16-gate) echo "--adapter fhme --experts 225 --heads 1 --topk 12 --domain-gate" ;;  # 269,060 trainable
     *) flags "$2" ;;
   esac
 }
