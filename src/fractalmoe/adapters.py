@@ -110,6 +110,11 @@ class GatedLoRA(nn.Module):
         return lora_trains(self.lora)
 
 
+def gated_lora_ids(model: nn.Module) -> set[int]:
+    """The ids of the peft LoRA layers that sit inside a ``GatedLoRA``: never merged nor re-wrapped."""
+    return {id(m.lora) for m in model.modules() if isinstance(m, GatedLoRA)}
+
+
 def lora_trains(lora: nn.Module) -> bool:
     """Whether a peft LoRA layer's own A and B learn, not counting LoRA nested in its base layer."""
     return any(p.requires_grad for part in (lora.lora_A, lora.lora_B) for p in part.parameters())
@@ -124,7 +129,7 @@ def gate_lora_layers(model: nn.Module) -> list[GatedLoRA]:
     except ImportError:  # without peft there is no LoRA layer to gate
         return []
     inside_fhme = {id(m) for f in model.modules() if isinstance(f, FHME) for m in f.modules()}
-    gated = {id(m.lora) for m in model.modules() if isinstance(m, GatedLoRA)}
+    gated = gated_lora_ids(model)
     wrapped = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoraLayer) and id(mod) not in gated and lora_trains(mod):
@@ -478,7 +483,7 @@ def merge_lora(model: nn.Module) -> int:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # without peft there is no LoRA layer to merge
         return 0
-    gated = {id(m.lora) for m in model.modules() if isinstance(m, GatedLoRA)}
+    gated = gated_lora_ids(model)
     merged = 0
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoraLayer) and id(mod) not in gated:
@@ -519,7 +524,8 @@ def add_lora_adapters(model: nn.Module, budget: int | None = None, layers: list[
 
 def add_attention_lora(model: nn.Module, rank: int, layers: list[int] | None = None) -> None:
     """LoRA at ``rank`` on the chosen layers' attention projections, beside what already learns
-    (an earlier set's LoRA is merged into its weights first, and stays frozen)."""
+    (an earlier set's LoRA is merged into its weights first, and stays frozen; one behind domain
+    gates cannot be, and its projections take no more)."""
     merge_lora(model)
     check_lora_rank(rank, max_lora_rank(model), "all")
     inject_lora(model, attention_lora_targets(model, layers), rank)

@@ -473,17 +473,13 @@ def gate_sites(model: nn.Module) -> list[tuple[GatedSite, int]]:
     FHME adapters beside an FFN or at an attention input, and LoRA layers (put in a ``GatedLoRA``
     first, ``gate_lora_layers``). Each takes a ``domain_gate`` on its own input."""
     gate_lora_layers(model)
-    sites = []
-    for m in model.modules():
-        if isinstance(m, (AdaptedFFN, AdaptedAttention)) and _trains(m.adapter):
-            sites.append((m, m.adapter.dim))
-        elif isinstance(m, GatedLoRA) and m.trains():
-            sites.append((m, m.in_features))
-    return sites
+    return [(m, m.in_features if isinstance(m, GatedLoRA) else m.adapter.dim)
+            for m in model.modules() if isinstance(m, GatedSite) and _site_trains(m)]
 
 
-def _trains(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
+def _site_trains(site: GatedSite) -> bool:
+    """Whether the update at a site learns (a gated LoRA's own weights, not LoRA nested below it)."""
+    return site.trains() if isinstance(site, GatedLoRA) else any(p.requires_grad for p in site.adapter.parameters())
 
 
 def hashing_gates(model: nn.Module, prior: float = 0.0) -> list[tuple[GatedSite, DomainGate]]:
@@ -504,8 +500,7 @@ def set_gate_prior(model: nn.Module, prior: float) -> None:
 def new_gates(model: nn.Module) -> list[tuple[GatedSite, DomainGate]]:
     """(site, gate) of each domain gate on an update that trains: the newest adapter set's."""
     return [(m, m.domain_gate) for m in model.modules() if isinstance(m, GatedSite)
-            and isinstance(m.domain_gate, DomainGate)
-            and (m.trains() if isinstance(m, GatedLoRA) else _trains(m.adapter))]
+            and isinstance(m.domain_gate, DomainGate) and _site_trains(m)]
 
 
 @torch.no_grad()
