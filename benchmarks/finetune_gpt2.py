@@ -3,7 +3,7 @@
     python benchmarks/finetune_gpt2.py base --out runs/gpt2_base [--steps 1200] [--data PATH]
     python benchmarks/finetune_gpt2.py finetune --base runs/gpt2_base --data PATH \\
         --adapter fhme|rows|lora|full --lora-rank 64 [--lora-targets all|attention|ffn] [--depth C] \\
-        [--heads H] [--topk K] [--reroute] [--attention-experts N] [--attention-lora R] \\
+        [--heads H] [--topk K] [--reroute] [--attention-experts N] [--attention-lora R] [--with-embeddings] \\
         [--lr 3e-3] [--expert-lr 0.05] [--seed 2] \\
         [--max-steps 150] [--eval-bytes N] [--experts 1048576] [--max-kept-windows 0|N|any] [--fit-keys]
         [--domain-gate [--gate-off-too]] [--train-queries] [--gate-after] [--gate-prior P] [--priors 0,4,8]
@@ -13,7 +13,7 @@ FractalMoE run: width 128, 4 layers, 4 heads, context 128) with the project's op
 schedule, and saves it with ``save_pretrained`` plus ``fractalmoe_base.json`` (its corpus and
 split). ``finetune`` adds FHME adapters matched to LoRA at --lora-rank (``--attention-experts``: and
 one of N experts at each attention input, ``--attention-lora``: LoRA on the attention projections,
-each within the same count); ``rows``: value memories of
+``--with-embeddings``: a change to the tied byte embeddings, each within the same count); ``rows``: value memories of
 --experts rows a layer with frozen random routing, of which LoRA's count in rows learns at each
 step, only rows no sampled base window read (``add_row_adapters``; ``--fit-keys``: the sub-keys
 first fitted to both domains' queries; ``--domain-gate`` (rows or fhme): each memory behind a ``DomainGate``;
@@ -120,7 +120,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                              train_queries=args.train_queries, gate_prior=args.gate_prior,
                              depth=args.depth, heads=args.heads, topk=args.topk, reroute=args.reroute,
                              attention_experts=args.attention_experts, attention_lora=args.attention_lora,
-                             lora_on=args.lora_targets)
+                             lora_on=args.lora_targets, embeddings=args.with_embeddings)
     if base is not None:  # the trained model and its base, weighted by the posterior
         mixture = PosteriorMixture([base, model])
         row["bpb_mixed"] = [val_bpb(mixture, d.data, SEQ_LEN, cfg.batch_size, args.device) for d in domains]
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fhme: also an FHME of N experts at each attention input, within LoRA's count")
     f.add_argument("--attention-lora", type=int, default=None, metavar="R",
                    help="fhme: also LoRA of rank R on the attention projections, within LoRA's count")
+    f.add_argument("--with-embeddings", action="store_true",
+                   help="fhme: a change to the tied byte embeddings learns too, within the same count "
+                        "(behind gates of its own with --gate-after)")
     f.add_argument("--lr", type=float, default=3e-3)
     f.add_argument("--expert-lr", type=float, default=0.05)
     f.add_argument("--experts", type=int, default=1_048_576, help="rows: rows per layer (a perfect square)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -439,13 +440,14 @@ def test_fitted_sub_keys_send_two_domains_to_fewer_shared_rows() -> None:
     assert fitted < 0.8 * random_keys, (fitted, random_keys)
 
 
+@pytest.mark.parametrize("embeddings", [False, True], ids=["", "embeddings"])
 @pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
-def test_gates_on_every_update_reach_from_the_base_to_the_ungated_model(build) -> None:
-    """``gate_adapters`` on FHME adapters (beside the MLP and at the attention input) and LoRA:
-    each site gets a gate of its own, LoRA inside a ``GatedLoRA`` that without a gate computes what
-    peft's layer does; a prior far below the evidence shuts every gate (the base model's logits),
-    one far above opens them all (the ungated model's)."""
-    from fractalmoe.adapters import AdaptedFFN, GatedLoRA
+def test_gates_on_every_update_reach_from_the_base_to_the_ungated_model(build, embeddings: bool) -> None:
+    """``gate_adapters`` on FHME adapters (beside the MLP and at the attention input), LoRA and a
+    change to the embeddings: each site gets a gate of its own, LoRA inside a ``GatedLoRA`` that
+    without a gate computes what peft's layer does; a prior far below the evidence shuts every
+    gate (the base model's logits), one far above opens them all (the ungated model's)."""
+    from fractalmoe.adapters import AdaptedFFN, GatedEmbedding, GatedHead, GatedLoRA
     from fractalmoe.data import ByteDataset
     from fractalmoe.sparse_rows import DomainGate, gate_adapters, set_gate_prior
 
@@ -454,7 +456,12 @@ def test_gates_on_every_update_reach_from_the_base_to_the_ungated_model(build) -
     idx = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         base = model(idx).logits
-    add_fhme_adapters(model, **ADAPTER, attention=dict(num_experts=64, topk=2), attention_lora=4)
+    if embeddings and build is _llama:  # its head is a weight of its own: no change to share with the input
+        with pytest.raises(ValueError, match="output head tied"):
+            add_fhme_adapters(model, **ADAPTER, embeddings=True)
+        return
+    add_fhme_adapters(model, **ADAPTER, attention=dict(num_experts=64, topk=2), attention_lora=4,
+                      embeddings=embeddings)
     _train(model, lambda m, x: m(x).logits, steps=3)
     model.eval()
     with torch.no_grad():
@@ -464,8 +471,10 @@ def test_gates_on_every_update_reach_from_the_base_to_the_ungated_model(build) -
     layers = decoder_layers(model)
     placed = gate_adapters(model, new, [kept], 16, 4, 1)
     wrapped = [m for m in model.modules() if isinstance(m, GatedLoRA)]
-    assert placed == 2 * len(layers) + len(wrapped) and len(wrapped) >= 2 * len(layers)
-    sites = [m for m in model.modules() if isinstance(m, (AdaptedFFN, AdaptedAttention, GatedLoRA))]
+    assert placed == 2 * len(layers) + len(wrapped) + 2 * embeddings and len(wrapped) >= 2 * len(layers)
+    sites = [m for m in model.modules()
+             if isinstance(m, (AdaptedFFN, AdaptedAttention, GatedLoRA, GatedEmbedding, GatedHead))]
+    assert len(sites) == placed
     assert all(isinstance(m.domain_gate, DomainGate) for m in sites)
     gates = [m.domain_gate for m in sites]
     for m in sites:
@@ -492,3 +501,37 @@ def test_lora_on_flattened_tokens_cannot_be_gated() -> None:
     data = ByteDataset.from_bytes(b"abc " * 200, 0.1, 16)
     with pytest.raises(ValueError, match="flattened tokens"):
         gate_adapters(model, data, [data], 16, 4, 1)
+
+
+def test_a_change_to_the_embeddings_starts_at_zero_is_tied_and_counted() -> None:
+    """``add_fhme_adapters(..., embeddings=True)`` on a FractalMoE model: the model starts exactly
+    as the base, one (V, D) change is trained on both sides and stays one parameter through a move
+    and a reload, and the FLOPs grow by the change's own head matmul (2 D V + V) and its gather (D)
+    beside the adapters' own."""
+    from fractalmoe.adapters import GatedEmbedding, GatedHead
+
+    torch.manual_seed(0)
+    model = FHMELanguageModel(tiny_model_config()).eval()
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        base = model(idx)
+    untouched = copy.deepcopy(model)
+    without = FHMELanguageModel(tiny_model_config())
+    add_fhme_adapters(without, **ADAPTER)
+    add_fhme_adapters(model, **ADAPTER, embeddings=True)
+    assert isinstance(model.embed, GatedEmbedding) and isinstance(model.head, GatedHead)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), base, rtol=0, atol=0)
+    v, d = model.embed.delta.shape
+    assert trainable_parameter_count(model) == trainable_parameter_count(without) + v * d
+    assert model.flops_per_token() - without.flops_per_token() == 2 * d * v + v + d
+    _train(model, lambda m, x: m(x), steps=2)
+    model.to(torch.float64).to(torch.float32)
+    assert model.head.delta is model.embed.delta and model.embed.delta.abs().sum() > 0
+    assert model.head.base.weight is model.embed.base.weight and not model.embed.base.weight.requires_grad
+    state = {k: v for k, v in model.state_dict().items() if k == "embed.delta" or "adapter" in k}
+    again = copy.deepcopy(untouched)
+    add_fhme_adapters(again, **ADAPTER, embeddings=True)
+    again.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(idx), model.eval()(idx), rtol=0, atol=1e-6)

@@ -631,7 +631,7 @@ def test_bad_base_is_a_one_line_error(corpora, tmp_path: Path, capsys) -> None:
         "--rows-per-step")
     assert "do not hold the embeddings" in _err(capsys, "--base", str(corpora["run"]), "--data", data, "--adapter",
                                                 "memory", "--match-lora-rank", "1", "--with-embeddings")
-    assert "--with-embeddings: only for --adapter memory" in _err(
+    assert "--with-embeddings: only for --adapter fhme or memory" in _err(
         capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "lora", "--with-embeddings")
     assert "--rows-by-gain chooses the rows of each step: add --rows-per-step" in _err(
         capsys, "--base", str(corpora["run"]), "--data", data, "--adapter", "memory", "--sparse-rows", "4",
@@ -954,3 +954,37 @@ def test_eval_mix_lineage_scores_the_posterior_mixture_of_every_stage(corpora, c
                  "--temperature", "0"]) == 0
     greedy = PosteriorMixture(models).generate(torch.tensor([list(b"In the")]), 8, temperature=0)
     assert capsys.readouterr().out == bytes(greedy[0].tolist()).decode("utf-8", "replace") + "\n"
+
+
+def test_cli_domain_gate_covers_a_change_to_the_embeddings(corpora, capsys) -> None:
+    """``finetune --with-embeddings --domain-gate`` with FHME adapters: a change to the tied
+    embeddings trains within the same count and sits behind two gates of its own (one reading the
+    base's embeddings, one the head's input), counted in the FLOPs; the reloaded run at a prior
+    below all evidence is the base, far above it the ungated run, and it generates."""
+    from fractalmoe.adapters import GatedEmbedding, GatedHead
+    from fractalmoe.checkpoint import load_model_checkpoint, run_extra
+    from fractalmoe.sparse_rows import DomainGate, set_gate_prior
+
+    a_dir = corpora["root"] / "gated_embeddings"
+    args = ["--match-lora-rank", "32", "--heads", "1", "--topk", "4", "--with-embeddings", "--domain-gate"]
+    a = _finetune(capsys, "--base", str(corpora["run"]), "--data", str(corpora["code"]), *args, "--out", str(a_dir))
+    model, _, _ = load_model_from_run(a_dir)
+    assert isinstance(model.embed, GatedEmbedding) and isinstance(model.head, GatedHead)
+    assert model.head.delta is model.embed.delta and model.embed.delta.abs().sum() > 0
+    sites = [b.ffn for b in model.blocks] + [model.embed, model.head]
+    assert all(isinstance(m.domain_gate, DomainGate) and m.domain_gate.llr.abs().sum() > 0 for m in sites)
+    assert a["trainable_params"] <= a["lora_params"] and a["with_embeddings"]
+    spec = {k: v for k, v in run_extra(a_dir)["adapter"].items() if k != "domain_gate"}
+    ungated = build_adapted_model(str(corpora["run"]), spec)
+    load_model_checkpoint(ungated, latest_checkpoint(a_dir))
+    assert model.flops_per_token() - ungated.eval().flops_per_token() == sum(
+        m.domain_gate.router.flops_per_token() for m in sites)
+    base, _, _ = load_model_from_run(corpora["run"])
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for prior, want in ((-1e4, base(idx)), (1e4, ungated(idx))):
+            set_gate_prior(model, prior)
+            torch.testing.assert_close(model(idx), want, rtol=0, atol=1e-5)
+    assert main(["generate", "--ckpt", str(a_dir), "--prompt", "def ", "--max-new-tokens", "6",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")

@@ -110,6 +110,99 @@ class GatedLoRA(nn.Module):
         return lora_trains(self.lora)
 
 
+class GatedEmbedding(nn.Module):
+    """The frozen byte embeddings plus a trainable change that starts at zero:
+    E[x] + gate(E[x]) * dE[x]. A new domain often writes bytes the base seldom saw (``_``, ``=``,
+    digits in source code), whose rows a change to the embeddings moves at little cost to the base;
+    with the head tied to the embeddings, ``GatedHead`` reads the same change on the output side.
+    The gate reads the base's embeddings of the text so far; ``weight`` stays the base's."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.delta = nn.Parameter(torch.zeros_like(base.weight))
+        self.domain_gate: nn.Module | None = None  # x -> (..., 1): ``sparse_rows.DomainGate``
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        e = self.base(ids)
+        d = nn.functional.embedding(ids, self.delta)
+        if self.domain_gate is not None:
+            d = self.domain_gate(e) * d
+        return e + d.to(e.dtype)
+
+    def flops_per_token(self) -> int:
+        """A gathered row and an add; the gate's routing, if any."""
+        return self.weight.shape[1] + (0 if self.domain_gate is None else self.domain_gate.flops_per_token())
+
+    def active_params_per_token(self) -> int:
+        gate = 0 if self.domain_gate is None else self.domain_gate.active_params_per_token()
+        return self.weight.shape[1] + gate
+
+
+class GatedHead(nn.Module):
+    """The frozen output head plus the tied change of a ``GatedEmbedding``:
+    h E^T + gate(h) * h dE^T, the gate reading the head's input."""
+
+    def __init__(self, base: nn.Module, delta: nn.Parameter) -> None:
+        super().__init__()
+        self.base = base
+        self.delta = delta  # the embeddings' own: one parameter, as the base's head and embeddings are
+        self.domain_gate: nn.Module | None = None  # x -> (..., 1): ``sparse_rows.DomainGate``
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.base(h)
+        d = nn.functional.linear(h, self.delta.to(h.dtype))
+        if self.domain_gate is not None:
+            d = self.domain_gate(h) * d
+        return out + d.to(out.dtype)
+
+    def flops_per_token(self) -> int:
+        """The change's own matmul (2 D V) and the add; the gate's routing, if any."""
+        v, d = self.delta.shape
+        return 2 * v * d + v + (0 if self.domain_gate is None else self.domain_gate.flops_per_token())
+
+    def active_params_per_token(self) -> int:
+        gate = 0 if self.domain_gate is None else self.domain_gate.active_params_per_token()
+        return self.delta.numel() + gate
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The output head of a FractalMoE model or a transformers one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.head
+
+
+def tied_embeddings(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(input embeddings, output head), which must share their weight."""
+    embed, head = input_embeddings(model), output_head(model)
+    if head is None or head.weight is not embed.weight:
+        raise ValueError("a change to the embeddings needs an output head tied to them; this model's is "
+                         "a weight of its own")
+    return embed, head
+
+
+def add_embedding_delta(model: nn.Module) -> nn.Parameter:
+    """A trainable change to the tied byte embeddings, read by the input (``GatedEmbedding``) and
+    the output head (``GatedHead``); returns it. Stacks over an earlier set's change, which stays
+    frozen and active."""
+    embed, head = tied_embeddings(model)
+    gated = GatedEmbedding(embed)
+    gated_head = GatedHead(head, gated.delta)
+    if hasattr(model, "set_input_embeddings"):
+        model.set_input_embeddings(gated)
+        model.set_output_embeddings(gated_head)
+    else:
+        model.embed, model.head = gated, gated_head
+    return gated.delta
+
+
 def gated_lora_ids(model: nn.Module) -> set[int]:
     """The ids of the peft LoRA layers that sit inside a ``GatedLoRA``: never merged nor re-wrapped."""
     return {id(m.lora) for m in model.modules() if isinstance(m, GatedLoRA)}
@@ -228,7 +321,7 @@ def zero_adapter(dim: int, **fhme_config: Any) -> FHME:
 def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: bool = False,
                       output_gate: bool = False, reroute: bool = False,
                       attention: dict[str, Any] | None = None, attention_lora: int | None = None,
-                      **fhme_config: Any) -> list[FHME]:
+                      embeddings: bool = False, **fhme_config: Any) -> list[FHME]:
     """Freeze the model (``freeze_base``) and add a zero-initialised FHME beside the FFN of each
     chosen layer; returns them, then the attention-side ones.
 
@@ -240,9 +333,12 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
     this config over ``fhme_config`` (e.g. its own num_experts and topk). ``attention_lora``:
     also LoRA of this rank (at most width / 2) on the chosen layers' attention projections: one
     dense low-rank update for every token, which the few rows a routed adapter reads per token do
-    not give attention as well per parameter (docs/results.md)."""
+    not give attention as well per parameter (docs/results.md). ``embeddings``: also a change to
+    the tied byte embeddings (``add_embedding_delta``)."""
     decoder = decoder_layers(model)
     chosen = chosen_layers(decoder, layers)
+    if embeddings:
+        tied_embeddings(model)  # refused before anything changes
     freeze_base(model)
     dim = hidden_size(model)
     adapters, at_attention = [], []
@@ -262,6 +358,8 @@ def add_fhme_adapters(model: nn.Module, layers: list[int] | None = None, stack: 
         weight.requires_grad_(True)
     if attention_lora is not None:
         add_attention_lora(model, attention_lora, layers)
+    if embeddings:
+        add_embedding_delta(model)
     return adapters + at_attention
 
 
@@ -583,7 +681,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     spec: kind (fhme | memory | lora | full), layers; fhme: the adapters' FHME config, output_gate,
     attention (the attention-side adapters' config over it, if any), attention_lora (the rank
     of LoRA on the attention projections, if any), reroute (``base_router_queries`` learn too), a
-    row_mask file; memory: the base's own expert tables, a row_mask file of the rows that learn;
+    row_mask file, embeddings (a change to the tied embeddings, ``add_embedding_delta``); memory:
+    the base's own expert tables, a row_mask file of the rows that learn, embeddings (learn as they are);
     lora: rank (or budget) and targets (default ``attention``, as older runs had); full: every
     weight trainable, earlier adapters included. A domain_gate file (with its gate_prior) is not
     read here: the gates go on after the run's weights are loaded (``sparse_rows.attach_saved_gates``),
@@ -594,7 +693,8 @@ def build_adapted_model(base_run: str, spec: dict[str, Any], device: str = "cpu"
     if spec["kind"] == "fhme":
         adapters = add_fhme_adapters(model, spec.get("layers"), stack=True, output_gate=bool(spec.get("output_gate")),
                                      reroute=bool(spec.get("reroute")), attention=spec.get("attention"),
-                                     attention_lora=spec.get("attention_lora"), **spec.get("fhme", {}))
+                                     attention_lora=spec.get("attention_lora"), embeddings=bool(spec.get("embeddings")),
+                                     **spec.get("fhme", {}))
         if spec.get("row_mask"):
             load_row_masks(adapters, spec.get("layers"), spec["row_mask"])
     elif spec["kind"] == "memory":

@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "base read, and step each by its gradient over its base reads (use with "
                          "--set expert_optim=row_sgd)")
     ft.add_argument("--with-embeddings", action="store_true",
-                    help="memory: the byte embeddings (tied to the output head) learn too, at the dense "
-                         "lr, within the same trainable budget")
+                    help="memory: the byte embeddings (tied to the output head) learn too; fhme: a change to "
+                         "them learns, read on the input and the output side (each behind a gate of its own "
+                         "with --domain-gate); at the dense lr, within the same trainable budget")
     ft.add_argument("--eval-bytes", type=_positive_int, metavar="N",
                     help="evaluate on the first N bytes of each validation split (default: whole splits)")
     ft.add_argument("--out", help="run directory to create")

@@ -57,6 +57,7 @@ from .adapters import (
     chosen_layers,
     decoder_layers,
     embedding_parameter_count,
+    tied_embeddings,
     experts_for_budget,
     fhme_adapter_parameter_count,
     hidden_size,
@@ -262,8 +263,10 @@ def check_request(req: FinetuneRequest) -> None:
         raise ValueError("--adapter memory needs --sparse-rows T or --match-lora-rank R (rows that learn)")
     if req.rows_per_step and req.adapter != "memory":
         raise ValueError("--rows-per-step: only for --adapter memory")
-    if req.with_embeddings and req.adapter != "memory":
-        raise ValueError("--with-embeddings: only for --adapter memory")
+    if req.with_embeddings and req.adapter not in ("fhme", "memory"):
+        raise ValueError("--with-embeddings: only for --adapter fhme or memory")
+    if req.with_embeddings and req.sparse_rows is not None and req.adapter == "fhme":
+        raise ValueError("--with-embeddings: not with --sparse-rows, which acts on the FFN adapters alone")
     if req.rows_by_gain and not req.rows_per_step:
         raise ValueError("--rows-by-gain chooses the rows of each step: add --rows-per-step")
     if req.adapter == "memory" and req.sparse_rows is not None and req.match_lora_rank is not None:
@@ -306,6 +309,9 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
     if req.attention_lora is not None:
         check_lora_rank(req.attention_lora, max_lora_rank(model), "all")
         beside += lora_parameter_count(attention_lora_targets(model, req.layers), req.attention_lora)
+    if req.with_embeddings and req.adapter == "fhme":  # a change to the tied embeddings
+        tied_embeddings(model)
+        beside += embedding_parameter_count(model)
 
     def fhme_count(experts: int) -> int:
         return len(layers) * fhme_adapter_parameter_count(dim, req.output_gate, num_experts=experts,
@@ -357,6 +363,8 @@ def size_adapters(req: FinetuneRequest, model: nn.Module) -> Sizing:
         spec["attention"] = attention
     if req.attention_lora is not None:
         spec["attention_lora"] = req.attention_lora
+    if req.with_embeddings:
+        spec["embeddings"] = True
     if req.domain_gate:
         spec.update(domain_gate=True, gate_prior=req.gate_prior)
     if req.sparse_rows is not None:
@@ -546,12 +554,13 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
                     output_gate: bool = False, layers: list[int] | None = None,
                     heads: int | None = None, topk: int | None = None, reroute: bool = False,
                     attention_experts: int | None = None, attention_lora: int | None = None,
-                    lora_on: str = "all") -> Sizing:
+                    lora_on: str = "all", embeddings: bool = False) -> Sizing:
     """Adapters on a model held in memory (a transformers causal LM): FHME adapters matched to
     LoRA at ``lora_rank`` (``heads`` and ``topk`` a block: None, DEFAULT_ADAPTER's; ``reroute``:
     the base's own routers' query projections learn too, ``attention_experts``: an FHME of that
     many experts at each attention input too, ``attention_lora``: LoRA of that rank on the
-    attention projections too, all within the same count), LoRA at that rank on
+    attention projections too, ``embeddings``: a change to the tied embeddings too, all within the
+    same count), LoRA at that rank on
     every dense projection (``lora_on``: or the attention or FFN block's only, ``LORA_TARGETS``), or
     every weight trainable."""
     from .adapters import add_fhme_adapters
@@ -561,14 +570,14 @@ def adapt_in_memory(model: nn.Module, method: str, lora_rank: int, depth: int = 
                           heads=heads if fhme else None, topk=topk if fhme else None, output_gate=output_gate,
                           match_lora_rank=lora_rank if fhme else None, reroute=reroute,
                           attention_experts=attention_experts, attention_lora=attention_lora,
-                          lora_targets=lora_on,
+                          lora_targets=lora_on, with_embeddings=embeddings,
                           lora_rank=lora_rank if method == "lora" else None)
     check_request(req)
     sizing = size_adapters(req, model)
     if method == "fhme":
         add_fhme_adapters(model, layers, output_gate=output_gate, reroute=reroute,
-                          attention=sizing.spec.get("attention"),
-                          attention_lora=sizing.spec.get("attention_lora"), **sizing.spec["fhme"])
+                          attention=sizing.spec.get("attention"), attention_lora=sizing.spec.get("attention_lora"),
+                          embeddings=bool(sizing.spec.get("embeddings")), **sizing.spec["fhme"])
     elif method == "lora":
         add_lora_adapters(model, rank=lora_rank, layers=layers, targets=lora_on)
     else:
@@ -585,7 +594,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
                        gate_prior: float = 0.0, depth: int = 2, heads: int | None = None,
                        topk: int | None = None, reroute: bool = False,
                        attention_experts: int | None = None, attention_lora: int | None = None,
-                       lora_on: str = "all") -> dict[str, Any]:
+                       lora_on: str = "all", embeddings: bool = False) -> dict[str, Any]:
     """``finetune``'s report for a model held in memory (the GPT-2 base, or a loaded FractalMoE run
     for the methods ``fractalmoe finetune`` does not offer, ``rows``):
     adapt (``adapt_in_memory``, or for ``rows`` ``add_row_adapters`` with ``experts`` rows a layer
@@ -615,7 +624,7 @@ def finetune_in_memory(model: nn.Module, method: str, lora_rank: int, domains: l
     else:
         sizing = adapt_in_memory(model, method, lora_rank, depth, output_gate=output_gate, heads=heads, topk=topk,
                                  reroute=reroute, attention_experts=attention_experts,
-                                 attention_lora=attention_lora, lora_on=lora_on)
+                                 attention_lora=attention_lora, lora_on=lora_on, embeddings=embeddings)
         if domain_gate:
             new, kept = domains[0].data, [d.data for d in domains[1:]]
             gate_adapters(model, new, kept, seq_len, cfg.batch_size, cfg.seed, device, gate_prior)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import AdaptedAttention, AdaptedFFN, GatedLoRA
+from .adapters import AdaptedAttention, AdaptedFFN, GatedEmbedding, GatedHead, GatedLoRA
 from .baselines import build_ffn, routed_config
 from .config import ROUTED_FFNS, ModelConfig
 from .conv import CausalConv
@@ -148,8 +148,13 @@ class FHMELanguageModel(nn.Module):
     def tie_weights(self) -> None:
         """The output head reads the input embeddings: one parameter. Anything that replaces
         parameters (``to_empty``, a move between kinds of device, ``load_state_dict(...,
-        assign=True)``) would leave two that train apart; ``_apply`` and loading re-tie them."""
-        self.head.weight = self.embed.weight
+        assign=True)``) would leave two that train apart; ``_apply`` and loading re-tie them, and
+        each change to the embeddings an adapter set put on both sides (``GatedEmbedding``)."""
+        embed, head = self.embed, self.head
+        while isinstance(head, GatedHead):
+            head.delta = embed.delta
+            embed, head = embed.base, head.base
+        head.weight = embed.weight
 
     def _apply(self, fn: Any, recurse: bool = True) -> FHMELanguageModel:
         super()._apply(fn, recurse)
@@ -286,17 +291,24 @@ class FHMELanguageModel(nn.Module):
     def flops_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         """Forward FLOPs per token: projections, attention over half the context on average (and
         any adapters at its input), FFNs (FHME layers at their measured depth, e.g.
-        ``evaluate``'s) and the output head."""
+        ``evaluate``'s), the output head and any change to the embeddings."""
         cfg = self.cfg
         attn = cfg.n_layers * (2 * 4 * cfg.dim * cfg.dim + 2 * 2 * cfg.dim * cfg.seq_len / 2)
         attn += sum(b.attention_adapter_cost("flops_per_token") for b in self.blocks)
-        return attn + self.ffn_flops_per_token(depth_hists) + 2 * cfg.dim * cfg.vocab_size
+        head = 2 * cfg.dim * cfg.vocab_size + self.embedding_change_cost("flops_per_token")
+        return attn + self.ffn_flops_per_token(depth_hists) + head
 
     def active_params_per_token(self, depth_hists: Mapping[nn.Module, DepthHist] | None = None) -> float:
         cfg = self.cfg
         dense = cfg.n_layers * 4 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
+        dense += self.embedding_change_cost("active_params_per_token")
         return dense + sum(b.ffn_cost("active_params_per_token", depth_hists)
                            + b.attention_adapter_cost("active_params_per_token") for b in self.blocks)
+
+    def embedding_change_cost(self, which: str) -> float:
+        """``which`` of the changes to the tied embeddings an adapter set adds (``GatedEmbedding``,
+        ``GatedHead``: their own work and their domain gates'), if any."""
+        return sum(getattr(m, which)() for m in self.modules() if isinstance(m, GatedEmbedding | GatedHead))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

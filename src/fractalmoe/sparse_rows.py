@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from .adapters import (
     AdaptedAttention,
     AdaptedFFN,
+    GatedEmbedding,
+    GatedHead,
     GatedLoRA,
     add_fhme_adapters,
     decoder_layers,
@@ -36,7 +38,8 @@ from .fhme import FHME
 from .routing import ProductKeyRouter
 from .stats import CHOICES, collect
 
-GatedSite = AdaptedFFN | AdaptedAttention | GatedLoRA  # where a domain gate may sit (``gate_sites``)
+# where a domain gate may sit (``gate_sites``)
+GatedSite = AdaptedFFN | AdaptedAttention | GatedLoRA | GatedEmbedding | GatedHead
 SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows (at least)
 _HUB_IDF = 1e-9  # orders rows every kept window reads (idf 0) by tf, after all others
 
@@ -469,17 +472,37 @@ def hashing_gate(dim: int, prior: float = 0.0) -> DomainGate:
 
 
 def gate_sites(model: nn.Module) -> list[tuple[GatedSite, int]]:
-    """(module, input width) of every place a trainable update enters the model, in module order:
-    FHME adapters beside an FFN or at an attention input, and LoRA layers (put in a ``GatedLoRA``
-    first, ``gate_lora_layers``). Each takes a ``domain_gate`` on its own input."""
+    """(module, width of what its gate reads) of every place a trainable update enters the model,
+    in module order: FHME adapters beside an FFN or at an attention input, LoRA layers (put in a
+    ``GatedLoRA`` first, ``gate_lora_layers``) and a change to the tied embeddings, on the input
+    and on the output side. Each takes a ``domain_gate`` on its own input (the embeddings' gate:
+    on the base's embeddings of the text)."""
     gate_lora_layers(model)
-    return [(m, m.in_features if isinstance(m, GatedLoRA) else m.adapter.dim)
-            for m in model.modules() if isinstance(m, GatedSite) and _site_trains(m)]
+    return [(m, _gate_width(m)) for m in model.modules() if isinstance(m, GatedSite) and _site_trains(m)]
+
+
+def _gate_width(site: GatedSite) -> int:
+    if isinstance(site, GatedLoRA):
+        return site.in_features
+    if isinstance(site, GatedEmbedding | GatedHead):
+        return site.delta.shape[1]
+    return site.adapter.dim
 
 
 def _site_trains(site: GatedSite) -> bool:
     """Whether the update at a site learns (a gated LoRA's own weights, not LoRA nested below it)."""
-    return site.trains() if isinstance(site, GatedLoRA) else any(p.requires_grad for p in site.adapter.parameters())
+    if isinstance(site, GatedLoRA):
+        return site.trains()
+    if isinstance(site, GatedEmbedding | GatedHead):
+        return site.delta.requires_grad
+    return any(p.requires_grad for p in site.adapter.parameters())
+
+
+def gate_input(site: GatedSite, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> Tensor:
+    """What a site's gate reads, from the site's call: its input (transformers' Llama passes it by
+    name), or for the input embeddings the base's embeddings of the byte ids it was given."""
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+    return site.base(x) if isinstance(site, GatedEmbedding) else x
 
 
 def hashing_gates(model: nn.Module, prior: float = 0.0) -> list[tuple[GatedSite, DomainGate]]:
@@ -511,9 +534,8 @@ def gate_read_counts(model: nn.Module, gated: list[tuple[GatedSite, DomainGate]]
     counts = [torch.zeros(g.llr.numel(), dtype=torch.long, device=device) for _, g in gated]
 
     def counter(gate: DomainGate, acc: Tensor) -> Any:
-        def hook(_: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs["hidden_states"]  # transformers' Llama passes it by name
-            idx = gate.reads(x).reshape(-1)
+        def hook(site: GatedSite, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> None:
+            idx = gate.reads(gate_input(site, args, kwargs)).reshape(-1)
             acc.index_add_(0, idx, torch.ones_like(idx))
         return hook
 
