@@ -988,3 +988,9 @@ def test_cli_domain_gate_covers_a_change_to_the_embeddings(corpora, capsys) -> N
     assert main(["generate", "--ckpt", str(a_dir), "--prompt", "def ", "--max-new-tokens", "6",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    b_dir = corpora["root"] / "gated_embeddings_again"  # a second change over the first, kept as it is
+    b = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), *args, "--out", str(b_dir))
+    assert b["prior_val_bpb_before"][0] == pytest.approx(a["val_bpb"], abs=1e-4)
+    second, _, _ = load_model_from_run(b_dir)
+    assert isinstance(second.embed.base, GatedEmbedding) and second.head.base.delta is second.embed.base.delta
+    assert isinstance(second.embed.domain_gate, DomainGate) and isinstance(second.embed.base.domain_gate, DomainGate)
