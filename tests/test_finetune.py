@@ -878,6 +878,28 @@ def test_cli_domain_gate_is_fitted_saved_counted_and_generates_without_a_cache(c
                             "--domain-gate", "--gate-prior", "inf", *FT)
 
 
+def _assert_gated_run(model, sites: list, run_dir: Path, base_run: Path) -> torch.Tensor:
+    """A gated adapter run loaded from ``run_dir``: every site holds a fitted gate, whose routing
+    the FLOPs add to the same run ungated; at a prior below all evidence it is the base, far above
+    it the ungated run. Returns the input it was read on."""
+    from fractalmoe.checkpoint import load_model_checkpoint, run_extra
+    from fractalmoe.sparse_rows import DomainGate, set_gate_prior
+
+    assert all(isinstance(m.domain_gate, DomainGate) and m.domain_gate.llr.abs().sum() > 0 for m in sites)
+    spec = {k: v for k, v in run_extra(run_dir)["adapter"].items() if k != "domain_gate"}
+    ungated = build_adapted_model(str(base_run), spec)
+    load_model_checkpoint(ungated, latest_checkpoint(run_dir))
+    assert model.flops_per_token() - ungated.eval().flops_per_token() == sum(
+        m.domain_gate.router.flops_per_token() for m in sites)
+    base, _, _ = load_model_from_run(base_run)
+    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for prior, want in ((-1e4, base(idx)), (1e4, ungated(idx))):
+            set_gate_prior(model, prior)
+            torch.testing.assert_close(model(idx), want, rtol=0, atol=1e-5)
+    return idx
+
+
 def test_cli_domain_gate_covers_attention_experts_and_lora_and_a_later_stage(corpora, capsys) -> None:
     """``finetune --domain-gate`` with ``--attention-experts`` and ``--attention-lora``: every update
     that trained (FFN adapter, attention-input adapter, LoRA on each attention projection) sits
@@ -886,8 +908,7 @@ def test_cli_domain_gate_covers_attention_experts_and_lora_and_a_later_stage(cor
     gated LoRA unmerged and starts exactly at the first stage's model; LoRA there again is refused,
     since gated LoRA cannot be merged."""
     from fractalmoe.adapters import GatedLoRA
-    from fractalmoe.checkpoint import load_model_checkpoint, run_extra
-    from fractalmoe.sparse_rows import DomainGate, set_gate_prior
+    from fractalmoe.sparse_rows import DomainGate
 
     a_dir = corpora["root"] / "gated_attention_lora"
     args = ["--match-lora-rank", "32", "--heads", "1", "--topk", "6", "--attention-experts", "16",
@@ -897,19 +918,7 @@ def test_cli_domain_gate_covers_attention_experts_and_lora_and_a_later_stage(cor
     lora = [m for m in model.modules() if isinstance(m, GatedLoRA)]
     sites = [b.ffn for b in model.blocks] + [b.attn for b in model.blocks] + lora
     assert len(lora) == 2 * len(model.blocks)  # qkv and the output projection
-    assert all(isinstance(m.domain_gate, DomainGate) and m.domain_gate.llr.abs().sum() > 0 for m in sites)
-    gated_flops = model.flops_per_token()
-    spec = {k: v for k, v in run_extra(a_dir)["adapter"].items() if k != "domain_gate"}
-    ungated_model = build_adapted_model(str(corpora["run"]), spec)
-    load_model_checkpoint(ungated_model, latest_checkpoint(a_dir))
-    assert gated_flops - ungated_model.eval().flops_per_token() == sum(
-        m.domain_gate.router.flops_per_token() for m in sites)
-    base, _, _ = load_model_from_run(corpora["run"])
-    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for prior, want in ((-1e4, base(idx)), (1e4, ungated_model(idx))):
-            set_gate_prior(model, prior)
-            torch.testing.assert_close(model(idx), want, rtol=0, atol=1e-5)
+    idx = _assert_gated_run(model, sites, a_dir, corpora["run"])
     b_dir = corpora["root"] / "over_gated"
     b = _finetune(capsys, "--base", str(a_dir), "--data", str(corpora["prose"]), "--match-lora-rank", "32",
                   "--heads", "1", "--topk", "6", "--domain-gate", "--out", str(b_dir))
@@ -962,8 +971,7 @@ def test_cli_domain_gate_covers_a_change_to_the_embeddings(corpora, capsys) -> N
     base's embeddings, one the head's input), counted in the FLOPs; the reloaded run at a prior
     below all evidence is the base, far above it the ungated run, and it generates."""
     from fractalmoe.adapters import GatedEmbedding, GatedHead
-    from fractalmoe.checkpoint import load_model_checkpoint, run_extra
-    from fractalmoe.sparse_rows import DomainGate, set_gate_prior
+    from fractalmoe.sparse_rows import DomainGate
 
     a_dir = corpora["root"] / "gated_embeddings"
     args = ["--match-lora-rank", "32", "--heads", "1", "--topk", "4", "--with-embeddings", "--domain-gate"]
@@ -972,19 +980,8 @@ def test_cli_domain_gate_covers_a_change_to_the_embeddings(corpora, capsys) -> N
     assert isinstance(model.embed, GatedEmbedding) and isinstance(model.head, GatedHead)
     assert model.head.delta is model.embed.delta and model.embed.delta.abs().sum() > 0
     sites = [b.ffn for b in model.blocks] + [model.embed, model.head]
-    assert all(isinstance(m.domain_gate, DomainGate) and m.domain_gate.llr.abs().sum() > 0 for m in sites)
     assert a["trainable_params"] <= a["lora_params"] and a["with_embeddings"]
-    spec = {k: v for k, v in run_extra(a_dir)["adapter"].items() if k != "domain_gate"}
-    ungated = build_adapted_model(str(corpora["run"]), spec)
-    load_model_checkpoint(ungated, latest_checkpoint(a_dir))
-    assert model.flops_per_token() - ungated.eval().flops_per_token() == sum(
-        m.domain_gate.router.flops_per_token() for m in sites)
-    base, _, _ = load_model_from_run(corpora["run"])
-    idx = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for prior, want in ((-1e4, base(idx)), (1e4, ungated(idx))):
-            set_gate_prior(model, prior)
-            torch.testing.assert_close(model(idx), want, rtol=0, atol=1e-5)
+    _assert_gated_run(model, sites, a_dir, corpora["run"])
     assert main(["generate", "--ckpt", str(a_dir), "--prompt", "def ", "--max-new-tokens", "6",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
