@@ -57,7 +57,6 @@ from .adapters import (
     chosen_layers,
     decoder_layers,
     embedding_parameter_count,
-    tied_embeddings,
     experts_for_budget,
     fhme_adapter_parameter_count,
     hidden_size,
@@ -67,6 +66,7 @@ from .adapters import (
     lora_targets,
     max_lora_rank,
     required_memories,
+    tied_embeddings,
     trainable_parameter_count,
 )
 from .config import RunConfig, TrainConfig
