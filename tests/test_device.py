@@ -74,14 +74,15 @@ def test_every_fhme_variant_trains_on_its_device(name: str) -> None:
     _train_on_meta(model, ModelOptimizer(model, 1e-3, 0.05, 0.0, "lazy_adam"), x)
 
 
-@pytest.mark.parametrize("output_gate", [False, True])
-def test_adapters_added_to_a_model_on_a_device_train_there(output_gate: bool) -> None:
+@pytest.mark.parametrize(("output_gate", "embeddings"), [(False, False), (True, False), (False, True)])
+def test_adapters_added_to_a_model_on_a_device_train_there(output_gate: bool, embeddings: bool) -> None:
     from fractalmoe.adapters import add_fhme_adapters
 
     with torch.device("meta"):
         model = FHMELanguageModel(tiny_model_config(ffn="dense")).train()
         x = torch.randint(0, 256, (2, 16))
-    add_fhme_adapters(model, num_experts=256, output_gate=output_gate)  # built outside the device block
+    add_fhme_adapters(model, num_experts=256, output_gate=output_gate,  # built outside the device block
+                      embeddings=embeddings)
     opt = ModelOptimizer(model, 1e-3, 0.05, 0.0, "lazy_adam")
     assert opt.tables  # the adapters' tables, found on their new tensors
     _train_on_meta(model, opt, x)
