@@ -136,11 +136,10 @@ class GatedEmbedding(nn.Module):
 
     def flops_per_token(self) -> int:
         """A gathered row and an add; the gate's routing, if any."""
-        return self.weight.shape[1] + (0 if self.domain_gate is None else self.domain_gate.flops_per_token())
+        return self.weight.shape[1] + _gate_cost(self.domain_gate, "flops_per_token")
 
     def active_params_per_token(self) -> int:
-        gate = 0 if self.domain_gate is None else self.domain_gate.active_params_per_token()
-        return self.weight.shape[1] + gate
+        return self.weight.shape[1] + _gate_cost(self.domain_gate, "active_params_per_token")
 
 
 class GatedHead(nn.Module):
@@ -167,11 +166,15 @@ class GatedHead(nn.Module):
     def flops_per_token(self) -> int:
         """The change's own matmul (2 D V) and the add; the gate's routing, if any."""
         v, d = self.delta.shape
-        return 2 * v * d + v + (0 if self.domain_gate is None else self.domain_gate.flops_per_token())
+        return 2 * v * d + v + _gate_cost(self.domain_gate, "flops_per_token")
 
     def active_params_per_token(self) -> int:
-        gate = 0 if self.domain_gate is None else self.domain_gate.active_params_per_token()
-        return self.delta.numel() + gate
+        return self.delta.numel() + _gate_cost(self.domain_gate, "active_params_per_token")
+
+
+def _gate_cost(gate: nn.Module | None, which: str) -> int:
+    """``which`` (flops_per_token or active_params_per_token) of a site's domain gate, 0 without one."""
+    return 0 if gate is None else getattr(gate, which)()
 
 
 def output_head(model: nn.Module) -> nn.Module:
