@@ -634,11 +634,15 @@ for s in 2 3; do
 done > $E/gpt2.jsonl
 .venv/bin/python benchmarks/finetune_table.py $E/gpt2.jsonl --levels 3.6 3.4 3.2 3.1 3.0 2.99 2.9 2.8 2.75 2.7 \
   > $E/gpt2_tables.md
-# ... and a pilot on a FractalMoE base (seed 2, rebuilt by today's code), email, with and without it
+# ... and a pilot on a FractalMoE base (seed 2, rebuilt by today's code), email, with and without
+# it, beside LoRA at its best email rate and full fine-tuning at two rates on the same base
 { adapt_run runs/ft_base_s2 1 email fhme-lora16-emb-gated 3e-3 0.05 --heads 1 --topk 12 --attention-lora 16 \
     --with-embeddings --gate-after --priors 0,4,12
   adapt_run runs/ft_base_s2 1 email fhme-lora16-gated 3e-3 0.05 --heads 1 --topk 12 --attention-lora 16 \
-    --gate-after --priors 0,4,12; } > $E/fractalmoe_pilots.jsonl
+    --gate-after --priors 0,4,12
+  adapt_run runs/ft_base_s2 1 email lora 1e-2 0.05
+  adapt_run runs/ft_base_s2 1 email full 3e-4 0.015
+  adapt_run runs/ft_base_s2 1 email full 1e-3 0.05; } > $E/fractalmoe_pilots.jsonl
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
