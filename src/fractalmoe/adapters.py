@@ -110,29 +110,38 @@ class GatedLoRA(nn.Module):
         return lora_trains(self.lora)
 
 
-class GatedEmbedding(nn.Module):
-    """The frozen byte embeddings plus a trainable change that starts at zero:
-    E[x] + gate(E[x]) * dE[x]. A new domain often writes bytes the base seldom saw (``_``, ``=``,
-    digits in source code), whose rows a change to the embeddings moves at little cost to the base;
-    with the head tied to the embeddings, ``GatedHead`` reads the same change on the output side.
-    The gate reads the base's embeddings of the text so far; ``weight`` stays the base's."""
+class EmbeddingChange(nn.Module):
+    """One side of the tied byte embeddings (the input table or the output head), frozen, plus
+    the change dE both sides share, read through the side's own domain gate if it has one."""
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, delta: nn.Parameter) -> None:
         super().__init__()
         self.base = base
-        self.delta = nn.Parameter(torch.zeros_like(base.weight))
+        self.delta = delta  # one parameter on both sides, as the base's head and embeddings are
         self.domain_gate: nn.Module | None = None  # x -> (..., 1): ``sparse_rows.DomainGate``
 
     @property
     def weight(self) -> Tensor:
+        """The base's: code that reads the embeddings' weight keeps reading the frozen table."""
         return self.base.weight
+
+    def _gated(self, read: Tensor, d: Tensor) -> Tensor:
+        return d if self.domain_gate is None else self.domain_gate(read) * d
+
+
+class GatedEmbedding(EmbeddingChange):
+    """The frozen byte embeddings plus a trainable change that starts at zero:
+    E[x] + gate(E[x]) * dE[x]. A new domain often writes bytes the base seldom saw (``_``, ``=``,
+    digits in source code), whose rows a change to the embeddings moves at little cost to the base;
+    with the head tied to the embeddings, ``GatedHead`` reads the same change on the output side.
+    The gate reads the base's embeddings of the text so far."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base, nn.Parameter(torch.zeros_like(base.weight)))
 
     def forward(self, ids: Tensor) -> Tensor:
         e = self.base(ids)
-        d = nn.functional.embedding(ids, self.delta)
-        if self.domain_gate is not None:
-            d = self.domain_gate(e) * d
-        return e + d.to(e.dtype)
+        return e + self._gated(e, nn.functional.embedding(ids, self.delta)).to(e.dtype)
 
     def flops_per_token(self) -> int:
         """A gathered row and an add; the gate's routing, if any."""
@@ -142,26 +151,13 @@ class GatedEmbedding(nn.Module):
         return self.weight.shape[1] + _gate_cost(self.domain_gate, "active_params_per_token")
 
 
-class GatedHead(nn.Module):
+class GatedHead(EmbeddingChange):
     """The frozen output head plus the tied change of a ``GatedEmbedding``:
     h E^T + gate(h) * h dE^T, the gate reading the head's input."""
 
-    def __init__(self, base: nn.Module, delta: nn.Parameter) -> None:
-        super().__init__()
-        self.base = base
-        self.delta = delta  # the embeddings' own: one parameter, as the base's head and embeddings are
-        self.domain_gate: nn.Module | None = None  # x -> (..., 1): ``sparse_rows.DomainGate``
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
     def forward(self, h: Tensor) -> Tensor:
         out = self.base(h)
-        d = nn.functional.linear(h, self.delta.to(h.dtype))
-        if self.domain_gate is not None:
-            d = self.domain_gate(h) * d
-        return out + d.to(out.dtype)
+        return out + self._gated(h, nn.functional.linear(h, self.delta.to(h.dtype))).to(out.dtype)
 
     def flops_per_token(self) -> int:
         """The change's own matmul (2 D V) and the add; the gate's routing, if any."""

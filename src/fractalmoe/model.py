@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import AdaptedAttention, AdaptedFFN, GatedEmbedding, GatedHead, GatedLoRA
+from .adapters import AdaptedAttention, AdaptedFFN, EmbeddingChange, GatedHead, GatedLoRA
 from .baselines import build_ffn, routed_config
 from .config import ROUTED_FFNS, ModelConfig
 from .conv import CausalConv
@@ -308,7 +308,7 @@ class FHMELanguageModel(nn.Module):
     def embedding_change_cost(self, which: str) -> float:
         """``which`` of the changes to the tied embeddings an adapter set adds (``GatedEmbedding``,
         ``GatedHead``: their own work and their domain gates'), if any."""
-        return sum(getattr(m, which)() for m in self.modules() if isinstance(m, GatedEmbedding | GatedHead))
+        return sum(getattr(m, which)() for m in self.modules() if isinstance(m, EmbeddingChange))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from .adapters import (
     AdaptedAttention,
     AdaptedFFN,
+    EmbeddingChange,
     GatedEmbedding,
-    GatedHead,
     GatedLoRA,
     add_fhme_adapters,
     decoder_layers,
@@ -39,7 +39,7 @@ from .routing import ProductKeyRouter
 from .stats import CHOICES, collect
 
 # where a domain gate may sit (``gate_sites``)
-GatedSite = AdaptedFFN | AdaptedAttention | GatedLoRA | GatedEmbedding | GatedHead
+GatedSite = AdaptedFFN | AdaptedAttention | GatedLoRA | EmbeddingChange
 SAMPLE_WINDOWS = 256  # training windows per domain whose expert choices rank the rows (at least)
 _HUB_IDF = 1e-9  # orders rows every kept window reads (idf 0) by tf, after all others
 
@@ -484,7 +484,7 @@ def gate_sites(model: nn.Module) -> list[tuple[GatedSite, int]]:
 def _gate_width(site: GatedSite) -> int:
     if isinstance(site, GatedLoRA):
         return site.in_features
-    if isinstance(site, GatedEmbedding | GatedHead):
+    if isinstance(site, EmbeddingChange):
         return site.delta.shape[1]
     return site.adapter.dim
 
@@ -493,7 +493,7 @@ def _site_trains(site: GatedSite) -> bool:
     """Whether the update at a site learns (a gated LoRA's own weights, not LoRA nested below it)."""
     if isinstance(site, GatedLoRA):
         return site.trains()
-    if isinstance(site, GatedEmbedding | GatedHead):
+    if isinstance(site, EmbeddingChange):
         return site.delta.requires_grad
     return any(p.requires_grad for p in site.adapter.parameters())
 
@@ -501,7 +501,7 @@ def _site_trains(site: GatedSite) -> bool:
 def gate_input(site: GatedSite, args: tuple[Tensor, ...], kwargs: dict[str, Any]) -> Tensor:
     """What a site's gate reads, from the site's call: its input (transformers' Llama passes it by
     name), or for the input embeddings the base's embeddings of the byte ids it was given."""
-    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+    x = args[0] if args else kwargs["hidden_states"]
     return site.base(x) if isinstance(site, GatedEmbedding) else x
 
 
