@@ -643,6 +643,23 @@ done > $E/gpt2.jsonl
   adapt_run runs/ft_base_s2 1 email lora 1e-2 0.05
   adapt_run runs/ft_base_s2 1 email full 3e-4 0.015
   adapt_run runs/ft_base_s2 1 email full 1e-3 0.05; } > $E/fractalmoe_pilots.jsonl
+# ... then the study on both FractalMoE bases (seeds 2 and 3, each rebuilt by today's code), email
+# and the Bible: the adapters with the change at three rates, LoRA and full fine-tuning at three each
+# on the same bases
+for s in 2 3; do
+  for spec in "3e-3 0.05" "1e-3 0.0167" "1e-2 0.05"; do read -r lr xlr <<< "$spec"
+    adapt_run runs/ft_base_s$s $s email fhme-lora16-emb-gated $lr $xlr --heads 1 --topk 12 --attention-lora 16 \
+      --with-embeddings --gate-after --priors 0,4,12; done
+  for lr in 3e-3 1e-2 2e-2; do adapt_run runs/ft_base_s$s $s email lora $lr 0.05; done
+  for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do read -r lr xlr <<< "$spec"
+    adapt_run runs/ft_base_s$s $s email full $lr $xlr; done
+  for spec in "1e-3 0.0167" "3e-4 0.005" "3e-3 0.05"; do read -r lr xlr <<< "$spec"
+    adapt_run runs/ft_base_s$s $s kjv fhme-lora16-emb-gated $lr $xlr --heads 1 --topk 12 --attention-lora 16 \
+      --with-embeddings --gate-after --priors 0,4,12; done
+  for lr in 1e-3 3e-3 1e-2; do adapt_run runs/ft_base_s$s $s kjv lora $lr 0.05; done
+  for spec in "1e-5 0.0005" "3e-5 0.0015" "1e-4 0.005"; do read -r lr xlr <<< "$spec"
+    adapt_run runs/ft_base_s$s $s kjv full $lr $xlr; done
+done > $E/fractalmoe.jsonl
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
