@@ -651,7 +651,7 @@ for s in 2 3; do
     adapt_run runs/ft_base_s$s $s email fhme-lora16-emb-gated $lr $xlr --heads 1 --topk 12 --attention-lora 16 \
       --with-embeddings --gate-after --priors 0,4,12; done
   for lr in 3e-3 1e-2 2e-2; do adapt_run runs/ft_base_s$s $s email lora $lr 0.05; done
-  for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do read -r lr xlr <<< "$spec"
+  for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05"; do read -r lr xlr <<< "$spec"
     adapt_run runs/ft_base_s$s $s email full $lr $xlr; done
   for spec in "1e-3 0.0167" "3e-4 0.005" "3e-3 0.05"; do read -r lr xlr <<< "$spec"
     adapt_run runs/ft_base_s$s $s kjv fhme-lora16-emb-gated $lr $xlr --heads 1 --topk 12 --attention-lora 16 \
