@@ -646,20 +646,18 @@ done > $E/gpt2.jsonl
 # ... then the study on both FractalMoE bases (seeds 2 and 3, each rebuilt by today's code), email
 # and the Bible: the adapters with the change at three rates, LoRA and full fine-tuning at three each
 # on the same bases
+embedding_study() {  # BASE SEED DOMAIN "ADAPTER RATES" "LORA RATES" "FULL RATES" (rates as lr:table-lr)
+  for spec in $4; do adapt_run $1 $2 $3 fhme-lora16-emb-gated ${spec%%:*} ${spec##*:} --heads 1 --topk 12 \
+    --attention-lora 16 --with-embeddings --gate-after --priors 0,4,12; done
+  for lr in $5; do adapt_run $1 $2 $3 lora $lr 0.05; done
+  for spec in $6; do adapt_run $1 $2 $3 full ${spec%%:*} ${spec##*:}; done
+}
 for s in 2 3; do
-  for spec in "3e-3 0.05" "1e-3 0.0167" "1e-2 0.05"; do read -r lr xlr <<< "$spec"
-    adapt_run runs/ft_base_s$s $s email fhme-lora16-emb-gated $lr $xlr --heads 1 --topk 12 --attention-lora 16 \
-      --with-embeddings --gate-after --priors 0,4,12; done
-  for lr in 3e-3 1e-2 2e-2; do adapt_run runs/ft_base_s$s $s email lora $lr 0.05; done
-  for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05"; do read -r lr xlr <<< "$spec"
-    adapt_run runs/ft_base_s$s $s email full $lr $xlr; done
-  for spec in "1e-3 0.0167" "3e-4 0.005" "3e-3 0.05"; do read -r lr xlr <<< "$spec"
-    adapt_run runs/ft_base_s$s $s kjv fhme-lora16-emb-gated $lr $xlr --heads 1 --topk 12 --attention-lora 16 \
-      --with-embeddings --gate-after --priors 0,4,12; done
-  for lr in 1e-3 3e-3 1e-2; do adapt_run runs/ft_base_s$s $s kjv lora $lr 0.05; done
-  for spec in "1e-5 0.0005" "3e-5 0.0015" "1e-4 0.005"; do read -r lr xlr <<< "$spec"
-    adapt_run runs/ft_base_s$s $s kjv full $lr $xlr; done
+  embedding_study runs/ft_base_s$s $s email "3e-3:0.05 1e-3:0.0167 1e-2:0.05" "3e-3 1e-2 2e-2" "1e-4:0.005 3e-4:0.015 1e-3:0.05"
+  embedding_study runs/ft_base_s$s $s kjv "1e-3:0.0167 3e-4:0.005 3e-3:0.05" "1e-3 3e-3 1e-2" "1e-5:0.0005 3e-5:0.0015 1e-4:0.005"
 done > $E/fractalmoe.jsonl
+.venv/bin/python benchmarks/finetune_table.py $E/fractalmoe.jsonl --levels email:3.6 email:3.2 email:3.0 email:2.8 \
+  email:2.7 email:2.6 email:2.5 email:2.4 kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.15 kjv:2.1 kjv:2.05 > $E/fractalmoe_tables.md
 # Where the embeddings run's gain and loss come from: its tables, the input side, the output head
 .venv/bin/python benchmarks/embedding_sides.py runs/ft_rows_embed/email_memory-step-embed_lr3e-4_s2 \
   > $R/finetune_rows_pilots/embedding_sides.jsonl
