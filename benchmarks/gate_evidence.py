@@ -48,8 +48,7 @@ ALPHA = [1.0]
 
 def scaled_forward(self: DomainGate, x: Tensor) -> Tensor:
     """``DomainGate.forward`` with its summed evidence scaled by ALPHA[0]."""
-    evidence = self.llr[self.reads(x)].flatten(1).mean(1).view(x.shape[:-1])
-    return torch.sigmoid(self.prior + ALPHA[0] * evidence.cumsum(-1)).unsqueeze(-1).to(x.dtype)
+    return torch.sigmoid(self.prior + ALPHA[0] * self.evidence(x).cumsum(-1)).unsqueeze(-1).to(x.dtype)
 
 
 class ProbeGate(nn.Module):

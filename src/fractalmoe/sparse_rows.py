@@ -416,8 +416,11 @@ class DomainGate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 3:
             raise ValueError("a domain gate needs whole sequences: x of shape (B, T, D)")
-        evidence = self.llr[self.reads(x)].flatten(1).mean(1).view(x.shape[:-1])
-        return torch.sigmoid(self.prior + evidence.cumsum(-1)).unsqueeze(-1).to(x.dtype)
+        return torch.sigmoid(self.prior + self.evidence(x).cumsum(-1)).unsqueeze(-1).to(x.dtype)
+
+    def evidence(self, x: Tensor) -> Tensor:
+        """(..., T): e_t, the mean log ratio over the rows each position of x (..., T, D) reads."""
+        return self.llr[self.reads(x)].flatten(1).mean(1).view(x.shape[:-1])
 
     def reads(self, x: Tensor) -> Tensor:
         """(tokens, heads, topk): the rows each position of x (..., D) reads."""
