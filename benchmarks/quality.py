@@ -67,7 +67,6 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fractal-budget      # C = 1, 2, 3 at a budget that fits C = 3, seeds 2, 3
     python benchmarks/quality.py bf16-tables         # the default FHME, float32 and bfloat16 tables, two roundings
     python benchmarks/quality.py neuron-fractal-pilots # C = 2 against C = 1 (PEER) with neuron blocks, 600 steps
-    python benchmarks/quality.py neuron-fractal      # the same at 1,200 steps, seeds 2 and 3, both corpora
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run (its table.md written,
 after every row) is never rerun, an unfinished one (crashed, killed) is cleared and rerun. The
@@ -1129,33 +1128,21 @@ def fractal_budget_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 
 
 # The fractal claim with neuron blocks (PEER's e_j(x) = gelu(u_j . x) v_j, a nonlinearity per
-# expert, where a value row has none): at 184K FFN FLOPs per layer and token (1.5x the default's)
-# C = 3 still has 2 x top-4 per block (184,416), C = 2 takes 2 x top-30 (182,936) and PEER, C = 1
-# of the same neuron blocks, is matched to that by the usual rule (8 x top-20, 184,576).
-NEURON_BUDGET = {"c3": ["--set", "fractal_depth=3", "--set", "topk=4"],
-                 "c2": ["--set", "fractal_depth=2", "--set", "topk=30"]}
+# expert, where a value row has none), at a budget where C = 3 still has 2 x top-4 per block
+# (737,664 FFN FLOPs per token, 1.5x the default's): C = 2 takes 2 x top-30 (735,840) and PEER, C = 1
+# of the same neuron blocks, is matched to that by the usual rule (5 x top-39, 733,396).
+NEURON_C2 = ["--set", "block=neuron", "--set", "fractal_depth=2", "--set", "topk=30"]
 
 
-def _neuron_fractal(model: str, depth: str, corpus: str, stdlib: str, steps: str, seed: str) -> list[str]:
-    """The default FHME (``BCONV_FHME``, lazy-Adam tables) with neuron blocks at ``NEURON_BUDGET``,
-    or PEER (C = 1 of the same blocks) matched to it."""
-    return [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *BCONV_FHME, "--set", "block=neuron",
-            *NEURON_BUDGET[depth], *_data(corpus, stdlib), "--max-steps", steps, "--seeds", seed]
-
-
-def neuron_fractal_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
+def neuron_fractal_pilot_jobs(_: str) -> list[tuple[str, list[str]]]:
     """With value blocks C = 2 never beat C = 1 (PKM) at 1,200 steps: is a second, sequential read
     worth more when each expert is a nonlinear neuron, so that f_1(f_1(x)) is a deeper function and
-    not a second lookup? C = 2 against PEER, 600 steps, seed 1, both corpora (each pair side by side)."""
-    return [(f"{corpus}_{model}_{depth}", _neuron_fractal(model, depth, corpus, stdlib, "600", "1"))
-            for corpus in ("shakespeare", "stdlib") for model, depth in (("fhme", "c2"), ("peer", "c2"))]
-
-
-def neuron_fractal_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
-    """The neuron pilots' pair at the reported length: FHME C = 2 and PEER matched to it, 1,200
-    steps, seeds 2 and 3, the bundled corpus first (each pair side by side)."""
-    return [(f"{corpus}_{model}_{depth}_s{seed}", _neuron_fractal(model, depth, corpus, stdlib, "1200", seed))
-            for corpus, seed in CORPUS_FIRST for model, depth in (("fhme", "c2"), ("peer", "c2"))]
+    not a second lookup? The default FHME (``BCONV_FHME``, lazy-Adam tables) at C = 2 with neuron
+    blocks against PEER, side by side, 600 steps, seed 1, on the bundled corpus (where settings are
+    chosen)."""
+    return [(f"shakespeare_{model}_c2", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *BCONV_FHME,
+                                         *NEURON_C2, "--max-steps", "600", "--seeds", "1"])
+            for model in ("fhme", "peer")]
 
 
 BF16_TABLES = {"float32": ["--set", "expert_dtype=float32"], "bfloat16": ["--set", "expert_dtype=bfloat16"],
@@ -1240,7 +1227,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
     "fractal-budget": fractal_budget_jobs, "bf16-tables": bf16_tables_jobs,
-    "neuron-fractal-pilots": neuron_fractal_pilot_jobs, "neuron-fractal": neuron_fractal_jobs,
+    "neuron-fractal-pilots": neuron_fractal_pilot_jobs,
     "balance-65k-target": balance_65k_target_jobs, "balance-65k-target-ratio": balance_65k_target_ratio_jobs,
     "balance-65k-target-slow": balance_65k_target_slow_jobs,
     "balance-65k-target-slow-0.5": balance_65k_target_slow_05_jobs,
