@@ -162,7 +162,7 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3;
 # C = 1, 2, 3 at a budget that fits C = 3; last, the block-conv pair at width 256 on both corpora,
 # the same search of dense learning rates for both at width 256 (600 steps), the pair at the rate it
-# chose, and the same search at width 128; last, C = 2 against C = 1 (PEER) with neuron blocks (600 steps)
+# chose, and the same search at width 128; then C = 2 against C = 1 (PEER) with neuron blocks (600 steps)
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
@@ -629,7 +629,7 @@ for s in 2 3; do
     adapt_run runs/gpt2_base_r $s email fhme-1x16-att64-lora28-emb-gated $lr $xlr --heads 1 --topk 16 \
       --attention-experts 64 --attention-lora 28 --with-embeddings --gate-after --priors 0,4,12; done
   for lr in 3e-3 1e-2; do adapt_run runs/gpt2_base_r $s email lora $lr 0.05; done
-  for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05" "3e-3 0.15"; do read -r lr xlr <<< "$spec"
+  for spec in "1e-4 0.005" "3e-4 0.015" "1e-3 0.05" "3e-3 0.15" "1e-2 0.5"; do read -r lr xlr <<< "$spec"
     adapt_run runs/gpt2_base_r $s email full $lr $xlr; done
 done > $E/gpt2.jsonl
 .venv/bin/python benchmarks/finetune_table.py $E/gpt2.jsonl --levels 3.6 3.4 3.2 3.1 3.0 2.99 2.9 2.8 2.75 2.7 \
@@ -653,8 +653,10 @@ embedding_study() {  # BASE SEED DOMAIN "ADAPTER RATES" "LORA RATES" "FULL RATES
   for spec in $6; do adapt_run $1 $2 $3 full ${spec%%:*} ${spec##*:}; done
 }
 for s in 2 3; do
-  embedding_study runs/ft_base_s$s $s email "3e-3:0.05 1e-3:0.0167 1e-2:0.05" "3e-3 1e-2 2e-2" "1e-4:0.005 3e-4:0.015 1e-3:0.05"
-  embedding_study runs/ft_base_s$s $s kjv "1e-3:0.0167 3e-4:0.005 3e-3:0.05" "1e-3 3e-3 1e-2" "1e-5:0.0005 3e-5:0.0015 1e-4:0.005"
+  embedding_study runs/ft_base_s$s $s email "3e-3:0.05 1e-3:0.0167 1e-2:0.05" "3e-3 1e-2 2e-2" \
+    "1e-4:0.005 3e-4:0.015 1e-3:0.05 3e-3:0.15 1e-2:0.5"
+  embedding_study runs/ft_base_s$s $s kjv "1e-3:0.0167 3e-4:0.005 3e-3:0.05 1e-2:0.05" "1e-3 3e-3 1e-2 3e-2" \
+    "1e-5:0.0005 3e-5:0.0015 1e-4:0.005 3e-4:0.015 1e-3:0.05 3e-3:0.15"
 done > $E/fractalmoe.jsonl
 .venv/bin/python benchmarks/finetune_table.py $E/fractalmoe.jsonl --levels email:3.6 email:3.2 email:3.0 email:2.8 \
   email:2.7 email:2.6 email:2.5 email:2.4 kjv:2.5 kjv:2.4 kjv:2.3 kjv:2.2 kjv:2.15 kjv:2.1 kjv:2.05 > $E/fractalmoe_tables.md
