@@ -1134,15 +1134,14 @@ def fractal_budget_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 NEURON_C2 = ["--set", "block=neuron", "--set", "fractal_depth=2", "--set", "topk=30"]
 
 
-def neuron_fractal_pilot_jobs(_: str) -> list[tuple[str, list[str]]]:
+def neuron_fractal_pilot_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
     """With value blocks C = 2 never beat C = 1 (PKM) at 1,200 steps: is a second, sequential read
     worth more when each expert is a nonlinear neuron, so that f_1(f_1(x)) is a deeper function and
     not a second lookup? The default FHME (``BCONV_FHME``, lazy-Adam tables) at C = 2 with neuron
-    blocks against PEER, side by side, 600 steps, seed 1, on the bundled corpus (where settings are
-    chosen)."""
-    return [(f"shakespeare_{model}_c2", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *BCONV_FHME,
-                                         *NEURON_C2, "--max-steps", "600", "--seeds", "1"])
-            for model in ("fhme", "peer")]
+    blocks against PEER, each pair side by side, 600 steps, seed 1, both corpora."""
+    return [(f"{corpus}_{model}_c2", [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *BCONV_FHME,
+                                      *NEURON_C2, *_data(corpus, stdlib), "--max-steps", "600", "--seeds", "1"])
+            for corpus in ("shakespeare", "stdlib") for model in ("fhme", "peer")]
 
 
 BF16_TABLES = {"float32": ["--set", "expert_dtype=float32"], "bfloat16": ["--set", "expert_dtype=bfloat16"],
