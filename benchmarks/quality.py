@@ -67,6 +67,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fractal-budget      # C = 1, 2, 3 at a budget that fits C = 3, seeds 2, 3
     python benchmarks/quality.py bf16-tables         # the default FHME, float32 and bfloat16 tables, two roundings
     python benchmarks/quality.py neuron-fractal-pilots # C = 2 against C = 1 (PEER) with neuron blocks, 600 steps
+    python benchmarks/quality.py fractal-budget-long-pilot # fractal-budget's C = 2 and PKM at 2,400 steps, seed 2
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run (its table.md written,
 after every row) is never rerun, an unfinished one (crashed, killed) is cleared and rerun. The
@@ -1127,6 +1128,16 @@ def fractal_budget_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
             for corpus, seed in CORPUS_FIRST for model, depth in runs]
 
 
+def fractal_budget_long_pilot_jobs(_: str) -> list[tuple[str, list[str]]]:
+    """At the default length (2,400 steps) FHME led PKM on Tiny Shakespeare at the default budget:
+    at the budget that fits C = 3, does C = 2 lead C = 1 there too? fractal-budget's C = 2 and PKM
+    at 2,400 steps, seed 2, bundled corpus, side by side."""
+    return [(f"shakespeare_{model}_c2_2400_s2",
+             [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV,
+              "--set", "block_conv=4", *FRACTAL_BUDGET["c2"], "--max-steps", "2400", "--seeds", "2"])
+            for model in ("fhme", "pkm")]
+
+
 # The fractal claim with neuron blocks (PEER's e_j(x) = gelu(u_j . x) v_j, a nonlinearity per
 # expert, where a value row has none), at a budget where C = 3 still has 2 x top-4 per block
 # (737,664 FFN FLOPs per token, 1.5x the default's): C = 2 takes 2 x top-30 (735,840) and PEER, C = 1
@@ -1226,7 +1237,7 @@ PHASES: dict[str, Callable[[str], list[tuple[str, list[str]]]]] = {
     "balance-65k-fade": balance_65k_fade_jobs, "fade-16k": fade_16k_jobs,
     "fade-pilots": fade_pilot_jobs, "fade": fade_jobs, "fade-base": fade_base_jobs,
     "fractal-budget": fractal_budget_jobs, "bf16-tables": bf16_tables_jobs,
-    "neuron-fractal-pilots": neuron_fractal_pilot_jobs,
+    "neuron-fractal-pilots": neuron_fractal_pilot_jobs, "fractal-budget-long-pilot": fractal_budget_long_pilot_jobs,
     "balance-65k-target": balance_65k_target_jobs, "balance-65k-target-ratio": balance_65k_target_ratio_jobs,
     "balance-65k-target-slow": balance_65k_target_slow_jobs,
     "balance-65k-target-slow-0.5": balance_65k_target_slow_05_jobs,

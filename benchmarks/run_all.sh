@@ -162,7 +162,8 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # to both at 16K on the bundled corpus (600 steps), then FHME with it against PKM without, seeds 2, 3;
 # C = 1, 2, 3 at a budget that fits C = 3; last, the block-conv pair at width 256 on both corpora,
 # the same search of dense learning rates for both at width 256 (600 steps), the pair at the rate it
-# chose, and the same search at width 128; then C = 2 against C = 1 (PEER) with neuron blocks (600 steps)
+# chose, and the same search at width 128; then C = 2 against C = 1 (PEER) with neuron blocks (600 steps),
+# and fractal-budget's C = 2 and PKM at 2,400 steps (seed 2)
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
@@ -174,7 +175,8 @@ for phase in optim final-lazy balance-65k experts one-head-pilots one-head route
              balance-65k-target balance-65k-target-ratio balance-65k-target-slow \
              balance-65k-target-slow-0.5 balance-65k-target-slow-seed3 balance-65k-target-slow-layers \
              width-256 width-256-lr-pilots width-256-tuned lr-pilots repeat-rows-pilots \
-             repeat-rows-1-layer-pilots one-layer neuron-fractal-pilots; do
+             repeat-rows-1-layer-pilots one-layer neuron-fractal-pilots \
+             fractal-budget-long-pilot; do
   .venv/bin/python benchmarks/quality.py $phase
 done
 # Expert usage of the 65K runs with and without a balancing measure, over each block's first 10^6 choices
