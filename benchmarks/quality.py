@@ -67,7 +67,7 @@ of the same routing shape); runs are spread over CPU cores, one single-threaded 
     python benchmarks/quality.py fractal-budget      # C = 1, 2, 3 at a budget that fits C = 3, seeds 2, 3
     python benchmarks/quality.py bf16-tables         # the default FHME, float32 and bfloat16 tables, two roundings
     python benchmarks/quality.py neuron-fractal-pilots # C = 2 against C = 1 (PEER) with neuron blocks, 600 steps
-    python benchmarks/quality.py fractal-budget-long-pilot # fractal-budget's C = 2 and PKM at 2,400 steps, seed 2
+    python benchmarks/quality.py fractal-budget-long-pilot # fractal-budget's C = 2 and PKM at 2,400 steps, seeds 2, 3
 
 Results land in runs/quality/<phase>/<name>/results.jsonl; a finished run (its table.md written,
 after every row) is never rerun, an unfinished one (crashed, killed) is cleared and rerun. The
@@ -1131,11 +1131,11 @@ def fractal_budget_jobs(stdlib: str) -> list[tuple[str, list[str]]]:
 def fractal_budget_long_pilot_jobs(_: str) -> list[tuple[str, list[str]]]:
     """At the default length (2,400 steps) FHME led PKM on Tiny Shakespeare at the default budget:
     at the budget that fits C = 3, does C = 2 lead C = 1 there too? fractal-budget's C = 2 and PKM
-    at 2,400 steps, seed 2, bundled corpus, side by side."""
-    return [(f"shakespeare_{model}_c2_2400_s2",
+    at 2,400 steps, seeds 2 and 3, bundled corpus, each pair side by side."""
+    return [(f"shakespeare_{model}_c2_2400_s{seed}",
              [*_default_fhme("lazy_adam", OPTIM_TUNED["lazy_adam"], model), *GATED_FHME, *CONV,
-              "--set", "block_conv=4", *FRACTAL_BUDGET["c2"], "--max-steps", "2400", "--seeds", "2"])
-            for model in ("fhme", "pkm")]
+              "--set", "block_conv=4", *FRACTAL_BUDGET["c2"], "--max-steps", "2400", "--seeds", seed])
+            for seed in ("2", "3") for model in ("fhme", "pkm")]
 
 
 # The fractal claim with neuron blocks (PEER's e_j(x) = gelu(u_j . x) v_j, a nonlinearity per

@@ -163,7 +163,7 @@ $F plot runs/adaptive_target --out $A/adaptive_target_plots --depth-map --text "
 # C = 1, 2, 3 at a budget that fits C = 3; last, the block-conv pair at width 256 on both corpora,
 # the same search of dense learning rates for both at width 256 (600 steps), the pair at the rate it
 # chose, and the same search at width 128; then C = 2 against C = 1 (PEER) with neuron blocks (600 steps),
-# and fractal-budget's C = 2 and PKM at 2,400 steps (seed 2)
+# and fractal-budget's C = 2 and PKM at 2,400 steps (seeds 2, 3)
 for phase in optim final-lazy balance-65k experts one-head-pilots one-head route-once-pilots route-once \
              shallow-pilots shallow gate-pilots gated conv-pilots conv gate-conv adaptive-pilots \
              table-lr-pilots shape-pilots peer-conv conv-width-pilots conv-width shared-bank-pilots \
